@@ -1,1 +1,176 @@
-//! storage (being written).
+//! Message history behind one trait, [`HistoryStore`], with two backends:
+//!
+//! - [`embedded::EmbeddedStore`]: a single redb file, for the one-process setup;
+//! - a CQL store for ScyllaDB (tested on Cassandra) in the distributed setup.
+//!
+//! The store is also where sequencing is fenced: [`HistoryStore::append`] only succeeds when
+//! the room's last seq is still the one the writer expected, so two writers can never give two
+//! messages the same seq.
+
+pub mod embedded;
+
+use async_trait::async_trait;
+use protocol::ChatMessage;
+use uuid::Uuid;
+
+/// Largest page a history query returns.
+pub const MAX_PAGE: u32 = 200;
+/// Page size when the client gives none.
+pub const DEFAULT_PAGE: u32 = 50;
+
+/// Errors of a history store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The room's last seq was not what the writer expected: another writer got there first.
+    /// Reload the room's state and sequence again.
+    #[error("room {room}: expected last seq {expected}, store has {actual}")]
+    Conflict {
+        /// The room.
+        room: String,
+        /// What the writer assumed.
+        expected: u64,
+        /// What the store holds.
+        actual: u64,
+    },
+    /// The backend cannot be reached or refused the operation; retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data could not be decoded.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+/// Messages for one room to append after `expected_last_seq`, with consecutive seqs.
+#[derive(Debug, Clone)]
+pub struct RoomAppend {
+    /// The room.
+    pub room: String,
+    /// The room's last seq the writer sequenced from.
+    pub expected_last_seq: u64,
+    /// Messages with seqs `expected_last_seq + 1 ..`, in order.
+    pub messages: Vec<ChatMessage>,
+}
+
+/// Which page of a room's history to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageQuery {
+    /// Only seqs below this (exclusive).
+    pub before: Option<u64>,
+    /// Only seqs above this (exclusive).
+    pub after: Option<u64>,
+    /// At most this many messages (clamped to 1..=[`MAX_PAGE`]).
+    pub limit: u32,
+}
+
+impl PageQuery {
+    /// The newest `limit` messages.
+    pub fn newest(limit: u32) -> Self {
+        Self { before: None, after: None, limit }
+    }
+
+    /// Messages with `after < seq < before`, oldest first.
+    pub fn between(after: u64, before: u64) -> Self {
+        let span = before.saturating_sub(after).saturating_sub(1);
+        Self { before: Some(before), after: Some(after), limit: span.min(MAX_PAGE as u64) as u32 }
+    }
+
+    /// The limit clamped to 1..=MAX_PAGE.
+    pub fn clamped_limit(&self) -> u32 {
+        self.limit.clamp(1, MAX_PAGE)
+    }
+
+    /// Which seqs to read, given the room's last seq: an inclusive range, oldest first, and
+    /// whether messages beyond the page remain in the direction asked.
+    ///
+    /// Seqs are gapless from 1, so the range is plain arithmetic: with `after` the page starts
+    /// right after it and `has_more` looks forward; otherwise the page ends just below
+    /// `before` (or at the newest) and `has_more` looks back.
+    pub fn seq_range(&self, last_seq: u64) -> (std::ops::RangeInclusive<u64>, bool) {
+        let limit = u64::from(self.clamped_limit());
+        let upper = match self.before {
+            Some(before) => before.saturating_sub(1).min(last_seq),
+            None => last_seq,
+        };
+        match self.after {
+            Some(after) => {
+                let first = after.saturating_add(1);
+                let last = upper.min(after.saturating_add(limit));
+                (first..=last, last < upper)
+            }
+            None => {
+                let first = upper.saturating_sub(limit - 1).max(1);
+                (first..=upper, first > 1)
+            }
+        }
+    }
+}
+
+/// A page of history: messages in ascending seq and whether more lie beyond.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Page {
+    /// Messages, ascending by seq.
+    pub messages: Vec<ChatMessage>,
+    /// Whether more messages lie beyond the page in the direction asked.
+    pub has_more: bool,
+}
+
+/// Durable message history.
+#[async_trait]
+pub trait HistoryStore: Send + Sync + 'static {
+    /// Appends one room's sequenced messages atomically and durably (fsync'd or replicated)
+    /// with their dedupe entries, if the room's last seq still equals `expected_last_seq`;
+    /// otherwise fails with [`StoreError::Conflict`] and stores nothing.
+    async fn append(&self, batch: RoomAppend) -> Result<(), StoreError>;
+
+    /// The room's newest seq, 0 for an empty room.
+    async fn last_seq(&self, room: &str) -> Result<u64, StoreError>;
+
+    /// The message stored earlier by `user` in `room` with this client message id.
+    async fn find_by_client_msg_id(
+        &self,
+        room: &str,
+        user: &str,
+        client_msg_id: &str,
+    ) -> Result<Option<ChatMessage>, StoreError>;
+
+    /// A page of a room's history.
+    async fn page(&self, room: &str, query: PageQuery) -> Result<Page, StoreError>;
+
+    /// A message by id.
+    async fn get_by_id(&self, id: Uuid) -> Result<Option<ChatMessage>, StoreError>;
+
+    /// Succeeds while the backend answers; used by `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_ranges() {
+        // newest 50 of 120
+        assert_eq!(PageQuery::newest(50).seq_range(120), (71..=120, true));
+        // newest of few
+        assert_eq!(PageQuery::newest(50).seq_range(3), (1..=3, false));
+        // before
+        let q = PageQuery { before: Some(71), after: None, limit: 50 };
+        assert_eq!(q.seq_range(120), (21..=70, true));
+        let q = PageQuery { before: Some(21), after: None, limit: 50 };
+        assert_eq!(q.seq_range(120), (1..=20, false));
+        // after
+        let q = PageQuery { before: None, after: Some(100), limit: 50 };
+        assert_eq!(q.seq_range(120), (101..=120, false));
+        let q = PageQuery { before: None, after: Some(10), limit: 50 };
+        assert_eq!(q.seq_range(120), (11..=60, true));
+        // between
+        assert_eq!(PageQuery::between(5, 9).seq_range(120), (6..=8, false));
+        // empty room
+        let (range, more) = PageQuery::newest(50).seq_range(0);
+        assert!(range.is_empty() && !more);
+        // after beyond the end
+        let q = PageQuery { before: None, after: Some(500), limit: 50 };
+        assert!(q.seq_range(120).0.is_empty());
+    }
+}
