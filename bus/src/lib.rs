@@ -69,7 +69,7 @@ pub struct PendingSend {
 
 /// Answers one submitted send.
 #[async_trait]
-pub trait Replier: Send {
+pub trait Replier: Send + Sync {
     /// Reports the outcome to the gateway that submitted it (and, on a durable bus, marks the
     /// send as done so it is not redelivered).
     async fn reply(self: Box<Self>, outcome: Result<SendOutcome, BusError>);

@@ -1,1 +1,46 @@
-//! chat (being written).
+//! Wiring of the chat processes. [`all_in_one`] runs gateway and fanout in one process on the
+//! in-process bus and the embedded store; [`testing`] starts it on a free port for tests.
+
+pub mod testing;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use bus::local::LocalBus;
+use fanout::{Fanout, FanoutConfig};
+use gateway::{GatewayConfig, GatewayDeps};
+use storage::embedded::EmbeddedStore;
+use telemetry::journal::Journal;
+use telemetry::metrics::Metrics;
+use tokio::net::TcpListener;
+
+/// Journeys each process remembers by default.
+pub const DEFAULT_JOURNAL_CAPACITY: usize = 100_000;
+
+/// Runs gateway + fanout + in-process bus + embedded store until `shutdown` resolves; then
+/// drains the gateway and stops the fanout worker after its current batch.
+pub async fn all_in_one(
+    listener: TcpListener,
+    data_dir: &Path,
+    config: GatewayConfig,
+    journal_capacity: usize,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let store = Arc::new(
+        EmbeddedStore::open(data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?,
+    );
+    let bus = Arc::new(LocalBus::new());
+    let metrics = Metrics::new();
+    let journal = Arc::new(Journal::new(config.gateway_id.clone(), journal_capacity));
+    let worker = Fanout::new(store.clone(), bus.clone(), journal.clone(), metrics.clone(), FanoutConfig::default());
+    let (stop_fanout, fanout_stopped) = tokio::sync::oneshot::channel::<()>();
+    let fanout_task = tokio::spawn(worker.run(async move {
+        let _ = fanout_stopped.await;
+    }));
+    let deps = GatewayDeps { bus, store, metrics, journal };
+    let served = gateway::run(listener, config, deps, shutdown).await;
+    let _ = stop_fanout.send(());
+    fanout_task.await.context("fanout worker panicked")?;
+    served.context("serving HTTP")
+}

@@ -1,1 +1,83 @@
-//! gateway (being written).
+//! The WebSocket gateway. It holds client connections, speaks protocol v1
+//! (../shared/protocol-v1.md, docs/protocol.md), hands sends to the bus, and fans each room's
+//! feed out to its own sockets. It keeps nothing that matters: kill it and clients reconnect
+//! elsewhere and rejoin with `since`.
+//!
+//! The caller binds the listener and owns shutdown: [`run`] serves until `shutdown` resolves,
+//! then drains (every connection gets `reconnect` and close 1012) within the grace period.
+
+pub mod auth;
+pub mod config;
+mod connection;
+pub mod faults;
+pub mod history;
+mod http;
+pub mod outbox;
+pub mod rooms;
+pub mod state;
+mod web;
+
+use std::sync::Arc;
+
+use bus::GatewayBus;
+use storage::HistoryStore;
+use telemetry::journal::Journal;
+use telemetry::metrics::Metrics;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+pub use config::{GatewayConfig, Limits};
+pub use connection::CLOSE_SLOW_CONSUMER;
+
+/// What a gateway runs on.
+pub struct GatewayDeps {
+    /// The bus to fanout.
+    pub bus: Arc<dyn GatewayBus>,
+    /// The history store (read-only use).
+    pub store: Arc<dyn HistoryStore>,
+    /// Metrics registry shared with the rest of the process.
+    pub metrics: Metrics,
+    /// Journey recorder shared with the rest of the process.
+    pub journal: Arc<Journal>,
+}
+
+/// Serves HTTP and WebSockets on `listener` until `shutdown` resolves, then drains.
+pub async fn run(
+    listener: TcpListener,
+    config: GatewayConfig,
+    deps: GatewayDeps,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let (alive, mut all_closed) = mpsc::channel::<()>(1);
+    let history = history::HistoryReader::new(deps.store, deps.metrics.clone());
+    let faults = Arc::new(faults::Faults::default());
+    let rooms = rooms::Rooms::new(
+        config.gateway_id.clone(),
+        deps.bus.clone(),
+        history.clone(),
+        deps.metrics.clone(),
+        deps.journal.clone(),
+        faults.clone(),
+        config.gap_repair,
+    );
+    let grace = config.drain_grace;
+    let state = Arc::new(state::AppState::new(config, deps.bus, history, rooms, deps.metrics, deps.journal, faults, drain_rx, alive));
+    let app = http::router(state.clone());
+    let address = listener.local_addr()?;
+    tracing::info!(%address, gateway = %state.config.gateway_id, "gateway listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("draining: telling every connection to reconnect");
+            let _ = drain_tx.send(true);
+        })
+        .await?;
+    drop(state);
+    if tokio::time::timeout(grace, all_closed.recv()).await.is_err() {
+        tracing::warn!(?grace, "drain grace period over; dropping the remaining connections");
+    } else {
+        tracing::info!("all connections drained");
+    }
+    Ok(())
+}

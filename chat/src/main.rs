@@ -1,0 +1,139 @@
+//! `chat`: with no subcommand, the whole chat system in one process on embedded defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, ValueEnum};
+use gateway::{GatewayConfig, Limits};
+use telemetry::logging::LogFormat;
+
+/// A real-time chat server over WebSockets (protocol v1).
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Address to serve HTTP and WebSockets on.
+    #[arg(long, env = "CHAT_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Directory of the embedded store.
+    #[arg(long, env = "CHAT_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+    #[command(flatten)]
+    gateway: GatewayArgs,
+}
+
+/// Gateway settings shared by every mode that serves clients.
+#[derive(Args, Debug)]
+struct GatewayArgs {
+    /// HS256 secret: when set, `hello` must carry a JWT signed with it.
+    #[arg(long, env = "CHAT_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// Bearer token enabling the /admin API (fault injection); off when unset.
+    #[arg(long, env = "CHAT_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Id of this gateway (default: random `gw-xxxxxxxx`).
+    #[arg(long, env = "CHAT_GATEWAY_ID")]
+    gateway_id: Option<String>,
+    /// Log format.
+    #[arg(long, env = "CHAT_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormatArg,
+    /// Largest client frame in bytes.
+    #[arg(long, env = "CHAT_MAX_FRAME_BYTES", default_value_t = Limits::default().max_frame_bytes)]
+    max_frame_bytes: usize,
+    /// Largest message body in characters.
+    #[arg(long, env = "CHAT_MAX_BODY_CHARS", default_value_t = Limits::default().max_body_chars)]
+    max_body_chars: usize,
+    /// Rooms one connection may join.
+    #[arg(long, env = "CHAT_MAX_ROOMS_PER_CONNECTION", default_value_t = Limits::default().max_rooms_per_connection)]
+    max_rooms_per_connection: usize,
+    /// Open connections per process.
+    #[arg(long, env = "CHAT_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
+    max_connections: usize,
+    /// Sustained sends (and typing signals) per second per connection.
+    #[arg(long, env = "CHAT_SEND_RATE", default_value_t = Limits::default().send_rate_per_sec)]
+    send_rate: u32,
+    /// Burst of sends allowed above the sustained rate.
+    #[arg(long, env = "CHAT_SEND_BURST", default_value_t = Limits::default().send_burst)]
+    send_burst: u32,
+    /// Frames queued per connection before deliveries are deferred to a store catch-up.
+    #[arg(long, env = "CHAT_OUTBOUND_QUEUE", default_value_t = Limits::default().outbound_queue)]
+    outbound_queue: usize,
+    /// Seconds a connection's queue may stay full before it is closed with 4008.
+    #[arg(long, env = "CHAT_SLOW_CONSUMER_SECS", default_value_t = 5)]
+    slow_consumer_secs: u64,
+    /// Seconds to wait for connections to close when draining.
+    #[arg(long, env = "CHAT_DRAIN_GRACE_SECS", default_value_t = 10)]
+    drain_grace_secs: u64,
+    /// Journeys remembered for /debug/messages.
+    #[arg(long, env = "CHAT_JOURNAL_CAPACITY", default_value_t = chat::DEFAULT_JOURNAL_CAPACITY)]
+    journal_capacity: usize,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+impl GatewayArgs {
+    fn config(&self) -> GatewayConfig {
+        let defaults = GatewayConfig::default();
+        GatewayConfig {
+            gateway_id: self.gateway_id.clone().unwrap_or(defaults.gateway_id),
+            jwt_secret: self.jwt_secret.clone().filter(|s| !s.is_empty()),
+            admin_token: self.admin_token.clone().filter(|s| !s.is_empty()),
+            limits: Limits {
+                max_frame_bytes: self.max_frame_bytes,
+                max_body_chars: self.max_body_chars,
+                max_rooms_per_connection: self.max_rooms_per_connection,
+                max_connections: self.max_connections,
+                send_rate_per_sec: self.send_rate,
+                send_burst: self.send_burst,
+                outbound_queue: self.outbound_queue,
+                slow_consumer_timeout: Duration::from_secs(self.slow_consumer_secs),
+                ..Limits::default()
+            },
+            drain_grace: Duration::from_secs(self.drain_grace_secs),
+            gap_repair: true,
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::logging::init(match cli.gateway.log_format {
+        LogFormatArg::Text => LogFormat::Text,
+        LogFormatArg::Json => LogFormat::Json,
+    });
+    let config = cli.gateway.config();
+    tracing::info!(auth = config.jwt_secret.is_some(), admin = config.admin_token.is_some(), data_dir = %cli.data_dir.display(), "starting all-in-one chat");
+    let listener = tokio::net::TcpListener::bind(cli.listen).await.with_context(|| format!("binding {}", cli.listen))?;
+    let address = listener.local_addr()?;
+    println!("chat listening on http://{address}");
+    chat::all_in_one(listener, &cli.data_dir, config, cli.gateway.journal_capacity, shutdown_signal()).await
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the server");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    tracing::info!("shutdown signal received");
+}

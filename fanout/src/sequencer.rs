@@ -1,0 +1,270 @@
+//! Batch-at-a-time sequencing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bus::{BusError, FanoutBus, PendingSend};
+use futures_util::future::join_all;
+use protocol::bus::{SendCommand, SendOutcome};
+use protocol::{names, ChatMessage};
+use storage::{HistoryStore, RoomAppend, StoreError};
+use telemetry::journal::Journal;
+use telemetry::metrics::Metrics;
+use tracing::Instrument;
+use uuid::Uuid;
+
+/// Tuning of a fanout worker.
+#[derive(Debug, Clone)]
+pub struct FanoutConfig {
+    /// Most sends taken off the bus at once.
+    pub max_batch: usize,
+    /// Rooms whose last seq is cached before the cache is cleared.
+    pub max_cached_rooms: usize,
+    /// Attempts to sequence a room after conflicts with another writer.
+    pub conflict_retries: usize,
+}
+
+impl Default for FanoutConfig {
+    fn default() -> Self {
+        Self { max_batch: 1024, max_cached_rooms: 100_000, conflict_retries: 5 }
+    }
+}
+
+/// A fanout worker.
+pub struct Fanout {
+    store: Arc<dyn HistoryStore>,
+    bus: Arc<dyn FanoutBus>,
+    journal: Arc<Journal>,
+    metrics: Metrics,
+    config: FanoutConfig,
+}
+
+/// What became of one send of a room group.
+enum Decision {
+    /// A new message with this seq.
+    New(ChatMessage),
+    /// A repeat of an already stored message.
+    Duplicate(ChatMessage),
+    /// Refused for a reason the client sees.
+    Rejected(String),
+}
+
+impl Fanout {
+    /// A worker over a store and a bus.
+    pub fn new(
+        store: Arc<dyn HistoryStore>,
+        bus: Arc<dyn FanoutBus>,
+        journal: Arc<Journal>,
+        metrics: Metrics,
+        config: FanoutConfig,
+    ) -> Self {
+        Self { store, bus, journal, metrics, config }
+    }
+
+    /// Sequences sends until the bus closes or `shutdown` resolves. A batch in progress is
+    /// finished before returning.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut last_seqs: HashMap<String, u64> = HashMap::new();
+        loop {
+            let batch = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                batch = self.bus.next_batch(self.config.max_batch) => match batch {
+                    Some(batch) => batch,
+                    None => break,
+                },
+            };
+            self.metrics.fanout_batch.observe(batch.len() as f64);
+            if last_seqs.len() > self.config.max_cached_rooms {
+                last_seqs.clear();
+            }
+            let mut rooms: Vec<(String, Vec<PendingSend>)> = Vec::new();
+            let mut index: HashMap<String, usize> = HashMap::new();
+            for pending in batch {
+                let room = pending.command.room.clone();
+                let slot = *index.entry(room.clone()).or_insert_with(|| {
+                    rooms.push((room, Vec::new()));
+                    rooms.len() - 1
+                });
+                rooms[slot].1.push(pending);
+            }
+            let this = &self;
+            let results = join_all(rooms.into_iter().map(|(room, sends)| {
+                let cached = last_seqs.get(&room).copied();
+                async move {
+                    let last = this.sequence_room(&room, cached, sends).await;
+                    (room, last)
+                }
+            }))
+            .await;
+            for (room, last) in results {
+                match last {
+                    Some(last) => last_seqs.insert(room, last),
+                    None => last_seqs.remove(&room),
+                };
+            }
+        }
+        tracing::info!("fanout worker stopped");
+    }
+
+    /// Sequences, stores, delivers and answers one room's sends. Returns the room's last seq
+    /// afterwards, or `None` when it is unknown (the store failed).
+    async fn sequence_room(&self, room: &str, cached: Option<u64>, sends: Vec<PendingSend>) -> Option<u64> {
+        let mut known_last = cached;
+        for attempt in 0..=self.config.conflict_retries {
+            let last = match known_last {
+                Some(last) => last,
+                None => match self.timed("last_seq", self.store.last_seq(room)).await {
+                    Ok(last) => last,
+                    Err(e) => {
+                        answer_all(sends, BusError::Unavailable(e.to_string())).await;
+                        return None;
+                    }
+                },
+            };
+            let decisions = match self.decide(room, last, &sends).await {
+                Ok(decisions) => decisions,
+                Err(e) => {
+                    answer_all(sends, BusError::Unavailable(e.to_string())).await;
+                    return None;
+                }
+            };
+            let new: Vec<ChatMessage> = decisions
+                .iter()
+                .filter_map(|d| match d {
+                    Decision::New(m) => Some(m.clone()),
+                    _ => None,
+                })
+                .collect();
+            let new_last = last + new.len() as u64;
+            if !new.is_empty() {
+                let append = RoomAppend { room: room.to_owned(), expected_last_seq: last, messages: new };
+                match self.timed("append", self.store.append(append)).await {
+                    Ok(()) => {}
+                    Err(StoreError::Conflict { actual, .. }) => {
+                        self.metrics.seq_conflicts.inc();
+                        tracing::warn!(room, expected = last, actual, attempt, "sequencing conflict; retrying");
+                        known_last = None;
+                        continue;
+                    }
+                    Err(e) => {
+                        answer_all(sends, BusError::Unavailable(e.to_string())).await;
+                        return None;
+                    }
+                }
+            }
+            self.finish(sends, decisions).await;
+            return Some(new_last);
+        }
+        answer_all(sends, BusError::Unavailable(format!("room {room}: too many sequencing conflicts"))).await;
+        None
+    }
+
+    /// Decides each send's fate: a repeat of a stored message, a repeat within this batch, a
+    /// rejection, or a new message with the next seq.
+    async fn decide(&self, room: &str, last: u64, sends: &[PendingSend]) -> Result<Vec<Decision>, StoreError> {
+        let mut decisions = Vec::with_capacity(sends.len());
+        let mut in_batch: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut next_seq = last + 1;
+        for (i, pending) in sends.iter().enumerate() {
+            let command = &pending.command;
+            if let Some(reason) = invalid(command) {
+                decisions.push(Decision::Rejected(reason));
+                continue;
+            }
+            if let Some(&earlier) = in_batch.get(&(command.user.as_str(), command.client_msg_id.as_str())) {
+                if let Decision::New(message) = &decisions[earlier] {
+                    decisions.push(Decision::Duplicate(message.clone()));
+                    continue;
+                }
+            }
+            let stored = self
+                .timed("find_dedupe", self.store.find_by_client_msg_id(room, &command.user, &command.client_msg_id))
+                .await?;
+            if let Some(message) = stored {
+                decisions.push(Decision::Duplicate(message));
+                continue;
+            }
+            in_batch.insert((command.user.as_str(), command.client_msg_id.as_str()), i);
+            decisions.push(Decision::New(ChatMessage {
+                room: room.to_owned(),
+                seq: next_seq,
+                id: Uuid::now_v7(),
+                user: command.user.clone(),
+                body: command.body.clone(),
+                ts: protocol::now_ms(),
+                client_msg_id: command.client_msg_id.clone(),
+                trace_id: telemetry::trace::trace_id_of(&command.traceparent),
+            }));
+            next_seq += 1;
+        }
+        Ok(decisions)
+    }
+
+    /// After a successful append: record, deliver new messages in seq order, answer senders.
+    async fn finish(&self, sends: Vec<PendingSend>, decisions: Vec<Decision>) {
+        for (pending, decision) in sends.into_iter().zip(decisions) {
+            let command = &pending.command;
+            let dedupe_key = command.dedupe_key();
+            let outcome = match decision {
+                Decision::New(message) => {
+                    let span = tracing::info_span!("fanout.sequence", room = %message.room, seq = message.seq, message_id = %message.id);
+                    telemetry::trace::set_parent(&span, telemetry::trace::message_context(Some(&command.traceparent)));
+                    self.metrics.sequenced.inc();
+                    self.journal.link(&dedupe_key, message.id);
+                    self.journal.record(message.id, &message.trace_id, "fanout.sequence", serde_json::json!({"seq": message.seq}));
+                    self.journal.record(message.id, &message.trace_id, "store.append", serde_json::json!({"durable": true}));
+                    let message = Arc::new(message);
+                    let delivered = self.bus.deliver(message.clone()).instrument(span).await;
+                    let detail = match &delivered {
+                        Ok(()) => serde_json::json!({}),
+                        Err(e) => serde_json::json!({"error": e.to_string()}),
+                    };
+                    self.journal.record(message.id, &message.trace_id, "fanout.publish", detail);
+                    Ok(SendOutcome { message: (*message).clone(), duplicate: false })
+                }
+                Decision::Duplicate(message) => {
+                    self.journal.record(message.id, &message.trace_id, "fanout.duplicate", serde_json::json!({"client_msg_id": command.client_msg_id}));
+                    Ok(SendOutcome { message, duplicate: true })
+                }
+                Decision::Rejected(reason) => Err(BusError::Rejected(reason)),
+            };
+            pending.reply.reply(outcome).await;
+        }
+    }
+
+    async fn timed<T>(&self, op: &str, f: impl std::future::Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let result = f.await;
+        self.metrics.store_latency.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            if !matches!(e, StoreError::Conflict { .. }) {
+                self.metrics.store_errors.with_label_values(&[op]).inc();
+                tracing::warn!(op, error = %e, "store operation failed");
+            }
+        }
+        result
+    }
+}
+
+/// Why a command is not acceptable, re-checked here because the bus may carry anything.
+fn invalid(command: &SendCommand) -> Option<String> {
+    if !names::is_valid_room(&command.room) {
+        return Some("invalid room name".into());
+    }
+    if !names::is_valid_user(&command.user) {
+        return Some("invalid user name".into());
+    }
+    if !names::is_valid_client_msg_id(&command.client_msg_id) {
+        return Some("invalid client_msg_id".into());
+    }
+    None
+}
+
+async fn answer_all(sends: Vec<PendingSend>, error: BusError) {
+    for pending in sends {
+        pending.reply.reply(Err(error.clone())).await;
+    }
+}

@@ -1,0 +1,82 @@
+//! Gateway settings and limits, each with a production-sane default.
+
+use std::time::Duration;
+
+/// Everything a gateway needs to know besides its bus and store.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// This gateway's id, as sent in `welcome.gateway` and recorded in journeys.
+    pub gateway_id: String,
+    /// HS256 secret; `None` is dev mode (`hello` takes any valid user name).
+    pub jwt_secret: Option<String>,
+    /// Bearer token for `/admin/*`; `None` turns the admin API off.
+    pub admin_token: Option<String>,
+    /// Limits on what clients may do.
+    pub limits: Limits,
+    /// How long a drain waits for connections to finish before giving up on them.
+    pub drain_grace: Duration,
+    /// Whether a gateway fills gaps in a room feed from the store (off only for exercises).
+    pub gap_repair: bool,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            gateway_id: format!("gw-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            jwt_secret: None,
+            admin_token: None,
+            limits: Limits::default(),
+            drain_grace: Duration::from_secs(10),
+            gap_repair: true,
+        }
+    }
+}
+
+/// Per-connection and per-process limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest text frame answered normally; larger ones get `error` `too_large`.
+    pub max_frame_bytes: usize,
+    /// Largest message body, in characters.
+    pub max_body_chars: usize,
+    /// Rooms one connection may have joined at once.
+    pub max_rooms_per_connection: usize,
+    /// Open WebSocket connections per process; more are refused with HTTP 503.
+    pub max_connections: usize,
+    /// Sustained `send` + `typing` frames per second per connection.
+    pub send_rate_per_sec: u32,
+    /// Burst allowance above the sustained rate.
+    pub send_burst: u32,
+    /// Sends of one connection waiting for their ack at once; reading pauses beyond it.
+    pub max_in_flight_sends: usize,
+    /// Frames queued for one connection. When full, deliveries to it are skipped and later
+    /// recovered from the store; see `slow_consumer_timeout`.
+    pub outbound_queue: usize,
+    /// A connection whose queue stays full this long is closed with code 4008.
+    pub slow_consumer_timeout: Duration,
+    /// Time allowed between connecting and a successful `hello`.
+    pub hello_timeout: Duration,
+    /// Interval of server WebSocket pings; a connection silent for 3 intervals is closed.
+    pub ping_interval: Duration,
+    /// WebSocket read buffer and write-flush threshold per connection, in bytes.
+    pub ws_buffer_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 64 * 1024,
+            max_body_chars: 4_000,
+            max_rooms_per_connection: 100,
+            max_connections: 10_000,
+            send_rate_per_sec: 20,
+            send_burst: 50,
+            max_in_flight_sends: 64,
+            outbound_queue: 1_024,
+            slow_consumer_timeout: Duration::from_secs(5),
+            hello_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(30),
+            ws_buffer_bytes: 4 * 1024,
+        }
+    }
+}

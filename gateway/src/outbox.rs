@@ -1,0 +1,120 @@
+//! A connection's outbound queue as the room hubs see it: bounded, never blocking the hub, and
+//! never silent when full.
+//!
+//! Slow-consumer policy: when a connection's queue is full, a delivery to it is skipped and the
+//! connection is flagged for resync; once its queue drains it reads what it missed from the
+//! store, so it still sees every message once, in order. If the queue stays full for
+//! `slow_consumer_timeout`, the connection is kicked: closed with code 4008. Both are counted.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use protocol::ChatMessage;
+use tokio::sync::{mpsc, Notify};
+
+/// A sequenced message ready to write: the message and its `message` frame, encoded once per
+/// gateway and shared by every connection.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The message.
+    pub message: Arc<ChatMessage>,
+    /// Its `message` frame as JSON text.
+    pub frame: Utf8Bytes,
+}
+
+impl Delivery {
+    /// Encodes a message's frame.
+    pub fn new(message: Arc<ChatMessage>) -> Self {
+        let frame = protocol::ServerFrame::Message((*message).clone()).to_json();
+        Self { message, frame: frame.into() }
+    }
+}
+
+/// What a room hub hands a connection.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// A room message.
+    Message(Arc<Delivery>),
+    /// Any other ready-made frame (presence, typing).
+    Frame(Utf8Bytes),
+}
+
+/// The hub's handle on one connection.
+pub struct Outbox {
+    /// The connection's id (unique in this process).
+    pub conn_id: u64,
+    tx: mpsc::Sender<Outbound>,
+    /// Milliseconds since the epoch when the queue was first found full; 0 when it is not.
+    full_since_ms: AtomicI64,
+    resync: AtomicBool,
+    kicked: AtomicBool,
+    kick: Notify,
+    slow_consumer_timeout: Duration,
+}
+
+/// What became of an offered frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    /// Queued.
+    Queued,
+    /// Skipped: the queue is full; the connection will resync from the store.
+    Skipped,
+    /// Skipped, and the connection has now been full too long: it is being closed.
+    Kicked,
+    /// The connection is gone.
+    Closed,
+}
+
+impl Outbox {
+    /// A new outbox and the receiving end the connection task reads.
+    pub fn new(conn_id: u64, capacity: usize, slow_consumer_timeout: Duration) -> (Arc<Self>, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let outbox = Self {
+            conn_id,
+            tx,
+            full_since_ms: AtomicI64::new(0),
+            resync: AtomicBool::new(false),
+            kicked: AtomicBool::new(false),
+            kick: Notify::new(),
+            slow_consumer_timeout,
+        };
+        (Arc::new(outbox), rx)
+    }
+
+    /// Queues a frame without waiting.
+    pub fn offer(&self, item: Outbound) -> Offer {
+        match self.tx.try_send(item) {
+            Ok(()) => Offer::Queued,
+            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Closed,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.resync.store(true, Ordering::Release);
+                let now = protocol::now_ms();
+                let since = match self.full_since_ms.compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => now,
+                    Err(earlier) => earlier,
+                };
+                if now - since >= self.slow_consumer_timeout.as_millis() as i64
+                    && !self.kicked.swap(true, Ordering::AcqRel)
+                {
+                    self.kick.notify_one();
+                    return Offer::Kicked;
+                }
+                Offer::Skipped
+            }
+        }
+    }
+
+    /// Called by the connection once its queue is empty: returns whether deliveries were
+    /// skipped since the last call (so it must catch up from the store), and clears the flag.
+    pub fn take_resync(&self) -> bool {
+        self.full_since_ms.store(0, Ordering::Release);
+        self.resync.swap(false, Ordering::AcqRel)
+    }
+
+    /// Resolves once the connection has been kicked for staying full too long.
+    pub async fn kicked(&self) {
+        self.kick.notified().await;
+    }
+}

@@ -1,0 +1,88 @@
+//! What every request handler and connection shares.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bus::GatewayBus;
+use telemetry::journal::Journal;
+use telemetry::metrics::Metrics;
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::auth::Verifier;
+use crate::config::GatewayConfig;
+use crate::faults::Faults;
+use crate::history::HistoryReader;
+use crate::rooms::Rooms;
+
+/// Shared state of one gateway.
+pub struct AppState {
+    /// Settings.
+    pub config: GatewayConfig,
+    /// The bus to the fanout workers.
+    pub bus: Arc<dyn GatewayBus>,
+    /// Reads of history.
+    pub history: HistoryReader,
+    /// Room hubs.
+    pub rooms: Arc<Rooms>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Journey recorder.
+    pub journal: Arc<Journal>,
+    /// Injected faults.
+    pub faults: Arc<Faults>,
+    /// Token verifier when auth is on.
+    pub verifier: Option<Verifier>,
+    /// Permits for open connections.
+    pub connection_permits: Arc<Semaphore>,
+    draining: watch::Receiver<bool>,
+    next_connection: AtomicU64,
+    /// Held (cloned) by every connection task; the drain waits until all are dropped.
+    pub(crate) alive: mpsc::Sender<()>,
+}
+
+impl AppState {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        config: GatewayConfig,
+        bus: Arc<dyn GatewayBus>,
+        history: HistoryReader,
+        rooms: Arc<Rooms>,
+        metrics: Metrics,
+        journal: Arc<Journal>,
+        faults: Arc<Faults>,
+        draining: watch::Receiver<bool>,
+        alive: mpsc::Sender<()>,
+    ) -> Self {
+        let verifier = config.jwt_secret.as_deref().map(Verifier::new);
+        let connection_permits = Arc::new(Semaphore::new(config.limits.max_connections));
+        Self {
+            config,
+            bus,
+            history,
+            rooms,
+            metrics,
+            journal,
+            faults,
+            verifier,
+            connection_permits,
+            draining,
+            next_connection: AtomicU64::new(1),
+            alive,
+        }
+    }
+
+    /// A fresh connection id.
+    pub fn next_connection_id(&self) -> u64 {
+        self.next_connection.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Becomes `true` when the gateway starts draining.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.draining.clone()
+    }
+
+    /// Whether the gateway is draining.
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+}

@@ -1,0 +1,116 @@
+// End-to-end: the server is killed (SIGKILL) mid-conversation and restarted on the same port and
+// data dir. The pages show "reconnecting…", reconnect by themselves, rejoin with `since`, and end
+// with every message exactly once, in seq order, without a gap.
+import { describe, it, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  ChatServer, launchBrowser, openPage, signIn, joinRoom, send, item, seqs, bodies,
+  assertContiguous, eventually, screenshot, connected, sleep,
+} from './lib/harness.mjs';
+
+describe('server killed and restarted mid-conversation', () => {
+  let server, browser, alice, bob;
+
+  before(async () => {
+    server = await new ChatServer({ name: 'resilience' }).start();
+    browser = await launchBrowser();
+    // A short give-up time for sends, so that the "failed" state can be reached in a test.
+    alice = await openPage(browser, server, { query: '?sendGiveUpMs=4000' });
+    bob = await openPage(browser, server);
+    await signIn(alice, 'alice');
+    await joinRoom(alice, 'ops');
+    await signIn(bob, 'bob');
+    await joinRoom(bob, 'ops');
+  });
+
+  after(async () => {
+    await browser?.close();
+    await server?.stop();
+  });
+
+  it('shows "reconnecting…" and then every message with no gap or duplicate', async () => {
+    const sent = [];
+    const say = async (page, text, opts) => { sent.push(text); await send(page, text, opts); };
+    await say(alice, 'before the crash 1');
+    await say(bob, 'before the crash 2');
+    await say(alice, 'before the crash 3');
+    await item(bob, 'before the crash 3').waitFor();
+    await item(alice, 'before the crash 2').waitFor();
+
+    // A burst, and the server dies in the middle of it: some sends acked, some not.
+    for (let i = 1; i <= 6; i++) {
+      const text = `burst ${i}`;
+      sent.push(text);
+      await alice.getByRole('textbox', { name: 'Message' }).fill(text);
+      await alice.getByRole('textbox', { name: 'Message' }).press('Enter');
+      if (i === 3) await server.kill('SIGKILL');
+    }
+
+    for (const page of [alice, bob]) await page.getByRole('status').getByText('reconnecting…').waitFor({ timeout: 10000 });
+    // While the server is down: Bob writes too; his message waits in "sending".
+    await say(bob, 'written while the server was down');
+    await item(bob, 'written while the server was down').getByText('sending').waitFor();
+    await screenshot(alice, 'reconnecting');
+    await sleep(1500);
+
+    await server.start();
+    await connected(alice);
+    await connected(bob);
+
+    // Everything sent gets stored (retried with the same client_msg_id) and shown on both pages.
+    await item(bob, 'written while the server was down').getByText('stored').waitFor({ timeout: 30000 });
+    for (let i = 1; i <= 6; i++) await item(alice, `burst ${i}`).getByText('stored').waitFor({ timeout: 30000 });
+    await say(alice, 'after the restart');
+    await say(bob, 'after the restart, too');
+    for (const page of [alice, bob]) {
+      for (const t of sent) await item(page, t).waitFor({ timeout: 30000 });
+    }
+
+    for (const page of [alice, bob]) {
+      const s = assertContiguous(await seqs(page), { from: 1 });
+      assert.equal(s.length, sent.length, 'one list item per message sent');
+      const b = await bodies(page);
+      assert.deepEqual([...b].sort(), [...sent].sort(), 'each message exactly once');
+      assert.equal(new Set(b).size, b.length, 'no duplicate');
+    }
+    assert.deepEqual(await seqs(alice), await seqs(bob));
+    assert.deepEqual(await bodies(alice), await bodies(bob), 'same order on both pages');
+    assert.ok(Number(await alice.locator('#dbg-reconnects').textContent()) >= 1);
+    await screenshot(alice, 'after-restart');
+  });
+
+  it('a send that cannot be stored fails, and Retry resends the same client_msg_id', async () => {
+    await server.kill('SIGKILL');
+    await alice.getByRole('status').getByText('reconnecting…').waitFor({ timeout: 10000 });
+    await send(alice, 'this one will fail first');
+    const li = item(alice, 'this one will fail first');
+    await li.getByText('sending').waitFor();
+    await li.getByText('failed').waitFor({ timeout: 15000 });
+    const retry = li.getByRole('button', { name: 'Retry' });
+    await retry.waitFor();
+    await screenshot(alice, 'failed-send');
+
+    const cmidOf = async () => {
+      await li.getByRole('button', { name: 'Message info' }).click();
+      const dialog = alice.getByRole('dialog', { name: 'Message info' });
+      const cmid = (await dialog.locator('dt:text-is("Client message ID") + dd').textContent()).trim();
+      await dialog.getByRole('button', { name: 'Close' }).click();
+      return cmid;
+    };
+    const cmidBefore = await cmidOf();
+    assert.match(cmidBefore, /^c-/);
+
+    await server.start();
+    await connected(alice);
+    await retry.click();
+    await li.getByText('stored').waitFor({ timeout: 20000 });
+    assert.equal(await retry.isVisible(), false);
+    assert.equal(await cmidOf(), cmidBefore, 'the retry used the same client_msg_id');
+    await item(bob, 'this one will fail first').waitFor({ timeout: 20000 });
+    await sleep(300);
+    for (const page of [alice, bob]) {
+      assert.equal(await item(page, 'this one will fail first').count(), 1);
+      assertContiguous(await seqs(page), { from: 1 });
+    }
+  });
+});
