@@ -38,6 +38,8 @@ const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_RESTART: u16 = 1012;
 const CLOSE_PROTOCOL: u16 = 1002;
 
+/// How long a closing handshake may take before the socket is simply dropped.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Frames written per batch before a flush.
 const WRITE_BATCH: usize = 128;
 
@@ -99,9 +101,13 @@ pub async fn serve(socket: WebSocket, app: Arc<AppState>, query_token: Option<St
     if let End::Close(code, reason) = end {
         app.metrics.disconnects.with_label_values(&[reason_label(code)]).inc();
         let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
-        let _ = connection.sink.send(Message::Close(Some(frame))).await;
+        // A client that does not read cannot hold the task: give the close a moment, then drop.
+        let close = async {
+            let _ = connection.sink.send(Message::Close(Some(frame))).await;
+            let _ = connection.sink.close().await;
+        };
+        let _ = tokio::time::timeout(CLOSE_GRACE, close).await;
     }
-    let _ = connection.sink.close().await;
     for (_, joined) in connection.rooms.drain() {
         app.rooms.leave(&joined.hub, id).await;
     }
@@ -536,8 +542,14 @@ impl Connection {
         self.write_frame(ServerFrame::error(code, message, req)).await
     }
 
+    /// Queues a frame on the socket. A client that cannot take it within the slow-consumer
+    /// timeout is closed.
     async fn write(&mut self, text: Utf8Bytes) -> Result<(), End> {
-        self.sink.feed(Message::Text(text)).await.map_err(|_| End::Gone)
+        let limit = self.app.config.limits.slow_consumer_timeout;
+        match tokio::time::timeout(limit, self.sink.feed(Message::Text(text))).await {
+            Ok(written) => written.map_err(|_| End::Gone),
+            Err(_) => Err(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer: socket not drained in time")),
+        }
     }
 
     async fn flush(&mut self) -> Result<(), End> {
@@ -545,7 +557,11 @@ impl Connection {
             self.app.metrics.deliveries.inc_by(self.deliveries);
             self.deliveries = 0;
         }
-        self.sink.flush().await.map_err(|_| End::Gone)
+        let limit = self.app.config.limits.slow_consumer_timeout;
+        match tokio::time::timeout(limit, self.sink.flush()).await {
+            Ok(flushed) => flushed.map_err(|_| End::Gone),
+            Err(_) => Err(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer: socket not drained in time")),
+        }
     }
 
     fn count_frame(&self, kind: &str) {

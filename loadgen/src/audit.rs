@@ -769,7 +769,8 @@ pub fn finalize(
     }
 
     // Duplicates and reorders, from every membership (they happened while it was joined).
-    let mut events: BTreeMap<(FindingKind, u32, u64), (u64, Vec<u32>, TrackEvent)> = BTreeMap::new();
+    type EventKey = (FindingKind, u32, u64);
+    let mut events: BTreeMap<EventKey, (u64, Vec<u32>, TrackEvent)> = BTreeMap::new();
     for t in tracks {
         for e in &t.events {
             match e.kind {

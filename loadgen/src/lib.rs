@@ -1,1 +1,38 @@
-//! loadgen (being written).
+//! `loadgen`: an open-loop load generator for chat protocol v1 that is also an auditor of every
+//! delivery.
+//!
+//! A run ([`run`] / [`run_until`]) connects simulated clients, joins them to rooms, sends on a
+//! fixed schedule, checks every `message` frame as it arrives, and ends with a [`Report`]:
+//! latency histograms, throughput over time, errors by code, and the [`audit::AuditResult`]
+//! naming every missing, duplicate, reordered, gapped or unacked message by id, room, seq and
+//! trace id.
+//!
+//! - [`config`]: flags, environment, defaults, validation.
+//! - [`scenario`]: TOML scenario files (phases, reconnect storms).
+//! - [`plan`]: users, rooms, who is in which room (uniform or zipf sizes).
+//! - [`schedule`]: the open-loop schedule of sends, history reads and disconnects.
+//! - [`client`]: one simulated client and its connection.
+//! - [`audit`]: the per-message records, per-member tracks and the verdict.
+//! - [`metrics`]: HDR histograms and the once-a-second timeline.
+//! - [`report`]: JSON, the summary table, and HTML with inline SVG plots.
+//! - [`progress`]: the live progress line.
+//! - [`bench`]: the auditor's CPU cost on its own.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod audit;
+pub mod bench;
+pub mod client;
+pub mod config;
+pub mod metrics;
+pub mod plan;
+pub mod progress;
+pub mod report;
+pub mod runner;
+pub mod scenario;
+pub mod schedule;
+
+pub use audit::{AuditResult, Finding, FindingKind};
+pub use config::{Cli, Config, ConfigError};
+pub use report::Report;
+pub use runner::{run, run_until, RunError};

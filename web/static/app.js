@@ -416,9 +416,11 @@ function onDelivery(d) {
   const item = room.byCmid.get(d.clientMsgId);
   if (d.state === 'stored') { onAckDelivered(room, d.ack); return; }
   if (!item || item.seq != null) return;
+  const follow = room.name === app.active && nearBottom();
   item.state = d.state;
   item.error = d.state === 'failed' ? (d.error?.message || 'failed') : null;
   renderItem(room, item);
+  if (follow) scrollToBottom();
 }
 
 // ------------------------------------------------------------------ info dialog

@@ -65,8 +65,18 @@ describe('two people chatting', () => {
     await signIn(carol, 'carol');
     await joinRoom(carol, 'general');
     await members.getByRole('listitem').filter({ hasText: 'carol' }).filter({ hasText: 'online' }).waitFor();
+    await send(carol, 'hi both, deploy is done ✅');
+    await item(alice, 'hi both, deploy is done ✅').waitFor();
     await carol.context().close();
     await members.getByRole('listitem').filter({ hasText: 'carol' }).filter({ hasText: 'offline' }).waitFor({ timeout: 15000 });
+
+    // The main screen, for the docs: a conversation, members, someone typing.
+    await send(alice, 'thanks carol! 🎉');
+    await item(bob, 'thanks carol! 🎉').waitFor();
+    await bob.getByRole('textbox', { name: 'Message' }).pressSequentially('great, let', { delay: 20 });
+    await alice.getByText('bob is typing…').waitFor({ timeout: 10000 });
+    await screenshot(alice, 'main');
+    await bob.getByRole('textbox', { name: 'Message' }).fill('');
   });
 
   it('keyboard: Enter sends, Shift+Enter makes a new line', async () => {
@@ -164,10 +174,10 @@ describe('two people chatting', () => {
     await bob.getByRole('heading', { name: '#general' }).waitFor();
   });
 
-  it('main screen screenshot (desktop)', async () => {
-    await bob.getByRole('textbox', { name: 'Message' }).pressSequentially('hey', { delay: 20 });
-    await alice.getByText('bob is typing…').waitFor();
-    const file = await screenshot(alice, 'main');
+  it('main screen screenshot after all of it (desktop)', async () => {
+    await send(bob, 'see you tomorrow');
+    await item(alice, 'see you tomorrow').waitFor();
+    const file = await screenshot(alice, 'main-end');
     assert.ok(fs.statSync(file).size > 10000);
   });
 

@@ -37,14 +37,17 @@ describe('server killed and restarted mid-conversation', () => {
     await item(bob, 'before the crash 3').waitFor();
     await item(alice, 'before the crash 2').waitFor();
 
-    // A burst, and the server dies in the middle of it: some sends acked, some not.
-    for (let i = 1; i <= 6; i++) {
+    // A burst, and the server dies in the middle of it (the kill is not awaited: sends keep
+    // going while it happens), so some sends are acked, some are in flight, some are not sent.
+    let killed;
+    for (let i = 1; i <= 8; i++) {
       const text = `burst ${i}`;
       sent.push(text);
       await alice.getByRole('textbox', { name: 'Message' }).fill(text);
       await alice.getByRole('textbox', { name: 'Message' }).press('Enter');
-      if (i === 3) await server.kill('SIGKILL');
+      if (i === 3) killed = server.kill('SIGKILL');
     }
+    await killed;
 
     for (const page of [alice, bob]) await page.getByRole('status').getByText('reconnecting…').waitFor({ timeout: 10000 });
     // While the server is down: Bob writes too; his message waits in "sending".
@@ -59,7 +62,7 @@ describe('server killed and restarted mid-conversation', () => {
 
     // Everything sent gets stored (retried with the same client_msg_id) and shown on both pages.
     await item(bob, 'written while the server was down').getByText('stored').waitFor({ timeout: 30000 });
-    for (let i = 1; i <= 6; i++) await item(alice, `burst ${i}`).getByText('stored').waitFor({ timeout: 30000 });
+    for (let i = 1; i <= 8; i++) await item(alice, `burst ${i}`).getByText('stored').waitFor({ timeout: 30000 });
     await say(alice, 'after the restart');
     await say(bob, 'after the restart, too');
     for (const page of [alice, bob]) {
@@ -112,5 +115,22 @@ describe('server killed and restarted mid-conversation', () => {
       assert.equal(await item(page, 'this one will fail first').count(), 1);
       assertContiguous(await seqs(page), { from: 1 });
     }
+  });
+
+  it('a graceful restart (draining, `reconnect` frame) is survived the same way', async () => {
+    const reconnectFrames = bob.evaluate(() => new Promise((resolve) => {
+      window.chatApp.client.once('server-reconnect', (e) => resolve(e.reason));
+    }));
+    await server.kill('SIGTERM');
+    assert.ok(await reconnectFrames, 'the page got a `reconnect` frame');
+    await bob.getByRole('status').getByText('reconnecting…').waitFor({ timeout: 10000 });
+    await send(bob, 'sent during the drain');
+    await server.start();
+    await connected(alice);
+    await connected(bob);
+    await item(bob, 'sent during the drain').getByText('stored').waitFor({ timeout: 20000 });
+    await item(alice, 'sent during the drain').waitFor({ timeout: 20000 });
+    for (const page of [alice, bob]) assertContiguous(await seqs(page), { from: 1 });
+    assert.deepEqual(await bodies(alice), await bodies(bob));
   });
 });

@@ -1,0 +1,87 @@
+//! Auth on (HS256 JWT) and off (dev mode).
+
+use chat::testing::TestServerOptions;
+use jsonwebtoken::{encode, EncodingKey, Header};
+use serde_json::json;
+
+use crate::support::*;
+
+fn config_with_secret(secret: &str) -> TestServerOptions {
+    let mut options = TestServerOptions::default();
+    options.gateway.jwt_secret = Some(secret.to_owned());
+    options
+}
+
+const SECRET: &str = "test-secret";
+
+fn token(sub: &str, exp_offset_secs: i64, rooms: Option<&[&str]>) -> String {
+    let exp = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 + exp_offset_secs) as u64;
+    let mut claims = json!({"sub": sub, "exp": exp});
+    if let Some(rooms) = rooms {
+        claims["rooms"] = json!(rooms);
+    }
+    encode(&Header::default(), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+}
+
+#[tokio::test]
+async fn auth_on_requires_a_valid_token() {
+    let server = server_with(config_with_secret(SECRET)).await;
+
+    let mut anonymous = Client::connect(&server.ws_url).await;
+    anonymous.send(json!({"type": "hello", "user": "mallory"})).await;
+    assert_eq!(anonymous.expect("error").await["code"], "unauthorized");
+    assert_eq!(anonymous.closed().await, 1008);
+
+    let mut expired = Client::connect(&server.ws_url).await;
+    expired.send(json!({"type": "hello", "token": token("alice", -3600, None)})).await;
+    assert_eq!(expired.expect("error").await["code"], "unauthorized");
+    assert_eq!(expired.closed().await, 1008);
+
+    let forged = encode(&Header::default(), &json!({"sub": "alice", "exp": 4_000_000_000u64}), &EncodingKey::from_secret(b"other")).unwrap();
+    let mut forger = Client::connect(&server.ws_url).await;
+    forger.send(json!({"type": "hello", "token": forged})).await;
+    assert_eq!(forger.expect("error").await["code"], "unauthorized");
+    assert_eq!(forger.closed().await, 1008);
+
+    let mut alice = Client::connect(&server.ws_url).await;
+    alice.send(json!({"type": "hello", "token": token("alice", 3600, None), "user": "ignored"})).await;
+    assert_eq!(alice.expect("welcome").await["user"], "alice");
+    alice.join("anything").await;
+
+    let mut limited = Client::connect(&server.ws_url).await;
+    limited.send(json!({"type": "hello", "token": token("bob", 3600, Some(&["team"]))})).await;
+    limited.expect("welcome").await;
+    limited.join("team").await;
+    limited.send(json!({"type": "join", "room": "secret", "req": 4})).await;
+    let forbidden = limited.expect("error").await;
+    assert_eq!((forbidden["code"].as_str(), forbidden["req"].as_i64()), (Some("forbidden"), Some(4)));
+    limited.send(json!({"type": "history", "room": "secret"})).await;
+    assert_eq!(limited.expect("error").await["code"], "forbidden");
+
+    let query_url = format!("{}?token={}", server.ws_url, token("carol", 3600, None));
+    let mut carol = Client::connect(&query_url).await;
+    carol.send(json!({"type": "hello"})).await;
+    assert_eq!(carol.expect("welcome").await["user"], "carol");
+
+    let (status, _) = get(&format!("{}/api/rooms/team/messages", server.http_url)).await;
+    assert_eq!(status, 401);
+    let bearer = format!("Bearer {}", token("bob", 3600, Some(&["team"])));
+    let (status, _) = request("GET", &format!("{}/api/rooms/team/messages", server.http_url), &[("Authorization", &bearer)], "").await;
+    assert_eq!(status, 200);
+    let (status, _) = request("GET", &format!("{}/api/rooms/secret/messages", server.http_url), &[("Authorization", &bearer)], "").await;
+    assert_eq!(status, 403);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn dev_mode_takes_the_user_as_given() {
+    let server = server_with(TestServerOptions::default()).await;
+    let mut client = Client::connect(&server.ws_url).await;
+    client.send(json!({"type": "hello", "user": "dev.user-1", "req": "h"})).await;
+    let welcome = client.expect("welcome").await;
+    assert_eq!(welcome["user"], "dev.user-1");
+    assert_eq!(welcome["req"], "h");
+    assert!(uuid::Uuid::parse_str(welcome["session"].as_str().unwrap()).is_ok());
+    assert!(!welcome["gateway"].as_str().unwrap().is_empty());
+    server.shutdown().await.unwrap();
+}

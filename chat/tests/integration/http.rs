@@ -1,0 +1,93 @@
+//! The HTTP routes beside the WebSocket: health, readiness, metrics, journeys, faults, web app.
+
+use chat::testing::TestServerOptions;
+use serde_json::json;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn health_ready_metrics_and_the_web_app() {
+    let server = server().await;
+    assert_eq!(get(&format!("{}/healthz", server.http_url)).await.0, 200);
+    assert_eq!(get(&format!("{}/readyz", server.http_url)).await.0, 200);
+    let mut a = Client::login(&server.ws_url, "a").await;
+    a.join("m").await;
+    a.say("m", "1", "one").await;
+    a.say("m", "1", "one").await;
+    a.messages(1).await;
+    let (status, text) = get(&format!("{}/metrics", server.http_url)).await;
+    assert_eq!(status, 200);
+    assert!(text.contains("chat_connections 1"), "{text}");
+    assert!(text.contains("chat_sends_total{outcome=\"acked\"} 1"), "{text}");
+    assert!(text.contains("chat_sends_total{outcome=\"duplicate\"} 1"), "{text}");
+    assert!(text.contains("chat_deliveries_total 1"), "{text}");
+    assert!(text.contains("chat_send_ack_seconds_bucket"), "{text}");
+    let (status, html) = get(&format!("{}/", server.http_url)).await;
+    assert_eq!(status, 200);
+    assert!(html.to_lowercase().contains("<!doctype html"), "{html}");
+    assert_eq!(get(&format!("{}/no-such-file.js", server.http_url)).await.0, 404);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn debug_messages_show_the_journey_inside_the_process() {
+    let server = server().await;
+    let mut a = Client::login(&server.ws_url, "a").await;
+    a.join("j").await;
+    let ack = a.say("j", "c1", "trace me").await;
+    let message = a.messages(1).await.remove(0);
+    let id = ack["id"].as_str().unwrap();
+    let (status, journey) = get_json(&format!("{}/debug/messages/{id}", server.http_url)).await;
+    assert_eq!(status, 200, "{journey}");
+    assert_eq!(journey["trace_id"], message["trace_id"]);
+    assert_eq!(journey["seq"], 1);
+    let hops: Vec<&str> = journey["hops"].as_array().unwrap().iter().map(|h| h["hop"].as_str().unwrap()).collect();
+    for hop in ["gateway.receive", "fanout.sequence", "store.append", "gateway.fanout", "gateway.ack"] {
+        assert!(hops.contains(&hop), "{hop} missing from {hops:?}");
+    }
+    let fanout = journey["hops"].as_array().unwrap().iter().find(|h| h["hop"] == "gateway.fanout").unwrap();
+    assert_eq!(fanout["detail"]["connections"], 1);
+    let unknown = uuid::Uuid::now_v7();
+    assert_eq!(get(&format!("{}/debug/messages/{unknown}", server.http_url)).await.0, 404);
+    assert_eq!(get(&format!("{}/debug/messages/not-a-uuid", server.http_url)).await.0, 400);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn admin_faults_need_the_token_and_are_marked_in_the_journey() {
+    let mut options = TestServerOptions::default();
+    options.gateway.admin_token = Some("sesame".into());
+    let server = server_with(options).await;
+    let url = format!("{}/admin/faults", server.http_url);
+    let fault = json!({"hop": "gateway.deliver", "action": "drop", "room": "f", "count": 1}).to_string();
+    assert_eq!(request("POST", &url, &[("Content-Type", "application/json")], &fault).await.0, 401);
+    assert_eq!(request("POST", &url, &[("Authorization", "Bearer wrong"), ("Content-Type", "application/json")], &fault).await.0, 401);
+    let auth = [("Authorization", "Bearer sesame"), ("Content-Type", "application/json")];
+    assert_eq!(request("POST", &url, &auth, "{\"hop\": \"nowhere\", \"action\": \"drop\"}").await.0, 400);
+    let (status, body) = request("POST", &url, &auth, &fault).await;
+    assert_eq!(status, 201, "{body}");
+    let (_, listed) = request("GET", &url, &auth, "").await;
+    assert!(listed.contains("\"action\":\"drop\""), "{listed}");
+
+    let mut a = Client::login(&server.ws_url, "a").await;
+    a.join("f").await;
+    let lost = a.say("f", "1", "dropped").await;
+    a.say("f", "2", "delivered").await;
+    let seen = a.messages(1).await;
+    assert_eq!(seen[0]["seq"], 2, "the first delivery was dropped by the fault");
+    let (_, journey) = get_json(&format!("{}/debug/messages/{}", server.http_url, lost["id"].as_str().unwrap())).await;
+    let fault_hop = journey["hops"].as_array().unwrap().iter().find(|h| h["hop"] == "fault.injected").cloned();
+    assert_eq!(fault_hop.expect("fault marked in journey")["detail"]["action"], "drop");
+    let (_, metrics) = get(&format!("{}/metrics", server.http_url)).await;
+    assert!(metrics.contains("chat_drops_total{reason=\"fault_drop\"} 1"), "{metrics}");
+    assert_eq!(request("DELETE", &url, &auth, "").await.0, 200);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn admin_api_is_off_without_a_token() {
+    let server = server().await;
+    let (status, _) = request("GET", &format!("{}/admin/faults", server.http_url), &[("Authorization", "Bearer x")], "").await;
+    assert_eq!(status, 404);
+    server.shutdown().await.unwrap();
+}

@@ -1,0 +1,128 @@
+//! Configurable limits: rate, rooms per connection, connections, slow consumers.
+
+use std::time::Duration;
+
+use chat::testing::TestServerOptions;
+use serde_json::json;
+
+use crate::support::*;
+
+fn options(edit: impl FnOnce(&mut gateway::Limits)) -> TestServerOptions {
+    let mut options = TestServerOptions::default();
+    edit(&mut options.gateway.limits);
+    options
+}
+
+#[tokio::test]
+async fn sends_beyond_the_rate_are_rate_limited() {
+    let server = server_with(options(|l| {
+        l.send_rate_per_sec = 1;
+        l.send_burst = 3;
+    }))
+    .await;
+    let mut a = Client::login(&server.ws_url, "a").await;
+    a.join("r").await;
+    for i in 0..5 {
+        a.send(json!({"type": "send", "room": "r", "client_msg_id": format!("{i}"), "body": "x", "req": i})).await;
+    }
+    let (mut acks, mut limited) = (0, 0);
+    while acks + limited < 5 {
+        let frame = a.next().await;
+        match frame["type"].as_str().unwrap() {
+            "ack" => acks += 1,
+            "error" => {
+                assert_eq!(frame["code"], "rate_limited");
+                limited += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!((acks, limited), (3, 2));
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn rooms_per_connection_and_connections_per_process_are_capped() {
+    let server = server_with(options(|l| {
+        l.max_rooms_per_connection = 2;
+        l.max_connections = 2;
+    }))
+    .await;
+    let mut a = Client::login(&server.ws_url, "a").await;
+    a.join("one").await;
+    a.join("two").await;
+    a.send(json!({"type": "join", "room": "three"})).await;
+    let error = a.expect("error").await;
+    assert_eq!(error["code"], "bad_request");
+    assert!(error["message"].as_str().unwrap().contains("at most 2 rooms"));
+    let _b = Client::login(&server.ws_url, "b").await;
+    let refused = tokio_tungstenite::connect_async(server.ws_url.as_str()).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 503),
+        other => panic!("third connection should be refused with 503, got {:?}", other.map(|_| ())),
+    }
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_small_queue_loses_nothing_for_a_reader_that_keeps_up_eventually() {
+    let server = server_with(options(|l| {
+        l.outbound_queue = 2;
+        l.send_rate_per_sec = 10_000;
+        l.send_burst = 10_000;
+        l.slow_consumer_timeout = Duration::from_secs(30);
+    }))
+    .await;
+    let mut reader = Client::login(&server.ws_url, "reader").await;
+    reader.join("q").await;
+    let mut writer = Client::login(&server.ws_url, "writer").await;
+    writer.join("q").await;
+    for i in 0..300 {
+        writer.send(json!({"type": "send", "room": "q", "client_msg_id": format!("{i}"), "body": "x".repeat(500)})).await;
+    }
+    let seqs: Vec<u64> = reader.messages(300).await.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=300).collect::<Vec<_>>());
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_consumer_that_stops_reading_is_closed_with_4008() {
+    let server = server_with(options(|l| {
+        l.outbound_queue = 4;
+        l.slow_consumer_timeout = Duration::from_millis(500);
+        l.send_rate_per_sec = 10_000;
+        l.send_burst = 10_000;
+        l.max_body_chars = 60_000;
+    }))
+    .await;
+    let mut sleeper = Client::login(&server.ws_url, "sleeper").await;
+    sleeper.join("flood").await;
+    let mut writer = Client::login(&server.ws_url, "writer").await;
+    writer.join("flood").await;
+    let body = "x".repeat(60_000);
+    // ~30 MB: far more than the socket buffers hold while the sleeper does not read.
+    // The writer does not read either, so it may be closed as a slow consumer too.
+    let flood = tokio::spawn(async move {
+        use futures_util::SinkExt;
+        for i in 0..500 {
+            let frame = json!({"type": "send", "room": "flood", "client_msg_id": format!("{i}"), "body": body});
+            let sent = writer.ws.send(tokio_tungstenite::tungstenite::Message::text(frame.to_string())).await;
+            if sent.is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut kicked = false;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (_, metrics) = get(&format!("{}/metrics", server.http_url)).await;
+        if metric(&metrics, "chat_disconnects_total{reason=\"slow_consumer\"}") >= 1.0 {
+            kicked = true;
+            break;
+        }
+    }
+    assert!(kicked, "the sleeping consumer was not disconnected");
+    flood.abort();
+    server.shutdown().await.unwrap();
+}

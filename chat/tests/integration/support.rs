@@ -1,0 +1,161 @@
+//! A minimal protocol client for tests: every wait is bounded by a timeout.
+
+use std::time::Duration;
+
+use chat::testing::{start_all_in_one, RunningServer, TestServerOptions};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A server with default settings except a send rate high enough for tests that pipeline
+/// hundreds of sends (the rate limit itself is tested with its own settings).
+pub async fn server() -> RunningServer {
+    let mut options = TestServerOptions::default();
+    options.gateway.limits.send_rate_per_sec = 100_000;
+    options.gateway.limits.send_burst = 100_000;
+    server_with(options).await
+}
+
+pub async fn server_with(options: TestServerOptions) -> RunningServer {
+    start_all_in_one(options).await.expect("server starts")
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Frames read while looking for another kind, handed out first by `next`.
+    pending: std::collections::VecDeque<Value>,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        Client { ws, pending: Default::default() }
+    }
+
+    /// Connects and says hello as `user` (dev mode).
+    pub async fn login(url: &str, user: &str) -> Client {
+        let mut client = Client::connect(url).await;
+        client.send(json!({"type": "hello", "user": user})).await;
+        client.expect("welcome").await;
+        client
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.ws.send(Message::text(frame.to_string())).await.expect("send frame");
+    }
+
+    pub async fn send_raw(&mut self, message: Message) {
+        self.ws.send(message).await.expect("send raw frame");
+    }
+
+    /// The next text frame as JSON (control frames skipped).
+    pub async fn next(&mut self) -> Value {
+        if let Some(frame) = self.pending.pop_front() {
+            return frame;
+        }
+        self.read().await
+    }
+
+    async fn read(&mut self) -> Value {
+        loop {
+            let message = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame in time")
+                .expect("connection open")
+                .expect("valid frame");
+            match message {
+                Message::Text(text) => return serde_json::from_str(&text).expect("server sends JSON"),
+                Message::Close(frame) => panic!("closed by server: {frame:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The first frame of this type; presence and typing frames before it are dropped, and
+    /// messages and acks are kept for later `next` calls. Any other frame fails the test.
+    pub async fn expect(&mut self, kind: &str) -> Value {
+        if let Some(at) = self.pending.iter().position(|f| f["type"] == kind) {
+            return self.pending.remove(at).expect("position is valid");
+        }
+        loop {
+            let frame = self.read().await;
+            match frame["type"].as_str() {
+                Some(k) if k == kind => return frame,
+                Some("presence") | Some("typing") => continue,
+                Some("message") | Some("ack") => self.pending.push_back(frame),
+                _ => panic!("expected {kind}, got {frame}"),
+            }
+        }
+    }
+
+    /// Waits for the close frame and returns its code (frames before it are ignored).
+    pub async fn closed(&mut self) -> u16 {
+        loop {
+            let message = tokio::time::timeout(WAIT, self.ws.next()).await.expect("close in time");
+            match message {
+                Some(Ok(Message::Close(Some(frame)))) => return frame.code.into(),
+                Some(Ok(Message::Close(None))) | None => return 1005,
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("error instead of close: {e}"),
+            }
+        }
+    }
+
+    pub async fn join(&mut self, room: &str) -> Value {
+        self.send(json!({"type": "join", "room": room})).await;
+        self.expect("joined").await
+    }
+
+    /// Sends a message and waits for its ack.
+    pub async fn say(&mut self, room: &str, id: &str, body: &str) -> Value {
+        self.send(json!({"type": "send", "room": room, "client_msg_id": id, "body": body})).await;
+        self.expect("ack").await
+    }
+
+    /// Collects `n` message frames (skipping acks, presence, typing).
+    pub async fn messages(&mut self, n: usize) -> Vec<Value> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let frame = self.next().await;
+            if frame["type"] == "message" {
+                out.push(frame);
+            }
+        }
+        out
+    }
+}
+
+pub async fn get_json(url: &str) -> (u16, Value) {
+    let (status, body) = get(url).await;
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+pub async fn get(url: &str) -> (u16, String) {
+    request("GET", url, &[], "").await
+}
+
+pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    let client = reqwest::Client::new();
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+    let mut builder = client.request(method, url).timeout(WAIT).body(body.to_owned());
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let response = builder.send().await.expect("HTTP response");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("HTTP body"))
+}
+
+/// The value of a metric sample line (`name{labels} value`), 0 when absent.
+pub fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
