@@ -57,6 +57,9 @@ pub trait GatewayBus: Send + Sync + 'static {
 
     /// Succeeds while the bus answers; used by `/readyz`.
     async fn ready(&self) -> Result<(), BusError>;
+
+    /// Whether other gateways may share rooms with this one (so presence must be exchanged).
+    fn is_distributed(&self) -> bool;
 }
 
 /// A submitted send waiting for the fanout worker's answer.

@@ -99,6 +99,10 @@ impl GatewayBus for LocalBus {
         }
         Ok(())
     }
+
+    fn is_distributed(&self) -> bool {
+        false
+    }
 }
 
 #[async_trait]

@@ -95,7 +95,7 @@ impl GatewayArgs {
                 ..Limits::default()
             },
             drain_grace: Duration::from_secs(self.drain_grace_secs),
-            gap_repair: true,
+            ..defaults
         }
     }
 }

@@ -48,6 +48,8 @@ enum Decision {
     Duplicate(ChatMessage),
     /// Refused for a reason the client sees.
     Rejected(String),
+    /// Past its deadline: the gateway has told the client `unavailable`, so it is not stored.
+    Expired,
 }
 
 impl Fanout {
@@ -174,6 +176,10 @@ impl Fanout {
                 decisions.push(Decision::Rejected(reason));
                 continue;
             }
+            if command.deadline_ms != 0 && protocol::now_ms() > command.deadline_ms {
+                decisions.push(Decision::Expired);
+                continue;
+            }
             if let Some(&earlier) = in_batch.get(&(command.user.as_str(), command.client_msg_id.as_str())) {
                 if let Decision::New(message) = &decisions[earlier] {
                     decisions.push(Decision::Duplicate(message.clone()));
@@ -230,6 +236,10 @@ impl Fanout {
                     Ok(SendOutcome { message, duplicate: true })
                 }
                 Decision::Rejected(reason) => Err(BusError::Rejected(reason)),
+                Decision::Expired => {
+                    self.journal.record_send(&dedupe_key, &telemetry::trace::trace_id_of(&command.traceparent), "fanout.expired", serde_json::json!({}));
+                    Err(BusError::Unavailable("send expired before it could be stored".into()))
+                }
             };
             pending.reply.reply(outcome).await;
         }

@@ -17,6 +17,11 @@ pub struct GatewayConfig {
     pub drain_grace: Duration,
     /// Whether a gateway fills gaps in a room feed from the store (off only for exercises).
     pub gap_repair: bool,
+    /// How long a send may wait for a worker before the client is told `unavailable`.
+    pub submit_timeout: Duration,
+    /// How often each room hub tells other gateways who is here (presence across gateways);
+    /// a gateway silent for 3 periods has its users marked offline.
+    pub roster_interval: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -28,6 +33,8 @@ impl Default for GatewayConfig {
             limits: Limits::default(),
             drain_grace: Duration::from_secs(10),
             gap_repair: true,
+            submit_timeout: Duration::from_secs(5),
+            roster_interval: Duration::from_secs(8),
         }
     }
 }

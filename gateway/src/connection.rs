@@ -38,6 +38,9 @@ const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_RESTART: u16 = 1012;
 const CLOSE_PROTOCOL: u16 = 1002;
 
+/// How much longer than a send's deadline the gateway waits for its outcome: more than any
+/// store write a worker may still finish after checking the deadline.
+const SUBMIT_MARGIN: std::time::Duration = std::time::Duration::from_secs(3);
 /// How long a closing handshake may take before the socket is simply dropped.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Frames written per batch before a flush.
@@ -344,15 +347,23 @@ impl Connection {
             body,
             traceparent,
             gateway: self.app.config.gateway_id.clone(),
+            deadline_ms: protocol::now_ms() + self.app.config.submit_timeout.as_millis() as i64,
         };
         let trace_id = telemetry::trace::trace_id_of(&command.traceparent);
         self.app.journal.record_send(&command.dedupe_key(), &trace_id, "gateway.receive", serde_json::json!({"gateway": self.app.config.gateway_id, "session": self.session}));
         let bus = self.app.bus.clone();
         let started = Instant::now();
+        // Workers refuse a send past its deadline; waiting a little longer than that means a
+        // send this gateway calls `unavailable` was really not stored.
+        let wait = self.app.config.submit_timeout + SUBMIT_MARGIN;
         in_flight.push(Box::pin(async move {
             let room = command.room.clone();
             let client_msg_id = command.client_msg_id.clone();
-            let outcome = tracing::Instrument::instrument(bus.submit(command), span).await;
+            let submitted = tracing::Instrument::instrument(bus.submit(command), span);
+            let outcome = match tokio::time::timeout(wait, submitted).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(bus::BusError::Unavailable("no answer from fanout in time".into())),
+            };
             (req, room, client_msg_id, started, outcome)
         }));
         Ok(())

@@ -10,6 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use bus::{BusError, FeedItem, GatewayBus};
@@ -21,9 +22,13 @@ use telemetry::journal::Journal;
 use telemetry::metrics::Metrics;
 use tokio::sync::{Notify, OnceCell};
 
+use crate::config::GatewayConfig;
 use crate::faults::Faults;
 use crate::history::HistoryReader;
 use crate::outbox::{Delivery, Offer, Outbound, Outbox};
+
+/// How long a new hub waits for other gateways' rosters before answering its first join.
+const ROSTER_WAIT: Duration = Duration::from_millis(150);
 
 /// One room's presence at this gateway.
 pub struct Hub {
@@ -31,6 +36,8 @@ pub struct Hub {
     last_seq: AtomicU64,
     state: Mutex<HubState>,
     stop: Notify,
+    /// Another gateway asked who is here: publish the roster now.
+    roster_due: Notify,
 }
 
 #[derive(Default)]
@@ -38,17 +45,69 @@ struct HubState {
     members: HashMap<u64, Member>,
     /// Local connections per user.
     users: HashMap<String, usize>,
-    /// Users present on other gateways, and on which.
-    remote: HashMap<String, HashSet<String>>,
+    /// Users present on other gateways, by gateway, with when that gateway was last heard.
+    remote: HashMap<String, RemoteRoster>,
     closed: bool,
+}
+
+struct RemoteRoster {
+    users: HashSet<String>,
+    heard: Instant,
 }
 
 impl HubState {
     fn member_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.users.keys().chain(self.remote.keys()).cloned().collect();
+        let remote = self.remote.values().flat_map(|roster| roster.users.iter());
+        let mut names: Vec<String> = self.users.keys().chain(remote).cloned().collect();
         names.sort();
         names.dedup();
         names
+    }
+
+    /// Whether the user is in the room on any gateway.
+    fn present(&self, user: &str) -> bool {
+        self.users.contains_key(user) || self.remote.values().any(|roster| roster.users.contains(user))
+    }
+
+    /// Tells local members (but the user) that the user's presence changed.
+    fn tell_presence(&self, room: &str, user: &str, state: PresenceState, metrics: &Metrics) {
+        let frame = ServerFrame::Presence { room: room.to_owned(), user: user.to_owned(), state };
+        self.tell_others(user, frame.to_json().into(), metrics);
+    }
+
+    fn tell_others(&self, user: &str, text: Utf8Bytes, metrics: &Metrics) {
+        for member in self.members.values() {
+            if member.user != user && member.outbox.offer(Outbound::Frame(text.clone())) != Offer::Queued {
+                metrics.drops.with_label_values(&["ephemeral_queue_full"]).inc();
+            }
+        }
+    }
+
+    /// Applies a change to the users of a remote gateway, telling local members about users
+    /// whose overall presence changed.
+    fn update_remote(&mut self, room: &str, gateway: &str, change: impl FnOnce(&mut HashSet<String>), metrics: &Metrics) {
+        let before: HashSet<String> = self.remote.get(gateway).map(|r| r.users.clone()).unwrap_or_default();
+        let was: Vec<(String, bool)> = before.iter().map(|u| (u.clone(), self.present(u))).collect();
+        let roster = self.remote.entry(gateway.to_owned()).or_insert_with(|| RemoteRoster { users: HashSet::new(), heard: Instant::now() });
+        roster.heard = Instant::now();
+        change(&mut roster.users);
+        let after = roster.users.clone();
+        if after.is_empty() {
+            self.remote.remove(gateway);
+        }
+        for (user, was_present) in was {
+            if was_present && !self.present(&user) {
+                self.tell_presence(room, &user, PresenceState::Offline, metrics);
+            }
+        }
+        for user in after.difference(&before) {
+            // Present now; was it before this change?
+            let elsewhere = self.users.contains_key(user)
+                || self.remote.iter().any(|(g, r)| g != gateway && r.users.contains(user));
+            if !elsewhere {
+                self.tell_presence(room, user, PresenceState::Online, metrics);
+            }
+        }
     }
 }
 
@@ -99,21 +158,33 @@ pub struct Rooms {
     journal: Arc<Journal>,
     faults: Arc<Faults>,
     gap_repair: bool,
+    roster_interval: Duration,
+    roster_wait: Duration,
     hubs: Mutex<HashMap<String, Slot>>,
 }
 
 impl Rooms {
     /// A registry with no hubs yet.
     pub fn new(
-        gateway_id: String,
+        config: &GatewayConfig,
         bus: Arc<dyn GatewayBus>,
         history: HistoryReader,
         metrics: Metrics,
         journal: Arc<Journal>,
         faults: Arc<Faults>,
-        gap_repair: bool,
     ) -> Arc<Self> {
-        Arc::new(Self { gateway_id, bus, history, metrics, journal, faults, gap_repair, hubs: Mutex::new(HashMap::new()) })
+        Arc::new(Self {
+            gateway_id: config.gateway_id.clone(),
+            bus,
+            history,
+            metrics,
+            journal,
+            faults,
+            gap_repair: config.gap_repair,
+            roster_interval: config.roster_interval,
+            roster_wait: ROSTER_WAIT,
+            hubs: Mutex::new(HashMap::new()),
+        })
     }
 
     fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
@@ -129,6 +200,9 @@ impl Rooms {
                 let mut state = hub.lock();
                 if state.closed {
                     continue;
+                }
+                if !state.present(user) {
+                    state.tell_presence(room, user, PresenceState::Online, &self.metrics);
                 }
                 state.members.insert(outbox.conn_id, Member { user: user.to_owned(), outbox: outbox.clone() });
                 let count = state.users.entry(user.to_owned()).or_default();
@@ -156,6 +230,9 @@ impl Rooms {
                 }
                 _ => {
                     state.users.remove(&member.user);
+                    if !state.present(&member.user) {
+                        state.tell_presence(&hub.room, &member.user, PresenceState::Offline, &self.metrics);
+                    }
                     Some(member.user)
                 }
             };
@@ -180,6 +257,8 @@ impl Rooms {
         self.bus.publish_event(room, RoomEvent::Typing { user: user.to_owned() }).await
     }
 
+    /// Tells other gateways that this gateway's first connection of `user` joined, or its
+    /// last one left.
     async fn announce(&self, room: &str, user: &str, state: PresenceState) {
         let event = RoomEvent::Presence { user: user.to_owned(), state, gateway: self.gateway_id.clone() };
         if let Err(e) = self.bus.publish_event(room, event).await {
@@ -210,19 +289,38 @@ impl Rooms {
             last_seq: AtomicU64::new(last_seq),
             state: Mutex::new(HubState::default()),
             stop: Notify::new(),
+            roster_due: Notify::new(),
         });
         let rooms = self.clone();
         let task_hub = hub.clone();
         tokio::spawn(async move { rooms.follow(task_hub, feed).await });
+        // Ask the other gateways in this room who is there; their rosters arrive on the feed.
+        if self.bus.is_distributed() {
+            let ask = RoomEvent::RosterRequest { gateway: self.gateway_id.clone() };
+            if self.bus.publish_event(room, ask).await.is_ok() {
+                tokio::time::sleep(self.roster_wait).await;
+            }
+        }
         Ok(hub)
     }
 
     /// The hub's feed task.
     async fn follow(self: Arc<Self>, hub: Arc<Hub>, mut feed: bus::RoomFeed) {
+        let mut roster = tokio::time::interval(self.roster_interval);
+        roster.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let item = tokio::select! {
                 () = hub.stop.notified() => break,
                 item = feed.items.recv() => item,
+                () = hub.roster_due.notified() => {
+                    self.publish_roster(&hub).await;
+                    continue;
+                }
+                _ = roster.tick(), if self.bus.is_distributed() => {
+                    self.publish_roster(&hub).await;
+                    self.expire_rosters(&hub);
+                    continue;
+                }
             };
             match item {
                 Some(FeedItem::Message(message)) => self.on_message(&hub, message).await,
@@ -309,28 +407,52 @@ impl Rooms {
 
     fn on_event(&self, hub: &Hub, event: RoomEvent) {
         let mut state = hub.lock();
-        let (frame, skip_user) = match event {
+        match event {
+            // This gateway's own presence changes were told locally when they happened.
+            RoomEvent::Presence { gateway, .. } | RoomEvent::Roster { gateway, .. } | RoomEvent::RosterRequest { gateway }
+                if gateway == self.gateway_id => {}
             RoomEvent::Presence { user, state: presence, gateway } => {
-                if gateway != self.gateway_id {
-                    let remote = state.remote.entry(user.clone()).or_default();
+                state.update_remote(&hub.room, &gateway, |users| {
                     match presence {
-                        PresenceState::Online => remote.insert(gateway),
-                        PresenceState::Offline => remote.remove(&gateway),
+                        PresenceState::Online => users.insert(user),
+                        PresenceState::Offline => users.remove(&user),
                     };
-                    if remote.is_empty() {
-                        state.remote.remove(&user);
-                    }
-                }
-                let frame = ServerFrame::Presence { room: hub.room.clone(), user: user.clone(), state: presence };
-                (frame, user)
+                }, &self.metrics);
             }
-            RoomEvent::Typing { user } => (ServerFrame::Typing { room: hub.room.clone(), user: user.clone() }, user),
-        };
-        let text: Utf8Bytes = frame.to_json().into();
-        for member in state.members.values() {
-            if member.user != skip_user && member.outbox.offer(Outbound::Frame(text.clone())) != Offer::Queued {
-                self.metrics.drops.with_label_values(&["ephemeral_queue_full"]).inc();
+            RoomEvent::Roster { gateway, users } => {
+                state.update_remote(&hub.room, &gateway, |current| *current = users.into_iter().collect(), &self.metrics);
             }
+            RoomEvent::RosterRequest { .. } => {
+                drop(state);
+                hub.roster_due.notify_one();
+            }
+            RoomEvent::Typing { user } => {
+                let frame = ServerFrame::Typing { room: hub.room.clone(), user: user.clone() };
+                state.tell_others(&user, frame.to_json().into(), &self.metrics);
+            }
+        }
+    }
+
+    async fn publish_roster(&self, hub: &Hub) {
+        let users: Vec<String> = hub.lock().users.keys().cloned().collect();
+        let roster = RoomEvent::Roster { gateway: self.gateway_id.clone(), users };
+        if let Err(e) = self.bus.publish_event(&hub.room, roster).await {
+            tracing::debug!(room = %hub.room, error = %e, "roster not published");
+        }
+    }
+
+    /// Forgets gateways not heard from for three roster periods: their users go offline.
+    fn expire_rosters(&self, hub: &Hub) {
+        let mut state = hub.lock();
+        let silent: Vec<String> = state
+            .remote
+            .iter()
+            .filter(|(_, roster)| roster.heard.elapsed() > self.roster_interval * 3)
+            .map(|(gateway, _)| gateway.clone())
+            .collect();
+        for gateway in silent {
+            tracing::info!(room = %hub.room, %gateway, "gateway silent for 3 roster periods; its users are offline");
+            state.update_remote(&hub.room, &gateway, |users| users.clear(), &self.metrics);
         }
     }
 }

@@ -19,6 +19,10 @@ pub struct SendCommand {
     pub traceparent: String,
     /// Id of the gateway that accepted it.
     pub gateway: String,
+    /// Milliseconds since the epoch after which the gateway has told the client `unavailable`:
+    /// a worker must not store the send any more (0: no deadline).
+    #[serde(default)]
+    pub deadline_ms: i64,
 }
 
 impl SendCommand {
@@ -61,5 +65,18 @@ pub enum RoomEvent {
     Typing {
         /// The user.
         user: String,
+    },
+    /// A gateway that just started following the room asks the others for their rosters.
+    RosterRequest {
+        /// The asking gateway.
+        gateway: String,
+    },
+    /// A gateway's periodic list of its users in the room; a gateway not heard from for a
+    /// few periods is presumed dead and its users offline.
+    Roster {
+        /// The gateway.
+        gateway: String,
+        /// Its users in the room.
+        users: Vec<String>,
     },
 }
