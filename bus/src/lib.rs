@@ -6,6 +6,7 @@
 //! [`local::LocalBus`] is both, inside one process.
 
 pub mod local;
+pub mod nats;
 
 use std::sync::Arc;
 
@@ -85,6 +86,7 @@ pub trait FanoutBus: Send + Sync + 'static {
     /// is closed for good.
     async fn next_batch(&self, max: usize) -> Option<Vec<PendingSend>>;
 
-    /// Publishes a stored message to every gateway following its room.
-    async fn deliver(&self, message: Arc<ChatMessage>) -> Result<(), BusError>;
+    /// Publishes a stored message to every gateway following its room, with the W3C
+    /// `traceparent` of the message's trace.
+    async fn deliver(&self, message: Arc<ChatMessage>, traceparent: &str) -> Result<(), BusError>;
 }

@@ -120,7 +120,7 @@ impl FanoutBus for LocalBus {
         Some(batch)
     }
 
-    async fn deliver(&self, message: Arc<ChatMessage>) -> Result<(), BusError> {
+    async fn deliver(&self, message: Arc<ChatMessage>, _traceparent: &str) -> Result<(), BusError> {
         let room = message.room.clone();
         self.broadcast(&room, FeedItem::Message(message)).await;
         Ok(())

@@ -1,6 +1,8 @@
 //! Wiring of the chat processes. [`all_in_one`] runs gateway and fanout in one process on the
 //! in-process bus and the embedded store; [`testing`] starts it on a free port for tests.
 
+pub mod cluster;
+pub mod ops;
 pub mod testing;
 
 use std::path::Path;

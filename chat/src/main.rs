@@ -1,18 +1,24 @@
-//! `chat`: with no subcommand, the whole chat system in one process on embedded defaults.
+//! `chat`: with no subcommand, the whole chat system in one process on embedded defaults;
+//! `chat gateway` and `chat fanout` are the processes of a cluster on NATS and a CQL store.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use gateway::{GatewayConfig, Limits};
 use telemetry::logging::LogFormat;
 
 /// A real-time chat server over WebSockets (protocol v1).
+///
+/// With no subcommand: everything in one process (gateway, fanout, an in-process bus and an
+/// embedded store in --data-dir).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Address to serve HTTP and WebSockets on.
     #[arg(long, env = "CHAT_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -21,6 +27,76 @@ struct Cli {
     data_dir: PathBuf,
     #[command(flatten)]
     gateway: GatewayArgs,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// A stateless gateway: client WebSockets, publishing sends to NATS.
+    Gateway {
+        /// Address to serve HTTP and WebSockets on.
+        #[arg(long, env = "CHAT_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        backends: BackendArgs,
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// A fanout worker: sequences, stores and delivers sends taken from NATS.
+    Fanout {
+        /// Address of the worker's /healthz, /readyz, /metrics and /debug/messages.
+        #[arg(long, env = "CHAT_LISTEN", default_value = "127.0.0.1:9090")]
+        listen: SocketAddr,
+        /// Id of this worker (default: random `fanout-xxxxxxxx`).
+        #[arg(long, env = "CHAT_WORKER_ID")]
+        worker_id: Option<String>,
+        #[command(flatten)]
+        backends: BackendArgs,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+}
+
+/// Where NATS and the CQL store are.
+#[derive(Args, Debug)]
+struct BackendArgs {
+    /// NATS server URL.
+    #[arg(long = "nats", env = "CHAT_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// CQL contact points, HOST:PORT[,...].
+    #[arg(long = "cql", env = "CHAT_CQL_NODES", default_value = "127.0.0.1:9042", value_delimiter = ',')]
+    cql_nodes: Vec<String>,
+    /// Keyspace of the history.
+    #[arg(long, env = "CHAT_CQL_KEYSPACE", default_value = "chat")]
+    keyspace: String,
+    /// Replication when the keyspace is created: `1` (SimpleStrategy RF) or `dc1=3,dc2=3`.
+    #[arg(long, env = "CHAT_CQL_REPLICATION", default_value = "1")]
+    replication: String,
+}
+
+impl BackendArgs {
+    fn backends(&self) -> anyhow::Result<chat::cluster::Backends> {
+        Ok(chat::cluster::Backends {
+            nats_url: self.nats_url.clone(),
+            cql_nodes: self.cql_nodes.clone(),
+            keyspace: self.keyspace.clone(),
+            replication: chat::cluster::parse_replication(&self.replication)?,
+        })
+    }
+}
+
+/// Settings of every process.
+#[derive(Args, Debug)]
+struct CommonArgs {
+    /// Log format.
+    #[arg(long, env = "CHAT_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormatArg,
+    /// Journeys remembered for /debug/messages.
+    #[arg(long, env = "CHAT_JOURNAL_CAPACITY", default_value_t = chat::DEFAULT_JOURNAL_CAPACITY)]
+    journal_capacity: usize,
 }
 
 /// Gateway settings shared by every mode that serves clients.
@@ -35,9 +111,6 @@ struct GatewayArgs {
     /// Id of this gateway (default: random `gw-xxxxxxxx`).
     #[arg(long, env = "CHAT_GATEWAY_ID")]
     gateway_id: Option<String>,
-    /// Log format.
-    #[arg(long, env = "CHAT_LOG_FORMAT", value_enum, default_value = "text")]
-    log_format: LogFormatArg,
     /// Largest client frame in bytes.
     #[arg(long, env = "CHAT_MAX_FRAME_BYTES", default_value_t = Limits::default().max_frame_bytes)]
     max_frame_bytes: usize,
@@ -65,9 +138,6 @@ struct GatewayArgs {
     /// Seconds to wait for connections to close when draining.
     #[arg(long, env = "CHAT_DRAIN_GRACE_SECS", default_value_t = 10)]
     drain_grace_secs: u64,
-    /// Journeys remembered for /debug/messages.
-    #[arg(long, env = "CHAT_JOURNAL_CAPACITY", default_value_t = chat::DEFAULT_JOURNAL_CAPACITY)]
-    journal_capacity: usize,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -103,16 +173,45 @@ impl GatewayArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    telemetry::logging::init(match cli.gateway.log_format {
+    match cli.command {
+        None => {
+            init_logging(&cli.common);
+            let config = cli.gateway.config();
+            tracing::info!(auth = config.jwt_secret.is_some(), admin = config.admin_token.is_some(), data_dir = %cli.data_dir.display(), "starting all-in-one chat");
+            let listener = bind(cli.listen).await?;
+            chat::all_in_one(listener, &cli.data_dir, config, cli.common.journal_capacity, shutdown_signal()).await
+        }
+        Some(Command::Gateway { listen, backends, gateway, common }) => {
+            init_logging(&common);
+            let config = gateway.config();
+            tracing::info!(gateway = %config.gateway_id, nats = %backends.nats_url, cql = ?backends.cql_nodes, "starting gateway");
+            let backends = backends.backends()?;
+            let listener = bind(listen).await?;
+            chat::cluster::gateway(listener, backends, config, common.journal_capacity, shutdown_signal()).await
+        }
+        Some(Command::Fanout { listen, worker_id, backends, common }) => {
+            init_logging(&common);
+            let worker_id = worker_id.unwrap_or_else(|| format!("fanout-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+            tracing::info!(worker = %worker_id, nats = %backends.nats_url, cql = ?backends.cql_nodes, "starting fanout worker");
+            let backends = backends.backends()?;
+            let listener = bind(listen).await?;
+            chat::cluster::fanout(listener, backends, worker_id, common.journal_capacity, shutdown_signal()).await
+        }
+    }
+}
+
+fn init_logging(common: &CommonArgs) {
+    telemetry::logging::init(match common.log_format {
         LogFormatArg::Text => LogFormat::Text,
         LogFormatArg::Json => LogFormat::Json,
     });
-    let config = cli.gateway.config();
-    tracing::info!(auth = config.jwt_secret.is_some(), admin = config.admin_token.is_some(), data_dir = %cli.data_dir.display(), "starting all-in-one chat");
-    let listener = tokio::net::TcpListener::bind(cli.listen).await.with_context(|| format!("binding {}", cli.listen))?;
-    let address = listener.local_addr()?;
-    println!("chat listening on http://{address}");
-    chat::all_in_one(listener, &cli.data_dir, config, cli.gateway.journal_capacity, shutdown_signal()).await
+}
+
+/// Binds and announces the address on stdout (scripts and tests wait for this line).
+async fn bind(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(address).await.with_context(|| format!("binding {address}"))?;
+    println!("chat listening on http://{}", listener.local_addr()?);
+    Ok(listener)
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -223,7 +223,7 @@ impl Fanout {
                     self.journal.record(message.id, &message.trace_id, "fanout.sequence", serde_json::json!({"seq": message.seq}));
                     self.journal.record(message.id, &message.trace_id, "store.append", serde_json::json!({"durable": true}));
                     let message = Arc::new(message);
-                    let delivered = self.bus.deliver(message.clone()).instrument(span).await;
+                    let delivered = self.bus.deliver(message.clone(), &command.traceparent).instrument(span).await;
                     let detail = match &delivered {
                         Ok(()) => serde_json::json!({}),
                         Err(e) => serde_json::json!({"error": e.to_string()}),

@@ -40,7 +40,7 @@ const CLOSE_PROTOCOL: u16 = 1002;
 
 /// How much longer than a send's deadline the gateway waits for its outcome: more than any
 /// store write a worker may still finish after checking the deadline.
-const SUBMIT_MARGIN: std::time::Duration = std::time::Duration::from_secs(3);
+const SUBMIT_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long a closing handshake may take before the socket is simply dropped.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Frames written per batch before a flush.

@@ -48,6 +48,24 @@ pub struct SendOutcome {
     pub duplicate: bool,
 }
 
+/// What a fanout worker answers a gateway over the bus for one send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum SendReply {
+    /// Stored (or found stored earlier).
+    Stored(SendOutcome),
+    /// Refused; the client sees `bad_request` with this reason.
+    Rejected {
+        /// Why.
+        reason: String,
+    },
+    /// Not stored because a backend failed; the client may retry.
+    Unavailable {
+        /// Why.
+        reason: String,
+    },
+}
+
 /// Ephemeral room events gateways exchange: presence and typing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

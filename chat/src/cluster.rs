@@ -1,0 +1,118 @@
+//! The distributed processes: `chat gateway` and `chat fanout`, on NATS and a CQL store.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bus::nats::{NatsBus, NatsConfig};
+use fanout::{Fanout, FanoutConfig};
+use gateway::{GatewayConfig, GatewayDeps};
+use storage::cql::{CqlConfig, CqlStore, Replication};
+use telemetry::journal::Journal;
+use telemetry::metrics::Metrics;
+use tokio::net::TcpListener;
+
+/// Where the shared services are.
+#[derive(Debug, Clone)]
+pub struct Backends {
+    /// NATS URL.
+    pub nats_url: String,
+    /// CQL contact points.
+    pub cql_nodes: Vec<String>,
+    /// Keyspace of the history.
+    pub keyspace: String,
+    /// Replication of the keyspace when it is created.
+    pub replication: Replication,
+}
+
+/// Parses `--replication`: `1` (SimpleStrategy RF 1) or `dc1=3,dc2=3` (NetworkTopologyStrategy).
+pub fn parse_replication(text: &str) -> anyhow::Result<Replication> {
+    if let Ok(rf) = text.trim().parse::<u32>() {
+        return Ok(Replication::SimpleStrategy { rf });
+    }
+    let mut dcs = BTreeMap::new();
+    for pair in text.split(',') {
+        let (dc, rf) = pair.split_once('=').with_context(|| format!("replication {text:?}: expected N or dc=N,dc=N"))?;
+        dcs.insert(dc.trim().to_owned(), rf.trim().parse().with_context(|| format!("replication factor of {dc}"))?);
+    }
+    Ok(Replication::NetworkTopology { dcs })
+}
+
+/// Connects to the CQL store, retrying with backoff until it answers (a process is useless
+/// without it; once connected, the driver reconnects by itself).
+pub async fn connect_store(backends: &Backends) -> anyhow::Result<Arc<CqlStore>> {
+    let config = CqlConfig {
+        nodes: backends.cql_nodes.clone(),
+        keyspace: backends.keyspace.clone(),
+        replication: backends.replication.clone(),
+        // Short enough that a send past its deadline is never stored after the gateway gave up.
+        request_timeout: Duration::from_secs(2),
+        ..CqlConfig::default()
+    };
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match CqlStore::connect(config.clone()).await {
+            Ok(store) => return Ok(Arc::new(store)),
+            Err(e) => {
+                tracing::warn!(nodes = ?config.nodes, error = %e, ?backoff, "CQL store not reachable yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Runs a stateless gateway until `shutdown`, then drains.
+pub async fn gateway(
+    listener: TcpListener,
+    backends: Backends,
+    config: GatewayConfig,
+    journal_capacity: usize,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let bus = NatsBus::connect(NatsConfig::new(&backends.nats_url, &config.gateway_id)).await.context("NATS")?;
+    let store = connect_store(&backends).await?;
+    let metrics = Metrics::new();
+    let journal = Arc::new(Journal::new(config.gateway_id.clone(), journal_capacity));
+    let deps = GatewayDeps { bus, store, metrics, journal };
+    gateway::run(listener, config, deps, shutdown).await.context("serving HTTP")
+}
+
+/// Runs a fanout worker until `shutdown`, serving health, readiness and metrics on `listener`.
+pub async fn fanout(
+    listener: TcpListener,
+    backends: Backends,
+    worker_id: String,
+    journal_capacity: usize,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let bus = NatsBus::connect(NatsConfig::new(&backends.nats_url, &worker_id)).await.context("NATS")?;
+    let store = connect_store(&backends).await?;
+    let metrics = Metrics::new();
+    let journal = Arc::new(Journal::new(worker_id.clone(), journal_capacity));
+    let worker = Fanout::new(store.clone(), bus.clone(), journal.clone(), metrics.clone(), FanoutConfig::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let ops = crate::ops::serve(listener, crate::ops::Ops { bus, store, metrics, journal }, {
+        let mut stop = stop_rx.clone();
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }
+    });
+    let ops = tokio::spawn(ops);
+    let mut stop = stop_rx;
+    tracing::info!(worker = %worker_id, "fanout worker running");
+    let run = worker.run(async move {
+        let _ = stop.wait_for(|s| *s).await;
+    });
+    tokio::pin!(run);
+    tokio::select! {
+        () = &mut run => {}
+        () = shutdown => {
+            let _ = stop_tx.send(true);
+            run.await;
+        }
+    }
+    let _ = stop_tx.send(true);
+    ops.await.context("ops server task")?.context("ops server")
+}
