@@ -456,6 +456,7 @@ function setConn(state, detail = {}) {
   }[state] || state;
   els.connText.textContent = text;
   els.conn.dataset.state = state;
+  els.app.dataset.conn = state;
   els.reconnectNow.hidden = state !== 'reconnecting';
   els.conn.title = state === 'reconnecting' && detail.delayMs !== undefined
     ? `Connection lost (attempt ${detail.attempt}); next try in ${(detail.delayMs / 1000).toFixed(1)} s` : '';
@@ -501,6 +502,7 @@ function startSession({ user, token }) {
     for (const room of app.rooms.values()) for (const item of room.bySeq.values()) if (item.user === w.user && !item.state) { item.state = 'stored'; renderItem(room, item); }
   });
   client.on('fatal', (err) => {
+    try { sessionStorage.removeItem(TOKEN_KEY); } catch { /* ignore */ }
     endSession();
     showSignin(err.code === 'unauthorized'
       ? (app.tokenMode ? 'The server refused this token.' : 'This server needs a token: sign in with a token.')

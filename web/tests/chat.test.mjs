@@ -65,14 +65,15 @@ describe('two people chatting', () => {
     await signIn(carol, 'carol');
     await joinRoom(carol, 'general');
     await members.getByRole('listitem').filter({ hasText: 'carol' }).filter({ hasText: 'online' }).waitFor();
-    await send(carol, 'hi both, deploy is done ✅');
-    await item(alice, 'hi both, deploy is done ✅').waitFor();
+    await send(carol, 'hi both, the deploy is done. Release notes are in the wiki.');
+    await item(alice, 'hi both, the deploy is done. Release notes are in the wiki.').waitFor();
     await carol.context().close();
     await members.getByRole('listitem').filter({ hasText: 'carol' }).filter({ hasText: 'offline' }).waitFor({ timeout: 15000 });
 
     // The main screen, for the docs: a conversation, members, someone typing.
-    await send(alice, 'thanks carol! 🎉');
-    await item(bob, 'thanks carol! 🎉').waitFor();
+    await send(alice, 'thanks carol! The new build looks good here.');
+    await send(bob, 'Same here. I will run the load test after lunch.');
+    await item(alice, 'Same here. I will run the load test after lunch.').waitFor();
     await bob.getByRole('textbox', { name: 'Message' }).pressSequentially('great, let', { delay: 20 });
     await alice.getByText('bob is typing…').waitFor({ timeout: 10000 });
     await screenshot(alice, 'main');
@@ -185,8 +186,15 @@ describe('two people chatting', () => {
     const phone = await openPage(browser, server, { viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true });
     await signIn(phone, 'dave');
     // The room list is in a drawer on phones.
+    const drawerIsOpen = async () => {
+      const box = await phone.getByRole('complementary', { name: 'Rooms and members' }).boundingBox();
+      return box && box.x >= -1 && box.x + box.width <= 391;
+    };
+    assert.equal(await drawerIsOpen(), false, 'the drawer starts closed');
     await phone.getByRole('button', { name: 'Rooms and members' }).click();
+    await eventually(drawerIsOpen, { message: 'drawer open' });
     await joinRoom(phone, 'general');
+    await eventually(async () => !(await drawerIsOpen()), { message: 'drawer closed after joining' });
     await eventually(async () => (await messageList(phone).count()) > 5, { message: 'history on the phone' });
     await send(phone, 'hello from a phone');
     await item(alice, 'hello from a phone').waitFor();
@@ -199,7 +207,11 @@ describe('two people chatting', () => {
     }
     await screenshot(phone, 'phone');
     await phone.getByRole('button', { name: 'Rooms and members' }).click();
+    await eventually(drawerIsOpen, { message: 'drawer open' });
+    await phone.getByRole('list', { name: 'Members' }).getByText('dave').waitFor();
     await screenshot(phone, 'phone-drawer');
+    await phone.keyboard.press('Escape');
+    await eventually(async () => !(await drawerIsOpen()), { message: 'Escape closes the drawer' });
     await phone.context().close();
     assert.ok(fs.existsSync(path.join(SCREENSHOT_DIR, 'main.png')));
   });

@@ -49,25 +49,32 @@ describe('history', () => {
     assert.ok(await log.evaluate((e) => e.scrollHeight - e.scrollTop - e.clientHeight < 5), 'starts at the bottom');
 
     // Scroll up with the mouse wheel: the next page comes in, the view stays where it was.
+    // (One wheel turn at a time, and only while the page has not come: a wheel turn during the
+    // load must not fetch two pages.)
     await log.hover();
     await eventually(async () => {
+      if ((await list.count()) >= 100) return true;
       await page.mouse.wheel(0, -4000);
-      return (await list.count()) >= 100;
-    }, { message: 'second page', interval: 300 });
+      return false;
+    }, { message: 'second page', interval: 500 });
     assertContiguous(await seqs(page), { from: TOTAL - 99, to: TOTAL });
     assert.ok(await log.evaluate((e) => e.scrollTop > 100), 'scroll position kept while prepending');
     await screenshot(page, 'history-scrolled');
 
     await eventually(async () => {
+      if ((await list.count()) === TOTAL) return true;
       await page.mouse.wheel(0, -4000);
-      return (await list.count()) === TOTAL;
-    }, { message: 'all pages', interval: 300 });
+      return false;
+    }, { message: 'all pages', interval: 500 });
     const all = assertContiguous(await seqs(page), { from: 1, to: TOTAL });
     assert.equal(all.length, TOTAL);
     const b = await bodies(page);
     assert.equal(b[0], 'old message 1');
     assert.equal(b[TOTAL - 1], `old message ${TOTAL}`);
     await page.getByText('This is the beginning of #archive.').waitFor();
+    // The pages were asked for with `history` `before` = the oldest seq shown.
+    const asked = page.wsSent.filter((f) => f.type === 'history').map((f) => f.before);
+    assert.deepEqual(asked, [TOTAL + 1, TOTAL - 49, TOTAL - 99]);
   });
 
   it('"Load older messages" works from the keyboard too', async () => {

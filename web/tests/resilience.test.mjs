@@ -50,6 +50,8 @@ describe('server killed and restarted mid-conversation', () => {
     await killed;
 
     for (const page of [alice, bob]) await page.getByRole('status').getByText('reconnecting…').waitFor({ timeout: 10000 });
+    const bobSeqAtCrash = Math.max(...(await seqs(bob)).filter((x) => x !== null));
+    const bobJoinsBefore = bob.wsSent.filter((f) => f.type === 'join').length;
     // While the server is down: Bob writes too; his message waits in "sending".
     await say(bob, 'written while the server was down');
     await item(bob, 'written while the server was down').getByText('sending').waitFor();
@@ -79,6 +81,17 @@ describe('server killed and restarted mid-conversation', () => {
     assert.deepEqual(await seqs(alice), await seqs(bob));
     assert.deepEqual(await bodies(alice), await bodies(bob), 'same order on both pages');
     assert.ok(Number(await alice.locator('#dbg-reconnects').textContent()) >= 1);
+    // Bob rejoined with `since` = the last seq he showed, and the server's replay left no gap
+    // to repair.
+    const rejoin = bob.wsSent.filter((f) => f.type === 'join').slice(bobJoinsBefore);
+    assert.ok(rejoin.length >= 1, 'bob rejoined');
+    assert.deepEqual({ room: rejoin[0].room, since: rejoin[0].since }, { room: 'ops', since: bobSeqAtCrash });
+    await bob.getByText('Gap repairs: 0').waitFor();
+    // Unacked sends were resent with their first client_msg_id, never a new one.
+    const sends = alice.wsSent.filter((f) => f.type === 'send');
+    const idsByBody = new Map();
+    for (const f of sends) idsByBody.set(f.body, new Set([...(idsByBody.get(f.body) || []), f.client_msg_id]));
+    for (const [body, ids] of idsByBody) assert.equal(ids.size, 1, `one client_msg_id for "${body}"`);
     await screenshot(alice, 'after-restart');
   });
 
@@ -118,11 +131,13 @@ describe('server killed and restarted mid-conversation', () => {
   });
 
   it('a graceful restart (draining, `reconnect` frame) is survived the same way', async () => {
-    const reconnectFrames = bob.evaluate(() => new Promise((resolve) => {
-      window.chatApp.client.once('server-reconnect', (e) => resolve(e.reason));
-    }));
+    await bob.evaluate(() => {
+      window.drained = new Promise((resolve) => {
+        window.chatApp.client.once('server-reconnect', (e) => resolve(e.reason));
+      });
+    });
     await server.kill('SIGTERM');
-    assert.ok(await reconnectFrames, 'the page got a `reconnect` frame');
+    assert.equal(await bob.evaluate(() => window.drained), 'draining', 'the page got a `reconnect` frame');
     await bob.getByRole('status').getByText('reconnecting…').waitFor({ timeout: 10000 });
     await send(bob, 'sent during the drain');
     await server.start();

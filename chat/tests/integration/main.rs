@@ -4,6 +4,7 @@
 mod support;
 
 mod auth;
+mod cluster;
 mod bad_input;
 mod delivery;
 mod durability;

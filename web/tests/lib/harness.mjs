@@ -153,6 +153,11 @@ export async function openPage(browser, server, { viewport = { width: 1280, heig
   page.on('dialog', (d) => { page.dialogs.push(d.message()); d.dismiss().catch(() => {}); });
   page.consoleErrors = [];
   page.on('pageerror', (e) => page.consoleErrors.push(String(e)));
+  // Every frame the page sends on its WebSockets, parsed (to check e.g. `join` carries `since`).
+  page.wsSent = [];
+  page.on('websocket', (ws) => ws.on('framesent', ({ payload }) => {
+    try { page.wsSent.push(JSON.parse(payload)); } catch { /* not JSON */ }
+  }));
   await page.goto(`${server.baseUrl}/${query}`);
   return page;
 }

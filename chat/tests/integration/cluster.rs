@@ -1,0 +1,283 @@
+//! The distributed setup: gateways and fanout workers as separate `chat` processes on a real
+//! nats-server and the shared Cassandra node, with processes killed mid-stream.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use testkit::{ChatProcess, NatsServer};
+
+use crate::support::*;
+
+struct Cluster {
+    nats: NatsServer,
+    cql: String,
+    keyspace: String,
+    gateways: Vec<Option<ChatProcess>>,
+    workers: Vec<Option<ChatProcess>>,
+}
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_chat"))
+}
+
+impl Cluster {
+    async fn start(gateways: usize, workers: usize) -> Cluster {
+        let nats = NatsServer::start().await;
+        let cql = testkit::cassandra();
+        let keyspace = testkit::unique_keyspace("cluster");
+        // Create the schema once, so processes starting together never race on DDL.
+        let config = storage::cql::CqlConfig { nodes: vec![cql.clone()], keyspace: keyspace.clone(), ..Default::default() };
+        storage::cql::CqlStore::connect(config).await.expect("Cassandra reachable (see testkit::cassandra)");
+        let mut cluster = Cluster { nats, cql, keyspace, gateways: Vec::new(), workers: Vec::new() };
+        for _ in 0..workers {
+            let worker = cluster.start_worker().await;
+            cluster.workers.push(Some(worker));
+        }
+        for i in 0..gateways {
+            let gateway = cluster.start_gateway(i).await;
+            cluster.gateways.push(Some(gateway));
+        }
+        cluster
+    }
+
+    fn backend_args(&self) -> Vec<String> {
+        ["--nats", &self.nats.url(), "--cql", &self.cql, "--keyspace", &self.keyspace].iter().map(|s| s.to_string()).collect()
+    }
+
+    async fn start_worker(&self) -> ChatProcess {
+        let mut args = vec!["fanout".to_owned(), "--listen".into(), "127.0.0.1:0".into()];
+        args.extend(self.backend_args());
+        let process = ChatProcess::start(binary(), &args, &[]).await;
+        wait_ready(&process.http_url()).await;
+        process
+    }
+
+    async fn start_gateway(&self, index: usize) -> ChatProcess {
+        let mut args = vec!["gateway".to_owned(), "--listen".into(), "127.0.0.1:0".into(), "--gateway-id".into(), format!("gw-{index}-{}", self.keyspace)];
+        args.extend(["--send-rate", "100000", "--send-burst", "100000"].map(String::from));
+        args.extend(self.backend_args());
+        let process = ChatProcess::start(binary(), &args, &[]).await;
+        wait_ready(&process.http_url()).await;
+        process
+    }
+
+    fn gateway(&self, index: usize) -> &ChatProcess {
+        self.gateways[index].as_ref().expect("gateway running")
+    }
+}
+
+async fn wait_ready(base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(response) = reqwest::get(format!("{base}/readyz")).await {
+            if response.status() == 200 {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{base} not ready in 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads a room's whole history through HTTP.
+async fn history(base: &str, room: &str) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let (status, page) = get_json(&format!("{base}/api/rooms/{room}/messages?after={after}&limit=200")).await;
+        assert_eq!(status, 200, "{page}");
+        let messages = page["messages"].as_array().expect("messages").clone();
+        if let Some(last) = messages.last() {
+            after = last["seq"].as_u64().expect("seq");
+        }
+        all.extend(messages);
+        if !page["has_more"].as_bool().expect("has_more") {
+            return all;
+        }
+    }
+}
+
+fn assert_gapless(messages: &[Value]) {
+    let seqs: Vec<u64> = messages.iter().map(|m| m["seq"].as_u64().expect("seq")).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "seqs must run 1..n without gaps");
+}
+
+/// Sends `body` until it is acked, retrying `unavailable` with the same client_msg_id.
+async fn send_until_acked(client: &mut Client, room: &str, id: &str) -> (Value, usize) {
+    let mut refusals = 0;
+    loop {
+        client.send(json!({"type": "send", "room": room, "client_msg_id": id, "body": id})).await;
+        loop {
+            let frame = client.next().await;
+            match frame["type"].as_str() {
+                Some("ack") if frame["client_msg_id"] == id => return (frame, refusals),
+                Some("error") => {
+                    assert_eq!(frame["code"], "unavailable", "{frame}");
+                    refusals += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn clients_on_two_gateways_see_one_gapless_order_and_each_other() {
+    let cluster = Cluster::start(2, 2).await;
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let mut client = Client::login(&cluster.gateway(i % 2).ws_url(), &format!("u{i}")).await;
+        let joined = client.join("shared").await;
+        if i == 1 {
+            assert!(joined["members"].as_array().unwrap().contains(&json!("u0")), "members across gateways: {joined}");
+        }
+        clients.push(client);
+    }
+    let per_client = 10;
+    let total = clients.len() * per_client;
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut client)| {
+            tokio::spawn(async move {
+                for n in 0..per_client {
+                    client.send(json!({"type": "send", "room": "shared", "client_msg_id": format!("{i}-{n}"), "body": "x"})).await;
+                }
+                let messages = client.messages(total).await;
+                messages.iter().map(|m| (m["seq"].as_u64().unwrap(), m["id"].as_str().unwrap().to_owned())).collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut orders = Vec::new();
+    for task in tasks {
+        orders.push(task.await.unwrap());
+    }
+    assert_eq!(orders[0].iter().map(|(s, _)| *s).collect::<Vec<_>>(), (1..=total as u64).collect::<Vec<_>>());
+    for order in &orders[1..] {
+        assert_eq!(order, &orders[0]);
+    }
+    assert_gapless(&history(&cluster.gateway(0).http_url(), "shared").await);
+}
+
+#[tokio::test]
+async fn presence_crosses_gateways() {
+    let cluster = Cluster::start(2, 1).await;
+    let mut alice = Client::login(&cluster.gateway(0).ws_url(), "alice").await;
+    alice.join("p").await;
+    let mut bob = Client::login(&cluster.gateway(1).ws_url(), "bob").await;
+    let joined = bob.join("p").await;
+    assert_eq!(joined["members"], json!(["alice", "bob"]));
+    assert_eq!(alice.next().await, json!({"type": "presence", "room": "p", "user": "bob", "state": "online"}));
+    bob.send(json!({"type": "typing", "room": "p"})).await;
+    assert_eq!(alice.next().await, json!({"type": "typing", "room": "p", "user": "bob"}));
+    drop(bob);
+    assert_eq!(alice.next().await, json!({"type": "presence", "room": "p", "user": "bob", "state": "offline"}));
+}
+
+#[tokio::test]
+async fn kill_9_of_a_fanout_worker_loses_nothing_and_flow_resumes() {
+    let mut cluster = Cluster::start(1, 2).await;
+    let mut reader = Client::login(&cluster.gateway(0).ws_url(), "reader").await;
+    reader.join("steady").await;
+    let mut writer = Client::login(&cluster.gateway(0).ws_url(), "writer").await;
+    writer.join("steady").await;
+    let mut acked = HashMap::new();
+    let mut last_ack = Instant::now();
+    let mut longest_stall = Duration::ZERO;
+    for n in 0..120 {
+        if n == 30 {
+            cluster.workers[0].take().expect("worker").kill().await;
+        }
+        let (ack, _) = send_until_acked(&mut writer, "steady", &format!("m{n}")).await;
+        longest_stall = longest_stall.max(last_ack.elapsed());
+        last_ack = Instant::now();
+        acked.insert(ack["id"].as_str().unwrap().to_owned(), ack["seq"].as_u64().unwrap());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(longest_stall < Duration::from_secs(10), "flow stalled for {longest_stall:?}");
+    let stored = history(&cluster.gateway(0).http_url(), "steady").await;
+    assert_gapless(&stored);
+    assert_eq!(stored.len(), 120, "one stored message per acked send");
+    for message in &stored {
+        assert_eq!(acked.get(message["id"].as_str().unwrap()), message["seq"].as_u64().as_ref());
+    }
+    let live: Vec<u64> = reader.messages(120).await.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(live, (1..=120).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn kill_9_of_a_gateway_its_clients_resume_on_the_other_without_loss() {
+    let mut cluster = Cluster::start(2, 1).await;
+    let mut watcher = Client::login(&cluster.gateway(0).ws_url(), "watcher").await;
+    watcher.join("g").await;
+    let mut writer = Client::login(&cluster.gateway(1).ws_url(), "writer").await;
+    writer.join("g").await;
+    for n in 0..20 {
+        send_until_acked(&mut writer, "g", &format!("a{n}")).await;
+    }
+    let before: Vec<Value> = watcher.messages(10).await;
+    let last_seen = before.last().unwrap()["seq"].as_u64().unwrap();
+    cluster.gateways[0].take().expect("gateway").kill().await;
+    let mut resumed = Client::login(&cluster.gateway(1).ws_url(), "watcher").await;
+    resumed.send(json!({"type": "join", "room": "g", "since": last_seen})).await;
+    resumed.expect("joined").await;
+    for n in 20..40 {
+        send_until_acked(&mut writer, "g", &format!("a{n}")).await;
+    }
+    let after = resumed.messages(40 - last_seen as usize).await;
+    let mut seqs: Vec<u64> = before.iter().chain(after.iter()).map(|m| m["seq"].as_u64().unwrap()).collect();
+    let count = seqs.len();
+    seqs.dedup();
+    assert_eq!(seqs.len(), count, "no duplicates");
+    assert_eq!(seqs, (1..=40).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn nats_restart_under_load_acked_messages_are_stored_exactly_once() {
+    let mut cluster = Cluster::start(1, 1).await;
+    let mut writer = Client::login(&cluster.gateway(0).ws_url(), "writer").await;
+    writer.join("n").await;
+    let mut acked: HashMap<String, String> = HashMap::new();
+    let mut refused = 0;
+    for n in 0..80 {
+        if n == 25 {
+            cluster.nats.restart().await;
+        }
+        let id = format!("n{n}");
+        writer.send(json!({"type": "send", "room": "n", "client_msg_id": id, "body": "x"})).await;
+        loop {
+            let frame = writer.next().await;
+            match frame["type"].as_str() {
+                Some("ack") => {
+                    acked.insert(id.clone(), frame["id"].as_str().unwrap().to_owned());
+                    break;
+                }
+                Some("error") => {
+                    assert_eq!(frame["code"], "unavailable", "{frame}");
+                    refused += 1;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_ready(&cluster.gateway(0).http_url()).await;
+    let stored = history(&cluster.gateway(0).http_url(), "n").await;
+    assert_gapless(&stored);
+    let stored_ids: Vec<&str> = stored.iter().map(|m| m["client_msg_id"].as_str().unwrap()).collect();
+    assert_eq!(stored_ids.iter().collect::<HashSet<_>>().len(), stored_ids.len(), "no client_msg_id stored twice");
+    for (client_msg_id, id) in &acked {
+        let found: Vec<&Value> = stored.iter().filter(|m| m["client_msg_id"] == client_msg_id.as_str()).collect();
+        assert_eq!(found.len(), 1, "{client_msg_id} acked but stored {} times", found.len());
+        assert_eq!(found[0]["id"], id.as_str());
+    }
+    // After the restart the system works again.
+    let (ack, _) = send_until_acked(&mut writer, "n", "after").await;
+    assert!(ack["seq"].as_u64().unwrap() > 0);
+    eprintln!("nats restart: {} acked, {refused} refused as unavailable", acked.len());
+}
