@@ -1,12 +1,13 @@
 //! Message history behind one trait, [`HistoryStore`], with two backends:
 //!
 //! - [`embedded::EmbeddedStore`]: a single redb file, for the one-process setup;
-//! - a CQL store for ScyllaDB (tested on Cassandra) in the distributed setup.
+//! - [`cql::CqlStore`]: ScyllaDB (tested on Apache Cassandra), for the distributed setup.
 //!
 //! The store is also where sequencing is fenced: [`HistoryStore::append`] only succeeds when
 //! the room's last seq is still the one the writer expected, so two writers can never give two
 //! messages the same seq.
 
+pub mod cql;
 pub mod embedded;
 
 use async_trait::async_trait;
@@ -121,9 +122,21 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// Appends one room's sequenced messages atomically and durably (fsync'd or replicated)
     /// with their dedupe entries, if the room's last seq still equals `expected_last_seq`;
     /// otherwise fails with [`StoreError::Conflict`] and stores nothing.
+    ///
+    /// After [`StoreError::Unavailable`] the outcome is unknown (the seqs may have been taken):
+    /// call [`last_seq`](Self::last_seq) before appending to the room again, which also
+    /// completes an append that was cut off halfway.
     async fn append(&self, batch: RoomAppend) -> Result<(), StoreError>;
 
     /// The room's newest seq, 0 for an empty room.
+    ///
+    /// Contract: once this returns `N`, every message with seq `<= N` is readable (page,
+    /// [`get_by_id`](Self::get_by_id)) and its dedupe entry is found by
+    /// [`find_by_client_msg_id`](Self::find_by_client_msg_id). A backend whose append is not
+    /// one atomic write (the CQL store: a fencing transaction, then the message writes) finishes
+    /// any interrupted append before returning. That makes a writer crash between the two steps
+    /// harmless, and lets a writer that lost a [`StoreError::Conflict`] call this and then see
+    /// the winner's dedupe entries.
     async fn last_seq(&self, room: &str) -> Result<u64, StoreError>;
 
     /// The message stored earlier by `user` in `room` with this client message id.
