@@ -141,20 +141,29 @@ impl Fanout {
                 })
                 .collect();
             let new_last = last + new.len() as u64;
-            if !new.is_empty() {
+            if let Some(first) = new.first().cloned() {
                 let append = RoomAppend { room: room.to_owned(), expected_last_seq: last, messages: new };
                 match self.timed("append", self.store.append(append)).await {
                     Ok(()) => {}
                     Err(StoreError::Conflict { actual, .. }) => {
                         self.metrics.seq_conflicts.inc();
-                        tracing::warn!(room, expected = last, actual, attempt, "sequencing conflict; retrying");
+                        tracing::info!(room, expected = last, actual, attempt, "sequencing conflict; retrying");
                         known_last = None;
                         continue;
                     }
-                    Err(e) => {
-                        answer_all(sends, BusError::Unavailable(e.to_string())).await;
-                        return None;
-                    }
+                    Err(e) => match self.resolve(&first, latest_deadline(&sends)).await {
+                        // The write went through after all.
+                        Outcome::Applied => {}
+                        // It did not: sequence again (repeats now find what others stored).
+                        Outcome::NotApplied => {
+                            known_last = None;
+                            continue;
+                        }
+                        Outcome::Unknown => {
+                            answer_all(sends, BusError::Unavailable(e.to_string())).await;
+                            return None;
+                        }
+                    },
                 }
             }
             self.finish(sends, decisions).await;
@@ -245,6 +254,28 @@ impl Fanout {
         }
     }
 
+    /// After a failed append, learns whether it applied anyway (a timed-out write may still
+    /// land), asking the store until it answers or the sends' deadline passes.
+    async fn resolve(&self, first: &ChatMessage, deadline_ms: i64) -> Outcome {
+        loop {
+            // `last_seq` also completes a claim whose writes were cut short.
+            let answer = match self.store.last_seq(&first.room).await {
+                Ok(last) if last < first.seq => Ok(None),
+                Ok(_) => self.store.find_by_client_msg_id(&first.room, &first.user, &first.client_msg_id).await,
+                Err(e) => Err(e),
+            };
+            match answer {
+                Ok(Some(stored)) if stored.id == first.id => return Outcome::Applied,
+                Ok(_) => return Outcome::NotApplied,
+                Err(e) => tracing::warn!(room = %first.room, error = %e, "store still failing; cannot tell whether the append applied"),
+            }
+            if protocol::now_ms() + RESOLVE_PAUSE.as_millis() as i64 > deadline_ms {
+                return Outcome::Unknown;
+            }
+            tokio::time::sleep(RESOLVE_PAUSE).await;
+        }
+    }
+
     async fn timed<T>(&self, op: &str, f: impl std::future::Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
         let started = Instant::now();
         let result = f.await;
@@ -257,6 +288,21 @@ impl Fanout {
         }
         result
     }
+}
+
+/// Whether a failed append applied after all.
+enum Outcome {
+    Applied,
+    NotApplied,
+    Unknown,
+}
+
+/// Pause between attempts to learn a failed append's fate.
+const RESOLVE_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The latest deadline of a room's sends (now + 2 s when none has one).
+fn latest_deadline(sends: &[PendingSend]) -> i64 {
+    sends.iter().map(|p| p.command.deadline_ms).filter(|d| *d > 0).max().unwrap_or_else(|| protocol::now_ms() + 2_000)
 }
 
 /// Why a command is not acceptable, re-checked here because the bus may carry anything.

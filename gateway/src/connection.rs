@@ -503,8 +503,20 @@ impl Connection {
         self.write(delivery.frame.clone()).await
     }
 
-    /// Writes a room's stored messages with `after < seq <= upto` and moves its cursor.
+    /// Writes a room's stored messages with `after < seq <= upto` and moves its cursor; from
+    /// the hub's recent messages when it still has them all, else from the store.
     async fn replay(&mut self, room: &str, after: u64, upto: u64) -> Result<(), End> {
+        let recent = self.rooms.get(room).and_then(|joined| joined.hub.recent_between(after, upto));
+        if let Some(recent) = recent {
+            self.app.metrics.history_cache_hits.inc();
+            for delivery in recent {
+                self.write_message(&delivery).await?;
+            }
+            if let Some(joined) = self.rooms.get_mut(room) {
+                joined.cursor = joined.cursor.max(upto);
+            }
+            return Ok(());
+        }
         let mut cursor = after;
         while cursor < upto {
             let page = match self.app.history.page(room, PageQuery { before: Some(upto + 1), after: Some(cursor), limit: storage::MAX_PAGE }).await {

@@ -1,9 +1,12 @@
-//! The gateway's read path to history: timed store reads (caching and read coalescing live
-//! here too, so every reader benefits).
+//! The gateway's read path to history: timed store reads, with identical concurrent page reads
+//! coalesced into one store query (a reconnect storm asks the same pages many times at once).
+//! Recent messages of active rooms are served from memory by the room hubs (see `rooms`).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use storage::{HistoryStore, Page, PageQuery, StoreError};
 use telemetry::metrics::Metrics;
 use uuid::Uuid;
@@ -13,12 +16,16 @@ use uuid::Uuid;
 pub struct HistoryReader {
     store: Arc<dyn HistoryStore>,
     metrics: Metrics,
+    in_flight: Arc<Mutex<HashMap<PageKey, SharedPage>>>,
 }
+
+type PageKey = (String, Option<u64>, Option<u64>, u32);
+type SharedPage = Shared<BoxFuture<'static, Result<Page, StoreError>>>;
 
 impl HistoryReader {
     /// A reader over a store.
     pub fn new(store: Arc<dyn HistoryStore>, metrics: Metrics) -> Self {
-        Self { store, metrics }
+        Self { store, metrics, in_flight: Arc::default() }
     }
 
     /// The room's newest seq.
@@ -26,9 +33,31 @@ impl HistoryReader {
         self.timed("last_seq", self.store.last_seq(room)).await
     }
 
-    /// A page of the room's history.
+    /// A page of the room's history; joins an identical read already in flight.
     pub async fn page(&self, room: &str, query: PageQuery) -> Result<Page, StoreError> {
-        self.timed("page", self.store.page(room, query)).await
+        let key = (room.to_owned(), query.before, query.after, query.clamped_limit());
+        let read = {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            match in_flight.get(&key) {
+                Some(read) => {
+                    self.metrics.history_coalesced.inc();
+                    read.clone()
+                }
+                None => {
+                    let reader = self.clone();
+                    let room = room.to_owned();
+                    let read = async move { reader.timed("page", reader.store.page(&room, query)).await }.boxed().shared();
+                    in_flight.insert(key.clone(), read.clone());
+                    read
+                }
+            }
+        };
+        let result = read.clone().await;
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if in_flight.get(&key).is_some_and(|current| current.ptr_eq(&read)) {
+            in_flight.remove(&key);
+        }
+        result
     }
 
     /// A message by id.

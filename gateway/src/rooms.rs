@@ -7,7 +7,7 @@
 //! `last_seq` under the same lock the hub forwards under, so everything after it reaches the
 //! new member live and everything up to it can be replayed from the store.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +26,12 @@ use crate::config::GatewayConfig;
 use crate::faults::Faults;
 use crate::history::HistoryReader;
 use crate::outbox::{Delivery, Offer, Outbound, Outbox};
+
+/// Messages each hub keeps in memory for replays and gap fills.
+const RECENT: usize = 512;
+/// A quiet feed is checked against the store this long after its last message, in case the
+/// bus lost the last message of a burst (a later message would have revealed the gap).
+const TAIL_CHECK: Duration = Duration::from_secs(1);
 
 /// How long a new hub waits for other gateways' rosters before answering its first join.
 const ROSTER_WAIT: Duration = Duration::from_millis(150);
@@ -47,6 +53,8 @@ struct HubState {
     users: HashMap<String, usize>,
     /// Users present on other gateways, by gateway, with when that gateway was last heard.
     remote: HashMap<String, RemoteRoster>,
+    /// The room's latest messages, consecutive seqs ending at `last_seq`.
+    recent: VecDeque<Arc<Delivery>>,
     closed: bool,
 }
 
@@ -125,6 +133,18 @@ impl Hub {
     /// The last seq this hub forwarded.
     pub fn last_seq(&self) -> u64 {
         self.last_seq.load(Ordering::Acquire)
+    }
+
+    /// The messages with `after < seq <= upto` if they are all still in memory.
+    pub fn recent_between(&self, after: u64, upto: u64) -> Option<Vec<Arc<Delivery>>> {
+        let state = self.lock();
+        let first = state.recent.front()?.message.seq;
+        if after + 1 < first || upto > self.last_seq() {
+            return None;
+        }
+        let found: Vec<Arc<Delivery>> =
+            state.recent.iter().filter(|d| d.message.seq > after && d.message.seq <= upto).cloned().collect();
+        (found.len() as u64 == upto.saturating_sub(after)).then_some(found)
     }
 
     /// Users present in the room, on this gateway and on others, sorted.
@@ -284,10 +304,18 @@ impl Rooms {
         // (older seqs in the feed are ignored, newer ones follow).
         let feed = self.bus.subscribe(room).await?;
         let last_seq = self.history.last_seq(room).await.map_err(|e| BusError::Unavailable(e.to_string()))?;
+        // Recent history in memory: joins with `since` and gap fills then rarely touch the store.
+        let mut state = HubState::default();
+        if let Ok(page) = self.history.page(room, PageQuery::newest(RECENT as u32)).await {
+            let messages: Vec<_> = page.messages.into_iter().filter(|m| m.seq <= last_seq).collect();
+            if messages.last().is_some_and(|m| m.seq == last_seq) {
+                state.recent = messages.into_iter().map(|m| Arc::new(Delivery::new(Arc::new(m)))).collect();
+            }
+        }
         let hub = Arc::new(Hub {
             room: room.to_owned(),
             last_seq: AtomicU64::new(last_seq),
-            state: Mutex::new(HubState::default()),
+            state: Mutex::new(state),
             stop: Notify::new(),
             roster_due: Notify::new(),
         });
@@ -308,9 +336,17 @@ impl Rooms {
     async fn follow(self: Arc<Self>, hub: Arc<Hub>, mut feed: bus::RoomFeed) {
         let mut roster = tokio::time::interval(self.roster_interval);
         roster.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let tail = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(tail);
+        let mut tail_armed = false;
         loop {
             let item = tokio::select! {
                 () = hub.stop.notified() => break,
+                () = &mut tail, if tail_armed => {
+                    tail_armed = false;
+                    self.check_tail(&hub).await;
+                    continue;
+                }
                 item = feed.items.recv() => item,
                 () = hub.roster_due.notified() => {
                     self.publish_roster(&hub).await;
@@ -323,7 +359,13 @@ impl Rooms {
                 }
             };
             match item {
-                Some(FeedItem::Message(message)) => self.on_message(&hub, message).await,
+                Some(FeedItem::Message(message)) => {
+                    self.on_message(&hub, message).await;
+                    if self.bus.is_distributed() && self.gap_repair {
+                        tail.as_mut().reset(tokio::time::Instant::now() + TAIL_CHECK);
+                        tail_armed = true;
+                    }
+                }
                 Some(FeedItem::Event(event)) => self.on_event(&hub, event),
                 None => {
                     tracing::warn!(room = %hub.room, "room feed ended");
@@ -343,6 +385,18 @@ impl Rooms {
             self.repair_gap(hub, last, message.seq).await;
         }
         self.forward(hub, message);
+    }
+
+    /// After a quiet second, makes sure the bus did not lose the last message of a burst.
+    async fn check_tail(&self, hub: &Hub) {
+        match self.history.last_seq(&hub.room).await {
+            Ok(stored) if stored > hub.last_seq() => {
+                tracing::info!(room = %hub.room, forwarded = hub.last_seq(), stored, "feed missed the newest messages; repairing");
+                self.repair_gap(hub, hub.last_seq(), stored + 1).await;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(room = %hub.room, error = %e, "tail check failed"),
+        }
     }
 
     /// Reads the messages between `last` and `next` from the store and forwards them.
@@ -374,7 +428,7 @@ impl Rooms {
         let delivery = Arc::new(Delivery::new(message));
         let (mut queued, mut skipped, mut kicked) = (0u32, 0u32, 0u32);
         {
-            let state = hub.lock();
+            let mut state = hub.lock();
             if delivery.message.seq <= hub.last_seq() {
                 return;
             }
@@ -387,6 +441,10 @@ impl Rooms {
                 }
             }
             hub.last_seq.store(delivery.message.seq, Ordering::Release);
+            state.recent.push_back(delivery.clone());
+            if state.recent.len() > RECENT {
+                state.recent.pop_front();
+            }
         }
         let lag = (protocol::now_ms() - sequenced_ms).max(0) as f64 / 1000.0;
         self.metrics.sequence_to_gateway.observe(lag);

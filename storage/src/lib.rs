@@ -20,7 +20,7 @@ pub const MAX_PAGE: u32 = 200;
 pub const DEFAULT_PAGE: u32 = 50;
 
 /// Errors of a history store.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The room's last seq was not what the writer expected: another writer got there first.

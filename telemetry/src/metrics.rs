@@ -50,6 +50,10 @@ pub struct Metrics {
     pub seq_conflicts: IntCounter,
     /// Sends per fanout batch.
     pub fanout_batch: Histogram,
+    /// History reads answered by joining an identical read already in flight.
+    pub history_coalesced: IntCounter,
+    /// Replays and gap fills answered from a room's recent messages in memory.
+    pub history_cache_hits: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -113,6 +117,8 @@ impl Metrics {
             store_errors: counter_vec(&r, "chat_store_errors_total", "Store errors, by operation.", &["op"]),
             seq_conflicts: counter(&r, "chat_seq_conflicts_total", "Sequencing conflicts with another writer."),
             fanout_batch: register(&r, Histogram::with_opts(batch_opts).expect("valid metric")),
+            history_coalesced: counter(&r, "chat_history_coalesced_total", "History reads that joined an identical read in flight."),
+            history_cache_hits: counter(&r, "chat_history_cache_hits_total", "Replays and gap fills served from recent messages in memory."),
             registry: r,
         }
     }
