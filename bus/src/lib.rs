@@ -30,8 +30,8 @@ pub enum BusError {
 /// One item of a room's feed at a gateway.
 #[derive(Debug, Clone)]
 pub enum FeedItem {
-    /// A sequenced, stored message.
-    Message(Arc<ChatMessage>),
+    /// A sequenced, stored message and the `traceparent` it was published with.
+    Message(Arc<ChatMessage>, Option<String>),
     /// Presence or typing.
     Event(RoomEvent),
 }

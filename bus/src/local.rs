@@ -120,9 +120,9 @@ impl FanoutBus for LocalBus {
         Some(batch)
     }
 
-    async fn deliver(&self, message: Arc<ChatMessage>, _traceparent: &str) -> Result<(), BusError> {
+    async fn deliver(&self, message: Arc<ChatMessage>, traceparent: &str) -> Result<(), BusError> {
         let room = message.room.clone();
-        self.broadcast(&room, FeedItem::Message(message)).await;
+        self.broadcast(&room, FeedItem::Message(message, Some(traceparent.to_owned()))).await;
         Ok(())
     }
 }

@@ -185,17 +185,23 @@ impl GatewayBus for NatsBus {
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().unwrap_or_else(|p| p.into_inner()).insert(reply_subject.clone(), tx);
         let _guard = WaiterGuard { waiters: &self.waiters, subject: reply_subject.clone() };
+        let span = tracing::info_span!(target: telemetry::logging::HOP_TARGET, "bus.publish", subject = %subjects::send(&command.room));
+        let mut command = command;
+        command.traceparent = telemetry::trace::traceparent_of(&span, &command.traceparent);
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", token.as_str());
         headers.insert(REPLY_HEADER, reply_subject.as_str());
         headers.insert(TRACEPARENT, command.traceparent.as_str());
         let payload = serde_json::to_vec(&command).map_err(|e| BusError::Rejected(e.to_string()))?;
-        let ack = self
-            .js
-            .publish_with_headers(subjects::send(&command.room), headers, payload.into())
-            .await
-            .map_err(|e| unavailable("publish send", e))?;
-        ack.await.map_err(|e| unavailable("send not stored in JetStream", e))?;
+        let stored = async {
+            let ack = self
+                .js
+                .publish_with_headers(subjects::send(&command.room), headers, payload.into())
+                .await
+                .map_err(|e| unavailable("publish send", e))?;
+            ack.await.map_err(|e| unavailable("send not stored in JetStream", e))
+        };
+        tracing::Instrument::instrument(stored, span).await?;
         match rx.await {
             Ok(SendReply::Stored(outcome)) => Ok(outcome),
             Ok(SendReply::Rejected { reason }) => Err(BusError::Rejected(reason)),
@@ -218,7 +224,10 @@ impl GatewayBus for NatsBus {
                     () = tx.closed() => break,
                     message = deliveries.next() => match message {
                         Some(m) => match serde_json::from_slice::<ChatMessage>(&m.payload) {
-                            Ok(message) => FeedItem::Message(Arc::new(message)),
+                            Ok(message) => {
+                                let traceparent = m.headers.as_ref().and_then(|h| h.get(TRACEPARENT)).map(|v| v.as_str().to_owned());
+                                FeedItem::Message(Arc::new(message), traceparent)
+                            }
                             Err(e) => { tracing::warn!(room = %name, error = %e, "undecodable delivery ignored"); continue }
                         },
                         None => break,
@@ -325,9 +334,14 @@ impl NatsBus {
             .and_then(|h| h.get(REPLY_HEADER))
             .map(|v| v.as_str().to_owned());
         match serde_json::from_slice::<SendCommand>(&message.payload) {
-            Ok(command) => Some(PendingSend {
+            Ok(mut command) => Some({
+                let span = tracing::info_span!(target: telemetry::logging::HOP_TARGET, "fanout.consume", room = %command.room);
+                telemetry::trace::set_parent(&span, telemetry::trace::message_context(Some(&command.traceparent)));
+                command.traceparent = telemetry::trace::traceparent_of(&span, &command.traceparent);
+                PendingSend {
                 command,
                 reply: Box::new(NatsReplier { client: self.client.clone(), message, reply_subject }),
+            }
             }),
             Err(e) => {
                 tracing::warn!(subject = %message.subject, error = %e, "undecodable send terminated");

@@ -97,6 +97,10 @@ struct CommonArgs {
     /// Journeys remembered for /debug/messages.
     #[arg(long, env = "CHAT_JOURNAL_CAPACITY", default_value_t = chat::DEFAULT_JOURNAL_CAPACITY)]
     journal_capacity: usize,
+    /// OTLP collector (e.g. http://127.0.0.1:4318, or :4317 with OTEL_EXPORTER_OTLP_PROTOCOL=grpc);
+    /// spans of every message hop are exported there. Off when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 /// Gateway settings shared by every mode that serves clients.
@@ -175,14 +179,14 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         None => {
-            init_logging(&cli.common);
+            let _telemetry = init_logging(&cli.common, "chat")?;
             let config = cli.gateway.config();
             tracing::info!(auth = config.jwt_secret.is_some(), admin = config.admin_token.is_some(), data_dir = %cli.data_dir.display(), "starting all-in-one chat");
             let listener = bind(cli.listen).await?;
             chat::all_in_one(listener, &cli.data_dir, config, cli.common.journal_capacity, shutdown_signal()).await
         }
         Some(Command::Gateway { listen, backends, gateway, common }) => {
-            init_logging(&common);
+            let _telemetry = init_logging(&common, "chat-gateway")?;
             let config = gateway.config();
             tracing::info!(gateway = %config.gateway_id, nats = %backends.nats_url, cql = ?backends.cql_nodes, "starting gateway");
             let backends = backends.backends()?;
@@ -190,7 +194,7 @@ async fn main() -> anyhow::Result<()> {
             chat::cluster::gateway(listener, backends, config, common.journal_capacity, shutdown_signal()).await
         }
         Some(Command::Fanout { listen, worker_id, backends, common }) => {
-            init_logging(&common);
+            let _telemetry = init_logging(&common, "chat-fanout")?;
             let worker_id = worker_id.unwrap_or_else(|| format!("fanout-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
             tracing::info!(worker = %worker_id, nats = %backends.nats_url, cql = ?backends.cql_nodes, "starting fanout worker");
             let backends = backends.backends()?;
@@ -200,11 +204,12 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-fn init_logging(common: &CommonArgs) {
-    telemetry::logging::init(match common.log_format {
+fn init_logging(common: &CommonArgs, service: &str) -> anyhow::Result<telemetry::logging::TelemetryGuard> {
+    let format = match common.log_format {
         LogFormatArg::Text => LogFormat::Text,
         LogFormatArg::Json => LogFormat::Json,
-    });
+    };
+    telemetry::logging::init(format, common.otlp_endpoint.as_deref(), service).context("setting up tracing")
 }
 
 /// Binds and announces the address on stdout (scripts and tests wait for this line).

@@ -11,6 +11,7 @@ use protocol::{names, ChatMessage};
 use storage::{HistoryStore, RoomAppend, StoreError};
 use telemetry::journal::Journal;
 use telemetry::metrics::Metrics;
+use telemetry::logging::HOP_TARGET;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -141,9 +142,23 @@ impl Fanout {
                 })
                 .collect();
             let new_last = last + new.len() as u64;
+            // One `fanout.sequence` span per new message, with its `store.append` child open
+            // while the (shared) append runs.
+            let mut sequence_spans = Vec::with_capacity(new.len());
+            let mut store_spans = Vec::with_capacity(new.len());
+            for (decision, pending) in decisions.iter().zip(&sends) {
+                if let Decision::New(message) = decision {
+                    let span = tracing::info_span!(target: HOP_TARGET, "fanout.sequence", room = %message.room, seq = message.seq, message_id = %message.id);
+                    telemetry::trace::set_parent(&span, telemetry::trace::message_context(Some(&pending.command.traceparent)));
+                    store_spans.push(tracing::info_span!(target: HOP_TARGET, parent: &span, "store.append", messages = new.len()));
+                    sequence_spans.push(span);
+                }
+            }
             if let Some(first) = new.first().cloned() {
                 let append = RoomAppend { room: room.to_owned(), expected_last_seq: last, messages: new };
-                match self.timed("append", self.store.append(append)).await {
+                let appended = self.timed("append", self.store.append(append)).await;
+                drop(store_spans);
+                match appended {
                     Ok(()) => {}
                     Err(StoreError::Conflict { actual, .. }) => {
                         self.metrics.seq_conflicts.inc();
@@ -166,7 +181,7 @@ impl Fanout {
                     },
                 }
             }
-            self.finish(sends, decisions).await;
+            self.finish(sends, decisions, sequence_spans).await;
             return Some(new_last);
         }
         answer_all(sends, BusError::Unavailable(format!("room {room}: too many sequencing conflicts"))).await;
@@ -219,20 +234,22 @@ impl Fanout {
     }
 
     /// After a successful append: record, deliver new messages in seq order, answer senders.
-    async fn finish(&self, sends: Vec<PendingSend>, decisions: Vec<Decision>) {
+    async fn finish(&self, sends: Vec<PendingSend>, decisions: Vec<Decision>, sequence_spans: Vec<tracing::Span>) {
+        let mut sequence_spans = sequence_spans.into_iter();
         for (pending, decision) in sends.into_iter().zip(decisions) {
             let command = &pending.command;
             let dedupe_key = command.dedupe_key();
             let outcome = match decision {
                 Decision::New(message) => {
-                    let span = tracing::info_span!("fanout.sequence", room = %message.room, seq = message.seq, message_id = %message.id);
-                    telemetry::trace::set_parent(&span, telemetry::trace::message_context(Some(&command.traceparent)));
+                    let sequence_span = sequence_spans.next().unwrap_or_else(tracing::Span::none);
+                    let span = tracing::info_span!(target: HOP_TARGET, parent: &sequence_span, "fanout.publish", room = %message.room, seq = message.seq);
+                    let traceparent = telemetry::trace::traceparent_of(&span, &command.traceparent);
                     self.metrics.sequenced.inc();
                     self.journal.link(&dedupe_key, message.id);
                     self.journal.record(message.id, &message.trace_id, "fanout.sequence", serde_json::json!({"seq": message.seq}));
                     self.journal.record(message.id, &message.trace_id, "store.append", serde_json::json!({"durable": true}));
                     let message = Arc::new(message);
-                    let delivered = self.bus.deliver(message.clone(), &command.traceparent).instrument(span).await;
+                    let delivered = self.bus.deliver(message.clone(), &traceparent).instrument(span).await;
                     let detail = match &delivered {
                         Ok(()) => serde_json::json!({}),
                         Err(e) => serde_json::json!({"error": e.to_string()}),

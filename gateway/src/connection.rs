@@ -331,15 +331,9 @@ impl Connection {
             return self.error(ErrorCode::RateLimited, "sending too fast; slow down and retry", req).await;
         }
         let context = telemetry::trace::message_context(traceparent.as_deref());
-        let span = tracing::info_span!("gateway.receive", room = %room, client_msg_id = %client_msg_id, user = %identity.user);
+        let span = tracing::info_span!(target: telemetry::logging::HOP_TARGET, "gateway.receive", room = %room, client_msg_id = %client_msg_id, user = %identity.user);
         telemetry::trace::set_parent(&span, context.clone());
-        let traceparent = {
-            let _entered = span.enter();
-            let current = telemetry::trace::current_context();
-            // Without an OpenTelemetry layer the span has no context of its own: carry the
-            // message's context as it is.
-            if telemetry::trace::trace_id(&current) == "0".repeat(32) { telemetry::trace::to_traceparent(&context) } else { telemetry::trace::to_traceparent(&current) }
-        };
+        let traceparent = telemetry::trace::traceparent_of(&span, &telemetry::trace::to_traceparent(&context));
         let command = SendCommand {
             room,
             user: identity.user.clone(),
@@ -500,6 +494,7 @@ impl Connection {
 
     async fn write_message(&mut self, delivery: &Delivery) -> Result<(), End> {
         self.deliveries += 1;
+        let _span = delivery.write_span();
         self.write(delivery.frame.clone()).await
     }
 

@@ -6,7 +6,7 @@
 //! store, so it still sees every message once, in order. If the queue stays full for
 //! `slow_consumer_timeout`, the connection is kicked: closed with code 4008. Both are counted.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,19 +16,49 @@ use tokio::sync::{mpsc, Notify};
 
 /// A sequenced message ready to write: the message and its `message` frame, encoded once per
 /// gateway and shared by every connection.
-#[derive(Debug)]
 pub struct Delivery {
     /// The message.
     pub message: Arc<ChatMessage>,
     /// Its `message` frame as JSON text.
     pub frame: Utf8Bytes,
+    /// The trace context of this gateway's `gateway.deliver` span, parent of the sampled
+    /// per-connection `ws.write` spans.
+    pub trace: Option<telemetry::trace::Context>,
+    /// How many `ws.write` spans were recorded for it (only the first few are).
+    write_spans: AtomicU32,
 }
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery").field("message", &self.message).finish_non_exhaustive()
+    }
+}
+
+/// Per-connection write spans recorded per message per gateway; a room of thousands still
+/// costs a handful of spans (the `gateway.deliver` span counts all connections).
+pub const SAMPLED_WRITE_SPANS: u32 = 8;
 
 impl Delivery {
     /// Encodes a message's frame.
     pub fn new(message: Arc<ChatMessage>) -> Self {
+        Self::traced(message, None)
+    }
+
+    /// Encodes a message's frame, remembering the trace context its writes belong to.
+    pub fn traced(message: Arc<ChatMessage>, trace: Option<telemetry::trace::Context>) -> Self {
         let frame = protocol::ServerFrame::Message((*message).clone()).to_json();
-        Self { message, frame: frame.into() }
+        Self { message, frame: frame.into(), trace, write_spans: AtomicU32::new(0) }
+    }
+
+    /// A `ws.write` span for one connection's write, for the first few connections only.
+    pub fn write_span(&self) -> Option<tracing::Span> {
+        let trace = self.trace.as_ref()?;
+        if self.write_spans.fetch_add(1, Ordering::Relaxed) >= SAMPLED_WRITE_SPANS {
+            return None;
+        }
+        let span = tracing::info_span!(target: telemetry::logging::HOP_TARGET, "ws.write", seq = self.message.seq);
+        telemetry::trace::set_parent(&span, trace.clone());
+        Some(span)
     }
 }
 

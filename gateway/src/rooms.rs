@@ -359,8 +359,8 @@ impl Rooms {
                 }
             };
             match item {
-                Some(FeedItem::Message(message)) => {
-                    self.on_message(&hub, message).await;
+                Some(FeedItem::Message(message, traceparent)) => {
+                    self.on_message(&hub, message, traceparent.as_deref()).await;
                     if self.bus.is_distributed() && self.gap_repair {
                         tail.as_mut().reset(tokio::time::Instant::now() + TAIL_CHECK);
                         tail_armed = true;
@@ -375,7 +375,7 @@ impl Rooms {
         }
     }
 
-    async fn on_message(&self, hub: &Hub, message: Arc<ChatMessage>) {
+    async fn on_message(&self, hub: &Hub, message: Arc<ChatMessage>, traceparent: Option<&str>) {
         let last = hub.last_seq();
         if message.seq <= last {
             self.metrics.drops.with_label_values(&["feed_duplicate"]).inc();
@@ -384,7 +384,14 @@ impl Rooms {
         if message.seq > last + 1 && self.gap_repair {
             self.repair_gap(hub, last, message.seq).await;
         }
-        self.forward(hub, message);
+        let span = tracing::info_span!(target: telemetry::logging::HOP_TARGET, "gateway.deliver", room = %message.room, seq = message.seq, gateway = %self.gateway_id);
+        if let Some(parent) = traceparent.and_then(telemetry::trace::parse_traceparent) {
+            telemetry::trace::set_parent(&span, parent);
+        }
+        let context = tracing_opentelemetry::OpenTelemetrySpanExt::context(&span);
+        let trace = opentelemetry::trace::TraceContextExt::span(&context).span_context().is_valid().then_some(context);
+        let _entered = span.enter();
+        self.forward(hub, message, trace);
     }
 
     /// After a quiet second, makes sure the bus did not lose the last message of a burst.
@@ -410,7 +417,7 @@ impl Rooms {
                         after = message.seq;
                         self.metrics.gap_repaired_messages.inc();
                         self.journal.record(message.id, &message.trace_id, "gateway.gap_repair", serde_json::json!({"gateway": self.gateway_id}));
-                        self.forward(hub, Arc::new(message));
+                        self.forward(hub, Arc::new(message), None);
                     }
                 }
                 Ok(_) => break,
@@ -423,9 +430,9 @@ impl Rooms {
     }
 
     /// Hands a message to every local member and advances `last_seq`.
-    fn forward(&self, hub: &Hub, message: Arc<ChatMessage>) {
+    fn forward(&self, hub: &Hub, message: Arc<ChatMessage>, trace: Option<telemetry::trace::Context>) {
         let sequenced_ms = message.ts;
-        let delivery = Arc::new(Delivery::new(message));
+        let delivery = Arc::new(Delivery::traced(message, trace));
         let (mut queued, mut skipped, mut kicked) = (0u32, 0u32, 0u32);
         {
             let mut state = hub.lock();

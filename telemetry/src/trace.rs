@@ -8,9 +8,10 @@ use std::collections::HashMap;
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{SpanContext, TraceContextExt, TraceFlags, TraceState};
-use opentelemetry::Context;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
+
+pub use opentelemetry::Context;
 
 /// The header (and envelope field) carrying the W3C trace context.
 pub const TRACEPARENT: &str = "traceparent";
@@ -57,10 +58,16 @@ pub fn trace_id_of(traceparent: &str) -> String {
     parse_traceparent(traceparent).map(|c| trace_id(&c)).unwrap_or_else(|| "0".repeat(32))
 }
 
-/// The context of the current `tracing` span, as the OpenTelemetry layer sees it.
-pub fn current_context() -> Context {
+/// The `traceparent` of a span: its own context when the OpenTelemetry layer records it,
+/// otherwise `fallback` (so the message's trace id is kept either way).
+pub fn traceparent_of(span: &tracing::Span, fallback: &str) -> String {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-    tracing::Span::current().context()
+    let context = span.context();
+    if context.span().span_context().is_valid() {
+        to_traceparent(&context)
+    } else {
+        fallback.to_owned()
+    }
 }
 
 /// Makes `span` a child of `parent` (a message's context) for the OpenTelemetry layer.

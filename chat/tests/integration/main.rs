@@ -12,4 +12,6 @@ mod history;
 mod http;
 mod limits;
 mod presence;
+mod prometheus;
 mod shutdown;
+mod tracing;
