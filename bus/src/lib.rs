@@ -61,6 +61,12 @@ pub trait GatewayBus: Send + Sync + 'static {
 
     /// Whether other gateways may share rooms with this one (so presence must be exchanged).
     fn is_distributed(&self) -> bool;
+
+    /// What the other processes on the bus remember of a message's journey (empty in one
+    /// process, where there are no others).
+    async fn remote_journeys(&self, _id: uuid::Uuid) -> Vec<telemetry::journal::Journey> {
+        Vec::new()
+    }
 }
 
 /// A submitted send waiting for the fanout worker's answer.

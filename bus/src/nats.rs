@@ -25,6 +25,7 @@ use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use protocol::bus::{RoomEvent, SendCommand, SendOutcome, SendReply};
 use protocol::{subjects, ChatMessage};
+use telemetry::journal::{Journal, Journey};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{BusError, FanoutBus, FeedItem, GatewayBus, PendingSend, Replier, RoomFeed};
@@ -37,6 +38,8 @@ const TRACEPARENT: &str = "traceparent";
 const CONSUMER: &str = "fanout";
 /// Capacity of a room feed.
 const FEED_QUEUE: usize = 4_096;
+/// How long a journey query waits for other processes' answers.
+const JOURNAL_GATHER: Duration = Duration::from_millis(300);
 
 /// How to reach NATS and tune the send stream.
 #[derive(Debug, Clone)]
@@ -267,6 +270,44 @@ impl GatewayBus for NatsBus {
 
     fn is_distributed(&self) -> bool {
         true
+    }
+
+    async fn remote_journeys(&self, id: uuid::Uuid) -> Vec<Journey> {
+        let inbox = self.client.new_inbox();
+        let Ok(mut replies) = self.client.subscribe(inbox.clone()).await else { return Vec::new() };
+        if self.client.publish_with_reply(subjects::JOURNAL_QUERY, inbox, id.to_string().into()).await.is_err() {
+            return Vec::new();
+        }
+        let mut journeys = Vec::new();
+        let deadline = tokio::time::Instant::now() + JOURNAL_GATHER;
+        while let Ok(Some(reply)) = tokio::time::timeout_at(deadline, replies.next()).await {
+            match serde_json::from_slice::<Journey>(&reply.payload) {
+                Ok(journey) if !journey.hops.iter().all(|hop| hop.process == self.config.name) => journeys.push(journey),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "undecodable journey reply ignored"),
+            }
+        }
+        journeys
+    }
+}
+
+impl NatsBus {
+    /// Answers journey queries from other processes with what `journal` remembers.
+    pub async fn serve_journal(&self, journal: Arc<Journal>) -> Result<(), BusError> {
+        let mut queries = self.client.subscribe(subjects::JOURNAL_QUERY).await.map_err(|e| unavailable("subscribe to journal queries", e))?;
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            while let Some(query) = queries.next().await {
+                let (Some(reply), Ok(id)) = (query.reply, std::str::from_utf8(&query.payload).map(uuid::Uuid::parse_str)) else { continue };
+                let Ok(id) = id else { continue };
+                if let Some(journey) = journal.get(id) {
+                    if let Ok(payload) = serde_json::to_vec(&journey) {
+                        let _ = client.publish(reply, payload.into()).await;
+                    }
+                }
+            }
+        });
+        Ok(())
     }
 }
 

@@ -9,6 +9,7 @@ use bus::nats::{NatsBus, NatsConfig};
 use fanout::{Fanout, FanoutConfig};
 use gateway::{GatewayConfig, GatewayDeps};
 use storage::cql::{CqlConfig, CqlStore, Replication};
+use telemetry::faults::Faults;
 use telemetry::journal::Journal;
 use telemetry::metrics::Metrics;
 use tokio::net::TcpListener;
@@ -46,8 +47,11 @@ pub async fn connect_store(backends: &Backends) -> anyhow::Result<Arc<CqlStore>>
         nodes: backends.cql_nodes.clone(),
         keyspace: backends.keyspace.clone(),
         replication: backends.replication.clone(),
-        // Short enough that a send past its deadline is never stored after the gateway gave up.
-        request_timeout: Duration::from_secs(2),
+        // An append is up to three round trips; with 1 s each, a worker that checked a send's
+        // deadline finishes (or gives up on) its append well within the gateway's margin. A
+        // write that timed out may still apply later: the worker then resolves the outcome
+        // before answering (see fanout), and a client retry gets the original ack.
+        request_timeout: Duration::from_secs(1),
         ..CqlConfig::default()
     };
     let mut backoff = Duration::from_millis(200);
@@ -75,7 +79,8 @@ pub async fn gateway(
     let store = connect_store(&backends).await?;
     let metrics = Metrics::new();
     let journal = Arc::new(Journal::new(config.gateway_id.clone(), journal_capacity));
-    let deps = GatewayDeps { bus, store, metrics, journal };
+    bus.serve_journal(journal.clone()).await.context("serving journeys")?;
+    let deps = GatewayDeps { bus, store, metrics, journal, faults: Arc::new(Faults::default()) };
     gateway::run(listener, config, deps, shutdown).await.context("serving HTTP")
 }
 
@@ -84,6 +89,7 @@ pub async fn fanout(
     listener: TcpListener,
     backends: Backends,
     worker_id: String,
+    admin_token: Option<String>,
     journal_capacity: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -91,9 +97,11 @@ pub async fn fanout(
     let store = connect_store(&backends).await?;
     let metrics = Metrics::new();
     let journal = Arc::new(Journal::new(worker_id.clone(), journal_capacity));
-    let worker = Fanout::new(store.clone(), bus.clone(), journal.clone(), metrics.clone(), FanoutConfig::default());
+    bus.serve_journal(journal.clone()).await.context("serving journeys")?;
+    let faults = Arc::new(Faults::default());
+    let worker = Fanout::new(store.clone(), bus.clone(), journal.clone(), metrics.clone(), faults.clone(), FanoutConfig::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let ops = crate::ops::serve(listener, crate::ops::Ops { bus, store, metrics, journal }, {
+    let ops = crate::ops::serve(listener, crate::ops::Ops { bus, store, metrics, journal, faults, admin_token }, {
         let mut stop = stop_rx.clone();
         async move {
             let _ = stop.wait_for(|s| *s).await;

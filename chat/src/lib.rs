@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod ops;
 pub mod testing;
+pub mod trace;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use bus::local::LocalBus;
 use fanout::{Fanout, FanoutConfig};
 use gateway::{GatewayConfig, GatewayDeps};
 use storage::embedded::EmbeddedStore;
+use telemetry::faults::Faults;
 use telemetry::journal::Journal;
 use telemetry::metrics::Metrics;
 use tokio::net::TcpListener;
@@ -35,12 +37,13 @@ pub async fn all_in_one(
     let bus = Arc::new(LocalBus::new());
     let metrics = Metrics::new();
     let journal = Arc::new(Journal::new(config.gateway_id.clone(), journal_capacity));
-    let worker = Fanout::new(store.clone(), bus.clone(), journal.clone(), metrics.clone(), FanoutConfig::default());
+    let faults = Arc::new(Faults::default());
+    let worker = Fanout::new(store.clone(), bus.clone(), journal.clone(), metrics.clone(), faults.clone(), FanoutConfig::default());
     let (stop_fanout, fanout_stopped) = tokio::sync::oneshot::channel::<()>();
     let fanout_task = tokio::spawn(worker.run(async move {
         let _ = fanout_stopped.await;
     }));
-    let deps = GatewayDeps { bus, store, metrics, journal };
+    let deps = GatewayDeps { bus, store, metrics, journal, faults };
     let served = gateway::run(listener, config, deps, shutdown).await;
     let _ = stop_fanout.send(());
     fanout_task.await.context("fanout worker panicked")?;

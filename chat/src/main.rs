@@ -45,6 +45,14 @@ enum Command {
         #[command(flatten)]
         common: CommonArgs,
     },
+    /// Print a message's journey through every process as a timeline.
+    Trace {
+        /// The message id (from an `ack` or a `message` frame).
+        id: String,
+        /// Base URL of any gateway (or the all-in-one server).
+        #[arg(long, env = "CHAT_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+    },
     /// A fanout worker: sequences, stores and delivers sends taken from NATS.
     Fanout {
         /// Address of the worker's /healthz, /readyz, /metrics and /debug/messages.
@@ -53,6 +61,9 @@ enum Command {
         /// Id of this worker (default: random `fanout-xxxxxxxx`).
         #[arg(long, env = "CHAT_WORKER_ID")]
         worker_id: Option<String>,
+        /// Bearer token enabling the worker's /admin API (fault injection); off when unset.
+        #[arg(long, env = "CHAT_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
         #[command(flatten)]
         backends: BackendArgs,
         #[command(flatten)]
@@ -193,13 +204,14 @@ async fn main() -> anyhow::Result<()> {
             let listener = bind(listen).await?;
             chat::cluster::gateway(listener, backends, config, common.journal_capacity, shutdown_signal()).await
         }
-        Some(Command::Fanout { listen, worker_id, backends, common }) => {
+        Some(Command::Trace { id, url }) => chat::trace::print(&url, &id).await,
+        Some(Command::Fanout { listen, worker_id, admin_token, backends, common }) => {
             let _telemetry = init_logging(&common, "chat-fanout")?;
             let worker_id = worker_id.unwrap_or_else(|| format!("fanout-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
             tracing::info!(worker = %worker_id, nats = %backends.nats_url, cql = ?backends.cql_nodes, "starting fanout worker");
             let backends = backends.backends()?;
             let listener = bind(listen).await?;
-            chat::cluster::fanout(listener, backends, worker_id, common.journal_capacity, shutdown_signal()).await
+            chat::cluster::fanout(listener, backends, worker_id, admin_token.filter(|t| !t.is_empty()), common.journal_capacity, shutdown_signal()).await
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The fanout worker's small HTTP surface: `/healthz`, `/readyz`, `/metrics` and its own
-//! journeys at `/debug/messages/{id}`.
+//! The fanout worker's small HTTP surface: `/healthz`, `/readyz`, `/metrics`, its own
+//! journeys at `/debug/messages/{id}` and fault injection at `/admin/faults`.
 
 use std::sync::Arc;
 
@@ -10,6 +10,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use bus::GatewayBus;
 use storage::HistoryStore;
+use telemetry::faults::Faults;
 use telemetry::journal::Journal;
 use telemetry::metrics::Metrics;
 use tokio::net::TcpListener;
@@ -25,6 +26,10 @@ pub struct Ops {
     pub metrics: Metrics,
     /// Journeys to expose.
     pub journal: Arc<Journal>,
+    /// Faults injected in this worker (through `/admin/faults`).
+    pub faults: Arc<Faults>,
+    /// Token of the admin API; off when `None`.
+    pub admin_token: Option<String>,
 }
 
 /// Serves until `shutdown`.
@@ -34,6 +39,7 @@ pub async fn serve(listener: TcpListener, ops: Ops, shutdown: impl std::future::
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .route("/debug/messages/{id}", get(journey))
+        .merge(gateway::admin::router(ops.faults.clone(), ops.admin_token.clone()))
         .with_state(ops);
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }

@@ -9,6 +9,7 @@ use futures_util::future::join_all;
 use protocol::bus::{SendCommand, SendOutcome};
 use protocol::{names, ChatMessage};
 use storage::{HistoryStore, RoomAppend, StoreError};
+use telemetry::faults::{FaultAction, Faults};
 use telemetry::journal::Journal;
 use telemetry::metrics::Metrics;
 use telemetry::logging::HOP_TARGET;
@@ -38,6 +39,7 @@ pub struct Fanout {
     bus: Arc<dyn FanoutBus>,
     journal: Arc<Journal>,
     metrics: Metrics,
+    faults: Arc<Faults>,
     config: FanoutConfig,
 }
 
@@ -60,9 +62,10 @@ impl Fanout {
         bus: Arc<dyn FanoutBus>,
         journal: Arc<Journal>,
         metrics: Metrics,
+        faults: Arc<Faults>,
         config: FanoutConfig,
     ) -> Self {
-        Self { store, bus, journal, metrics, config }
+        Self { store, bus, journal, metrics, faults, config }
     }
 
     /// Sequences sends until the bus closes or `shutdown` resolves. A batch in progress is
@@ -80,6 +83,17 @@ impl Fanout {
                 },
             };
             self.metrics.fanout_batch.observe(batch.len() as f64);
+            if let Some(fault) = self.faults.decide("fanout.sequence", "") {
+                // A stalled worker holds its batch: the bus redelivers it elsewhere after its
+                // ack deadline, and the store's dedupe settles who stored what.
+                self.metrics.drops.with_label_values(&[fault.action.metric_label()]).inc();
+                tracing::warn!(action = ?fault.action, millis = fault.millis(), sends = batch.len(), "injected fault: worker holds its batch");
+                for pending in &batch {
+                    let trace_id = telemetry::trace::trace_id_of(&pending.command.traceparent);
+                    self.journal.record_send(&pending.command.dedupe_key(), &trace_id, "fault.injected", serde_json::json!({"hop": "fanout.sequence", "action": fault.action, "millis": fault.millis(), "worker": self.journal.process()}));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(fault.millis().max(0) as u64)).await;
+            }
             if last_seqs.len() > self.config.max_cached_rooms {
                 last_seqs.clear();
             }
@@ -218,13 +232,14 @@ impl Fanout {
                 continue;
             }
             in_batch.insert((command.user.as_str(), command.client_msg_id.as_str()), i);
+            let skew = self.faults.decide("fanout.clock", room).map_or(0, |fault| fault.millis());
             decisions.push(Decision::New(ChatMessage {
                 room: room.to_owned(),
                 seq: next_seq,
                 id: Uuid::now_v7(),
                 user: command.user.clone(),
                 body: command.body.clone(),
-                ts: protocol::now_ms(),
+                ts: protocol::now_ms() + skew,
                 client_msg_id: command.client_msg_id.clone(),
                 trace_id: telemetry::trace::trace_id_of(&command.traceparent),
             }));
@@ -249,7 +264,7 @@ impl Fanout {
                     self.journal.record(message.id, &message.trace_id, "fanout.sequence", serde_json::json!({"seq": message.seq}));
                     self.journal.record(message.id, &message.trace_id, "store.append", serde_json::json!({"durable": true}));
                     let message = Arc::new(message);
-                    let delivered = self.bus.deliver(message.clone(), &traceparent).instrument(span).await;
+                    let delivered = self.publish(&message, &traceparent).instrument(span).await;
                     let detail = match &delivered {
                         Ok(()) => serde_json::json!({}),
                         Err(e) => serde_json::json!({"error": e.to_string()}),
@@ -290,6 +305,27 @@ impl Fanout {
                 return Outcome::Unknown;
             }
             tokio::time::sleep(RESOLVE_PAUSE).await;
+        }
+    }
+
+    /// Publishes a stored message to the gateways, applying faults injected at `fanout.publish`.
+    async fn publish(&self, message: &Arc<ChatMessage>, traceparent: &str) -> Result<(), BusError> {
+        let Some(fault) = self.faults.decide("fanout.publish", &message.room) else {
+            return self.bus.deliver(message.clone(), traceparent).await;
+        };
+        self.metrics.drops.with_label_values(&[fault.action.metric_label()]).inc();
+        self.journal.record(message.id, &message.trace_id, "fault.injected", serde_json::json!({"hop": "fanout.publish", "action": fault.action, "worker": self.journal.process()}));
+        match fault.action {
+            FaultAction::Drop => Ok(()),
+            FaultAction::Duplicate => {
+                self.bus.deliver(message.clone(), traceparent).await?;
+                self.bus.deliver(message.clone(), traceparent).await
+            }
+            FaultAction::Delay => {
+                tokio::time::sleep(std::time::Duration::from_millis(fault.millis().max(0) as u64)).await;
+                self.bus.deliver(message.clone(), traceparent).await
+            }
+            _ => self.bus.deliver(message.clone(), traceparent).await,
         }
     }
 

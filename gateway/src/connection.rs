@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::auth::Identity;
-use crate::faults::FaultAction;
+use telemetry::faults::FaultAction;
 use crate::outbox::{Delivery, Outbound, Outbox};
 use crate::rooms::Hub;
 use crate::state::AppState;
@@ -40,7 +40,7 @@ const CLOSE_PROTOCOL: u16 = 1002;
 
 /// How much longer than a send's deadline the gateway waits for its outcome: more than any
 /// store write a worker may still finish after checking the deadline.
-const SUBMIT_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
+const SUBMIT_MARGIN: std::time::Duration = std::time::Duration::from_secs(6);
 /// How long a closing handshake may take before the socket is simply dropped.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Frames written per batch before a flush.
@@ -345,6 +345,12 @@ impl Connection {
         };
         let trace_id = telemetry::trace::trace_id_of(&command.traceparent);
         self.app.journal.record_send(&command.dedupe_key(), &trace_id, "gateway.receive", serde_json::json!({"gateway": self.app.config.gateway_id, "session": self.session}));
+        if let Some(fault) = self.app.faults.decide("gateway.nats", &command.room) {
+            self.app.metrics.drops.with_label_values(&[fault.action.metric_label()]).inc();
+            self.app.journal.record_send(&command.dedupe_key(), &trace_id, "fault.injected", serde_json::json!({"hop": "gateway.nats", "action": fault.action}));
+            self.app.metrics.sends.with_label_values(&["unavailable"]).inc();
+            return self.error(ErrorCode::Unavailable, "the message was not accepted (the bus is unreachable); retry with the same client_msg_id", req).await;
+        }
         let bus = self.app.bus.clone();
         let started = Instant::now();
         // Workers refuse a send past its deadline; waiting a little longer than that means a
@@ -449,7 +455,7 @@ impl Connection {
                 if seq <= cursor {
                     return Ok(());
                 }
-                if seq > cursor + 1 && self.app.config.gap_repair {
+                if seq > cursor + 1 && self.app.config.gap_repair && !self.app.faults.is_set("gateway.gap_repair") {
                     self.replay(&room.clone(), cursor, seq - 1).await?;
                 }
                 self.deliver(delivery).await
@@ -463,32 +469,40 @@ impl Connection {
         if let Some(joined) = self.rooms.get_mut(&message.room) {
             joined.cursor = message.seq;
         }
-        let fault = self.app.faults.decide("gateway.deliver", &message.room);
-        if let Some(action) = fault {
-            self.app.metrics.drops.with_label_values(&[fault_label(action)]).inc();
-            self.app.journal.record(message.id, &message.trace_id, "fault.injected", serde_json::json!({
-                "hop": "gateway.deliver", "action": action, "gateway": self.app.config.gateway_id, "session": self.session,
-            }));
-        }
-        match fault {
-            Some(FaultAction::Drop) => Ok(()),
-            Some(FaultAction::Duplicate) => {
+        let Some(fault) = self.app.faults.decide("gateway.deliver", &message.room) else {
+            self.write_message(&delivery).await?;
+            if let Some(held) = self.held.remove(&message.room) {
+                self.write_message(&held).await?;
+            }
+            return Ok(());
+        };
+        self.app.metrics.drops.with_label_values(&[fault.action.metric_label()]).inc();
+        self.app.journal.record(message.id, &message.trace_id, "fault.injected", serde_json::json!({
+            "hop": "gateway.deliver", "action": fault.action, "gateway": self.app.config.gateway_id, "session": self.session,
+        }));
+        match fault.action {
+            FaultAction::Drop => Ok(()),
+            FaultAction::Duplicate => {
                 self.write_message(&delivery).await?;
                 self.write_message(&delivery).await
             }
-            Some(FaultAction::Reorder) => {
+            FaultAction::Reorder => {
                 if let Some(earlier) = self.held.insert(message.room.clone(), delivery) {
                     self.write_message(&earlier).await?;
                 }
                 Ok(())
             }
-            None => {
-                self.write_message(&delivery).await?;
-                if let Some(held) = self.held.remove(&message.room) {
-                    self.write_message(&held).await?;
-                }
-                Ok(())
+            FaultAction::Delay => {
+                tokio::time::sleep(std::time::Duration::from_millis(fault.millis().max(0) as u64)).await;
+                self.write_message(&delivery).await
             }
+            FaultAction::Rewrite => {
+                let mut lie = (**message).clone();
+                lie.body = format!("{} (edited in transit)", lie.body);
+                self.write_message(&Delivery::new(Arc::new(lie))).await
+            }
+            // Not offered at this hop (refused when the fault is added).
+            _ => self.write_message(&delivery).await,
         }
     }
 
@@ -605,13 +619,6 @@ fn frame_type(frame: &ClientFrame) -> &'static str {
     }
 }
 
-fn fault_label(action: FaultAction) -> &'static str {
-    match action {
-        FaultAction::Drop => "fault_drop",
-        FaultAction::Duplicate => "fault_duplicate",
-        FaultAction::Reorder => "fault_reorder",
-    }
-}
 
 /// Maps a read error to how the connection ends: an over-long frame is closed with 1009.
 fn read_error(error: &axum::Error) -> End {

@@ -7,7 +7,7 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::get;
 use axum::{Json, Router};
 use protocol::{names, ErrorCode};
 use serde::Deserialize;
@@ -15,7 +15,6 @@ use serde_json::json;
 use storage::PageQuery;
 use uuid::Uuid;
 
-use crate::faults::FaultSpec;
 use crate::state::AppState;
 
 /// The gateway's router.
@@ -27,13 +26,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .route("/debug/messages/{id}", get(journey))
-        .route("/admin/faults", get(list_faults).post(add_fault).delete(clear_faults))
-        .route("/admin/faults/{id}", delete(remove_fault))
         .fallback(crate::web::serve)
+        .merge(crate::admin::router(state.faults.clone(), state.config.admin_token.clone()))
         .with_state(state)
 }
 
-fn error(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": {"code": code, "message": message.into()}}))).into_response()
 }
 
@@ -111,6 +109,9 @@ async fn ready(State(app): State<Arc<AppState>>) -> Response {
     if app.is_draining() {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
     }
+    if app.faults.is_set("gateway.nats") {
+        return (StatusCode::SERVICE_UNAVAILABLE, "bus: cut off by an injected fault\n").into_response();
+    }
     let (bus, store) = tokio::join!(app.bus.ready(), app.history.ping());
     match (bus, store) {
         (Ok(()), Ok(())) => (StatusCode::OK, "ready\n").into_response(),
@@ -135,7 +136,7 @@ async fn journey(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Re
     let Ok(id) = Uuid::parse_str(&id) else {
         return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, "message id must be a UUID");
     };
-    let journey = app.journal.get(id);
+    let (journey, remote) = tokio::join!(async { app.journal.get(id) }, app.bus.remote_journeys(id));
     let stored = match app.history.get_by_id(id).await {
         Ok(stored) => stored,
         Err(e) => {
@@ -143,11 +144,17 @@ async fn journey(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Re
             None
         }
     };
-    if journey.is_none() && stored.is_none() {
+    if journey.is_none() && stored.is_none() && remote.is_empty() {
         return error(StatusCode::NOT_FOUND, ErrorCode::BadRequest, "no such message in this process's journal or the store");
     }
-    let trace_id = stored.as_ref().map(|m| m.trace_id.clone()).or_else(|| journey.as_ref().map(|j| j.trace_id.clone()));
-    let hops = journey.map(|j| j.hops).unwrap_or_default();
+    let trace_id = stored
+        .as_ref()
+        .map(|m| m.trace_id.clone())
+        .or_else(|| journey.as_ref().map(|j| j.trace_id.clone()))
+        .or_else(|| remote.first().map(|j| j.trace_id.clone()));
+    // Every process's hops, in time order.
+    let mut hops: Vec<_> = journey.into_iter().chain(remote).flat_map(|j| j.hops).collect();
+    hops.sort_by_key(|hop| hop.at_us);
     Json(json!({
         "id": id,
         "trace_id": trace_id,
@@ -159,60 +166,3 @@ async fn journey(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Re
     .into_response()
 }
 
-fn admin_allowed(app: &AppState, headers: &HeaderMap) -> Result<(), Response> {
-    let Some(expected) = &app.config.admin_token else {
-        return Err(error(StatusCode::NOT_FOUND, ErrorCode::Forbidden, "the admin API is off; start with --admin-token"));
-    };
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(expected.as_str()) {
-        Ok(())
-    } else {
-        Err(error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "Authorization: Bearer <admin token> required"))
-    }
-}
-
-async fn list_faults(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(denied) = admin_allowed(&app, &headers) {
-        return denied;
-    }
-    Json(json!({"faults": app.faults.list()})).into_response()
-}
-
-async fn add_fault(
-    State(app): State<Arc<AppState>>,
-    headers: HeaderMap,
-    spec: Result<Json<FaultSpec>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    if let Err(denied) = admin_allowed(&app, &headers) {
-        return denied;
-    }
-    let spec = match spec {
-        Ok(Json(spec)) => spec,
-        Err(e) => return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.body_text()),
-    };
-    match app.faults.add(spec.clone()) {
-        Ok(id) => {
-            tracing::warn!(id, hop = %spec.hop, action = ?spec.action, "fault injected");
-            (StatusCode::CREATED, Json(json!({"id": id}))).into_response()
-        }
-        Err(e) => error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.to_string()),
-    }
-}
-
-async fn remove_fault(State(app): State<Arc<AppState>>, headers: HeaderMap, Path(id): Path<u64>) -> Response {
-    if let Err(denied) = admin_allowed(&app, &headers) {
-        return denied;
-    }
-    match app.faults.remove(Some(id)) {
-        0 => error(StatusCode::NOT_FOUND, ErrorCode::BadRequest, "no such fault"),
-        _ => StatusCode::NO_CONTENT.into_response(),
-    }
-}
-
-async fn clear_faults(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(denied) = admin_allowed(&app, &headers) {
-        return denied;
-    }
-    let removed = app.faults.remove(None);
-    Json(json!({"removed": removed})).into_response()
-}

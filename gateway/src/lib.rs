@@ -6,10 +6,10 @@
 //! The caller binds the listener and owns shutdown: [`run`] serves until `shutdown` resolves,
 //! then drains (every connection gets `reconnect` and close 1012) within the grace period.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 mod connection;
-pub mod faults;
 pub mod history;
 mod http;
 pub mod outbox;
@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use bus::GatewayBus;
 use storage::HistoryStore;
+use telemetry::faults::Faults;
 use telemetry::journal::Journal;
 use telemetry::metrics::Metrics;
 use tokio::net::TcpListener;
@@ -39,6 +40,8 @@ pub struct GatewayDeps {
     pub metrics: Metrics,
     /// Journey recorder shared with the rest of the process.
     pub journal: Arc<Journal>,
+    /// Faults injected in this process.
+    pub faults: Arc<Faults>,
 }
 
 /// Serves HTTP and WebSockets on `listener` until `shutdown` resolves, then drains.
@@ -51,7 +54,7 @@ pub async fn run(
     let (drain_tx, drain_rx) = watch::channel(false);
     let (alive, mut all_closed) = mpsc::channel::<()>(1);
     let history = history::HistoryReader::new(deps.store, deps.metrics.clone());
-    let faults = Arc::new(faults::Faults::default());
+    let faults = deps.faults;
     let rooms = rooms::Rooms::new(&config, deps.bus.clone(), history.clone(), deps.metrics.clone(), deps.journal.clone(), faults.clone());
     let grace = config.drain_grace;
     let state = Arc::new(state::AppState::new(config, deps.bus, history, rooms, deps.metrics, deps.journal, faults, drain_rx, alive));

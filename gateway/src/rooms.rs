@@ -23,7 +23,7 @@ use telemetry::metrics::Metrics;
 use tokio::sync::{Notify, OnceCell};
 
 use crate::config::GatewayConfig;
-use crate::faults::Faults;
+use telemetry::faults::{FaultAction, Faults};
 use crate::history::HistoryReader;
 use crate::outbox::{Delivery, Offer, Outbound, Outbox};
 
@@ -361,7 +361,7 @@ impl Rooms {
             match item {
                 Some(FeedItem::Message(message, traceparent)) => {
                     self.on_message(&hub, message, traceparent.as_deref()).await;
-                    if self.bus.is_distributed() && self.gap_repair {
+                    if self.gap_repair_on() {
                         tail.as_mut().reset(tokio::time::Instant::now() + TAIL_CHECK);
                         tail_armed = true;
                     }
@@ -376,13 +376,26 @@ impl Rooms {
     }
 
     async fn on_message(&self, hub: &Hub, message: Arc<ChatMessage>, traceparent: Option<&str>) {
+        for hop in ["gateway.nats", "gateway.feed"] {
+            let Some(fault) = self.faults.decide(hop, &message.room) else { continue };
+            self.metrics.drops.with_label_values(&[fault.action.metric_label()]).inc();
+            self.journal.record(message.id, &message.trace_id, "fault.injected", serde_json::json!({"hop": hop, "action": fault.action, "gateway": self.gateway_id}));
+            match fault.action {
+                FaultAction::Delay => tokio::time::sleep(Duration::from_millis(fault.millis().max(0) as u64)).await,
+                _ => return,
+            }
+        }
         let last = hub.last_seq();
         if message.seq <= last {
             self.metrics.drops.with_label_values(&["feed_duplicate"]).inc();
             return;
         }
-        if message.seq > last + 1 && self.gap_repair {
-            self.repair_gap(hub, last, message.seq).await;
+        if message.seq > last + 1 {
+            if self.gap_repair_on() {
+                self.repair_gap(hub, last, message.seq).await;
+            } else {
+                self.journal.record(message.id, &message.trace_id, "gateway.gap_unrepaired", serde_json::json!({"gateway": self.gateway_id, "missing_from": last + 1, "missing_to": message.seq - 1}));
+            }
         }
         let span = tracing::info_span!(target: telemetry::logging::HOP_TARGET, "gateway.deliver", room = %message.room, seq = message.seq, gateway = %self.gateway_id);
         if let Some(parent) = traceparent.and_then(telemetry::trace::parse_traceparent) {
@@ -392,6 +405,11 @@ impl Rooms {
         let trace = opentelemetry::trace::TraceContextExt::span(&context).span_context().is_valid().then_some(context);
         let _entered = span.enter();
         self.forward(hub, message, trace);
+    }
+
+    /// Whether gaps are repaired now (configured, and not switched off by a fault).
+    fn gap_repair_on(&self) -> bool {
+        self.gap_repair && !self.faults.is_set("gateway.gap_repair")
     }
 
     /// After a quiet second, makes sure the bus did not lose the last message of a burst.

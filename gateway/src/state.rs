@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::auth::Verifier;
 use crate::config::GatewayConfig;
-use crate::faults::Faults;
+use telemetry::faults::Faults;
 use crate::history::HistoryReader;
 use crate::rooms::Rooms;
 

@@ -18,6 +18,10 @@ pub fn deliver(room: &str) -> String {
     format!("chat.deliver.{room}")
 }
 
+/// Core NATS subject where every process answers journey queries (payload: a message id)
+/// with what its journey recorder holds.
+pub const JOURNAL_QUERY: &str = "chat.journal.query";
+
 /// Core NATS subject for a room's presence and typing events between gateways.
 pub fn events(room: &str) -> String {
     format!("chat.events.{room}")

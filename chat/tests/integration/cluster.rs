@@ -281,3 +281,42 @@ async fn nats_restart_under_load_acked_messages_are_stored_exactly_once() {
     assert!(ack["seq"].as_u64().unwrap() > 0);
     eprintln!("nats restart: {} acked, {refused} refused as unavailable", acked.len());
 }
+
+#[tokio::test]
+async fn the_journey_gathers_hops_from_every_process_and_chat_trace_prints_it() {
+    let cluster = Cluster::start(1, 1).await;
+    let mut alice = Client::login(&cluster.gateway(0).ws_url(), "alice").await;
+    alice.join("j").await;
+    let ack = alice.say("j", "j1", "where did I go").await;
+    alice.messages(1).await;
+    let id = ack["id"].as_str().unwrap();
+    let url = format!("{}/debug/messages/{id}", cluster.gateway(0).http_url());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let journey = loop {
+        let (status, journey) = get_json(&url).await;
+        assert_eq!(status, 200, "{journey}");
+        let hops: Vec<String> = journey["hops"].as_array().unwrap().iter().map(|h| h["hop"].as_str().unwrap().to_owned()).collect();
+        if hops.iter().any(|h| h == "fanout.sequence") && hops.iter().any(|h| h == "gateway.fanout") {
+            break journey;
+        }
+        assert!(Instant::now() < deadline, "incomplete journey: {journey}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let processes: HashSet<&str> = journey["hops"].as_array().unwrap().iter().map(|h| h["process"].as_str().unwrap()).collect();
+    assert_eq!(processes.len(), 2, "hops from the gateway and the worker: {journey}");
+    assert_eq!(journey["trace_id"], ack_trace(&journey));
+    let output = tokio::process::Command::new(binary())
+        .args(["trace", id, "--url", &cluster.gateway(0).http_url()])
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8_lossy(&output.stdout);
+    for hop in ["gateway.receive", "fanout.sequence", "store.append", "gateway.fanout", "gateway.ack"] {
+        assert!(text.contains(hop), "{hop} missing from:\n{text}");
+    }
+}
+
+fn ack_trace(journey: &Value) -> Value {
+    journey["trace_id"].clone()
+}

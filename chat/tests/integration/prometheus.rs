@@ -1,7 +1,8 @@
 //! A real Prometheus (Debian's `prometheus`) scrapes the all-in-one server's `/metrics`, and
 //! PromQL over the scraped series returns exactly the counts the test caused. The shipped
-//! rules (deploy/prometheus/alerts.yml) load into it and evaluate without errors, and promtool
-//! accepts them and the example config. A missing binary fails the test, it never skips.
+//! rules (deploy/prometheus/alerts.yml) load into it and evaluate without errors, every query of
+//! the Grafana dashboard runs, and promtool accepts the rules and the example config. A missing
+//! binary fails the test, it never skips.
 
 use std::time::{Duration, Instant};
 
@@ -108,6 +109,17 @@ async fn prometheus_scrapes_metrics_and_promql_returns_the_counts() {
         tokio::time::sleep(POLL).await;
     }
 
+    // Every query of the Grafana dashboard is valid PromQL (Grafana's variables filled in).
+    let dashboard = testkit::workspace_root().join("deploy/grafana/chat-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&dashboard).expect("read chat-dashboard.json")).expect("dashboard is JSON");
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 20, "only {} dashboard queries found", exprs.len());
+    for expr in exprs {
+        prometheus.query(&expr.replace("$__rate_interval", "1m").replace("$instance", ".*")).await;
+    }
+
     let config = testkit::workspace_root().join("deploy/prometheus/prometheus.yml");
     for args in [["check", "rules", path(&alerts)], ["check", "config", path(&config)]] {
         let output = promtool(&args);
@@ -124,4 +136,20 @@ async fn prometheus_scrapes_metrics_and_promql_returns_the_counts() {
 
 fn path(p: &std::path::Path) -> &str {
     p.to_str().expect("UTF-8 workspace path")
+}
+
+/// Every `"expr"` string anywhere in a dashboard.
+fn collect_exprs(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, value) in map {
+                match (key.as_str(), value.as_str()) {
+                    ("expr", Some(expr)) => out.push(expr.to_owned()),
+                    _ => collect_exprs(value, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|item| collect_exprs(item, out)),
+        _ => {}
+    }
 }

@@ -1,5 +1,15 @@
 //! Fault injection at named hops, switched on at run time through `/admin/faults`, seeded so a
 //! run can be repeated exactly. Every injected fault is counted and marked in the journey.
+//!
+//! | hop | actions | where |
+//! |---|---|---|
+//! | `gateway.deliver` | drop, duplicate, reorder, delay, rewrite | a gateway writing a message to one connection |
+//! | `gateway.feed` | drop, delay | a gateway receiving a room's message from the bus |
+//! | `gateway.gap_repair` | disable | a gateway's gap repair (hub and connections) |
+//! | `gateway.nats` | cut | a gateway's whole bus connection: sends `unavailable`, feeds dropped |
+//! | `fanout.publish` | drop, duplicate, delay | a worker publishing a stored message to gateways |
+//! | `fanout.sequence` | stall, delay | a worker before sequencing a batch (`stall` holds it `delay_ms`) |
+//! | `fanout.clock` | skew | a worker stamping `ts` (`delay_ms` ahead, negative with `skew_back`) |
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -8,8 +18,16 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-/// Hops where faults can be injected.
-pub const HOPS: &[&str] = &["gateway.deliver"];
+/// Hops where faults can be injected, with the actions each supports.
+pub const HOPS: &[(&str, &[FaultAction])] = &[
+    ("gateway.deliver", &[FaultAction::Drop, FaultAction::Duplicate, FaultAction::Reorder, FaultAction::Delay, FaultAction::Rewrite]),
+    ("gateway.feed", &[FaultAction::Drop, FaultAction::Delay]),
+    ("gateway.gap_repair", &[FaultAction::Disable]),
+    ("gateway.nats", &[FaultAction::Cut]),
+    ("fanout.publish", &[FaultAction::Drop, FaultAction::Duplicate, FaultAction::Delay]),
+    ("fanout.sequence", &[FaultAction::Stall, FaultAction::Delay]),
+    ("fanout.clock", &[FaultAction::Skew]),
+];
 
 /// What a fault does to a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +39,35 @@ pub enum FaultAction {
     Duplicate,
     /// The message is held back and written after the room's next message.
     Reorder,
+    /// The event waits `delay_ms` first.
+    Delay,
+    /// The body is altered before it is written (a lying gateway).
+    Rewrite,
+    /// A worker stops taking work for `delay_ms`.
+    Stall,
+    /// The process acts as if cut off from the bus.
+    Cut,
+    /// A safety mechanism is switched off.
+    Disable,
+    /// A worker's clock runs `delay_ms` off.
+    Skew,
+}
+
+impl FaultAction {
+    /// The `reason` label its drops and events are counted under.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            Self::Drop => "fault_drop",
+            Self::Duplicate => "fault_duplicate",
+            Self::Reorder => "fault_reorder",
+            Self::Delay => "fault_delay",
+            Self::Rewrite => "fault_rewrite",
+            Self::Stall => "fault_stall",
+            Self::Cut => "fault_cut",
+            Self::Disable => "fault_disable",
+            Self::Skew => "fault_skew",
+        }
+    }
 }
 
 /// A fault as requested.
@@ -42,6 +89,16 @@ pub struct FaultSpec {
     /// Fire at most this many times (default: unlimited).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
+    /// Milliseconds for `delay`, `stall` and `skew` (default 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<i64>,
+}
+
+impl FaultSpec {
+    /// `delay_ms`, or 1000.
+    pub fn millis(&self) -> i64 {
+        self.delay_ms.unwrap_or(1000)
+    }
 }
 
 fn one() -> f64 {
@@ -77,8 +134,11 @@ pub struct Faults {
 #[derive(Debug, thiserror::Error)]
 pub enum FaultError {
     /// Unknown hop.
-    #[error("unknown hop {0:?}; known hops: {HOPS:?}")]
+    #[error("unknown hop {0:?}; known hops and their actions: {HOPS:?}")]
     UnknownHop(String),
+    /// The hop does not support the action.
+    #[error("hop {0} does not support {1:?}")]
+    UnsupportedAction(String, FaultAction),
     /// Probability outside 0..=1.
     #[error("probability must be between 0 and 1")]
     BadProbability,
@@ -92,8 +152,11 @@ impl Faults {
 
     /// Adds a fault; returns its id.
     pub fn add(&self, spec: FaultSpec) -> Result<u64, FaultError> {
-        if !HOPS.contains(&spec.hop.as_str()) {
+        let Some((_, actions)) = HOPS.iter().find(|(hop, _)| *hop == spec.hop) else {
             return Err(FaultError::UnknownHop(spec.hop));
+        };
+        if !actions.contains(&spec.action) {
+            return Err(FaultError::UnsupportedAction(spec.hop, spec.action));
         }
         if !(0.0..=1.0).contains(&spec.probability) {
             return Err(FaultError::BadProbability);
@@ -115,21 +178,26 @@ impl Faults {
         before - entries.len()
     }
 
+    /// Whether a fault at `hop` is in force (without drawing from its randomness).
+    pub fn is_set(&self, hop: &str) -> bool {
+        self.is_active() && self.lock().iter().any(|e| e.fault.spec.hop == hop && e.fault.spec.count.is_none_or(|c| e.fault.fired < c))
+    }
+
     /// The faults in force.
     pub fn list(&self) -> Vec<ActiveFault> {
         self.lock().iter().map(|e| e.fault.clone()).collect()
     }
 
-    /// Decides whether a fault fires for an event at `hop` in `room`; the first one that fires
-    /// wins.
-    pub fn decide(&self, hop: &str, room: &str) -> Option<FaultAction> {
+    /// Decides whether a fault fires for an event at `hop` in `room` (`""`: any room); the
+    /// first one that fires wins.
+    pub fn decide(&self, hop: &str, room: &str) -> Option<FaultSpec> {
         if !self.is_active() {
             return None;
         }
         let mut entries = self.lock();
         for entry in entries.iter_mut() {
             let fault = &mut entry.fault;
-            if fault.spec.hop != hop || fault.spec.room.as_deref().is_some_and(|r| r != room) {
+            if fault.spec.hop != hop || fault.spec.room.as_deref().is_some_and(|r| !room.is_empty() && r != room) {
                 continue;
             }
             if fault.spec.count.is_some_and(|count| fault.fired >= count) {
@@ -137,7 +205,7 @@ impl Faults {
             }
             if entry.rng.random_bool(fault.spec.probability) {
                 fault.fired += 1;
-                return Some(fault.spec.action);
+                return Some(fault.spec.clone());
             }
         }
         None
@@ -153,7 +221,7 @@ mod tests {
     use super::*;
 
     fn spec(probability: f64, seed: u64, count: Option<u64>) -> FaultSpec {
-        FaultSpec { hop: "gateway.deliver".into(), action: FaultAction::Drop, probability, seed, room: None, count }
+        FaultSpec { hop: "gateway.deliver".into(), action: FaultAction::Drop, probability, seed, room: None, count, delay_ms: None }
     }
 
     #[test]
@@ -177,5 +245,6 @@ mod tests {
         assert_eq!(faults.remove(Some(id)), 1);
         assert!(!faults.is_active());
         assert!(faults.add(FaultSpec { hop: "nope".into(), ..spec(1.0, 0, None) }).is_err());
+        assert!(faults.add(FaultSpec { action: FaultAction::Stall, ..spec(1.0, 0, None) }).is_err());
     }
 }
