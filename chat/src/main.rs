@@ -56,7 +56,7 @@ enum Command {
     /// A fanout worker: sequences, stores and delivers sends taken from NATS.
     Fanout {
         /// Address of the worker's /healthz, /readyz, /metrics and /debug/messages.
-        #[arg(long, env = "CHAT_LISTEN", default_value = "127.0.0.1:9090")]
+        #[arg(long, env = "CHAT_LISTEN", default_value = "127.0.0.1:9180")]
         listen: SocketAddr,
         /// Id of this worker (default: random `fanout-xxxxxxxx`).
         #[arg(long, env = "CHAT_WORKER_ID")]

@@ -86,7 +86,7 @@ impl Fanout {
             if let Some(fault) = self.faults.decide("fanout.sequence", "") {
                 // A stalled worker holds its batch: the bus redelivers it elsewhere after its
                 // ack deadline, and the store's dedupe settles who stored what.
-                self.metrics.drops.with_label_values(&[fault.action.metric_label()]).inc();
+                self.metrics.fault("fanout.sequence", fault.action.name());
                 tracing::warn!(action = ?fault.action, millis = fault.millis(), sends = batch.len(), "injected fault: worker holds its batch");
                 for pending in &batch {
                     let trace_id = telemetry::trace::trace_id_of(&pending.command.traceparent);
@@ -232,7 +232,10 @@ impl Fanout {
                 continue;
             }
             in_batch.insert((command.user.as_str(), command.client_msg_id.as_str()), i);
-            let skew = self.faults.decide("fanout.clock", room).map_or(0, |fault| fault.millis());
+            let skew = self.faults.decide("fanout.clock", room).map_or(0, |fault| {
+                self.metrics.fault("fanout.clock", fault.action.name());
+                fault.millis()
+            });
             decisions.push(Decision::New(ChatMessage {
                 room: room.to_owned(),
                 seq: next_seq,
@@ -313,7 +316,7 @@ impl Fanout {
         let Some(fault) = self.faults.decide("fanout.publish", &message.room) else {
             return self.bus.deliver(message.clone(), traceparent).await;
         };
-        self.metrics.drops.with_label_values(&[fault.action.metric_label()]).inc();
+        self.metrics.fault("fanout.publish", fault.action.name());
         self.journal.record(message.id, &message.trace_id, "fault.injected", serde_json::json!({"hop": "fanout.publish", "action": fault.action, "worker": self.journal.process()}));
         match fault.action {
             FaultAction::Drop => Ok(()),

@@ -346,7 +346,7 @@ impl Connection {
         let trace_id = telemetry::trace::trace_id_of(&command.traceparent);
         self.app.journal.record_send(&command.dedupe_key(), &trace_id, "gateway.receive", serde_json::json!({"gateway": self.app.config.gateway_id, "session": self.session}));
         if let Some(fault) = self.app.faults.decide("gateway.nats", &command.room) {
-            self.app.metrics.drops.with_label_values(&[fault.action.metric_label()]).inc();
+            self.app.metrics.fault("gateway.nats", fault.action.name());
             self.app.journal.record_send(&command.dedupe_key(), &trace_id, "fault.injected", serde_json::json!({"hop": "gateway.nats", "action": fault.action}));
             self.app.metrics.sends.with_label_values(&["unavailable"]).inc();
             return self.error(ErrorCode::Unavailable, "the message was not accepted (the bus is unreachable); retry with the same client_msg_id", req).await;
@@ -431,6 +431,11 @@ impl Connection {
     /// Writes what the hubs queued: this item and whatever else is already waiting, then, once
     /// the queue is empty, catches up on anything skipped while it was full.
     async fn on_outbound(&mut self, first: Outbound, queue: &mut mpsc::Receiver<Outbound>) -> Result<(), End> {
+        self.app.metrics.outbound_queue_depth.observe((queue.len() + 1) as f64);
+        if let Outbound::Message(delivery) = &first {
+            let lag_ms = (protocol::now_ms() - delivery.message.ts).max(0);
+            self.app.metrics.delivery_lag.observe(lag_ms as f64 / 1000.0);
+        }
         self.write_outbound(first).await?;
         for _ in 1..WRITE_BATCH {
             match queue.try_recv() {
@@ -476,7 +481,7 @@ impl Connection {
             }
             return Ok(());
         };
-        self.app.metrics.drops.with_label_values(&[fault.action.metric_label()]).inc();
+        self.app.metrics.fault("gateway.deliver", fault.action.name());
         self.app.journal.record(message.id, &message.trace_id, "fault.injected", serde_json::json!({
             "hop": "gateway.deliver", "action": fault.action, "gateway": self.app.config.gateway_id, "session": self.session,
         }));

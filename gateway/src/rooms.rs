@@ -378,7 +378,7 @@ impl Rooms {
     async fn on_message(&self, hub: &Hub, message: Arc<ChatMessage>, traceparent: Option<&str>) {
         for hop in ["gateway.nats", "gateway.feed"] {
             let Some(fault) = self.faults.decide(hop, &message.room) else { continue };
-            self.metrics.drops.with_label_values(&[fault.action.metric_label()]).inc();
+            self.metrics.fault(hop, fault.action.name());
             self.journal.record(message.id, &message.trace_id, "fault.injected", serde_json::json!({"hop": hop, "action": fault.action, "gateway": self.gateway_id}));
             match fault.action {
                 FaultAction::Delay => tokio::time::sleep(Duration::from_millis(fault.millis().max(0) as u64)).await,

@@ -458,12 +458,8 @@ pub fn check_delivery(
 ) -> (Delivery, Option<u64>) {
     let outcome = track.deliver(seq);
     match outcome {
-        Delivery::Duplicate => {
-            track.note(FindingKind::Duplicate, seq, parse_id(id), parse_trace(trace_id))
-        }
-        Delivery::Reordered => {
-            track.note(FindingKind::Reordered, seq, parse_id(id), parse_trace(trace_id))
-        }
+        Delivery::Duplicate => track.note(FindingKind::Duplicate, seq, parse_id(id), parse_trace(trace_id)),
+        Delivery::Reordered => track.note(FindingKind::Reordered, seq, parse_id(id), parse_trace(trace_id)),
         _ => {}
     }
     let mut latency = None;
@@ -848,12 +844,12 @@ pub fn finalize(
     let (passed, verdict) = if failures > 0 {
         let mut parts = Vec::new();
         for (n, what) in [
-            (counts.missing_messages, "messages missing at some member"),
-            (counts.duplicate_deliveries, "duplicate deliveries"),
-            (counts.reordered_deliveries, "reordered deliveries"),
-            (counts.gap_seqs, "seq gaps"),
-            (counts.unacked, "unacked sends"),
-            (counts.stored_twice, "sends stored twice"),
+            (counts.missing_messages, "missing message(s)"),
+            (counts.duplicate_deliveries, "duplicate delivery(ies)"),
+            (counts.reordered_deliveries, "reordered delivery(ies)"),
+            (counts.gap_seqs, "seq gap(s)"),
+            (counts.unacked, "unacked send(s)"),
+            (counts.stored_twice, "send(s) stored twice"),
         ] {
             if n > 0 {
                 parts.push(format!("{n} {what}"));

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -471,11 +472,12 @@ pub async fn run_client(
     let idx = st.idx;
     let resume = shared.config.reconnect.as_ref().is_none_or(|r| r.resume);
     let mut attempt = 0u32;
+    let mut gateway_shift = 0usize;
     let mut first = true;
     'life: loop {
         // === connect ===
         let started = shared.clock.now_us();
-        let connecting = tokio::time::timeout(shared.config.connect_timeout, connect(&shared, idx));
+        let connecting = tokio::time::timeout(shared.config.connect_timeout, connect(&shared, idx, gateway_shift));
         tokio::pin!(connecting);
         let result = loop {
             tokio::select! {
@@ -495,6 +497,7 @@ pub async fn run_client(
                 };
                 shared.metrics.error(idx, code);
                 attempt += 1;
+                gateway_shift += 1;
                 if !st.ready_reported && attempt >= INITIAL_ATTEMPTS {
                     st.ready_reported = true;
                     let _ = ready_tx.send(Ready { ok: false }).await;
@@ -565,6 +568,7 @@ pub async fn run_client(
             End::Lost(cause) => {
                 conn.writer.abort();
                 shared.metrics.reconnect(cause);
+                gateway_shift += 1;
                 let pause = st.backoff(0);
                 st.disconnected(resume);
                 mark_lost(&mut st, &shared);
@@ -593,9 +597,11 @@ fn mark_lost(st: &mut ClientState, shared: &Shared) {
 
 /// TCP connect (bound to a source address when configured), WebSocket handshake, `hello` →
 /// `welcome`. Errors are short codes counted in the report.
-async fn connect(shared: &Shared, idx: u32) -> Result<Conn, &'static str> {
+/// Client `idx` uses gateway `(idx + shift) % n`: spread round-robin, and moved on to the next
+/// gateway after each lost connection or failed attempt (a draining gateway refuses new ones).
+async fn connect(shared: &Shared, idx: u32, shift: usize) -> Result<Conn, &'static str> {
     let targets = &shared.targets;
-    let (target, addrs) = &targets[idx as usize % targets.len()];
+    let (target, addrs) = &targets[(idx as usize + shift) % targets.len()];
     let ips = &shared.config.source_ips;
     let source = (!ips.is_empty()).then(|| ips[idx as usize % ips.len()]);
     let addr = pick_addr(addrs, source).ok_or("no_address")?;
@@ -612,8 +618,9 @@ async fn connect(shared: &Shared, idx: u32) -> Result<Conn, &'static str> {
         None => TcpStream::connect(addr).await.map_err(connect_code)?,
     };
     let _ = stream.set_nodelay(true);
-    let (mut ws, _) =
-        tokio_tungstenite::client_async(target.url.as_str(), stream).await.map_err(|_| "handshake_failed")?;
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(target.url.as_str(), stream, Some(ws_config()))
+        .await
+        .map_err(|_| "handshake_failed")?;
     let user = shared.plan.user(idx);
     let hello = match &shared.config.token_secret {
         Some(secret) => ClientFrame::Hello { user: None, token: Some(mint_token(shared, idx, &user, secret)?) },
@@ -638,6 +645,15 @@ async fn connect(shared: &Shared, idx: u32) -> Result<Conn, &'static str> {
     let writer = tokio::spawn(write_loop(sink, rx));
     Ok(Conn { stream, tx, writer })
 }
+
+/// Small buffers: tungstenite zero-fills its whole read buffer before every read (128 KiB by
+/// default, which cost more CPU than everything else together) and keeps it per connection.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(WS_BUFFER_BYTES).write_buffer_size(WS_BUFFER_BYTES)
+}
+
+/// Read buffer and write-flush threshold of each connection.
+const WS_BUFFER_BYTES: usize = 4 * 1024;
 
 fn pick_addr(addrs: &[SocketAddr], source: Option<IpAddr>) -> Option<SocketAddr> {
     match source {
@@ -666,7 +682,8 @@ struct Claims<'a> {
 
 fn mint_token(shared: &Shared, idx: u32, user: &str, secret: &str) -> Result<String, &'static str> {
     let now = (protocol::now_ms() / 1000) as u64;
-    let rooms = shared.plan.client_rooms[idx as usize].iter().map(|&r| shared.plan.rooms[r as usize].as_str()).collect();
+    let rooms =
+        shared.plan.client_rooms[idx as usize].iter().map(|&r| shared.plan.rooms[r as usize].as_str()).collect();
     let claims = Claims { sub: user, iat: now, exp: now + 24 * 3600, rooms };
     jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),

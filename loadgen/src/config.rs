@@ -83,9 +83,7 @@ pub const MAX_BODY_BYTES: usize = 60 * 1024;
 impl std::str::FromStr for BodySize {
     type Err = String;
     fn from_str(text: &str) -> Result<Self, String> {
-        let parse = |s: &str| {
-            s.trim().parse::<usize>().map_err(|_| format!("`{s}` is not a byte count"))
-        };
+        let parse = |s: &str| s.trim().parse::<usize>().map_err(|_| format!("`{s}` is not a byte count"));
         let (min, max) = match text.split_once('-') {
             Some((a, b)) => (parse(a)?, parse(b)?),
             None => {
@@ -116,8 +114,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         let (num, tail) = rest.split_at(digits);
         let unit_len = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_len);
-        let value: f64 =
-            num.parse().map_err(|_| format!("`{text}`: expected a number before `{unit}`"))?;
+        let value: f64 = num.parse().map_err(|_| format!("`{text}`: expected a number before `{unit}`"))?;
         let factor = match unit {
             "ms" => 0.001,
             "s" => 1.0,
@@ -174,16 +171,39 @@ pub enum ProgressMode {
     Never,
 }
 
+/// Serializes durations as seconds (a float) in reports.
+pub(crate) mod secs {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub mod opt {
+        use std::time::Duration;
+
+        pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => s.serialize_some(&d.as_secs_f64()),
+                None => s.serialize_none(),
+            }
+        }
+    }
+}
+
 /// Scenario-driven disconnects: clients drop their connection and come back.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ReconnectPlan {
     /// First storm, from the start of the measured phase.
+    #[serde(with = "secs")]
     pub at: Duration,
     /// Repeat period; `None` for a single storm.
+    #[serde(with = "secs::opt")]
     pub every: Option<Duration>,
     /// Fraction of clients dropped in each storm (0..=1).
     pub fraction: f64,
     /// Drops of one storm are spread evenly over this window.
+    #[serde(with = "secs")]
     pub spread: Duration,
     /// Rejoin with `since` (resume, audited as continuously joined) or without (a new membership).
     pub resume: bool,
@@ -220,8 +240,10 @@ pub struct Config {
     /// Scenario-driven reconnect storms.
     pub reconnect: Option<ReconnectPlan>,
     /// How long to wait after the last scheduled send for outstanding acks and deliveries.
+    #[serde(with = "secs")]
     pub drain: Duration,
     /// Limit for one connect + WebSocket handshake + `welcome`.
+    #[serde(with = "secs")]
     pub connect_timeout: Duration,
     /// Prefix of user and room names; unique per run by default so runs never share rooms.
     pub prefix: String,
@@ -285,10 +307,7 @@ impl Config {
             errors.push(invalid("--rooms", "must be at least 1"));
         }
         if self.rooms_per_client == 0 || self.rooms_per_client > self.rooms {
-            errors.push(invalid(
-                "--rooms-per-client",
-                format!("must be between 1 and --rooms ({})", self.rooms),
-            ));
+            errors.push(invalid("--rooms-per-client", format!("must be between 1 and --rooms ({})", self.rooms)));
         }
         if self.phases.is_empty() {
             errors.push(invalid("phases", "a run needs at least one phase"));
@@ -326,7 +345,11 @@ impl Config {
         if scheduled > u32::MAX as f64 / 2.0 {
             errors.push(invalid("--rate/--duration", "more than 2^31 sends in one run"));
         }
-        if errors.is_empty() { Ok(()) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
     }
 
     /// Total length of the measured phase.
@@ -500,10 +523,7 @@ impl Cli {
         let phases = if self.rate.is_some() || self.duration.is_some() || sc_phases.is_empty() {
             let rate = self.rate.or(sc_phases.first().map(|p| p.rate)).unwrap_or(d.phases[0].rate);
             let total: Duration = sc_phases.iter().map(|p| p.duration).sum();
-            let duration = self
-                .duration
-                .or((!sc_phases.is_empty()).then_some(total))
-                .unwrap_or(d.phases[0].duration);
+            let duration = self.duration.or((!sc_phases.is_empty()).then_some(total)).unwrap_or(d.phases[0].duration);
             vec![Phase { duration, rate }]
         } else {
             sc_phases
@@ -553,29 +573,32 @@ impl Cli {
                 ProgressMode::Never => false,
             },
             scenario: sc.map(|s| {
-                s.name.clone().unwrap_or_else(|| {
-                    self.scenario.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
-                })
+                s.name
+                    .clone()
+                    .unwrap_or_else(|| self.scenario.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
             }),
         };
         if let Err(mut more) = config.validate() {
             errors.append(&mut more);
         }
-        if errors.is_empty() { Ok(config) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(errors)
+        }
     }
 }
 
 /// A seed nobody chose: time and process id mixed through splitmix64.
 fn random_u64() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     let mut z = nanos ^ ((std::process::id() as u64) << 32);
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    // 53 bits, so the seed survives JSON readers that use doubles.
+    (z ^ (z >> 31)) >> 11
 }
 
 #[cfg(test)]
@@ -625,8 +648,19 @@ mod tests {
     #[test]
     fn flags_override_defaults_and_all_errors_are_reported() {
         let cli = Cli::try_parse_from([
-            "loadgen", "--clients", "7", "--rate", "3", "--duration", "2s", "--seed", "9",
-            "--url", "ws://a:1/ws,ws://b:2/ws", "--prefix", "t1",
+            "loadgen",
+            "--clients",
+            "7",
+            "--rate",
+            "3",
+            "--duration",
+            "2s",
+            "--seed",
+            "9",
+            "--url",
+            "ws://a:1/ws,ws://b:2/ws",
+            "--prefix",
+            "t1",
         ])
         .unwrap();
         let c = cli.into_config(false).unwrap();
@@ -637,7 +671,14 @@ mod tests {
         assert!(!c.progress);
 
         let cli = Cli::try_parse_from([
-            "loadgen", "--clients", "0", "--rooms", "2", "--rooms-per-client", "3", "--url",
+            "loadgen",
+            "--clients",
+            "0",
+            "--rooms",
+            "2",
+            "--rooms-per-client",
+            "3",
+            "--url",
             "http://x/ws",
         ])
         .unwrap();

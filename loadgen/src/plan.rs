@@ -5,8 +5,8 @@
 //! (from 1) a share of the memberships proportional to 1/k^s, capped at the number of clients,
 //! and deals a shuffled client order into the rooms so no client is in a room twice.
 
-use rand::seq::SliceRandom;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 
 use crate::config::RoomDist;
 

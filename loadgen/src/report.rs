@@ -37,6 +37,8 @@ pub struct RunFacts {
     pub interrupted: bool,
     /// CPU seconds loadgen used from start to stop.
     pub cpu_seconds: Option<f64>,
+    /// CPU seconds from the start of the measured phase to the stop (no connection setup).
+    pub cpu_seconds_measured: Option<f64>,
 }
 
 /// Summary of one latency histogram, in milliseconds.
@@ -89,10 +91,8 @@ pub struct Quantile {
     pub ms: f64,
 }
 
-const QUANTILES: [f64; 19] = [
-    0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999, 0.9995, 0.9999,
-    0.99999, 1.0,
-];
+const QUANTILES: [f64; 19] =
+    [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99999, 1.0];
 
 fn distribution(h: &Histogram<u64>) -> Vec<Quantile> {
     if h.is_empty() {
@@ -178,14 +178,17 @@ pub struct Throughput {
 pub struct CpuStats {
     /// CPU seconds (user + system) loadgen used, ramp to stop.
     pub cpu_seconds: Option<f64>,
+    /// CPU seconds from the start of the measured phase to the stop (the ramp's connection
+    /// setup left out); all deliveries are checked in this window.
+    pub cpu_seconds_measured: Option<f64>,
     /// Wall seconds, ramp to stop.
     pub wall_seconds: f64,
     /// Mean cores used.
     pub cores_used: Option<f64>,
     /// Message frames checked.
     pub frames_checked: u64,
-    /// CPU seconds per 100k checked deliveries = cores needed to check 100k deliveries/s
-    /// (everything included: sockets, WebSocket, JSON, audit, sends).
+    /// `cpu_seconds_measured` per 100k checked deliveries = cores needed to check 100k
+    /// deliveries/s (everything included: sockets, WebSocket, JSON, audit, sends).
     pub cores_per_100k_deliveries_per_s: Option<f64>,
 }
 
@@ -234,15 +237,12 @@ impl Report {
         let per_s = |n: u64| if measure_s > 0.0 { n as f64 / measure_s } else { 0.0 };
         let sizes = &shared.plan.room_sizes;
         let non_empty: Vec<u32> = sizes.iter().copied().filter(|&n| n > 0).collect();
-        let mut largest: Vec<(String, u32)> =
-            shared.plan.rooms.iter().cloned().zip(sizes.iter().copied()).collect();
+        let mut largest: Vec<(String, u32)> = shared.plan.rooms.iter().cloned().zip(sizes.iter().copied()).collect();
         largest.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         largest.truncate(5);
         let wall = s(facts.drain_end_us.saturating_sub(facts.ramp_start_us));
-        let cores_per_100k = facts
-            .cpu_seconds
-            .filter(|_| c.checked > 0)
-            .map(|cpu| cpu / (c.checked as f64 / 100_000.0));
+        let cores_per_100k =
+            facts.cpu_seconds_measured.filter(|_| c.checked > 0).map(|cpu| cpu / (c.checked as f64 / 100_000.0));
         Self {
             loadgen_version: env!("CARGO_PKG_VERSION"),
             passed: audit.passed,
@@ -300,6 +300,7 @@ impl Report {
             audit,
             loadgen_cpu: CpuStats {
                 cpu_seconds: facts.cpu_seconds,
+                cpu_seconds_measured: facts.cpu_seconds_measured,
                 wall_seconds: wall,
                 cores_used: facts.cpu_seconds.filter(|_| wall > 0.0).map(|cpu| cpu / wall),
                 frames_checked: c.checked,
@@ -310,7 +311,11 @@ impl Report {
 
     /// The process exit status: 0 passed, 1 the audit failed.
     pub fn exit_code(&self) -> i32 {
-        if self.passed { 0 } else { 1 }
+        if self.passed {
+            0
+        } else {
+            1
+        }
     }
 
     /// Writes the report as pretty JSON.
@@ -391,10 +396,12 @@ impl Report {
             let _ = writeln!(o, "errors: {}", list.join(", "));
         }
         let cpu = &self.loadgen_cpu;
-        if let (Some(secs), Some(per)) = (cpu.cpu_seconds, cpu.cores_per_100k_deliveries_per_s) {
+        if let (Some(total), Some(secs), Some(per)) =
+            (cpu.cpu_seconds, cpu.cpu_seconds_measured, cpu.cores_per_100k_deliveries_per_s)
+        {
             let _ = writeln!(
                 o,
-                "loadgen cpu: {secs:.2} s for {} frames checked = {per:.2} cores per 100k deliveries/s",
+                "loadgen cpu: {total:.2} s in all, {secs:.2} s while checking {} frames = {per:.2} cores per 100k deliveries/s",
                 cpu.frames_checked
             );
         }
@@ -487,17 +494,21 @@ impl Report {
 
         // Latency over time.
         let tl = &self.timeline;
-        let pts = |f: &dyn Fn(&Second) -> f64| tl.iter().map(|p| (p.t, f(p))).collect::<Vec<_>>();
+        // Intervals without samples are left out rather than drawn as zero latency.
+        let e2e_pts =
+            |f: &dyn Fn(&Second) -> f64| tl.iter().filter(|p| p.delivered > 0).map(|p| (p.t, f(p))).collect::<Vec<_>>();
+        let ack_pts =
+            |f: &dyn Fn(&Second) -> f64| tl.iter().filter(|p| p.acked > 0).map(|p| (p.t, f(p))).collect::<Vec<_>>();
         let marks = Some((self.timing.measure_start_s, self.timing.measure_end_s));
         o.push_str("<h3>Latency over time</h3>\n");
         o.push_str(&line_chart(
             "ms",
             "seconds since start",
             &[
-                Series { name: "send→delivery p50", color: "#1f77b4", points: pts(&|p| p.e2e_p50_ms) },
-                Series { name: "send→delivery p99", color: "#d62728", points: pts(&|p| p.e2e_p99_ms) },
-                Series { name: "send→delivery max", color: "#ff9896", points: pts(&|p| p.e2e_max_ms) },
-                Series { name: "send→ack p99", color: "#2ca02c", points: pts(&|p| p.ack_p99_ms) },
+                Series { name: "send→delivery p50", color: "#1f77b4", points: e2e_pts(&|p| p.e2e_p50_ms) },
+                Series { name: "send→delivery p99", color: "#d62728", points: e2e_pts(&|p| p.e2e_p99_ms) },
+                Series { name: "send→delivery max", color: "#ff9896", points: e2e_pts(&|p| p.e2e_max_ms) },
+                Series { name: "send→ack p99", color: "#2ca02c", points: ack_pts(&|p| p.ack_p99_ms) },
             ],
             XAxis::Linear,
             marks,
@@ -607,10 +618,10 @@ impl Report {
             }
         }
         let cpu = &self.loadgen_cpu;
-        if let (Some(secs), Some(per)) = (cpu.cpu_seconds, cpu.cores_per_100k_deliveries_per_s) {
+        if let (Some(secs), Some(per)) = (cpu.cpu_seconds_measured, cpu.cores_per_100k_deliveries_per_s) {
             let _ = writeln!(
                 o,
-                "<p>loadgen used {secs:.2} CPU seconds for {} frames checked: {per:.2} cores per 100k deliveries/s.</p>",
+                "<p>loadgen used {secs:.2} CPU seconds while checking {} frames: {per:.2} cores per 100k deliveries/s.</p>",
                 cpu.frames_checked
             );
         }
@@ -667,7 +678,13 @@ pub enum XAxis {
 }
 
 /// A chart as an inline SVG element. `band` shades an x range (the measured phase).
-pub fn line_chart(y_label: &str, x_label: &str, series: &[Series<'_>], x_axis: XAxis, band: Option<(f64, f64)>) -> String {
+pub fn line_chart(
+    y_label: &str,
+    x_label: &str,
+    series: &[Series<'_>],
+    x_axis: XAxis,
+    band: Option<(f64, f64)>,
+) -> String {
     let (w, h) = (860.0, 300.0);
     let (left, right, top, bottom) = (64.0, 170.0, 16.0, 42.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
@@ -681,12 +698,20 @@ pub fn line_chart(y_label: &str, x_label: &str, series: &[Series<'_>], x_axis: X
     let mut o = String::new();
     let _ = write!(o, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-size=\"11\" font-family=\"sans-serif\">");
     if x0 > x1 {
-        let _ = write!(o, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">no data</text></svg>\n", w / 2.0, h / 2.0);
+        let _ = writeln!(o, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">no data</text></svg>", w / 2.0, h / 2.0);
         return o;
     }
-    if x_axis == XAxis::Percentile {
-        x0 = 0.0;
-        x1 = x1.max(3.0).ceil();
+    match x_axis {
+        XAxis::Percentile => {
+            x0 = 0.0;
+            x1 = x1.max(3.0).ceil();
+        }
+        XAxis::Linear => {
+            x0 = x0.min(0.0);
+            if let Some((_, b)) = band {
+                x1 = x1.max(b);
+            }
+        }
     }
     if x1 - x0 < 1e-9 {
         x1 = x0 + 1.0;
@@ -697,7 +722,12 @@ pub fn line_chart(y_label: &str, x_label: &str, series: &[Series<'_>], x_axis: X
     if let Some((a, b)) = band {
         let (a, b) = (a.max(x0), b.min(x1));
         if b > a {
-            let _ = write!(o, "<rect x=\"{:.1}\" y=\"{top}\" width=\"{:.1}\" height=\"{ph}\" fill=\"#f3f7ff\"/>", sx(a), sx(b) - sx(a));
+            let _ = write!(
+                o,
+                "<rect x=\"{:.1}\" y=\"{top}\" width=\"{:.1}\" height=\"{ph}\" fill=\"#f3f7ff\"/>",
+                sx(a),
+                sx(b) - sx(a)
+            );
         }
     }
     // Grid and y ticks.
@@ -705,16 +735,12 @@ pub fn line_chart(y_label: &str, x_label: &str, series: &[Series<'_>], x_axis: X
         let v = y1 * i as f64 / 5.0;
         let y = sy(v);
         let _ = write!(o, "<line x1=\"{left}\" x2=\"{:.1}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#eee\"/>", left + pw);
-        let _ = write!(o, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>", left - 6.0, y + 4.0, fmt_num(v));
+        let _ =
+            write!(o, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>", left - 6.0, y + 4.0, fmt_num(v));
     }
     // x ticks.
     let ticks: Vec<(f64, String)> = match x_axis {
-        XAxis::Percentile => (0..=(x1 as i32))
-            .map(|k| {
-                let q = 100.0 * (1.0 - 10f64.powi(-k));
-                (k as f64, if k == 0 { "0%".to_string() } else { format!("{}%", fmt_num(q)) })
-            })
-            .collect(),
+        XAxis::Percentile => (0..=(x1 as i32)).map(|k| (k as f64, percentile_label(k as usize))).collect(),
         XAxis::Linear => {
             let step = nice_ceil((x1 - x0) / 8.0);
             let mut t = (x0 / step).ceil() * step;
@@ -729,23 +755,55 @@ pub fn line_chart(y_label: &str, x_label: &str, series: &[Series<'_>], x_axis: X
     for (x, label) in ticks {
         let px = sx(x);
         let _ = write!(o, "<line x1=\"{px:.1}\" x2=\"{px:.1}\" y1=\"{top}\" y2=\"{:.1}\" stroke=\"#eee\"/>", top + ph);
-        let _ = write!(o, "<text x=\"{px:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>", top + ph + 14.0, esc(&label));
+        let _ =
+            write!(o, "<text x=\"{px:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>", top + ph + 14.0, esc(&label));
     }
     let _ = write!(o, "<rect x=\"{left}\" y=\"{top}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"#999\"/>");
-    let _ = write!(o, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>", left + pw / 2.0, h - 6.0, esc(x_label));
-    let _ = write!(o, "<text transform=\"translate(14 {:.1}) rotate(-90)\" text-anchor=\"middle\">{}</text>", top + ph / 2.0, esc(y_label));
+    let _ = write!(
+        o,
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+        left + pw / 2.0,
+        h - 6.0,
+        esc(x_label)
+    );
+    let _ = write!(
+        o,
+        "<text transform=\"translate(14 {:.1}) rotate(-90)\" text-anchor=\"middle\">{}</text>",
+        top + ph / 2.0,
+        esc(y_label)
+    );
     for (i, s) in series.iter().enumerate() {
         if !s.points.is_empty() {
             let pts: Vec<String> = s.points.iter().map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
-            let _ = write!(o, "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"1.6\" points=\"{}\"/>", esc(s.color), pts.join(" "));
+            let _ = write!(
+                o,
+                "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"1.6\" points=\"{}\"/>",
+                esc(s.color),
+                pts.join(" ")
+            );
         }
         let ly = top + 14.0 + 18.0 * i as f64;
         let lx = left + pw + 12.0;
-        let _ = write!(o, "<line x1=\"{lx}\" x2=\"{:.1}\" y1=\"{ly}\" y2=\"{ly}\" stroke=\"{}\" stroke-width=\"3\"/>", lx + 18.0, esc(s.color));
+        let _ = write!(
+            o,
+            "<line x1=\"{lx}\" x2=\"{:.1}\" y1=\"{ly}\" y2=\"{ly}\" stroke=\"{}\" stroke-width=\"3\"/>",
+            lx + 18.0,
+            esc(s.color)
+        );
         let _ = write!(o, "<text x=\"{:.1}\" y=\"{:.1}\">{}</text>", lx + 24.0, ly + 4.0, esc(s.name));
     }
     o.push_str("</svg>\n");
     o
+}
+
+/// The percentile at x = k on a -log10(1 - q) axis: 0%, 90%, 99%, 99.9%, ...
+fn percentile_label(k: usize) -> String {
+    match k {
+        0 => "0%".into(),
+        1 => "90%".into(),
+        2 => "99%".into(),
+        _ => format!("99.{}%", "9".repeat(k - 2)),
+    }
 }
 
 /// The smallest of 1, 2, 2.5, 5 × 10^k at or above `v`.
@@ -807,6 +865,86 @@ mod tests {
             None,
         );
         assert!(p.contains("99.99%"), "{p}");
+        assert_eq!(percentile_label(6), "99.9999%");
+    }
+
+    /// A report from a synthetic run: one planted drop, written as JSON and HTML.
+    #[test]
+    fn reports_are_written_and_read_back() {
+        use crate::audit::{check_delivery, finalize, parse_id, Track};
+        use crate::metrics::{Collector, Lat};
+        use std::time::Duration;
+
+        let config = Config {
+            clients: 3,
+            rooms: 1,
+            phases: vec![crate::schedule::Phase { duration: Duration::from_secs(1), rate: 4.0 }],
+            prefix: "rep".into(),
+            ..Config::default()
+        };
+        let (shared, _) = crate::runner::Shared::prepare(config, Vec::new());
+        let records = &shared.records;
+        let id = |seq: u64| format!("018f0000-0000-7000-8000-{seq:012x}");
+        let mut tracks: Vec<Track> = (0..3).map(|c| Track::new(0, c)).collect();
+        for t in &mut tracks {
+            t.joined(0, 0, false);
+        }
+        for i in 0..records.len() as u32 {
+            let seq = i as u64 + 1;
+            records.mark_sent(i, 10);
+            records.ack(i, parse_id(&id(seq)), seq, 20);
+            for (c, t) in tracks.iter_mut().enumerate() {
+                if !(c == 1 && seq == 2) {
+                    let (_, lat) = check_delivery(t, records, Some(i), seq, &id(seq), &format!("{seq:032x}"), 1000);
+                    shared.metrics.shard(c as u32).record(Lat::E2e, lat.unwrap());
+                    shared.metrics.shard(c as u32).delivered += 1;
+                }
+            }
+        }
+        let mut collector = Collector::new();
+        collector.collect(&shared.metrics, 0.0);
+        collector.collect(&shared.metrics, 1.0);
+        let refs: Vec<&Track> = tracks.iter().collect();
+        let audit = finalize(records, &refs, &shared.plan, 0, 10);
+        let facts = RunFacts {
+            started_unix_ms: 1,
+            ramp_start_us: 0,
+            measure_start_us: 100_000,
+            measure_end_us: 1_100_000,
+            drain_end_us: 1_200_000,
+            clients_ok: 3,
+            clients_failed: 0,
+            interrupted: false,
+            cpu_seconds: Some(0.5),
+            cpu_seconds_measured: Some(0.4),
+        };
+        let report = Report::build(&shared, &collector, audit, facts);
+        assert!(!report.passed);
+        assert_eq!(report.exit_code(), 1);
+
+        let dir = std::env::temp_dir().join(format!("loadgen-report-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (json, html) = (dir.join("r.json"), dir.join("r.html"));
+        report.write_json(&json).unwrap();
+        report.write_html(&html).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(v["passed"], false);
+        assert_eq!(v["audit"]["counts"]["missing_deliveries"], 1);
+        assert_eq!(v["audit"]["findings"][0]["kind"], "missing");
+        assert_eq!(v["audit"]["findings"][0]["id"], id(2));
+        assert_eq!(v["audit"]["findings"][0]["recipients"][0], "rep-u1");
+        assert_eq!(v["config"]["drain"], 5.0, "durations are seconds");
+        assert_eq!(v["latency_ms"]["send_to_delivery"]["count"], 11);
+        assert_eq!(v["timeline"].as_array().unwrap().len(), 1);
+        assert_eq!(v["loadgen_cpu"]["frames_checked"], 0);
+        let page = std::fs::read_to_string(&html).unwrap();
+        assert!(page.starts_with("<!doctype html>") && page.trim_end().ends_with("</html>"));
+        assert_eq!(page.matches("<svg").count(), 3);
+        assert!(page.contains(&format!("/debug/messages/{}", id(2))));
+        assert!(!page.contains("<script"));
+        let summary = report.summary();
+        assert!(summary.contains(&id(2)) && summary.contains("FAILED"), "{summary}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

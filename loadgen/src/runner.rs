@@ -91,15 +91,8 @@ impl Shared {
         let pool_len = (config.body.max * 2).max(16 * 1024);
         let body_pool = (0..pool_len).map(|_| rng.random_range(b'a'..=b'z') as char).collect();
         let shards = std::thread::available_parallelism().map_or(4, |n| n.get() * 4);
-        let shared = Self {
-            config,
-            clock: Clock::new(),
-            plan,
-            records,
-            metrics: Metrics::new(shards),
-            targets,
-            body_pool,
-        };
+        let shared =
+            Self { config, clock: Clock::new(), plan, records, metrics: Metrics::new(shards), targets, body_pool };
         (shared, events)
     }
 }
@@ -195,6 +188,7 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> Re
     }
     let measure_start = shared.clock.now_us();
     shared.records.set_measure_start(measure_start);
+    let cpu_measure_start = process_cpu_seconds();
 
     if ok == 0 {
         drop(stop_clients(cmd_txs, handles).await);
@@ -245,6 +239,15 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> Re
             }
         }
     }
+    // The measured phase lasts its full length even when the schedule ends early (an idle
+    // phase at rate 0 is how connection memory is measured).
+    let phase_end = measure_start + cfg.measure_duration().as_micros() as u64;
+    if !interrupted && shared.clock.now_us() < phase_end {
+        tokio::select! {
+            _ = tokio::time::sleep_until(shared.clock.instant(phase_end).into()) => {}
+            _ = &mut shutdown => interrupted = true,
+        }
+    }
     let measure_end = shared.clock.now_us();
 
     // === drain: until every send is answered and every joined member has caught up ===
@@ -274,13 +277,8 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> Re
     collector.collect(&shared.metrics, shared.clock.now_us() as f64 / 1e6);
     progress.finish();
     let refs: Vec<&Track> = tracks.iter().collect();
-    let audit = finalize(
-        &shared.records,
-        &refs,
-        &shared.plan,
-        shared.metrics.stray.load(Ordering::Relaxed),
-        cfg.max_findings,
-    );
+    let audit =
+        finalize(&shared.records, &refs, &shared.plan, shared.metrics.stray.load(Ordering::Relaxed), cfg.max_findings);
     let facts = RunFacts {
         started_unix_ms,
         ramp_start_us: ramp_start,
@@ -291,6 +289,10 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> Re
         clients_failed: (cfg.clients as usize - ok) as u64,
         interrupted,
         cpu_seconds: match (cpu_start, cpu_end) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        },
+        cpu_seconds_measured: match (cpu_measure_start, cpu_end) {
             (Some(a), Some(b)) => Some(b - a),
             _ => None,
         },

@@ -167,10 +167,7 @@ mod tests {
                 continue;
             }
             seen += 1;
-            let cli = crate::config::Cli {
-                scenario: Some(path.clone()),
-                ..Default::default()
-            };
+            let cli = crate::config::Cli { scenario: Some(path.clone()), ..Default::default() };
             let config = cli.into_config(false).unwrap_or_else(|e| panic!("{path:?}: {e:?}"));
             assert!(config.scenario.is_some());
         }

@@ -18,14 +18,10 @@ use crate::plan::Plan;
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Phase {
     /// How long it lasts.
-    #[serde(serialize_with = "ser_secs")]
+    #[serde(with = "crate::config::secs")]
     pub duration: Duration,
     /// Sends per second over all clients (0 = idle).
     pub rate: f64,
-}
-
-fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64())
 }
 
 /// One scheduled send.
@@ -85,9 +81,8 @@ pub fn send_instants(phases: &[Phase]) -> Vec<u64> {
 /// Assigns each send instant a sender (uniform over clients that have rooms) and one of its
 /// rooms (uniform).
 pub fn build_sends(phases: &[Phase], plan: &Plan, rng: &mut StdRng) -> Vec<PlannedSend> {
-    let senders: Vec<u32> = (0..plan.client_rooms.len() as u32)
-        .filter(|&c| !plan.client_rooms[c as usize].is_empty())
-        .collect();
+    let senders: Vec<u32> =
+        (0..plan.client_rooms.len() as u32).filter(|&c| !plan.client_rooms[c as usize].is_empty()).collect();
     if senders.is_empty() {
         return Vec::new();
     }

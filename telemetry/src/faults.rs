@@ -54,18 +54,18 @@ pub enum FaultAction {
 }
 
 impl FaultAction {
-    /// The `reason` label its drops and events are counted under.
-    pub fn metric_label(self) -> &'static str {
+    /// The action's name, as in the API and the `action` metric label.
+    pub fn name(self) -> &'static str {
         match self {
-            Self::Drop => "fault_drop",
-            Self::Duplicate => "fault_duplicate",
-            Self::Reorder => "fault_reorder",
-            Self::Delay => "fault_delay",
-            Self::Rewrite => "fault_rewrite",
-            Self::Stall => "fault_stall",
-            Self::Cut => "fault_cut",
-            Self::Disable => "fault_disable",
-            Self::Skew => "fault_skew",
+            Self::Drop => "drop",
+            Self::Duplicate => "duplicate",
+            Self::Reorder => "reorder",
+            Self::Delay => "delay",
+            Self::Rewrite => "rewrite",
+            Self::Stall => "stall",
+            Self::Cut => "cut",
+            Self::Disable => "disable",
+            Self::Skew => "skew",
         }
     }
 }

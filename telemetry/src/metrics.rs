@@ -32,7 +32,7 @@ pub struct Metrics {
     pub deliveries: IntCounter,
     /// Deliveries or frames not delivered, by reason.
     pub drops: IntCounterVec,
-    /// Gaps in a room's feed filled from the store, and messages so recovered.
+    /// Gaps in a room's feed filled from the store.
     pub gap_repairs: IntCounter,
     /// Messages recovered by gap repair.
     pub gap_repaired_messages: IntCounter,
@@ -54,6 +54,14 @@ pub struct Metrics {
     pub history_coalesced: IntCounter,
     /// Replays and gap fills answered from a room's recent messages in memory.
     pub history_cache_hits: IntCounter,
+    /// Faults injected, by hop and action.
+    pub faults_injected: IntCounterVec,
+    /// Bus operation latency, by operation.
+    pub bus_latency: HistogramVec,
+    /// Frames waiting in a connection's outbound queue when its writer wakes up.
+    pub outbound_queue_depth: Histogram,
+    /// Age of the oldest message of each write batch (now − `ts`): per-connection delivery lag.
+    pub delivery_lag: Histogram,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -96,6 +104,9 @@ impl Metrics {
         );
         let batch_opts = HistogramOpts::new("chat_fanout_batch_size", "Sends per fanout batch.")
             .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]);
+        let bus_opts = HistogramOpts::new("chat_bus_seconds", "Bus operation latency in seconds.").buckets(LATENCY_BUCKETS.to_vec());
+        let depth_opts = HistogramOpts::new("chat_outbound_queue_depth", "Frames queued for a connection when its writer wakes.")
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 256.0, 1024.0]);
         let store_opts = HistogramOpts::new("chat_store_seconds", "Store operation latency in seconds.")
             .buckets(LATENCY_BUCKETS.to_vec());
         Self {
@@ -119,7 +130,19 @@ impl Metrics {
             fanout_batch: register(&r, Histogram::with_opts(batch_opts).expect("valid metric")),
             history_coalesced: counter(&r, "chat_history_coalesced_total", "History reads that joined an identical read in flight."),
             history_cache_hits: counter(&r, "chat_history_cache_hits_total", "Replays and gap fills served from recent messages in memory."),
+            faults_injected: counter_vec(&r, "chat_faults_injected_total", "Faults injected, by hop and action.", &["hop", "action"]),
+            bus_latency: register(&r, HistogramVec::new(bus_opts, &["op"]).expect("valid metric")),
+            outbound_queue_depth: register(&r, Histogram::with_opts(depth_opts).expect("valid metric")),
+            delivery_lag: histogram(&r, "chat_delivery_lag_seconds", "Age of the oldest message of each connection write batch, in seconds."),
             registry: r,
+        }
+    }
+
+    /// Counts an injected fault; a `drop` also counts as a drop with reason `fault_drop`.
+    pub fn fault(&self, hop: &str, action: &str) {
+        self.faults_injected.with_label_values(&[hop, action]).inc();
+        if action == "drop" {
+            self.drops.with_label_values(&["fault_drop"]).inc();
         }
     }
 

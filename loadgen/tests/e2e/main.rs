@@ -33,7 +33,7 @@ async fn clean_run_reports_zero_and_writes_reports() {
     assert_eq!(report.exit_code(), 0);
 
     let dir = tempdir();
-    let (json, html) = (dir.join("out.json"), dir.join("out.html"));
+    let (json, html) = (dir.path().join("out.json"), dir.path().join("out.html"));
     report.write_json(&json).unwrap();
     report.write_html(&html).unwrap();
     let parsed: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -140,13 +140,27 @@ async fn tokens_and_source_addresses() {
 async fn binary_exit_codes() {
     let server = server(None).await;
     let dir = tempdir();
-    let json = dir.join("r.json");
+    let json = dir.path().join("r.json");
     let args = |prefix: &str| {
         vec![
-            "--url".to_string(), server.ws_url.clone(), "--clients".into(), "6".into(), "--rooms".into(),
-            "1".into(), "--rate".into(), "20".into(), "--duration".into(), "1s".into(), "--ramp".into(),
-            "0".into(), "--prefix".into(), prefix.into(), "--progress".into(), "never".into(),
-            "--report".into(), json.display().to_string(),
+            "--url".to_string(),
+            server.ws_url.clone(),
+            "--clients".into(),
+            "6".into(),
+            "--rooms".into(),
+            "1".into(),
+            "--rate".into(),
+            "20".into(),
+            "--duration".into(),
+            "1s".into(),
+            "--ramp".into(),
+            "0".into(),
+            "--prefix".into(),
+            prefix.into(),
+            "--progress".into(),
+            "never".into(),
+            "--report".into(),
+            json.display().to_string(),
         ]
     };
     assert_eq!(loadgen_bin(args("bin1")).await, 0);

@@ -1,6 +1,5 @@
 //! Helpers: start the server, build configs, plant faults, read journeys, run the binary.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use chat::testing::{start_all_in_one, RunningServer, TestServerOptions};
@@ -16,11 +15,8 @@ pub const LIMIT: Duration = Duration::from_secs(60);
 
 /// A fresh all-in-one server with the admin API on (and auth when `jwt` is given).
 pub async fn server(jwt: Option<&str>) -> RunningServer {
-    let gateway = GatewayConfig {
-        admin_token: Some(ADMIN.into()),
-        jwt_secret: jwt.map(Into::into),
-        ..GatewayConfig::default()
-    };
+    let gateway =
+        GatewayConfig { admin_token: Some(ADMIN.into()), jwt_secret: jwt.map(Into::into), ..GatewayConfig::default() };
     tokio::time::timeout(LIMIT, start_all_in_one(TestServerOptions { data_dir: None, gateway }))
         .await
         .expect("server start timed out")
@@ -95,15 +91,9 @@ pub async fn assert_faulted(server: &RunningServer, id: &str, action: &str, seq:
     assert!(faulted, "message {id} named by loadgen has no `{action}` fault in its journey: {text}");
 }
 
-/// A fresh temporary directory (left behind on purpose only if a test fails mid-way).
-pub fn tempdir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "loadgen-e2e-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh temporary directory, removed when dropped.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("loadgen-e2e-").tempdir().unwrap()
 }
 
 /// Runs the `loadgen` binary with `args`, returning its exit code.
