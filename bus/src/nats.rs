@@ -26,6 +26,7 @@ use futures_util::{FutureExt, StreamExt};
 use protocol::bus::{RoomEvent, SendCommand, SendOutcome, SendReply};
 use protocol::{subjects, ChatMessage};
 use telemetry::journal::{Journal, Journey};
+use telemetry::metrics::Metrics;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{BusError, FanoutBus, FeedItem, GatewayBus, PendingSend, Replier, RoomFeed};
@@ -80,6 +81,7 @@ pub struct NatsBus {
     waiters: Waiters,
     reply_prefix: String,
     sends: tokio::sync::Mutex<Option<consumer::pull::Stream>>,
+    metrics: Metrics,
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> BusError {
@@ -89,7 +91,7 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> BusError {
 impl NatsBus {
     /// Connects (retrying in the background while NATS is down) and, for gateways, starts
     /// listening for workers' answers. Never fails because NATS is down: `ready` says so.
-    pub async fn connect(config: NatsConfig) -> Result<Arc<Self>, BusError> {
+    pub async fn connect(config: NatsConfig, metrics: Metrics) -> Result<Arc<Self>, BusError> {
         let name = config.name.clone();
         let client = async_nats::ConnectOptions::new()
             .name(&config.name)
@@ -113,6 +115,7 @@ impl NatsBus {
             waiters: Arc::default(),
             reply_prefix,
             sends: tokio::sync::Mutex::new(None),
+            metrics,
         });
         bus.listen_for_replies().await?;
         Ok(bus)
@@ -204,8 +207,13 @@ impl GatewayBus for NatsBus {
                 .map_err(|e| unavailable("publish send", e))?;
             ack.await.map_err(|e| unavailable("send not stored in JetStream", e))
         };
+        let started = std::time::Instant::now();
         tracing::Instrument::instrument(stored, span).await?;
-        match rx.await {
+        self.metrics.bus_latency.with_label_values(&["jetstream_publish"]).observe(started.elapsed().as_secs_f64());
+        let replied = std::time::Instant::now();
+        let reply = rx.await;
+        self.metrics.bus_latency.with_label_values(&["worker_reply"]).observe(replied.elapsed().as_secs_f64());
+        match reply {
             Ok(SendReply::Stored(outcome)) => Ok(outcome),
             Ok(SendReply::Rejected { reason }) => Err(BusError::Rejected(reason)),
             Ok(SendReply::Unavailable { reason }) => Err(BusError::Unavailable(reason)),
@@ -443,9 +451,13 @@ impl FanoutBus for NatsBus {
         let payload: Bytes = serde_json::to_vec(&*message).map_err(|e| BusError::Rejected(e.to_string()))?.into();
         let mut headers = HeaderMap::new();
         headers.insert(TRACEPARENT, traceparent);
-        self.client
+        let started = std::time::Instant::now();
+        let published = self
+            .client
             .publish_with_headers(subjects::deliver(&message.room), headers, payload)
             .await
-            .map_err(|e| unavailable("publish delivery", e))
+            .map_err(|e| unavailable("publish delivery", e));
+        self.metrics.bus_latency.with_label_values(&["deliver_publish"]).observe(started.elapsed().as_secs_f64());
+        published
     }
 }

@@ -75,9 +75,9 @@ pub async fn gateway(
     journal_capacity: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let bus = NatsBus::connect(NatsConfig::new(&backends.nats_url, &config.gateway_id)).await.context("NATS")?;
-    let store = connect_store(&backends).await?;
     let metrics = Metrics::new();
+    let bus = NatsBus::connect(NatsConfig::new(&backends.nats_url, &config.gateway_id), metrics.clone()).await.context("NATS")?;
+    let store = connect_store(&backends).await?;
     let journal = Arc::new(Journal::new(config.gateway_id.clone(), journal_capacity));
     bus.serve_journal(journal.clone()).await.context("serving journeys")?;
     let deps = GatewayDeps { bus, store, metrics, journal, faults: Arc::new(Faults::default()) };
@@ -93,9 +93,9 @@ pub async fn fanout(
     journal_capacity: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let bus = NatsBus::connect(NatsConfig::new(&backends.nats_url, &worker_id)).await.context("NATS")?;
-    let store = connect_store(&backends).await?;
     let metrics = Metrics::new();
+    let bus = NatsBus::connect(NatsConfig::new(&backends.nats_url, &worker_id), metrics.clone()).await.context("NATS")?;
+    let store = connect_store(&backends).await?;
     let journal = Arc::new(Journal::new(worker_id.clone(), journal_capacity));
     bus.serve_journal(journal.clone()).await.context("serving journeys")?;
     let faults = Arc::new(Faults::default());

@@ -7,6 +7,7 @@ mod auth;
 mod cluster;
 mod bad_input;
 mod delivery;
+mod exercises;
 mod durability;
 mod history;
 mod http;
