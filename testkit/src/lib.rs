@@ -274,15 +274,23 @@ fn free_port() -> u16 {
 /// The shared test node's address: `CHAT_TEST_CQL`, or a node started (once, idempotently)
 /// with `deploy/cassandra/start` in `target/test-cassandra` on port 9142.
 pub fn cassandra() -> String {
-    if let Ok(nodes) = std::env::var("CHAT_TEST_CQL") {
-        return nodes;
-    }
+    static NODE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NODE.get_or_init(|| {
+        if let Ok(nodes) = std::env::var("CHAT_TEST_CQL") {
+            return nodes;
+        }
+        start_cassandra(&workspace_root().join("target/test-cassandra"), 9142, 7142)
+    })
+    .clone()
+}
+
+/// Starts (or finds running) a node in `dir` with `deploy/cassandra/start`; its address.
+fn start_cassandra(dir: &Path, cql_port: u16, storage_port: u16) -> String {
     let root = workspace_root();
-    let dir = root.join("target/test-cassandra");
     let output = std::process::Command::new(root.join("deploy/cassandra/start"))
         .arg("--dir")
-        .arg(&dir)
-        .args(["--cql-port", "9142", "--storage-port", "7142"])
+        .arg(dir)
+        .args(["--cql-port", &cql_port.to_string(), "--storage-port", &storage_port.to_string(), "--heap", "512M"])
         .stderr(Stdio::inherit())
         .output()
         .expect("run deploy/cassandra/start");
@@ -290,6 +298,46 @@ pub fn cassandra() -> String {
         panic!("the test Cassandra node did not start (deploy/cassandra/start --dir {}); set CHAT_TEST_CQL to use a running node", dir.display());
     }
     String::from_utf8_lossy(&output.stdout).lines().last().expect("start prints the address").trim().to_owned()
+}
+
+/// A Cassandra node of one test's own, for outage tests that must not disturb the shared
+/// node: it can be frozen (SIGSTOP) and thawed. Stopped on drop.
+pub struct DedicatedCassandra {
+    dir: PathBuf,
+    /// `127.0.0.1:PORT`
+    pub addr: String,
+}
+
+impl DedicatedCassandra {
+    /// Starts a node in `target/<name>` on the given ports.
+    pub fn start(name: &str, cql_port: u16, storage_port: u16) -> DedicatedCassandra {
+        let dir = workspace_root().join("target").join(name);
+        let addr = start_cassandra(&dir, cql_port, storage_port);
+        DedicatedCassandra { dir, addr }
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = std::fs::read_to_string(self.dir.join("cassandra.pid")).expect("node pid file");
+        let status = std::process::Command::new("kill").args([signal, pid.trim()]).status().expect("run kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
+    /// Freezes the node: connections stay open, nothing is answered.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen node run again.
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+}
+
+impl Drop for DedicatedCassandra {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-CONT"]).arg(std::fs::read_to_string(self.dir.join("cassandra.pid")).unwrap_or_default().trim()).status();
+        let _ = std::process::Command::new(workspace_root().join("deploy/cassandra/stop")).arg("--dir").arg(&self.dir).status();
+    }
 }
 
 /// A keyspace name no other test uses.

@@ -320,3 +320,49 @@ async fn the_journey_gathers_hops_from_every_process_and_chat_trace_prints_it() 
 fn ack_trace(journey: &Value) -> Value {
     journey["trace_id"].clone()
 }
+
+#[tokio::test]
+async fn the_store_briefly_unreachable_sends_fail_cleanly_and_the_system_recovers() {
+    // A node of its own, so freezing it disturbs no other test.
+    let node = tokio::task::spawn_blocking(|| testkit::DedicatedCassandra::start("test-cassandra-outage", 9342, 7342)).await.unwrap();
+    let nats = NatsServer::start().await;
+    let keyspace = testkit::unique_keyspace("outage");
+    let config = storage::cql::CqlConfig { nodes: vec![node.addr.clone()], keyspace: keyspace.clone(), ..Default::default() };
+    storage::cql::CqlStore::connect(config).await.expect("dedicated node reachable");
+    let mut cluster = Cluster { nats, cql: node.addr.clone(), keyspace, gateways: Vec::new(), workers: Vec::new() };
+    let worker = cluster.start_worker().await;
+    cluster.workers.push(Some(worker));
+    let gateway = cluster.start_gateway(0).await;
+    cluster.gateways.push(Some(gateway));
+    let base = cluster.gateway(0).http_url();
+
+    let mut writer = Client::login(&cluster.gateway(0).ws_url(), "writer").await;
+    writer.join("o").await;
+    send_until_acked(&mut writer, "o", "before").await;
+
+    node.freeze();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while get(&format!("{base}/readyz")).await.0 != 503 {
+        assert!(Instant::now() < deadline, "/readyz stayed 200 with the store frozen");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // While frozen, a send is refused as unavailable (never half-accepted silently).
+    writer.send(json!({"type": "send", "room": "o", "client_msg_id": "during", "body": "x"})).await;
+    let answer = loop {
+        let frame = tokio::time::timeout(Duration::from_secs(20), writer.next()).await.expect("an answer within the send deadline");
+        if frame["type"] == "ack" || frame["type"] == "error" {
+            break frame;
+        }
+    };
+    assert_eq!(answer["code"], "unavailable", "{answer}");
+    node.thaw();
+    wait_ready(&base).await;
+    // The client retries with the same client_msg_id: exactly one message, whatever happened.
+    let (retried, _) = send_until_acked(&mut writer, "o", "during").await;
+    let (after, _) = send_until_acked(&mut writer, "o", "after").await;
+    assert!(after["seq"].as_u64() > retried["seq"].as_u64());
+    let stored = history(&base, "o").await;
+    assert_gapless(&stored);
+    let ids: Vec<&str> = stored.iter().map(|m| m["client_msg_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["before", "during", "after"]);
+}
