@@ -290,7 +290,7 @@ impl GatewayBus for NatsBus {
         let deadline = tokio::time::Instant::now() + JOURNAL_GATHER;
         while let Ok(Some(reply)) = tokio::time::timeout_at(deadline, replies.next()).await {
             match serde_json::from_slice::<Journey>(&reply.payload) {
-                Ok(journey) if !journey.hops.iter().all(|hop| hop.process == self.config.name) => journeys.push(journey),
+                Ok(journey) if !journey.hops.iter().all(|hop| *hop.process == *self.config.name) => journeys.push(journey),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "undecodable journey reply ignored"),
             }

@@ -20,7 +20,7 @@ use telemetry::metrics::Metrics;
 use tokio::net::TcpListener;
 
 /// Journeys each process remembers by default.
-pub const DEFAULT_JOURNAL_CAPACITY: usize = 100_000;
+pub const DEFAULT_JOURNAL_CAPACITY: usize = 20_000;
 
 /// Runs gateway + fanout + in-process bus + embedded store until `shutdown` resolves; then
 /// drains the gateway and stops the fanout worker after its current batch.

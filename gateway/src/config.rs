@@ -65,8 +65,11 @@ pub struct Limits {
     pub hello_timeout: Duration,
     /// Interval of server WebSocket pings; a connection silent for 3 intervals is closed.
     pub ping_interval: Duration,
-    /// WebSocket read buffer and write-flush threshold per connection, in bytes.
-    pub ws_buffer_bytes: usize,
+    /// WebSocket read buffer per connection, in bytes: allocated for the connection's whole
+    /// life, so it is kept small (frames larger than it are read in several reads).
+    pub ws_read_buffer_bytes: usize,
+    /// Bytes of frames gathered before a socket write; grown only while writing.
+    pub ws_write_buffer_bytes: usize,
 }
 
 impl Default for Limits {
@@ -83,7 +86,8 @@ impl Default for Limits {
             slow_consumer_timeout: Duration::from_secs(5),
             hello_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(30),
-            ws_buffer_bytes: 4 * 1024,
+            ws_read_buffer_bytes: 1024,
+            ws_write_buffer_bytes: 16 * 1024,
         }
     }
 }

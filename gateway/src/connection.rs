@@ -22,7 +22,6 @@ use protocol::bus::{SendCommand, SendOutcome};
 use protocol::frames::{parse_client_frame, ClientFrame};
 use protocol::{names, ErrorCode, Req, ServerFrame};
 use storage::PageQuery;
-use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::auth::Identity;
@@ -81,7 +80,7 @@ struct Connection {
 pub async fn serve(socket: WebSocket, app: Arc<AppState>, query_token: Option<String>) {
     let id = app.next_connection_id();
     let limits = &app.config.limits;
-    let (outbox, queue) = Outbox::new(id, limits.outbound_queue, limits.slow_consumer_timeout);
+    let outbox = Outbox::new(id, limits.outbound_queue, limits.slow_consumer_timeout);
     let rate = NonZeroU32::new(limits.send_rate_per_sec).unwrap_or(NonZeroU32::MIN);
     let burst = NonZeroU32::new(limits.send_burst).unwrap_or(rate);
     let (sink, stream) = socket.split();
@@ -100,7 +99,8 @@ pub async fn serve(socket: WebSocket, app: Arc<AppState>, query_token: Option<St
     };
     app.metrics.connections.inc();
     app.metrics.connections_total.inc();
-    let end = connection.run(stream, queue).await;
+    let end = connection.run(stream).await;
+    connection.outbox.close();
     if let End::Close(code, reason) = end {
         app.metrics.disconnects.with_label_values(&[reason_label(code)]).inc();
         let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
@@ -129,8 +129,12 @@ fn reason_label(code: u16) -> &'static str {
 }
 
 impl Connection {
-    async fn run(&mut self, mut stream: SplitStream<WebSocket>, mut queue: mpsc::Receiver<Outbound>) -> End {
-        let limits = self.app.config.limits.clone();
+    /// The connection's loop. It lives as long as the connection, so its own state is kept
+    /// small: the handlers of each event run as boxed futures, allocated only while they run
+    /// (an idle connection then costs a few KiB, not the size of the deepest handler).
+    async fn run(&mut self, mut stream: SplitStream<WebSocket>) -> End {
+        let app = self.app.clone();
+        let limits = &app.config.limits;
         let mut shutdown = self.app.shutdown_signal();
         let mut in_flight: InFlight = FuturesUnordered::new();
         let hello_deadline = tokio::time::sleep(limits.hello_timeout);
@@ -152,14 +156,11 @@ impl Connection {
                     match frame {
                         None => Err(End::Gone),
                         Some(Err(e)) => Err(read_error(&e)),
-                        Some(Ok(message)) => self.on_client_message(message, &mut in_flight).await,
+                        Some(Ok(message)) => Box::pin(self.on_client_message(message, &mut in_flight)).await,
                     }
                 }
-                Some(done) = in_flight.next(), if !in_flight.is_empty() => self.on_submitted(done).await,
-                item = queue.recv() => match item {
-                    Some(item) => self.on_outbound(item, &mut queue).await,
-                    None => Err(End::Gone),
-                },
+                Some(done) = in_flight.next(), if !in_flight.is_empty() => Box::pin(self.on_submitted(done)).await,
+                () = outbox.ready() => Box::pin(self.on_outbound()).await,
                 () = &mut hello_deadline, if self.identity.is_none() => {
                     let _ = self.error(ErrorCode::Unauthorized, "no hello within the time allowed", None).await;
                     Err(End::Close(CLOSE_POLICY, "hello timeout"))
@@ -430,20 +431,25 @@ impl Connection {
 
     /// Writes what the hubs queued: this item and whatever else is already waiting, then, once
     /// the queue is empty, catches up on anything skipped while it was full.
-    async fn on_outbound(&mut self, first: Outbound, queue: &mut mpsc::Receiver<Outbound>) -> Result<(), End> {
-        self.app.metrics.outbound_queue_depth.observe((queue.len() + 1) as f64);
-        if let Outbound::Message(delivery) = &first {
+    async fn on_outbound(&mut self) -> Result<(), End> {
+        let mut batch = Vec::new();
+        let more = self.outbox.take(WRITE_BATCH, &mut batch);
+        if more {
+            // Come back for the rest after this batch is flushed.
+            self.outbox.wake();
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.app.metrics.outbound_queue_depth.observe(batch.len() as f64);
+        if let Some(Outbound::Message(delivery)) = batch.first() {
             let lag_ms = (protocol::now_ms() - delivery.message.ts).max(0);
             self.app.metrics.delivery_lag.observe(lag_ms as f64 / 1000.0);
         }
-        self.write_outbound(first).await?;
-        for _ in 1..WRITE_BATCH {
-            match queue.try_recv() {
-                Ok(item) => self.write_outbound(item).await?,
-                Err(_) => break,
-            }
+        for item in batch {
+            self.write_outbound(item).await?;
         }
-        if queue.is_empty() && self.outbox.take_resync() {
+        if !more && self.outbox.is_empty() && self.outbox.take_resync() {
             self.resync().await?;
         }
         Ok(())
@@ -451,7 +457,7 @@ impl Connection {
 
     async fn write_outbound(&mut self, item: Outbound) -> Result<(), End> {
         match item {
-            Outbound::Frame(text) => self.write(text).await,
+            Outbound::Frame(text) => self.write((*text).clone()).await,
             Outbound::Message(delivery) => {
                 let room = &delivery.message.room;
                 let seq = delivery.message.seq;

@@ -50,8 +50,8 @@ async fn upgrade(State(app): State<Arc<AppState>>, Query(query): Query<UpgradeQu
     };
     let limits = &app.config.limits;
     let alive = app.alive.clone();
-    ws.read_buffer_size(limits.ws_buffer_bytes)
-        .write_buffer_size(limits.ws_buffer_bytes)
+    ws.read_buffer_size(limits.ws_read_buffer_bytes)
+        .write_buffer_size(limits.ws_write_buffer_bytes)
         // Frames up to 4x the limit are read and answered with `too_large`; beyond that the
         // connection is closed with 1009 without buffering more.
         .max_message_size(limits.max_frame_bytes.saturating_mul(4))

@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use protocol::ChatMessage;
-use tokio::sync::{mpsc, Notify};
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
 
 /// A sequenced message ready to write: the message and its `message` frame, encoded once per
 /// gateway and shared by every connection.
@@ -67,15 +70,22 @@ impl Delivery {
 pub enum Outbound {
     /// A room message.
     Message(Arc<Delivery>),
-    /// Any other ready-made frame (presence, typing).
-    Frame(Utf8Bytes),
+    /// Any other ready-made frame (presence, typing), shared by every recipient. (Behind an
+    /// `Arc` so an `Outbound` is two words: every connection's queue preallocates slots.)
+    Frame(Arc<Utf8Bytes>),
 }
 
-/// The hub's handle on one connection.
+/// The hub's handle on one connection, and the connection's queue.
+///
+/// A plain bounded deque behind a mutex, not a channel: an idle connection's empty deque
+/// allocates nothing (a channel preallocates a block of slots per connection), and the writer
+/// takes everything queued under one lock.
 pub struct Outbox {
     /// The connection's id (unique in this process).
     pub conn_id: u64,
-    tx: mpsc::Sender<Outbound>,
+    queue: Mutex<Queue>,
+    ready: Notify,
+    capacity: usize,
     /// Milliseconds since the epoch when the queue was first found full; 0 when it is not.
     full_since_ms: AtomicI64,
     resync: AtomicBool,
@@ -98,27 +108,44 @@ pub enum Offer {
 }
 
 impl Outbox {
-    /// A new outbox and the receiving end the connection task reads.
-    pub fn new(conn_id: u64, capacity: usize, slow_consumer_timeout: Duration) -> (Arc<Self>, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        let outbox = Self {
+    /// A new, empty outbox holding at most `capacity` frames.
+    pub fn new(conn_id: u64, capacity: usize, slow_consumer_timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
             conn_id,
-            tx,
+            queue: Mutex::new(Queue::default()),
+            ready: Notify::new(),
+            capacity: capacity.max(1),
             full_since_ms: AtomicI64::new(0),
             resync: AtomicBool::new(false),
             kicked: AtomicBool::new(false),
             kick: Notify::new(),
             slow_consumer_timeout,
-        };
-        (Arc::new(outbox), rx)
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Queues a frame without waiting.
     pub fn offer(&self, item: Outbound) -> Offer {
-        match self.tx.try_send(item) {
-            Ok(()) => Offer::Queued,
-            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Closed,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+        let full = {
+            let mut queue = self.lock();
+            if queue.closed {
+                return Offer::Closed;
+            }
+            let full = queue.items.len() >= self.capacity;
+            if !full {
+                queue.items.push_back(item);
+            }
+            full
+        };
+        match full {
+            false => {
+                self.ready.notify_one();
+                Offer::Queued
+            }
+            true => {
                 self.resync.store(true, Ordering::Release);
                 let now = protocol::now_ms();
                 let since = match self.full_since_ms.compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire) {
@@ -147,4 +174,47 @@ impl Outbox {
     pub async fn kicked(&self) {
         self.kick.notified().await;
     }
+
+    /// Makes the next `ready` resolve at once (the writer left frames for its next round).
+    pub fn wake(&self) {
+        self.ready.notify_one();
+    }
+
+    /// Resolves when frames may be waiting (spurious wake-ups are possible).
+    pub async fn ready(&self) {
+        self.ready.notified().await;
+    }
+
+    /// Takes up to `max` queued frames, oldest first, into `into`; whether more remain.
+    pub fn take(&self, max: usize, into: &mut Vec<Outbound>) -> bool {
+        let mut queue = self.lock();
+        let n = queue.items.len().min(max);
+        into.extend(queue.items.drain(..n));
+        if queue.items.is_empty() && queue.items.capacity() > SHRINK_ABOVE {
+            // Give back what a burst grew, so idle connections stay small.
+            queue.items.shrink_to(SHRINK_ABOVE);
+        }
+        !queue.items.is_empty()
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.lock().items.is_empty()
+    }
+
+    /// Refuses further frames (the connection is closing) and drops the queued ones.
+    pub fn close(&self) {
+        let mut queue = self.lock();
+        queue.closed = true;
+        queue.items = VecDeque::new();
+    }
+}
+
+/// Queue capacity kept after a burst drains.
+const SHRINK_ABOVE: usize = 64;
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Outbound>,
+    closed: bool,
 }

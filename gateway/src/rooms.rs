@@ -84,6 +84,7 @@ impl HubState {
     }
 
     fn tell_others(&self, user: &str, text: Utf8Bytes, metrics: &Metrics) {
+        let text = Arc::new(text);
         for member in self.members.values() {
             if member.user != user && member.outbox.offer(Outbound::Frame(text.clone())) != Offer::Queued {
                 metrics.drops.with_label_values(&["ephemeral_queue_full"]).inc();

@@ -6,7 +6,8 @@
 //! [`Journal::link`]ed to its message. The oldest journeys are forgotten first.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -15,9 +16,9 @@ use uuid::Uuid;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hop {
     /// The process that recorded it (e.g. `gateway-1a2b`, `fanout-3c4d`).
-    pub process: String,
+    pub process: Arc<str>,
     /// The hop's name, e.g. `gateway.receive`, `fanout.sequence`, `gateway.deliver`.
-    pub hop: String,
+    pub hop: Cow<'static, str>,
     /// Microseconds since the Unix epoch.
     pub at_us: i64,
     /// Hop-specific facts (seq, connections reached, drops and their reasons, faults...).
@@ -51,7 +52,7 @@ struct Inner {
 
 /// A bounded recorder of message journeys in this process.
 pub struct Journal {
-    process: String,
+    process: Arc<str>,
     capacity: usize,
     inner: Mutex<Inner>,
 }
@@ -66,7 +67,7 @@ fn now_us() -> i64 {
 impl Journal {
     /// A recorder for `process` keeping at most `capacity` journeys.
     pub fn new(process: impl Into<String>, capacity: usize) -> Self {
-        Self { process: process.into(), capacity: capacity.max(1), inner: Mutex::default() }
+        Self { process: Arc::from(process.into()), capacity: capacity.max(1), inner: Mutex::default() }
     }
 
     /// This process's name as it appears in hops.
@@ -75,12 +76,12 @@ impl Journal {
     }
 
     /// Records a hop of a send that has no message id yet, keyed by its dedupe key.
-    pub fn record_send(&self, dedupe_key: &str, trace_id: &str, hop: &str, detail: serde_json::Value) {
+    pub fn record_send(&self, dedupe_key: &str, trace_id: &str, hop: &'static str, detail: serde_json::Value) {
         self.push(Key::Send(dedupe_key.to_owned()), None, trace_id, hop, detail);
     }
 
     /// Records a hop of a sequenced message.
-    pub fn record(&self, id: Uuid, trace_id: &str, hop: &str, detail: serde_json::Value) {
+    pub fn record(&self, id: Uuid, trace_id: &str, hop: &'static str, detail: serde_json::Value) {
         self.push(Key::Id(id), Some(id), trace_id, hop, detail);
     }
 
@@ -112,13 +113,13 @@ impl Journal {
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn push(&self, key: Key, id: Option<Uuid>, trace_id: &str, hop: &str, detail: serde_json::Value) {
+    fn push(&self, key: Key, id: Option<Uuid>, trace_id: &str, hop: &'static str, detail: serde_json::Value) {
         let detail = match detail {
             serde_json::Value::Object(map) => map,
             serde_json::Value::Null => serde_json::Map::new(),
             other => serde_json::Map::from_iter([("value".to_owned(), other)]),
         };
-        let hop = Hop { process: self.process.clone(), hop: hop.to_owned(), at_us: now_us(), detail };
+        let hop = Hop { process: self.process.clone(), hop: Cow::Borrowed(hop), at_us: now_us(), detail };
         let mut inner = self.lock();
         if !inner.journeys.contains_key(&key) {
             inner.order.push_back(key.clone());
