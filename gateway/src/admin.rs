@@ -29,21 +29,19 @@ pub fn router<S: Clone + Send + Sync + 'static>(faults: Arc<Faults>, token: Opti
         .with_state(Admin { faults, token })
 }
 
-fn allowed(admin: &Admin, headers: &HeaderMap) -> Result<(), Response> {
+/// The refusal for a request without the admin token, or `None` when it may proceed.
+fn denied(admin: &Admin, headers: &HeaderMap) -> Option<Response> {
     let Some(expected) = &admin.token else {
-        return Err(error(StatusCode::NOT_FOUND, ErrorCode::Forbidden, "the admin API is off; start with --admin-token"));
+        return Some(error(StatusCode::NOT_FOUND, ErrorCode::Forbidden, "the admin API is off; start with --admin-token"));
     };
     let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(expected.as_str()) {
-        Ok(())
-    } else {
-        Err(error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "Authorization: Bearer <admin token> required"))
-    }
+    (given != Some(expected.as_str()))
+        .then(|| error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "Authorization: Bearer <admin token> required"))
 }
 
 async fn list_faults(State(admin): State<Admin>, headers: HeaderMap) -> Response {
-    if let Err(denied) = allowed(&admin, &headers) {
-        return denied;
+    if let Some(refusal) = denied(&admin, &headers) {
+        return refusal;
     }
     Json(json!({"faults": admin.faults.list()})).into_response()
 }
@@ -53,8 +51,8 @@ async fn add_fault(
     headers: HeaderMap,
     spec: Result<Json<FaultSpec>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if let Err(denied) = allowed(&admin, &headers) {
-        return denied;
+    if let Some(refusal) = denied(&admin, &headers) {
+        return refusal;
     }
     let spec = match spec {
         Ok(Json(spec)) => spec,
@@ -70,8 +68,8 @@ async fn add_fault(
 }
 
 async fn remove_fault(State(admin): State<Admin>, headers: HeaderMap, Path(id): Path<u64>) -> Response {
-    if let Err(denied) = allowed(&admin, &headers) {
-        return denied;
+    if let Some(refusal) = denied(&admin, &headers) {
+        return refusal;
     }
     match admin.faults.remove(Some(id)) {
         0 => error(StatusCode::NOT_FOUND, ErrorCode::BadRequest, "no such fault"),
@@ -80,8 +78,8 @@ async fn remove_fault(State(admin): State<Admin>, headers: HeaderMap, Path(id): 
 }
 
 async fn clear_faults(State(admin): State<Admin>, headers: HeaderMap) -> Response {
-    if let Err(denied) = allowed(&admin, &headers) {
-        return denied;
+    if let Some(refusal) = denied(&admin, &headers) {
+        return refusal;
     }
     Json(json!({"removed": admin.faults.remove(None)})).into_response()
 }
