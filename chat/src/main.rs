@@ -150,6 +150,10 @@ struct GatewayArgs {
     /// Seconds a connection's queue may stay full before it is closed with 4008.
     #[arg(long, env = "CHAT_SLOW_CONSUMER_SECS", default_value_t = 5)]
     slow_consumer_secs: u64,
+    /// Milliseconds between a gateway's presence rosters; a gateway silent for 3 of them has
+    /// its users marked offline (so a dead gateway's users go offline within 4 intervals).
+    #[arg(long, env = "CHAT_ROSTER_INTERVAL_MS", default_value_t = 6000)]
+    roster_interval_ms: u64,
     /// Seconds to wait for connections to close when draining.
     #[arg(long, env = "CHAT_DRAIN_GRACE_SECS", default_value_t = 10)]
     drain_grace_secs: u64,
@@ -180,6 +184,7 @@ impl GatewayArgs {
                 ..Limits::default()
             },
             drain_grace: Duration::from_secs(self.drain_grace_secs),
+            roster_interval: Duration::from_millis(self.roster_interval_ms.max(100)),
             ..defaults
         }
     }

@@ -34,7 +34,7 @@ impl Default for GatewayConfig {
             drain_grace: Duration::from_secs(10),
             gap_repair: true,
             submit_timeout: Duration::from_secs(5),
-            roster_interval: Duration::from_secs(8),
+            roster_interval: Duration::from_secs(6),
         }
     }
 }
