@@ -56,7 +56,7 @@ impl Cluster {
 
     async fn start_gateway(&self, index: usize) -> ChatProcess {
         let mut args = vec!["gateway".to_owned(), "--listen".into(), "127.0.0.1:0".into(), "--gateway-id".into(), format!("gw-{index}-{}", self.keyspace)];
-        args.extend(["--send-rate", "100000", "--send-burst", "100000"].map(String::from));
+        args.extend(["--send-rate", "100000", "--send-burst", "100000", "--roster-interval-ms", "1000"].map(String::from));
         args.extend(self.backend_args());
         let process = ChatProcess::start(binary(), &args, &[]).await;
         wait_ready(&process.http_url()).await;
@@ -365,4 +365,27 @@ async fn the_store_briefly_unreachable_sends_fail_cleanly_and_the_system_recover
     assert_gapless(&stored);
     let ids: Vec<&str> = stored.iter().map(|m| m["client_msg_id"].as_str().unwrap()).collect();
     assert_eq!(ids, vec!["before", "during", "after"]);
+}
+
+#[tokio::test]
+async fn users_of_a_gateway_that_dies_silently_go_offline_within_30_seconds() {
+    let mut cluster = Cluster::start(2, 1).await;
+    let mut alice = Client::login(&cluster.gateway(0).ws_url(), "alice").await;
+    alice.join("d").await;
+    let mut bob = Client::login(&cluster.gateway(1).ws_url(), "bob").await;
+    bob.join("d").await;
+    assert_eq!(alice.next().await["state"], "online");
+    let killed = Instant::now();
+    cluster.gateways[1].take().expect("gateway").kill().await;
+    let offline = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let frame = alice.next().await;
+            if frame["type"] == "presence" && frame["user"] == "bob" && frame["state"] == "offline" {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(offline.is_ok(), "bob still online 30 s after his gateway died");
+    eprintln!("dead gateway detected after {:?}", killed.elapsed());
 }
