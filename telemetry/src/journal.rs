@@ -157,7 +157,7 @@ mod tests {
         journal.link("r/u/c1", id);
         let journey = journal.get(id).unwrap();
         assert_eq!(journey.trace_id, "t1");
-        let hops: Vec<_> = journey.hops.iter().map(|h| h.hop.as_str()).collect();
+        let hops: Vec<&str> = journey.hops.iter().map(|h| h.hop.as_ref()).collect();
         assert_eq!(hops, ["gateway.receive", "fanout.sequence"]);
         assert_eq!(journey.hops[1].detail["seq"], 1);
     }

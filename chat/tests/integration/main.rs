@@ -1,6 +1,8 @@
 //! Integration tests of the all-in-one server over real WebSockets on 127.0.0.1:0.
 //! One test binary (modules below) keeps link time down.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 mod support;
 
 mod auth;

@@ -51,7 +51,7 @@ async fn send_all(sender: &mut Client, others: &mut [&mut Client], room: &str, i
 async fn prometheus_scrapes_metrics_and_promql_returns_the_counts() {
     let server = server().await;
     let alerts = testkit::workspace_root().join("deploy/prometheus/alerts.yml");
-    let prometheus = Prometheus::start_with_rules(&[server.addr.to_string()], &[alerts.clone()]).await;
+    let prometheus = Prometheus::start_with_rules(&[server.addr.to_string()], std::slice::from_ref(&alerts)).await;
     // Scraped once before any traffic, so rates see the counters rise.
     wait_for(&prometheus, r#"up{job="chat"}"#, 1.0).await;
 
