@@ -263,6 +263,7 @@ impl Fanout {
                     let span = tracing::info_span!(target: HOP_TARGET, parent: &sequence_span, "fanout.publish", room = %message.room, seq = message.seq);
                     let traceparent = telemetry::trace::traceparent_of(&span, &command.traceparent);
                     self.metrics.sequenced.inc();
+                    tracing::debug!(room = %message.room, seq = message.seq, message_id = %message.id, trace_id = %message.trace_id, "sequenced");
                     self.journal.link(&dedupe_key, message.id);
                     self.journal.record(message.id, &message.trace_id, "fanout.sequence", serde_json::json!({"seq": message.seq}));
                     self.journal.record(message.id, &message.trace_id, "store.append", serde_json::json!({"durable": true}));
@@ -302,7 +303,7 @@ impl Fanout {
             match answer {
                 Ok(Some(stored)) if stored.id == first.id => return Outcome::Applied,
                 Ok(_) => return Outcome::NotApplied,
-                Err(e) => tracing::warn!(room = %first.room, error = %e, "store still failing; cannot tell whether the append applied"),
+                Err(e) => tracing::warn!(room = %first.room, message_id = %first.id, trace_id = %first.trace_id, error = %e, "store still failing; cannot tell whether the append applied"),
             }
             if protocol::now_ms() + RESOLVE_PAUSE.as_millis() as i64 > deadline_ms {
                 return Outcome::Unknown;

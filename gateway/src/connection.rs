@@ -45,7 +45,9 @@ const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Frames written per batch before a flush.
 const WRITE_BATCH: usize = 128;
 
-type SubmitResult = (Option<Req>, String, String, Instant, Result<SendOutcome, bus::BusError>);
+/// What a finished submit hands back: the request tag, room, client message id, trace id,
+/// when it started, and the outcome.
+type SubmitResult = (Option<Req>, String, String, String, Instant, Result<SendOutcome, bus::BusError>);
 type InFlight = FuturesUnordered<Pin<Box<dyn std::future::Future<Output = SubmitResult> + Send>>>;
 
 struct JoinedRoom {
@@ -357,6 +359,7 @@ impl Connection {
         // Workers refuse a send past its deadline; waiting a little longer than that means a
         // send this gateway calls `unavailable` was really not stored.
         let wait = self.app.config.submit_timeout + SUBMIT_MARGIN;
+        let submitted_trace = trace_id.clone();
         in_flight.push(Box::pin(async move {
             let room = command.room.clone();
             let client_msg_id = command.client_msg_id.clone();
@@ -365,12 +368,12 @@ impl Connection {
                 Ok(outcome) => outcome,
                 Err(_) => Err(bus::BusError::Unavailable("no answer from fanout in time".into())),
             };
-            (req, room, client_msg_id, started, outcome)
+            (req, room, client_msg_id, submitted_trace, started, outcome)
         }));
         Ok(())
     }
 
-    async fn on_submitted(&mut self, (req, room, client_msg_id, started, outcome): SubmitResult) -> Result<(), End> {
+    async fn on_submitted(&mut self, (req, room, client_msg_id, trace_id, started, outcome): SubmitResult) -> Result<(), End> {
         let metrics = &self.app.metrics;
         match outcome {
             Ok(SendOutcome { message, duplicate }) => {
@@ -388,7 +391,7 @@ impl Connection {
             }
             Err(e) => {
                 metrics.sends.with_label_values(&["unavailable"]).inc();
-                tracing::warn!(room, client_msg_id, error = %e, "send not accepted");
+                tracing::warn!(room, client_msg_id, trace_id, error = %e, "send not accepted");
                 self.error(ErrorCode::Unavailable, "the message was not accepted (a backend is unavailable); retry with the same client_msg_id", req).await
             }
         }

@@ -435,6 +435,7 @@ impl Rooms {
                     for message in page.messages {
                         after = message.seq;
                         self.metrics.gap_repaired_messages.inc();
+                        tracing::debug!(room = %hub.room, seq = message.seq, message_id = %message.id, trace_id = %message.trace_id, "recovered by gap repair");
                         self.journal.record(message.id, &message.trace_id, "gateway.gap_repair", serde_json::json!({"gateway": self.gateway_id}));
                         self.forward(hub, Arc::new(message), None);
                     }
