@@ -232,14 +232,17 @@ impl Fanout {
                 continue;
             }
             in_batch.insert((command.user.as_str(), command.client_msg_id.as_str()), i);
+            let id = Uuid::now_v7();
             let skew = self.faults.decide("fanout.clock", room).map_or(0, |fault| {
                 self.metrics.fault("fanout.clock", fault.action.name());
+                let trace_id = telemetry::trace::trace_id_of(&command.traceparent);
+                self.journal.record(id, &trace_id, "fault.injected", serde_json::json!({"hop": "fanout.clock", "action": fault.action, "skew_ms": fault.millis(), "worker": self.journal.process()}));
                 fault.millis()
             });
             decisions.push(Decision::New(ChatMessage {
                 room: room.to_owned(),
                 seq: next_seq,
-                id: Uuid::now_v7(),
+                id,
                 user: command.user.clone(),
                 body: command.body.clone(),
                 ts: protocol::now_ms() + skew,
@@ -277,6 +280,8 @@ impl Fanout {
                     Ok(SendOutcome { message: (*message).clone(), duplicate: false })
                 }
                 Decision::Duplicate(message) => {
+                    // Hops this worker recorded for the send (a stall, say) belong to the message.
+                    self.journal.link(&dedupe_key, message.id);
                     self.journal.record(message.id, &message.trace_id, "fanout.duplicate", serde_json::json!({"client_msg_id": command.client_msg_id}));
                     Ok(SendOutcome { message, duplicate: true })
                 }
