@@ -29,7 +29,7 @@ pub struct FanoutConfig {
 
 impl Default for FanoutConfig {
     fn default() -> Self {
-        Self { max_batch: 1024, max_cached_rooms: 100_000, conflict_retries: 5 }
+        Self { max_batch: 1024, max_cached_rooms: 100_000, conflict_retries: 50 }
     }
 }
 
@@ -176,7 +176,15 @@ impl Fanout {
                     Ok(()) => {}
                     Err(StoreError::Conflict { actual, .. }) => {
                         self.metrics.seq_conflicts.inc();
-                        tracing::info!(room, expected = last, actual, attempt, "sequencing conflict; retrying");
+                        tracing::debug!(room, expected = last, actual, attempt, "sequencing conflict; retrying");
+                        if protocol::now_ms() > latest_deadline(&sends) {
+                            break;
+                        }
+                        // Another worker is appending to this room: let it finish, with jitter
+                        // so two workers do not keep colliding in step.
+                        let ceiling = 1u64 << attempt.min(5);
+                        let pause = rand::random_range(1..=ceiling);
+                        tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
                         known_last = None;
                         continue;
                     }
