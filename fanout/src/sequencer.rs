@@ -182,7 +182,7 @@ impl Fanout {
                         }
                         // Another worker is appending to this room: let it finish, with jitter
                         // so two workers do not keep colliding in step.
-                        let ceiling = 1u64 << attempt.min(5);
+                        let ceiling = 1u64 << attempt.min(3);
                         let pause = rand::random_range(1..=ceiling);
                         tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
                         known_last = None;
