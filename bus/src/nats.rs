@@ -1,8 +1,9 @@
 //! The bus on NATS (docs/architecture.md has the subject scheme).
 //!
-//! - Sends: a gateway publishes each accepted send to JetStream (`chat.send.<room>`, stream
-//!   `CHAT_SEND`, work-queue retention), so it survives any one process dying until a fanout
-//!   worker has stored it. The worker answers on the gateway's reply subject
+//! - Sends: a gateway publishes each accepted send to JetStream
+//!   (`chat.send.<partition>.<room>`, stream `CHAT_SEND`, work-queue retention), so it survives
+//!   any one process dying until a fanout worker has stored it. Each of the 16 partitions is
+//!   pulled by the one live worker that owns it (rendezvous hashing over worker heartbeats). The worker answers on the gateway's reply subject
 //!   (`chat.reply.<gateway>.<token>`) and only then acks the JetStream message; a worker that
 //!   dies before acking has the send redelivered to another worker, and the store's dedupe
 //!   makes the retry harmless.
@@ -22,7 +23,7 @@ use async_nats::jetstream::{self, consumer, stream, AckKind};
 use async_nats::HeaderMap;
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use protocol::bus::{RoomEvent, SendCommand, SendOutcome, SendReply};
 use protocol::{subjects, ChatMessage};
 use telemetry::journal::{Journal, Journey};
@@ -35,8 +36,16 @@ use crate::{BusError, FanoutBus, FeedItem, GatewayBus, PendingSend, Replier, Roo
 const REPLY_HEADER: &str = "Chat-Reply";
 /// Header carrying the W3C trace context.
 const TRACEPARENT: &str = "traceparent";
-/// Durable consumer shared by all fanout workers.
-const CONSUMER: &str = "fanout";
+/// Durable consumer of a partition: `fanout-p<N>`.
+fn consumer_name(partition: u32) -> String {
+    format!("fanout-p{partition}")
+}
+/// The single consumer of every send used before partitions.
+const LEGACY_CONSUMER: &str = "fanout";
+/// A worker not heard from for this long is presumed gone; its partitions move.
+const WORKER_SILENCE: Duration = Duration::from_secs(3);
+/// How often a worker announces itself.
+const WORKER_HEARTBEAT: Duration = Duration::from_secs(1);
 /// Capacity of a room feed.
 const FEED_QUEUE: usize = 4_096;
 /// How long a journey query waits for other processes' answers.
@@ -80,7 +89,8 @@ pub struct NatsBus {
     stream_ready: AtomicBool,
     waiters: Waiters,
     reply_prefix: String,
-    sends: tokio::sync::Mutex<Option<consumer::pull::Stream>>,
+    /// Sends pulled from the partitions this worker owns (fanout side).
+    sends: tokio::sync::Mutex<Option<mpsc::Receiver<jetstream::Message>>>,
     metrics: Metrics,
 }
 
@@ -319,6 +329,14 @@ impl NatsBus {
     }
 }
 
+/// The live worker that owns `partition`: the highest rendezvous score.
+fn owner<'a>(workers: impl Iterator<Item = &'a String>, partition: u32) -> Option<&'a str> {
+    workers
+        .map(|worker| (crc32fast::hash(format!("{worker}/{partition}").as_bytes()), worker.as_str()))
+        .max()
+        .map(|(_, worker)| worker)
+}
+
 /// Answers one JetStream send.
 struct NatsReplier {
     client: async_nats::Client,
@@ -351,14 +369,105 @@ impl Replier for NatsReplier {
 }
 
 impl NatsBus {
-    async fn open_sends(&self) -> Result<consumer::pull::Stream, BusError> {
+    /// Starts this process as a fanout worker: it announces itself, follows the other
+    /// workers, and pulls the partitions it owns. Ownership is rendezvous hashing over the
+    /// live workers, so every worker computes the same owners without talking more; when one
+    /// goes silent its partitions move within a few seconds, and its unacked sends are
+    /// redelivered to the new owner after `ack_wait`. During a change two workers may briefly
+    /// pull the same partition: the store's fenced append keeps seqs right.
+    pub async fn start_worker(self: &Arc<Self>) -> Result<(), BusError> {
+        let (tx, rx) = mpsc::channel(4 * 1024);
+        *self.sends.lock().await = Some(rx);
+        // Before partitions there was one consumer of every send; on a work-queue stream it
+        // would overlap the partition consumers, so it goes (best effort: NATS may be down).
+        if let Ok(stream) = self.ensure_stream().await {
+            let _ = stream.delete_consumer(LEGACY_CONSUMER).await;
+        }
+        let mut heard = self.client.subscribe(subjects::WORKERS).await.map_err(|e| unavailable("subscribe to workers", e))?;
+        let bus = self.clone();
+        tokio::spawn(async move {
+            let mut live: HashMap<String, tokio::time::Instant> = HashMap::new();
+            let mut pullers: HashMap<u32, tokio::task::JoinHandle<()>> = HashMap::new();
+            let mut tick = tokio::time::interval(WORKER_HEARTBEAT);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let _ = bus.client.publish(subjects::WORKERS, bus.config.name.clone().into()).await;
+                    }
+                    announced = heard.next() => match announced {
+                        Some(message) => {
+                            if let Ok(name) = std::str::from_utf8(&message.payload) {
+                                live.insert(name.to_owned(), tokio::time::Instant::now());
+                            }
+                        }
+                        None => break,
+                    },
+                    () = tx.closed() => break,
+                }
+                live.retain(|_, seen| seen.elapsed() < WORKER_SILENCE);
+                live.insert(bus.config.name.clone(), tokio::time::Instant::now());
+                let owned: Vec<u32> = (0..subjects::PARTITIONS).filter(|p| owner(live.keys(), *p) == Some(bus.config.name.as_str())).collect();
+                pullers.retain(|partition, task| {
+                    let keep = owned.contains(partition) && !task.is_finished();
+                    if !keep {
+                        tracing::info!(worker = %bus.config.name, partition, "partition released");
+                        task.abort();
+                    }
+                    keep
+                });
+                for partition in owned {
+                    if let std::collections::hash_map::Entry::Vacant(slot) = pullers.entry(partition) {
+                        tracing::info!(worker = %bus.config.name, partition, "partition taken");
+                        let (bus, tx) = (bus.clone(), tx.clone());
+                        slot.insert(tokio::spawn(async move { bus.pull_partition(partition, tx).await }));
+                    }
+                }
+            }
+            for (_, task) in pullers {
+                task.abort();
+            }
+        });
+        Ok(())
+    }
+
+    /// Pulls one partition's sends into the worker's queue until aborted, reopening the pull
+    /// with backoff when NATS goes away.
+    async fn pull_partition(&self, partition: u32, into: mpsc::Sender<jetstream::Message>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.open_partition(partition).await {
+                Ok(mut messages) => {
+                    backoff = Duration::from_millis(100);
+                    while let Some(message) = messages.next().await {
+                        match message {
+                            Ok(message) => {
+                                if into.send(message).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(partition, error = %e, "pulling sends failed; reopening");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(partition, error = %e, ?backoff, "cannot pull sends yet; retrying"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn open_partition(&self, partition: u32) -> Result<consumer::pull::Stream, BusError> {
         let stream = self.ensure_stream().await?;
+        let name = consumer_name(partition);
         let consumer: consumer::PullConsumer = stream
             .get_or_create_consumer(
-                CONSUMER,
+                &name,
                 consumer::pull::Config {
-                    durable_name: Some(CONSUMER.to_owned()),
-                    filter_subject: subjects::SEND_ALL.to_owned(),
+                    durable_name: Some(name.clone()),
+                    filter_subject: subjects::send_partition(partition),
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: self.config.ack_wait,
                     max_ack_pending: self.config.max_ack_pending,
@@ -369,7 +478,7 @@ impl NatsBus {
             .map_err(|e| unavailable("create consumer", e))?;
         consumer
             .stream()
-            .max_messages_per_batch(512)
+            .max_messages_per_batch(256)
             .heartbeat(Duration::from_secs(5))
             .messages()
             .await
@@ -407,38 +516,14 @@ impl NatsBus {
 impl FanoutBus for NatsBus {
     async fn next_batch(&self, max: usize) -> Option<Vec<PendingSend>> {
         let mut sends = self.sends.lock().await;
-        let mut backoff = Duration::from_millis(100);
+        let incoming = sends.as_mut()?;
         loop {
-            if sends.is_none() {
-                match self.open_sends().await {
-                    Ok(stream) => *sends = Some(stream),
-                    Err(e) => {
-                        tracing::warn!(error = %e, ?backoff, "cannot pull sends yet; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
-                        continue;
-                    }
-                }
-            }
-            let Some(stream) = sends.as_mut() else { continue };
-            let first = match stream.next().await {
-                Some(Ok(message)) => message,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "pulling sends failed; reopening");
-                    *sends = None;
-                    tokio::time::sleep(backoff).await;
-                    continue;
-                }
-                None => {
-                    *sends = None;
-                    continue;
-                }
-            };
+            let first = incoming.recv().await?;
             let mut batch: Vec<PendingSend> = self.pending(first).into_iter().collect();
             while batch.len() < max {
-                match stream.next().now_or_never() {
-                    Some(Some(Ok(message))) => batch.extend(self.pending(message)),
-                    _ => break,
+                match incoming.try_recv() {
+                    Ok(message) => batch.extend(self.pending(message)),
+                    Err(_) => break,
                 }
             }
             if !batch.is_empty() {

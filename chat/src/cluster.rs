@@ -95,6 +95,7 @@ pub async fn fanout(
 ) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let bus = NatsBus::connect(NatsConfig::new(&backends.nats_url, &worker_id), metrics.clone()).await.context("NATS")?;
+    bus.start_worker().await.context("joining the fanout workers")?;
     let store = connect_store(&backends).await?;
     let journal = Arc::new(Journal::new(worker_id.clone(), journal_capacity));
     bus.serve_journal(journal.clone()).await.context("serving journeys")?;

@@ -5,10 +5,28 @@
 /// JetStream stream holding accepted sends until a fanout worker has stored them.
 pub const SEND_STREAM: &str = "CHAT_SEND";
 
+/// Partitions of the send stream. All of a room's sends land in one partition, and each
+/// partition is consumed by one fanout worker at a time (see docs/architecture.md).
+pub const PARTITIONS: u32 = 16;
+
+/// The partition of a room: a stable hash of its name.
+pub fn partition(room: &str) -> u32 {
+    crc32fast::hash(room.as_bytes()) % PARTITIONS
+}
+
 /// Subject of accepted sends for a room (captured by [`SEND_STREAM`]).
 pub fn send(room: &str) -> String {
-    format!("chat.send.{room}")
+    format!("chat.send.{}.{room}", partition(room))
 }
+
+/// Wildcard matching one partition's sends.
+pub fn send_partition(partition: u32) -> String {
+    format!("chat.send.{partition}.>")
+}
+
+/// Core NATS subject where fanout workers announce themselves every second; the live set
+/// decides who owns which partition.
+pub const WORKERS: &str = "chat.workers";
 
 /// Wildcard matching every room's sends.
 pub const SEND_ALL: &str = "chat.send.>";
