@@ -19,6 +19,7 @@ mod web;
 
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use bus::GatewayBus;
 use storage::HistoryStore;
 use telemetry::faults::Faults;
@@ -61,6 +62,13 @@ pub async fn run(
     let app = http::router(state.clone());
     let address = listener.local_addr()?;
     tracing::info!(%address, gateway = %state.config.gateway_id, "gateway listening");
+    // Chat frames are small and latency-bound: without TCP_NODELAY, Nagle's algorithm holds a
+    // frame back until the peer's (delayed, up to 40 ms) ACK of the previous one arrives.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
