@@ -216,6 +216,9 @@ impl Fanout {
         let mut decisions = Vec::with_capacity(sends.len());
         let mut in_batch: HashMap<(&str, &str), usize> = HashMap::new();
         let mut next_seq = last + 1;
+        let keys: Vec<(&str, &str)> =
+            sends.iter().map(|p| (p.command.user.as_str(), p.command.client_msg_id.as_str())).collect();
+        let mut stored = self.timed("find_dedupe", self.store.find_by_client_msg_ids(room, &keys)).await?;
         for (i, pending) in sends.iter().enumerate() {
             let command = &pending.command;
             if let Some(reason) = invalid(command) {
@@ -232,10 +235,7 @@ impl Fanout {
                     continue;
                 }
             }
-            let stored = self
-                .timed("find_dedupe", self.store.find_by_client_msg_id(room, &command.user, &command.client_msg_id))
-                .await?;
-            if let Some(message) = stored {
+            if let Some(message) = stored.get_mut(i).and_then(Option::take) {
                 decisions.push(Decision::Duplicate(message));
                 continue;
             }

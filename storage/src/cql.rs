@@ -605,6 +605,15 @@ impl HistoryStore for CqlStore {
         self.read_indexed(room, from_cql_seq(seq)?).await.map(Some)
     }
 
+    async fn find_by_client_msg_ids(
+        &self,
+        room: &str,
+        keys: &[(&str, &str)],
+    ) -> Result<Vec<Option<ChatMessage>>, StoreError> {
+        let lookups = keys.iter().map(|(user, client_msg_id)| self.find_by_client_msg_id(room, user, client_msg_id));
+        futures_util::future::try_join_all(lookups).await
+    }
+
     async fn page(&self, room: &str, query: PageQuery) -> Result<Page, StoreError> {
         let last_seq = self.read_last_seq(room).await?;
         let (seqs, has_more) = query.seq_range(last_seq);

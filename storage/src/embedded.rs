@@ -178,15 +178,27 @@ impl HistoryStore for EmbeddedStore {
         user: &str,
         client_msg_id: &str,
     ) -> Result<Option<ChatMessage>, StoreError> {
+        let mut found = self.find_by_client_msg_ids(room, &[(user, client_msg_id)]).await?;
+        Ok(found.pop().flatten())
+    }
+
+    async fn find_by_client_msg_ids(
+        &self,
+        room: &str,
+        keys: &[(&str, &str)],
+    ) -> Result<Vec<Option<ChatMessage>>, StoreError> {
         let room = room.to_owned();
-        let key = protocol::bus::dedupe_key(&room, user, client_msg_id);
+        let keys: Vec<String> = keys.iter().map(|(user, id)| protocol::bus::dedupe_key(&room, user, id)).collect();
         self.read(move |txn| {
             let dedupe = txn.open_table(DEDUPE).map_err(unavailable)?;
-            let Some(seq) = dedupe.get(key.as_str()).map_err(unavailable)? else { return Ok(None) };
-            let seq = seq.value();
             let messages = txn.open_table(MESSAGES).map_err(unavailable)?;
-            let found = messages.get((room.as_str(), seq)).map_err(unavailable)?;
-            found.map(|bytes| decode(bytes.value())).transpose()
+            keys.iter()
+                .map(|key| {
+                    let Some(seq) = dedupe.get(key.as_str()).map_err(unavailable)? else { return Ok(None) };
+                    let found = messages.get((room.as_str(), seq.value())).map_err(unavailable)?;
+                    found.map(|bytes| decode(bytes.value())).transpose()
+                })
+                .collect()
         })
         .await
     }

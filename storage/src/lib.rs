@@ -147,6 +147,21 @@ pub trait HistoryStore: Send + Sync + 'static {
         client_msg_id: &str,
     ) -> Result<Option<ChatMessage>, StoreError>;
 
+    /// [`find_by_client_msg_id`](Self::find_by_client_msg_id) for many `(user, client_msg_id)`
+    /// pairs of one room at once, answers in the same order. Backends override it to read in one
+    /// transaction or concurrently; a sequencer calls it once per batch of sends.
+    async fn find_by_client_msg_ids(
+        &self,
+        room: &str,
+        keys: &[(&str, &str)],
+    ) -> Result<Vec<Option<ChatMessage>>, StoreError> {
+        let mut found = Vec::with_capacity(keys.len());
+        for (user, client_msg_id) in keys {
+            found.push(self.find_by_client_msg_id(room, user, client_msg_id).await?);
+        }
+        Ok(found)
+    }
+
     /// A page of a room's history.
     async fn page(&self, room: &str, query: PageQuery) -> Result<Page, StoreError>;
 

@@ -312,6 +312,16 @@ pub async fn dedupe_lookup(store: &dyn HistoryStore) {
             .unwrap(),
         None
     );
+    // The batch form answers in the order asked, misses included.
+    let keys = [
+        (stored[3].user.as_str(), stored[3].client_msg_id.as_str()),
+        (m.user.as_str(), "never-sent"),
+        (stored[1].user.as_str(), stored[1].client_msg_id.as_str()),
+        ("someone-else", m.client_msg_id.as_str()),
+    ];
+    let found = store.find_by_client_msg_ids("d", &keys).await.unwrap();
+    assert_eq!(found, vec![Some(stored[3].clone()), None, Some(stored[1].clone()), None]);
+    assert!(store.find_by_client_msg_ids("d", &[]).await.unwrap().is_empty());
 }
 
 pub async fn get_by_id(store: &dyn HistoryStore) {
