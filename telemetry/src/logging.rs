@@ -52,24 +52,25 @@ pub struct TracingError(String);
 /// `service` names the process when `OTEL_SERVICE_NAME` does not. Must run inside a Tokio
 /// runtime when exporting.
 pub fn init(format: LogFormat, otlp_endpoint: Option<&str>, service: &str) -> Result<TelemetryGuard, TracingError> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Hop spans are for the tracing backend; they never become log lines.
-    let no_hops = Targets::new().with_target(HOP_TARGET, tracing::Level::ERROR).with_default(tracing::Level::TRACE);
+    // Hop spans are for the tracing backend; they never become log lines. One filter per layer
+    // keeps the subscriber's level hint exact, so disabled `log` records (tungstenite traces
+    // every frame) and events stop at a cheap level check instead of reaching the filters.
+    let hops_off = format!("{HOP_TARGET}=off").parse().expect("a valid static directive");
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")).add_directive(hops_off);
     let fmt = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
         LogFormat::Json => {
             tracing_subscriber::fmt::layer().json().with_current_span(true).with_writer(std::io::stderr).boxed()
         }
     }
-    .with_filter(filter)
-    .with_filter(no_hops);
+    .with_filter(filter);
     let (otel, provider) = match otlp_endpoint.filter(|e| !e.is_empty()) {
         Some(endpoint) => {
             let provider = tracer_provider(endpoint, service)?;
             let tracer = provider.tracer("chat");
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(tracer)
-                .with_filter(Targets::new().with_target(HOP_TARGET, tracing::Level::TRACE));
+                .with_filter(Targets::new().with_target(HOP_TARGET, tracing::Level::INFO));
             (Some(layer), Some(provider))
         }
         None => (None, None),
