@@ -34,6 +34,10 @@ pub enum FeedItem {
     Message(Arc<ChatMessage>, Option<String>),
     /// Presence or typing.
     Event(RoomEvent),
+    /// The bus connection came back after an outage. Deliveries published meanwhile were
+    /// lost (core NATS keeps nothing for an absent subscriber), so the gateway checks the
+    /// room's newest seq in the store.
+    Resumed,
 }
 
 /// A subscription to one room's feed; dropping it unsubscribes.

@@ -91,6 +91,8 @@ pub struct NatsBus {
     reply_prefix: String,
     /// Sends pulled from the partitions this worker owns (fanout side).
     sends: tokio::sync::Mutex<Option<mpsc::Receiver<jetstream::Message>>>,
+    /// Counts the connection's (re)connects; room feeds turn a change into [`FeedItem::Resumed`].
+    connects: Arc<tokio::sync::watch::Sender<u64>>,
     metrics: Metrics,
 }
 
@@ -103,12 +105,17 @@ impl NatsBus {
     /// listening for workers' answers. Never fails because NATS is down: `ready` says so.
     pub async fn connect(config: NatsConfig, metrics: Metrics) -> Result<Arc<Self>, BusError> {
         let name = config.name.clone();
+        let connects = Arc::new(tokio::sync::watch::Sender::new(0u64));
+        let on_event = connects.clone();
         let client = async_nats::ConnectOptions::new()
             .name(&config.name)
             .retry_on_initial_connect()
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(2))
             .event_callback(move |event| {
+                if matches!(event, async_nats::Event::Connected) {
+                    on_event.send_modify(|count| *count += 1);
+                }
                 let name = name.clone();
                 async move { tracing::info!(process = %name, %event, "nats connection event") }
             })
@@ -125,6 +132,7 @@ impl NatsBus {
             waiters: Arc::default(),
             reply_prefix,
             sends: tokio::sync::Mutex::new(None),
+            connects,
             metrics,
         });
         bus.listen_for_replies().await?;
@@ -239,10 +247,15 @@ impl GatewayBus for NatsBus {
         self.client.flush().await.map_err(|e| unavailable("flush subscriptions", e))?;
         let (tx, items) = mpsc::channel(FEED_QUEUE);
         let name = room.to_owned();
+        let mut connects = self.connects.subscribe();
         tokio::spawn(async move {
             loop {
                 let item = tokio::select! {
                     () = tx.closed() => break,
+                    changed = connects.changed() => match changed {
+                        Ok(()) => FeedItem::Resumed,
+                        Err(_) => break,
+                    },
                     message = deliveries.next() => match message {
                         Some(m) => match serde_json::from_slice::<ChatMessage>(&m.payload) {
                             Ok(message) => {

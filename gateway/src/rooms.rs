@@ -368,6 +368,15 @@ impl Rooms {
                     }
                 }
                 Some(FeedItem::Event(event)) => self.on_event(&hub, event),
+                Some(FeedItem::Resumed) => {
+                    // Whatever was published while the bus was away never arrives: look at
+                    // the store once the room has been quiet for a moment.
+                    tracing::debug!(room = %hub.room, "bus connection resumed; checking the room's tail");
+                    if self.gap_repair_on() {
+                        tail.as_mut().reset(tokio::time::Instant::now() + TAIL_CHECK);
+                        tail_armed = true;
+                    }
+                }
                 None => {
                     tracing::warn!(room = %hub.room, "room feed ended");
                     break;

@@ -45,7 +45,7 @@ impl Drop for TelemetryGuard {
 
 /// Why tracing could not be set up.
 #[derive(Debug, thiserror::Error)]
-#[error("OTLP exporter: {0}")]
+#[error("tracing set-up: {0}")]
 pub struct TracingError(String);
 
 /// Installs the global subscriber: logs, plus OTLP span export when `otlp_endpoint` is set.
@@ -55,7 +55,7 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>, service: &str) -> Re
     // Hop spans are for the tracing backend; they never become log lines. One filter per layer
     // keeps the subscriber's level hint exact, so disabled `log` records (tungstenite traces
     // every frame) and events stop at a cheap level check instead of reaching the filters.
-    let hops_off = format!("{HOP_TARGET}=off").parse().expect("a valid static directive");
+    let hops_off = format!("{HOP_TARGET}=off").parse().map_err(|e| TracingError(format!("log filter: {e}")))?;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")).add_directive(hops_off);
     let fmt = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
@@ -98,7 +98,7 @@ fn tracer_provider(endpoint: &str, service: &str) -> Result<SdkTracerProvider, T
         }
         other => return Err(TracingError(format!("OTEL_EXPORTER_OTLP_PROTOCOL={other}: use grpc or http/protobuf"))),
     }
-    .map_err(|e| TracingError(e.to_string()))?;
+    .map_err(|e| TracingError(format!("OTLP exporter: {e}")))?;
     let processor = opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
         exporter,
         opentelemetry_sdk::runtime::Tokio,

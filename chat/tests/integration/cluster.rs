@@ -43,7 +43,11 @@ impl Cluster {
     }
 
     fn backend_args(&self) -> Vec<String> {
-        ["--nats", &self.nats.url(), "--cql", &self.cql, "--keyspace", &self.keyspace].iter().map(|s| s.to_string()).collect()
+        self.backend_args_on(&self.nats.url())
+    }
+
+    fn backend_args_on(&self, nats_url: &str) -> Vec<String> {
+        ["--nats", nats_url, "--cql", &self.cql, "--keyspace", &self.keyspace].iter().map(|s| s.to_string()).collect()
     }
 
     async fn start_worker(&self) -> ChatProcess {
@@ -55,9 +59,14 @@ impl Cluster {
     }
 
     async fn start_gateway(&self, index: usize) -> ChatProcess {
+        self.start_gateway_on(index, &self.nats.url()).await
+    }
+
+    /// A gateway that reaches NATS at `nats_url` (say, through a [`testkit::Relay`]).
+    async fn start_gateway_on(&self, index: usize, nats_url: &str) -> ChatProcess {
         let mut args = vec!["gateway".to_owned(), "--listen".into(), "127.0.0.1:0".into(), "--gateway-id".into(), format!("gw-{index}-{}", self.keyspace)];
         args.extend(["--send-rate", "100000", "--send-burst", "100000", "--roster-interval-ms", "1000"].map(String::from));
-        args.extend(self.backend_args());
+        args.extend(self.backend_args_on(nats_url));
         let process = ChatProcess::start(binary(), &args, &[]).await;
         wait_ready(&process.http_url()).await;
         process
@@ -388,4 +397,37 @@ async fn users_of_a_gateway_that_dies_silently_go_offline_within_30_seconds() {
     .await;
     assert!(offline.is_ok(), "bob still online 30 s after his gateway died");
     eprintln!("dead gateway detected after {:?}", killed.elapsed());
+}
+
+#[tokio::test]
+async fn a_gateway_cut_from_nats_delivers_what_it_missed_once_it_is_back() {
+    let cluster = Cluster::start(1, 1).await;
+    let relay = testkit::Relay::start(cluster.nats.addr()).await;
+    let cut_off = cluster.start_gateway_on(1, &format!("nats://{}", relay.addr())).await;
+    let mut alice = Client::login(&cut_off.ws_url(), "alice").await;
+    alice.join("quiet").await;
+    let mut bob = Client::login(&cluster.gateway(0).ws_url(), "bob").await;
+    bob.join("quiet").await;
+    send_until_acked(&mut bob, "quiet", "before").await;
+    assert_eq!(alice.messages(1).await[0]["seq"], 1);
+
+    // Only the relayed gateway loses NATS; the message is stored and reaches bob's gateway.
+    relay.cut();
+    let (status, _) = get(&format!("{}/readyz", cut_off.http_url())).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut status = status;
+    while status != 503 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status = get(&format!("{}/readyz", cut_off.http_url())).await.0;
+    }
+    assert_eq!(status, 503, "the cut-off gateway says it is not ready");
+    let (ack, _) = send_until_acked(&mut bob, "quiet", "during").await;
+    assert_eq!(ack["seq"], 2);
+
+    // The room stays quiet: no later message will reveal the gap. The reconnect must.
+    relay.restore();
+    let missed = tokio::time::timeout(Duration::from_secs(30), alice.messages(1)).await.expect("the missed message arrives after NATS is back");
+    assert_eq!((missed[0]["seq"].as_u64(), missed[0]["client_msg_id"].as_str()), (Some(2), Some("during")));
+    let (_, journey) = get_json(&format!("{}/debug/messages/{}", cut_off.http_url(), ack["id"].as_str().unwrap())).await;
+    assert!(journey.to_string().contains("gateway.gap_repair"), "the journey shows the repair: {journey}");
 }
