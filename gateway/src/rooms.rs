@@ -32,6 +32,16 @@ const RECENT: usize = 512;
 /// A quiet feed is checked against the store this long after its last message, in case the
 /// bus lost the last message of a burst (a later message would have revealed the gap).
 const TAIL_CHECK: Duration = Duration::from_secs(1);
+/// After a bus reconnect, rooms check their tails spread over this long.
+const RESUME_SPREAD: Duration = Duration::from_secs(2);
+
+/// A room's fixed offset within [`RESUME_SPREAD`].
+fn resume_spread(room: &str) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    room.hash(&mut hasher);
+    RESUME_SPREAD.mul_f64((hasher.finish() % 1024) as f64 / 1024.0)
+}
 
 /// How long a new hub waits for other gateways' rosters before answering its first join.
 const ROSTER_WAIT: Duration = Duration::from_millis(150);
@@ -370,10 +380,11 @@ impl Rooms {
                 Some(FeedItem::Event(event)) => self.on_event(&hub, event),
                 Some(FeedItem::Resumed) => {
                     // Whatever was published while the bus was away never arrives: look at
-                    // the store once the room has been quiet for a moment.
+                    // the store once the room has been quiet for a moment, each room at its
+                    // own moment so a gateway with many rooms does not read them all at once.
                     tracing::debug!(room = %hub.room, "bus connection resumed; checking the room's tail");
                     if self.gap_repair_on() {
-                        tail.as_mut().reset(tokio::time::Instant::now() + TAIL_CHECK);
+                        tail.as_mut().reset(tokio::time::Instant::now() + TAIL_CHECK + resume_spread(&hub.room));
                         tail_armed = true;
                     }
                 }
