@@ -83,17 +83,6 @@ impl Fanout {
                 },
             };
             self.metrics.fanout_batch.observe(batch.len() as f64);
-            if let Some(fault) = self.faults.decide("fanout.sequence", "") {
-                // A stalled worker holds its batch: the bus redelivers it elsewhere after its
-                // ack deadline, and the store's dedupe settles who stored what.
-                self.metrics.fault("fanout.sequence", fault.action.name());
-                tracing::warn!(action = ?fault.action, millis = fault.millis(), sends = batch.len(), "injected fault: worker holds its batch");
-                for pending in &batch {
-                    let trace_id = telemetry::trace::trace_id_of(&pending.command.traceparent);
-                    self.journal.record_send(&pending.command.dedupe_key(), &trace_id, "fault.injected", serde_json::json!({"hop": "fanout.sequence", "action": fault.action, "millis": fault.millis(), "worker": self.journal.process()}));
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(fault.millis().max(0) as u64)).await;
-            }
             if last_seqs.len() > self.config.max_cached_rooms {
                 last_seqs.clear();
             }
@@ -111,6 +100,7 @@ impl Fanout {
             let results = join_all(rooms.into_iter().map(|(room, sends)| {
                 let cached = last_seqs.get(&room).copied();
                 async move {
+                    this.injected_stall(&room, &sends).await;
                     let last = this.sequence_room(&room, cached, sends).await;
                     (room, last)
                 }
@@ -124,6 +114,21 @@ impl Fanout {
             }
         }
         tracing::info!("fanout worker stopped");
+    }
+
+    /// The `fanout.sequence` fault: the worker holds one room's sends before sequencing them.
+    /// The bus redelivers them elsewhere after its ack deadline and the store's dedupe settles
+    /// who stored what; the rest of the batch waits too, since a worker finishes a batch
+    /// before taking the next.
+    async fn injected_stall(&self, room: &str, sends: &[PendingSend]) {
+        let Some(fault) = self.faults.decide("fanout.sequence", room) else { return };
+        self.metrics.fault("fanout.sequence", fault.action.name());
+        tracing::warn!(room, action = ?fault.action, millis = fault.millis(), sends = sends.len(), "injected fault: worker holds a room's sends");
+        for pending in sends {
+            let trace_id = telemetry::trace::trace_id_of(&pending.command.traceparent);
+            self.journal.record_send(&pending.command.dedupe_key(), &trace_id, "fault.injected", serde_json::json!({"hop": "fanout.sequence", "action": fault.action, "millis": fault.millis(), "worker": self.journal.process()}));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(fault.millis().max(0) as u64)).await;
     }
 
     /// Sequences, stores, delivers and answers one room's sends. Returns the room's last seq

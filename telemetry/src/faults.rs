@@ -8,7 +8,7 @@
 //! | `gateway.gap_repair` | disable | a gateway's gap repair (hub and connections) |
 //! | `gateway.nats` | cut | a gateway's whole bus connection: sends `unavailable`, feeds dropped |
 //! | `fanout.publish` | drop, duplicate, delay | a worker publishing a stored message to gateways |
-//! | `fanout.sequence` | stall, delay | a worker before sequencing a batch (`stall` holds the whole batch `delay_ms`, whatever `room` says) |
+//! | `fanout.sequence` | stall, delay | a worker before sequencing a room's sends (`stall` holds them `delay_ms`; the rest of the batch waits behind them) |
 //! | `fanout.clock` | skew | a worker stamping `ts` (`delay_ms` ahead; a negative `delay_ms` puts it behind) |
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -91,3 +91,27 @@ async fn admin_api_is_off_without_a_token() {
     assert_eq!(status, 404);
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_sequencing_stall_limited_to_a_room_holds_only_that_room() {
+    let mut options = TestServerOptions::default();
+    options.gateway.admin_token = Some("sesame".into());
+    let server = server_with(options).await;
+    let url = format!("{}/admin/faults", server.http_url);
+    let auth = [("Authorization", "Bearer sesame"), ("Content-Type", "application/json")];
+    let stall = json!({"hop": "fanout.sequence", "action": "stall", "room": "slow", "delay_ms": 1500}).to_string();
+    assert_eq!(request("POST", &url, &auth, &stall).await.0, 201);
+
+    let mut a = Client::login(&server.ws_url, "a").await;
+    a.join("slow").await;
+    a.join("fast").await;
+    let started = std::time::Instant::now();
+    a.say("fast", "f1", "not held").await;
+    assert!(started.elapsed() < std::time::Duration::from_millis(1000), "another room's send was held {:?}", started.elapsed());
+    let started = std::time::Instant::now();
+    let held = a.say("slow", "s1", "held").await;
+    assert!(started.elapsed() >= std::time::Duration::from_millis(1500), "the room's send was not held: {:?}", started.elapsed());
+    let (_, journey) = get_json(&format!("{}/debug/messages/{}", server.http_url, held["id"].as_str().unwrap())).await;
+    assert!(journey["hops"].as_array().unwrap().iter().any(|h| h["hop"] == "fault.injected" && h["detail"]["action"] == "stall"), "{journey:#}");
+    server.shutdown().await.unwrap();
+}
