@@ -80,3 +80,83 @@ impl HistoryReader {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+    use protocol::ChatMessage;
+    use storage::RoomAppend;
+
+    use super::*;
+
+    /// A store whose page reads are counted and held until the test opens the gate.
+    #[derive(Default)]
+    struct GatedStore {
+        pages: AtomicUsize,
+        gate: tokio::sync::Notify,
+    }
+
+    #[async_trait]
+    impl HistoryStore for GatedStore {
+        async fn append(&self, _batch: RoomAppend) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn last_seq(&self, _room: &str) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+        async fn find_by_client_msg_id(&self, _room: &str, _user: &str, _id: &str) -> Result<Option<ChatMessage>, StoreError> {
+            Ok(None)
+        }
+        async fn page(&self, _room: &str, query: PageQuery) -> Result<Page, StoreError> {
+            self.pages.fetch_add(1, Ordering::SeqCst);
+            self.gate.notified().await;
+            Ok(Page { messages: Vec::new(), has_more: query.after == Some(1) })
+        }
+        async fn get_by_id(&self, _id: Uuid) -> Result<Option<ChatMessage>, StoreError> {
+            Ok(None)
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn identical_concurrent_page_reads_become_one_store_query() {
+        let store = Arc::new(GatedStore::default());
+        let metrics = Metrics::new();
+        let reader = HistoryReader::new(store.clone(), metrics.clone());
+        let same = (0..50).map(|_| {
+            let reader = reader.clone();
+            tokio::spawn(async move { reader.page("r", PageQuery::between(1, 100)).await })
+        });
+        let same: Vec<_> = same.collect();
+        let other = {
+            let reader = reader.clone();
+            tokio::spawn(async move { reader.page("r", PageQuery::between(2, 100)).await })
+        };
+        while store.pages.load(Ordering::SeqCst) < 2 || metrics.history_coalesced.get() < 49 {
+            tokio::task::yield_now().await;
+        }
+        store.gate.notify_waiters();
+        for read in same {
+            assert!(read.await.unwrap().unwrap().has_more, "every caller gets the shared page");
+        }
+        assert!(!other.await.unwrap().unwrap().has_more);
+        assert_eq!(store.pages.load(Ordering::SeqCst), 2, "one query for the 50 identical reads, one for the other");
+        assert_eq!(metrics.history_coalesced.get(), 49);
+
+        // Once answered, the next identical read goes to the store again (nothing is cached here).
+        let again = {
+            let reader = reader.clone();
+            tokio::spawn(async move { reader.page("r", PageQuery::between(1, 100)).await })
+        };
+        while store.pages.load(Ordering::SeqCst) < 3 {
+            tokio::task::yield_now().await;
+        }
+        store.gate.notify_waiters();
+        again.await.unwrap().unwrap();
+        assert_eq!(metrics.history_coalesced.get(), 49);
+    }
+}
