@@ -25,6 +25,16 @@ pub struct Backends {
     pub keyspace: String,
     /// Replication of the keyspace when it is created.
     pub replication: Replication,
+    /// Replicas of the JetStream send stream when it is created.
+    pub stream_replicas: usize,
+}
+
+impl Backends {
+    fn nats_config(&self, name: &str) -> NatsConfig {
+        let mut config = NatsConfig::new(&self.nats_url, name);
+        config.stream_replicas = self.stream_replicas;
+        config
+    }
 }
 
 /// Parses `--replication`: `1` (SimpleStrategy RF 1) or `dc1=3,dc2=3` (NetworkTopologyStrategy).
@@ -76,7 +86,7 @@ pub async fn gateway(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = Metrics::new();
-    let bus = NatsBus::connect(NatsConfig::new(&backends.nats_url, &config.gateway_id), metrics.clone()).await.context("NATS")?;
+    let bus = NatsBus::connect(backends.nats_config(&config.gateway_id), metrics.clone()).await.context("NATS")?;
     let store = connect_store(&backends).await?;
     let journal = Arc::new(Journal::new(config.gateway_id.clone(), journal_capacity));
     bus.serve_journal(journal.clone()).await.context("serving journeys")?;
@@ -94,7 +104,7 @@ pub async fn fanout(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = Metrics::new();
-    let bus = NatsBus::connect(NatsConfig::new(&backends.nats_url, &worker_id), metrics.clone()).await.context("NATS")?;
+    let bus = NatsBus::connect(backends.nats_config(&worker_id), metrics.clone()).await.context("NATS")?;
     bus.start_worker().await.context("joining the fanout workers")?;
     let store = connect_store(&backends).await?;
     let journal = Arc::new(Journal::new(worker_id.clone(), journal_capacity));

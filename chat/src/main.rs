@@ -86,6 +86,9 @@ struct BackendArgs {
     /// Replication when the keyspace is created: `1` (SimpleStrategy RF) or `dc1=3,dc2=3`.
     #[arg(long, env = "CHAT_CQL_REPLICATION", default_value = "1")]
     replication: String,
+    /// Replicas of the JetStream send stream when it is created (3 on a NATS cluster).
+    #[arg(long, env = "CHAT_STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    stream_replicas: u8,
 }
 
 impl BackendArgs {
@@ -95,6 +98,7 @@ impl BackendArgs {
             cql_nodes: self.cql_nodes.clone(),
             keyspace: self.keyspace.clone(),
             replication: chat::cluster::parse_replication(&self.replication)?,
+            stream_replicas: usize::from(self.stream_replicas),
         })
     }
 }
