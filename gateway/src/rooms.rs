@@ -350,12 +350,16 @@ impl Rooms {
         let tail = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(tail);
         let mut tail_armed = false;
+        let mut tail_noted = 0;
+        let mut after_outage = false;
         loop {
             let item = tokio::select! {
                 () = hub.stop.notified() => break,
                 () = &mut tail, if tail_armed => {
-                    tail_armed = false;
-                    self.check_tail(&hub).await;
+                    tail_armed = self.check_tail(&hub, &mut tail_noted, std::mem::take(&mut after_outage)).await;
+                    if tail_armed {
+                        tail.as_mut().reset(tokio::time::Instant::now() + TAIL_CHECK);
+                    }
                     continue;
                 }
                 item = feed.items.recv() => item,
@@ -386,6 +390,7 @@ impl Rooms {
                     if self.gap_repair_on() {
                         tail.as_mut().reset(tokio::time::Instant::now() + TAIL_CHECK + resume_spread(&hub.room));
                         tail_armed = true;
+                        after_outage = true;
                     }
                 }
                 None => {
@@ -434,15 +439,28 @@ impl Rooms {
     }
 
     /// After a quiet second, makes sure the bus did not lose the last message of a burst.
-    async fn check_tail(&self, hub: &Hub) {
-        match self.history.last_seq(&hub.room).await {
-            Ok(stored) if stored > hub.last_seq() => {
-                tracing::info!(room = %hub.room, forwarded = hub.last_seq(), stored, "feed missed the newest messages; repairing");
-                self.repair_gap(hub, hub.last_seq(), stored + 1).await;
+    ///
+    /// A message the store has but the feed has not brought may still be on its way (stored,
+    /// not yet published, or in NATS), so one check only notes the store's newest seq in
+    /// `noted`; the next check, a second later, repairs whatever up to `noted` has still not
+    /// arrived. After a bus outage (`after_outage`) everything stored is known to be lost
+    /// and is repaired at once. Returns whether to check again.
+    async fn check_tail(&self, hub: &Hub, noted: &mut u64, after_outage: bool) -> bool {
+        let stored = match self.history.last_seq(&hub.room).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::debug!(room = %hub.room, error = %e, "tail check failed");
+                return false;
             }
-            Ok(_) => {}
-            Err(e) => tracing::debug!(room = %hub.room, error = %e, "tail check failed"),
+        };
+        let forwarded = hub.last_seq();
+        let lost_up_to = if after_outage { stored } else { (*noted).min(stored) };
+        if lost_up_to > forwarded {
+            tracing::info!(room = %hub.room, forwarded, stored, "feed missed the newest messages; repairing");
+            self.repair_gap(hub, forwarded, lost_up_to + 1).await;
         }
+        *noted = stored;
+        stored > hub.last_seq()
     }
 
     /// Reads the messages between `last` and `next` from the store and forwards them.
