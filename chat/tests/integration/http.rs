@@ -1,9 +1,19 @@
 //! The HTTP routes beside the WebSocket: health, readiness, metrics, journeys, faults, web app.
 
-use chat::testing::TestServerOptions;
+use chat::testing::{RunningServer, TestServerOptions};
 use serde_json::json;
 
 use crate::support::*;
+
+/// Headers of an admin request to a server from [`server_with_admin`].
+const ADMIN: [(&str, &str); 2] = [("Authorization", "Bearer sesame"), ("Content-Type", "application/json")];
+
+/// An all-in-one server with the admin API on (token `sesame`).
+async fn server_with_admin() -> RunningServer {
+    let mut options = TestServerOptions::default();
+    options.gateway.admin_token = Some("sesame".into());
+    server_with(options).await
+}
 
 #[tokio::test]
 async fn health_ready_metrics_and_the_web_app() {
@@ -55,14 +65,12 @@ async fn debug_messages_show_the_journey_inside_the_process() {
 
 #[tokio::test]
 async fn admin_faults_need_the_token_and_are_marked_in_the_journey() {
-    let mut options = TestServerOptions::default();
-    options.gateway.admin_token = Some("sesame".into());
-    let server = server_with(options).await;
+    let server = server_with_admin().await;
     let url = format!("{}/admin/faults", server.http_url);
     let fault = json!({"hop": "gateway.deliver", "action": "drop", "room": "f", "count": 1}).to_string();
     assert_eq!(request("POST", &url, &[("Content-Type", "application/json")], &fault).await.0, 401);
     assert_eq!(request("POST", &url, &[("Authorization", "Bearer wrong"), ("Content-Type", "application/json")], &fault).await.0, 401);
-    let auth = [("Authorization", "Bearer sesame"), ("Content-Type", "application/json")];
+    let auth = ADMIN;
     assert_eq!(request("POST", &url, &auth, "{\"hop\": \"nowhere\", \"action\": \"drop\"}").await.0, 400);
     let (status, body) = request("POST", &url, &auth, &fault).await;
     assert_eq!(status, 201, "{body}");
@@ -94,11 +102,9 @@ async fn admin_api_is_off_without_a_token() {
 
 #[tokio::test]
 async fn a_sequencing_stall_limited_to_a_room_holds_only_that_room() {
-    let mut options = TestServerOptions::default();
-    options.gateway.admin_token = Some("sesame".into());
-    let server = server_with(options).await;
+    let server = server_with_admin().await;
     let url = format!("{}/admin/faults", server.http_url);
-    let auth = [("Authorization", "Bearer sesame"), ("Content-Type", "application/json")];
+    let auth = ADMIN;
     let stall = json!({"hop": "fanout.sequence", "action": "stall", "room": "slow", "delay_ms": 1500}).to_string();
     assert_eq!(request("POST", &url, &auth, &stall).await.0, 201);
 
@@ -118,10 +124,8 @@ async fn a_sequencing_stall_limited_to_a_room_holds_only_that_room() {
 
 #[tokio::test]
 async fn a_slow_delivery_is_not_mistaken_for_a_lost_one() {
-    let mut options = TestServerOptions::default();
-    options.gateway.admin_token = Some("sesame".into());
-    let server = server_with(options).await;
-    let auth = [("Authorization", "Bearer sesame"), ("Content-Type", "application/json")];
+    let server = server_with_admin().await;
+    let auth = ADMIN;
     let mut a = Client::login(&server.ws_url, "a").await;
     a.join("slowpub").await;
     a.say("slowpub", "m1", "on time").await;
