@@ -90,24 +90,6 @@ async fn wait_ready(base: &str) {
     }
 }
 
-/// Reads a room's whole history through HTTP.
-async fn history(base: &str, room: &str) -> Vec<Value> {
-    let mut all = Vec::new();
-    let mut after = 0;
-    loop {
-        let (status, page) = get_json(&format!("{base}/api/rooms/{room}/messages?after={after}&limit=200")).await;
-        assert_eq!(status, 200, "{page}");
-        let messages = page["messages"].as_array().expect("messages").clone();
-        if let Some(last) = messages.last() {
-            after = last["seq"].as_u64().expect("seq");
-        }
-        all.extend(messages);
-        if !page["has_more"].as_bool().expect("has_more") {
-            return all;
-        }
-    }
-}
-
 fn assert_gapless(messages: &[Value]) {
     let seqs: Vec<u64> = messages.iter().map(|m| m["seq"].as_u64().expect("seq")).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "seqs must run 1..n without gaps");
@@ -169,7 +151,7 @@ async fn clients_on_two_gateways_see_one_gapless_order_and_each_other() {
     for order in &orders[1..] {
         assert_eq!(order, &orders[0]);
     }
-    assert_gapless(&history(&cluster.gateway(0).http_url(), "shared").await);
+    assert_gapless(&whole_history(&cluster.gateway(0).http_url(), "shared").await);
 }
 
 #[tokio::test]
@@ -208,7 +190,7 @@ async fn kill_9_of_a_fanout_worker_loses_nothing_and_flow_resumes() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(longest_stall < Duration::from_secs(10), "flow stalled for {longest_stall:?}");
-    let stored = history(&cluster.gateway(0).http_url(), "steady").await;
+    let stored = whole_history(&cluster.gateway(0).http_url(), "steady").await;
     assert_gapless(&stored);
     assert_eq!(stored.len(), 120, "one stored message per acked send");
     for message in &stored {
@@ -276,7 +258,7 @@ async fn nats_restart_under_load_acked_messages_are_stored_exactly_once() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     wait_ready(&cluster.gateway(0).http_url()).await;
-    let stored = history(&cluster.gateway(0).http_url(), "n").await;
+    let stored = whole_history(&cluster.gateway(0).http_url(), "n").await;
     assert_gapless(&stored);
     let stored_ids: Vec<&str> = stored.iter().map(|m| m["client_msg_id"].as_str().unwrap()).collect();
     assert_eq!(stored_ids.iter().collect::<HashSet<_>>().len(), stored_ids.len(), "no client_msg_id stored twice");
@@ -370,7 +352,7 @@ async fn the_store_briefly_unreachable_sends_fail_cleanly_and_the_system_recover
     let (retried, _) = send_until_acked(&mut writer, "o", "during").await;
     let (after, _) = send_until_acked(&mut writer, "o", "after").await;
     assert!(after["seq"].as_u64() > retried["seq"].as_u64());
-    let stored = history(&base, "o").await;
+    let stored = whole_history(&base, "o").await;
     assert_gapless(&stored);
     let ids: Vec<&str> = stored.iter().map(|m| m["client_msg_id"].as_str().unwrap()).collect();
     assert_eq!(ids, vec!["before", "during", "after"]);

@@ -268,24 +268,6 @@ async fn wait_metric(base: &str, sample: &str, at_least: f64, limit: Duration) -
     }
 }
 
-/// Every stored message of a room, oldest first.
-async fn history(base: &str, room: &str) -> Vec<Value> {
-    let mut all = Vec::new();
-    let mut after = 0;
-    loop {
-        let (status, page) = get_json(&format!("{base}/api/rooms/{room}/messages?after={after}&limit=200")).await;
-        assert_eq!(status, 200, "{page}");
-        let messages = page["messages"].as_array().expect("messages").clone();
-        if let Some(last) = messages.last() {
-            after = last["seq"].as_u64().expect("seq");
-        }
-        all.extend(messages);
-        if !page["has_more"].as_bool().expect("has_more") {
-            return all;
-        }
-    }
-}
-
 // === 1. trace the missing message ===
 
 #[tokio::test]
@@ -316,7 +298,7 @@ async fn ex01_trace_the_missing_message() {
     // (a) Exactly one member misses exactly one acked, stored message.
     assert_eq!(missing.len(), 1, "one lost delivery: {missing:?}");
     let (victim, seq) = missing[0];
-    let stored = history(&base, "ex1-r0").await;
+    let stored = whole_history(&base, "ex1-r0").await;
     assert_eq!(seqs(&stored), (1..=20).collect::<Vec<_>>(), "the store has every seq");
 
     // (b) The journey: fanned out to all ten, dropped at gateway.deliver on the victim's session.
@@ -472,7 +454,7 @@ async fn ex03_diagnose_the_performance_regression() {
     // (a) Everything acked and stored, but the median is far slower.
     assert!(slow_median >= Duration::from_millis(200), "median ack latency with the fault: {slow_median:?}");
     assert!(slow_median >= baseline_median * 5, "{baseline_median:?} -> {slow_median:?}");
-    assert_eq!(seqs(&history(&base, "ex3b-r0").await), (1..=40).collect::<Vec<_>>());
+    assert_eq!(seqs(&whole_history(&base, "ex3b-r0").await), (1..=40).collect::<Vec<_>>());
 
     // (b) The delayed ones carry the fault between store.append and fanout.publish; the others
     // waited before they were sequenced.
@@ -531,7 +513,7 @@ async fn ex04_debug_the_byzantine_failure() {
     }
     let alice_saw = alice.messages(sent).await;
     let bob_saw = bob.messages(sent).await;
-    let stored = history(&lab.gateway(0), "ex4").await;
+    let stored = whole_history(&lab.gateway(0), "ex4").await;
     for ((a, b), s) in alice_saw.iter().zip(&bob_saw).zip(&stored) {
         eprintln!("ex04: {} {} {} | {} {}", a["seq"], a["ts"], a["body"], b["body"], b["ts"]);
         assert_eq!((&a["id"], &b["id"], &a["seq"], &b["seq"]), (&s["id"], &s["id"], &s["seq"], &s["seq"]), "one identity everywhere");
@@ -657,7 +639,7 @@ async fn ex05_the_slow_consumer() {
     let text = metrics(&base).await;
     assert_eq!(metric(&text, "chat_disconnects_total{reason=\"slow_consumer\"}"), 1.0);
     assert!(metric(&text, "chat_drops_total{reason=\"queue_full\"}") >= 1.0, "{text}");
-    let stored = history(&base, "ex5-r0").await;
+    let stored = whole_history(&base, "ex5-r0").await;
     let stored_last = stored.last().unwrap()["seq"].as_u64().unwrap();
     assert!(last_seen < stored_last, "sloth missed the end: {last_seen} < {stored_last}");
 
@@ -815,7 +797,7 @@ async fn ex07_the_duplicate_after_a_worker_stall() {
     assert_eq!(metric(&fanout1, "chat_faults_injected_total{action=\"stall\",hop=\"fanout.sequence\"}"), 1.0, "{fanout1}");
 
     // (a) Stored once, delivered once, acked once.
-    let stored = history(&lab.gateway(0), "ex7").await;
+    let stored = whole_history(&lab.gateway(0), "ex7").await;
     assert_eq!(seqs(&stored), (1..=sent as u64 + 1).collect::<Vec<_>>(), "gapless");
     let copies = stored.iter().filter(|m| m["client_msg_id"] == format!("m{sent}")).count();
     assert_eq!(copies, 1, "stored once");
@@ -861,7 +843,7 @@ async fn ex08_the_gap_nobody_repaired() {
         assert_eq!(seqs(&messages_until(client, "ex8-r0", 4, Duration::from_secs(5)).await), [4], "seq 3 skipped");
         assert!(frame_within(client, Duration::from_millis(1500)).await.is_none(), "and never repaired");
     }
-    assert_eq!(seqs(&history(&base, "ex8-r0").await), [1, 2, 3, 4], "seq 3 is stored");
+    assert_eq!(seqs(&whole_history(&base, "ex8-r0").await), [1, 2, 3, 4], "seq 3 is stored");
     let lost = fetch_journey(&base, three["id"].as_str().unwrap()).await;
     assert_eq!(faults(&lost, "fanout.publish", "drop").len(), 1, "{lost:#}");
     assert!(hops(&lost, "gateway.fanout").is_empty(), "no gateway ever fanned it out: {lost:#}");

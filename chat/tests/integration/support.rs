@@ -159,3 +159,21 @@ pub fn metric(text: &str, sample: &str) -> f64 {
         .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
         .unwrap_or(0.0)
 }
+
+/// Every stored message of a room, oldest first, read page by page through the HTTP API.
+pub async fn whole_history(base: &str, room: &str) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let (status, page) = get_json(&format!("{base}/api/rooms/{room}/messages?after={after}&limit=200")).await;
+        assert_eq!(status, 200, "{page}");
+        let messages = page["messages"].as_array().expect("messages").clone();
+        if let Some(last) = messages.last() {
+            after = last["seq"].as_u64().expect("seq");
+        }
+        all.extend(messages);
+        if !page["has_more"].as_bool().expect("has_more") {
+            return all;
+        }
+    }
+}
