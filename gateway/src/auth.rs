@@ -11,6 +11,9 @@ pub struct Identity {
     pub user: String,
     /// Rooms the token allows; `None` allows all.
     pub rooms: Option<Vec<String>>,
+    /// When the token stops being valid (its `exp` plus the allowed clock leeway, seconds since
+    /// the Unix epoch); `None` in dev mode. The connection is closed then.
+    pub valid_until: Option<u64>,
 }
 
 impl Identity {
@@ -23,6 +26,7 @@ impl Identity {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    exp: u64,
     #[serde(default)]
     rooms: Option<Vec<String>>,
 }
@@ -65,6 +69,7 @@ impl Verifier {
         if !protocol::names::is_valid_user(&data.claims.sub) {
             return Err(AuthError::BadSubject);
         }
-        Ok(Identity { user: data.claims.sub, rooms: data.claims.rooms })
+        let valid_until = data.claims.exp.saturating_add(self.validation.leeway);
+        Ok(Identity { user: data.claims.sub, rooms: data.claims.rooms, valid_until: Some(valid_until) })
     }
 }

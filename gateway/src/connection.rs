@@ -32,6 +32,8 @@ use crate::state::AppState;
 
 /// Close code for a connection whose outbound queue stayed full.
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+/// Close code for a connection whose token expired while it was open.
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 const CLOSE_POLICY: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_RESTART: u16 = 1012;
@@ -122,6 +124,7 @@ pub async fn serve(socket: WebSocket, app: Arc<AppState>, query_token: Option<St
 fn reason_label(code: u16) -> &'static str {
     match code {
         CLOSE_SLOW_CONSUMER => "slow_consumer",
+        CLOSE_TOKEN_EXPIRED => "token_expired",
         CLOSE_POLICY => "policy",
         CLOSE_TOO_BIG => "too_large",
         CLOSE_RESTART => "draining",
@@ -139,8 +142,12 @@ impl Connection {
         let limits = &app.config.limits;
         let mut shutdown = self.app.shutdown_signal();
         let mut in_flight: InFlight = FuturesUnordered::new();
-        let hello_deadline = tokio::time::sleep(limits.hello_timeout);
-        tokio::pin!(hello_deadline);
+        // Before `hello`: the hello timeout. After it: when the token expires (auth on), or
+        // never. One timer serves both, so an idle connection carries only one.
+        let deadline = tokio::time::sleep(limits.hello_timeout);
+        tokio::pin!(deadline);
+        let mut deadline_armed = true;
+        let mut hello_done = false;
         let mut ping = tokio::time::interval(limits.ping_interval);
         ping.tick().await;
         let mut last_heard = Instant::now();
@@ -163,10 +170,16 @@ impl Connection {
                 }
                 Some(done) = in_flight.next(), if !in_flight.is_empty() => Box::pin(self.on_submitted(done)).await,
                 () = outbox.ready() => Box::pin(self.on_outbound()).await,
-                () = &mut hello_deadline, if self.identity.is_none() => {
-                    let _ = self.error(ErrorCode::Unauthorized, "no hello within the time allowed", None).await;
-                    Err(End::Close(CLOSE_POLICY, "hello timeout"))
-                }
+                () = &mut deadline, if deadline_armed => match self.identity {
+                    None => {
+                        let _ = self.error(ErrorCode::Unauthorized, "no hello within the time allowed", None).await;
+                        Err(End::Close(CLOSE_POLICY, "hello timeout"))
+                    }
+                    Some(_) => {
+                        let _ = self.error(ErrorCode::Unauthorized, "token expired: reconnect with a fresh token", None).await;
+                        Err(End::Close(CLOSE_TOKEN_EXPIRED, "token expired"))
+                    }
+                },
                 _ = ping.tick() => {
                     if last_heard.elapsed() > limits.ping_interval * 3 {
                         Err(End::Close(CLOSE_POLICY, "no traffic from client"))
@@ -175,6 +188,13 @@ impl Connection {
                     }
                 }
             };
+            if deadline_armed && !hello_done && self.identity.is_some() {
+                hello_done = true;
+                match self.identity.as_ref().and_then(|identity| identity.valid_until) {
+                    Some(until) => deadline.as_mut().reset(instant_at_unix_secs(until)),
+                    None => deadline_armed = false,
+                }
+            }
             let flushed = self.flush().await;
             match (step, flushed) {
                 (Err(end), _) => return end,
@@ -241,7 +261,7 @@ impl Connection {
                 }
             },
             None => match user {
-                Some(user) if names::is_valid_user(&user) => Identity { user, rooms: None },
+                Some(user) if names::is_valid_user(&user) => Identity { user, rooms: None, valid_until: None },
                 Some(_) => return self.error(ErrorCode::BadRequest, "user must be 1-64 characters from A-Z a-z 0-9 _ - .", req).await,
                 None => return self.error(ErrorCode::BadRequest, "hello needs a user (this server runs without auth)", req).await,
             },
@@ -616,6 +636,13 @@ impl Connection {
 }
 
 /// Resolves once the gateway drains.
+/// The monotonic instant of a wall-clock time given in seconds since the Unix epoch.
+fn instant_at_unix_secs(secs: u64) -> tokio::time::Instant {
+    let now_ms = u64::try_from(protocol::now_ms()).unwrap_or(0);
+    let wait_ms = secs.saturating_mul(1000).saturating_sub(now_ms);
+    tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms)
+}
+
 async fn draining(signal: &mut tokio::sync::watch::Receiver<bool>) {
     // An error means the gateway is gone altogether: drain as well.
     let _ = signal.wait_for(|draining| *draining).await;

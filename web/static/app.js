@@ -504,9 +504,12 @@ function startSession({ user, token }) {
   client.on('fatal', (err) => {
     try { sessionStorage.removeItem(TOKEN_KEY); } catch { /* ignore */ }
     endSession();
-    showSignin(err.code === 'unauthorized'
-      ? (app.tokenMode ? 'The server refused this token.' : 'This server needs a token: sign in with a token.')
-      : err.message);
+    let why = err.message;
+    if (err.code === 'unauthorized') {
+      if (/expired/.test(err.message)) why = 'Your token expired: sign in with a fresh token.';
+      else why = app.tokenMode ? 'The server refused this token.' : 'This server needs a token: sign in with a token.';
+    }
+    showSignin(why);
     if (err.code === 'unauthorized' && !app.tokenMode) els.tokenDetails.open = true;
   });
   client.on('joined', ({ room: name, last_seq: lastSeq, members, rejoin }) => {

@@ -249,6 +249,10 @@ export class ChatClient extends Emitter {
       // Policy violation: the server refused our credentials. Retrying will not help.
       this._fatal = new ChatError('unauthorized', reason || 'the server refused the credentials');
     }
+    if (code === 4001 && !this._closedByUser && !this._fatal) {
+      // The token expired while connected: the same token would be refused again.
+      this._fatal = new ChatError('unauthorized', 'token expired: sign in with a fresh token');
+    }
     for (const r of this._rooms.values()) { r.joined = false; r.joinInFlight = false; clearTimeout(r.checkTimer); }
     for (const e of this._outbox.values()) { clearTimeout(e.attemptTimer); e.inFlight = false; }
     // Requests in flight: reads are re-sent after the reconnect; joins are redone per room;

@@ -53,4 +53,15 @@ describe('auth mode', () => {
     assert.equal(await page.getByRole('list', { name: 'Joined rooms' }).getByRole('listitem').count(), 1);
     await page.context().close();
   });
+
+  it('a token that expires while connected sends the user back to sign in', async () => {
+    const page = await openPage(browser, server);
+    const now = Math.floor(Date.now() / 1000);
+    await signInWithToken(page, makeJwt(SECRET, { sub: 'frank', exp: now + 1 }));
+    await connected(page);
+    // The gateway allows 5 s of leeway past exp, then closes with 4001.
+    await page.getByRole('alert').filter({ hasText: 'token expired' }).waitFor({ timeout: 20000 });
+    await page.getByLabel('Token', { exact: true }).waitFor();
+    await page.context().close();
+  });
 });

@@ -85,3 +85,28 @@ async fn dev_mode_takes_the_user_as_given() {
     assert!(!welcome["gateway"].as_str().unwrap().is_empty());
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_token_that_expires_while_connected_ends_the_connection() {
+    let server = server_with(config_with_secret(SECRET)).await;
+    // exp one second from now; the gateway allows 5 s of clock leeway on top.
+    let mut alice = Client::connect(&server.ws_url).await;
+    alice.send(json!({"type": "hello", "token": token("alice", 1, None)})).await;
+    alice.expect("welcome").await;
+    alice.join("r").await;
+    let connected = std::time::Instant::now();
+    let error = alice.expect("error").await;
+    assert_eq!(error["code"], "unauthorized", "{error}");
+    assert_eq!(alice.closed().await, 4001);
+    assert!(connected.elapsed() >= std::time::Duration::from_secs(4), "closed too early: {:?}", connected.elapsed());
+    let (_, metrics) = get(&format!("{}/metrics", server.http_url)).await;
+    assert_eq!(metric(&metrics, "chat_disconnects_total{reason=\"token_expired\"}"), 1.0, "{metrics}");
+
+    // A long-lived token keeps its connection.
+    let mut bob = Client::connect(&server.ws_url).await;
+    bob.send(json!({"type": "hello", "token": token("bob", 3600, None)})).await;
+    bob.expect("welcome").await;
+    bob.send(json!({"type": "ping"})).await;
+    assert_eq!(bob.expect("pong").await["type"], "pong");
+    server.shutdown().await.unwrap();
+}
