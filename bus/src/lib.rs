@@ -77,6 +77,9 @@ pub trait GatewayBus: Send + Sync + 'static {
 pub struct PendingSend {
     /// What the client sent.
     pub command: SendCommand,
+    /// Which delivery of this send it is: 1 the first time, more when the bus handed it out
+    /// again because a worker held it past its ack deadline (a stall) or died holding it.
+    pub delivery: u64,
     /// Where the outcome goes.
     pub reply: Box<dyn Replier>,
 }

@@ -73,7 +73,7 @@ impl GatewayBus for LocalBus {
     async fn submit(&self, command: SendCommand) -> Result<SendOutcome, BusError> {
         let (reply, outcome) = oneshot::channel();
         self.sends
-            .send(PendingSend { command, reply: Box::new(LocalReplier(reply)) })
+            .send(PendingSend { command, delivery: 1, reply: Box::new(LocalReplier(reply)) })
             .await
             .map_err(|_| BusError::Unavailable("fanout stopped".into()))?;
         outcome.await.map_err(|_| BusError::Unavailable("fanout dropped the send".into()))?

@@ -505,15 +505,21 @@ impl NatsBus {
             .and_then(|h| h.get(REPLY_HEADER))
             .map(|v| v.as_str().to_owned());
         match serde_json::from_slice::<SendCommand>(&message.payload) {
-            Ok(mut command) => Some({
-                let span = tracing::info_span!(target: telemetry::logging::HOP_TARGET, "fanout.consume", room = %command.room);
+            Ok(mut command) => {
+                let delivery = message.info().map_or(1, |info| u64::try_from(info.delivered).unwrap_or(1).max(1));
+                if delivery > 1 {
+                    self.metrics.send_redeliveries.inc();
+                    tracing::info!(room = %command.room, client_msg_id = %command.client_msg_id, delivery, "send redelivered by JetStream");
+                }
+                let span = tracing::info_span!(target: telemetry::logging::HOP_TARGET, "fanout.consume", room = %command.room, delivery);
                 telemetry::trace::set_parent(&span, telemetry::trace::message_context(Some(&command.traceparent)));
                 command.traceparent = telemetry::trace::traceparent_of(&span, &command.traceparent);
-                PendingSend {
-                command,
-                reply: Box::new(NatsReplier { client: self.client.clone(), message, reply_subject }),
+                Some(PendingSend {
+                    command,
+                    delivery,
+                    reply: Box::new(NatsReplier { client: self.client.clone(), message, reply_subject }),
+                })
             }
-            }),
             Err(e) => {
                 tracing::warn!(subject = %message.subject, error = %e, "undecodable send terminated");
                 tokio::spawn(async move {

@@ -89,6 +89,10 @@ impl Fanout {
             let mut rooms: Vec<(String, Vec<PendingSend>)> = Vec::new();
             let mut index: HashMap<String, usize> = HashMap::new();
             for pending in batch {
+                if pending.delivery > 1 {
+                    let trace_id = telemetry::trace::trace_id_of(&pending.command.traceparent);
+                    self.journal.record_send(&pending.command.dedupe_key(), &trace_id, "fanout.redelivered", serde_json::json!({"delivery": pending.delivery, "worker": self.journal.process()}));
+                }
                 let room = pending.command.room.clone();
                 let slot = *index.entry(room.clone()).or_insert_with(|| {
                     rooms.push((room, Vec::new()));

@@ -48,6 +48,8 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     /// Sequencing conflicts (another writer moved the room's seq first).
     pub seq_conflicts: IntCounter,
+    /// Sends the bus handed to a worker again (held past the ack deadline, or a worker died).
+    pub send_redeliveries: IntCounter,
     /// Sends per fanout batch.
     pub fanout_batch: Histogram,
     /// History reads answered by joining an identical read already in flight.
@@ -127,6 +129,7 @@ impl Metrics {
             store_latency: register(&r, HistogramVec::new(store_opts, &["op"]).expect("valid metric")),
             store_errors: counter_vec(&r, "chat_store_errors_total", "Store errors, by operation.", &["op"]),
             seq_conflicts: counter(&r, "chat_seq_conflicts_total", "Sequencing conflicts with another writer."),
+            send_redeliveries: counter(&r, "chat_send_redeliveries_total", "Sends handed to a worker again by JetStream (ack deadline passed, or a worker died)."),
             fanout_batch: register(&r, Histogram::with_opts(batch_opts).expect("valid metric")),
             history_coalesced: counter(&r, "chat_history_coalesced_total", "History reads that joined an identical read in flight."),
             history_cache_hits: counter(&r, "chat_history_cache_hits_total", "Replays and gap fills served from recent messages in memory."),

@@ -795,6 +795,12 @@ async fn ex07_the_duplicate_after_a_worker_stall() {
     }
     let fanout1 = metrics(&lab.worker(0)).await;
     assert_eq!(metric(&fanout1, "chat_faults_injected_total{action=\"stall\",hop=\"fanout.sequence\"}"), 1.0, "{fanout1}");
+    // JetStream's second delivery of the send is in the journey and in the workers' metrics.
+    let redelivered = hops(&journey, "fanout.redelivered");
+    assert!(redelivered.iter().any(|h| h["detail"]["delivery"].as_u64() >= Some(2)), "{journey:#}");
+    let fanout2 = metrics(&lab.worker(1)).await;
+    let redeliveries = metric(&fanout1, "chat_send_redeliveries_total") + metric(&fanout2, "chat_send_redeliveries_total");
+    assert!(redeliveries >= 1.0, "{fanout1}\n{fanout2}");
 
     // (a) Stored once, delivered once, acked once.
     let stored = whole_history(&lab.gateway(0), "ex7").await;
