@@ -190,8 +190,9 @@ async fn leave_stops_delivery_and_send_needs_join() {
     b.send(json!({"type": "send", "room": "r", "client_msg_id": "x", "body": "y"})).await;
     let error = b.expect("error").await;
     assert_eq!(error["code"], "not_joined");
-    b.send(json!({"type": "leave", "room": "r"})).await;
-    assert_eq!(b.expect("error").await["code"], "not_joined");
+    b.send(json!({"type": "leave", "room": "r", "req": 4})).await;
+    let again = b.expect("left").await;
+    assert_eq!((again["room"].as_str(), again["req"].as_i64()), (Some("r"), Some(4)), "leaving twice is answered left");
     b.send(json!({"type": "typing", "room": "r"})).await;
     assert_eq!(b.expect("error").await["code"], "not_joined");
     server.shutdown().await.unwrap();
