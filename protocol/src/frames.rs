@@ -295,14 +295,54 @@ pub fn parse_client_frame(text: &str) -> Result<(ClientFrame, Option<Req>), Fram
         Some(_) => return Err(FrameError { req, message: "`type` must be a string".into() }),
         None => return Err(FrameError { req, message: "missing field `type`".into() }),
     }
+    if let Some(message) = mistyped_field(&object) {
+        return Err(FrameError { req, message });
+    }
     let frame = serde_json::from_value::<ClientFrame>(serde_json::Value::Object(object))
         .map_err(|e| FrameError { req: req.clone(), message: e.to_string() })?;
     Ok((frame, req))
 }
 
+/// Names the first known field whose JSON type is wrong, so the error says which one (serde's
+/// own message for an internally tagged enum does not).
+fn mistyped_field(object: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+    const SEQS: [&str; 4] = ["since", "before", "after", "limit"];
+    const STRINGS: [&str; 6] = ["room", "user", "token", "client_msg_id", "body", "traceparent"];
+    for field in SEQS {
+        match object.get(field) {
+            None | Some(serde_json::Value::Null) => {}
+            Some(value) if value.as_u64().is_some() => {}
+            Some(_) => return Some(format!("`{field}` must be a non-negative integer")),
+        }
+    }
+    for field in STRINGS {
+        match object.get(field) {
+            None | Some(serde_json::Value::Null) | Some(serde_json::Value::String(_)) => {}
+            Some(_) => return Some(format!("`{field}` must be a string")),
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mistyped_field_is_named_in_the_error() {
+        let cases = [
+            (r#"{"type":"join","room":"r","since":-1,"req":1}"#, "`since` must be a non-negative integer"),
+            (r#"{"type":"history","room":"r","limit":"5"}"#, "`limit` must be a non-negative integer"),
+            (r#"{"type":"send","room":"r","client_msg_id":7,"body":"x"}"#, "`client_msg_id` must be a string"),
+            (r#"{"type":"join","room":["r"]}"#, "`room` must be a string"),
+        ];
+        for (text, expected) in cases {
+            let error = parse_client_frame(text).expect_err(text);
+            assert_eq!(error.message, expected, "{text}");
+        }
+        let (_, req) = parse_client_frame(r#"{"type":"join","room":"r","since":null,"req":"a"}"#).expect("null is absent");
+        assert_eq!(req, Some(Req::Str("a".into())));
+    }
 
     #[test]
     fn parses_every_client_frame() {
