@@ -636,7 +636,6 @@ impl Connection {
     }
 }
 
-/// Resolves once the gateway drains.
 /// The monotonic instant of a wall-clock time given in seconds since the Unix epoch.
 fn instant_at_unix_secs(secs: u64) -> tokio::time::Instant {
     let now_ms = u64::try_from(protocol::now_ms()).unwrap_or(0);
@@ -644,6 +643,7 @@ fn instant_at_unix_secs(secs: u64) -> tokio::time::Instant {
     tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms)
 }
 
+/// Resolves once the gateway drains.
 async fn draining(signal: &mut tokio::sync::watch::Receiver<bool>) {
     // An error means the gateway is gone altogether: drain as well.
     let _ = signal.wait_for(|draining| *draining).await;

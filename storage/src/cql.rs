@@ -38,8 +38,8 @@ const MIGRATIONS: &[(&str, &str)] = &[(
     include_str!("../schema/0001_history.cql"),
 )];
 
-/// Writes in flight at once for one append.
-const MAX_INFLIGHT_WRITES: usize = 64;
+/// Requests in flight at once for one append, or for one batch of dedupe lookups.
+const MAX_INFLIGHT_REQUESTS: usize = 64;
 
 /// Client-side timeout of schema statements, which are slower than reads and writes.
 const SCHEMA_TIMEOUT: Duration = Duration::from_secs(60);
@@ -304,7 +304,7 @@ impl CqlStore {
         writes.push(Box::pin(self.write(Write::Id(newest))));
         // Collected first: a closure held across the await would trip async_trait's Send check.
         futures_util::stream::iter(writes)
-            .buffer_unordered(MAX_INFLIGHT_WRITES)
+            .buffer_unordered(MAX_INFLIGHT_REQUESTS)
             .try_collect::<()>()
             .await?;
         self.write(Write::Message(newest)).await
@@ -610,8 +610,9 @@ impl HistoryStore for CqlStore {
         room: &str,
         keys: &[(&str, &str)],
     ) -> Result<Vec<Option<ChatMessage>>, StoreError> {
-        let lookups = keys.iter().map(|(user, client_msg_id)| self.find_by_client_msg_id(room, user, client_msg_id));
-        futures_util::future::try_join_all(lookups).await
+        // A batch may hold hundreds of one room's sends: bounded, in order.
+        let lookups: Vec<_> = keys.iter().map(|(user, id)| self.find_by_client_msg_id(room, user, id)).collect();
+        futures_util::stream::iter(lookups).buffered(MAX_INFLIGHT_REQUESTS).try_collect().await
     }
 
     async fn page(&self, room: &str, query: PageQuery) -> Result<Page, StoreError> {
