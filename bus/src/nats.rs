@@ -240,8 +240,10 @@ impl GatewayBus for NatsBus {
     }
 
     async fn subscribe(&self, room: &str) -> Result<RoomFeed, BusError> {
-        let mut deliveries = self.client.subscribe(subjects::deliver(room)).await.map_err(|e| unavailable("subscribe", e))?;
-        let mut events = self.client.subscribe(subjects::events(room)).await.map_err(|e| unavailable("subscribe", e))?;
+        let mut deliveries =
+            self.client.subscribe(subjects::deliver(room)).await.map_err(|e| unavailable("subscribe", e))?;
+        let mut events =
+            self.client.subscribe(subjects::events(room)).await.map_err(|e| unavailable("subscribe", e))?;
         // A round trip makes sure the server has the subscriptions before the caller reads the
         // room's last seq, so nothing sequenced in between is missed.
         self.client.flush().await.map_err(|e| unavailable("flush subscriptions", e))?;
@@ -313,7 +315,9 @@ impl GatewayBus for NatsBus {
         let deadline = tokio::time::Instant::now() + JOURNAL_GATHER;
         while let Ok(Some(reply)) = tokio::time::timeout_at(deadline, replies.next()).await {
             match serde_json::from_slice::<Journey>(&reply.payload) {
-                Ok(journey) if !journey.hops.iter().all(|hop| *hop.process == *self.config.name) => journeys.push(journey),
+                Ok(journey) if !journey.hops.iter().all(|hop| *hop.process == *self.config.name) => {
+                    journeys.push(journey)
+                }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "undecodable journey reply ignored"),
             }
@@ -325,11 +329,19 @@ impl GatewayBus for NatsBus {
 impl NatsBus {
     /// Answers journey queries from other processes with what `journal` remembers.
     pub async fn serve_journal(&self, journal: Arc<Journal>) -> Result<(), BusError> {
-        let mut queries = self.client.subscribe(subjects::JOURNAL_QUERY).await.map_err(|e| unavailable("subscribe to journal queries", e))?;
+        let mut queries = self
+            .client
+            .subscribe(subjects::JOURNAL_QUERY)
+            .await
+            .map_err(|e| unavailable("subscribe to journal queries", e))?;
         let client = self.client.clone();
         tokio::spawn(async move {
             while let Some(query) = queries.next().await {
-                let (Some(reply), Ok(id)) = (query.reply, std::str::from_utf8(&query.payload).map(uuid::Uuid::parse_str)) else { continue };
+                let (Some(reply), Ok(id)) =
+                    (query.reply, std::str::from_utf8(&query.payload).map(uuid::Uuid::parse_str))
+                else {
+                    continue;
+                };
                 let Ok(id) = id else { continue };
                 if let Some(journey) = journal.get(id) {
                     if let Ok(payload) = serde_json::to_vec(&journey) {
@@ -396,7 +408,8 @@ impl NatsBus {
         if let Ok(stream) = self.ensure_stream().await {
             let _ = stream.delete_consumer(LEGACY_CONSUMER).await;
         }
-        let mut heard = self.client.subscribe(subjects::WORKERS).await.map_err(|e| unavailable("subscribe to workers", e))?;
+        let mut heard =
+            self.client.subscribe(subjects::WORKERS).await.map_err(|e| unavailable("subscribe to workers", e))?;
         let bus = self.clone();
         tokio::spawn(async move {
             let mut live: HashMap<String, tokio::time::Instant> = HashMap::new();
@@ -419,7 +432,9 @@ impl NatsBus {
                 }
                 live.retain(|_, seen| seen.elapsed() < WORKER_SILENCE);
                 live.insert(bus.config.name.clone(), tokio::time::Instant::now());
-                let owned: Vec<u32> = (0..subjects::PARTITIONS).filter(|p| owner(live.keys(), *p) == Some(bus.config.name.as_str())).collect();
+                let owned: Vec<u32> = (0..subjects::PARTITIONS)
+                    .filter(|p| owner(live.keys(), *p) == Some(bus.config.name.as_str()))
+                    .collect();
                 pullers.retain(|partition, task| {
                     let keep = owned.contains(partition) && !task.is_finished();
                     if !keep {
@@ -499,11 +514,7 @@ impl NatsBus {
     }
 
     fn pending(&self, message: jetstream::Message) -> Option<PendingSend> {
-        let reply_subject = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(REPLY_HEADER))
-            .map(|v| v.as_str().to_owned());
+        let reply_subject = message.headers.as_ref().and_then(|h| h.get(REPLY_HEADER)).map(|v| v.as_str().to_owned());
         match serde_json::from_slice::<SendCommand>(&message.payload) {
             Ok(mut command) => {
                 let delivery = message.info().map_or(1, |info| u64::try_from(info.delivered).unwrap_or(1).max(1));

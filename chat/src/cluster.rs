@@ -44,7 +44,8 @@ pub fn parse_replication(text: &str) -> anyhow::Result<Replication> {
     }
     let mut dcs = BTreeMap::new();
     for pair in text.split(',') {
-        let (dc, rf) = pair.split_once('=').with_context(|| format!("replication {text:?}: expected N or dc=N,dc=N"))?;
+        let (dc, rf) =
+            pair.split_once('=').with_context(|| format!("replication {text:?}: expected N or dc=N,dc=N"))?;
         dcs.insert(dc.trim().to_owned(), rf.trim().parse().with_context(|| format!("replication factor of {dc}"))?);
     }
     Ok(Replication::NetworkTopology { dcs })
@@ -110,7 +111,14 @@ pub async fn fanout(
     let journal = Arc::new(Journal::new(worker_id.clone(), journal_capacity));
     bus.serve_journal(journal.clone()).await.context("serving journeys")?;
     let faults = Arc::new(Faults::default());
-    let worker = Fanout::new(store.clone(), bus.clone(), journal.clone(), metrics.clone(), faults.clone(), FanoutConfig::default());
+    let worker = Fanout::new(
+        store.clone(),
+        bus.clone(),
+        journal.clone(),
+        metrics.clone(),
+        faults.clone(),
+        FanoutConfig::default(),
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let ops = crate::ops::serve(listener, crate::ops::Ops { bus, store, metrics, journal, faults, admin_token }, {
         let mut stop = stop_rx.clone();

@@ -38,7 +38,14 @@ pub async fn all_in_one(
     let metrics = Metrics::new();
     let journal = Arc::new(Journal::new(config.gateway_id.clone(), journal_capacity));
     let faults = Arc::new(Faults::default());
-    let worker = Fanout::new(store.clone(), bus.clone(), journal.clone(), metrics.clone(), faults.clone(), FanoutConfig::default());
+    let worker = Fanout::new(
+        store.clone(),
+        bus.clone(),
+        journal.clone(),
+        metrics.clone(),
+        faults.clone(),
+        FanoutConfig::default(),
+    );
     let (stop_fanout, fanout_stopped) = tokio::sync::oneshot::channel::<()>();
     let fanout_task = tokio::spawn(worker.run(async move {
         let _ = fanout_stopped.await;

@@ -216,11 +216,20 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Trace { id, url }) => chat::trace::print(&url, &id).await,
         Some(Command::Fanout { listen, worker_id, admin_token, backends, common }) => {
             let _telemetry = init_logging(&common, "chat-fanout")?;
-            let worker_id = worker_id.unwrap_or_else(|| format!("fanout-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+            let worker_id =
+                worker_id.unwrap_or_else(|| format!("fanout-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
             tracing::info!(worker = %worker_id, nats = %backends.nats_url, cql = ?backends.cql_nodes, "starting fanout worker");
             let backends = backends.backends()?;
             let listener = bind(listen).await?;
-            chat::cluster::fanout(listener, backends, worker_id, admin_token.filter(|t| !t.is_empty()), common.journal_capacity, shutdown_signal()).await
+            chat::cluster::fanout(
+                listener,
+                backends,
+                worker_id,
+                admin_token.filter(|t| !t.is_empty()),
+                common.journal_capacity,
+                shutdown_signal(),
+            )
+            .await
         }
     }
 }

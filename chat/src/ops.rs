@@ -33,7 +33,11 @@ pub struct Ops {
 }
 
 /// Serves until `shutdown`.
-pub async fn serve(listener: TcpListener, ops: Ops, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    ops: Ops,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
@@ -49,7 +53,11 @@ async fn ready(State(ops): State<Ops>) -> Response {
     match (bus, store) {
         (Ok(()), Ok(())) => (StatusCode::OK, "ready\n").into_response(),
         (bus, store) => {
-            let why = format!("bus: {:?}\nstore: {:?}\n", bus.err().map(|e| e.to_string()), store.err().map(|e| e.to_string()));
+            let why = format!(
+                "bus: {:?}\nstore: {:?}\n",
+                bus.err().map(|e| e.to_string()),
+                store.err().map(|e| e.to_string())
+            );
             (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
         }
     }

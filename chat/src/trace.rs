@@ -32,10 +32,16 @@ pub fn render(journey: &Value) -> String {
     for hop in &hops {
         let offset_ms = (hop["at_us"].as_i64().unwrap_or(start) - start) as f64 / 1000.0;
         let detail = match &hop["detail"] {
-            Value::Object(map) if !map.is_empty() => map.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "),
+            Value::Object(map) if !map.is_empty() => {
+                map.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+            }
             _ => String::new(),
         };
-        let marker = if hop["hop"].as_str().is_some_and(|h| h.starts_with("fault") || h.contains("unrepaired")) { "!!" } else { "  " };
+        let marker = if hop["hop"].as_str().is_some_and(|h| h.starts_with("fault") || h.contains("unrepaired")) {
+            "!!"
+        } else {
+            "  "
+        };
         out.push_str(&format!(
             "{marker}{offset_ms:>10.3} ms  {:<width$}  {:<24} {detail}\n",
             hop["process"].as_str().unwrap_or("?"),

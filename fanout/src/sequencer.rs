@@ -11,8 +11,8 @@ use protocol::{names, ChatMessage};
 use storage::{HistoryStore, RoomAppend, StoreError};
 use telemetry::faults::{FaultAction, Faults};
 use telemetry::journal::Journal;
-use telemetry::metrics::Metrics;
 use telemetry::logging::HOP_TARGET;
+use telemetry::metrics::Metrics;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -91,7 +91,12 @@ impl Fanout {
             for pending in batch {
                 if pending.delivery > 1 {
                     let trace_id = telemetry::trace::trace_id_of(&pending.command.traceparent);
-                    self.journal.record_send(&pending.command.dedupe_key(), &trace_id, "fanout.redelivered", serde_json::json!({"delivery": pending.delivery, "worker": self.journal.process()}));
+                    self.journal.record_send(
+                        &pending.command.dedupe_key(),
+                        &trace_id,
+                        "fanout.redelivered",
+                        serde_json::json!({"delivery": pending.delivery, "worker": self.journal.process()}),
+                    );
                 }
                 let room = pending.command.room.clone();
                 let slot = *index.entry(room.clone()).or_insert_with(|| {
@@ -172,8 +177,13 @@ impl Fanout {
             for (decision, pending) in decisions.iter().zip(&sends) {
                 if let Decision::New(message) = decision {
                     let span = tracing::info_span!(target: HOP_TARGET, "fanout.sequence", room = %message.room, seq = message.seq, message_id = %message.id);
-                    telemetry::trace::set_parent(&span, telemetry::trace::message_context(Some(&pending.command.traceparent)));
-                    store_spans.push(tracing::info_span!(target: HOP_TARGET, parent: &span, "store.append", messages = new.len()));
+                    telemetry::trace::set_parent(
+                        &span,
+                        telemetry::trace::message_context(Some(&pending.command.traceparent)),
+                    );
+                    store_spans.push(
+                        tracing::info_span!(target: HOP_TARGET, parent: &span, "store.append", messages = new.len()),
+                    );
                     sequence_spans.push(span);
                 }
             }
@@ -285,8 +295,18 @@ impl Fanout {
                     self.metrics.sequenced.inc();
                     tracing::debug!(room = %message.room, seq = message.seq, message_id = %message.id, trace_id = %message.trace_id, "sequenced");
                     self.journal.link(&dedupe_key, message.id);
-                    self.journal.record(message.id, &message.trace_id, "fanout.sequence", serde_json::json!({"seq": message.seq}));
-                    self.journal.record(message.id, &message.trace_id, "store.append", serde_json::json!({"durable": true}));
+                    self.journal.record(
+                        message.id,
+                        &message.trace_id,
+                        "fanout.sequence",
+                        serde_json::json!({"seq": message.seq}),
+                    );
+                    self.journal.record(
+                        message.id,
+                        &message.trace_id,
+                        "store.append",
+                        serde_json::json!({"durable": true}),
+                    );
                     let message = Arc::new(message);
                     let delivered = self.publish(&message, &traceparent).instrument(span).await;
                     let detail = match &delivered {
@@ -299,12 +319,22 @@ impl Fanout {
                 Decision::Duplicate(message) => {
                     // Hops this worker recorded for the send (a stall, say) belong to the message.
                     self.journal.link(&dedupe_key, message.id);
-                    self.journal.record(message.id, &message.trace_id, "fanout.duplicate", serde_json::json!({"client_msg_id": command.client_msg_id}));
+                    self.journal.record(
+                        message.id,
+                        &message.trace_id,
+                        "fanout.duplicate",
+                        serde_json::json!({"client_msg_id": command.client_msg_id}),
+                    );
                     Ok(SendOutcome { message, duplicate: true })
                 }
                 Decision::Rejected(reason) => Err(BusError::Rejected(reason)),
                 Decision::Expired => {
-                    self.journal.record_send(&dedupe_key, &telemetry::trace::trace_id_of(&command.traceparent), "fanout.expired", serde_json::json!({}));
+                    self.journal.record_send(
+                        &dedupe_key,
+                        &telemetry::trace::trace_id_of(&command.traceparent),
+                        "fanout.expired",
+                        serde_json::json!({}),
+                    );
                     Err(BusError::Unavailable("send expired before it could be stored".into()))
                 }
             };
@@ -325,7 +355,9 @@ impl Fanout {
             match answer {
                 Ok(Some(stored)) if stored.id == first.id => return Outcome::Applied,
                 Ok(_) => return Outcome::NotApplied,
-                Err(e) => tracing::warn!(room = %first.room, message_id = %first.id, trace_id = %first.trace_id, error = %e, "store still failing; cannot tell whether the append applied"),
+                Err(e) => {
+                    tracing::warn!(room = %first.room, message_id = %first.id, trace_id = %first.trace_id, error = %e, "store still failing; cannot tell whether the append applied")
+                }
             }
             if protocol::now_ms() + RESOLVE_PAUSE.as_millis() as i64 > deadline_ms {
                 return Outcome::Unknown;
@@ -340,7 +372,12 @@ impl Fanout {
             return self.bus.deliver(message.clone(), traceparent).await;
         };
         self.metrics.fault("fanout.publish", fault.action.name());
-        self.journal.record(message.id, &message.trace_id, "fault.injected", serde_json::json!({"hop": "fanout.publish", "action": fault.action, "worker": self.journal.process()}));
+        self.journal.record(
+            message.id,
+            &message.trace_id,
+            "fault.injected",
+            serde_json::json!({"hop": "fanout.publish", "action": fault.action, "worker": self.journal.process()}),
+        );
         match fault.action {
             FaultAction::Drop => Ok(()),
             FaultAction::Duplicate => {
@@ -355,7 +392,11 @@ impl Fanout {
         }
     }
 
-    async fn timed<T>(&self, op: &str, f: impl std::future::Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    async fn timed<T>(
+        &self,
+        op: &str,
+        f: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         let started = Instant::now();
         let result = f.await;
         self.metrics.store_latency.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());

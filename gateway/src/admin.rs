@@ -32,11 +32,17 @@ pub fn router<S: Clone + Send + Sync + 'static>(faults: Arc<Faults>, token: Opti
 /// The refusal for a request without the admin token, or `None` when it may proceed.
 fn denied(admin: &Admin, headers: &HeaderMap) -> Option<Response> {
     let Some(expected) = &admin.token else {
-        return Some(error(StatusCode::NOT_FOUND, ErrorCode::Forbidden, "the admin API is off; start with --admin-token"));
+        return Some(error(
+            StatusCode::NOT_FOUND,
+            ErrorCode::Forbidden,
+            "the admin API is off; start with --admin-token",
+        ));
     };
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    (given != Some(expected.as_str()))
-        .then(|| error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "Authorization: Bearer <admin token> required"))
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    (given != Some(expected.as_str())).then(|| {
+        error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "Authorization: Bearer <admin token> required")
+    })
 }
 
 async fn list_faults(State(admin): State<Admin>, headers: HeaderMap) -> Response {

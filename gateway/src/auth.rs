@@ -64,8 +64,8 @@ impl Verifier {
     /// The identity a token proves.
     pub fn verify(&self, token: Option<&str>) -> Result<Identity, AuthError> {
         let token = token.filter(|t| !t.is_empty()).ok_or(AuthError::Missing)?;
-        let data = decode::<Claims>(token, &self.key, &self.validation)
-            .map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let data =
+            decode::<Claims>(token, &self.key, &self.validation).map_err(|e| AuthError::Invalid(e.to_string()))?;
         if !protocol::names::is_valid_user(&data.claims.sub) {
             return Err(AuthError::BadSubject);
         }

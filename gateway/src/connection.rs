@@ -25,10 +25,10 @@ use storage::PageQuery;
 use uuid::Uuid;
 
 use crate::auth::Identity;
-use telemetry::faults::FaultAction;
 use crate::outbox::{Delivery, Outbound, Outbox};
 use crate::rooms::Hub;
 use crate::state::AppState;
+use telemetry::faults::FaultAction;
 
 /// Close code for a connection whose outbound queue stayed full.
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
@@ -222,7 +222,9 @@ impl Connection {
         let max = self.app.config.limits.max_frame_bytes;
         if text.len() > max {
             self.count_frame("too_large");
-            return self.error(ErrorCode::TooLarge, &format!("frame of {} bytes exceeds the limit of {max}", text.len()), None).await;
+            return self
+                .error(ErrorCode::TooLarge, &format!("frame of {} bytes exceeds the limit of {max}", text.len()), None)
+                .await;
         }
         let (frame, req) = match parse_client_frame(text) {
             Ok(parsed) => parsed,
@@ -239,13 +241,17 @@ impl Connection {
             };
         };
         match frame {
-            ClientFrame::Hello { .. } => self.error(ErrorCode::BadRequest, "hello was already accepted on this connection", req).await,
+            ClientFrame::Hello { .. } => {
+                self.error(ErrorCode::BadRequest, "hello was already accepted on this connection", req).await
+            }
             ClientFrame::Join { room, since } => self.on_join(&identity, room, since, req).await,
             ClientFrame::Leave { room } => self.on_leave(room, req).await,
             ClientFrame::Send { room, client_msg_id, body, traceparent } => {
                 self.on_send(&identity, room, client_msg_id, body, traceparent, req, in_flight).await
             }
-            ClientFrame::History { room, before, after, limit } => self.on_history(&identity, room, before, after, limit, req).await,
+            ClientFrame::History { room, before, after, limit } => {
+                self.on_history(&identity, room, before, after, limit, req).await
+            }
             ClientFrame::Typing { room } => self.on_typing(&identity, room, req).await,
             ClientFrame::Ping => self.write_frame(ServerFrame::Pong { req }).await,
         }
@@ -262,8 +268,16 @@ impl Connection {
             },
             None => match user {
                 Some(user) if names::is_valid_user(&user) => Identity { user, rooms: None, valid_until: None },
-                Some(_) => return self.error(ErrorCode::BadRequest, "user must be 1-64 characters from A-Z a-z 0-9 _ - .", req).await,
-                None => return self.error(ErrorCode::BadRequest, "hello needs a user (this server runs without auth)", req).await,
+                Some(_) => {
+                    return self
+                        .error(ErrorCode::BadRequest, "user must be 1-64 characters from A-Z a-z 0-9 _ - .", req)
+                        .await
+                }
+                None => {
+                    return self
+                        .error(ErrorCode::BadRequest, "hello needs a user (this server runs without auth)", req)
+                        .await
+                }
             },
         };
         let welcome = ServerFrame::Welcome {
@@ -277,7 +291,13 @@ impl Connection {
         self.write_frame(welcome).await
     }
 
-    async fn on_join(&mut self, identity: &Identity, room: String, since: Option<u64>, req: Option<Req>) -> Result<(), End> {
+    async fn on_join(
+        &mut self,
+        identity: &Identity,
+        room: String,
+        since: Option<u64>,
+        req: Option<Req>,
+    ) -> Result<(), End> {
         if !names::is_valid_room(&room) {
             return self.error(ErrorCode::BadRequest, "room must be 1-64 characters from A-Z a-z 0-9 _ -", req).await;
         }
@@ -288,7 +308,13 @@ impl Connection {
             // Already joined: answer again, and replay what the client says it lacks.
             let (hub, cursor) = (joined.hub.clone(), joined.cursor);
             let members = hub.members();
-            self.write_frame(ServerFrame::Joined { room: room.clone(), last_seq: hub.last_seq().max(cursor), members, req }).await?;
+            self.write_frame(ServerFrame::Joined {
+                room: room.clone(),
+                last_seq: hub.last_seq().max(cursor),
+                members,
+                req,
+            })
+            .await?;
             if let Some(since) = since.filter(|s| *s < cursor) {
                 self.replay(&room, since, cursor).await?;
             }
@@ -296,7 +322,13 @@ impl Connection {
         }
         let max_rooms = self.app.config.limits.max_rooms_per_connection;
         if self.rooms.len() >= max_rooms {
-            return self.error(ErrorCode::BadRequest, &format!("at most {max_rooms} rooms per connection; leave one first"), req).await;
+            return self
+                .error(
+                    ErrorCode::BadRequest,
+                    &format!("at most {max_rooms} rooms per connection; leave one first"),
+                    req,
+                )
+                .await;
         }
         let joined = match self.app.rooms.join(&room, &identity.user, self.outbox.clone()).await {
             Ok(joined) => joined,
@@ -344,7 +376,9 @@ impl Connection {
             return self.error(ErrorCode::NotJoined, &format!("join room {room} before sending to it"), req).await;
         }
         if !names::is_valid_client_msg_id(&client_msg_id) {
-            return self.error(ErrorCode::BadRequest, "client_msg_id must be 1-64 characters without control characters", req).await;
+            return self
+                .error(ErrorCode::BadRequest, "client_msg_id must be 1-64 characters without control characters", req)
+                .await;
         }
         let max_body = self.app.config.limits.max_body_chars;
         if body.chars().count() > max_body {
@@ -368,12 +402,28 @@ impl Connection {
             deadline_ms: protocol::now_ms() + self.app.config.submit_timeout.as_millis() as i64,
         };
         let trace_id = telemetry::trace::trace_id_of(&command.traceparent);
-        self.app.journal.record_send(&command.dedupe_key(), &trace_id, "gateway.receive", serde_json::json!({"gateway": self.app.config.gateway_id, "session": self.session}));
+        self.app.journal.record_send(
+            &command.dedupe_key(),
+            &trace_id,
+            "gateway.receive",
+            serde_json::json!({"gateway": self.app.config.gateway_id, "session": self.session}),
+        );
         if let Some(fault) = self.app.faults.decide("gateway.nats", &command.room) {
             self.app.metrics.fault("gateway.nats", fault.action.name());
-            self.app.journal.record_send(&command.dedupe_key(), &trace_id, "fault.injected", serde_json::json!({"hop": "gateway.nats", "action": fault.action}));
+            self.app.journal.record_send(
+                &command.dedupe_key(),
+                &trace_id,
+                "fault.injected",
+                serde_json::json!({"hop": "gateway.nats", "action": fault.action}),
+            );
             self.app.metrics.sends.with_label_values(&["unavailable"]).inc();
-            return self.error(ErrorCode::Unavailable, "the message was not accepted (the bus is unreachable); retry with the same client_msg_id", req).await;
+            return self
+                .error(
+                    ErrorCode::Unavailable,
+                    "the message was not accepted (the bus is unreachable); retry with the same client_msg_id",
+                    req,
+                )
+                .await;
         }
         let bus = self.app.bus.clone();
         let started = Instant::now();
@@ -394,7 +444,10 @@ impl Connection {
         Ok(())
     }
 
-    async fn on_submitted(&mut self, (req, room, client_msg_id, trace_id, started, outcome): SubmitResult) -> Result<(), End> {
+    async fn on_submitted(
+        &mut self,
+        (req, room, client_msg_id, trace_id, started, outcome): SubmitResult,
+    ) -> Result<(), End> {
         let metrics = &self.app.metrics;
         match outcome {
             Ok(SendOutcome { message, duplicate }) => {
@@ -402,8 +455,14 @@ impl Connection {
                 metrics.send_to_ack.observe(started.elapsed().as_secs_f64());
                 let key = protocol::bus::dedupe_key(&room, &message.user, &client_msg_id);
                 self.app.journal.link(&key, message.id);
-                self.app.journal.record(message.id, &message.trace_id, "gateway.ack", serde_json::json!({"gateway": self.app.config.gateway_id, "duplicate": duplicate}));
-                let ack = ServerFrame::Ack { room, client_msg_id, id: message.id, seq: message.seq, ts: message.ts, req };
+                self.app.journal.record(
+                    message.id,
+                    &message.trace_id,
+                    "gateway.ack",
+                    serde_json::json!({"gateway": self.app.config.gateway_id, "duplicate": duplicate}),
+                );
+                let ack =
+                    ServerFrame::Ack { room, client_msg_id, id: message.id, seq: message.seq, ts: message.ts, req };
                 self.write_frame(ack).await
             }
             Err(bus::BusError::Rejected(reason)) => {
@@ -413,13 +472,26 @@ impl Connection {
             Err(e) => {
                 metrics.sends.with_label_values(&["unavailable"]).inc();
                 tracing::warn!(room, client_msg_id, trace_id, error = %e, "send not accepted");
-                self.error(ErrorCode::Unavailable, "the message was not accepted (a backend is unavailable); retry with the same client_msg_id", req).await
+                self.error(
+                    ErrorCode::Unavailable,
+                    "the message was not accepted (a backend is unavailable); retry with the same client_msg_id",
+                    req,
+                )
+                .await
             }
         }
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn on_history(&mut self, identity: &Identity, room: String, before: Option<u64>, after: Option<u64>, limit: Option<u32>, req: Option<Req>) -> Result<(), End> {
+    async fn on_history(
+        &mut self,
+        identity: &Identity,
+        room: String,
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: Option<u32>,
+        req: Option<Req>,
+    ) -> Result<(), End> {
         if !names::is_valid_room(&room) {
             return self.error(ErrorCode::BadRequest, "room must be 1-64 characters from A-Z a-z 0-9 _ -", req).await;
         }
@@ -428,7 +500,10 @@ impl Connection {
         }
         let query = PageQuery { before, after, limit: limit.unwrap_or(storage::DEFAULT_PAGE) };
         match self.app.history.page(&room, query).await {
-            Ok(page) => self.write_frame(ServerFrame::History { room, messages: page.messages, has_more: page.has_more, req }).await,
+            Ok(page) => {
+                self.write_frame(ServerFrame::History { room, messages: page.messages, has_more: page.has_more, req })
+                    .await
+            }
             Err(e) => {
                 tracing::warn!(room, error = %e, "history read failed");
                 self.error(ErrorCode::Unavailable, "history is unavailable right now; retry", req).await
@@ -563,7 +638,12 @@ impl Connection {
         }
         let mut cursor = after;
         while cursor < upto {
-            let page = match self.app.history.page(room, PageQuery { before: Some(upto + 1), after: Some(cursor), limit: storage::MAX_PAGE }).await {
+            let page = match self
+                .app
+                .history
+                .page(room, PageQuery { before: Some(upto + 1), after: Some(cursor), limit: storage::MAX_PAGE })
+                .await
+            {
                 Ok(page) => page,
                 Err(e) => {
                     tracing::warn!(room, after = cursor, upto, error = %e, "replay failed");
@@ -660,7 +740,6 @@ fn frame_type(frame: &ClientFrame) -> &'static str {
         ClientFrame::Ping => "ping",
     }
 }
-
 
 /// Maps a read error to how the connection ends: an over-long frame is closed with 1009.
 fn read_error(error: &axum::Error) -> End {

@@ -46,7 +46,8 @@ impl HistoryReader {
                 None => {
                     let reader = self.clone();
                     let room = room.to_owned();
-                    let read = async move { reader.timed("page", reader.store.page(&room, query)).await }.boxed().shared();
+                    let read =
+                        async move { reader.timed("page", reader.store.page(&room, query)).await }.boxed().shared();
                     in_flight.insert(key.clone(), read.clone());
                     read
                 }
@@ -70,7 +71,11 @@ impl HistoryReader {
         self.store.ping().await
     }
 
-    async fn timed<T>(&self, op: &str, f: impl std::future::Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    async fn timed<T>(
+        &self,
+        op: &str,
+        f: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         let started = Instant::now();
         let result = f.await;
         self.metrics.store_latency.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());
@@ -106,7 +111,12 @@ mod tests {
         async fn last_seq(&self, _room: &str) -> Result<u64, StoreError> {
             Ok(0)
         }
-        async fn find_by_client_msg_id(&self, _room: &str, _user: &str, _id: &str) -> Result<Option<ChatMessage>, StoreError> {
+        async fn find_by_client_msg_id(
+            &self,
+            _room: &str,
+            _user: &str,
+            _id: &str,
+        ) -> Result<Option<ChatMessage>, StoreError> {
             Ok(None)
         }
         async fn page(&self, _room: &str, query: PageQuery) -> Result<Page, StoreError> {

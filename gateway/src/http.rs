@@ -40,13 +40,25 @@ struct UpgradeQuery {
     token: Option<String>,
 }
 
-async fn upgrade(State(app): State<Arc<AppState>>, Query(query): Query<UpgradeQuery>, ws: WebSocketUpgrade) -> Response {
+async fn upgrade(
+    State(app): State<Arc<AppState>>,
+    Query(query): Query<UpgradeQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
     if app.is_draining() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, "gateway is draining; connect to another");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "gateway is draining; connect to another",
+        );
     }
     let Ok(permit) = app.connection_permits.clone().try_acquire_owned() else {
         app.metrics.disconnects.with_label_values(&["connection_limit"]).inc();
-        return error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, "connection limit reached; try another gateway");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "connection limit reached; try another gateway",
+        );
     };
     let limits = &app.config.limits;
     let alive = app.alive.clone();
@@ -78,10 +90,18 @@ async fn room_messages(
     params: Result<Query<PageParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let Ok(Query(params)) = params else {
-        return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, "before, after and limit must be non-negative integers");
+        return error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            "before, after and limit must be non-negative integers",
+        );
     };
     if !names::is_valid_room(&room) {
-        return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, "room must be 1-64 characters from A-Z a-z 0-9 _ -");
+        return error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            "room must be 1-64 characters from A-Z a-z 0-9 _ -",
+        );
     }
     if let Some(verifier) = &app.verifier {
         let bearer = headers
@@ -91,11 +111,18 @@ async fn room_messages(
             .map(str::to_owned);
         match verifier.verify(bearer.as_deref().or(params.token.as_deref())) {
             Ok(identity) if identity.may_join(&room) => {}
-            Ok(_) => return error(StatusCode::FORBIDDEN, ErrorCode::Forbidden, format!("your token does not allow room {room}")),
+            Ok(_) => {
+                return error(
+                    StatusCode::FORBIDDEN,
+                    ErrorCode::Forbidden,
+                    format!("your token does not allow room {room}"),
+                )
+            }
             Err(e) => return error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, e.to_string()),
         }
     }
-    let query = PageQuery { before: params.before, after: params.after, limit: params.limit.unwrap_or(storage::DEFAULT_PAGE) };
+    let query =
+        PageQuery { before: params.before, after: params.after, limit: params.limit.unwrap_or(storage::DEFAULT_PAGE) };
     match app.history.page(&room, query).await {
         Ok(page) => Json(json!({"room": room, "messages": page.messages, "has_more": page.has_more})).into_response(),
         Err(e) => {
@@ -145,7 +172,11 @@ async fn journey(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Re
         }
     };
     if journey.is_none() && stored.is_none() && remote.is_empty() {
-        return error(StatusCode::NOT_FOUND, ErrorCode::BadRequest, "no such message in this process's journal or the store");
+        return error(
+            StatusCode::NOT_FOUND,
+            ErrorCode::BadRequest,
+            "no such message in this process's journal or the store",
+        );
     }
     let trace_id = stored
         .as_ref()
@@ -165,4 +196,3 @@ async fn journey(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Re
     }))
     .into_response()
 }
-

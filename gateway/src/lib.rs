@@ -56,9 +56,26 @@ pub async fn run(
     let (alive, mut all_closed) = mpsc::channel::<()>(1);
     let history = history::HistoryReader::new(deps.store, deps.metrics.clone());
     let faults = deps.faults;
-    let rooms = rooms::Rooms::new(&config, deps.bus.clone(), history.clone(), deps.metrics.clone(), deps.journal.clone(), faults.clone());
+    let rooms = rooms::Rooms::new(
+        &config,
+        deps.bus.clone(),
+        history.clone(),
+        deps.metrics.clone(),
+        deps.journal.clone(),
+        faults.clone(),
+    );
     let grace = config.drain_grace;
-    let state = Arc::new(state::AppState::new(config, deps.bus, history, rooms, deps.metrics, deps.journal, faults, drain_rx, alive));
+    let state = Arc::new(state::AppState::new(
+        config,
+        deps.bus,
+        history,
+        rooms,
+        deps.metrics,
+        deps.journal,
+        faults,
+        drain_rx,
+        alive,
+    ));
     let app = http::router(state.clone());
     let address = listener.local_addr()?;
     tracing::info!(%address, gateway = %state.config.gateway_id, "gateway listening");

@@ -23,9 +23,9 @@ use telemetry::metrics::Metrics;
 use tokio::sync::{Notify, OnceCell};
 
 use crate::config::GatewayConfig;
-use telemetry::faults::{FaultAction, Faults};
 use crate::history::HistoryReader;
 use crate::outbox::{Delivery, Offer, Outbound, Outbox};
+use telemetry::faults::{FaultAction, Faults};
 
 /// Messages each hub keeps in memory for replays and gap fills.
 const RECENT: usize = 512;
@@ -104,10 +104,19 @@ impl HubState {
 
     /// Applies a change to the users of a remote gateway, telling local members about users
     /// whose overall presence changed.
-    fn update_remote(&mut self, room: &str, gateway: &str, change: impl FnOnce(&mut HashSet<String>), metrics: &Metrics) {
+    fn update_remote(
+        &mut self,
+        room: &str,
+        gateway: &str,
+        change: impl FnOnce(&mut HashSet<String>),
+        metrics: &Metrics,
+    ) {
         let before: HashSet<String> = self.remote.get(gateway).map(|r| r.users.clone()).unwrap_or_default();
         let was: Vec<(String, bool)> = before.iter().map(|u| (u.clone(), self.present(u))).collect();
-        let roster = self.remote.entry(gateway.to_owned()).or_insert_with(|| RemoteRoster { users: HashSet::new(), heard: Instant::now() });
+        let roster = self
+            .remote
+            .entry(gateway.to_owned())
+            .or_insert_with(|| RemoteRoster { users: HashSet::new(), heard: Instant::now() });
         roster.heard = Instant::now();
         change(&mut roster.users);
         let after = roster.users.clone();
@@ -405,7 +414,12 @@ impl Rooms {
         for hop in ["gateway.nats", "gateway.feed"] {
             let Some(fault) = self.faults.decide(hop, &message.room) else { continue };
             self.metrics.fault(hop, fault.action.name());
-            self.journal.record(message.id, &message.trace_id, "fault.injected", serde_json::json!({"hop": hop, "action": fault.action, "gateway": self.gateway_id}));
+            self.journal.record(
+                message.id,
+                &message.trace_id,
+                "fault.injected",
+                serde_json::json!({"hop": hop, "action": fault.action, "gateway": self.gateway_id}),
+            );
             match fault.action {
                 FaultAction::Delay => tokio::time::sleep(Duration::from_millis(fault.millis().max(0) as u64)).await,
                 _ => return,
@@ -474,7 +488,12 @@ impl Rooms {
                         after = message.seq;
                         self.metrics.gap_repaired_messages.inc();
                         tracing::debug!(room = %hub.room, seq = message.seq, message_id = %message.id, trace_id = %message.trace_id, "recovered by gap repair");
-                        self.journal.record(message.id, &message.trace_id, "gateway.gap_repair", serde_json::json!({"gateway": self.gateway_id}));
+                        self.journal.record(
+                            message.id,
+                            &message.trace_id,
+                            "gateway.gap_repair",
+                            serde_json::json!({"gateway": self.gateway_id}),
+                        );
                         self.forward(hub, Arc::new(message), None);
                     }
                 }
@@ -532,18 +551,30 @@ impl Rooms {
         let mut state = hub.lock();
         match event {
             // This gateway's own presence changes were told locally when they happened.
-            RoomEvent::Presence { gateway, .. } | RoomEvent::Roster { gateway, .. } | RoomEvent::RosterRequest { gateway }
+            RoomEvent::Presence { gateway, .. }
+            | RoomEvent::Roster { gateway, .. }
+            | RoomEvent::RosterRequest { gateway }
                 if gateway == self.gateway_id => {}
             RoomEvent::Presence { user, state: presence, gateway } => {
-                state.update_remote(&hub.room, &gateway, |users| {
-                    match presence {
-                        PresenceState::Online => users.insert(user),
-                        PresenceState::Offline => users.remove(&user),
-                    };
-                }, &self.metrics);
+                state.update_remote(
+                    &hub.room,
+                    &gateway,
+                    |users| {
+                        match presence {
+                            PresenceState::Online => users.insert(user),
+                            PresenceState::Offline => users.remove(&user),
+                        };
+                    },
+                    &self.metrics,
+                );
             }
             RoomEvent::Roster { gateway, users } => {
-                state.update_remote(&hub.room, &gateway, |current| *current = users.into_iter().collect(), &self.metrics);
+                state.update_remote(
+                    &hub.room,
+                    &gateway,
+                    |current| *current = users.into_iter().collect(),
+                    &self.metrics,
+                );
             }
             RoomEvent::RosterRequest { .. } => {
                 drop(state);

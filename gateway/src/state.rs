@@ -10,9 +10,9 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::auth::Verifier;
 use crate::config::GatewayConfig;
-use telemetry::faults::Faults;
 use crate::history::HistoryReader;
 use crate::rooms::Rooms;
+use telemetry::faults::Faults;
 
 /// Shared state of one gateway.
 pub struct AppState {

@@ -15,7 +15,8 @@ pub async fn serve(uri: Uri) -> Response {
     match Assets::get(path) {
         Some(file) => {
             let mime = file.metadata.mimetype();
-            ([(header::CONTENT_TYPE, mime.to_owned()), (header::CACHE_CONTROL, "no-cache".to_owned())], file.data).into_response()
+            ([(header::CONTENT_TYPE, mime.to_owned()), (header::CACHE_CONTROL, "no-cache".to_owned())], file.data)
+                .into_response()
         }
         None => (StatusCode::NOT_FOUND, "not found\n").into_response(),
     }

@@ -257,9 +257,8 @@ impl ServerFrame {
     /// The frame as JSON text.
     pub fn to_json(&self) -> String {
         // Serializing these plain structs cannot fail: no maps with non-string keys, no floats.
-        serde_json::to_string(self).unwrap_or_else(|e| {
-            format!(r#"{{"type":"error","code":"internal","message":"encode: {e}"}}"#)
-        })
+        serde_json::to_string(self)
+            .unwrap_or_else(|e| format!(r#"{{"type":"error","code":"internal","message":"encode: {e}"}}"#))
     }
 }
 
@@ -278,17 +277,17 @@ pub struct FrameError {
 /// Invalid JSON, a non-object, a missing or mistyped field, or an unknown `type` all become a
 /// [`FrameError`] whose message says what was wrong; the caller answers it with `bad_request`.
 pub fn parse_client_frame(text: &str) -> Result<(ClientFrame, Option<Req>), FrameError> {
-    let value: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| FrameError { req: None, message: format!("invalid JSON: {e}") })?;
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| FrameError { req: None, message: format!("invalid JSON: {e}") })?;
     let serde_json::Value::Object(mut object) = value else {
         return Err(FrameError { req: None, message: "a frame must be a JSON object".into() });
     };
     let req = match object.remove("req") {
         None | Some(serde_json::Value::Null) => None,
-        Some(raw) => Some(serde_json::from_value::<Req>(raw).map_err(|_| FrameError {
-            req: None,
-            message: "`req` must be a string or an integer".into(),
-        })?),
+        Some(raw) => Some(
+            serde_json::from_value::<Req>(raw)
+                .map_err(|_| FrameError { req: None, message: "`req` must be a string or an integer".into() })?,
+        ),
     };
     match object.get("type") {
         Some(serde_json::Value::String(_)) => {}
@@ -344,7 +343,8 @@ mod tests {
             let error = parse_client_frame(text).expect_err(text);
             assert_eq!(error.message, expected, "{text}");
         }
-        let (_, req) = parse_client_frame(r#"{"type":"join","room":"r","since":null,"req":"a"}"#).expect("null is absent");
+        let (_, req) =
+            parse_client_frame(r#"{"type":"join","room":"r","since":null,"req":"a"}"#).expect("null is absent");
         assert_eq!(req, Some(Req::Str("a".into())));
         // A field the frame does not have is ignored, whatever its type.
         assert!(parse_client_frame(r#"{"type":"ping","room":5}"#).is_ok());
@@ -379,9 +379,15 @@ mod tests {
 
     #[test]
     fn rejects_bad_input_with_reasons() {
-        for bad in ["not json", "[1]", r#"{"room":"x"}"#, r#"{"type":5}"#, r#"{"type":"join"}"#,
-            r#"{"type":"join","room":"a","since":-1}"#, r#"{"type":"send","room":"a","body":"x"}"#]
-        {
+        for bad in [
+            "not json",
+            "[1]",
+            r#"{"room":"x"}"#,
+            r#"{"type":5}"#,
+            r#"{"type":"join"}"#,
+            r#"{"type":"join","room":"a","since":-1}"#,
+            r#"{"type":"send","room":"a","body":"x"}"#,
+        ] {
             let err = parse_client_frame(bad).unwrap_err();
             assert!(!err.message.is_empty(), "{bad}");
         }
@@ -390,11 +396,16 @@ mod tests {
     #[test]
     fn message_frame_is_flat() {
         let msg = ChatMessage {
-            room: "r".into(), seq: 1, id: Uuid::nil(), user: "u".into(), body: "b".into(),
-            ts: 5, client_msg_id: "c".into(), trace_id: "0".repeat(32),
+            room: "r".into(),
+            seq: 1,
+            id: Uuid::nil(),
+            user: "u".into(),
+            body: "b".into(),
+            ts: 5,
+            client_msg_id: "c".into(),
+            trace_id: "0".repeat(32),
         };
-        let json: serde_json::Value =
-            serde_json::from_str(&ServerFrame::Message(msg.clone()).to_json()).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&ServerFrame::Message(msg.clone()).to_json()).unwrap();
         assert_eq!(json["type"], "message");
         assert_eq!(json["seq"], 1);
         assert_eq!(json["trace_id"], "0".repeat(32));

@@ -15,8 +15,5 @@ pub use frames::{ChatMessage, ClientFrame, ErrorCode, Req, ServerFrame};
 
 /// Milliseconds since the Unix epoch, as used by `ts` fields.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

@@ -19,23 +19,13 @@ type Error = Box<dyn std::error::Error>;
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let node = args
-        .first()
-        .cloned()
-        .unwrap_or_else(|| "127.0.0.1:9042".into());
+    let node = args.first().cloned().unwrap_or_else(|| "127.0.0.1:9042".into());
     let rooms: usize = args.get(1).map_or(Ok(16), |a| a.parse())?;
     let total: u64 = args.get(2).map_or(Ok(4000), |a| a.parse())?;
     let keyspace = format!("bench_{}", std::process::id());
-    let config = CqlConfig {
-        nodes: vec![node.clone()],
-        keyspace,
-        ..CqlConfig::default()
-    };
+    let config = CqlConfig { nodes: vec![node.clone()], keyspace, ..CqlConfig::default() };
     let store = CqlStore::connect(config).await?;
-    println!(
-        "node {node}, keyspace {}, {total} messages per run",
-        store.keyspace()
-    );
+    println!("node {node}, keyspace {}, {total} messages per run", store.keyspace());
 
     let result = run(&store, rooms, total).await;
     store.drop_keyspace().await?;
@@ -48,13 +38,9 @@ async fn run(store: &CqlStore, rooms: usize, total: u64) -> Result<(), Error> {
             let prefix = format!("w{batch}x{writers}");
             let started = Instant::now();
             let per_room = total / writers as u64;
-            let runs =
-                (0..writers).map(|r| append_room(store, format!("{prefix}-{r}"), per_room, batch));
-            let latencies: Vec<Duration> = futures_util::future::try_join_all(runs)
-                .await?
-                .into_iter()
-                .flatten()
-                .collect();
+            let runs = (0..writers).map(|r| append_room(store, format!("{prefix}-{r}"), per_room, batch));
+            let latencies: Vec<Duration> =
+                futures_util::future::try_join_all(runs).await?.into_iter().flatten().collect();
             let elapsed = started.elapsed();
             let messages = per_room * writers as u64;
             println!(
@@ -75,15 +61,8 @@ async fn run(store: &CqlStore, rooms: usize, total: u64) -> Result<(), Error> {
     let mut before = 7u64;
     for i in 0..1000 {
         before = (before * 1103 + 17) % 2000 + 1;
-        let query = if i % 4 == 0 {
-            PageQuery::newest(50)
-        } else {
-            PageQuery {
-                before: Some(before),
-                after: None,
-                limit: 50,
-            }
-        };
+        let query =
+            if i % 4 == 0 { PageQuery::newest(50) } else { PageQuery { before: Some(before), after: None, limit: 50 } };
         let started = Instant::now();
         let page = store.page(room, query).await?;
         latencies.push(started.elapsed());
@@ -100,27 +79,14 @@ async fn run(store: &CqlStore, rooms: usize, total: u64) -> Result<(), Error> {
 }
 
 /// Appends `count` messages to a fresh room, `batch` per append; returns each append's latency.
-async fn append_room(
-    store: &CqlStore,
-    room: String,
-    count: u64,
-    batch: u64,
-) -> Result<Vec<Duration>, Error> {
+async fn append_room(store: &CqlStore, room: String, count: u64, batch: u64) -> Result<Vec<Duration>, Error> {
     let mut latencies = Vec::new();
     let mut last = 0;
     while last < count {
         let n = batch.min(count - last);
-        let messages = (last + 1..=last + n)
-            .map(|seq| message(&room, seq))
-            .collect();
+        let messages = (last + 1..=last + n).map(|seq| message(&room, seq)).collect();
         let started = Instant::now();
-        store
-            .append(RoomAppend {
-                room: room.clone(),
-                expected_last_seq: last,
-                messages,
-            })
-            .await?;
+        store.append(RoomAppend { room: room.clone(), expected_last_seq: last, messages }).await?;
         latencies.push(started.elapsed());
         last += n;
     }

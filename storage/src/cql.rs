@@ -33,10 +33,7 @@ use crate::{HistoryStore, Page, PageQuery, RoomAppend, StoreError};
 pub const BUCKET_SIZE: u64 = 1000;
 
 /// Schema files, applied in this order on every connect (all idempotent).
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_history.cql",
-    include_str!("../schema/0001_history.cql"),
-)];
+const MIGRATIONS: &[(&str, &str)] = &[("0001_history.cql", include_str!("../schema/0001_history.cql"))];
 
 /// Requests in flight at once for one append, or for one batch of dedupe lookups.
 const MAX_INFLIGHT_REQUESTS: usize = 64;
@@ -69,9 +66,9 @@ impl Replication {
     /// The CQL map literal of `WITH replication = ...`.
     fn to_cql(&self) -> Result<String, StoreError> {
         match self {
-            Self::SimpleStrategy { rf } if *rf > 0 => Ok(format!(
-                "{{'class': 'SimpleStrategy', 'replication_factor': {rf}}}"
-            )),
+            Self::SimpleStrategy { rf } if *rf > 0 => {
+                Ok(format!("{{'class': 'SimpleStrategy', 'replication_factor': {rf}}}"))
+            }
             Self::NetworkTopology { dcs } if !dcs.is_empty() && dcs.values().all(|rf| *rf > 0) => {
                 let mut map = String::from("{'class': 'NetworkTopologyStrategy'");
                 for (dc, rf) in dcs {
@@ -181,10 +178,8 @@ impl CqlStore {
             builder = builder.prefer_datacenter(dc.clone());
         }
         let nodes = config.nodes.join(",");
-        let session = builder
-            .build()
-            .await
-            .map_err(|e| unavailable(format_args!("connect to CQL nodes {nodes}"), e))?;
+        let session =
+            builder.build().await.map_err(|e| unavailable(format_args!("connect to CQL nodes {nodes}"), e))?;
 
         let keyspace = config.keyspace;
         run_schema(
@@ -209,11 +204,7 @@ impl CqlStore {
         }
         let statements = Statements::prepare(&session).await?;
         tracing::info!(%nodes, %keyspace, "CQL history store ready");
-        Ok(Self {
-            session,
-            keyspace,
-            statements,
-        })
+        Ok(Self { session, keyspace, statements })
     }
 
     /// The keyspace the store uses.
@@ -231,12 +222,9 @@ impl CqlStore {
     /// Test hook: drops the store's keyspace with everything in it.
     #[doc(hidden)]
     pub async fn drop_keyspace(&self) -> Result<(), StoreError> {
-        run_schema(
-            &self.session,
-            &format!("DROP KEYSPACE IF EXISTS {}", self.keyspace),
-        )
-        .await
-        .map_err(|e| unavailable(format_args!("drop keyspace {}", self.keyspace), e))
+        run_schema(&self.session, &format!("DROP KEYSPACE IF EXISTS {}", self.keyspace))
+            .await
+            .map_err(|e| unavailable(format_args!("drop keyspace {}", self.keyspace), e))
     }
 
     /// The fencing lightweight transaction: sets the room's last seq to the batch's newest and
@@ -257,28 +245,16 @@ impl CqlStore {
         let pending = serde_json::to_vec(&batch.messages)
             .map_err(|e| StoreError::Corrupt(format!("encode pending messages: {e}")))?;
         let result = if expected == 0 {
-            self.session
-                .execute_unpaged(&self.statements.claim_first, (room, new_last, pending))
-                .await
+            self.session.execute_unpaged(&self.statements.claim_first, (room, new_last, pending)).await
         } else {
             let values = (new_last, pending, room, to_cql_seq(expected)?);
-            self.session
-                .execute_unpaged(&self.statements.claim_next, values)
-                .await
+            self.session.execute_unpaged(&self.statements.claim_next, values).await
         };
-        let result = result.map_err(|e| {
-            unavailable(
-                format_args!("room {room}: claim seqs after {expected} (outcome unknown)"),
-                e,
-            )
-        })?;
+        let result = result
+            .map_err(|e| unavailable(format_args!("room {room}: claim seqs after {expected} (outcome unknown)"), e))?;
         match lwt_outcome(result).map_err(|e| StoreError::Corrupt(format!("room {room}: {e}")))? {
             None => Ok(()),
-            Some(actual) => Err(StoreError::Conflict {
-                room: room.to_owned(),
-                expected,
-                actual,
-            }),
+            Some(actual) => Err(StoreError::Conflict { room: room.to_owned(), expected, actual }),
         }
     }
 
@@ -289,24 +265,16 @@ impl CqlStore {
         let Some((newest, older)) = messages.split_last() else {
             return Ok(());
         };
-        let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> =
-            Vec::with_capacity(messages.len() * 3);
+        let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> = Vec::with_capacity(messages.len() * 3);
         for message in older {
-            for write in [
-                Write::Message(message),
-                Write::Dedupe(message),
-                Write::Id(message),
-            ] {
+            for write in [Write::Message(message), Write::Dedupe(message), Write::Id(message)] {
                 writes.push(Box::pin(self.write(write)));
             }
         }
         writes.push(Box::pin(self.write(Write::Dedupe(newest))));
         writes.push(Box::pin(self.write(Write::Id(newest))));
         // Collected first: a closure held across the await would trip async_trait's Send check.
-        futures_util::stream::iter(writes)
-            .buffer_unordered(MAX_INFLIGHT_REQUESTS)
-            .try_collect::<()>()
-            .await?;
+        futures_util::stream::iter(writes).buffer_unordered(MAX_INFLIGHT_REQUESTS).try_collect::<()>().await?;
         self.write(Write::Message(newest)).await
     }
 
@@ -326,17 +294,10 @@ impl CqlStore {
                     m.client_msg_id.as_str(),
                     m.trace_id.as_str(),
                 );
-                self.session
-                    .execute_unpaged(&s.insert_message, values)
-                    .await
+                self.session.execute_unpaged(&s.insert_message, values).await
             }
             Write::Dedupe(m) => {
-                let values = (
-                    m.room.as_str(),
-                    m.user.as_str(),
-                    m.client_msg_id.as_str(),
-                    to_cql_seq(m.seq)?,
-                );
+                let values = (m.room.as_str(), m.user.as_str(), m.client_msg_id.as_str(), to_cql_seq(m.seq)?);
                 self.session.execute_unpaged(&s.insert_dedupe, values).await
             }
             Write::Id(m) => {
@@ -350,10 +311,7 @@ impl CqlStore {
                 Write::Dedupe(m) => ("dedupe entry", m),
                 Write::Id(m) => ("id entry", m),
             };
-            unavailable(
-                format_args!("room {}: write {what} of seq {}", m.room, m.seq),
-                e,
-            )
+            unavailable(format_args!("room {}: write {what} of seq {}", m.room, m.seq), e)
         })
     }
 
@@ -436,43 +394,29 @@ impl CqlStore {
             return Ok(message);
         }
         self.settled_last_seq(room).await?;
-        self.read_message(room, seq).await?.ok_or_else(|| {
-            StoreError::Corrupt(format!("room {room}: seq {seq} is indexed but not stored"))
-        })
+        self.read_message(room, seq)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("room {room}: seq {seq} is indexed but not stored")))
     }
 
     /// Messages `first..=last` of a room, one query per bucket, concurrently.
-    async fn read_range(
-        &self,
-        room: &str,
-        first: u64,
-        last: u64,
-    ) -> Result<Vec<ChatMessage>, StoreError> {
+    async fn read_range(&self, room: &str, first: u64, last: u64) -> Result<Vec<ChatMessage>, StoreError> {
         let buckets = (first / BUCKET_SIZE)..=(last / BUCKET_SIZE);
         let reads = buckets.map(|bucket| async move {
             let from = first.max(bucket * BUCKET_SIZE);
             let to = last.min(bucket * BUCKET_SIZE + BUCKET_SIZE - 1);
-            let values = (
-                room,
-                to_cql_seq(bucket)?,
-                to_cql_seq(from)?,
-                to_cql_seq(to)?,
-            );
+            let values = (room, to_cql_seq(bucket)?, to_cql_seq(from)?, to_cql_seq(to)?);
             let result = self
                 .session
                 .execute_unpaged(&self.statements.read_range, values)
                 .await
-                .map_err(|e| {
-                    unavailable(format_args!("room {room}: read seqs {from}..={to}"), e)
-                })?;
+                .map_err(|e| unavailable(format_args!("room {room}: read seqs {from}..={to}"), e))?;
             let rows = rows(result, room)?;
             let messages = rows
                 .rows::<MessageRow>()
                 .map_err(|e| StoreError::Corrupt(format!("room {room}: message rows: {e}")))?
                 .map(|row| {
-                    let row = row.map_err(|e| {
-                        StoreError::Corrupt(format!("room {room}: message row: {e}"))
-                    })?;
+                    let row = row.map_err(|e| StoreError::Corrupt(format!("room {room}: message row: {e}")))?;
                     message_from_row(room, row)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -485,15 +429,11 @@ impl CqlStore {
 
 impl Statements {
     async fn prepare(session: &Session) -> Result<Self, StoreError> {
-        let insert_message = format!(
-            "INSERT INTO messages (room, bucket, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        );
-        let read_message = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ? AND bucket = ? AND seq = ?"
-        );
-        let read_range = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ? AND bucket = ? AND seq >= ? AND seq <= ?"
-        );
+        let insert_message =
+            format!("INSERT INTO messages (room, bucket, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)");
+        let read_message = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ? AND bucket = ? AND seq = ?");
+        let read_range =
+            format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ? AND bucket = ? AND seq >= ? AND seq <= ?");
         Ok(Self {
             claim_first: prepare(
                 session,
@@ -507,18 +447,8 @@ impl Statements {
                 false,
             )
             .await?,
-            read_state: prepare(
-                session,
-                "SELECT last_seq, pending FROM room_state WHERE room = ?",
-                true,
-            )
-            .await?,
-            read_last_seq: prepare(
-                session,
-                "SELECT last_seq FROM room_state WHERE room = ?",
-                true,
-            )
-            .await?,
+            read_state: prepare(session, "SELECT last_seq, pending FROM room_state WHERE room = ?", true).await?,
+            read_last_seq: prepare(session, "SELECT last_seq FROM room_state WHERE room = ?", true).await?,
             insert_message: prepare(session, &insert_message, true).await?,
             insert_dedupe: prepare(
                 session,
@@ -526,12 +456,7 @@ impl Statements {
                 true,
             )
             .await?,
-            insert_id: prepare(
-                session,
-                "INSERT INTO message_ids (id, room, seq) VALUES (?, ?, ?)",
-                true,
-            )
-            .await?,
+            insert_id: prepare(session, "INSERT INTO message_ids (id, room, seq) VALUES (?, ?, ?)", true).await?,
             message_exists: prepare(
                 session,
                 "SELECT seq FROM messages WHERE room = ? AND bucket = ? AND seq = ?",
@@ -546,12 +471,7 @@ impl Statements {
                 true,
             )
             .await?,
-            read_id: prepare(
-                session,
-                "SELECT room, seq FROM message_ids WHERE id = ?",
-                true,
-            )
-            .await?,
+            read_id: prepare(session, "SELECT room, seq FROM message_ids WHERE id = ?", true).await?,
             ping: prepare(session, "SELECT release_version FROM system.local", true).await?,
         })
     }
@@ -564,11 +484,7 @@ impl HistoryStore for CqlStore {
             let actual = self.settled_last_seq(&batch.room).await?;
             if actual != batch.expected_last_seq {
                 let expected = batch.expected_last_seq;
-                return Err(StoreError::Conflict {
-                    room: batch.room,
-                    expected,
-                    actual,
-                });
+                return Err(StoreError::Conflict { room: batch.room, expected, actual });
             }
             return Ok(());
         }
@@ -619,10 +535,7 @@ impl HistoryStore for CqlStore {
         let last_seq = self.read_last_seq(room).await?;
         let (seqs, has_more) = query.seq_range(last_seq);
         if seqs.is_empty() {
-            return Ok(Page {
-                messages: Vec::new(),
-                has_more: false,
-            });
+            return Ok(Page { messages: Vec::new(), has_more: false });
         }
         let (first, last) = (*seqs.start(), *seqs.end());
         let want = (last - first + 1) as usize;
@@ -658,11 +571,7 @@ impl HistoryStore for CqlStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.session
-            .execute_unpaged(&self.statements.ping, ())
-            .await
-            .map(|_| ())
-            .map_err(|e| unavailable("ping", e))
+        self.session.execute_unpaged(&self.statements.ping, ()).await.map(|_| ()).map_err(|e| unavailable("ping", e))
     }
 }
 
@@ -672,15 +581,8 @@ fn unavailable(context: impl Display, e: impl Display) -> StoreError {
     StoreError::Unavailable(format!("{context}: {e}"))
 }
 
-async fn prepare(
-    session: &Session,
-    cql: &str,
-    idempotent: bool,
-) -> Result<PreparedStatement, StoreError> {
-    let mut statement = session
-        .prepare(cql)
-        .await
-        .map_err(|e| unavailable(format_args!("prepare `{cql}`"), e))?;
+async fn prepare(session: &Session, cql: &str, idempotent: bool) -> Result<PreparedStatement, StoreError> {
+    let mut statement = session.prepare(cql).await.map_err(|e| unavailable(format_args!("prepare `{cql}`"), e))?;
     statement.set_is_idempotent(idempotent);
     Ok(statement)
 }
@@ -695,16 +597,9 @@ async fn run_schema(session: &Session, cql: &str) -> Result<(), scylla::errors::
 
 /// The statements of a schema file: `--` comment lines dropped, split at `;`.
 fn schema_statements(text: &str) -> Vec<String> {
-    let code: String = text
-        .lines()
-        .filter(|line| !line.trim_start().starts_with("--"))
-        .map(|line| format!("{line}\n"))
-        .collect();
-    code.split(';')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect()
+    let code: String =
+        text.lines().filter(|line| !line.trim_start().starts_with("--")).map(|line| format!("{line}\n")).collect();
+    code.split(';').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
 }
 
 /// Keyspace names go into CQL text unquoted, so only plain identifiers are accepted.
@@ -722,26 +617,16 @@ fn validate_keyspace(keyspace: &str) -> Result<(), StoreError> {
     }
 }
 
-fn rows(
-    result: QueryResult,
-    room: &str,
-) -> Result<scylla::response::query_result::QueryRowsResult, StoreError> {
-    result
-        .into_rows_result()
-        .map_err(|e| StoreError::Corrupt(format!("room {room}: expected rows: {e}")))
+fn rows(result: QueryResult, room: &str) -> Result<scylla::response::query_result::QueryRowsResult, StoreError> {
+    result.into_rows_result().map_err(|e| StoreError::Corrupt(format!("room {room}: expected rows: {e}")))
 }
 
 /// The outcome of a lightweight transaction: `None` when applied, else the room's actual last
 /// seq (0 when the row does not exist).
 fn lwt_outcome(result: QueryResult) -> Result<Option<u64>, String> {
-    let rows = result
-        .into_rows_result()
-        .map_err(|e| format!("transaction result: {e}"))?;
+    let rows = result.into_rows_result().map_err(|e| format!("transaction result: {e}"))?;
     let specs = rows.column_specs();
-    let applied_at = specs
-        .get_by_name("[applied]")
-        .map(|(i, _)| i)
-        .ok_or("no [applied] column")?;
+    let applied_at = specs.get_by_name("[applied]").map(|(i, _)| i).ok_or("no [applied] column")?;
     let last_seq_at = specs.get_by_name("last_seq").map(|(i, _)| i);
     let row = rows
         .maybe_first_row::<Row>()
@@ -762,16 +647,7 @@ fn lwt_outcome(result: QueryResult) -> Result<Option<u64>, String> {
 
 fn message_from_row(room: &str, row: MessageRow) -> Result<ChatMessage, StoreError> {
     let (seq, id, user, body, ts, client_msg_id, trace_id) = row;
-    Ok(ChatMessage {
-        room: room.to_owned(),
-        seq: from_cql_seq(seq)?,
-        id,
-        user,
-        body,
-        ts,
-        client_msg_id,
-        trace_id,
-    })
+    Ok(ChatMessage { room: room.to_owned(), seq: from_cql_seq(seq)?, id, user, body, ts, client_msg_id, trace_id })
 }
 
 fn bucket_of(seq: u64) -> Result<i64, StoreError> {
@@ -801,10 +677,7 @@ mod tests {
             .collect();
         files.sort();
         let listed: Vec<&str> = MIGRATIONS.iter().map(|(name, _)| *name).collect();
-        assert_eq!(
-            files, listed,
-            "list every storage/schema/*.cql file in MIGRATIONS, in order"
-        );
+        assert_eq!(files, listed, "list every storage/schema/*.cql file in MIGRATIONS, in order");
     }
 
     #[test]
@@ -814,15 +687,9 @@ mod tests {
             assert!(!statements.is_empty(), "{file}");
             for statement in statements {
                 let upper = statement.to_uppercase();
-                assert!(
-                    upper.contains("IF NOT EXISTS"),
-                    "{file}: not idempotent: {statement}"
-                );
+                assert!(upper.contains("IF NOT EXISTS"), "{file}: not idempotent: {statement}");
                 for scylla_only in ["USING TIMEOUT", "TABLETS", "CDC"] {
-                    assert!(
-                        !upper.contains(scylla_only),
-                        "{file}: ScyllaDB-only {scylla_only}"
-                    );
+                    assert!(!upper.contains(scylla_only), "{file}: ScyllaDB-only {scylla_only}");
                 }
             }
         }
@@ -841,11 +708,7 @@ mod tests {
             "{'class': 'NetworkTopologyStrategy', 'dc1': 3, 'o''dc': 2}"
         );
         assert!(Replication::SimpleStrategy { rf: 0 }.to_cql().is_err());
-        assert!(Replication::NetworkTopology {
-            dcs: BTreeMap::new()
-        }
-        .to_cql()
-        .is_err());
+        assert!(Replication::NetworkTopology { dcs: BTreeMap::new() }.to_cql().is_err());
     }
 
     #[test]

@@ -37,11 +37,10 @@ pub struct EmbeddedStore {
 impl EmbeddedStore {
     /// Opens (or creates) the store at `dir/history.redb` and starts its writer thread.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Unavailable(format!("create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(format!("create {}: {e}", dir.display())))?;
         let path = dir.join("history.redb");
-        let db = Database::create(&path)
-            .map_err(|e| StoreError::Unavailable(format!("open {}: {e}", path.display())))?;
+        let db =
+            Database::create(&path).map_err(|e| StoreError::Unavailable(format!("open {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(unavailable)?;
         {
             txn.open_table(MESSAGES).map_err(unavailable)?;
@@ -83,10 +82,7 @@ fn decode(bytes: &[u8]) -> Result<ChatMessage, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-fn last_seq_in<T: ReadableTable<(&'static str, u64), &'static [u8]>>(
-    table: &T,
-    room: &str,
-) -> Result<u64, StoreError> {
+fn last_seq_in<T: ReadableTable<(&'static str, u64), &'static [u8]>>(table: &T, room: &str) -> Result<u64, StoreError> {
     let last = table.range((room, 0)..=(room, u64::MAX)).map_err(unavailable)?.next_back();
     match last {
         Some(entry) => Ok(entry.map_err(unavailable)?.0.value().1),
@@ -122,10 +118,7 @@ fn write_loop(db: &Database, mut queue: mpsc::Receiver<(RoomAppend, AppendReply)
 
 /// Writes every append whose expectation holds; returns each one's result. Fails as a whole
 /// only when the transaction itself fails, in which case nothing was stored.
-fn commit_group(
-    db: &Database,
-    group: &[(RoomAppend, AppendReply)],
-) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+fn commit_group(db: &Database, group: &[(RoomAppend, AppendReply)]) -> Result<Vec<Result<(), StoreError>>, StoreError> {
     let txn = db.begin_write().map_err(unavailable)?;
     let mut results = Vec::with_capacity(group.len());
     {
@@ -160,10 +153,7 @@ fn commit_group(
 impl HistoryStore for EmbeddedStore {
     async fn append(&self, batch: RoomAppend) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.writer
-            .send((batch, reply))
-            .await
-            .map_err(|_| StoreError::Unavailable("writer thread stopped".into()))?;
+        self.writer.send((batch, reply)).await.map_err(|_| StoreError::Unavailable("writer thread stopped".into()))?;
         answer.await.map_err(|_| StoreError::Unavailable("writer thread stopped".into()))?
     }
 
@@ -211,9 +201,8 @@ impl HistoryStore for EmbeddedStore {
             if seqs.is_empty() {
                 return Ok(Page { messages: Vec::new(), has_more: false });
             }
-            let rows = messages
-                .range((room.as_str(), *seqs.start())..=(room.as_str(), *seqs.end()))
-                .map_err(unavailable)?;
+            let rows =
+                messages.range((room.as_str(), *seqs.start())..=(room.as_str(), *seqs.end())).map_err(unavailable)?;
             let mut page = Vec::with_capacity((seqs.end() - seqs.start() + 1) as usize);
             for row in rows {
                 page.push(decode(row.map_err(unavailable)?.1.value())?);

@@ -20,7 +20,10 @@ use serde::{Deserialize, Serialize};
 
 /// Hops where faults can be injected, with the actions each supports.
 pub const HOPS: &[(&str, &[FaultAction])] = &[
-    ("gateway.deliver", &[FaultAction::Drop, FaultAction::Duplicate, FaultAction::Reorder, FaultAction::Delay, FaultAction::Rewrite]),
+    (
+        "gateway.deliver",
+        &[FaultAction::Drop, FaultAction::Duplicate, FaultAction::Reorder, FaultAction::Delay, FaultAction::Rewrite],
+    ),
     ("gateway.feed", &[FaultAction::Drop, FaultAction::Delay]),
     ("gateway.gap_repair", &[FaultAction::Disable]),
     ("gateway.nats", &[FaultAction::Cut]),
@@ -180,7 +183,11 @@ impl Faults {
 
     /// Whether a fault at `hop` is in force (without drawing from its randomness).
     pub fn is_set(&self, hop: &str) -> bool {
-        self.is_active() && self.lock().iter().any(|e| e.fault.spec.hop == hop && e.fault.spec.count.is_none_or(|c| e.fault.fired < c))
+        self.is_active()
+            && self
+                .lock()
+                .iter()
+                .any(|e| e.fault.spec.hop == hop && e.fault.spec.count.is_none_or(|c| e.fault.fired < c))
     }
 
     /// The faults in force.
@@ -221,7 +228,15 @@ mod tests {
     use super::*;
 
     fn spec(probability: f64, seed: u64, count: Option<u64>) -> FaultSpec {
-        FaultSpec { hop: "gateway.deliver".into(), action: FaultAction::Drop, probability, seed, room: None, count, delay_ms: None }
+        FaultSpec {
+            hop: "gateway.deliver".into(),
+            action: FaultAction::Drop,
+            probability,
+            seed,
+            room: None,
+            count,
+            delay_ms: None,
+        }
     }
 
     #[test]

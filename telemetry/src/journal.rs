@@ -5,8 +5,8 @@
 //! send's dedupe key (room/user/client_msg_id) and moved under the id when the send is
 //! [`Journal::link`]ed to its message. The oldest journeys are forgotten first.
 
-use std::collections::{HashMap, VecDeque};
 use std::borrow::Cow;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -58,10 +58,7 @@ pub struct Journal {
 }
 
 fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
 
 impl Journal {

@@ -2,8 +2,7 @@
 //! values, so cardinality stays bounded whatever clients send.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets in seconds, 100 µs to 10 s.
@@ -72,8 +71,7 @@ fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let metric =
-        IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    let metric = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
     register(registry, metric)
 }
 
@@ -100,22 +98,32 @@ impl Metrics {
     #[allow(clippy::expect_used)]
     pub fn new() -> Self {
         let r = Registry::new();
-        let connections = register(
-            &r,
-            IntGauge::new("chat_connections", "Open WebSocket connections.").expect("valid metric"),
-        );
+        let connections =
+            register(&r, IntGauge::new("chat_connections", "Open WebSocket connections.").expect("valid metric"));
         let batch_opts = HistogramOpts::new("chat_fanout_batch_size", "Sends per fanout batch.")
             .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]);
-        let bus_opts = HistogramOpts::new("chat_bus_seconds", "Bus operation latency in seconds.").buckets(LATENCY_BUCKETS.to_vec());
-        let depth_opts = HistogramOpts::new("chat_outbound_queue_depth", "Frames queued for a connection when its writer wakes.")
-            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 256.0, 1024.0]);
+        let bus_opts = HistogramOpts::new("chat_bus_seconds", "Bus operation latency in seconds.")
+            .buckets(LATENCY_BUCKETS.to_vec());
+        let depth_opts =
+            HistogramOpts::new("chat_outbound_queue_depth", "Frames queued for a connection when its writer wakes.")
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 256.0, 1024.0]);
         let store_opts = HistogramOpts::new("chat_store_seconds", "Store operation latency in seconds.")
             .buckets(LATENCY_BUCKETS.to_vec());
         Self {
             connections,
             connections_total: counter(&r, "chat_connections_total", "WebSocket connections accepted."),
-            disconnects: counter_vec(&r, "chat_disconnects_total", "Connections refused or closed by the server, by reason.", &["reason"]),
-            frames_received: counter_vec(&r, "chat_frames_received_total", "Client frames received, by type.", &["type"]),
+            disconnects: counter_vec(
+                &r,
+                "chat_disconnects_total",
+                "Connections refused or closed by the server, by reason.",
+                &["reason"],
+            ),
+            frames_received: counter_vec(
+                &r,
+                "chat_frames_received_total",
+                "Client frames received, by type.",
+                &["type"],
+            ),
             errors_sent: counter_vec(&r, "chat_errors_sent_total", "Error frames sent, by code.", &["code"]),
             joins: counter(&r, "chat_joins_total", "Successful joins."),
             sends: counter_vec(&r, "chat_sends_total", "Sends by outcome.", &["outcome"]),
@@ -124,19 +132,44 @@ impl Metrics {
             gap_repairs: counter(&r, "chat_gap_repairs_total", "Gaps in a room feed filled from the store."),
             gap_repaired_messages: counter(&r, "chat_gap_repaired_messages_total", "Messages recovered by gap repair."),
             send_to_ack: histogram(&r, "chat_send_ack_seconds", "Gateway receive of a send to its ack, in seconds."),
-            sequence_to_gateway: histogram(&r, "chat_sequence_to_gateway_seconds", "Sequencing to gateway fan-out, in seconds."),
+            sequence_to_gateway: histogram(
+                &r,
+                "chat_sequence_to_gateway_seconds",
+                "Sequencing to gateway fan-out, in seconds.",
+            ),
             sequenced: counter(&r, "chat_sequenced_total", "Messages sequenced and stored."),
             store_latency: register(&r, HistogramVec::new(store_opts, &["op"]).expect("valid metric")),
             store_errors: counter_vec(&r, "chat_store_errors_total", "Store errors, by operation.", &["op"]),
             seq_conflicts: counter(&r, "chat_seq_conflicts_total", "Sequencing conflicts with another writer."),
-            send_redeliveries: counter(&r, "chat_send_redeliveries_total", "Sends handed to a worker again by JetStream (ack deadline passed, or a worker died)."),
+            send_redeliveries: counter(
+                &r,
+                "chat_send_redeliveries_total",
+                "Sends handed to a worker again by JetStream (ack deadline passed, or a worker died).",
+            ),
             fanout_batch: register(&r, Histogram::with_opts(batch_opts).expect("valid metric")),
-            history_coalesced: counter(&r, "chat_history_coalesced_total", "History reads that joined an identical read in flight."),
-            history_cache_hits: counter(&r, "chat_history_cache_hits_total", "Replays and gap fills served from recent messages in memory."),
-            faults_injected: counter_vec(&r, "chat_faults_injected_total", "Faults injected, by hop and action.", &["hop", "action"]),
+            history_coalesced: counter(
+                &r,
+                "chat_history_coalesced_total",
+                "History reads that joined an identical read in flight.",
+            ),
+            history_cache_hits: counter(
+                &r,
+                "chat_history_cache_hits_total",
+                "Replays and gap fills served from recent messages in memory.",
+            ),
+            faults_injected: counter_vec(
+                &r,
+                "chat_faults_injected_total",
+                "Faults injected, by hop and action.",
+                &["hop", "action"],
+            ),
             bus_latency: register(&r, HistogramVec::new(bus_opts, &["op"]).expect("valid metric")),
             outbound_queue_depth: register(&r, Histogram::with_opts(depth_opts).expect("valid metric")),
-            delivery_lag: histogram(&r, "chat_delivery_lag_seconds", "Age of the oldest message of each connection write batch, in seconds."),
+            delivery_lag: histogram(
+                &r,
+                "chat_delivery_lag_seconds",
+                "Age of the oldest message of each connection write batch, in seconds.",
+            ),
             registry: r,
         }
     }

@@ -31,13 +31,8 @@ pub fn message_context(client_traceparent: Option<&str>) -> Context {
         return context;
     }
     let ids = RandomIdGenerator::default();
-    let span = SpanContext::new(
-        ids.new_trace_id(),
-        ids.new_span_id(),
-        TraceFlags::SAMPLED,
-        true,
-        TraceState::default(),
-    );
+    let span =
+        SpanContext::new(ids.new_trace_id(), ids.new_span_id(), TraceFlags::SAMPLED, true, TraceState::default());
     Context::new().with_remote_span_context(span)
 }
 

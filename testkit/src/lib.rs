@@ -281,7 +281,8 @@ impl Prometheus {
     async fn api(&self, path: &str, params: &[(&str, &str)]) -> serde_json::Value {
         let url = format!("{}/{path}", self.url());
         let response = self.http.get(&url).query(params).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
-        let body: serde_json::Value = response.json().await.unwrap_or_else(|e| panic!("GET {url}: body is not JSON: {e}"));
+        let body: serde_json::Value =
+            response.json().await.unwrap_or_else(|e| panic!("GET {url}: body is not JSON: {e}"));
         if body["status"] != "success" {
             panic!("GET {url} {params:?} failed: {body}");
         }
@@ -302,7 +303,12 @@ impl Drop for Prometheus {
 }
 
 /// Waits for Prometheus's `/-/ready`; on failure returns why, with its log.
-async fn wait_ready(child: &mut std::process::Child, http: &reqwest::Client, port: u16, log: &Path) -> Result<(), String> {
+async fn wait_ready(
+    child: &mut std::process::Child,
+    http: &reqwest::Client,
+    port: u16,
+    log: &Path,
+) -> Result<(), String> {
     let deadline = Instant::now() + START_TIMEOUT;
     let ready = format!("http://127.0.0.1:{port}/-/ready");
     let log = || std::fs::read_to_string(log).unwrap_or_default();
@@ -401,15 +407,22 @@ impl DedicatedCassandra {
 
 impl Drop for DedicatedCassandra {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("kill").args(["-CONT"]).arg(std::fs::read_to_string(self.dir.join("cassandra.pid")).unwrap_or_default().trim()).status();
-        let _ = std::process::Command::new(workspace_root().join("deploy/cassandra/stop")).arg("--dir").arg(&self.dir).status();
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT"])
+            .arg(std::fs::read_to_string(self.dir.join("cassandra.pid")).unwrap_or_default().trim())
+            .status();
+        let _ = std::process::Command::new(workspace_root().join("deploy/cassandra/stop"))
+            .arg("--dir")
+            .arg(&self.dir)
+            .status();
     }
 }
 
 /// A keyspace name no other test uses.
 pub fn unique_keyspace(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     format!("{prefix}_{}_{}_{nanos}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 

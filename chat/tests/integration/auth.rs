@@ -15,7 +15,8 @@ fn config_with_secret(secret: &str) -> TestServerOptions {
 const SECRET: &str = "test-secret";
 
 fn token(sub: &str, exp_offset_secs: i64, rooms: Option<&[&str]>) -> String {
-    let exp = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 + exp_offset_secs) as u64;
+    let exp = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+        + exp_offset_secs) as u64;
     let mut claims = json!({"sub": sub, "exp": exp});
     if let Some(rooms) = rooms {
         claims["rooms"] = json!(rooms);
@@ -37,7 +38,12 @@ async fn auth_on_requires_a_valid_token() {
     assert_eq!(expired.expect("error").await["code"], "unauthorized");
     assert_eq!(expired.closed().await, 1008);
 
-    let forged = encode(&Header::default(), &json!({"sub": "alice", "exp": 4_000_000_000u64}), &EncodingKey::from_secret(b"other")).unwrap();
+    let forged = encode(
+        &Header::default(),
+        &json!({"sub": "alice", "exp": 4_000_000_000u64}),
+        &EncodingKey::from_secret(b"other"),
+    )
+    .unwrap();
     let mut forger = Client::connect(&server.ws_url).await;
     forger.send(json!({"type": "hello", "token": forged})).await;
     assert_eq!(forger.expect("error").await["code"], "unauthorized");
@@ -66,9 +72,13 @@ async fn auth_on_requires_a_valid_token() {
     let (status, _) = get(&format!("{}/api/rooms/team/messages", server.http_url)).await;
     assert_eq!(status, 401);
     let bearer = format!("Bearer {}", token("bob", 3600, Some(&["team"])));
-    let (status, _) = request("GET", &format!("{}/api/rooms/team/messages", server.http_url), &[("Authorization", &bearer)], "").await;
+    let (status, _) =
+        request("GET", &format!("{}/api/rooms/team/messages", server.http_url), &[("Authorization", &bearer)], "")
+            .await;
     assert_eq!(status, 200);
-    let (status, _) = request("GET", &format!("{}/api/rooms/secret/messages", server.http_url), &[("Authorization", &bearer)], "").await;
+    let (status, _) =
+        request("GET", &format!("{}/api/rooms/secret/messages", server.http_url), &[("Authorization", &bearer)], "")
+            .await;
     assert_eq!(status, 403);
     server.shutdown().await.unwrap();
 }

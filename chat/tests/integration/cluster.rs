@@ -28,7 +28,8 @@ impl Cluster {
         let cql = testkit::cassandra();
         let keyspace = testkit::unique_keyspace("cluster");
         // Create the schema once, so processes starting together never race on DDL.
-        let config = storage::cql::CqlConfig { nodes: vec![cql.clone()], keyspace: keyspace.clone(), ..Default::default() };
+        let config =
+            storage::cql::CqlConfig { nodes: vec![cql.clone()], keyspace: keyspace.clone(), ..Default::default() };
         storage::cql::CqlStore::connect(config).await.expect("Cassandra reachable (see testkit::cassandra)");
         let mut cluster = Cluster { nats, cql, keyspace, gateways: Vec::new(), workers: Vec::new() };
         for _ in 0..workers {
@@ -64,8 +65,16 @@ impl Cluster {
 
     /// A gateway that reaches NATS at `nats_url` (say, through a [`testkit::Relay`]).
     async fn start_gateway_on(&self, index: usize, nats_url: &str) -> ChatProcess {
-        let mut args = vec!["gateway".to_owned(), "--listen".into(), "127.0.0.1:0".into(), "--gateway-id".into(), format!("gw-{index}-{}", self.keyspace)];
-        args.extend(["--send-rate", "100000", "--send-burst", "100000", "--roster-interval-ms", "1000"].map(String::from));
+        let mut args = vec![
+            "gateway".to_owned(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--gateway-id".into(),
+            format!("gw-{index}-{}", self.keyspace),
+        ];
+        args.extend(
+            ["--send-rate", "100000", "--send-burst", "100000", "--roster-interval-ms", "1000"].map(String::from),
+        );
         args.extend(self.backend_args_on(nats_url));
         let process = ChatProcess::start(binary(), &args, &[]).await;
         wait_ready(&process.http_url()).await;
@@ -136,10 +145,17 @@ async fn clients_on_two_gateways_see_one_gapless_order_and_each_other() {
         .map(|(i, mut client)| {
             tokio::spawn(async move {
                 for n in 0..per_client {
-                    client.send(json!({"type": "send", "room": "shared", "client_msg_id": format!("{i}-{n}"), "body": "x"})).await;
+                    client
+                        .send(
+                            json!({"type": "send", "room": "shared", "client_msg_id": format!("{i}-{n}"), "body": "x"}),
+                        )
+                        .await;
                 }
                 let messages = client.messages(total).await;
-                messages.iter().map(|m| (m["seq"].as_u64().unwrap(), m["id"].as_str().unwrap().to_owned())).collect::<Vec<_>>()
+                messages
+                    .iter()
+                    .map(|m| (m["seq"].as_u64().unwrap(), m["id"].as_str().unwrap().to_owned()))
+                    .collect::<Vec<_>>()
             })
         })
         .collect();
@@ -286,14 +302,16 @@ async fn the_journey_gathers_hops_from_every_process_and_chat_trace_prints_it() 
     let journey = loop {
         let (status, journey) = get_json(&url).await;
         assert_eq!(status, 200, "{journey}");
-        let hops: Vec<String> = journey["hops"].as_array().unwrap().iter().map(|h| h["hop"].as_str().unwrap().to_owned()).collect();
+        let hops: Vec<String> =
+            journey["hops"].as_array().unwrap().iter().map(|h| h["hop"].as_str().unwrap().to_owned()).collect();
         if hops.iter().any(|h| h == "fanout.sequence") && hops.iter().any(|h| h == "gateway.fanout") {
             break journey;
         }
         assert!(Instant::now() < deadline, "incomplete journey: {journey}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let processes: HashSet<&str> = journey["hops"].as_array().unwrap().iter().map(|h| h["process"].as_str().unwrap()).collect();
+    let processes: HashSet<&str> =
+        journey["hops"].as_array().unwrap().iter().map(|h| h["process"].as_str().unwrap()).collect();
     assert_eq!(processes.len(), 2, "hops from the gateway and the worker: {journey}");
     assert_eq!(journey["trace_id"], ack_trace(&journey));
     let output = tokio::process::Command::new(binary())
@@ -315,10 +333,13 @@ fn ack_trace(journey: &Value) -> Value {
 #[tokio::test]
 async fn the_store_briefly_unreachable_sends_fail_cleanly_and_the_system_recovers() {
     // A node of its own, so freezing it disturbs no other test.
-    let node = tokio::task::spawn_blocking(|| testkit::DedicatedCassandra::start("test-cassandra-outage", 9342, 7342)).await.unwrap();
+    let node = tokio::task::spawn_blocking(|| testkit::DedicatedCassandra::start("test-cassandra-outage", 9342, 7342))
+        .await
+        .unwrap();
     let nats = NatsServer::start().await;
     let keyspace = testkit::unique_keyspace("outage");
-    let config = storage::cql::CqlConfig { nodes: vec![node.addr.clone()], keyspace: keyspace.clone(), ..Default::default() };
+    let config =
+        storage::cql::CqlConfig { nodes: vec![node.addr.clone()], keyspace: keyspace.clone(), ..Default::default() };
     storage::cql::CqlStore::connect(config).await.expect("dedicated node reachable");
     let mut cluster = Cluster { nats, cql: node.addr.clone(), keyspace, gateways: Vec::new(), workers: Vec::new() };
     let worker = cluster.start_worker().await;
@@ -340,7 +361,9 @@ async fn the_store_briefly_unreachable_sends_fail_cleanly_and_the_system_recover
     // While frozen, a send is refused as unavailable (never half-accepted silently).
     writer.send(json!({"type": "send", "room": "o", "client_msg_id": "during", "body": "x"})).await;
     let answer = loop {
-        let frame = tokio::time::timeout(Duration::from_secs(20), writer.next()).await.expect("an answer within the send deadline");
+        let frame = tokio::time::timeout(Duration::from_secs(20), writer.next())
+            .await
+            .expect("an answer within the send deadline");
         if frame["type"] == "ack" || frame["type"] == "error" {
             break frame;
         }
@@ -408,8 +431,11 @@ async fn a_gateway_cut_from_nats_delivers_what_it_missed_once_it_is_back() {
 
     // The room stays quiet: no later message will reveal the gap. The reconnect must.
     relay.restore();
-    let missed = tokio::time::timeout(Duration::from_secs(30), alice.messages(1)).await.expect("the missed message arrives after NATS is back");
+    let missed = tokio::time::timeout(Duration::from_secs(30), alice.messages(1))
+        .await
+        .expect("the missed message arrives after NATS is back");
     assert_eq!((missed[0]["seq"].as_u64(), missed[0]["client_msg_id"].as_str()), (Some(2), Some("during")));
-    let (_, journey) = get_json(&format!("{}/debug/messages/{}", cut_off.http_url(), ack["id"].as_str().unwrap())).await;
+    let (_, journey) =
+        get_json(&format!("{}/debug/messages/{}", cut_off.http_url(), ack["id"].as_str().unwrap())).await;
     assert!(journey.to_string().contains("gateway.gap_repair"), "the journey shows the repair: {journey}");
 }

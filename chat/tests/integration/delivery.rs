@@ -34,7 +34,10 @@ async fn send_is_acked_and_delivered_to_every_member_with_gapless_seq() {
         assert_eq!(message["client_msg_id"], "c-1");
         assert_eq!(message["ts"], ack["ts"]);
         let trace = message["trace_id"].as_str().unwrap();
-        assert!(trace.len() == 32 && trace.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()), "{trace}");
+        assert!(
+            trace.len() == 32 && trace.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+            "{trace}"
+        );
         assert_ne!(trace, "0".repeat(32));
     }
     let second = bob.say("general", "b-1", "hi alice").await;

@@ -20,7 +20,11 @@ async fn start_process(data_dir: &std::path::Path) -> (Child, String) {
         .expect("chat binary starts");
     let stdout = child.stdout.take().expect("stdout piped");
     let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(WAIT, lines.next_line()).await.expect("ready line in time").expect("read").expect("a line");
+    let line = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .expect("ready line in time")
+        .expect("read")
+        .expect("a line");
     let address = line.strip_prefix("chat listening on http://").expect("ready line format").to_owned();
     (child, address)
 }

@@ -44,10 +44,16 @@ fn fault_steps(page: &str) -> Vec<FaultStep> {
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     text.lines()
         .map(str::trim)
-        .filter(|line| line.starts_with("curl ") && line.contains("-X POST http://127.0.0.1:") && line.contains("/admin/faults"))
+        .filter(|line| {
+            line.starts_with("curl ") && line.contains("-X POST http://127.0.0.1:") && line.contains("/admin/faults")
+        })
         .map(|line| {
             assert!(line.contains(&format!("Authorization: Bearer {TOKEN}")), "{page}: {line}");
-            let port = line.split("http://127.0.0.1:").nth(1).and_then(|rest| rest.split('/').next()).and_then(|p| p.parse().ok());
+            let port = line
+                .split("http://127.0.0.1:")
+                .nth(1)
+                .and_then(|rest| rest.split('/').next())
+                .and_then(|p| p.parse().ok());
             let json = line.split_once("-d '").and_then(|(_, rest)| rest.rsplit_once('\'')).map(|(json, _)| json);
             let (Some(port), Some(json)) = (port, json) else { panic!("{page}: cannot read {line}") };
             let fault = serde_json::from_str(json).unwrap_or_else(|e| panic!("{page}: bad JSON in {line}: {e}"));
@@ -67,7 +73,8 @@ async fn apply(steps: &[FaultStep], base: impl Fn(u16) -> String) {
 }
 
 async fn clear_faults(base: &str) {
-    let (status, body) = request("DELETE", &format!("{base}/admin/faults"), &[("Authorization", "Bearer s3cret")], "").await;
+    let (status, body) =
+        request("DELETE", &format!("{base}/admin/faults"), &[("Authorization", "Bearer s3cret")], "").await;
     assert_eq!(status, 200, "{body}");
 }
 
@@ -99,9 +106,11 @@ impl Lab {
         let cql = testkit::cassandra();
         let keyspace = testkit::unique_keyspace("exercise");
         // The schema once, before processes start together.
-        let config = storage::cql::CqlConfig { nodes: vec![cql.clone()], keyspace: keyspace.clone(), ..Default::default() };
+        let config =
+            storage::cql::CqlConfig { nodes: vec![cql.clone()], keyspace: keyspace.clone(), ..Default::default() };
         storage::cql::CqlStore::connect(config).await.expect("Cassandra reachable (see testkit::cassandra)");
-        let common = ["--nats", &nats.url(), "--cql", &cql, "--keyspace", &keyspace, "--admin-token", TOKEN].map(String::from);
+        let common =
+            ["--nats", &nats.url(), "--cql", &cql, "--keyspace", &keyspace, "--admin-token", TOKEN].map(String::from);
         let mut lab = Lab { _nats: nats, gateways: Vec::new(), workers: Vec::new() };
         for i in 1..=workers {
             let mut args = ["fanout", "--listen", "127.0.0.1:0", "--worker-id"].map(String::from).to_vec();
@@ -243,7 +252,10 @@ fn hops<'a>(journey: &'a Value, name: &str) -> Vec<&'a Value> {
 
 /// The `fault.injected` hops for `hop` (and `action`).
 fn faults<'a>(journey: &'a Value, hop: &str, action: &str) -> Vec<&'a Value> {
-    hops(journey, "fault.injected").into_iter().filter(|h| h["detail"]["hop"] == hop && h["detail"]["action"] == action).collect()
+    hops(journey, "fault.injected")
+        .into_iter()
+        .filter(|h| h["detail"]["hop"] == hop && h["detail"]["action"] == action)
+        .collect()
 }
 
 fn at_us(hop: &Value) -> i64 {
@@ -292,7 +304,8 @@ async fn ex01_trace_the_missing_message() {
     }
     let mut missing = Vec::new();
     for (index, (client, _)) in members.iter_mut().enumerate() {
-        let got: BTreeSet<u64> = seqs(&messages_until(client, "ex1-r0", 20, Duration::from_secs(3)).await).into_iter().collect();
+        let got: BTreeSet<u64> =
+            seqs(&messages_until(client, "ex1-r0", 20, Duration::from_secs(3)).await).into_iter().collect();
         missing.extend((1..=20).filter(|seq| !got.contains(seq)).map(|seq| (index, seq)));
     }
     // (a) Exactly one member misses exactly one acked, stored message.
@@ -307,22 +320,36 @@ async fn ex01_trace_the_missing_message() {
     assert_eq!(hops(&journey, "gateway.fanout")[0]["detail"]["connections"], 10, "{journey:#}");
     let dropped = faults(&journey, "gateway.deliver", "drop");
     assert_eq!(dropped.len(), 1, "{journey:#}");
-    assert_eq!(dropped[0]["detail"]["session"], members[victim].1.as_str(), "the journey names the victim's connection");
+    assert_eq!(
+        dropped[0]["detail"]["session"],
+        members[victim].1.as_str(),
+        "the journey names the victim's connection"
+    );
     let text = metrics(&base).await;
     assert_eq!(metric(&text, "chat_faults_injected_total{action=\"drop\",hop=\"gateway.deliver\"}"), 1.0, "{text}");
     assert_eq!(metric(&text, "chat_drops_total{reason=\"fault_drop\"}"), 1.0);
 
     // `chat trace` marks the hop.
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat")).args(["trace", id, "--url", &base]).output().await.unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat"))
+        .args(["trace", id, "--url", &base])
+        .output()
+        .await
+        .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let timeline = String::from_utf8_lossy(&output.stdout);
-    assert!(timeline.lines().any(|l| l.starts_with("!!") && l.contains("fault.injected") && l.contains("gateway.deliver")), "{timeline}");
+    assert!(
+        timeline.lines().any(|l| l.starts_with("!!") && l.contains("fault.injected") && l.contains("gateway.deliver")),
+        "{timeline}"
+    );
 
     // The fix for the user: rejoin with `since`.
     let client = &mut members[victim].0;
     client.send(json!({"type": "join", "room": "ex1-r0", "since": seq - 1})).await;
     let replayed = messages_until(client, "ex1-r0", seq, Duration::from_secs(5)).await;
-    assert!(replayed.iter().any(|m| m["seq"] == seq && m["id"] == id.as_str()), "rejoin with since replays seq {seq}: {replayed:?}");
+    assert!(
+        replayed.iter().any(|m| m["seq"] == seq && m["id"] == id.as_str()),
+        "rejoin with since replays seq {seq}: {replayed:?}"
+    );
     server.shutdown().await.unwrap();
 }
 
@@ -354,7 +381,9 @@ async fn ex02_find_the_distributed_deadlock() {
     bob.send(json!({"type": "ping"})).await;
     assert_eq!(bob.expect("pong").await["type"], "pong", "bob's gateway is alive");
     for i in 1..=64 {
-        carol.send(json!({"type": "send", "room": "ex2-c", "client_msg_id": format!("p{i}"), "body": i.to_string()})).await;
+        carol
+            .send(json!({"type": "send", "room": "ex2-c", "client_msg_id": format!("p{i}"), "body": i.to_string()}))
+            .await;
     }
     carol.send(json!({"type": "ping", "req": "still-there"})).await;
 
@@ -368,14 +397,18 @@ async fn ex02_find_the_distributed_deadlock() {
     let b1 = answer(&mut bob, "b1", Duration::from_secs(15)).await.expect("bob gets an answer");
     assert_eq!(b1["code"], "unavailable", "{b1}");
     let carol_pong = loop {
-        let frame = frame_within(&mut carol, Duration::from_secs(30)).await.expect("carol's ping is answered in the end");
+        let frame =
+            frame_within(&mut carol, Duration::from_secs(30)).await.expect("carol's ping is answered in the end");
         if frame["type"] == "pong" {
             break started.elapsed();
         }
     };
     assert!(carol_pong >= Duration::from_secs(5), "carol's ping waited behind 64 sends: answered after {carol_pong:?}");
     let worker_metrics = metrics(&worker).await;
-    assert!(metric(&worker_metrics, "chat_faults_injected_total{action=\"stall\",hop=\"fanout.sequence\"}") >= 1.0, "{worker_metrics}");
+    assert!(
+        metric(&worker_metrics, "chat_faults_injected_total{action=\"stall\",hop=\"fanout.sequence\"}") >= 1.0,
+        "{worker_metrics}"
+    );
     assert_eq!(metric(&worker_metrics, "chat_sequenced_total"), 0.0);
     assert!(metric(&metrics(&gateway).await, "chat_sends_total{outcome=\"unavailable\"}") >= 2.0);
 
@@ -400,7 +433,11 @@ async fn timed_sends(client: Client, room: &str, n: usize, every: Duration) -> V
     let reader = tokio::spawn(async move {
         let mut acks = HashMap::new();
         while acks.len() < n {
-            let frame = tokio::time::timeout(Duration::from_secs(20), stream.next()).await.expect("acks keep coming").expect("open").expect("frame");
+            let frame = tokio::time::timeout(Duration::from_secs(20), stream.next())
+                .await
+                .expect("acks keep coming")
+                .expect("open")
+                .expect("frame");
             if let Message::Text(text) = frame {
                 let frame: Value = serde_json::from_str(&text).unwrap();
                 assert_ne!(frame["type"], "error", "{frame}");
@@ -414,7 +451,9 @@ async fn timed_sends(client: Client, room: &str, n: usize, every: Duration) -> V
     let mut sent = Vec::new();
     for i in 0..n {
         let id = format!("{room}-{i}");
-        sink.send(Message::text(json!({"type": "send", "room": room, "client_msg_id": id, "body": "x"}).to_string())).await.unwrap();
+        sink.send(Message::text(json!({"type": "send", "room": room, "client_msg_id": id, "body": "x"}).to_string()))
+            .await
+            .unwrap();
         sent.push((id, Instant::now()));
         tokio::time::sleep(every).await;
     }
@@ -475,13 +514,20 @@ async fn ex03_diagnose_the_performance_regression() {
                 eprintln!("ex03: a delayed message:\n{}", chat::trace::render(&journey));
             }
             delayed += 1;
-            assert!(gap("store.append", "fanout.publish") >= 240_000, "the 250 ms are between store.append and fanout.publish: {journey:#}");
+            assert!(
+                gap("store.append", "fanout.publish") >= 240_000,
+                "the 250 ms are between store.append and fanout.publish: {journey:#}"
+            );
         }
     }
     assert!((1..40).contains(&delayed), "{delayed} of 40 delayed");
     assert!(waited >= 1, "messages without the fault waited for the worker too");
     let text = metrics(&base).await;
-    assert_eq!(metric(&text, "chat_faults_injected_total{action=\"delay\",hop=\"fanout.publish\"}"), delayed as f64, "{text}");
+    assert_eq!(
+        metric(&text, "chat_faults_injected_total{action=\"delay\",hop=\"fanout.publish\"}"),
+        delayed as f64,
+        "{text}"
+    );
     server.shutdown().await.unwrap();
 }
 
@@ -507,7 +553,8 @@ async fn ex04_debug_the_byzantine_failure() {
         let ack = alice.say("ex4", &format!("t{sent}"), &format!("term {sent}")).await;
         let id = ack["id"].as_str().unwrap().to_owned();
         let journey = journey_when(&lab.gateway(0), &id, |j| !hops(j, "fanout.sequence").is_empty()).await;
-        *by_worker.entry(hops(&journey, "fanout.sequence")[0]["process"].as_str().unwrap().to_owned()).or_default() += 1;
+        *by_worker.entry(hops(&journey, "fanout.sequence")[0]["process"].as_str().unwrap().to_owned()).or_default() +=
+            1;
         journeys.push((id, journey));
         sent += 1;
     }
@@ -516,7 +563,11 @@ async fn ex04_debug_the_byzantine_failure() {
     let stored = whole_history(&lab.gateway(0), "ex4").await;
     for ((a, b), s) in alice_saw.iter().zip(&bob_saw).zip(&stored) {
         eprintln!("ex04: {} {} {} | {} {}", a["seq"], a["ts"], a["body"], b["body"], b["ts"]);
-        assert_eq!((&a["id"], &b["id"], &a["seq"], &b["seq"]), (&s["id"], &s["id"], &s["seq"], &s["seq"]), "one identity everywhere");
+        assert_eq!(
+            (&a["id"], &b["id"], &a["seq"], &b["seq"]),
+            (&s["id"], &s["id"], &s["seq"], &s["seq"]),
+            "one identity everywhere"
+        );
         assert_eq!(a["body"], s["body"], "alice (gw-1) gets the stored body");
         assert_eq!(a["ts"], b["ts"], "the ts lie is told to everyone");
     }
@@ -524,7 +575,8 @@ async fn ex04_debug_the_byzantine_failure() {
     // The lying gateway: (a) bob sees edited bodies; (b) exactly those carry gw-2's rewrite.
     let mut edited = 0;
     for (b, s) in bob_saw.iter().zip(&stored) {
-        let journey = journey_when(&lab.gateway(0), s["id"].as_str().unwrap(), |j| hops(j, "gateway.fanout").len() == 2).await;
+        let journey =
+            journey_when(&lab.gateway(0), s["id"].as_str().unwrap(), |j| hops(j, "gateway.fanout").len() == 2).await;
         let rewrites = faults(&journey, "gateway.deliver", "rewrite");
         if b["body"] == s["body"] {
             assert!(rewrites.is_empty(), "{journey:#}");
@@ -552,7 +604,10 @@ async fn ex04_debug_the_byzantine_failure() {
         let behind_ms = at_us(sequenced) / 1000 - message["ts"].as_i64().unwrap();
         if sequenced["process"] == "fanout-1" {
             skewed += 1;
-            assert!((88_000..=92_000).contains(&behind_ms), "fanout-1's ts is 90 s behind: {behind_ms} ms, {journey:#}");
+            assert!(
+                (88_000..=92_000).contains(&behind_ms),
+                "fanout-1's ts is 90 s behind: {behind_ms} ms, {journey:#}"
+            );
         } else {
             assert!(behind_ms.abs() < 2_000, "fanout-2's ts is true: {behind_ms} ms");
         }
@@ -565,8 +620,12 @@ async fn ex04_debug_the_byzantine_failure() {
     eprintln!("ex04: {skewed} skewed messages, skew counted {counted} times, {conflicts} seq conflicts on fanout-1");
     assert!(counted >= skewed as f64, "{fanout1}");
     let gw1 = metrics(&lab.gateway(0)).await;
-    let beyond_10s = metric(&gw1, "chat_sequence_to_gateway_seconds_bucket{le=\"+Inf\"}") - metric(&gw1, "chat_sequence_to_gateway_seconds_bucket{le=\"10\"}");
-    assert_eq!(beyond_10s, skewed as f64, "skewed messages land in the +Inf bucket of chat_sequence_to_gateway_seconds");
+    let beyond_10s = metric(&gw1, "chat_sequence_to_gateway_seconds_bucket{le=\"+Inf\"}")
+        - metric(&gw1, "chat_sequence_to_gateway_seconds_bucket{le=\"10\"}");
+    assert_eq!(
+        beyond_10s, skewed as f64,
+        "skewed messages land in the +Inf bucket of chat_sequence_to_gateway_seconds"
+    );
 }
 
 // === 5. the slow consumer ===
@@ -732,12 +791,16 @@ async fn ex06_the_partitioned_gateway() {
     };
     let (last_sent, arrivals) = tokio::join!(burst, watch);
     assert_eq!(arrivals.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [3, 4, 5, 6], "{arrivals:?}");
-    assert!(arrivals.iter().all(|(_, at)| *at >= last_sent), "nothing reached bob before the burst ended ({last_sent:?}): {arrivals:?}");
+    assert!(
+        arrivals.iter().all(|(_, at)| *at >= last_sent),
+        "nothing reached bob before the burst ended ({last_sent:?}): {arrivals:?}"
+    );
 
     // The retry after the cut is stored, and its journey keeps the refused attempt.
     clear_faults(&lab.gateway(1)).await;
     let retried = send_until_acked(&mut bob, "ex6", "b1", Duration::from_secs(20)).await;
-    let journey = journey_when(&lab.gateway(0), retried["id"].as_str().unwrap(), |j| !hops(j, "gateway.ack").is_empty()).await;
+    let journey =
+        journey_when(&lab.gateway(0), retried["id"].as_str().unwrap(), |j| !hops(j, "gateway.ack").is_empty()).await;
     let cut = faults(&journey, "gateway.nats", "cut");
     assert_eq!(cut.len(), 1, "{journey:#}");
     assert_eq!(cut[0]["process"], "gw-2");
@@ -761,7 +824,9 @@ async fn ex07_the_duplicate_after_a_worker_stall() {
     for n in 0..10 {
         let client_msg_id = format!("m{n}");
         let started = Instant::now();
-        alice.send(json!({"type": "send", "room": "ex7", "client_msg_id": client_msg_id, "body": format!("hello {n}")})).await;
+        alice
+            .send(json!({"type": "send", "room": "ex7", "client_msg_id": client_msg_id, "body": format!("hello {n}")}))
+            .await;
         let ack = loop {
             let frame = frame_within(&mut alice, Duration::from_secs(10)).await.expect("an answer within 10 s");
             frames.push(frame.clone());
@@ -794,12 +859,17 @@ async fn ex07_the_duplicate_after_a_worker_stall() {
         assert_eq!(sequenced[0]["process"], "fanout-2", "{journey:#}");
     }
     let fanout1 = metrics(&lab.worker(0)).await;
-    assert_eq!(metric(&fanout1, "chat_faults_injected_total{action=\"stall\",hop=\"fanout.sequence\"}"), 1.0, "{fanout1}");
+    assert_eq!(
+        metric(&fanout1, "chat_faults_injected_total{action=\"stall\",hop=\"fanout.sequence\"}"),
+        1.0,
+        "{fanout1}"
+    );
     // JetStream's second delivery of the send is in the journey and in the workers' metrics.
     let redelivered = hops(&journey, "fanout.redelivered");
     assert!(redelivered.iter().any(|h| h["detail"]["delivery"].as_u64() >= Some(2)), "{journey:#}");
     let fanout2 = metrics(&lab.worker(1)).await;
-    let redeliveries = metric(&fanout1, "chat_send_redeliveries_total") + metric(&fanout2, "chat_send_redeliveries_total");
+    let redeliveries =
+        metric(&fanout1, "chat_send_redeliveries_total") + metric(&fanout2, "chat_send_redeliveries_total");
     assert!(redeliveries >= 1.0, "{fanout1}\n{fanout2}");
 
     // (a) Stored once, delivered once, acked once.
@@ -856,7 +926,10 @@ async fn ex08_the_gap_nobody_repaired() {
     let next = fetch_journey(&base, four["id"].as_str().unwrap()).await;
     let unrepaired = hops(&next, "gateway.gap_unrepaired");
     assert_eq!(unrepaired.len(), 1, "{next:#}");
-    assert_eq!((&unrepaired[0]["detail"]["missing_from"], &unrepaired[0]["detail"]["missing_to"]), (&json!(3), &json!(3)));
+    assert_eq!(
+        (&unrepaired[0]["detail"]["missing_from"], &unrepaired[0]["detail"]["missing_to"]),
+        (&json!(3), &json!(3))
+    );
     eprintln!("ex08: part 2, three:\n{}\nfour:\n{}", chat::trace::render(&lost), chat::trace::render(&next));
     let text = metrics(&base).await;
     assert_eq!(metric(&text, "chat_faults_injected_total{action=\"drop\",hop=\"fanout.publish\"}"), 2.0, "{text}");
@@ -868,4 +941,3 @@ async fn ex08_the_gap_nobody_repaired() {
     assert_eq!(replayed.first().map(|m| &m["body"]), Some(&json!("three")));
     server.shutdown().await.unwrap();
 }
-

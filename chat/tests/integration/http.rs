@@ -69,7 +69,12 @@ async fn admin_faults_need_the_token_and_are_marked_in_the_journey() {
     let url = format!("{}/admin/faults", server.http_url);
     let fault = json!({"hop": "gateway.deliver", "action": "drop", "room": "f", "count": 1}).to_string();
     assert_eq!(request("POST", &url, &[("Content-Type", "application/json")], &fault).await.0, 401);
-    assert_eq!(request("POST", &url, &[("Authorization", "Bearer wrong"), ("Content-Type", "application/json")], &fault).await.0, 401);
+    assert_eq!(
+        request("POST", &url, &[("Authorization", "Bearer wrong"), ("Content-Type", "application/json")], &fault)
+            .await
+            .0,
+        401
+    );
     let auth = ADMIN;
     assert_eq!(request("POST", &url, &auth, "{\"hop\": \"nowhere\", \"action\": \"drop\"}").await.0, 400);
     let (status, body) = request("POST", &url, &auth, &fault).await;
@@ -95,7 +100,8 @@ async fn admin_faults_need_the_token_and_are_marked_in_the_journey() {
 #[tokio::test]
 async fn admin_api_is_off_without_a_token() {
     let server = server().await;
-    let (status, _) = request("GET", &format!("{}/admin/faults", server.http_url), &[("Authorization", "Bearer x")], "").await;
+    let (status, _) =
+        request("GET", &format!("{}/admin/faults", server.http_url), &[("Authorization", "Bearer x")], "").await;
     assert_eq!(status, 404);
     server.shutdown().await.unwrap();
 }
@@ -113,12 +119,27 @@ async fn a_sequencing_stall_limited_to_a_room_holds_only_that_room() {
     a.join("fast").await;
     let started = std::time::Instant::now();
     a.say("fast", "f1", "not held").await;
-    assert!(started.elapsed() < std::time::Duration::from_millis(1000), "another room's send was held {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(1000),
+        "another room's send was held {:?}",
+        started.elapsed()
+    );
     let started = std::time::Instant::now();
     let held = a.say("slow", "s1", "held").await;
-    assert!(started.elapsed() >= std::time::Duration::from_millis(1500), "the room's send was not held: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(1500),
+        "the room's send was not held: {:?}",
+        started.elapsed()
+    );
     let (_, journey) = get_json(&format!("{}/debug/messages/{}", server.http_url, held["id"].as_str().unwrap())).await;
-    assert!(journey["hops"].as_array().unwrap().iter().any(|h| h["hop"] == "fault.injected" && h["detail"]["action"] == "stall"), "{journey:#}");
+    assert!(
+        journey["hops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["hop"] == "fault.injected" && h["detail"]["action"] == "stall"),
+        "{journey:#}"
+    );
     server.shutdown().await.unwrap();
 }
 
@@ -132,7 +153,8 @@ async fn a_slow_delivery_is_not_mistaken_for_a_lost_one() {
     assert_eq!(a.messages(1).await[0]["seq"], 1);
     // The next message is stored at once but published 1.5 s later: the quiet-room check,
     // due 1 s after seq 1 arrived, finds the store ahead of the feed while it is in flight.
-    let delay = json!({"hop": "fanout.publish", "action": "delay", "room": "slowpub", "delay_ms": 1500, "count": 1}).to_string();
+    let delay = json!({"hop": "fanout.publish", "action": "delay", "room": "slowpub", "delay_ms": 1500, "count": 1})
+        .to_string();
     assert_eq!(request("POST", &format!("{}/admin/faults", server.http_url), &auth, &delay).await.0, 201);
     let late = a.say("slowpub", "m2", "late").await;
     let seen = a.messages(1).await;

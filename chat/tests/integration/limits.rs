@@ -78,7 +78,9 @@ async fn a_small_queue_loses_nothing_for_a_reader_that_keeps_up_eventually() {
     let mut writer = Client::login(&server.ws_url, "writer").await;
     writer.join("q").await;
     for i in 0..300 {
-        writer.send(json!({"type": "send", "room": "q", "client_msg_id": format!("{i}"), "body": "x".repeat(500)})).await;
+        writer
+            .send(json!({"type": "send", "room": "q", "client_msg_id": format!("{i}"), "body": "x".repeat(500)}))
+            .await;
     }
     let seqs: Vec<u64> = reader.messages(300).await.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (1..=300).collect::<Vec<_>>());

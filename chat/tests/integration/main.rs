@@ -6,11 +6,11 @@
 mod support;
 
 mod auth;
-mod cluster;
 mod bad_input;
+mod cluster;
 mod delivery;
-mod exercises;
 mod durability;
+mod exercises;
 mod history;
 mod http;
 mod limits;

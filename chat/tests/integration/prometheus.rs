@@ -98,9 +98,11 @@ async fn prometheus_scrapes_metrics_and_promql_returns_the_counts() {
     let deadline = Instant::now() + DEADLINE;
     loop {
         let groups = prometheus.rule_groups().await;
-        let rules: Vec<&serde_json::Value> = groups.iter().flat_map(|g| g["rules"].as_array().into_iter().flatten()).collect();
+        let rules: Vec<&serde_json::Value> =
+            groups.iter().flat_map(|g| g["rules"].as_array().into_iter().flatten()).collect();
         assert!(rules.len() >= 30, "only {} rules loaded from {}: {groups:?}", rules.len(), alerts.display());
-        let bad: Vec<_> = rules.iter().filter(|r| r["health"] == "err").map(|r| (&r["name"], &r["lastError"])).collect();
+        let bad: Vec<_> =
+            rules.iter().filter(|r| r["health"] == "err").map(|r| (&r["name"], &r["lastError"])).collect();
         assert!(bad.is_empty(), "rules failing to evaluate: {bad:?}");
         if rules.iter().all(|r| r["health"] == "ok") {
             break;
@@ -112,7 +114,8 @@ async fn prometheus_scrapes_metrics_and_promql_returns_the_counts() {
     // Every query of the Grafana dashboard is valid PromQL (Grafana's variables filled in).
     let dashboard = testkit::workspace_root().join("deploy/grafana/chat-dashboard.json");
     let dashboard: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&dashboard).expect("read chat-dashboard.json")).expect("dashboard is JSON");
+        serde_json::from_str(&std::fs::read_to_string(&dashboard).expect("read chat-dashboard.json"))
+            .expect("dashboard is JSON");
     let mut exprs = Vec::new();
     collect_exprs(&dashboard, &mut exprs);
     assert!(exprs.len() >= 20, "only {} dashboard queries found", exprs.len());

@@ -155,9 +155,7 @@ pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: &s
 
 /// The value of a metric sample line (`name{labels} value`), 0 when absent.
 pub fn metric(text: &str, sample: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
-        .unwrap_or(0.0)
+    text.lines().find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
 }
 
 /// Every stored message of a room, oldest first, read page by page through the HTTP API.

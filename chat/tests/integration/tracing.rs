@@ -79,7 +79,16 @@ async fn spans_of_every_hop_share_the_message_trace_across_two_processes() {
     let message = alice.messages(1).await.remove(0);
     let trace_id = message["trace_id"].as_str().unwrap().to_owned();
 
-    let expected = ["gateway.receive", "bus.publish", "fanout.consume", "fanout.sequence", "store.append", "fanout.publish", "gateway.deliver", "ws.write"];
+    let expected = [
+        "gateway.receive",
+        "bus.publish",
+        "fanout.consume",
+        "fanout.sequence",
+        "store.append",
+        "fanout.publish",
+        "gateway.deliver",
+        "ws.write",
+    ];
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let spans = received.lock().unwrap().get(&trace_id).cloned().unwrap_or_default();
@@ -87,9 +96,11 @@ async fn spans_of_every_hop_share_the_message_trace_across_two_processes() {
         let services: HashSet<&str> = spans.iter().map(|(service, _)| service.as_str()).collect();
         if expected.iter().all(|hop| names.contains(hop)) {
             assert!(services.len() >= 2, "spans from two processes expected, got {services:?}");
-            let fanout_side: HashSet<&str> = spans.iter().filter(|(s, _)| s.contains("fanout")).map(|(_, n)| n.as_str()).collect();
+            let fanout_side: HashSet<&str> =
+                spans.iter().filter(|(s, _)| s.contains("fanout")).map(|(_, n)| n.as_str()).collect();
             assert!(fanout_side.contains("fanout.sequence") && fanout_side.contains("store.append"), "{spans:?}");
-            let gateway_side: HashSet<&str> = spans.iter().filter(|(s, _)| s.contains("gateway")).map(|(_, n)| n.as_str()).collect();
+            let gateway_side: HashSet<&str> =
+                spans.iter().filter(|(s, _)| s.contains("gateway")).map(|(_, n)| n.as_str()).collect();
             assert!(gateway_side.contains("gateway.receive") && gateway_side.contains("ws.write"), "{spans:?}");
             return;
         }

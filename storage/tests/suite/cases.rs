@@ -21,27 +21,15 @@ pub fn message(room: &str, seq: u64, user: &str) -> ChatMessage {
 
 /// Messages `first..=last` of a room, alternating between two users.
 pub fn messages(room: &str, first: u64, last: u64) -> Vec<ChatMessage> {
-    (first..=last)
-        .map(|seq| message(room, seq, if seq % 2 == 0 { "ann" } else { "bob" }))
-        .collect()
+    (first..=last).map(|seq| message(room, seq, if seq % 2 == 0 { "ann" } else { "bob" })).collect()
 }
 
 /// Appends `count` messages after `after` in batches of at most `batch`; returns them.
-pub async fn fill(
-    store: &dyn HistoryStore,
-    room: &str,
-    after: u64,
-    count: u64,
-    batch: u64,
-) -> Vec<ChatMessage> {
+pub async fn fill(store: &dyn HistoryStore, room: &str, after: u64, count: u64, batch: u64) -> Vec<ChatMessage> {
     let all = messages(room, after + 1, after + count);
     let mut expected = after;
     for chunk in all.chunks(batch as usize) {
-        let append = RoomAppend {
-            room: room.into(),
-            expected_last_seq: expected,
-            messages: chunk.to_vec(),
-        };
+        let append = RoomAppend { room: room.into(), expected_last_seq: expected, messages: chunk.to_vec() };
         store.append(append).await.unwrap();
         expected += chunk.len() as u64;
     }
@@ -60,213 +48,79 @@ async fn page_seqs(store: &dyn HistoryStore, room: &str, query: PageQuery) -> (V
 pub async fn appends_and_reads_last_seq(store: &dyn HistoryStore) {
     assert_eq!(store.last_seq("lobby").await.unwrap(), 0);
     let first = messages("lobby", 1, 3);
-    store
-        .append(RoomAppend {
-            room: "lobby".into(),
-            expected_last_seq: 0,
-            messages: first.clone(),
-        })
-        .await
-        .unwrap();
+    store.append(RoomAppend { room: "lobby".into(), expected_last_seq: 0, messages: first.clone() }).await.unwrap();
     assert_eq!(store.last_seq("lobby").await.unwrap(), 3);
     let second = messages("lobby", 4, 5);
-    store
-        .append(RoomAppend {
-            room: "lobby".into(),
-            expected_last_seq: 3,
-            messages: second.clone(),
-        })
-        .await
-        .unwrap();
+    store.append(RoomAppend { room: "lobby".into(), expected_last_seq: 3, messages: second.clone() }).await.unwrap();
     assert_eq!(store.last_seq("lobby").await.unwrap(), 5);
-    assert_eq!(
-        store.last_seq("other").await.unwrap(),
-        0,
-        "rooms are independent"
-    );
+    assert_eq!(store.last_seq("other").await.unwrap(), 0, "rooms are independent");
 
     let page = store.page("lobby", PageQuery::newest(50)).await.unwrap();
-    assert_eq!(
-        page.messages,
-        [first, second].concat(),
-        "stored exactly as appended"
-    );
+    assert_eq!(page.messages, [first, second].concat(), "stored exactly as appended");
     assert!(!page.has_more);
 }
 
 pub async fn conflict_stores_nothing(store: &dyn HistoryStore) {
     fill(store, "r", 0, 3, 3).await;
     let stale = messages("r", 2, 3);
-    let rejected = store
-        .append(RoomAppend {
-            room: "r".into(),
-            expected_last_seq: 1,
-            messages: stale.clone(),
-        })
-        .await;
+    let rejected = store.append(RoomAppend { room: "r".into(), expected_last_seq: 1, messages: stale.clone() }).await;
     match rejected {
-        Err(StoreError::Conflict {
-            room,
-            expected: 1,
-            actual: 3,
-        }) => assert_eq!(room, "r"),
+        Err(StoreError::Conflict { room, expected: 1, actual: 3 }) => assert_eq!(room, "r"),
         other => panic!("want a conflict at 3, got {other:?}"),
     }
     // Expecting an empty room when it is not.
-    let rejected = store
-        .append(RoomAppend {
-            room: "r".into(),
-            expected_last_seq: 0,
-            messages: messages("r", 1, 1),
-        })
-        .await;
-    assert!(
-        matches!(
-            rejected,
-            Err(StoreError::Conflict {
-                expected: 0,
-                actual: 3,
-                ..
-            })
-        ),
-        "{rejected:?}"
-    );
+    let rejected =
+        store.append(RoomAppend { room: "r".into(), expected_last_seq: 0, messages: messages("r", 1, 1) }).await;
+    assert!(matches!(rejected, Err(StoreError::Conflict { expected: 0, actual: 3, .. })), "{rejected:?}");
     // Expecting history in an empty room.
     let rejected = store
-        .append(RoomAppend {
-            room: "empty".into(),
-            expected_last_seq: 5,
-            messages: messages("empty", 6, 6),
-        })
+        .append(RoomAppend { room: "empty".into(), expected_last_seq: 5, messages: messages("empty", 6, 6) })
         .await;
-    assert!(
-        matches!(
-            rejected,
-            Err(StoreError::Conflict {
-                expected: 5,
-                actual: 0,
-                ..
-            })
-        ),
-        "{rejected:?}"
-    );
+    assert!(matches!(rejected, Err(StoreError::Conflict { expected: 5, actual: 0, .. })), "{rejected:?}");
 
     // Nothing of the rejected appends is visible.
     assert_eq!(store.last_seq("r").await.unwrap(), 3);
     assert_eq!(store.last_seq("empty").await.unwrap(), 0);
     for m in &stale {
-        assert_eq!(
-            store.get_by_id(m.id).await.unwrap(),
-            None,
-            "rejected message stored"
-        );
+        assert_eq!(store.get_by_id(m.id).await.unwrap(), None, "rejected message stored");
     }
     let page = store.page("r", PageQuery::newest(50)).await.unwrap();
     assert_eq!(seqs(&page.messages), [1, 2, 3]);
-    assert!(page
-        .messages
-        .iter()
-        .all(|m| !stale.iter().any(|s| s.id == m.id)));
-    assert!(store
-        .page("empty", PageQuery::newest(50))
-        .await
-        .unwrap()
-        .messages
-        .is_empty());
+    assert!(page.messages.iter().all(|m| !stale.iter().any(|s| s.id == m.id)));
+    assert!(store.page("empty", PageQuery::newest(50)).await.unwrap().messages.is_empty());
 }
 
 pub async fn pages(store: &dyn HistoryStore) {
     fill(store, "p", 0, 250, 50).await;
     let range = |a: u64, b: u64| (a..=b).collect::<Vec<_>>();
-    assert_eq!(
-        page_seqs(store, "p", PageQuery::newest(50)).await,
-        (range(201, 250), true)
-    );
-    let before = |before, limit| PageQuery {
-        before: Some(before),
-        after: None,
-        limit,
-    };
-    let after = |after, limit| PageQuery {
-        before: None,
-        after: Some(after),
-        limit,
-    };
-    assert_eq!(
-        page_seqs(store, "p", before(201, 50)).await,
-        (range(151, 200), true)
-    );
-    assert_eq!(
-        page_seqs(store, "p", before(21, 50)).await,
-        (range(1, 20), false)
-    );
-    assert_eq!(
-        page_seqs(store, "p", after(230, 50)).await,
-        (range(231, 250), false)
-    );
-    assert_eq!(
-        page_seqs(store, "p", after(10, 50)).await,
-        (range(11, 60), true)
-    );
+    assert_eq!(page_seqs(store, "p", PageQuery::newest(50)).await, (range(201, 250), true));
+    let before = |before, limit| PageQuery { before: Some(before), after: None, limit };
+    let after = |after, limit| PageQuery { before: None, after: Some(after), limit };
+    assert_eq!(page_seqs(store, "p", before(201, 50)).await, (range(151, 200), true));
+    assert_eq!(page_seqs(store, "p", before(21, 50)).await, (range(1, 20), false));
+    assert_eq!(page_seqs(store, "p", after(230, 50)).await, (range(231, 250), false));
+    assert_eq!(page_seqs(store, "p", after(10, 50)).await, (range(11, 60), true));
     assert_eq!(page_seqs(store, "p", after(250, 50)).await, (vec![], false));
-    assert_eq!(
-        page_seqs(store, "p", PageQuery::between(5, 9)).await,
-        (range(6, 8), false)
-    );
+    assert_eq!(page_seqs(store, "p", PageQuery::between(5, 9)).await, (range(6, 8), false));
     // Limits are clamped to 1..=MAX_PAGE.
-    assert_eq!(
-        page_seqs(store, "p", PageQuery::newest(0)).await,
-        (vec![250], true)
-    );
+    assert_eq!(page_seqs(store, "p", PageQuery::newest(0)).await, (vec![250], true));
     let (got, more) = page_seqs(store, "p", PageQuery::newest(1000)).await;
-    assert_eq!(
-        (got.len(), got.first().copied(), more),
-        (MAX_PAGE as usize, Some(51), true)
-    );
+    assert_eq!((got.len(), got.first().copied(), more), (MAX_PAGE as usize, Some(51), true));
     // An empty room.
-    assert_eq!(
-        page_seqs(store, "nobody-here", PageQuery::newest(50)).await,
-        (vec![], false)
-    );
-    assert_eq!(
-        page_seqs(store, "nobody-here", after(0, 50)).await,
-        (vec![], false)
-    );
+    assert_eq!(page_seqs(store, "nobody-here", PageQuery::newest(50)).await, (vec![], false));
+    assert_eq!(page_seqs(store, "nobody-here", after(0, 50)).await, (vec![], false));
 }
 
 pub async fn pages_across_buckets(store: &dyn HistoryStore) {
     let all = fill(store, "b", 0, 2010, MAX_PAGE as u64).await;
     let range = |a: u64, b: u64| (a..=b).collect::<Vec<_>>();
-    let after = |after, limit| PageQuery {
-        before: None,
-        after: Some(after),
-        limit,
-    };
-    let before = |before, limit| PageQuery {
-        before: Some(before),
-        after: None,
-        limit,
-    };
-    assert_eq!(
-        page_seqs(store, "b", after(989, 30)).await,
-        (range(990, 1019), true)
-    );
-    assert_eq!(
-        page_seqs(store, "b", before(2006, 20)).await,
-        (range(1986, 2005), true)
-    );
-    assert_eq!(
-        page_seqs(store, "b", PageQuery::newest(15)).await,
-        (range(1996, 2010), true)
-    );
-    assert_eq!(
-        page_seqs(store, "b", after(1900, 200)).await,
-        (range(1901, 2010), false)
-    );
-    assert_eq!(
-        page_seqs(store, "b", PageQuery::between(999, 1001)).await,
-        (vec![1000], false)
-    );
+    let after = |after, limit| PageQuery { before: None, after: Some(after), limit };
+    let before = |before, limit| PageQuery { before: Some(before), after: None, limit };
+    assert_eq!(page_seqs(store, "b", after(989, 30)).await, (range(990, 1019), true));
+    assert_eq!(page_seqs(store, "b", before(2006, 20)).await, (range(1986, 2005), true));
+    assert_eq!(page_seqs(store, "b", PageQuery::newest(15)).await, (range(1996, 2010), true));
+    assert_eq!(page_seqs(store, "b", after(1900, 200)).await, (range(1901, 2010), false));
+    assert_eq!(page_seqs(store, "b", PageQuery::between(999, 1001)).await, (vec![1000], false));
     // Walking the whole history forward returns everything once, in order.
     let mut walked = Vec::new();
     let mut cursor = 0;
@@ -284,34 +138,13 @@ pub async fn pages_across_buckets(store: &dyn HistoryStore) {
 pub async fn dedupe_lookup(store: &dyn HistoryStore) {
     let stored = fill(store, "d", 0, 4, 2).await;
     for m in &stored {
-        let found = store
-            .find_by_client_msg_id("d", &m.user, &m.client_msg_id)
-            .await
-            .unwrap();
+        let found = store.find_by_client_msg_id("d", &m.user, &m.client_msg_id).await.unwrap();
         assert_eq!(found.as_ref(), Some(m));
     }
     let m = &stored[0];
-    assert_eq!(
-        store
-            .find_by_client_msg_id("d", "someone-else", &m.client_msg_id)
-            .await
-            .unwrap(),
-        None
-    );
-    assert_eq!(
-        store
-            .find_by_client_msg_id("elsewhere", &m.user, &m.client_msg_id)
-            .await
-            .unwrap(),
-        None
-    );
-    assert_eq!(
-        store
-            .find_by_client_msg_id("d", &m.user, "never-sent")
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(store.find_by_client_msg_id("d", "someone-else", &m.client_msg_id).await.unwrap(), None);
+    assert_eq!(store.find_by_client_msg_id("elsewhere", &m.user, &m.client_msg_id).await.unwrap(), None);
+    assert_eq!(store.find_by_client_msg_id("d", &m.user, "never-sent").await.unwrap(), None);
     // The batch form answers in the order asked, misses included.
     let keys = [
         (stored[3].user.as_str(), stored[3].client_msg_id.as_str()),
@@ -325,11 +158,7 @@ pub async fn dedupe_lookup(store: &dyn HistoryStore) {
 }
 
 pub async fn get_by_id(store: &dyn HistoryStore) {
-    let stored = [
-        fill(store, "g1", 0, 3, 3).await,
-        fill(store, "g2", 0, 2, 1).await,
-    ]
-    .concat();
+    let stored = [fill(store, "g1", 0, 3, 3).await, fill(store, "g2", 0, 2, 1).await].concat();
     for m in &stored {
         assert_eq!(store.get_by_id(m.id).await.unwrap().as_ref(), Some(m));
     }
@@ -368,41 +197,22 @@ pub async fn concurrent_appends_one_wins(a: &dyn HistoryStore, b: &dyn HistorySt
         };
         let new_last = last + winner.messages.len() as u64;
         match loser_result {
-            Err(StoreError::Conflict {
-                expected, actual, ..
-            }) => {
+            Err(StoreError::Conflict { expected, actual, .. }) => {
                 assert_eq!((expected, actual), (last, new_last), "round {round}");
             }
             other => panic!("round {round}: loser got {other:?}"),
         }
         assert_eq!(loser_store.last_seq(room).await.unwrap(), new_last);
         for m in &winner.messages {
-            let found = loser_store
-                .find_by_client_msg_id(room, &m.user, &m.client_msg_id)
-                .await
-                .unwrap();
-            assert_eq!(
-                found.as_ref(),
-                Some(m),
-                "round {round}: winner's dedupe entry"
-            );
+            let found = loser_store.find_by_client_msg_id(room, &m.user, &m.client_msg_id).await.unwrap();
+            assert_eq!(found.as_ref(), Some(m), "round {round}: winner's dedupe entry");
         }
         for m in &loser.messages {
-            assert_eq!(
-                loser_store
-                    .find_by_client_msg_id(room, &m.user, &m.client_msg_id)
-                    .await
-                    .unwrap(),
-                None
-            );
+            assert_eq!(loser_store.find_by_client_msg_id(room, &m.user, &m.client_msg_id).await.unwrap(), None);
             assert_eq!(loser_store.get_by_id(m.id).await.unwrap(), None);
         }
         last = new_last;
     }
     let page = a.page(room, PageQuery::newest(MAX_PAGE)).await.unwrap();
-    assert_eq!(
-        seqs(&page.messages),
-        (1..=last).collect::<Vec<_>>(),
-        "gapless, one message per seq"
-    );
+    assert_eq!(seqs(&page.messages), (1..=last).collect::<Vec<_>>(), "gapless, one message per seq");
 }

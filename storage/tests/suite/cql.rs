@@ -15,21 +15,14 @@ async fn last_seq_completes_an_interrupted_append() {
     crate::with_cassandra("interrupted_last_seq", async |dead_writer, survivor| {
         fill(dead_writer, "crash", 0, 5, 5).await;
         let lost = messages("crash", 6, 8);
-        let append = RoomAppend {
-            room: "crash".into(),
-            expected_last_seq: 5,
-            messages: lost.clone(),
-        };
+        let append = RoomAppend { room: "crash".into(), expected_last_seq: 5, messages: lost.clone() };
         dead_writer.claim_only(append).await.unwrap();
         // Before recovery nothing of it is indexed: the writes never happened.
         assert_eq!(survivor.get_by_id(lost[0].id).await.unwrap(), None);
 
         assert_eq!(survivor.last_seq("crash").await.unwrap(), 8);
         for m in &lost {
-            let found = survivor
-                .find_by_client_msg_id("crash", &m.user, &m.client_msg_id)
-                .await
-                .unwrap();
+            let found = survivor.find_by_client_msg_id("crash", &m.user, &m.client_msg_id).await.unwrap();
             assert_eq!(found.as_ref(), Some(m), "dedupe entry of seq {}", m.seq);
             assert_eq!(survivor.get_by_id(m.id).await.unwrap().as_ref(), Some(m));
         }
@@ -38,22 +31,11 @@ async fn last_seq_completes_an_interrupted_append() {
         assert_eq!(&page.messages[5..], lost.as_slice());
 
         // The room goes on from there, and the stale writer is fenced off.
-        let next = RoomAppend {
-            room: "crash".into(),
-            expected_last_seq: 8,
-            messages: messages("crash", 9, 9),
-        };
+        let next = RoomAppend { room: "crash".into(), expected_last_seq: 8, messages: messages("crash", 9, 9) };
         survivor.append(next).await.unwrap();
-        let stale = RoomAppend {
-            room: "crash".into(),
-            expected_last_seq: 5,
-            messages: messages("crash", 6, 6),
-        };
+        let stale = RoomAppend { room: "crash".into(), expected_last_seq: 5, messages: messages("crash", 6, 6) };
         let rejected = dead_writer.append(stale).await;
-        assert!(
-            matches!(rejected, Err(StoreError::Conflict { actual: 9, .. })),
-            "{rejected:?}"
-        );
+        assert!(matches!(rejected, Err(StoreError::Conflict { actual: 9, .. })), "{rejected:?}");
     })
     .await;
 }
@@ -63,18 +45,11 @@ async fn last_seq_completes_an_interrupted_append() {
 async fn page_completes_an_interrupted_append() {
     crate::with_cassandra("interrupted_page", async |dead_writer, reader| {
         let lost = messages("crash", 1, 3);
-        let append = RoomAppend {
-            room: "crash".into(),
-            expected_last_seq: 0,
-            messages: lost.clone(),
-        };
+        let append = RoomAppend { room: "crash".into(), expected_last_seq: 0, messages: lost.clone() };
         dead_writer.claim_only(append).await.unwrap();
         let page = reader.page("crash", PageQuery::newest(50)).await.unwrap();
         assert_eq!(page.messages, lost);
-        assert_eq!(
-            reader.get_by_id(lost[2].id).await.unwrap().as_ref(),
-            Some(&lost[2])
-        );
+        assert_eq!(reader.get_by_id(lost[2].id).await.unwrap().as_ref(), Some(&lost[2]));
     })
     .await;
 }
@@ -84,11 +59,8 @@ async fn page_completes_an_interrupted_append() {
 async fn reconnect_keeps_history() {
     crate::with_cassandra("reconnect", async |store, _| {
         fill(store, "kept", 0, 3, 3).await;
-        let config = CqlConfig {
-            nodes: vec![crate::cql_node()],
-            keyspace: store.keyspace().into(),
-            ..CqlConfig::default()
-        };
+        let config =
+            CqlConfig { nodes: vec![crate::cql_node()], keyspace: store.keyspace().into(), ..CqlConfig::default() };
         let again = crate::connect(config).await;
         assert_eq!(again.last_seq("kept").await.unwrap(), 3);
         again.ping().await.unwrap();
@@ -104,9 +76,7 @@ async fn unreachable_node_is_unavailable() {
         connect_timeout: Duration::from_secs(2),
         ..CqlConfig::default()
     };
-    let result = tokio::time::timeout(Duration::from_secs(30), CqlStore::connect(config))
-        .await
-        .unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(30), CqlStore::connect(config)).await.unwrap();
     match result {
         Err(StoreError::Unavailable(message)) => {
             assert!(message.contains("127.0.0.1:1"), "{message}")
@@ -119,12 +89,6 @@ async fn unreachable_node_is_unavailable() {
 /// Bad names never reach CQL text.
 #[tokio::test]
 async fn invalid_keyspace_is_refused() {
-    let config = CqlConfig {
-        keyspace: "chat; DROP KEYSPACE system".into(),
-        ..CqlConfig::default()
-    };
-    assert!(matches!(
-        CqlStore::connect(config).await,
-        Err(StoreError::Unavailable(_))
-    ));
+    let config = CqlConfig { keyspace: "chat; DROP KEYSPACE system".into(), ..CqlConfig::default() };
+    assert!(matches!(CqlStore::connect(config).await, Err(StoreError::Unavailable(_))));
 }

@@ -26,19 +26,11 @@ pub fn cql_node() -> String {
 /// A config for a fresh keyspace, unique per test and run.
 pub fn fresh_config(case: &str) -> CqlConfig {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let stamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-        % 1_000_000_000;
+    let stamp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() % 1_000_000_000;
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let mut keyspace = format!("t{stamp}_{}_{n}_{case}", std::process::id());
     keyspace.truncate(48);
-    CqlConfig {
-        nodes: vec![cql_node()],
-        keyspace,
-        ..CqlConfig::default()
-    }
+    CqlConfig { nodes: vec![cql_node()], keyspace, ..CqlConfig::default() }
 }
 
 /// Connects, or fails the test saying how to start Cassandra.
@@ -98,10 +90,7 @@ macro_rules! both_backends {
 
             #[tokio::test]
             async fn cassandra() {
-                crate::with_cassandra(stringify!($case), async |store, _| {
-                    crate::cases::$case(store).await
-                })
-                .await;
+                crate::with_cassandra(stringify!($case), async |store, _| crate::cases::$case(store).await).await;
             }
         }
     };
@@ -115,10 +104,8 @@ macro_rules! both_backends {
 
             #[tokio::test]
             async fn cassandra() {
-                crate::with_cassandra(stringify!($case), async |store, other| {
-                    crate::cases::$case(store, other).await
-                })
-                .await;
+                crate::with_cassandra(stringify!($case), async |store, other| crate::cases::$case(store, other).await)
+                    .await;
             }
         }
     };
