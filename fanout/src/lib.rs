@@ -7,6 +7,8 @@
 //! concurrently, and a store that groups commits (the embedded one does) turns them into one
 //! durable write.
 
+mod config;
 mod sequencer;
 
-pub use sequencer::{Fanout, FanoutConfig};
+pub use config::FanoutConfig;
+pub use sequencer::Fanout;
