@@ -7,9 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use bus::nats::{NatsBus, NatsConfig};
 use fanout::{Fanout, FanoutConfig};
+use faults::FaultLayer;
 use gateway::{GatewayConfig, GatewayDeps};
 use storage::cql::{CqlConfig, CqlStore, Replication};
-use telemetry::faults::Faults;
 use telemetry::journal::Journal;
 use telemetry::metrics::Metrics;
 use tokio::net::TcpListener;
@@ -91,7 +91,15 @@ pub async fn gateway(
     let store = connect_store(&backends).await?;
     let journal = Arc::new(Journal::new(config.gateway_id.clone(), journal_capacity));
     bus.serve_journal(journal.clone()).await.context("serving journeys")?;
-    let deps = GatewayDeps { bus, store, metrics, journal, faults: Arc::new(Faults::default()) };
+    let faults = FaultLayer::new(config.admin_token.clone(), metrics.clone(), journal.clone());
+    let deps = GatewayDeps {
+        bus: faults.gateway_bus(bus),
+        store,
+        metrics,
+        journal,
+        delivery_hook: faults.delivery_hook(),
+        routes: faults.routes(),
+    };
     gateway::run(listener, config, deps, shutdown).await.context("serving HTTP")
 }
 
@@ -110,17 +118,17 @@ pub async fn fanout(
     let store = connect_store(&backends).await?;
     let journal = Arc::new(Journal::new(worker_id.clone(), journal_capacity));
     bus.serve_journal(journal.clone()).await.context("serving journeys")?;
-    let faults = Arc::new(Faults::default());
+    let faults = FaultLayer::new(admin_token, metrics.clone(), journal.clone());
     let worker = Fanout::new(
         store.clone(),
-        bus.clone(),
+        faults.fanout_bus(bus.clone()),
         journal.clone(),
         metrics.clone(),
-        faults.clone(),
         FanoutConfig::default(),
-    );
+    )
+    .with_clock(faults.clock());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let ops = crate::ops::serve(listener, crate::ops::Ops { bus, store, metrics, journal, faults, admin_token }, {
+    let ops = crate::ops::serve(listener, crate::ops::Ops { bus, store, metrics, journal }, faults.routes(), {
         let mut stop = stop_rx.clone();
         async move {
             let _ = stop.wait_for(|s| *s).await;

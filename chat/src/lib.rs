@@ -12,9 +12,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use bus::local::LocalBus;
 use fanout::{Fanout, FanoutConfig};
+use faults::FaultLayer;
 use gateway::{GatewayConfig, GatewayDeps};
 use storage::embedded::EmbeddedStore;
-use telemetry::faults::Faults;
 use telemetry::journal::Journal;
 use telemetry::metrics::Metrics;
 use tokio::net::TcpListener;
@@ -37,20 +37,27 @@ pub async fn all_in_one(
     let bus = Arc::new(LocalBus::new());
     let metrics = Metrics::new();
     let journal = Arc::new(Journal::new(config.gateway_id.clone(), journal_capacity));
-    let faults = Arc::new(Faults::default());
+    let faults = FaultLayer::new(config.admin_token.clone(), metrics.clone(), journal.clone());
     let worker = Fanout::new(
         store.clone(),
-        bus.clone(),
+        faults.fanout_bus(bus.clone()),
         journal.clone(),
         metrics.clone(),
-        faults.clone(),
         FanoutConfig::default(),
-    );
+    )
+    .with_clock(faults.clock());
     let (stop_fanout, fanout_stopped) = tokio::sync::oneshot::channel::<()>();
     let fanout_task = tokio::spawn(worker.run(async move {
         let _ = fanout_stopped.await;
     }));
-    let deps = GatewayDeps { bus, store, metrics, journal, faults };
+    let deps = GatewayDeps {
+        bus: faults.gateway_bus(bus),
+        store,
+        metrics,
+        journal,
+        delivery_hook: faults.delivery_hook(),
+        routes: faults.routes(),
+    };
     let served = gateway::run(listener, config, deps, shutdown).await;
     let _ = stop_fanout.send(());
     fanout_task.await.context("fanout worker panicked")?;

@@ -10,7 +10,6 @@ use axum::routing::get;
 use axum::{Json, Router};
 use bus::GatewayBus;
 use storage::HistoryStore;
-use telemetry::faults::Faults;
 use telemetry::journal::Journal;
 use telemetry::metrics::Metrics;
 use tokio::net::TcpListener;
@@ -26,16 +25,13 @@ pub struct Ops {
     pub metrics: Metrics,
     /// Journeys to expose.
     pub journal: Arc<Journal>,
-    /// Faults injected in this worker (through `/admin/faults`).
-    pub faults: Arc<Faults>,
-    /// Token of the admin API; off when `None`.
-    pub admin_token: Option<String>,
 }
 
-/// Serves until `shutdown`.
+/// Serves the ops endpoints and `admin_routes` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     ops: Ops,
+    admin_routes: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let router = Router::new()
@@ -43,8 +39,8 @@ pub async fn serve(
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .route("/debug/messages/{id}", get(journey))
-        .merge(gateway::admin::router(ops.faults.clone(), ops.admin_token.clone()))
-        .with_state(ops);
+        .with_state(ops)
+        .merge(admin_routes);
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
 

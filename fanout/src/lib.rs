@@ -7,8 +7,10 @@
 //! concurrently, and a store that groups commits (the embedded one does) turns them into one
 //! durable write.
 
+mod clock;
 mod config;
 mod sequencer;
 
+pub use clock::{Clock, SystemClock};
 pub use config::FanoutConfig;
 pub use sequencer::Fanout;

@@ -9,13 +9,13 @@ use futures_util::future::join_all;
 use protocol::bus::{SendCommand, SendOutcome};
 use protocol::{names, ChatMessage};
 use storage::{HistoryStore, RoomAppend, StoreError};
-use telemetry::faults::{FaultAction, Faults};
 use telemetry::journal::Journal;
 use telemetry::logging::HOP_TARGET;
 use telemetry::metrics::Metrics;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::clock::{Clock, SystemClock};
 use crate::config::FanoutConfig;
 
 /// A fanout worker.
@@ -24,7 +24,7 @@ pub struct Fanout {
     bus: Arc<dyn FanoutBus>,
     journal: Arc<Journal>,
     metrics: Metrics,
-    faults: Arc<Faults>,
+    clock: Arc<dyn Clock>,
     config: FanoutConfig,
 }
 
@@ -47,10 +47,15 @@ impl Fanout {
         bus: Arc<dyn FanoutBus>,
         journal: Arc<Journal>,
         metrics: Metrics,
-        faults: Arc<Faults>,
         config: FanoutConfig,
     ) -> Self {
-        Self { store, bus, journal, metrics, faults, config }
+        Self { store, bus, journal, metrics, clock: Arc::new(SystemClock), config }
+    }
+
+    /// The same worker stamping `ts` from `clock`.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Sequences sends until the bus closes or `shutdown` resolves. A batch in progress is
@@ -94,7 +99,6 @@ impl Fanout {
             let results = join_all(rooms.into_iter().map(|(room, sends)| {
                 let cached = last_seqs.get(&room).copied();
                 async move {
-                    this.injected_stall(&room, &sends).await;
                     let last = this.sequence_room(&room, cached, sends).await;
                     (room, last)
                 }
@@ -108,21 +112,6 @@ impl Fanout {
             }
         }
         tracing::info!("fanout worker stopped");
-    }
-
-    /// The `fanout.sequence` fault: the worker holds one room's sends before sequencing them.
-    /// The bus redelivers them elsewhere after its ack deadline and the store's dedupe settles
-    /// who stored what; the rest of the batch waits too, since a worker finishes a batch
-    /// before taking the next.
-    async fn injected_stall(&self, room: &str, sends: &[PendingSend]) {
-        let Some(fault) = self.faults.decide("fanout.sequence", room) else { return };
-        self.metrics.fault("fanout.sequence", fault.action.name());
-        tracing::warn!(room, action = ?fault.action, millis = fault.millis(), sends = sends.len(), "injected fault: worker holds a room's sends");
-        for pending in sends {
-            let trace_id = telemetry::trace::trace_id_of(&pending.command.traceparent);
-            self.journal.record_send(&pending.command.dedupe_key(), &trace_id, "fault.injected", serde_json::json!({"hop": "fanout.sequence", "action": fault.action, "millis": fault.millis(), "worker": self.journal.process()}));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(fault.millis().max(0) as u64)).await;
     }
 
     /// Sequences, stores, delivers and answers one room's sends. Returns the room's last seq
@@ -245,19 +234,13 @@ impl Fanout {
             }
             in_batch.insert((command.user.as_str(), command.client_msg_id.as_str()), i);
             let id = Uuid::now_v7();
-            let skew = self.faults.decide("fanout.clock", room).map_or(0, |fault| {
-                self.metrics.fault("fanout.clock", fault.action.name());
-                let trace_id = telemetry::trace::trace_id_of(&command.traceparent);
-                self.journal.record(id, &trace_id, "fault.injected", serde_json::json!({"hop": "fanout.clock", "action": fault.action, "skew_ms": fault.millis(), "worker": self.journal.process()}));
-                fault.millis()
-            });
             decisions.push(Decision::New(ChatMessage {
                 room: room.to_owned(),
                 seq: next_seq,
                 id,
                 user: command.user.clone(),
                 body: command.body.clone(),
-                ts: protocol::now_ms() + skew,
+                ts: self.clock.stamp_ms(room),
                 client_msg_id: command.client_msg_id.clone(),
                 trace_id: telemetry::trace::trace_id_of(&command.traceparent),
             }));
@@ -351,30 +334,9 @@ impl Fanout {
         }
     }
 
-    /// Publishes a stored message to the gateways, applying faults injected at `fanout.publish`.
+    /// Publishes a stored message to the gateways.
     async fn publish(&self, message: &Arc<ChatMessage>, traceparent: &str) -> Result<(), BusError> {
-        let Some(fault) = self.faults.decide("fanout.publish", &message.room) else {
-            return self.bus.deliver(message.clone(), traceparent).await;
-        };
-        self.metrics.fault("fanout.publish", fault.action.name());
-        self.journal.record(
-            message.id,
-            &message.trace_id,
-            "fault.injected",
-            serde_json::json!({"hop": "fanout.publish", "action": fault.action, "worker": self.journal.process()}),
-        );
-        match fault.action {
-            FaultAction::Drop => Ok(()),
-            FaultAction::Duplicate => {
-                self.bus.deliver(message.clone(), traceparent).await?;
-                self.bus.deliver(message.clone(), traceparent).await
-            }
-            FaultAction::Delay => {
-                tokio::time::sleep(std::time::Duration::from_millis(fault.millis().max(0) as u64)).await;
-                self.bus.deliver(message.clone(), traceparent).await
-            }
-            _ => self.bus.deliver(message.clone(), traceparent).await,
-        }
+        self.bus.deliver(message.clone(), traceparent).await
     }
 
     async fn timed<T>(

@@ -25,10 +25,10 @@ use storage::PageQuery;
 use uuid::Uuid;
 
 use crate::auth::Identity;
+use crate::hook::ConnectionWrites;
 use crate::outbox::{Delivery, Outbound, Outbox};
 use crate::rooms::Hub;
 use crate::state::AppState;
-use telemetry::faults::FaultAction;
 
 /// Close code for a connection whose outbound queue stayed full.
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
@@ -75,8 +75,8 @@ struct Connection {
     outbox: Arc<Outbox>,
     limiter: DefaultDirectRateLimiter,
     sink: SplitSink<WebSocket, Message>,
-    /// Held back by a reorder fault, per room.
-    held: HashMap<String, Arc<Delivery>>,
+    /// The delivery hook's interceptor for this connection (none in the product).
+    hooked_writes: Option<Box<dyn ConnectionWrites>>,
     deliveries: u64,
 }
 
@@ -88,16 +88,17 @@ pub async fn serve(socket: WebSocket, app: Arc<AppState>, query_token: Option<St
     let rate = NonZeroU32::new(limits.send_rate_per_sec).unwrap_or(NonZeroU32::MIN);
     let burst = NonZeroU32::new(limits.send_burst).unwrap_or(rate);
     let (sink, stream) = socket.split();
+    let session = Uuid::now_v7();
     let mut connection = Connection {
         id,
-        session: Uuid::now_v7(),
+        session,
         identity: None,
         query_token,
         rooms: HashMap::new(),
         outbox,
         limiter: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
         sink,
-        held: HashMap::new(),
+        hooked_writes: app.delivery_hook.as_ref().map(|hook| hook.connection(session)),
         deliveries: 0,
         app: app.clone(),
     };
@@ -355,7 +356,6 @@ impl Connection {
     /// left) is answered `left` too, as the contract's table says, since the outcome holds.
     async fn on_leave(&mut self, room: String, req: Option<Req>) -> Result<(), End> {
         if let Some(joined) = self.rooms.remove(&room) {
-            self.held.remove(&room);
             self.app.rooms.leave(&joined.hub, self.id).await;
         }
         self.write_frame(ServerFrame::Left { room, req }).await
@@ -408,23 +408,6 @@ impl Connection {
             "gateway.receive",
             serde_json::json!({"gateway": self.app.config.gateway_id, "session": self.session}),
         );
-        if let Some(fault) = self.app.faults.decide("gateway.nats", &command.room) {
-            self.app.metrics.fault("gateway.nats", fault.action.name());
-            self.app.journal.record_send(
-                &command.dedupe_key(),
-                &trace_id,
-                "fault.injected",
-                serde_json::json!({"hop": "gateway.nats", "action": fault.action}),
-            );
-            self.app.metrics.sends.with_label_values(&["unavailable"]).inc();
-            return self
-                .error(
-                    ErrorCode::Unavailable,
-                    "the message was not accepted (the bus is unreachable); retry with the same client_msg_id",
-                    req,
-                )
-                .await;
-        }
         let bus = self.app.bus.clone();
         let started = Instant::now();
         // Workers refuse a send past its deadline; waiting a little longer than that means a
@@ -565,7 +548,7 @@ impl Connection {
                 if seq <= cursor {
                     return Ok(());
                 }
-                if seq > cursor + 1 && self.app.config.gap_repair && !self.app.faults.is_set("gateway.gap_repair") {
+                if seq > cursor + 1 && self.app.repairs_gaps() {
                     self.replay(&room.clone(), cursor, seq - 1).await?;
                 }
                 self.deliver(delivery).await
@@ -573,47 +556,18 @@ impl Connection {
         }
     }
 
-    /// Writes a live message, applying any fault injected at `gateway.deliver`.
+    /// Writes a live message (through the delivery hook's interceptor, when there is one).
     async fn deliver(&mut self, delivery: Arc<Delivery>) -> Result<(), End> {
-        let message = &delivery.message;
-        if let Some(joined) = self.rooms.get_mut(&message.room) {
-            joined.cursor = message.seq;
+        if let Some(joined) = self.rooms.get_mut(&delivery.message.room) {
+            joined.cursor = delivery.message.seq;
         }
-        let Some(fault) = self.app.faults.decide("gateway.deliver", &message.room) else {
-            self.write_message(&delivery).await?;
-            if let Some(held) = self.held.remove(&message.room) {
-                self.write_message(&held).await?;
-            }
-            return Ok(());
+        let Some(hooked) = self.hooked_writes.as_mut() else {
+            return self.write_message(&delivery).await;
         };
-        self.app.metrics.fault("gateway.deliver", fault.action.name());
-        self.app.journal.record(message.id, &message.trace_id, "fault.injected", serde_json::json!({
-            "hop": "gateway.deliver", "action": fault.action, "gateway": self.app.config.gateway_id, "session": self.session,
-        }));
-        match fault.action {
-            FaultAction::Drop => Ok(()),
-            FaultAction::Duplicate => {
-                self.write_message(&delivery).await?;
-                self.write_message(&delivery).await
-            }
-            FaultAction::Reorder => {
-                if let Some(earlier) = self.held.insert(message.room.clone(), delivery) {
-                    self.write_message(&earlier).await?;
-                }
-                Ok(())
-            }
-            FaultAction::Delay => {
-                tokio::time::sleep(std::time::Duration::from_millis(fault.millis().max(0) as u64)).await;
-                self.write_message(&delivery).await
-            }
-            FaultAction::Rewrite => {
-                let mut lie = (**message).clone();
-                lie.body = format!("{} (edited in transit)", lie.body);
-                self.write_message(&Delivery::new(Arc::new(lie))).await
-            }
-            // Not offered at this hop (refused when the fault is added).
-            _ => self.write_message(&delivery).await,
+        for write in hooked.writes(delivery).await {
+            self.write_message(&write).await?;
         }
+        Ok(())
     }
 
     async fn write_message(&mut self, delivery: &Delivery) -> Result<(), End> {

@@ -1,4 +1,4 @@
-//! HTTP routes: the WebSocket upgrade, history, health, metrics, message journeys, faults and
+//! HTTP routes: the WebSocket upgrade, history, health, metrics, message journeys and
 //! the browser app.
 
 use std::sync::Arc;
@@ -27,7 +27,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/debug/messages/{id}", get(journey))
         .fallback(crate::web::serve)
-        .merge(crate::admin::router(state.faults.clone(), state.config.admin_token.clone()))
         .with_state(state)
 }
 
@@ -135,9 +134,6 @@ async fn room_messages(
 async fn ready(State(app): State<Arc<AppState>>) -> Response {
     if app.is_draining() {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
-    }
-    if app.faults.is_set("gateway.nats") {
-        return (StatusCode::SERVICE_UNAVAILABLE, "bus: cut off by an injected fault\n").into_response();
     }
     let (bus, store) = tokio::join!(app.bus.ready(), app.history.ping());
     match (bus, store) {

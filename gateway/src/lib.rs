@@ -6,11 +6,11 @@
 //! The caller binds the listener and owns shutdown: [`run`] serves until `shutdown` resolves,
 //! then drains (every connection gets `reconnect` and close 1012) within the grace period.
 
-pub mod admin;
 pub mod auth;
 pub mod config;
 mod connection;
 pub mod history;
+pub mod hook;
 mod http;
 pub mod outbox;
 pub mod rooms;
@@ -22,7 +22,6 @@ use std::sync::Arc;
 use axum::serve::ListenerExt;
 use bus::GatewayBus;
 use storage::HistoryStore;
-use telemetry::faults::Faults;
 use telemetry::journal::Journal;
 use telemetry::metrics::Metrics;
 use tokio::net::TcpListener;
@@ -41,8 +40,10 @@ pub struct GatewayDeps {
     pub metrics: Metrics,
     /// Journey recorder shared with the rest of the process.
     pub journal: Arc<Journal>,
-    /// Faults injected in this process.
-    pub faults: Arc<Faults>,
+    /// Intercepts deliveries (exercises and the debugging lab); `None` in the product.
+    pub delivery_hook: Option<Arc<dyn hook::DeliveryHook>>,
+    /// More routes served beside the gateway's own (an admin API, say).
+    pub routes: axum::Router,
 }
 
 /// Serves HTTP and WebSockets on `listener` until `shutdown` resolves, then drains.
@@ -55,14 +56,13 @@ pub async fn run(
     let (drain_tx, drain_rx) = watch::channel(false);
     let (alive, mut all_closed) = mpsc::channel::<()>(1);
     let history = history::HistoryReader::new(deps.store, deps.metrics.clone());
-    let faults = deps.faults;
     let rooms = rooms::Rooms::new(
         &config,
         deps.bus.clone(),
         history.clone(),
         deps.metrics.clone(),
         deps.journal.clone(),
-        faults.clone(),
+        deps.delivery_hook.clone(),
     );
     let grace = config.drain_grace;
     let state = Arc::new(state::AppState::new(
@@ -72,11 +72,11 @@ pub async fn run(
         rooms,
         deps.metrics,
         deps.journal,
-        faults,
+        deps.delivery_hook,
         drain_rx,
         alive,
     ));
-    let app = http::router(state.clone());
+    let app = http::router(state.clone()).merge(deps.routes);
     let address = listener.local_addr()?;
     tracing::info!(%address, gateway = %state.config.gateway_id, "gateway listening");
     // Chat frames are small and latency-bound: without TCP_NODELAY, Nagle's algorithm holds a

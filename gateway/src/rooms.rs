@@ -24,8 +24,8 @@ use tokio::sync::{Notify, OnceCell};
 
 use crate::config::GatewayConfig;
 use crate::history::HistoryReader;
+use crate::hook::DeliveryHook;
 use crate::outbox::{Delivery, Offer, Outbound, Outbox};
-use telemetry::faults::{FaultAction, Faults};
 
 /// Messages each hub keeps in memory for replays and gap fills.
 const RECENT: usize = 512;
@@ -196,7 +196,7 @@ pub struct Rooms {
     history: HistoryReader,
     metrics: Metrics,
     journal: Arc<Journal>,
-    faults: Arc<Faults>,
+    hook: Option<Arc<dyn DeliveryHook>>,
     gap_repair: bool,
     roster_interval: Duration,
     roster_wait: Duration,
@@ -211,7 +211,7 @@ impl Rooms {
         history: HistoryReader,
         metrics: Metrics,
         journal: Arc<Journal>,
-        faults: Arc<Faults>,
+        hook: Option<Arc<dyn DeliveryHook>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             gateway_id: config.gateway_id.clone(),
@@ -219,7 +219,7 @@ impl Rooms {
             history,
             metrics,
             journal,
-            faults,
+            hook,
             gap_repair: config.gap_repair,
             roster_interval: config.roster_interval,
             roster_wait: ROSTER_WAIT,
@@ -411,20 +411,6 @@ impl Rooms {
     }
 
     async fn on_message(&self, hub: &Hub, message: Arc<ChatMessage>, traceparent: Option<&str>) {
-        for hop in ["gateway.nats", "gateway.feed"] {
-            let Some(fault) = self.faults.decide(hop, &message.room) else { continue };
-            self.metrics.fault(hop, fault.action.name());
-            self.journal.record(
-                message.id,
-                &message.trace_id,
-                "fault.injected",
-                serde_json::json!({"hop": hop, "action": fault.action, "gateway": self.gateway_id}),
-            );
-            match fault.action {
-                FaultAction::Delay => tokio::time::sleep(Duration::from_millis(fault.millis().max(0) as u64)).await,
-                _ => return,
-            }
-        }
         let last = hub.last_seq();
         if message.seq <= last {
             self.metrics.drops.with_label_values(&["feed_duplicate"]).inc();
@@ -447,9 +433,9 @@ impl Rooms {
         self.forward(hub, message, trace);
     }
 
-    /// Whether gaps are repaired now (configured, and not switched off by a fault).
+    /// Whether gaps are repaired now (configured, and not switched off by the delivery hook).
     fn gap_repair_on(&self) -> bool {
-        self.gap_repair && !self.faults.is_set("gateway.gap_repair")
+        self.gap_repair && self.hook.as_ref().is_none_or(|hook| hook.repairs_gaps())
     }
 
     /// After a quiet second, makes sure the bus did not lose the last message of a burst.
@@ -540,9 +526,6 @@ impl Rooms {
         if skipped + kicked > 0 {
             detail["deferred_queue_full"] = serde_json::json!(skipped + kicked);
             detail["kicked_slow_consumer"] = serde_json::json!(kicked);
-        }
-        if self.faults.is_active() {
-            detail["faults_active"] = serde_json::json!(true);
         }
         self.journal.record(message.id, &message.trace_id, "gateway.fanout", detail);
     }

@@ -11,8 +11,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use crate::auth::Verifier;
 use crate::config::GatewayConfig;
 use crate::history::HistoryReader;
+use crate::hook::DeliveryHook;
 use crate::rooms::Rooms;
-use telemetry::faults::Faults;
 
 /// Shared state of one gateway.
 pub struct AppState {
@@ -28,8 +28,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Journey recorder.
     pub journal: Arc<Journal>,
-    /// Injected faults.
-    pub faults: Arc<Faults>,
+    /// Intercepts deliveries (exercises and the debugging lab); `None` in the product.
+    pub delivery_hook: Option<Arc<dyn DeliveryHook>>,
     /// Token verifier when auth is on.
     pub verifier: Option<Verifier>,
     /// Permits for open connections.
@@ -49,7 +49,7 @@ impl AppState {
         rooms: Arc<Rooms>,
         metrics: Metrics,
         journal: Arc<Journal>,
-        faults: Arc<Faults>,
+        delivery_hook: Option<Arc<dyn DeliveryHook>>,
         draining: watch::Receiver<bool>,
         alive: mpsc::Sender<()>,
     ) -> Self {
@@ -62,7 +62,7 @@ impl AppState {
             rooms,
             metrics,
             journal,
-            faults,
+            delivery_hook,
             verifier,
             connection_permits,
             draining,
@@ -79,6 +79,12 @@ impl AppState {
     /// Becomes `true` when the gateway starts draining.
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.draining.clone()
+    }
+
+    /// Whether gaps in room feeds are repaired now (configured, and not switched off by the
+    /// delivery hook).
+    pub fn repairs_gaps(&self) -> bool {
+        self.config.gap_repair && self.delivery_hook.as_ref().is_none_or(|hook| hook.repairs_gaps())
     }
 
     /// Whether the gateway is draining.

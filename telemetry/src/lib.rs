@@ -5,7 +5,6 @@
 //! - [`metrics`]: the Prometheus metric catalogue (docs/metrics.md);
 //! - [`logging`]: tracing subscriber setup (text or JSON logs).
 
-pub mod faults;
 pub mod journal;
 pub mod logging;
 pub mod metrics;

@@ -1,19 +1,25 @@
-//! The admin API: fault injection at `/admin/faults`, off unless an admin token is configured;
-//! requests need `Authorization: Bearer <token>` (anything else: 401). Gateways and fanout
-//! workers both serve it.
+//! The admin API over a process's faults, off unless an admin token is configured; requests
+//! need `Authorization: Bearer <token>` (anything else: 401). Gateways and fanout workers both
+//! serve it.
+//!
+//! - `GET /admin/faults`: the faults in force (sealed ones are not listed);
+//! - `POST /admin/faults` with a [`FaultSpec`]: adds one, answers `201 {"id": N}`;
+//! - `DELETE /admin/faults/{id}`: removes one (sealed or not);
+//! - `DELETE /admin/faults`: removes every fault not sealed (`?include_sealed=true`: all).
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
 use protocol::ErrorCode;
+use serde::Deserialize;
 use serde_json::json;
-use telemetry::faults::{FaultSpec, Faults};
 
-use crate::http::error;
+use crate::registry::{FaultSpec, Faults};
 
 #[derive(Clone)]
 struct Admin {
@@ -21,12 +27,16 @@ struct Admin {
     token: Option<String>,
 }
 
-/// `GET/POST/DELETE /admin/faults` and `DELETE /admin/faults/{id}` over `faults`.
+/// The `/admin/faults` routes over `faults`, guarded by `token` (off when `None`).
 pub fn router<S: Clone + Send + Sync + 'static>(faults: Arc<Faults>, token: Option<String>) -> Router<S> {
     Router::new()
         .route("/admin/faults", get(list_faults).post(add_fault).delete(clear_faults))
         .route("/admin/faults/{id}", delete(remove_fault))
         .with_state(Admin { faults, token })
+}
+
+fn error(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({"error": {"code": code, "message": message.into()}}))).into_response()
 }
 
 /// The refusal for a request without the admin token, or `None` when it may proceed.
@@ -55,7 +65,7 @@ async fn list_faults(State(admin): State<Admin>, headers: HeaderMap) -> Response
 async fn add_fault(
     State(admin): State<Admin>,
     headers: HeaderMap,
-    spec: Result<Json<FaultSpec>, axum::extract::rejection::JsonRejection>,
+    spec: Result<Json<FaultSpec>, JsonRejection>,
 ) -> Response {
     if let Some(refusal) = denied(&admin, &headers) {
         return refusal;
@@ -66,7 +76,9 @@ async fn add_fault(
     };
     match admin.faults.add(spec.clone()) {
         Ok(id) => {
-            tracing::warn!(id, hop = %spec.hop, action = ?spec.action, "fault injected");
+            if !spec.sealed {
+                tracing::warn!(id, hop = %spec.hop, action = spec.action.name(), "fault injected");
+            }
             (StatusCode::CREATED, Json(json!({"id": id}))).into_response()
         }
         Err(e) => error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.to_string()),
@@ -77,15 +89,29 @@ async fn remove_fault(State(admin): State<Admin>, headers: HeaderMap, Path(id): 
     if let Some(refusal) = denied(&admin, &headers) {
         return refusal;
     }
-    match admin.faults.remove(Some(id)) {
-        0 => error(StatusCode::NOT_FOUND, ErrorCode::BadRequest, "no such fault"),
-        _ => StatusCode::NO_CONTENT.into_response(),
+    if admin.faults.remove(id) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        error(StatusCode::NOT_FOUND, ErrorCode::BadRequest, "no such fault")
     }
 }
 
-async fn clear_faults(State(admin): State<Admin>, headers: HeaderMap) -> Response {
+#[derive(Deserialize)]
+struct ClearParams {
+    #[serde(default)]
+    include_sealed: bool,
+}
+
+async fn clear_faults(
+    State(admin): State<Admin>,
+    headers: HeaderMap,
+    params: Result<Query<ClearParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
     if let Some(refusal) = denied(&admin, &headers) {
         return refusal;
     }
-    Json(json!({"removed": admin.faults.remove(None)})).into_response()
+    let Ok(Query(params)) = params else {
+        return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, "include_sealed must be true or false");
+    };
+    Json(json!({"removed": admin.faults.clear(params.include_sealed)})).into_response()
 }

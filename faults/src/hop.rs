@@ -1,0 +1,143 @@
+//! The hops where a fault can be injected, and what each can do.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// What a fault does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultAction {
+    /// The event never happens (a delivery or a publish is lost).
+    Drop,
+    /// The event happens twice.
+    Duplicate,
+    /// The message is held back and written after the room's next message.
+    Reorder,
+    /// The event waits `delay_ms` first.
+    Delay,
+    /// The body is altered before it is written (a lying gateway).
+    Rewrite,
+    /// A worker holds a room's sends for `delay_ms` before sequencing them.
+    Stall,
+    /// The process acts as if cut off from the bus.
+    Cut,
+    /// A safety mechanism (gap repair) is switched off.
+    Disable,
+    /// A worker's clock runs `delay_ms` off.
+    Skew,
+}
+
+impl FaultAction {
+    /// The action's name, as in the API and the `action` metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Drop => "drop",
+            Self::Duplicate => "duplicate",
+            Self::Reorder => "reorder",
+            Self::Delay => "delay",
+            Self::Rewrite => "rewrite",
+            Self::Stall => "stall",
+            Self::Cut => "cut",
+            Self::Disable => "disable",
+            Self::Skew => "skew",
+        }
+    }
+}
+
+/// A place in the message path where faults are injected.
+///
+/// | hop | actions | where |
+/// |---|---|---|
+/// | `gateway.deliver` | drop, duplicate, reorder, delay, rewrite | a gateway writing a message to one connection |
+/// | `gateway.feed` | drop, delay | a gateway receiving a room's message from the bus |
+/// | `gateway.gap_repair` | disable | a gateway's gap repair (hub and connections) |
+/// | `gateway.nats` | cut | a gateway's whole bus connection: sends `unavailable`, feeds dropped, not ready |
+/// | `fanout.publish` | drop, duplicate, delay | a worker publishing a stored message to gateways |
+/// | `fanout.sequence` | stall, delay | a worker before sequencing a room's sends (the rest of its batch waits too) |
+/// | `fanout.clock` | skew | a worker stamping `ts` (`delay_ms` ahead; negative: behind) |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Hop {
+    /// A gateway writing a message to one connection.
+    #[serde(rename = "gateway.deliver")]
+    GatewayDeliver,
+    /// A gateway receiving a room's message from the bus.
+    #[serde(rename = "gateway.feed")]
+    GatewayFeed,
+    /// A gateway's gap repair.
+    #[serde(rename = "gateway.gap_repair")]
+    GatewayGapRepair,
+    /// A gateway's whole bus connection.
+    #[serde(rename = "gateway.nats")]
+    GatewayNats,
+    /// A worker publishing a stored message.
+    #[serde(rename = "fanout.publish")]
+    FanoutPublish,
+    /// A worker about to sequence a room's sends.
+    #[serde(rename = "fanout.sequence")]
+    FanoutSequence,
+    /// A worker's clock stamping `ts`.
+    #[serde(rename = "fanout.clock")]
+    FanoutClock,
+}
+
+impl Hop {
+    /// Every hop.
+    pub const ALL: [Hop; 7] = [
+        Hop::GatewayDeliver,
+        Hop::GatewayFeed,
+        Hop::GatewayGapRepair,
+        Hop::GatewayNats,
+        Hop::FanoutPublish,
+        Hop::FanoutSequence,
+        Hop::FanoutClock,
+    ];
+
+    /// The hop's name, as in the API, journeys and the `hop` metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hop::GatewayDeliver => "gateway.deliver",
+            Hop::GatewayFeed => "gateway.feed",
+            Hop::GatewayGapRepair => "gateway.gap_repair",
+            Hop::GatewayNats => "gateway.nats",
+            Hop::FanoutPublish => "fanout.publish",
+            Hop::FanoutSequence => "fanout.sequence",
+            Hop::FanoutClock => "fanout.clock",
+        }
+    }
+
+    /// The actions a fault at this hop may take.
+    pub fn actions(self) -> &'static [FaultAction] {
+        use FaultAction::*;
+        match self {
+            Hop::GatewayDeliver => &[Drop, Duplicate, Reorder, Delay, Rewrite],
+            Hop::GatewayFeed => &[Drop, Delay],
+            Hop::GatewayGapRepair => &[Disable],
+            Hop::GatewayNats => &[Cut],
+            Hop::FanoutPublish => &[Drop, Duplicate, Delay],
+            Hop::FanoutSequence => &[Stall, Delay],
+            Hop::FanoutClock => &[Skew],
+        }
+    }
+}
+
+impl fmt::Display for Hop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_through_serde() {
+        for hop in Hop::ALL {
+            let json = serde_json::to_string(&hop).unwrap();
+            assert_eq!(json, format!("\"{}\"", hop.name()));
+            assert_eq!(serde_json::from_str::<Hop>(&json).unwrap(), hop);
+        }
+        assert!(serde_json::from_str::<Hop>("\"gateway.nowhere\"").is_err());
+    }
+}

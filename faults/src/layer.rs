@@ -1,0 +1,73 @@
+//! [`FaultLayer`]: what a process wires in to make faults injectable, in one place.
+
+use std::sync::Arc;
+
+use axum::Router;
+use bus::{FanoutBus, GatewayBus};
+use fanout::{Clock, SystemClock};
+use gateway::hook::DeliveryHook;
+use telemetry::journal::Journal;
+use telemetry::metrics::Metrics;
+
+use crate::bus::{FaultyFanoutBus, FaultyGatewayBus};
+use crate::clock::SkewedClock;
+use crate::deliver::FaultyDelivery;
+use crate::marks::Injector;
+use crate::registry::Faults;
+
+/// The fault layer of one process. With an admin token, its decorators wrap the bus, the
+/// clock and the gateway's deliveries, and its routes serve `/admin/faults`; without one,
+/// nothing is wrapped (the product runs untouched) and the routes answer 404.
+pub struct FaultLayer {
+    injector: Option<Injector>,
+    token: Option<String>,
+    faults: Arc<Faults>,
+}
+
+impl FaultLayer {
+    /// The layer of a process whose admin API is guarded by `admin_token` (off when `None`).
+    pub fn new(admin_token: Option<String>, metrics: Metrics, journal: Arc<Journal>) -> Self {
+        let faults = Arc::new(Faults::default());
+        let injector = admin_token.is_some().then(|| Injector::new(faults.clone(), metrics, journal));
+        Self { injector, token: admin_token, faults }
+    }
+
+    /// The faults in force (for a lab planting sealed faults in-process).
+    pub fn faults(&self) -> &Arc<Faults> {
+        &self.faults
+    }
+
+    /// A gateway's bus, wrapped when faults are on.
+    pub fn gateway_bus(&self, bus: Arc<dyn GatewayBus>) -> Arc<dyn GatewayBus> {
+        match &self.injector {
+            Some(injector) => Arc::new(FaultyGatewayBus::new(bus, injector.clone())),
+            None => bus,
+        }
+    }
+
+    /// A worker's bus, wrapped when faults are on.
+    pub fn fanout_bus(&self, bus: Arc<dyn FanoutBus>) -> Arc<dyn FanoutBus> {
+        match &self.injector {
+            Some(injector) => Arc::new(FaultyFanoutBus::new(bus, injector.clone())),
+            None => bus,
+        }
+    }
+
+    /// The clock a worker stamps `ts` with: the system's, skewable when faults are on.
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        match &self.injector {
+            Some(injector) => Arc::new(SkewedClock::new(Arc::new(SystemClock), injector.clone())),
+            None => Arc::new(SystemClock),
+        }
+    }
+
+    /// The gateway's delivery hook when faults are on.
+    pub fn delivery_hook(&self) -> Option<Arc<dyn DeliveryHook>> {
+        self.injector.as_ref().map(|injector| Arc::new(FaultyDelivery::new(injector.clone())) as Arc<dyn DeliveryHook>)
+    }
+
+    /// The `/admin/faults` routes.
+    pub fn routes<S: Clone + Send + Sync + 'static>(&self) -> Router<S> {
+        crate::admin::router(self.faults.clone(), self.token.clone())
+    }
+}
