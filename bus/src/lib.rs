@@ -15,16 +15,89 @@ use protocol::bus::{RoomEvent, SendCommand, SendOutcome};
 use protocol::ChatMessage;
 use tokio::sync::mpsc;
 
-/// Errors of the bus.
-#[derive(Debug, Clone, thiserror::Error)]
+/// What kind of failure a [`BusError`] is, for callers to branch on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum BusError {
+pub enum BusErrorKind {
     /// The bus (or the fanout behind it) cannot take the request now; nothing was accepted.
-    #[error("bus unavailable: {0}")]
-    Unavailable(String),
-    /// The send was rejected by the sequencer for a reason the client should see.
-    #[error("rejected: {0}")]
-    Rejected(String),
+    Unavailable,
+    /// The sequencer refused the send for a reason the client should see.
+    Rejected,
+    /// A value could not be encoded for the bus or decoded from it: a defect, not the client's.
+    Encoding,
+}
+
+impl std::fmt::Display for BusErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Unavailable => "bus unavailable",
+            Self::Rejected => "rejected",
+            Self::Encoding => "bus encoding failed",
+        })
+    }
+}
+
+/// An error of the bus: a [`kind`](Self::kind) to branch on, a message and the underlying error
+/// when there is one.
+#[derive(Debug, Clone)]
+pub struct BusError {
+    kind: BusErrorKind,
+    message: String,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl BusError {
+    /// An error of `kind` with `message`.
+    pub fn new(kind: BusErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), source: None }
+    }
+
+    /// The same error caused by `source`.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Arc::new(source));
+        self
+    }
+
+    /// The bus cannot take the request now: `message` says why.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(BusErrorKind::Unavailable, message)
+    }
+
+    /// The sequencer refused the send; `reason` is shown to the client.
+    pub fn rejected(reason: impl Into<String>) -> Self {
+        Self::new(BusErrorKind::Rejected, reason)
+    }
+
+    /// Encoding `what` for the bus (or decoding it) failed.
+    pub fn encoding(what: impl Into<String>, source: serde_json::Error) -> Self {
+        Self::new(BusErrorKind::Encoding, what).with_source(source)
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> BusErrorKind {
+        self.kind
+    }
+
+    /// The message without the kind or the source (for a rejection: the reason to show).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl std::fmt::Display for BusError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)?;
+        if let Some(source) = &self.source {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for BusError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|source| source as &(dyn std::error::Error + 'static))
+    }
 }
 
 /// One item of a room's feed at a gateway.

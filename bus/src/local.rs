@@ -75,8 +75,8 @@ impl GatewayBus for LocalBus {
         self.sends
             .send(PendingSend { command, delivery: 1, reply: Box::new(LocalReplier(reply)) })
             .await
-            .map_err(|_| BusError::Unavailable("fanout stopped".into()))?;
-        outcome.await.map_err(|_| BusError::Unavailable("fanout dropped the send".into()))?
+            .map_err(|_| BusError::unavailable("fanout stopped"))?;
+        outcome.await.map_err(|_| BusError::unavailable("fanout dropped the send"))?
     }
 
     async fn subscribe(&self, room: &str) -> Result<RoomFeed, BusError> {
@@ -95,7 +95,7 @@ impl GatewayBus for LocalBus {
 
     async fn ready(&self) -> Result<(), BusError> {
         if self.sends.is_closed() {
-            return Err(BusError::Unavailable("fanout stopped".into()));
+            return Err(BusError::unavailable("fanout stopped"));
         }
         Ok(())
     }

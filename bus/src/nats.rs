@@ -30,7 +30,7 @@ use telemetry::journal::{Journal, Journey};
 use telemetry::metrics::Metrics;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{BusError, FanoutBus, FeedItem, GatewayBus, PendingSend, Replier, RoomFeed};
+use crate::{BusError, BusErrorKind, FanoutBus, FeedItem, GatewayBus, PendingSend, Replier, RoomFeed};
 
 /// Header naming where a worker sends its answer.
 const REPLY_HEADER: &str = "Chat-Reply";
@@ -96,8 +96,8 @@ pub struct NatsBus {
     metrics: Metrics,
 }
 
-fn unavailable(what: &str, e: impl std::fmt::Display) -> BusError {
-    BusError::Unavailable(format!("{what}: {e}"))
+fn unavailable(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> BusError {
+    BusError::unavailable(what).with_source(e)
 }
 
 impl NatsBus {
@@ -199,7 +199,7 @@ impl Drop for WaiterGuard<'_> {
 impl GatewayBus for NatsBus {
     async fn submit(&self, command: SendCommand) -> Result<SendOutcome, BusError> {
         if !self.connected() {
-            return Err(BusError::Unavailable("not connected to NATS".into()));
+            return Err(BusError::unavailable("not connected to NATS"));
         }
         if !self.stream_ready.load(Ordering::Acquire) {
             self.ensure_stream().await?;
@@ -216,7 +216,7 @@ impl GatewayBus for NatsBus {
         headers.insert("Nats-Msg-Id", token.as_str());
         headers.insert(REPLY_HEADER, reply_subject.as_str());
         headers.insert(TRACEPARENT, command.traceparent.as_str());
-        let payload = serde_json::to_vec(&command).map_err(|e| BusError::Rejected(e.to_string()))?;
+        let payload = serde_json::to_vec(&command).map_err(|e| BusError::encoding("encode for NATS", e))?;
         let stored = async {
             let ack = self
                 .js
@@ -233,9 +233,9 @@ impl GatewayBus for NatsBus {
         self.metrics.bus_latency.with_label_values(&["worker_reply"]).observe(replied.elapsed().as_secs_f64());
         match reply {
             Ok(SendReply::Stored(outcome)) => Ok(outcome),
-            Ok(SendReply::Rejected { reason }) => Err(BusError::Rejected(reason)),
-            Ok(SendReply::Unavailable { reason }) => Err(BusError::Unavailable(reason)),
-            Err(_) => Err(BusError::Unavailable("reply channel closed".into())),
+            Ok(SendReply::Rejected { reason }) => Err(BusError::rejected(reason)),
+            Ok(SendReply::Unavailable { reason }) => Err(BusError::unavailable(reason)),
+            Err(_) => Err(BusError::unavailable("reply channel closed")),
         }
     }
 
@@ -287,13 +287,13 @@ impl GatewayBus for NatsBus {
     }
 
     async fn publish_event(&self, room: &str, event: RoomEvent) -> Result<(), BusError> {
-        let payload = serde_json::to_vec(&event).map_err(|e| BusError::Rejected(e.to_string()))?;
+        let payload = serde_json::to_vec(&event).map_err(|e| BusError::encoding("encode for NATS", e))?;
         self.client.publish(subjects::events(room), payload.into()).await.map_err(|e| unavailable("publish event", e))
     }
 
     async fn ready(&self) -> Result<(), BusError> {
         if !self.connected() {
-            return Err(BusError::Unavailable("not connected to NATS".into()));
+            return Err(BusError::unavailable("not connected to NATS"));
         }
         if !self.stream_ready.load(Ordering::Acquire) {
             self.ensure_stream().await?;
@@ -374,10 +374,12 @@ impl Replier for NatsReplier {
     async fn reply(self: Box<Self>, outcome: Result<SendOutcome, BusError>) {
         let (reply, ack) = match outcome {
             Ok(outcome) => (SendReply::Stored(outcome), AckKind::Ack),
-            Err(BusError::Rejected(reason)) => (SendReply::Rejected { reason }, AckKind::Term),
+            Err(e) if e.kind() == BusErrorKind::Rejected => {
+                (SendReply::Rejected { reason: e.message().to_owned() }, AckKind::Term)
+            }
             // Not stored and the gateway tells the client so: drop the send for good, the
             // client retries with the same client_msg_id.
-            Err(BusError::Unavailable(reason)) => (SendReply::Unavailable { reason }, AckKind::Term),
+            Err(e) => (SendReply::Unavailable { reason: e.to_string() }, AckKind::Term),
         };
         if let Some(subject) = self.reply_subject {
             if let Ok(payload) = serde_json::to_vec(&reply) {
@@ -563,7 +565,8 @@ impl FanoutBus for NatsBus {
     }
 
     async fn deliver(&self, message: Arc<ChatMessage>, traceparent: &str) -> Result<(), BusError> {
-        let payload: Bytes = serde_json::to_vec(&*message).map_err(|e| BusError::Rejected(e.to_string()))?.into();
+        let payload: Bytes =
+            serde_json::to_vec(&*message).map_err(|e| BusError::encoding("encode for NATS", e))?.into();
         let mut headers = HeaderMap::new();
         headers.insert(TRACEPARENT, traceparent);
         let started = std::time::Instant::now();

@@ -124,7 +124,7 @@ impl Fanout {
                 None => match self.timed("last_seq", self.store.last_seq(room)).await {
                     Ok(last) => last,
                     Err(e) => {
-                        answer_all(sends, BusError::Unavailable(e.to_string())).await;
+                        answer_all(sends, BusError::unavailable(e.to_string())).await;
                         return None;
                     }
                 },
@@ -132,7 +132,7 @@ impl Fanout {
             let decisions = match self.decide(room, last, &sends).await {
                 Ok(decisions) => decisions,
                 Err(e) => {
-                    answer_all(sends, BusError::Unavailable(e.to_string())).await;
+                    answer_all(sends, BusError::unavailable(e.to_string())).await;
                     return None;
                 }
             };
@@ -167,9 +167,9 @@ impl Fanout {
                 drop(store_spans);
                 match appended {
                     Ok(()) => {}
-                    Err(StoreError::Conflict { actual, .. }) => {
+                    Err(conflict) if conflict.is_conflict() => {
                         self.metrics.seq_conflicts.inc();
-                        tracing::debug!(room, expected = last, actual, attempt, "sequencing conflict; retrying");
+                        tracing::debug!(room, attempt, error = %conflict, "sequencing conflict; retrying");
                         if protocol::now_ms() > latest_deadline(&sends) {
                             break;
                         }
@@ -190,7 +190,7 @@ impl Fanout {
                             continue;
                         }
                         Outcome::Unknown => {
-                            answer_all(sends, BusError::Unavailable(e.to_string())).await;
+                            answer_all(sends, BusError::unavailable(e.to_string())).await;
                             return None;
                         }
                     },
@@ -199,7 +199,7 @@ impl Fanout {
             self.finish(sends, decisions, sequence_spans).await;
             return Some(new_last);
         }
-        answer_all(sends, BusError::Unavailable(format!("room {room}: too many sequencing conflicts"))).await;
+        answer_all(sends, BusError::unavailable(format!("room {room}: too many sequencing conflicts"))).await;
         None
     }
 
@@ -295,7 +295,7 @@ impl Fanout {
                     );
                     Ok(SendOutcome { message, duplicate: true })
                 }
-                Decision::Rejected(reason) => Err(BusError::Rejected(reason)),
+                Decision::Rejected(reason) => Err(BusError::rejected(reason)),
                 Decision::Expired => {
                     self.journal.record_send(
                         &dedupe_key,
@@ -303,7 +303,7 @@ impl Fanout {
                         "fanout.expired",
                         serde_json::json!({}),
                     );
-                    Err(BusError::Unavailable("send expired before it could be stored".into()))
+                    Err(BusError::unavailable("send expired before it could be stored"))
                 }
             };
             pending.reply.reply(outcome).await;
@@ -348,7 +348,7 @@ impl Fanout {
         let result = f.await;
         self.metrics.store_latency.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());
         if let Err(e) = &result {
-            if !matches!(e, StoreError::Conflict { .. }) {
+            if !e.is_conflict() {
                 self.metrics.store_errors.with_label_values(&[op]).inc();
                 tracing::warn!(op, error = %e, "store operation failed");
             }

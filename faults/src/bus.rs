@@ -40,7 +40,7 @@ impl GatewayBus for FaultyGatewayBus {
             self.injector.count(&fired);
             let trace_id = telemetry::trace::trace_id_of(&command.traceparent);
             self.injector.mark_send(&fired, &command.dedupe_key(), &trace_id, serde_json::json!({}));
-            return Err(BusError::Unavailable("not connected to NATS".into()));
+            return Err(BusError::unavailable("not connected to NATS"));
         }
         self.inner.submit(command).await
     }
@@ -57,8 +57,10 @@ impl GatewayBus for FaultyGatewayBus {
     }
 
     async fn ready(&self) -> Result<(), BusError> {
-        if self.injector.faults.armed(Hop::GatewayNats).is_some() {
-            return Err(BusError::Unavailable("not connected to NATS".into()));
+        if let Some(cut) = self.injector.faults.armed(Hop::GatewayNats) {
+            // A sealed cut looks like a real outage.
+            let why = if cut.sealed { "not connected to NATS" } else { "cut off by an injected fault" };
+            return Err(BusError::unavailable(why));
         }
         self.inner.ready().await
     }

@@ -165,7 +165,7 @@ impl Connection {
                     last_heard = Instant::now();
                     match frame {
                         None => Err(End::Gone),
-                        Some(Err(e)) => Err(read_error(&e)),
+                        Some(Err(e)) => Err(read_error(e)),
                         Some(Ok(message)) => Box::pin(self.on_client_message(message, &mut in_flight)).await,
                     }
                 }
@@ -420,7 +420,7 @@ impl Connection {
             let submitted = tracing::Instrument::instrument(bus.submit(command), span);
             let outcome = match tokio::time::timeout(wait, submitted).await {
                 Ok(outcome) => outcome,
-                Err(_) => Err(bus::BusError::Unavailable("no answer from fanout in time".into())),
+                Err(_) => Err(bus::BusError::unavailable("no answer from fanout in time")),
             };
             (req, room, client_msg_id, submitted_trace, started, outcome)
         }));
@@ -448,9 +448,19 @@ impl Connection {
                     ServerFrame::Ack { room, client_msg_id, id: message.id, seq: message.seq, ts: message.ts, req };
                 self.write_frame(ack).await
             }
-            Err(bus::BusError::Rejected(reason)) => {
+            Err(e) if e.kind() == bus::BusErrorKind::Rejected => {
                 metrics.sends.with_label_values(&["rejected"]).inc();
-                self.error(ErrorCode::BadRequest, &reason, req).await
+                self.error(ErrorCode::BadRequest, e.message(), req).await
+            }
+            Err(e) if e.kind() == bus::BusErrorKind::Encoding => {
+                metrics.sends.with_label_values(&["internal"]).inc();
+                tracing::error!(room, client_msg_id, trace_id, error = %e, "send not encodable for the bus");
+                self.error(
+                    ErrorCode::Internal,
+                    "the message could not be handed to the sequencer (a server defect); it was not stored",
+                    req,
+                )
+                .await
             }
             Err(e) => {
                 metrics.sends.with_label_values(&["unavailable"]).inc();
@@ -695,14 +705,19 @@ fn frame_type(frame: &ClientFrame) -> &'static str {
     }
 }
 
-/// Maps a read error to how the connection ends: an over-long frame is closed with 1009.
-fn read_error(error: &axum::Error) -> End {
-    let text = error.to_string();
-    if text.contains("too long") || text.contains("too big") || text.contains("Space limit") {
-        End::Close(CLOSE_TOO_BIG, "frame too large")
-    } else if text.contains("Connection reset") || text.contains("closed") {
-        End::Gone
-    } else {
-        End::Close(CLOSE_PROTOCOL, "websocket protocol error")
+/// Maps a read error to how the connection ends: an over-long frame is closed with 1009, a
+/// peer that went away ends it quietly, anything else is a protocol error (1002).
+fn read_error(error: axum::Error) -> End {
+    use tungstenite::error::{Error as WsError, ProtocolError};
+    let Ok(error) = error.into_inner().downcast::<WsError>() else {
+        return End::Close(CLOSE_PROTOCOL, "websocket protocol error");
+    };
+    match *error {
+        WsError::Capacity(_) => End::Close(CLOSE_TOO_BIG, "frame too large"),
+        WsError::ConnectionClosed
+        | WsError::AlreadyClosed
+        | WsError::Io(_)
+        | WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
+        _ => End::Close(CLOSE_PROTOCOL, "websocket protocol error"),
     }
 }

@@ -323,7 +323,7 @@ impl Rooms {
         // Subscribe first, then read the last seq: nothing sequenced in between is missed
         // (older seqs in the feed are ignored, newer ones follow).
         let feed = self.bus.subscribe(room).await?;
-        let last_seq = self.history.last_seq(room).await.map_err(|e| BusError::Unavailable(e.to_string()))?;
+        let last_seq = self.history.last_seq(room).await.map_err(|e| BusError::unavailable(e.to_string()))?;
         // Recent history in memory: joins with `since` and gap fills then rarely touch the store.
         let mut state = HubState::default();
         if let Ok(page) = self.history.page(room, PageQuery::newest(RECENT as u32)).await {

@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 pub use scylla::statement::{Consistency, SerialConsistency};
 
-use crate::{HistoryStore, Page, PageQuery, RoomAppend, StoreError};
+use crate::{HistoryStore, Page, PageQuery, RoomAppend, StoreError, StoreErrorKind};
 
 /// Consecutive seqs per `messages` partition: `bucket = seq / BUCKET_SIZE`.
 pub const BUCKET_SIZE: u64 = 1000;
@@ -77,9 +77,10 @@ impl Replication {
                 map.push('}');
                 Ok(map)
             }
-            other => Err(StoreError::Unavailable(format!(
-                "invalid CQL replication {other:?}: every replication factor must be at least 1"
-            ))),
+            other => Err(StoreError::new(
+                StoreErrorKind::Config,
+                format!("invalid CQL replication {other:?}: every replication factor must be at least 1"),
+            )),
         }
     }
 }
@@ -234,7 +235,7 @@ impl CqlStore {
         let expected = batch.expected_last_seq;
         for (i, message) in batch.messages.iter().enumerate() {
             if message.room != room || message.seq != expected + 1 + i as u64 {
-                return Err(StoreError::Corrupt(format!(
+                return Err(StoreError::corrupt(format!(
                     "append to room {room} after seq {expected}: message {i} has room {} and seq {}, \
                      want consecutive seqs in this room",
                     message.room, message.seq
@@ -243,7 +244,7 @@ impl CqlStore {
         }
         let new_last = to_cql_seq(expected + batch.messages.len() as u64)?;
         let pending = serde_json::to_vec(&batch.messages)
-            .map_err(|e| StoreError::Corrupt(format!("encode pending messages: {e}")))?;
+            .map_err(|e| StoreError::corrupt(format!("encode pending messages: {e}")))?;
         let result = if expected == 0 {
             self.session.execute_unpaged(&self.statements.claim_first, (room, new_last, pending)).await
         } else {
@@ -252,9 +253,9 @@ impl CqlStore {
         };
         let result = result
             .map_err(|e| unavailable(format_args!("room {room}: claim seqs after {expected} (outcome unknown)"), e))?;
-        match lwt_outcome(result).map_err(|e| StoreError::Corrupt(format!("room {room}: {e}")))? {
+        match lwt_outcome(result).map_err(|e| StoreError::corrupt(format!("room {room}: {e}")))? {
             None => Ok(()),
-            Some(actual) => Err(StoreError::Conflict { room: room.to_owned(), expected, actual }),
+            Some(actual) => Err(StoreError::conflict(room, expected, actual)),
         }
     }
 
@@ -324,14 +325,14 @@ impl CqlStore {
             .map_err(|e| unavailable(format_args!("room {room}: read state"), e))?;
         let row = rows(result, room)?
             .maybe_first_row::<(Option<i64>, Option<Vec<u8>>)>()
-            .map_err(|e| StoreError::Corrupt(format!("room {room}: state row: {e}")))?;
+            .map_err(|e| StoreError::corrupt(format!("room {room}: state row: {e}")))?;
         let Some((last_seq, pending)) = row else {
             return Ok((0, Vec::new()));
         };
         let last_seq = from_cql_seq(last_seq.unwrap_or(0))?;
         let pending = match pending {
             Some(json) if !json.is_empty() => serde_json::from_slice(&json)
-                .map_err(|e| StoreError::Corrupt(format!("room {room}: pending record: {e}")))?,
+                .map_err(|e| StoreError::corrupt(format!("room {room}: pending record: {e}")))?,
             _ => Vec::new(),
         };
         Ok((last_seq, pending))
@@ -346,7 +347,7 @@ impl CqlStore {
             .map_err(|e| unavailable(format_args!("room {room}: read last seq"), e))?;
         let row = rows(result, room)?
             .maybe_first_row::<(Option<i64>,)>()
-            .map_err(|e| StoreError::Corrupt(format!("room {room}: state row: {e}")))?;
+            .map_err(|e| StoreError::corrupt(format!("room {room}: state row: {e}")))?;
         from_cql_seq(row.and_then(|(seq,)| seq).unwrap_or(0))
     }
 
@@ -383,7 +384,7 @@ impl CqlStore {
             .map_err(|e| unavailable(format_args!("room {room}: read seq {seq}"), e))?;
         let row = rows(result, room)?
             .maybe_first_row::<MessageRow>()
-            .map_err(|e| StoreError::Corrupt(format!("room {room}: message row: {e}")))?;
+            .map_err(|e| StoreError::corrupt(format!("room {room}: message row: {e}")))?;
         row.map(|row| message_from_row(room, row)).transpose()
     }
 
@@ -396,7 +397,7 @@ impl CqlStore {
         self.settled_last_seq(room).await?;
         self.read_message(room, seq)
             .await?
-            .ok_or_else(|| StoreError::Corrupt(format!("room {room}: seq {seq} is indexed but not stored")))
+            .ok_or_else(|| StoreError::corrupt(format!("room {room}: seq {seq} is indexed but not stored")))
     }
 
     /// Messages `first..=last` of a room, one query per bucket, concurrently.
@@ -414,9 +415,9 @@ impl CqlStore {
             let rows = rows(result, room)?;
             let messages = rows
                 .rows::<MessageRow>()
-                .map_err(|e| StoreError::Corrupt(format!("room {room}: message rows: {e}")))?
+                .map_err(|e| StoreError::corrupt(format!("room {room}: message rows: {e}")))?
                 .map(|row| {
-                    let row = row.map_err(|e| StoreError::Corrupt(format!("room {room}: message row: {e}")))?;
+                    let row = row.map_err(|e| StoreError::corrupt(format!("room {room}: message row: {e}")))?;
                     message_from_row(room, row)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -484,13 +485,13 @@ impl HistoryStore for CqlStore {
             let actual = self.settled_last_seq(&batch.room).await?;
             if actual != batch.expected_last_seq {
                 let expected = batch.expected_last_seq;
-                return Err(StoreError::Conflict { room: batch.room, expected, actual });
+                return Err(StoreError::conflict(&batch.room, expected, actual));
             }
             return Ok(());
         }
         self.claim(&batch).await?;
         self.materialize(&batch.messages).await.map_err(|e| {
-            StoreError::Unavailable(format!(
+            StoreError::unavailable(format!(
                 "room {}: seqs {}..={} are claimed but not all written ({e}); last_seq completes them",
                 batch.room,
                 batch.expected_last_seq + 1,
@@ -516,7 +517,7 @@ impl HistoryStore for CqlStore {
             .map_err(|e| unavailable(format_args!("room {room}: read dedupe entry"), e))?;
         let row = rows(result, room)?
             .maybe_first_row::<(i64,)>()
-            .map_err(|e| StoreError::Corrupt(format!("room {room}: dedupe row: {e}")))?;
+            .map_err(|e| StoreError::corrupt(format!("room {room}: dedupe row: {e}")))?;
         let Some((seq,)) = row else { return Ok(None) };
         self.read_indexed(room, from_cql_seq(seq)?).await.map(Some)
     }
@@ -547,7 +548,7 @@ impl HistoryStore for CqlStore {
             messages = self.read_range(room, first, last).await?;
         }
         if messages.len() != want {
-            return Err(StoreError::Corrupt(format!(
+            return Err(StoreError::corrupt(format!(
                 "room {room}: seqs {first}..={last}: {} of {want} messages stored",
                 messages.len()
             )));
@@ -563,7 +564,7 @@ impl HistoryStore for CqlStore {
             .map_err(|e| unavailable(format_args!("read id {id}"), e))?;
         let row = rows(result, "-")?
             .maybe_first_row::<(String, i64)>()
-            .map_err(|e| StoreError::Corrupt(format!("id {id}: row: {e}")))?;
+            .map_err(|e| StoreError::corrupt(format!("id {id}: row: {e}")))?;
         let Some((room, seq)) = row else {
             return Ok(None);
         };
@@ -577,8 +578,8 @@ impl HistoryStore for CqlStore {
 
 // === helpers ===
 
-fn unavailable(context: impl Display, e: impl Display) -> StoreError {
-    StoreError::Unavailable(format!("{context}: {e}"))
+fn unavailable(context: impl Display, e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::unavailable(context.to_string()).with_source(e)
 }
 
 async fn prepare(session: &Session, cql: &str, idempotent: bool) -> Result<PreparedStatement, StoreError> {
@@ -611,14 +612,17 @@ fn validate_keyspace(keyspace: &str) -> Result<(), StoreError> {
     if ok {
         Ok(())
     } else {
-        Err(StoreError::Unavailable(format!(
-            "invalid keyspace name {keyspace:?}: use at most 48 letters, digits or '_', starting with a letter"
-        )))
+        Err(StoreError::new(
+            StoreErrorKind::Config,
+            format!(
+                "invalid keyspace name {keyspace:?}: use at most 48 letters, digits or '_', starting with a letter"
+            ),
+        ))
     }
 }
 
 fn rows(result: QueryResult, room: &str) -> Result<scylla::response::query_result::QueryRowsResult, StoreError> {
-    result.into_rows_result().map_err(|e| StoreError::Corrupt(format!("room {room}: expected rows: {e}")))
+    result.into_rows_result().map_err(|e| StoreError::corrupt(format!("room {room}: expected rows: {e}")))
 }
 
 /// The outcome of a lightweight transaction: `None` when applied, else the room's actual last
@@ -655,11 +659,11 @@ fn bucket_of(seq: u64) -> Result<i64, StoreError> {
 }
 
 fn to_cql_seq(seq: u64) -> Result<i64, StoreError> {
-    i64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("seq {seq} exceeds CQL bigint")))
+    i64::try_from(seq).map_err(|_| StoreError::corrupt(format!("seq {seq} exceeds CQL bigint")))
 }
 
 fn from_cql_seq(seq: i64) -> Result<u64, StoreError> {
-    u64::try_from(seq).map_err(|_| StoreError::Corrupt(format!("negative seq {seq} in store")))
+    u64::try_from(seq).map_err(|_| StoreError::corrupt(format!("negative seq {seq} in store")))
 }
 
 #[cfg(test)]

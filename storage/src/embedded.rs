@@ -37,10 +37,10 @@ pub struct EmbeddedStore {
 impl EmbeddedStore {
     /// Opens (or creates) the store at `dir/history.redb` and starts its writer thread.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(format!("create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::unavailable(format!("create {}: {e}", dir.display())))?;
         let path = dir.join("history.redb");
         let db =
-            Database::create(&path).map_err(|e| StoreError::Unavailable(format!("open {}: {e}", path.display())))?;
+            Database::create(&path).map_err(|e| StoreError::unavailable(format!("open {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(unavailable)?;
         {
             txn.open_table(MESSAGES).map_err(unavailable)?;
@@ -54,7 +54,7 @@ impl EmbeddedStore {
         std::thread::Builder::new()
             .name("redb-writer".into())
             .spawn(move || write_loop(&writer_db, queue))
-            .map_err(|e| StoreError::Unavailable(format!("spawn writer thread: {e}")))?;
+            .map_err(|e| StoreError::unavailable(format!("spawn writer thread: {e}")))?;
         Ok(Self { db, writer })
     }
 
@@ -69,17 +69,17 @@ impl EmbeddedStore {
                 f(&txn)
             })
             .await
-            .map_err(|e| StoreError::Unavailable(format!("reader task: {e}")))?
+            .map_err(|e| StoreError::unavailable(format!("reader task: {e}")))?
         }
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+fn unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::unavailable("embedded store").with_source(e)
 }
 
 fn decode(bytes: &[u8]) -> Result<ChatMessage, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+    serde_json::from_slice(bytes).map_err(|e| StoreError::corrupt("stored message").with_source(e))
 }
 
 fn last_seq_in<T: ReadableTable<(&'static str, u64), &'static [u8]>>(table: &T, room: &str) -> Result<u64, StoreError> {
@@ -109,7 +109,7 @@ fn write_loop(db: &Database, mut queue: mpsc::Receiver<(RoomAppend, AppendReply)
             Err(e) => {
                 tracing::error!(error = %e, appends = group.len(), "history commit failed");
                 for (_, reply) in group {
-                    let _ = reply.send(Err(StoreError::Unavailable(e.to_string())));
+                    let _ = reply.send(Err(e.clone()));
                 }
             }
         }
@@ -128,15 +128,12 @@ fn commit_group(db: &Database, group: &[(RoomAppend, AppendReply)]) -> Result<Ve
         for (append, _) in group {
             let actual = last_seq_in(&messages, &append.room)?;
             if actual != append.expected_last_seq {
-                results.push(Err(StoreError::Conflict {
-                    room: append.room.clone(),
-                    expected: append.expected_last_seq,
-                    actual,
-                }));
+                results.push(Err(StoreError::conflict(&append.room, append.expected_last_seq, actual)));
                 continue;
             }
             for message in &append.messages {
-                let json = serde_json::to_vec(message).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let json =
+                    serde_json::to_vec(message).map_err(|e| StoreError::corrupt("encode a message").with_source(e))?;
                 messages.insert((message.room.as_str(), message.seq), json.as_slice()).map_err(unavailable)?;
                 let key = protocol::bus::dedupe_key(&message.room, &message.user, &message.client_msg_id);
                 dedupe.insert(key.as_str(), message.seq).map_err(unavailable)?;
@@ -153,8 +150,8 @@ fn commit_group(db: &Database, group: &[(RoomAppend, AppendReply)]) -> Result<Ve
 impl HistoryStore for EmbeddedStore {
     async fn append(&self, batch: RoomAppend) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.writer.send((batch, reply)).await.map_err(|_| StoreError::Unavailable("writer thread stopped".into()))?;
-        answer.await.map_err(|_| StoreError::Unavailable("writer thread stopped".into()))?
+        self.writer.send((batch, reply)).await.map_err(|_| StoreError::unavailable("writer thread stopped"))?;
+        answer.await.map_err(|_| StoreError::unavailable("writer thread stopped"))?
     }
 
     async fn last_seq(&self, room: &str) -> Result<u64, StoreError> {
@@ -226,7 +223,7 @@ impl HistoryStore for EmbeddedStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         if self.writer.is_closed() {
-            return Err(StoreError::Unavailable("writer thread stopped".into()));
+            return Err(StoreError::unavailable("writer thread stopped"));
         }
         Ok(())
     }

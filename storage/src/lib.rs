@@ -19,27 +19,104 @@ pub const MAX_PAGE: u32 = 200;
 /// Page size when the client gives none.
 pub const DEFAULT_PAGE: u32 = 50;
 
-/// Errors of a history store.
-#[derive(Debug, Clone, thiserror::Error)]
+/// What kind of failure a [`StoreError`] is, for callers to branch on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum StoreError {
+pub enum StoreErrorKind {
     /// The room's last seq was not what the writer expected: another writer got there first.
     /// Reload the room's state and sequence again.
-    #[error("room {room}: expected last seq {expected}, store has {actual}")]
-    Conflict {
-        /// The room.
-        room: String,
-        /// What the writer assumed.
-        expected: u64,
-        /// What the store holds.
-        actual: u64,
-    },
+    Conflict,
     /// The backend cannot be reached or refused the operation; retry later.
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
-    /// Stored data could not be decoded.
-    #[error("corrupt record: {0}")]
-    Corrupt(String),
+    Unavailable,
+    /// Stored data could not be decoded (or encoded).
+    Corrupt,
+    /// The store was configured wrongly (a bad replication setting, say); retrying will not help.
+    Config,
+}
+
+impl std::fmt::Display for StoreErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Conflict => "sequencing conflict",
+            Self::Unavailable => "store unavailable",
+            Self::Corrupt => "corrupt record",
+            Self::Config => "bad store configuration",
+        })
+    }
+}
+
+/// The cause beneath a [`StoreError`].
+pub type BoxError = std::sync::Arc<dyn std::error::Error + Send + Sync>;
+
+/// An error of a history store: a [`kind`](Self::kind) to branch on, what was being done, and
+/// the underlying error when there is one.
+#[derive(Debug, Clone)]
+pub struct StoreError {
+    kind: StoreErrorKind,
+    context: String,
+    source: Option<BoxError>,
+    /// For a conflict: the last seq the writer expected and the one the store holds.
+    seqs: Option<(u64, u64)>,
+}
+
+impl StoreError {
+    /// An error of `kind` while doing `context`.
+    pub fn new(kind: StoreErrorKind, context: impl Into<String>) -> Self {
+        Self { kind, context: context.into(), source: None, seqs: None }
+    }
+
+    /// The same error caused by `source`.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(std::sync::Arc::new(source));
+        self
+    }
+
+    /// The room's last seq was `actual`, not the `expected` the writer sequenced from.
+    pub fn conflict(room: &str, expected: u64, actual: u64) -> Self {
+        let context = format!("room {room}: expected last seq {expected}, store has {actual}");
+        Self { seqs: Some((expected, actual)), ..Self::new(StoreErrorKind::Conflict, context) }
+    }
+
+    /// The backend failed while doing `context`.
+    pub fn unavailable(context: impl Into<String>) -> Self {
+        Self::new(StoreErrorKind::Unavailable, context)
+    }
+
+    /// Stored data did not decode while doing `context`.
+    pub fn corrupt(context: impl Into<String>) -> Self {
+        Self::new(StoreErrorKind::Corrupt, context)
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+
+    /// For a conflict, the last seq the writer expected and the one the store holds.
+    pub fn conflict_seqs(&self) -> Option<(u64, u64)> {
+        self.seqs
+    }
+
+    /// Whether another writer moved the room first.
+    pub fn is_conflict(&self) -> bool {
+        self.kind == StoreErrorKind::Conflict
+    }
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind, self.context)?;
+        if let Some(source) = &self.source {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|source| source as &(dyn std::error::Error + 'static))
+    }
 }
 
 /// Messages for one room to append after `expected_last_seq`, with consecutive seqs.
@@ -121,9 +198,9 @@ pub struct Page {
 pub trait HistoryStore: Send + Sync + 'static {
     /// Appends one room's sequenced messages atomically and durably (fsync'd or replicated)
     /// with their dedupe entries, if the room's last seq still equals `expected_last_seq`;
-    /// otherwise fails with [`StoreError::Conflict`] and stores nothing.
+    /// otherwise fails with a [`StoreErrorKind::Conflict`] error and stores nothing.
     ///
-    /// After [`StoreError::Unavailable`] the outcome is unknown (the seqs may have been taken):
+    /// After a [`StoreErrorKind::Unavailable`] error the outcome is unknown (the seqs may have been taken):
     /// call [`last_seq`](Self::last_seq) before appending to the room again, which also
     /// completes an append that was cut off halfway.
     async fn append(&self, batch: RoomAppend) -> Result<(), StoreError>;
@@ -135,7 +212,7 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// [`find_by_client_msg_id`](Self::find_by_client_msg_id). A backend whose append is not
     /// one atomic write (the CQL store: a fencing transaction, then the message writes) finishes
     /// any interrupted append before returning. That makes a writer crash between the two steps
-    /// harmless, and lets a writer that lost a [`StoreError::Conflict`] call this and then see
+    /// harmless, and lets a writer that lost a conflict call this and then see
     /// the winner's dedupe entries.
     async fn last_seq(&self, room: &str) -> Result<u64, StoreError>;
 

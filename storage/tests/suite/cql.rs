@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use storage::cql::{CqlConfig, CqlStore};
-use storage::{HistoryStore, PageQuery, RoomAppend, StoreError};
+use storage::{HistoryStore, PageQuery, RoomAppend, StoreErrorKind};
 
 use crate::cases::{fill, messages};
 
@@ -35,7 +35,7 @@ async fn last_seq_completes_an_interrupted_append() {
         survivor.append(next).await.unwrap();
         let stale = RoomAppend { room: "crash".into(), expected_last_seq: 5, messages: messages("crash", 6, 6) };
         let rejected = dead_writer.append(stale).await;
-        assert!(matches!(rejected, Err(StoreError::Conflict { actual: 9, .. })), "{rejected:?}");
+        assert_eq!(rejected.err().and_then(|e| e.conflict_seqs()), Some((5, 9)));
     })
     .await;
 }
@@ -78,17 +78,30 @@ async fn unreachable_node_is_unavailable() {
     };
     let result = tokio::time::timeout(Duration::from_secs(30), CqlStore::connect(config)).await.unwrap();
     match result {
-        Err(StoreError::Unavailable(message)) => {
-            assert!(message.contains("127.0.0.1:1"), "{message}")
+        Err(e) if e.kind() == StoreErrorKind::Unavailable => {
+            assert!(e.to_string().contains("127.0.0.1:1"), "{e}")
         }
         Err(other) => panic!("want unavailable, got {other:?}"),
         Ok(_) => panic!("connected to a closed port"),
     }
 }
 
-/// Bad names never reach CQL text.
+/// Bad names never reach CQL text, and are reported as configuration errors (not as an outage).
 #[tokio::test]
 async fn invalid_keyspace_is_refused() {
     let config = CqlConfig { keyspace: "chat; DROP KEYSPACE system".into(), ..CqlConfig::default() };
-    assert!(matches!(CqlStore::connect(config).await, Err(StoreError::Unavailable(_))));
+    let refused = CqlStore::connect(config).await.err().map(|e| e.kind());
+    assert_eq!(refused, Some(StoreErrorKind::Config));
+}
+
+/// A replication factor of 0 is a configuration error, found before any node is asked.
+#[tokio::test]
+async fn zero_replication_is_a_configuration_error() {
+    let config = CqlConfig {
+        nodes: vec!["127.0.0.1:1".into()],
+        replication: storage::cql::Replication::SimpleStrategy { rf: 0 },
+        ..CqlConfig::default()
+    };
+    let refused = CqlStore::connect(config).await.err().map(|e| e.kind());
+    assert_eq!(refused, Some(StoreErrorKind::Config));
 }
