@@ -18,8 +18,6 @@
 //! - [`progress`]: the live progress line.
 //! - [`bench`]: the auditor's CPU cost on its own.
 
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
-
 pub mod audit;
 pub mod bench;
 pub mod client;
