@@ -6,97 +6,18 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use testkit::{ChatProcess, NatsServer};
+use testkit::Cluster;
 
 use crate::support::*;
-
-struct Cluster {
-    nats: NatsServer,
-    cql: String,
-    keyspace: String,
-    gateways: Vec<Option<ChatProcess>>,
-    workers: Vec<Option<ChatProcess>>,
-}
 
 fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_chat"))
 }
 
-impl Cluster {
-    async fn start(gateways: usize, workers: usize) -> Cluster {
-        let nats = NatsServer::start().await;
-        let cql = testkit::cassandra();
-        let keyspace = testkit::unique_keyspace("cluster");
-        // Create the schema once, so processes starting together never race on DDL.
-        let config =
-            storage::cql::CqlConfig { nodes: vec![cql.clone()], keyspace: keyspace.clone(), ..Default::default() };
-        storage::cql::CqlStore::connect(config).await.expect("Cassandra reachable (see testkit::cassandra)");
-        let mut cluster = Cluster { nats, cql, keyspace, gateways: Vec::new(), workers: Vec::new() };
-        for _ in 0..workers {
-            let worker = cluster.start_worker().await;
-            cluster.workers.push(Some(worker));
-        }
-        for i in 0..gateways {
-            let gateway = cluster.start_gateway(i).await;
-            cluster.gateways.push(Some(gateway));
-        }
-        cluster
-    }
-
-    fn backend_args(&self) -> Vec<String> {
-        self.backend_args_on(&self.nats.url())
-    }
-
-    fn backend_args_on(&self, nats_url: &str) -> Vec<String> {
-        ["--nats", nats_url, "--cql", &self.cql, "--keyspace", &self.keyspace].iter().map(|s| s.to_string()).collect()
-    }
-
-    async fn start_worker(&self) -> ChatProcess {
-        let mut args = vec!["fanout".to_owned(), "--listen".into(), "127.0.0.1:0".into()];
-        args.extend(self.backend_args());
-        let process = ChatProcess::start(binary(), &args, &[]).await;
-        wait_ready(&process.http_url()).await;
-        process
-    }
-
-    async fn start_gateway(&self, index: usize) -> ChatProcess {
-        self.start_gateway_on(index, &self.nats.url()).await
-    }
-
-    /// A gateway that reaches NATS at `nats_url` (say, through a [`testkit::Relay`]).
-    async fn start_gateway_on(&self, index: usize, nats_url: &str) -> ChatProcess {
-        let mut args = vec![
-            "gateway".to_owned(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--gateway-id".into(),
-            format!("gw-{index}-{}", self.keyspace),
-        ];
-        args.extend(
-            ["--send-rate", "100000", "--send-burst", "100000", "--roster-interval-ms", "1000"].map(String::from),
-        );
-        args.extend(self.backend_args_on(nats_url));
-        let process = ChatProcess::start(binary(), &args, &[]).await;
-        wait_ready(&process.http_url()).await;
-        process
-    }
-
-    fn gateway(&self, index: usize) -> &ChatProcess {
-        self.gateways[index].as_ref().expect("gateway running")
-    }
-}
-
-async fn wait_ready(base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(response) = reqwest::get(format!("{base}/readyz")).await {
-            if response.status() == 200 {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "{base} not ready in 30 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// `gateways` gateways and `workers` workers on a nats-server of their own and the shared
+/// Cassandra node; rosters every second, so presence across gateways settles fast.
+async fn start_cluster(gateways: usize, workers: usize) -> Cluster {
+    Cluster::builder(binary()).gateways(gateways).workers(workers).roster_interval(Duration::from_secs(1)).start().await
 }
 
 fn assert_gapless(messages: &[Value]) {
@@ -127,10 +48,10 @@ async fn send_until_acked(client: &mut Client, room: &str, id: &str) -> (Value, 
 
 #[tokio::test]
 async fn clients_on_two_gateways_see_one_gapless_order_and_each_other() {
-    let cluster = Cluster::start(2, 2).await;
+    let cluster = start_cluster(2, 2).await;
     let mut clients = Vec::new();
     for i in 0..6 {
-        let mut client = Client::login(&cluster.gateway(i % 2).ws_url(), &format!("u{i}")).await;
+        let mut client = Client::login(&cluster.gateway_ws(i % 2), &format!("u{i}")).await;
         let joined = client.join("shared").await;
         if i == 1 {
             assert!(joined["members"].as_array().unwrap().contains(&json!("u0")), "members across gateways: {joined}");
@@ -167,15 +88,15 @@ async fn clients_on_two_gateways_see_one_gapless_order_and_each_other() {
     for order in &orders[1..] {
         assert_eq!(order, &orders[0]);
     }
-    assert_gapless(&whole_history(&cluster.gateway(0).http_url(), "shared").await);
+    assert_gapless(&whole_history(&cluster.gateway_url(0), "shared").await);
 }
 
 #[tokio::test]
 async fn presence_crosses_gateways() {
-    let cluster = Cluster::start(2, 1).await;
-    let mut alice = Client::login(&cluster.gateway(0).ws_url(), "alice").await;
+    let cluster = start_cluster(2, 1).await;
+    let mut alice = Client::login(&cluster.gateway_ws(0), "alice").await;
     alice.join("p").await;
-    let mut bob = Client::login(&cluster.gateway(1).ws_url(), "bob").await;
+    let mut bob = Client::login(&cluster.gateway_ws(1), "bob").await;
     let joined = bob.join("p").await;
     assert_eq!(joined["members"], json!(["alice", "bob"]));
     assert_eq!(alice.next().await, json!({"type": "presence", "room": "p", "user": "bob", "state": "online"}));
@@ -187,17 +108,17 @@ async fn presence_crosses_gateways() {
 
 #[tokio::test]
 async fn kill_9_of_a_fanout_worker_loses_nothing_and_flow_resumes() {
-    let mut cluster = Cluster::start(1, 2).await;
-    let mut reader = Client::login(&cluster.gateway(0).ws_url(), "reader").await;
+    let mut cluster = start_cluster(1, 2).await;
+    let mut reader = Client::login(&cluster.gateway_ws(0), "reader").await;
     reader.join("steady").await;
-    let mut writer = Client::login(&cluster.gateway(0).ws_url(), "writer").await;
+    let mut writer = Client::login(&cluster.gateway_ws(0), "writer").await;
     writer.join("steady").await;
     let mut acked = HashMap::new();
     let mut last_ack = Instant::now();
     let mut longest_stall = Duration::ZERO;
     for n in 0..120 {
         if n == 30 {
-            cluster.workers[0].take().expect("worker").kill().await;
+            cluster.kill_worker(0).await;
         }
         let (ack, _) = send_until_acked(&mut writer, "steady", &format!("m{n}")).await;
         longest_stall = longest_stall.max(last_ack.elapsed());
@@ -206,7 +127,7 @@ async fn kill_9_of_a_fanout_worker_loses_nothing_and_flow_resumes() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(longest_stall < Duration::from_secs(10), "flow stalled for {longest_stall:?}");
-    let stored = whole_history(&cluster.gateway(0).http_url(), "steady").await;
+    let stored = whole_history(&cluster.gateway_url(0), "steady").await;
     assert_gapless(&stored);
     assert_eq!(stored.len(), 120, "one stored message per acked send");
     for message in &stored {
@@ -218,18 +139,18 @@ async fn kill_9_of_a_fanout_worker_loses_nothing_and_flow_resumes() {
 
 #[tokio::test]
 async fn kill_9_of_a_gateway_its_clients_resume_on_the_other_without_loss() {
-    let mut cluster = Cluster::start(2, 1).await;
-    let mut watcher = Client::login(&cluster.gateway(0).ws_url(), "watcher").await;
+    let mut cluster = start_cluster(2, 1).await;
+    let mut watcher = Client::login(&cluster.gateway_ws(0), "watcher").await;
     watcher.join("g").await;
-    let mut writer = Client::login(&cluster.gateway(1).ws_url(), "writer").await;
+    let mut writer = Client::login(&cluster.gateway_ws(1), "writer").await;
     writer.join("g").await;
     for n in 0..20 {
         send_until_acked(&mut writer, "g", &format!("a{n}")).await;
     }
     let before: Vec<Value> = watcher.messages(10).await;
     let last_seen = before.last().unwrap()["seq"].as_u64().unwrap();
-    cluster.gateways[0].take().expect("gateway").kill().await;
-    let mut resumed = Client::login(&cluster.gateway(1).ws_url(), "watcher").await;
+    cluster.kill_gateway(0).await;
+    let mut resumed = Client::login(&cluster.gateway_ws(1), "watcher").await;
     resumed.send(json!({"type": "join", "room": "g", "since": last_seen})).await;
     resumed.expect("joined").await;
     for n in 20..40 {
@@ -245,14 +166,14 @@ async fn kill_9_of_a_gateway_its_clients_resume_on_the_other_without_loss() {
 
 #[tokio::test]
 async fn nats_restart_under_load_acked_messages_are_stored_exactly_once() {
-    let mut cluster = Cluster::start(1, 1).await;
-    let mut writer = Client::login(&cluster.gateway(0).ws_url(), "writer").await;
+    let mut cluster = start_cluster(1, 1).await;
+    let mut writer = Client::login(&cluster.gateway_ws(0), "writer").await;
     writer.join("n").await;
     let mut acked: HashMap<String, String> = HashMap::new();
     let mut refused = 0;
     for n in 0..80 {
         if n == 25 {
-            cluster.nats.restart().await;
+            cluster.nats_mut().restart().await;
         }
         let id = format!("n{n}");
         writer.send(json!({"type": "send", "room": "n", "client_msg_id": id, "body": "x"})).await;
@@ -273,8 +194,8 @@ async fn nats_restart_under_load_acked_messages_are_stored_exactly_once() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    wait_ready(&cluster.gateway(0).http_url()).await;
-    let stored = whole_history(&cluster.gateway(0).http_url(), "n").await;
+    cluster.gateway(0).wait_ready().await;
+    let stored = whole_history(&cluster.gateway_url(0), "n").await;
     assert_gapless(&stored);
     let stored_ids: Vec<&str> = stored.iter().map(|m| m["client_msg_id"].as_str().unwrap()).collect();
     assert_eq!(stored_ids.iter().collect::<HashSet<_>>().len(), stored_ids.len(), "no client_msg_id stored twice");
@@ -291,13 +212,13 @@ async fn nats_restart_under_load_acked_messages_are_stored_exactly_once() {
 
 #[tokio::test]
 async fn the_journey_gathers_hops_from_every_process_and_chat_trace_prints_it() {
-    let cluster = Cluster::start(1, 1).await;
-    let mut alice = Client::login(&cluster.gateway(0).ws_url(), "alice").await;
+    let cluster = start_cluster(1, 1).await;
+    let mut alice = Client::login(&cluster.gateway_ws(0), "alice").await;
     alice.join("j").await;
     let ack = alice.say("j", "j1", "where did I go").await;
     alice.messages(1).await;
     let id = ack["id"].as_str().unwrap();
-    let url = format!("{}/debug/messages/{id}", cluster.gateway(0).http_url());
+    let url = format!("{}/debug/messages/{id}", cluster.gateway_url(0));
     let deadline = Instant::now() + Duration::from_secs(10);
     let journey = loop {
         let (status, journey) = get_json(&url).await;
@@ -315,7 +236,7 @@ async fn the_journey_gathers_hops_from_every_process_and_chat_trace_prints_it() 
     assert_eq!(processes.len(), 2, "hops from the gateway and the worker: {journey}");
     assert_eq!(journey["trace_id"], ack_trace(&journey));
     let output = tokio::process::Command::new(binary())
-        .args(["trace", id, "--url", &cluster.gateway(0).http_url()])
+        .args(["trace", id, "--url", &cluster.gateway_url(0)])
         .output()
         .await
         .unwrap();
@@ -336,19 +257,15 @@ async fn the_store_briefly_unreachable_sends_fail_cleanly_and_the_system_recover
     let node = tokio::task::spawn_blocking(|| testkit::DedicatedCassandra::start("test-cassandra-outage", 9342, 7342))
         .await
         .unwrap();
-    let nats = NatsServer::start().await;
-    let keyspace = testkit::unique_keyspace("outage");
-    let config =
-        storage::cql::CqlConfig { nodes: vec![node.addr.clone()], keyspace: keyspace.clone(), ..Default::default() };
-    storage::cql::CqlStore::connect(config).await.expect("dedicated node reachable");
-    let mut cluster = Cluster { nats, cql: node.addr.clone(), keyspace, gateways: Vec::new(), workers: Vec::new() };
-    let worker = cluster.start_worker().await;
-    cluster.workers.push(Some(worker));
-    let gateway = cluster.start_gateway(0).await;
-    cluster.gateways.push(Some(gateway));
-    let base = cluster.gateway(0).http_url();
+    let cluster = Cluster::builder(binary())
+        .cql(node.addr.clone())
+        .keyspace_prefix("outage")
+        .roster_interval(Duration::from_secs(1))
+        .start()
+        .await;
+    let base = cluster.gateway_url(0);
 
-    let mut writer = Client::login(&cluster.gateway(0).ws_url(), "writer").await;
+    let mut writer = Client::login(&cluster.gateway_ws(0), "writer").await;
     writer.join("o").await;
     send_until_acked(&mut writer, "o", "before").await;
 
@@ -370,7 +287,7 @@ async fn the_store_briefly_unreachable_sends_fail_cleanly_and_the_system_recover
     };
     assert_eq!(answer["code"], "unavailable", "{answer}");
     node.thaw();
-    wait_ready(&base).await;
+    cluster.gateway(0).wait_ready().await;
     // The client retries with the same client_msg_id: exactly one message, whatever happened.
     let (retried, _) = send_until_acked(&mut writer, "o", "during").await;
     let (after, _) = send_until_acked(&mut writer, "o", "after").await;
@@ -383,14 +300,14 @@ async fn the_store_briefly_unreachable_sends_fail_cleanly_and_the_system_recover
 
 #[tokio::test]
 async fn users_of_a_gateway_that_dies_silently_go_offline_within_30_seconds() {
-    let mut cluster = Cluster::start(2, 1).await;
-    let mut alice = Client::login(&cluster.gateway(0).ws_url(), "alice").await;
+    let mut cluster = start_cluster(2, 1).await;
+    let mut alice = Client::login(&cluster.gateway_ws(0), "alice").await;
     alice.join("d").await;
-    let mut bob = Client::login(&cluster.gateway(1).ws_url(), "bob").await;
+    let mut bob = Client::login(&cluster.gateway_ws(1), "bob").await;
     bob.join("d").await;
     assert_eq!(alice.next().await["state"], "online");
     let killed = Instant::now();
-    cluster.gateways[1].take().expect("gateway").kill().await;
+    cluster.kill_gateway(1).await;
     let offline = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             let frame = alice.next().await;
@@ -406,12 +323,13 @@ async fn users_of_a_gateway_that_dies_silently_go_offline_within_30_seconds() {
 
 #[tokio::test]
 async fn a_gateway_cut_from_nats_delivers_what_it_missed_once_it_is_back() {
-    let cluster = Cluster::start(1, 1).await;
-    let relay = testkit::Relay::start(cluster.nats.addr()).await;
-    let cut_off = cluster.start_gateway_on(1, &format!("nats://{}", relay.addr())).await;
+    let mut cluster = start_cluster(1, 1).await;
+    let relay = testkit::Relay::start(cluster.nats_addr()).await;
+    let cut_off = cluster.add_gateway_on(&format!("nats://{}", relay.addr())).await;
+    let cut_off = cluster.gateway(cut_off);
     let mut alice = Client::login(&cut_off.ws_url(), "alice").await;
     alice.join("quiet").await;
-    let mut bob = Client::login(&cluster.gateway(0).ws_url(), "bob").await;
+    let mut bob = Client::login(&cluster.gateway_ws(0), "bob").await;
     bob.join("quiet").await;
     send_until_acked(&mut bob, "quiet", "before").await;
     assert_eq!(alice.messages(1).await[0]["seq"], 1);

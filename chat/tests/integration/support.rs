@@ -153,10 +153,9 @@ pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: &s
     (status, response.text().await.expect("HTTP body"))
 }
 
-/// The value of a metric sample line (`name{labels} value`), 0 when absent.
-pub fn metric(text: &str, sample: &str) -> f64 {
-    text.lines().find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
-}
+/// `metric(text, sample)`: the value of a sample in a `/metrics` text; panics (listing what is
+/// there) when it is absent. `metric_or_zero` only where absence means zero: see its docs.
+pub use testkit::{metric, metric_or_zero};
 
 /// Every stored message of a room, oldest first, read page by page through the HTTP API.
 pub async fn whole_history(base: &str, room: &str) -> Vec<Value> {

@@ -1,0 +1,89 @@
+//! A real `nats-server` with JetStream on a dynamic port.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Instant;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::START_TIMEOUT;
+
+/// A running nats-server with JetStream, killed on drop.
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    store: tempfile::TempDir,
+}
+
+fn nats_binary() -> String {
+    let binary = std::env::var("CHAT_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
+    let found = std::process::Command::new(&binary).arg("--version").output();
+    if found.is_err() {
+        panic!("`{binary}` not found: install it (`apt-get install nats-server`, or `go install github.com/nats-io/nats-server/v2@latest`) or set CHAT_NATS_SERVER");
+    }
+    binary
+}
+
+impl NatsServer {
+    /// Starts a server on a free port.
+    pub async fn start() -> NatsServer {
+        let store = tempfile::Builder::new().prefix("chat-nats-").tempdir().expect("temp dir");
+        let (child, port) = spawn_nats(None, store.path()).await;
+        NatsServer { child: Some(child), port, store }
+    }
+
+    /// `nats://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's client address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Kills the server (SIGKILL), keeping its port and JetStream store.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+    }
+
+    /// Starts it again on the same port with the same store.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        let (child, _) = spawn_nats(Some(self.port), self.store.path()).await;
+        self.child = Some(child);
+    }
+}
+
+async fn spawn_nats(port: Option<u16>, store: &Path) -> (Child, u16) {
+    let port_arg = port.map_or("-1".to_owned(), |p| p.to_string());
+    let mut child = Command::new(nats_binary())
+        .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "-sd"])
+        .arg(store)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn nats-server");
+    let stderr = child.stderr.take().expect("stderr piped");
+    let mut lines = BufReader::new(stderr).lines();
+    let deadline = Instant::now() + START_TIMEOUT;
+    let port = loop {
+        let line = tokio::time::timeout_at(deadline.into(), lines.next_line())
+            .await
+            .expect("nats-server did not report its port in time")
+            .expect("read nats-server log")
+            .expect("nats-server exited before it was ready");
+        if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
+            break rest.trim().rsplit(':').next().and_then(|p| p.parse().ok()).expect("port in log line");
+        }
+    };
+    // Keep draining its log so the pipe never fills.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, port)
+}
