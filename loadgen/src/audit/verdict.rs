@@ -708,6 +708,21 @@ mod tests {
     }
 
     #[test]
+    fn a_member_misses_only_sends_written_after_its_join() {
+        // Send 2 (seq 3) is written at t = 2100; nobody but client 0 ever gets it.
+        let lost_by = |joined_at: u64| {
+            let mut sim = Sim::new(2, 3);
+            sim.tracks[1] = Track::new(0, 1);
+            sim.tracks[1].joined(2, joined_at, false);
+            sim.run(&[(0, vec![1, 2, 3])]);
+            let losses = Losses::find(&sim.records, &sim.track_refs(), &SendTally::of(&sim.records, 1));
+            losses.missing.iter().map(|(&i, a)| (i, a.clients.clone())).collect::<Vec<_>>()
+        };
+        assert_eq!(lost_by(2_099), vec![(2, vec![1])]);
+        assert_eq!(lost_by(2_100), vec![], "joined at the instant of the send: not expected");
+    }
+
+    #[test]
     fn duplicates_and_reorders_become_one_finding_per_seq_with_exact_counts() {
         let mut sim = Sim::new(3, 4);
         sim.run(&[(0, vec![1, 2, 2, 3, 4]), (1, vec![1, 2, 2, 3, 4]), (2, vec![1, 3, 2, 4])]);
