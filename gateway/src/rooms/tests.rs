@@ -1,0 +1,271 @@
+//! Unit tests of the room hubs on tokio's paused clock: a scripted bus feeds a room, an
+//! in-memory store holds what "the workers" stored, and a member's outbox shows what it got.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bus::{BusError, FeedItem, GatewayBus, RoomFeed};
+use protocol::bus::{RoomEvent, SendCommand, SendOutcome};
+use protocol::frames::PresenceState;
+use protocol::ChatMessage;
+use storage::{HistoryStore, Page, PageQuery, RoomAppend, StoreError};
+use telemetry::journal::Journal;
+use telemetry::metrics::Metrics;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::Rooms;
+use crate::config::GatewayConfig;
+use crate::history::HistoryReader;
+use crate::outbox::{Outbound, Outbox};
+
+// === a scripted bus and an in-memory store ===
+
+/// A bus whose room feeds the test drives by hand.
+#[derive(Default)]
+struct ScriptedBus {
+    distributed: bool,
+    feeds: Mutex<HashMap<String, mpsc::Sender<FeedItem>>>,
+    published: Mutex<Vec<RoomEvent>>,
+}
+
+impl ScriptedBus {
+    async fn push(&self, room: &str, item: FeedItem) {
+        let feed = self.feeds.lock().unwrap().get(room).cloned().expect("the room is followed");
+        feed.send(item).await.unwrap();
+    }
+}
+
+#[async_trait]
+impl GatewayBus for ScriptedBus {
+    async fn submit(&self, _command: SendCommand) -> Result<SendOutcome, BusError> {
+        Err(BusError::unavailable("not in these tests"))
+    }
+    async fn subscribe(&self, room: &str) -> Result<RoomFeed, BusError> {
+        let (tx, items) = mpsc::channel(64);
+        self.feeds.lock().unwrap().insert(room.to_owned(), tx);
+        Ok(RoomFeed { room: room.to_owned(), items })
+    }
+    async fn publish_event(&self, _room: &str, event: RoomEvent) -> Result<(), BusError> {
+        self.published.lock().unwrap().push(event);
+        Ok(())
+    }
+    async fn ready(&self) -> Result<(), BusError> {
+        Ok(())
+    }
+    fn is_distributed(&self) -> bool {
+        self.distributed
+    }
+}
+
+#[derive(Default)]
+struct MemoryStore {
+    rooms: Mutex<HashMap<String, Vec<ChatMessage>>>,
+}
+
+impl MemoryStore {
+    fn put(&self, message: &ChatMessage) {
+        self.rooms.lock().unwrap().entry(message.room.clone()).or_default().push(message.clone());
+    }
+}
+
+#[async_trait]
+impl HistoryStore for MemoryStore {
+    async fn append(&self, batch: RoomAppend) -> Result<(), StoreError> {
+        batch.messages.iter().for_each(|m| self.put(m));
+        Ok(())
+    }
+    async fn last_seq(&self, room: &str) -> Result<u64, StoreError> {
+        Ok(self.rooms.lock().unwrap().get(room).and_then(|m| m.last()).map_or(0, |m| m.seq))
+    }
+    async fn find_by_client_msg_id(&self, _: &str, _: &str, _: &str) -> Result<Option<ChatMessage>, StoreError> {
+        Ok(None)
+    }
+    async fn page(&self, room: &str, query: PageQuery) -> Result<Page, StoreError> {
+        let rooms = self.rooms.lock().unwrap();
+        let all = rooms.get(room).cloned().unwrap_or_default();
+        let (range, has_more) = query.seq_range(all.last().map_or(0, |m| m.seq));
+        Ok(Page { messages: all.into_iter().filter(|m| range.contains(&m.seq)).collect(), has_more })
+    }
+    async fn get_by_id(&self, _id: Uuid) -> Result<Option<ChatMessage>, StoreError> {
+        Ok(None)
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+// === the harness ===
+
+struct Setup {
+    rooms: Arc<Rooms>,
+    bus: Arc<ScriptedBus>,
+    store: Arc<MemoryStore>,
+    metrics: Metrics,
+}
+
+fn setup(distributed: bool) -> Setup {
+    let bus = Arc::new(ScriptedBus { distributed, ..ScriptedBus::default() });
+    let store = Arc::new(MemoryStore::default());
+    let metrics = Metrics::new();
+    let config = GatewayConfig { gateway_id: "gw-1".into(), ..GatewayConfig::default() };
+    let history = HistoryReader::new(store.clone(), metrics.clone());
+    let journal = Arc::new(Journal::new("gw-1", 100));
+    let rooms = Rooms::new(&config, bus.clone(), history, metrics.clone(), journal, None);
+    Setup { rooms, bus, store, metrics }
+}
+
+fn message(room: &str, seq: u64) -> ChatMessage {
+    ChatMessage {
+        room: room.into(),
+        seq,
+        id: Uuid::now_v7(),
+        user: "writer".into(),
+        body: format!("m{seq}"),
+        ts: protocol::now_ms(),
+        client_msg_id: format!("c{seq}"),
+        trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+    }
+}
+
+/// What reached a member so far: seqs of messages and the text of other frames.
+fn received(outbox: &Outbox) -> (Vec<u64>, Vec<String>) {
+    let mut items = Vec::new();
+    outbox.take(usize::MAX, &mut items);
+    let mut seqs = Vec::new();
+    let mut frames = Vec::new();
+    for item in items {
+        match item {
+            Outbound::Message(delivery) => seqs.push(delivery.message.seq),
+            Outbound::Frame(text) => frames.push(text.as_str().to_owned()),
+        }
+    }
+    (seqs, frames)
+}
+
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+// === ordering and gap repair ===
+
+#[tokio::test(start_paused = true)]
+async fn a_seq_that_jumps_is_preceded_by_the_missing_messages_from_the_store() {
+    let s = setup(false);
+    let outbox = Outbox::new(1, 64, Duration::from_secs(5));
+    let joined = s.rooms.join("r", "alice", outbox.clone()).await.unwrap();
+    assert_eq!(joined.last_seq, 0);
+    let stored: Vec<ChatMessage> = (1..=3).map(|seq| message("r", seq)).collect();
+    stored.iter().for_each(|m| s.store.put(m));
+    s.bus.push("r", FeedItem::Message(Arc::new(stored[0].clone()), None)).await;
+    s.bus.push("r", FeedItem::Message(Arc::new(stored[2].clone()), None)).await;
+    s.bus.push("r", FeedItem::Message(Arc::new(stored[0].clone()), None)).await;
+    settle().await;
+    assert_eq!(received(&outbox).0, [1, 2, 3], "in order, no gap, the repeat ignored");
+    assert_eq!(s.metrics.gap_repairs.get(), 1);
+    assert_eq!(joined.hub.last_seq(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quiet_room_repairs_a_lost_last_message_only_on_the_second_check() {
+    let s = setup(false);
+    let outbox = Outbox::new(1, 64, Duration::from_secs(5));
+    s.rooms.join("r", "alice", outbox.clone()).await.unwrap();
+    let (first, lost) = (message("r", 1), message("r", 2));
+    s.store.put(&first);
+    s.store.put(&lost);
+    s.bus.push("r", FeedItem::Message(Arc::new(first), None)).await;
+    settle().await;
+    assert_eq!(received(&outbox).0, [1]);
+
+    // The first check, a second after the last message, only notes the store's newest seq:
+    // seq 2 may still be on its way.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(received(&outbox).0, Vec::<u64>::new());
+    assert_eq!(s.metrics.gap_repairs.get(), 0);
+    // The second check repairs it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(received(&outbox).0, [2]);
+    assert_eq!(s.metrics.gap_repairs.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_arriving_between_the_two_checks_is_not_a_repair() {
+    let s = setup(false);
+    let outbox = Outbox::new(1, 64, Duration::from_secs(5));
+    s.rooms.join("r", "alice", outbox.clone()).await.unwrap();
+    let (first, late) = (message("r", 1), message("r", 2));
+    s.store.put(&first);
+    s.store.put(&late);
+    s.bus.push("r", FeedItem::Message(Arc::new(first), None)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    s.bus.push("r", FeedItem::Message(Arc::new(late), None)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(received(&outbox).0, [1, 2]);
+    assert_eq!(s.metrics.gap_repairs.get(), 0, "the late message came by the bus");
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_bus_outage_everything_stored_meanwhile_is_repaired_at_once() {
+    let s = setup(false);
+    let outbox = Outbox::new(1, 64, Duration::from_secs(5));
+    s.rooms.join("r", "alice", outbox.clone()).await.unwrap();
+    for seq in 1..=3 {
+        s.store.put(&message("r", seq));
+    }
+    s.bus.push("r", FeedItem::Resumed).await;
+    // One check, within the tail-check delay plus the spread of resumed rooms.
+    tokio::time::sleep(super::feed::TAIL_CHECK + super::feed::RESUME_SPREAD + Duration::from_millis(100)).await;
+    assert_eq!(received(&outbox).0, [1, 2, 3]);
+}
+
+// === presence across gateways ===
+
+#[tokio::test(start_paused = true)]
+async fn users_of_a_gateway_silent_for_three_roster_periods_go_offline() {
+    let s = setup(true);
+    let outbox = Outbox::new(1, 64, Duration::from_secs(5));
+    s.rooms.join("r", "alice", outbox.clone()).await.unwrap();
+    let asked = s.bus.published.lock().unwrap().iter().any(|e| matches!(e, RoomEvent::RosterRequest { .. }));
+    assert!(asked, "a new hub asks the other gateways who is there");
+
+    let bob_online = RoomEvent::Presence { user: "bob".into(), state: PresenceState::Online, gateway: "gw-2".into() };
+    s.bus.push("r", FeedItem::Event(bob_online)).await;
+    settle().await;
+    let (_, frames) = received(&outbox);
+    assert!(frames.iter().any(|f| f.contains("\"bob\"") && f.contains("online")), "{frames:?}");
+    assert!(s.rooms.hub_members("r").contains(&"bob".to_owned()));
+
+    // gw-2 stays silent. Two periods later bob is still there; after three he is gone.
+    let period = GatewayConfig::default().roster_interval;
+    tokio::time::sleep(period * 2).await;
+    assert!(s.rooms.hub_members("r").contains(&"bob".to_owned()));
+    tokio::time::sleep(period * 2).await;
+    let (_, frames) = received(&outbox);
+    assert!(frames.iter().any(|f| f.contains("\"bob\"") && f.contains("offline")), "{frames:?}");
+    assert_eq!(s.rooms.hub_members("r"), ["alice"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hub_publishes_its_roster_every_period_and_when_asked() {
+    let s = setup(true);
+    let outbox = Outbox::new(1, 64, Duration::from_secs(5));
+    s.rooms.join("r", "alice", outbox).await.unwrap();
+    let rosters = || s.bus.published.lock().unwrap().iter().filter(|e| matches!(e, RoomEvent::Roster { .. })).count();
+    let before = rosters();
+    s.bus.push("r", FeedItem::Event(RoomEvent::RosterRequest { gateway: "gw-2".into() })).await;
+    settle().await;
+    assert_eq!(rosters(), before + 1, "answered a roster request at once");
+    tokio::time::sleep(GatewayConfig::default().roster_interval * 2).await;
+    assert!(rosters() >= before + 3, "and every period");
+}
+
+impl Rooms {
+    /// Users present in a followed room.
+    fn hub_members(&self, room: &str) -> Vec<String> {
+        let hub = self.slots().get(room).and_then(|slot| slot.get().cloned()).expect("the room is followed");
+        hub.members()
+    }
+}
