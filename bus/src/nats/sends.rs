@@ -1,0 +1,265 @@
+//! A send's round trip over NATS. The gateway publishes the send to JetStream with a reply
+//! subject of its own (`chat.reply.<gateway>.<token>`) and waits; the answer comes back on its
+//! reply listener, which hands it to the waiting submit. On the worker's side a pulled JetStream
+//! message becomes a [`PendingSend`] whose replier publishes the answer to that subject and only
+//! then acks the message, so a worker that dies before answering has the send redelivered.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use async_nats::jetstream::{self, AckKind};
+use async_nats::HeaderMap;
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use protocol::bus::{SendCommand, SendOutcome, SendReply};
+use protocol::subjects;
+use tokio::sync::oneshot;
+
+use super::{unavailable, NatsBus, TRACEPARENT};
+use crate::{BusError, BusErrorKind, PendingSend, Replier};
+
+/// Header naming where a worker sends its answer.
+const REPLY_HEADER: &str = "Chat-Reply";
+
+/// Submits waiting for their answer, by reply subject.
+pub(super) type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<SendReply>>>>;
+
+/// The prefix of a process's reply subjects, `chat.reply.<name>`; one send's reply subject is
+/// the prefix and a token, and the process listens on `<prefix>.>`.
+pub(super) fn reply_prefix(name: &str) -> String {
+    format!("chat.reply.{name}")
+}
+
+/// What a submit returns for the worker's answer (or for the answer never coming).
+fn outcome_of(reply: Result<SendReply, oneshot::error::RecvError>) -> Result<SendOutcome, BusError> {
+    match reply {
+        Ok(SendReply::Stored(outcome)) => Ok(outcome),
+        Ok(SendReply::Rejected { reason }) => Err(BusError::rejected(reason)),
+        Ok(SendReply::Unavailable { reason }) => Err(BusError::unavailable(reason)),
+        Err(_) => Err(BusError::unavailable("reply channel closed")),
+    }
+}
+
+/// What a worker answers for an outcome, and how it acks the JetStream message: a stored send
+/// is acked; a refused or failed one is terminated (never redelivered).
+fn reply_for(outcome: Result<SendOutcome, BusError>) -> (SendReply, AckKind) {
+    match outcome {
+        Ok(outcome) => (SendReply::Stored(outcome), AckKind::Ack),
+        Err(e) if e.kind() == BusErrorKind::Rejected => {
+            (SendReply::Rejected { reason: e.message().to_owned() }, AckKind::Term)
+        }
+        // Not stored and the gateway tells the client so: drop the send for good, the
+        // client retries with the same client_msg_id.
+        Err(e) => (SendReply::Unavailable { reason: e.to_string() }, AckKind::Term),
+    }
+}
+
+/// Which delivery of a send a JetStream message is, from its `delivered` count (1 when
+/// unknown or nonsensical).
+fn delivery_number(delivered: Option<i64>) -> u64 {
+    delivered.map_or(1, |delivered| u64::try_from(delivered).unwrap_or(1).max(1))
+}
+
+/// Removes a waiter when its submit ends, answered or not.
+struct WaiterGuard<'a> {
+    waiters: &'a Waiters,
+    subject: String,
+}
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.subject);
+    }
+}
+
+impl NatsBus {
+    /// Routes workers' answers on this process's reply subjects to the submits waiting for them.
+    pub(super) async fn listen_for_replies(self: &Arc<Self>) -> Result<(), BusError> {
+        let mut replies = self
+            .client
+            .subscribe(format!("{}.>", self.reply_prefix))
+            .await
+            .map_err(|e| unavailable("subscribe to replies", e))?;
+        let waiters = self.waiters.clone();
+        tokio::spawn(async move {
+            while let Some(message) = replies.next().await {
+                let Ok(reply) = serde_json::from_slice::<SendReply>(&message.payload) else {
+                    tracing::warn!(subject = %message.subject, "undecodable send reply ignored");
+                    continue;
+                };
+                let waiter = waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(message.subject.as_str());
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(reply);
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Publishes a send to JetStream and waits for the worker's answer ([`GatewayBus::submit`]).
+    ///
+    /// [`GatewayBus::submit`]: crate::GatewayBus::submit
+    pub(super) async fn submit_send(&self, command: SendCommand) -> Result<SendOutcome, BusError> {
+        if !self.connected() {
+            return Err(BusError::unavailable("not connected to NATS"));
+        }
+        if !self.stream_ready.load(Ordering::Acquire) {
+            self.ensure_stream().await?;
+        }
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let reply_subject = format!("{}.{token}", self.reply_prefix);
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).insert(reply_subject.clone(), tx);
+        let _guard = WaiterGuard { waiters: &self.waiters, subject: reply_subject.clone() };
+        let span = tracing::info_span!(target: telemetry::logging::HOP_TARGET, "bus.publish", subject = %subjects::send(&command.room));
+        let mut command = command;
+        command.traceparent = telemetry::trace::traceparent_of(&span, &command.traceparent);
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", token.as_str());
+        headers.insert(REPLY_HEADER, reply_subject.as_str());
+        headers.insert(TRACEPARENT, command.traceparent.as_str());
+        let payload = serde_json::to_vec(&command).map_err(|e| BusError::encoding("encode for NATS", e))?;
+        let stored = async {
+            let ack = self
+                .js
+                .publish_with_headers(subjects::send(&command.room), headers, payload.into())
+                .await
+                .map_err(|e| unavailable("publish send", e))?;
+            ack.await.map_err(|e| unavailable("send not stored in JetStream", e))
+        };
+        let started = std::time::Instant::now();
+        tracing::Instrument::instrument(stored, span).await?;
+        self.metrics.bus_latency.with_label_values(&["jetstream_publish"]).observe(started.elapsed().as_secs_f64());
+        let replied = std::time::Instant::now();
+        let reply = rx.await;
+        self.metrics.bus_latency.with_label_values(&["worker_reply"]).observe(replied.elapsed().as_secs_f64());
+        outcome_of(reply)
+    }
+
+    /// Turns a pulled JetStream message into a send for the worker; an undecodable one is
+    /// terminated and skipped.
+    pub(super) fn pending(&self, message: jetstream::Message) -> Option<PendingSend> {
+        let reply_subject = message.headers.as_ref().and_then(|h| h.get(REPLY_HEADER)).map(|v| v.as_str().to_owned());
+        match serde_json::from_slice::<SendCommand>(&message.payload) {
+            Ok(mut command) => {
+                let delivery = delivery_number(message.info().ok().map(|info| info.delivered));
+                if delivery > 1 {
+                    self.metrics.send_redeliveries.inc();
+                    tracing::info!(room = %command.room, client_msg_id = %command.client_msg_id, delivery, "send redelivered by JetStream");
+                }
+                let span = tracing::info_span!(target: telemetry::logging::HOP_TARGET, "fanout.consume", room = %command.room, delivery);
+                telemetry::trace::set_parent(&span, telemetry::trace::message_context(Some(&command.traceparent)));
+                command.traceparent = telemetry::trace::traceparent_of(&span, &command.traceparent);
+                Some(PendingSend {
+                    command,
+                    delivery,
+                    reply: Box::new(NatsReplier { client: self.client.clone(), message, reply_subject }),
+                })
+            }
+            Err(e) => {
+                tracing::warn!(subject = %message.subject, error = %e, "undecodable send terminated");
+                tokio::spawn(async move {
+                    let _ = message.ack_with(AckKind::Term).await;
+                });
+                None
+            }
+        }
+    }
+}
+
+/// Answers one JetStream send.
+struct NatsReplier {
+    client: async_nats::Client,
+    message: jetstream::Message,
+    reply_subject: Option<String>,
+}
+
+#[async_trait]
+impl Replier for NatsReplier {
+    async fn reply(self: Box<Self>, outcome: Result<SendOutcome, BusError>) {
+        let (reply, ack) = reply_for(outcome);
+        if let Some(subject) = self.reply_subject {
+            if let Ok(payload) = serde_json::to_vec(&reply) {
+                if let Err(e) = self.client.publish(subject, payload.into()).await {
+                    tracing::warn!(error = %e, "send reply not published");
+                }
+            }
+        }
+        if let Err(e) = self.message.ack_with(ack).await {
+            // The send will be redelivered; the store's dedupe answers the retry.
+            tracing::warn!(error = %e, "JetStream ack failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome() -> SendOutcome {
+        SendOutcome {
+            message: protocol::ChatMessage {
+                room: "general".into(),
+                seq: 7,
+                id: uuid::Uuid::nil(),
+                user: "alice".into(),
+                body: "hi".into(),
+                ts: 1,
+                client_msg_id: "c-1".into(),
+                trace_id: "0".repeat(32),
+            },
+            duplicate: false,
+        }
+    }
+
+    #[test]
+    fn reply_subjects_are_under_the_process_prefix() {
+        assert_eq!(reply_prefix("gateway-1"), "chat.reply.gateway-1");
+    }
+
+    #[test]
+    fn a_stored_send_is_acked_and_returned_to_the_submitter() {
+        let (reply, ack) = reply_for(Ok(outcome()));
+        assert!(matches!(ack, AckKind::Ack), "{ack:?}");
+        assert_eq!(reply, SendReply::Stored(outcome()));
+        assert_eq!(outcome_of(Ok(reply)).unwrap(), outcome());
+    }
+
+    #[test]
+    fn a_rejection_is_terminated_and_reaches_the_submitter_with_its_reason_alone() {
+        let (reply, ack) = reply_for(Err(BusError::rejected("body too long")));
+        assert!(matches!(ack, AckKind::Term), "{ack:?}");
+        assert_eq!(reply, SendReply::Rejected { reason: "body too long".into() });
+        let error = outcome_of(Ok(reply)).unwrap_err();
+        assert_eq!(error.kind(), BusErrorKind::Rejected);
+        assert_eq!(error.message(), "body too long");
+    }
+
+    #[test]
+    fn a_failure_is_terminated_and_reaches_the_submitter_as_unavailable() {
+        let (reply, ack) = reply_for(Err(BusError::unavailable("store down")));
+        assert!(matches!(ack, AckKind::Term), "{ack:?}");
+        assert_eq!(reply, SendReply::Unavailable { reason: "bus unavailable: store down".into() });
+        assert_eq!(outcome_of(Ok(reply)).unwrap_err().kind(), BusErrorKind::Unavailable);
+    }
+
+    #[test]
+    fn no_answer_at_all_is_unavailable() {
+        let (tx, rx) = oneshot::channel::<SendReply>();
+        drop(tx);
+        let closed = rx.blocking_recv();
+        let error = outcome_of(closed).unwrap_err();
+        assert_eq!(error.kind(), BusErrorKind::Unavailable);
+        assert_eq!(error.message(), "reply channel closed");
+    }
+
+    #[test]
+    fn the_delivery_number_counts_from_one() {
+        assert_eq!(delivery_number(None), 1);
+        assert_eq!(delivery_number(Some(0)), 1);
+        assert_eq!(delivery_number(Some(-3)), 1);
+        assert_eq!(delivery_number(Some(1)), 1);
+        assert_eq!(delivery_number(Some(4)), 4);
+    }
+}

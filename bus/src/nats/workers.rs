@@ -1,0 +1,374 @@
+//! Fanout workers and the partitions they pull. Every worker announces itself on
+//! `chat.workers` each second and remembers who it heard in the last few seconds; each of the
+//! 16 partitions of the send stream belongs to the live worker with the highest rendezvous
+//! score, so every worker computes the same owners without talking more. A worker pulls the
+//! partitions it owns from their durable consumers (`fanout-p<N>`) into one queue, from which
+//! the fanout takes batches.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use futures_util::StreamExt;
+use protocol::subjects;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::{unavailable, NatsBus};
+use crate::{BusError, PendingSend};
+
+/// The single consumer of every send used before partitions.
+const LEGACY_CONSUMER: &str = "fanout";
+/// A worker not heard from for this long is presumed gone; its partitions move.
+const WORKER_SILENCE: Duration = Duration::from_secs(3);
+/// How often a worker announces itself.
+const WORKER_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Durable consumer of a partition: `fanout-p<N>`.
+fn consumer_name(partition: u32) -> String {
+    format!("fanout-p{partition}")
+}
+
+/// The worker among `workers` that owns `partition`: the highest rendezvous score (a hash of
+/// worker and partition), whatever order the workers come in; `None` without workers.
+fn owner<'a>(partition: u32, workers: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    workers
+        .into_iter()
+        .map(|worker| (crc32fast::hash(format!("{worker}/{partition}").as_bytes()), worker))
+        .max()
+        .map(|(_, worker)| worker)
+}
+
+/// The workers one worker has heard announce themselves, and when it last heard each.
+struct Membership {
+    me: String,
+    heard: HashMap<String, Instant>,
+}
+
+impl Membership {
+    /// Only `me` so far.
+    fn new(me: String) -> Self {
+        Self { me, heard: HashMap::new() }
+    }
+
+    /// `worker` announced itself at `at`.
+    fn heard(&mut self, worker: &str, at: Instant) {
+        self.heard.insert(worker.to_owned(), at);
+    }
+
+    /// The partitions this worker owns at `now`: workers silent for [`WORKER_SILENCE`] are
+    /// forgotten, and this worker is always live.
+    fn owned(&mut self, now: Instant) -> Vec<u32> {
+        self.heard.retain(|_, seen| now.duration_since(*seen) < WORKER_SILENCE);
+        self.heard.insert(self.me.clone(), now);
+        (0..subjects::PARTITIONS)
+            .filter(|partition| owner(*partition, self.heard.keys().map(String::as_str)) == Some(self.me.as_str()))
+            .collect()
+    }
+}
+
+impl NatsBus {
+    /// Starts this process as a fanout worker: it announces itself, follows the other
+    /// workers, and pulls the partitions it owns. Ownership is rendezvous hashing over the
+    /// live workers, so every worker computes the same owners without talking more; when one
+    /// goes silent its partitions move within a few seconds, and its unacked sends are
+    /// redelivered to the new owner after `ack_wait`. During a change two workers may briefly
+    /// pull the same partition: the store's fenced append keeps seqs right.
+    pub async fn start_worker(self: &Arc<Self>) -> Result<(), BusError> {
+        let (tx, rx) = mpsc::channel(4 * 1024);
+        *self.sends.lock().await = Some(rx);
+        // Before partitions there was one consumer of every send; on a work-queue stream it
+        // would overlap the partition consumers, so it goes (best effort: NATS may be down).
+        if let Ok(stream) = self.ensure_stream().await {
+            let _ = stream.delete_consumer(LEGACY_CONSUMER).await;
+        }
+        let mut heard =
+            self.client.subscribe(subjects::WORKERS).await.map_err(|e| unavailable("subscribe to workers", e))?;
+        let bus = self.clone();
+        tokio::spawn(async move {
+            let mut membership = Membership::new(bus.config.name.clone());
+            let mut pullers: HashMap<u32, tokio::task::JoinHandle<()>> = HashMap::new();
+            let mut tick = tokio::time::interval(WORKER_HEARTBEAT);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let _ = bus.client.publish(subjects::WORKERS, bus.config.name.clone().into()).await;
+                    }
+                    announced = heard.next() => match announced {
+                        Some(message) => {
+                            if let Ok(name) = std::str::from_utf8(&message.payload) {
+                                membership.heard(name, Instant::now());
+                            }
+                        }
+                        None => break,
+                    },
+                    () = tx.closed() => break,
+                }
+                let owned = membership.owned(Instant::now());
+                pullers.retain(|partition, task| {
+                    let keep = owned.contains(partition) && !task.is_finished();
+                    if !keep {
+                        tracing::info!(worker = %bus.config.name, partition, "partition released");
+                        task.abort();
+                    }
+                    keep
+                });
+                for partition in owned {
+                    if let std::collections::hash_map::Entry::Vacant(slot) = pullers.entry(partition) {
+                        tracing::info!(worker = %bus.config.name, partition, "partition taken");
+                        let (bus, tx) = (bus.clone(), tx.clone());
+                        slot.insert(tokio::spawn(async move { bus.pull_partition(partition, tx).await }));
+                    }
+                }
+            }
+            for (_, task) in pullers {
+                task.abort();
+            }
+        });
+        Ok(())
+    }
+
+    /// Pulls one partition's sends into the worker's queue until aborted, reopening the pull
+    /// with backoff when NATS goes away.
+    async fn pull_partition(&self, partition: u32, into: mpsc::Sender<jetstream::Message>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.open_partition(partition).await {
+                Ok(mut messages) => {
+                    backoff = Duration::from_millis(100);
+                    while let Some(message) = messages.next().await {
+                        match message {
+                            Ok(message) => {
+                                if into.send(message).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(partition, error = %e, "pulling sends failed; reopening");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(partition, error = %e, ?backoff, "cannot pull sends yet; retrying"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Opens a pull on a partition's durable consumer, creating the consumer if needed.
+    async fn open_partition(&self, partition: u32) -> Result<consumer::pull::Stream, BusError> {
+        let stream = self.ensure_stream().await?;
+        let name = consumer_name(partition);
+        let consumer: consumer::PullConsumer = stream
+            .get_or_create_consumer(
+                &name,
+                consumer::pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: subjects::send_partition(partition),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: self.config.ack_wait,
+                    max_ack_pending: self.config.max_ack_pending,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| unavailable("create consumer", e))?;
+        consumer
+            .stream()
+            .max_messages_per_batch(256)
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await
+            .map_err(|e| unavailable("pull sends", e))
+    }
+
+    /// The next batch of pulled sends ([`FanoutBus::next_batch`]); `None` on a process that
+    /// is not a worker.
+    ///
+    /// [`FanoutBus::next_batch`]: crate::FanoutBus::next_batch
+    pub(super) async fn next_pulled_batch(&self, max: usize) -> Option<Vec<PendingSend>> {
+        let mut sends = self.sends.lock().await;
+        let incoming = sends.as_mut()?;
+        loop {
+            let first = incoming.recv().await?;
+            let mut batch: Vec<PendingSend> = self.pending(first).into_iter().collect();
+            while batch.len() < max {
+                match incoming.try_recv() {
+                    Ok(message) => batch.extend(self.pending(message)),
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                return Some(batch);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Worker names like the default `fanout-<8 hex digits>`, different for every `(set, i)`.
+    fn worker(set: u32, i: u32) -> String {
+        format!("fanout-{:08x}", crc32fast::hash(format!("{set}/{i}").as_bytes()))
+    }
+
+    fn workers(set: u32, n: u32) -> Vec<String> {
+        (0..n).map(|i| worker(set, i)).collect()
+    }
+
+    fn owners(workers: &[String]) -> Vec<Option<&str>> {
+        (0..subjects::PARTITIONS).map(|p| owner(p, workers.iter().map(String::as_str))).collect()
+    }
+
+    #[test]
+    fn consumers_are_named_by_partition() {
+        assert_eq!(consumer_name(0), "fanout-p0");
+        assert_eq!(consumer_name(15), "fanout-p15");
+    }
+
+    #[test]
+    fn no_workers_own_nothing() {
+        for partition in 0..subjects::PARTITIONS {
+            assert_eq!(owner(partition, []), None);
+        }
+    }
+
+    #[test]
+    fn ownership_is_the_same_whatever_order_the_workers_are_heard_in() {
+        for set in 0..50 {
+            let forward = workers(set, 5);
+            let mut backward = forward.clone();
+            backward.reverse();
+            let mut rotated = forward.clone();
+            rotated.rotate_left(2);
+            assert_eq!(owners(&forward), owners(&backward), "set {set}");
+            assert_eq!(owners(&forward), owners(&rotated), "set {set}");
+            assert_eq!(owners(&forward), owners(&forward.clone()), "set {set}");
+        }
+    }
+
+    /// Workers of different builds must agree during a rolling upgrade: the owners of a known
+    /// set never change.
+    #[test]
+    fn ownership_is_stable_across_versions() {
+        let three: Vec<String> = ["fanout-1", "fanout-2", "fanout-3"].map(String::from).into();
+        let expected = ["3", "1", "1", "2", "1", "3", "2", "1", "1", "2", "1", "2", "3", "3", "1", "2"];
+        let got: Vec<&str> = owners(&three).into_iter().map(|o| o.unwrap().trim_start_matches("fanout-")).collect();
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn every_partition_has_exactly_one_owner_among_the_live_workers() {
+        for n in 1..=6 {
+            for set in 0..20 {
+                let live = workers(set, n);
+                // Each worker decides for itself which partitions it owns; together they cover
+                // every partition exactly once.
+                let mut claims = vec![0; subjects::PARTITIONS as usize];
+                for me in &live {
+                    let mut membership = Membership::new(me.clone());
+                    let now = Instant::now();
+                    for other in &live {
+                        membership.heard(other, now);
+                    }
+                    for partition in membership.owned(now) {
+                        claims[partition as usize] += 1;
+                    }
+                }
+                assert_eq!(claims, vec![1; subjects::PARTITIONS as usize], "{live:?}");
+                for owner in owners(&live) {
+                    assert!(live.iter().any(|w| Some(w.as_str()) == owner), "{owner:?} not in {live:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_new_worker_takes_only_the_partitions_it_wins_about_one_in_n() {
+        for n in 1..=5 {
+            let (mut moved, mut total) = (0, 0);
+            for set in 0..200 {
+                let before = workers(set, n);
+                let after = workers(set, n + 1);
+                let newcomer = after[n as usize].as_str();
+                for (old, new) in owners(&before).into_iter().zip(owners(&after)) {
+                    total += 1;
+                    if old != new {
+                        moved += 1;
+                        assert_eq!(new, Some(newcomer), "a partition moved between old workers");
+                    }
+                }
+            }
+            let share = f64::from(moved) / f64::from(total);
+            let fair = 1.0 / f64::from(n + 1);
+            assert!((share - fair).abs() < 0.05, "{n} → {}: the newcomer took {share:.3}, not about {fair:.3}", n + 1);
+        }
+    }
+
+    #[test]
+    fn a_departed_workers_partitions_move_and_no_others() {
+        for set in 0..200 {
+            let before = workers(set, 4);
+            for gone in 0..before.len() {
+                let mut after = before.clone();
+                let departed = after.remove(gone);
+                for (old, new) in owners(&before).into_iter().zip(owners(&after)) {
+                    if old == Some(departed.as_str()) {
+                        assert!(new.is_some() && new != old, "{departed}'s partition kept no live owner");
+                    } else {
+                        assert_eq!(old, new, "a partition of a live worker moved when {departed} left");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_worker_alone_owns_every_partition() {
+        let mut membership = Membership::new("fanout-a".into());
+        assert_eq!(membership.owned(Instant::now()), (0..subjects::PARTITIONS).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_silent_worker_is_forgotten_after_the_silence_and_not_before() {
+        let start = Instant::now();
+        let mut membership = Membership::new("fanout-a".into());
+        membership.heard("fanout-b", start);
+        let all: BTreeSet<u32> = (0..subjects::PARTITIONS).collect();
+        let shared: BTreeSet<u32> = membership.owned(start).into_iter().collect();
+        assert!(shared.len() < all.len(), "fanout-b owns none of {shared:?}");
+
+        let almost = start + WORKER_SILENCE - Duration::from_millis(1);
+        assert_eq!(membership.owned(almost).into_iter().collect::<BTreeSet<_>>(), shared, "forgotten too early");
+
+        let silent = start + WORKER_SILENCE;
+        assert_eq!(membership.owned(silent).into_iter().collect::<BTreeSet<_>>(), all, "still counted after silence");
+    }
+
+    #[test]
+    fn hearing_a_worker_again_keeps_it_live() {
+        let start = Instant::now();
+        let mut membership = Membership::new("fanout-a".into());
+        membership.heard("fanout-b", start);
+        let shared = membership.owned(start);
+        membership.heard("fanout-b", start + WORKER_HEARTBEAT * 2);
+        assert_eq!(membership.owned(start + WORKER_SILENCE + WORKER_HEARTBEAT), shared);
+    }
+
+    #[test]
+    fn this_worker_counts_itself_live_without_hearing_its_own_heartbeat() {
+        let start = Instant::now();
+        let mut membership = Membership::new("fanout-a".into());
+        membership.heard("fanout-b", start);
+        // Long after anything was heard, fanout-a still owns everything rather than nothing.
+        let later = start + WORKER_SILENCE * 10;
+        assert_eq!(membership.owned(later).len(), subjects::PARTITIONS as usize);
+    }
+}
