@@ -1,0 +1,346 @@
+//! What each client frame does: `hello`, `join`, `leave`, `send` (and its ack), `history`,
+//! `typing`, `ping`.
+
+use std::time::Instant;
+
+use axum::extract::ws::Message;
+use protocol::bus::{SendCommand, SendOutcome};
+use protocol::frames::{parse_client_frame, ClientFrame};
+use protocol::{names, ErrorCode, Req, ServerFrame};
+use storage::PageQuery;
+
+use super::{Connection, End, InFlight, JoinedRoom, SubmitResult, CLOSE_POLICY, SUBMIT_MARGIN};
+use crate::auth::Identity;
+
+impl Connection {
+    // === reading ===
+
+    pub(super) async fn on_client_message(&mut self, message: Message, in_flight: &mut InFlight) -> Result<(), End> {
+        match message {
+            Message::Text(text) => self.on_text(text.as_str(), in_flight).await,
+            Message::Binary(_) => {
+                self.count_frame("binary");
+                self.error(ErrorCode::BadRequest, "binary frames are not supported; send JSON text frames", None).await
+            }
+            Message::Ping(_) | Message::Pong(_) => Ok(()),
+            Message::Close(_) => Err(End::Gone),
+        }
+    }
+
+    pub(super) async fn on_text(&mut self, text: &str, in_flight: &mut InFlight) -> Result<(), End> {
+        let max = self.app.config.limits.max_frame_bytes;
+        if text.len() > max {
+            self.count_frame("too_large");
+            return self
+                .error(ErrorCode::TooLarge, &format!("frame of {} bytes exceeds the limit of {max}", text.len()), None)
+                .await;
+        }
+        let (frame, req) = match parse_client_frame(text) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                self.count_frame("invalid");
+                return self.error(ErrorCode::BadRequest, &e.message, e.req).await;
+            }
+        };
+        self.count_frame(frame_type(&frame));
+        let Some(identity) = self.identity.clone() else {
+            return match frame {
+                ClientFrame::Hello { user, token } => self.on_hello(user, token, req).await,
+                _ => self.error(ErrorCode::Unauthorized, "send hello first", req).await,
+            };
+        };
+        match frame {
+            ClientFrame::Hello { .. } => {
+                self.error(ErrorCode::BadRequest, "hello was already accepted on this connection", req).await
+            }
+            ClientFrame::Join { room, since } => self.on_join(&identity, room, since, req).await,
+            ClientFrame::Leave { room } => self.on_leave(room, req).await,
+            ClientFrame::Send { room, client_msg_id, body, traceparent } => {
+                self.on_send(&identity, room, client_msg_id, body, traceparent, req, in_flight).await
+            }
+            ClientFrame::History { room, before, after, limit } => {
+                self.on_history(&identity, room, before, after, limit, req).await
+            }
+            ClientFrame::Typing { room } => self.on_typing(&identity, room, req).await,
+            ClientFrame::Ping => self.write_frame(ServerFrame::Pong { req }).await,
+        }
+    }
+
+    pub(super) async fn on_hello(
+        &mut self,
+        user: Option<String>,
+        token: Option<String>,
+        req: Option<Req>,
+    ) -> Result<(), End> {
+        let identity = match &self.app.verifier {
+            Some(verifier) => match verifier.verify(token.as_deref().or(self.query_token.as_deref())) {
+                Ok(identity) => identity,
+                Err(e) => {
+                    self.error(ErrorCode::Unauthorized, &e.to_string(), req).await?;
+                    return Err(End::Close(CLOSE_POLICY, "unauthorized"));
+                }
+            },
+            None => match user {
+                Some(user) if names::is_valid_user(&user) => Identity { user, rooms: None, valid_until: None },
+                Some(_) => {
+                    return self
+                        .error(ErrorCode::BadRequest, "user must be 1-64 characters from A-Z a-z 0-9 _ - .", req)
+                        .await
+                }
+                None => {
+                    return self
+                        .error(ErrorCode::BadRequest, "hello needs a user (this server runs without auth)", req)
+                        .await
+                }
+            },
+        };
+        let welcome = ServerFrame::Welcome {
+            user: identity.user.clone(),
+            session: self.session,
+            gateway: self.app.config.gateway_id.clone(),
+            req,
+        };
+        tracing::debug!(conn = self.id, user = %identity.user, "hello");
+        self.identity = Some(identity);
+        self.write_frame(welcome).await
+    }
+
+    pub(super) async fn on_join(
+        &mut self,
+        identity: &Identity,
+        room: String,
+        since: Option<u64>,
+        req: Option<Req>,
+    ) -> Result<(), End> {
+        if !names::is_valid_room(&room) {
+            return self.error(ErrorCode::BadRequest, "room must be 1-64 characters from A-Z a-z 0-9 _ -", req).await;
+        }
+        if !identity.may_join(&room) {
+            return self.error(ErrorCode::Forbidden, &format!("your token does not allow room {room}"), req).await;
+        }
+        if let Some(joined) = self.rooms.get(&room) {
+            // Already joined: answer again, and replay what the client says it lacks.
+            let (hub, cursor) = (joined.hub.clone(), joined.cursor);
+            let members = hub.members();
+            self.write_frame(ServerFrame::Joined {
+                room: room.clone(),
+                last_seq: hub.last_seq().max(cursor),
+                members,
+                req,
+            })
+            .await?;
+            if let Some(since) = since.filter(|s| *s < cursor) {
+                self.replay(&room, since, cursor).await?;
+            }
+            return Ok(());
+        }
+        let max_rooms = self.app.config.limits.max_rooms_per_connection;
+        if self.rooms.len() >= max_rooms {
+            return self
+                .error(
+                    ErrorCode::BadRequest,
+                    &format!("at most {max_rooms} rooms per connection; leave one first"),
+                    req,
+                )
+                .await;
+        }
+        let joined = match self.app.rooms.join(&room, &identity.user, self.outbox.clone()).await {
+            Ok(joined) => joined,
+            Err(e) => {
+                tracing::warn!(room, error = %e, "join failed");
+                return self.error(ErrorCode::Unavailable, "the room cannot be joined right now; retry", req).await;
+            }
+        };
+        self.app.metrics.joins.inc();
+        let last_seq = joined.last_seq;
+        let frame = ServerFrame::Joined { room: room.clone(), last_seq, members: joined.members, req };
+        // From `since` (never beyond what exists) up to `last_seq` comes from the store; the
+        // hub delivers everything after `last_seq` live.
+        let start = since.map_or(last_seq, |since| since.min(last_seq));
+        self.rooms.insert(room.clone(), JoinedRoom { hub: joined.hub, cursor: start });
+        self.write_frame(frame).await?;
+        if start < last_seq {
+            self.replay(&room, start, last_seq).await?;
+        }
+        Ok(())
+    }
+
+    /// Leaves a room. Leaving is idempotent: a room this connection has not joined (or already
+    /// left) is answered `left` too, as the contract's table says, since the outcome holds.
+    pub(super) async fn on_leave(&mut self, room: String, req: Option<Req>) -> Result<(), End> {
+        if let Some(joined) = self.rooms.remove(&room) {
+            self.app.rooms.leave(&joined.hub, self.id).await;
+        }
+        self.write_frame(ServerFrame::Left { room, req }).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn on_send(
+        &mut self,
+        identity: &Identity,
+        room: String,
+        client_msg_id: String,
+        body: String,
+        traceparent: Option<String>,
+        req: Option<Req>,
+        in_flight: &mut InFlight,
+    ) -> Result<(), End> {
+        if !self.rooms.contains_key(&room) {
+            return self.error(ErrorCode::NotJoined, &format!("join room {room} before sending to it"), req).await;
+        }
+        if !names::is_valid_client_msg_id(&client_msg_id) {
+            return self
+                .error(ErrorCode::BadRequest, "client_msg_id must be 1-64 characters without control characters", req)
+                .await;
+        }
+        let max_body = self.app.config.limits.max_body_chars;
+        if body.chars().count() > max_body {
+            return self.error(ErrorCode::TooLarge, &format!("body exceeds {max_body} characters"), req).await;
+        }
+        if self.limiter.check().is_err() {
+            self.app.metrics.drops.with_label_values(&["rate_limited"]).inc();
+            return self.error(ErrorCode::RateLimited, "sending too fast; slow down and retry", req).await;
+        }
+        let context = telemetry::trace::message_context(traceparent.as_deref());
+        let span = tracing::info_span!(target: telemetry::logging::HOP_TARGET, "gateway.receive", room = %room, client_msg_id = %client_msg_id, user = %identity.user);
+        telemetry::trace::set_parent(&span, context.clone());
+        let traceparent = telemetry::trace::traceparent_of(&span, &telemetry::trace::to_traceparent(&context));
+        let command = SendCommand {
+            room,
+            user: identity.user.clone(),
+            client_msg_id,
+            body,
+            traceparent,
+            gateway: self.app.config.gateway_id.clone(),
+            deadline_ms: protocol::now_ms() + self.app.config.submit_timeout.as_millis() as i64,
+        };
+        let trace_id = telemetry::trace::trace_id_of(&command.traceparent);
+        self.app.journal.record_send(
+            &command.dedupe_key(),
+            &trace_id,
+            "gateway.receive",
+            serde_json::json!({"gateway": self.app.config.gateway_id, "session": self.session}),
+        );
+        let bus = self.app.bus.clone();
+        let started = Instant::now();
+        // Workers refuse a send past its deadline; waiting a little longer than that means a
+        // send this gateway calls `unavailable` was really not stored.
+        let wait = self.app.config.submit_timeout + SUBMIT_MARGIN;
+        let submitted_trace = trace_id.clone();
+        in_flight.push(Box::pin(async move {
+            let room = command.room.clone();
+            let client_msg_id = command.client_msg_id.clone();
+            let submitted = tracing::Instrument::instrument(bus.submit(command), span);
+            let outcome = match tokio::time::timeout(wait, submitted).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(bus::BusError::unavailable("no answer from fanout in time")),
+            };
+            (req, room, client_msg_id, submitted_trace, started, outcome)
+        }));
+        Ok(())
+    }
+
+    pub(super) async fn on_submitted(
+        &mut self,
+        (req, room, client_msg_id, trace_id, started, outcome): SubmitResult,
+    ) -> Result<(), End> {
+        let metrics = &self.app.metrics;
+        match outcome {
+            Ok(SendOutcome { message, duplicate }) => {
+                metrics.sends.with_label_values(&[if duplicate { "duplicate" } else { "acked" }]).inc();
+                metrics.send_to_ack.observe(started.elapsed().as_secs_f64());
+                let key = protocol::bus::dedupe_key(&room, &message.user, &client_msg_id);
+                self.app.journal.link(&key, message.id);
+                self.app.journal.record(
+                    message.id,
+                    &message.trace_id,
+                    "gateway.ack",
+                    serde_json::json!({"gateway": self.app.config.gateway_id, "duplicate": duplicate}),
+                );
+                let ack =
+                    ServerFrame::Ack { room, client_msg_id, id: message.id, seq: message.seq, ts: message.ts, req };
+                self.write_frame(ack).await
+            }
+            Err(e) if e.kind() == bus::BusErrorKind::Rejected => {
+                metrics.sends.with_label_values(&["rejected"]).inc();
+                self.error(ErrorCode::BadRequest, e.message(), req).await
+            }
+            Err(e) if e.kind() == bus::BusErrorKind::Encoding => {
+                metrics.sends.with_label_values(&["internal"]).inc();
+                tracing::error!(room, client_msg_id, trace_id, error = %e, "send not encodable for the bus");
+                self.error(
+                    ErrorCode::Internal,
+                    "the message could not be handed to the sequencer (a server defect); it was not stored",
+                    req,
+                )
+                .await
+            }
+            Err(e) => {
+                metrics.sends.with_label_values(&["unavailable"]).inc();
+                tracing::warn!(room, client_msg_id, trace_id, error = %e, "send not accepted");
+                self.error(
+                    ErrorCode::Unavailable,
+                    "the message was not accepted (a backend is unavailable); retry with the same client_msg_id",
+                    req,
+                )
+                .await
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn on_history(
+        &mut self,
+        identity: &Identity,
+        room: String,
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: Option<u32>,
+        req: Option<Req>,
+    ) -> Result<(), End> {
+        if !names::is_valid_room(&room) {
+            return self.error(ErrorCode::BadRequest, "room must be 1-64 characters from A-Z a-z 0-9 _ -", req).await;
+        }
+        if !identity.may_join(&room) {
+            return self.error(ErrorCode::Forbidden, &format!("your token does not allow room {room}"), req).await;
+        }
+        let query = PageQuery { before, after, limit: limit.unwrap_or(storage::DEFAULT_PAGE) };
+        match self.app.history.page(&room, query).await {
+            Ok(page) => {
+                self.write_frame(ServerFrame::History { room, messages: page.messages, has_more: page.has_more, req })
+                    .await
+            }
+            Err(e) => {
+                tracing::warn!(room, error = %e, "history read failed");
+                self.error(ErrorCode::Unavailable, "history is unavailable right now; retry", req).await
+            }
+        }
+    }
+
+    pub(super) async fn on_typing(&mut self, identity: &Identity, room: String, req: Option<Req>) -> Result<(), End> {
+        if !self.rooms.contains_key(&room) {
+            return self.error(ErrorCode::NotJoined, &format!("join room {room} before typing in it"), req).await;
+        }
+        if self.limiter.check().is_err() {
+            self.app.metrics.drops.with_label_values(&["rate_limited"]).inc();
+            return self.error(ErrorCode::RateLimited, "sending too fast; slow down", req).await;
+        }
+        if let Err(e) = self.app.rooms.typing(&room, &identity.user).await {
+            tracing::debug!(room, error = %e, "typing not published");
+            self.app.metrics.drops.with_label_values(&["typing_unpublished"]).inc();
+        }
+        Ok(())
+    }
+}
+
+fn frame_type(frame: &ClientFrame) -> &'static str {
+    match frame {
+        ClientFrame::Hello { .. } => "hello",
+        ClientFrame::Join { .. } => "join",
+        ClientFrame::Leave { .. } => "leave",
+        ClientFrame::Send { .. } => "send",
+        ClientFrame::History { .. } => "history",
+        ClientFrame::Typing { .. } => "typing",
+        ClientFrame::Ping => "ping",
+    }
+}

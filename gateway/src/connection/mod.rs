@@ -1,0 +1,242 @@
+//! One WebSocket connection: the protocol state machine, per-room delivery cursors and the
+//! writer that batches frames.
+//!
+//! A single task owns the socket. It reads client frames, keeps up to `max_in_flight_sends`
+//! sends waiting for their acks at once, and writes what the room hubs queue for it. Every room
+//! the connection joined has a cursor, the last seq written: a message at or below it is
+//! skipped, a message beyond `cursor + 1` is preceded by the missing ones from the store. So a
+//! join with `since`, a queue that overflowed, and live delivery all meet without a gap or a
+//! duplicate.
+//!
+//! - this file: the connection's state and its loop (reading, acks, outbound, timers);
+//! - `handlers`: what each client frame does;
+//! - `writer`: writing frames, live messages and replays to the socket.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::{FuturesUnordered, SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use protocol::bus::SendOutcome;
+use protocol::{ErrorCode, Req, ServerFrame};
+use uuid::Uuid;
+
+mod handlers;
+mod writer;
+
+use crate::auth::Identity;
+use crate::hook::ConnectionWrites;
+use crate::outbox::Outbox;
+use crate::rooms::Hub;
+use crate::state::AppState;
+
+/// Close code for a connection whose outbound queue stayed full.
+pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+/// Close code for a connection whose token expired while it was open.
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
+const CLOSE_POLICY: u16 = 1008;
+const CLOSE_TOO_BIG: u16 = 1009;
+const CLOSE_RESTART: u16 = 1012;
+const CLOSE_PROTOCOL: u16 = 1002;
+
+/// How much longer than a send's deadline the gateway waits for its outcome: more than any
+/// store write a worker may still finish after checking the deadline.
+const SUBMIT_MARGIN: std::time::Duration = std::time::Duration::from_secs(6);
+/// How long a closing handshake may take before the socket is simply dropped.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+/// Frames written per batch before a flush.
+const WRITE_BATCH: usize = 128;
+
+/// What a finished submit hands back: the request tag, room, client message id, trace id,
+/// when it started, and the outcome.
+type SubmitResult = (Option<Req>, String, String, String, Instant, Result<SendOutcome, bus::BusError>);
+type InFlight = FuturesUnordered<Pin<Box<dyn std::future::Future<Output = SubmitResult> + Send>>>;
+
+struct JoinedRoom {
+    hub: Arc<Hub>,
+    cursor: u64,
+}
+
+/// Why the connection loop ended.
+enum End {
+    /// The client went away or the socket failed.
+    Gone,
+    /// The server closes with this code and reason.
+    Close(u16, &'static str),
+}
+
+struct Connection {
+    id: u64,
+    session: Uuid,
+    app: Arc<AppState>,
+    identity: Option<Identity>,
+    query_token: Option<String>,
+    rooms: HashMap<String, JoinedRoom>,
+    outbox: Arc<Outbox>,
+    limiter: DefaultDirectRateLimiter,
+    sink: SplitSink<WebSocket, Message>,
+    /// The delivery hook's interceptor for this connection (none in the product).
+    hooked_writes: Option<Box<dyn ConnectionWrites>>,
+    deliveries: u64,
+}
+
+/// Serves one upgraded WebSocket until it closes.
+pub async fn serve(socket: WebSocket, app: Arc<AppState>, query_token: Option<String>) {
+    let id = app.next_connection_id();
+    let limits = &app.config.limits;
+    let outbox = Outbox::new(id, limits.outbound_queue, limits.slow_consumer_timeout);
+    let rate = NonZeroU32::new(limits.send_rate_per_sec).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(limits.send_burst).unwrap_or(rate);
+    let (sink, stream) = socket.split();
+    let session = Uuid::now_v7();
+    let mut connection = Connection {
+        id,
+        session,
+        identity: None,
+        query_token,
+        rooms: HashMap::new(),
+        outbox,
+        limiter: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
+        sink,
+        hooked_writes: app.delivery_hook.as_ref().map(|hook| hook.connection(session)),
+        deliveries: 0,
+        app: app.clone(),
+    };
+    app.metrics.connections.inc();
+    app.metrics.connections_total.inc();
+    let end = connection.run(stream).await;
+    connection.outbox.close();
+    if let End::Close(code, reason) = end {
+        app.metrics.disconnects.with_label_values(&[reason_label(code)]).inc();
+        let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
+        // A client that does not read cannot hold the task: give the close a moment, then drop.
+        let close = async {
+            let _ = connection.sink.send(Message::Close(Some(frame))).await;
+            let _ = connection.sink.close().await;
+        };
+        let _ = tokio::time::timeout(CLOSE_GRACE, close).await;
+    }
+    for (_, joined) in connection.rooms.drain() {
+        app.rooms.leave(&joined.hub, id).await;
+    }
+    app.metrics.connections.dec();
+}
+
+fn reason_label(code: u16) -> &'static str {
+    match code {
+        CLOSE_SLOW_CONSUMER => "slow_consumer",
+        CLOSE_TOKEN_EXPIRED => "token_expired",
+        CLOSE_POLICY => "policy",
+        CLOSE_TOO_BIG => "too_large",
+        CLOSE_RESTART => "draining",
+        CLOSE_PROTOCOL => "protocol_error",
+        _ => "other",
+    }
+}
+
+impl Connection {
+    /// The connection's loop. It lives as long as the connection, so its own state is kept
+    /// small: the handlers of each event run as boxed futures, allocated only while they run
+    /// (an idle connection then costs a few KiB, not the size of the deepest handler).
+    async fn run(&mut self, mut stream: SplitStream<WebSocket>) -> End {
+        let app = self.app.clone();
+        let limits = &app.config.limits;
+        let mut shutdown = self.app.shutdown_signal();
+        let mut in_flight: InFlight = FuturesUnordered::new();
+        // Before `hello`: the hello timeout. After it: when the token expires (auth on), or
+        // never. One timer serves both, so an idle connection carries only one.
+        let deadline = tokio::time::sleep(limits.hello_timeout);
+        tokio::pin!(deadline);
+        let mut deadline_armed = true;
+        let mut hello_done = false;
+        let mut ping = tokio::time::interval(limits.ping_interval);
+        ping.tick().await;
+        let mut last_heard = Instant::now();
+        let outbox = self.outbox.clone();
+        loop {
+            let step = tokio::select! {
+                () = draining(&mut shutdown) => {
+                    let frame = ServerFrame::Reconnect { reason: "draining".into() };
+                    let _ = self.write(frame.to_json().into()).await;
+                    Err(End::Close(CLOSE_RESTART, "server draining; reconnect"))
+                }
+                () = outbox.kicked() => Err(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer: outbound queue stayed full")),
+                frame = stream.next(), if in_flight.len() < limits.max_in_flight_sends => {
+                    last_heard = Instant::now();
+                    match frame {
+                        None => Err(End::Gone),
+                        Some(Err(e)) => Err(read_error(e)),
+                        Some(Ok(message)) => Box::pin(self.on_client_message(message, &mut in_flight)).await,
+                    }
+                }
+                Some(done) = in_flight.next(), if !in_flight.is_empty() => Box::pin(self.on_submitted(done)).await,
+                () = outbox.ready() => Box::pin(self.on_outbound()).await,
+                () = &mut deadline, if deadline_armed => match self.identity {
+                    None => {
+                        let _ = self.error(ErrorCode::Unauthorized, "no hello within the time allowed", None).await;
+                        Err(End::Close(CLOSE_POLICY, "hello timeout"))
+                    }
+                    Some(_) => {
+                        let _ = self.error(ErrorCode::Unauthorized, "token expired: reconnect with a fresh token", None).await;
+                        Err(End::Close(CLOSE_TOKEN_EXPIRED, "token expired"))
+                    }
+                },
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > limits.ping_interval * 3 {
+                        Err(End::Close(CLOSE_POLICY, "no traffic from client"))
+                    } else {
+                        self.sink.feed(Message::Ping(Default::default())).await.map_err(|_| End::Gone)
+                    }
+                }
+            };
+            if deadline_armed && !hello_done && self.identity.is_some() {
+                hello_done = true;
+                match self.identity.as_ref().and_then(|identity| identity.valid_until) {
+                    Some(until) => deadline.as_mut().reset(instant_at_unix_secs(until)),
+                    None => deadline_armed = false,
+                }
+            }
+            let flushed = self.flush().await;
+            match (step, flushed) {
+                (Err(end), _) => return end,
+                (Ok(()), Err(end)) => return end,
+                (Ok(()), Ok(())) => {}
+            }
+        }
+    }
+}
+
+/// The monotonic instant of a wall-clock time given in seconds since the Unix epoch.
+fn instant_at_unix_secs(secs: u64) -> tokio::time::Instant {
+    let now_ms = u64::try_from(protocol::now_ms()).unwrap_or(0);
+    let wait_ms = secs.saturating_mul(1000).saturating_sub(now_ms);
+    tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms)
+}
+
+/// Resolves once the gateway drains.
+async fn draining(signal: &mut tokio::sync::watch::Receiver<bool>) {
+    // An error means the gateway is gone altogether: drain as well.
+    let _ = signal.wait_for(|draining| *draining).await;
+}
+
+/// Maps a read error to how the connection ends: an over-long frame is closed with 1009, a
+/// peer that went away ends it quietly, anything else is a protocol error (1002).
+fn read_error(error: axum::Error) -> End {
+    use tungstenite::error::{Error as WsError, ProtocolError};
+    let Ok(error) = error.into_inner().downcast::<WsError>() else {
+        return End::Close(CLOSE_PROTOCOL, "websocket protocol error");
+    };
+    match *error {
+        WsError::Capacity(_) => End::Close(CLOSE_TOO_BIG, "frame too large"),
+        WsError::ConnectionClosed
+        | WsError::AlreadyClosed
+        | WsError::Io(_)
+        | WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
+        _ => End::Close(CLOSE_PROTOCOL, "websocket protocol error"),
+    }
+}

@@ -1,0 +1,175 @@
+//! Writing to the socket: what the hubs queued (batched, then flushed), live messages through
+//! the delivery hook, replays of stored messages, and errors; a client that does not drain its
+//! socket in time is closed as a slow consumer.
+
+use std::sync::Arc;
+
+use axum::extract::ws::{Message, Utf8Bytes};
+use futures_util::SinkExt;
+use protocol::{ErrorCode, Req, ServerFrame};
+use storage::PageQuery;
+
+use super::{Connection, End, CLOSE_SLOW_CONSUMER, WRITE_BATCH};
+use crate::outbox::{Delivery, Outbound};
+
+impl Connection {
+    // === writing ===
+
+    /// Writes what the hubs queued: this item and whatever else is already waiting, then, once
+    /// the queue is empty, catches up on anything skipped while it was full.
+    pub(super) async fn on_outbound(&mut self) -> Result<(), End> {
+        let mut batch = Vec::new();
+        let more = self.outbox.take(WRITE_BATCH, &mut batch);
+        if more {
+            // Come back for the rest after this batch is flushed.
+            self.outbox.wake();
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.app.metrics.outbound_queue_depth.observe(batch.len() as f64);
+        if let Some(Outbound::Message(delivery)) = batch.first() {
+            let lag_ms = (protocol::now_ms() - delivery.message.ts).max(0);
+            self.app.metrics.delivery_lag.observe(lag_ms as f64 / 1000.0);
+        }
+        for item in batch {
+            self.write_outbound(item).await?;
+        }
+        if !more && self.outbox.is_empty() && self.outbox.take_resync() {
+            self.resync().await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn write_outbound(&mut self, item: Outbound) -> Result<(), End> {
+        match item {
+            Outbound::Frame(text) => self.write((*text).clone()).await,
+            Outbound::Message(delivery) => {
+                let room = &delivery.message.room;
+                let seq = delivery.message.seq;
+                let Some(joined) = self.rooms.get(room) else { return Ok(()) };
+                let cursor = joined.cursor;
+                if seq <= cursor {
+                    return Ok(());
+                }
+                if seq > cursor + 1 && self.app.repairs_gaps() {
+                    self.replay(&room.clone(), cursor, seq - 1).await?;
+                }
+                self.deliver(delivery).await
+            }
+        }
+    }
+
+    /// Writes a live message (through the delivery hook's interceptor, when there is one).
+    pub(super) async fn deliver(&mut self, delivery: Arc<Delivery>) -> Result<(), End> {
+        if let Some(joined) = self.rooms.get_mut(&delivery.message.room) {
+            joined.cursor = delivery.message.seq;
+        }
+        let Some(hooked) = self.hooked_writes.as_mut() else {
+            return self.write_message(&delivery).await;
+        };
+        for write in hooked.writes(delivery).await {
+            self.write_message(&write).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn write_message(&mut self, delivery: &Delivery) -> Result<(), End> {
+        self.deliveries += 1;
+        let _span = delivery.write_span();
+        self.write(delivery.frame.clone()).await
+    }
+
+    /// Writes a room's stored messages with `after < seq <= upto` and moves its cursor; from
+    /// the hub's recent messages when it still has them all, else from the store.
+    pub(super) async fn replay(&mut self, room: &str, after: u64, upto: u64) -> Result<(), End> {
+        let recent = self.rooms.get(room).and_then(|joined| joined.hub.recent_between(after, upto));
+        if let Some(recent) = recent {
+            self.app.metrics.history_cache_hits.inc();
+            for delivery in recent {
+                self.write_message(&delivery).await?;
+            }
+            if let Some(joined) = self.rooms.get_mut(room) {
+                joined.cursor = joined.cursor.max(upto);
+            }
+            return Ok(());
+        }
+        let mut cursor = after;
+        while cursor < upto {
+            let page = match self
+                .app
+                .history
+                .page(room, PageQuery { before: Some(upto + 1), after: Some(cursor), limit: storage::MAX_PAGE })
+                .await
+            {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(room, after = cursor, upto, error = %e, "replay failed");
+                    return Err(End::Close(1011, "history unavailable; reconnect and rejoin with since"));
+                }
+            };
+            if page.messages.is_empty() {
+                break;
+            }
+            for message in page.messages {
+                cursor = message.seq;
+                let delivery = Delivery::new(Arc::new(message));
+                self.write_message(&delivery).await?;
+            }
+        }
+        if let Some(joined) = self.rooms.get_mut(room) {
+            joined.cursor = joined.cursor.max(cursor);
+        }
+        Ok(())
+    }
+
+    /// Catches up every room whose hub moved past this connection's cursor.
+    pub(super) async fn resync(&mut self) -> Result<(), End> {
+        self.app.metrics.drops.with_label_values(&["resynced_from_store"]).inc();
+        let behind: Vec<(String, u64, u64)> = self
+            .rooms
+            .iter()
+            .filter(|(_, joined)| joined.hub.last_seq() > joined.cursor)
+            .map(|(room, joined)| (room.clone(), joined.cursor, joined.hub.last_seq()))
+            .collect();
+        for (room, cursor, last) in behind {
+            self.replay(&room, cursor, last).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn write_frame(&mut self, frame: ServerFrame) -> Result<(), End> {
+        self.write(frame.to_json().into()).await
+    }
+
+    pub(super) async fn error(&mut self, code: ErrorCode, message: &str, req: Option<Req>) -> Result<(), End> {
+        self.app.metrics.errors_sent.with_label_values(&[code.as_str()]).inc();
+        self.write_frame(ServerFrame::error(code, message, req)).await
+    }
+
+    /// Queues a frame on the socket. A client that cannot take it within the slow-consumer
+    /// timeout is closed.
+    pub(super) async fn write(&mut self, text: Utf8Bytes) -> Result<(), End> {
+        let limit = self.app.config.limits.slow_consumer_timeout;
+        match tokio::time::timeout(limit, self.sink.feed(Message::Text(text))).await {
+            Ok(written) => written.map_err(|_| End::Gone),
+            Err(_) => Err(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer: socket not drained in time")),
+        }
+    }
+
+    pub(super) async fn flush(&mut self) -> Result<(), End> {
+        if self.deliveries > 0 {
+            self.app.metrics.deliveries.inc_by(self.deliveries);
+            self.deliveries = 0;
+        }
+        let limit = self.app.config.limits.slow_consumer_timeout;
+        match tokio::time::timeout(limit, self.sink.flush()).await {
+            Ok(flushed) => flushed.map_err(|_| End::Gone),
+            Err(_) => Err(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer: socket not drained in time")),
+        }
+    }
+
+    pub(super) fn count_frame(&self, kind: &str) {
+        self.app.metrics.frames_received.with_label_values(&[kind]).inc();
+    }
+}
