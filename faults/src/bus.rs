@@ -205,3 +205,122 @@ impl FanoutBus for FaultyFanoutBus {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+    use std::time::Duration;
+
+    use bus::local::LocalBus;
+    use bus::{BusErrorKind, Replier};
+    use telemetry::journal::Journal;
+    use telemetry::metrics::Metrics;
+
+    use super::*;
+    use crate::{FaultSpec, Faults};
+
+    fn injector(spec: FaultSpec) -> (Injector, Metrics) {
+        let faults = Arc::new(Faults::default());
+        faults.add(spec).unwrap();
+        let metrics = Metrics::new();
+        (Injector::new(faults, metrics.clone(), Arc::new(Journal::new("p", 100))), metrics)
+    }
+
+    fn command(room: &str, id: &str) -> SendCommand {
+        SendCommand {
+            room: room.into(),
+            user: "u".into(),
+            client_msg_id: id.into(),
+            body: "b".into(),
+            traceparent: String::new(),
+            gateway: "gw".into(),
+            deadline_ms: 0,
+        }
+    }
+
+    struct NoReply;
+    #[async_trait]
+    impl Replier for NoReply {
+        async fn reply(self: Box<Self>, _outcome: Result<SendOutcome, BusError>) {}
+    }
+
+    /// Hands out one prepared batch, then nothing.
+    struct OneBatch(StdMutex<Option<Vec<PendingSend>>>);
+    #[async_trait]
+    impl FanoutBus for OneBatch {
+        async fn next_batch(&self, _max: usize) -> Option<Vec<PendingSend>> {
+            let batch = self.0.lock().unwrap().take();
+            match batch {
+                Some(batch) => Some(batch),
+                None => std::future::pending().await,
+            }
+        }
+        async fn deliver(&self, _message: Arc<ChatMessage>, _traceparent: &str) -> Result<(), BusError> {
+            Ok(())
+        }
+    }
+
+    fn rooms_of(batch: &[PendingSend]) -> Vec<String> {
+        batch.iter().map(|p| p.command.room.clone()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stall_holds_only_its_rooms_sends_and_nothing_else_is_taken_meanwhile() {
+        let stall = FaultSpec {
+            room: Some("slow".into()),
+            delay_ms: Some(4_000),
+            ..FaultSpec::new(Hop::FanoutSequence, FaultAction::Stall)
+        };
+        let (injector, metrics) = injector(stall);
+        let batch = ["fast", "slow", "fast"]
+            .iter()
+            .enumerate()
+            .map(|(i, room)| PendingSend {
+                command: command(room, &i.to_string()),
+                delivery: 1,
+                reply: Box::new(NoReply),
+            })
+            .collect();
+        let bus = FaultyFanoutBus::new(Arc::new(OneBatch(StdMutex::new(Some(batch)))), injector);
+        let started = Instant::now();
+        let first = bus.next_batch(10).await.unwrap();
+        assert_eq!(rooms_of(&first), ["fast", "fast"]);
+        assert!(started.elapsed() < Duration::from_millis(10), "the other rooms are not held");
+        let held = bus.next_batch(10).await.unwrap();
+        assert_eq!(rooms_of(&held), ["slow"]);
+        assert!(started.elapsed() >= Duration::from_secs(4), "held for the stall");
+        assert_eq!(metrics.faults_injected.with_label_values(&["fanout.sequence", "stall"]).get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_cut_gateway_refuses_sends_is_not_ready_and_loses_its_feeds_messages() {
+        let (injector, metrics) = injector(FaultSpec::new(Hop::GatewayNats, FaultAction::Cut));
+        let local = Arc::new(LocalBus::new());
+        let bus = FaultyGatewayBus::new(local.clone(), injector.clone());
+        let refused = bus.submit(command("r", "a")).await.unwrap_err();
+        assert_eq!(refused.kind(), BusErrorKind::Unavailable);
+        assert!(bus.ready().await.unwrap_err().to_string().contains("injected fault"));
+
+        let mut feed = bus.subscribe("r").await.unwrap();
+        let message = Arc::new(ChatMessage {
+            room: "r".into(),
+            seq: 1,
+            id: uuid::Uuid::now_v7(),
+            user: "u".into(),
+            body: "b".into(),
+            ts: 0,
+            client_msg_id: "a".into(),
+            trace_id: "t".into(),
+        });
+        local.deliver(message.clone(), "").await.unwrap();
+        let lost = tokio::time::timeout(Duration::from_millis(200), feed.items.recv()).await;
+        assert!(lost.is_err(), "the message never reaches the cut gateway");
+        assert_eq!(metrics.faults_injected.with_label_values(&["gateway.nats", "cut"]).get(), 2);
+
+        injector.faults().clear(true);
+        assert!(bus.ready().await.is_ok());
+        local.deliver(message, "").await.unwrap();
+        let arrived = tokio::time::timeout(Duration::from_secs(2), feed.items.recv()).await.unwrap();
+        assert!(matches!(arrived, Some(FeedItem::Message(m, _)) if m.seq == 1));
+    }
+}
