@@ -74,20 +74,39 @@ impl GatewayBus for FaultyGatewayBus {
     }
 }
 
+/// How often a feed that lost messages to a cut checks whether the cut is over.
+const CUT_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Moves a room's feed items to the gateway, losing or delaying messages as faults say, until
-/// either side goes away.
+/// either side goes away. When a cut that lost messages ends, the feed says
+/// [`FeedItem::Resumed`], as a real NATS connection coming back does, so the hub looks in the
+/// store for what it missed.
 async fn forward_feed(mut feed: RoomFeed, items: mpsc::Sender<FeedItem>, injector: Injector) {
+    let mut poll = tokio::time::interval(CUT_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lost_to_cut = false;
     loop {
         let item = tokio::select! {
             () = items.closed() => return,
+            _ = poll.tick(), if lost_to_cut => {
+                if injector.faults.armed(Hop::GatewayNats).is_some() {
+                    continue;
+                }
+                lost_to_cut = false;
+                FeedItem::Resumed
+            }
             item = feed.items.recv() => match item {
                 Some(item) => item,
                 None => return,
             },
         };
         if let FeedItem::Message(message, _) = &item {
-            if !arrives(&injector, message).await {
-                continue;
+            match arrival(&injector, message).await {
+                None => {}
+                Some(lost_at) => {
+                    lost_to_cut |= lost_at == Hop::GatewayNats;
+                    continue;
+                }
             }
         }
         if items.send(item).await.is_err() {
@@ -96,8 +115,9 @@ async fn forward_feed(mut feed: RoomFeed, items: mpsc::Sender<FeedItem>, injecto
     }
 }
 
-/// Whether a message reaches the gateway, after any delay.
-async fn arrives(injector: &Injector, message: &ChatMessage) -> bool {
+/// Whether a message reaches the gateway (after any delay): `None` when it does, else the hop
+/// where it was lost.
+async fn arrival(injector: &Injector, message: &ChatMessage) -> Option<Hop> {
     for hop in [Hop::GatewayNats, Hop::GatewayFeed] {
         let Some(fired) = injector.decide(hop, &message.room) else { continue };
         injector.mark_message(
@@ -108,10 +128,10 @@ async fn arrives(injector: &Injector, message: &ChatMessage) -> bool {
         );
         match fired.action {
             FaultAction::Delay => tokio::time::sleep(fired.wait()).await,
-            _ => return false,
+            _ => return Some(hop),
         }
     }
-    true
+    None
 }
 
 // === the worker's side ===
@@ -317,8 +337,12 @@ mod tests {
         assert!(lost.is_err(), "the message never reaches the cut gateway");
         assert_eq!(metrics.faults_injected.with_label_values(&["gateway.nats", "cut"]).get(), 2);
 
+        // The cut ends: the feed says it resumed (the hub then checks the store), and carries
+        // messages again.
         injector.faults().clear(true);
         assert!(bus.ready().await.is_ok());
+        let resumed = tokio::time::timeout(Duration::from_secs(2), feed.items.recv()).await.unwrap();
+        assert!(matches!(resumed, Some(FeedItem::Resumed)), "{resumed:?}");
         local.deliver(message, "").await.unwrap();
         let arrived = tokio::time::timeout(Duration::from_secs(2), feed.items.recv()).await.unwrap();
         assert!(matches!(arrived, Some(FeedItem::Message(m, _)) if m.seq == 1));
