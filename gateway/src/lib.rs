@@ -1,5 +1,5 @@
 //! The WebSocket gateway. It holds client connections, speaks protocol v1
-//! (../shared/protocol-v1.md, docs/protocol.md), hands sends to the bus, and fans each room's
+//! (docs/protocol.md), hands sends to the bus, and fans each room's
 //! feed out to its own sockets. It keeps nothing that matters: kill it and clients reconnect
 //! elsewhere and rejoin with `since`.
 //!

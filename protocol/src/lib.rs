@@ -1,4 +1,4 @@
-//! The chat wire contract (../shared/protocol-v1.md) as Rust types.
+//! The chat wire contract (docs/protocol.md) as Rust types.
 //!
 //! - [`frames`]: every client and server frame, with parsing that turns bad input into the
 //!   protocol's `error` codes instead of failing.
