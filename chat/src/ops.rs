@@ -1,14 +1,12 @@
-//! The fanout worker's small HTTP surface: `/healthz`, `/readyz`, `/metrics`, its own
-//! journeys at `/debug/messages/{id}` and fault injection at `/admin/faults`.
+//! The fanout worker's small HTTP surface: the shared ops endpoints ([`gateway::ops`]:
+//! `/healthz`, `/readyz` over its bus and store, `/metrics`, its own journeys at
+//! `/debug/messages/{id}`) and the admin routes it is given (fault injection).
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use bus::GatewayBus;
+use gateway::ops::{OpsState, ReadyCheck};
 use storage::HistoryStore;
 use telemetry::journal::Journal;
 use telemetry::metrics::Metrics;
@@ -34,41 +32,21 @@ pub async fn serve(
     admin_routes: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let router = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
-        .route("/metrics", get(metrics))
-        .route("/debug/messages/{id}", get(journey))
-        .with_state(ops)
-        .merge(admin_routes);
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
-}
-
-async fn ready(State(ops): State<Ops>) -> Response {
-    let (bus, store) = tokio::join!(ops.bus.ready(), ops.store.ping());
-    match (bus, store) {
-        (Ok(()), Ok(())) => (StatusCode::OK, "ready\n").into_response(),
-        (bus, store) => {
-            let why = format!(
-                "bus: {:?}\nstore: {:?}\n",
-                bus.err().map(|e| e.to_string()),
-                store.err().map(|e| e.to_string())
-            );
-            (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
-        }
-    }
-}
-
-async fn metrics(State(ops): State<Ops>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], ops.metrics.render()).into_response()
-}
-
-async fn journey(State(ops): State<Ops>, Path(id): Path<String>) -> Response {
-    let Ok(id) = uuid::Uuid::parse_str(&id) else {
-        return (StatusCode::BAD_REQUEST, "message id must be a UUID\n").into_response();
+    let (bus, store) = (ops.bus.clone(), ops.store.clone());
+    let state = OpsState {
+        metrics: ops.metrics.clone(),
+        ready: vec![
+            ReadyCheck::new("bus", move || {
+                let bus = bus.clone();
+                async move { bus.ready().await }
+            }),
+            ReadyCheck::new("store", move || {
+                let store = store.clone();
+                async move { store.ping().await }
+            }),
+        ],
+        journeys: ops.journal.clone(),
     };
-    match ops.journal.get(id) {
-        Some(journey) => Json(journey).into_response(),
-        None => (StatusCode::NOT_FOUND, "not in this process's journal\n").into_response(),
-    }
+    let router = gateway::ops::router(state).merge(admin_routes);
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }

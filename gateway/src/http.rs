@@ -1,5 +1,5 @@
-//! HTTP routes: the WebSocket upgrade, history, health, metrics, message journeys and
-//! the browser app.
+//! HTTP routes: the WebSocket upgrade, history, the ops endpoints (health, readiness, metrics,
+//! message journeys; [`crate::ops`]) and the browser app.
 
 use std::sync::Arc;
 
@@ -13,8 +13,8 @@ use protocol::{names, ErrorCode};
 use serde::Deserialize;
 use serde_json::json;
 use storage::PageQuery;
-use uuid::Uuid;
 
+use crate::ops::{ClusterJourneys, OpsState, ReadyCheck};
 use crate::state::AppState;
 
 /// The gateway's router.
@@ -22,10 +22,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/ws", get(upgrade))
         .route("/api/rooms/{room}/messages", get(room_messages))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
-        .route("/metrics", get(metrics))
-        .route("/debug/messages/{id}", get(journey))
+        .merge(crate::ops::router(ops(&state)))
         .fallback(crate::web::serve)
         .with_state(state)
 }
@@ -131,64 +128,26 @@ async fn room_messages(
     }
 }
 
-async fn ready(State(app): State<Arc<AppState>>) -> Response {
-    if app.is_draining() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
+/// The gateway's ops endpoints: ready while not draining, on the bus and with the store
+/// answering; journeys gathered from every process and the store.
+fn ops(app: &AppState) -> OpsState {
+    let draining = app.shutdown_signal();
+    let (bus, history, store) = (app.bus.clone(), app.history.clone(), app.history.clone());
+    OpsState {
+        metrics: app.metrics.clone(),
+        ready: vec![
+            ReadyCheck::new("gateway", move || {
+                std::future::ready(if *draining.borrow() { Err("draining") } else { Ok(()) })
+            }),
+            ReadyCheck::new("bus", move || {
+                let bus = bus.clone();
+                async move { bus.ready().await }
+            }),
+            ReadyCheck::new("store", move || {
+                let store = store.clone();
+                async move { store.ping().await }
+            }),
+        ],
+        journeys: Arc::new(ClusterJourneys { journal: app.journal.clone(), bus: app.bus.clone(), history }),
     }
-    let (bus, store) = tokio::join!(app.bus.ready(), app.history.ping());
-    match (bus, store) {
-        (Ok(()), Ok(())) => (StatusCode::OK, "ready\n").into_response(),
-        (bus, store) => {
-            let mut why = String::new();
-            if let Err(e) = bus {
-                why.push_str(&format!("bus: {e}\n"));
-            }
-            if let Err(e) = store {
-                why.push_str(&format!("store: {e}\n"));
-            }
-            (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
-        }
-    }
-}
-
-async fn metrics(State(app): State<Arc<AppState>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], app.metrics.render()).into_response()
-}
-
-async fn journey(State(app): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
-    let Ok(id) = Uuid::parse_str(&id) else {
-        return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, "message id must be a UUID");
-    };
-    let (journey, remote) = tokio::join!(async { app.journal.get(id) }, app.bus.remote_journeys(id));
-    let stored = match app.history.get_by_id(id).await {
-        Ok(stored) => stored,
-        Err(e) => {
-            tracing::warn!(%id, error = %e, "journey: store lookup failed");
-            None
-        }
-    };
-    if journey.is_none() && stored.is_none() && remote.is_empty() {
-        return error(
-            StatusCode::NOT_FOUND,
-            ErrorCode::BadRequest,
-            "no such message in this process's journal or the store",
-        );
-    }
-    let trace_id = stored
-        .as_ref()
-        .map(|m| m.trace_id.clone())
-        .or_else(|| journey.as_ref().map(|j| j.trace_id.clone()))
-        .or_else(|| remote.first().map(|j| j.trace_id.clone()));
-    // Every process's hops, in time order.
-    let mut hops: Vec<_> = journey.into_iter().chain(remote).flat_map(|j| j.hops).collect();
-    hops.sort_by_key(|hop| hop.at_us);
-    Json(json!({
-        "id": id,
-        "trace_id": trace_id,
-        "room": stored.as_ref().map(|m| m.room.clone()),
-        "seq": stored.as_ref().map(|m| m.seq),
-        "stored": stored.is_some(),
-        "hops": hops,
-    }))
-    .into_response()
 }

@@ -12,6 +12,7 @@ mod connection;
 pub mod history;
 pub mod hook;
 mod http;
+pub mod ops;
 pub mod outbox;
 pub mod rooms;
 pub mod state;
