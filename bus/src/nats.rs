@@ -51,21 +51,31 @@ pub struct NatsConfig {
     pub name: String,
     /// Replicas of the send stream (1 locally, 3 in a NATS cluster).
     pub stream_replicas: usize,
-    /// How long a worker may hold a send before JetStream gives it to another worker.
+    /// How long a worker may hold a send before JetStream gives it to another worker; set when
+    /// a partition's durable consumer is created (an existing consumer keeps its own).
     pub ack_wait: Duration,
     /// Sends a worker may hold unacked at once.
     pub max_ack_pending: i64,
 }
 
 impl NatsConfig {
+    /// Default server URL (`--nats`).
+    pub const DEFAULT_URL: &'static str = "nats://127.0.0.1:4222";
+    /// Default `stream_replicas` (`--stream-replicas`).
+    pub const DEFAULT_STREAM_REPLICAS: u8 = 1;
+    /// Default `ack_wait`, in milliseconds (`chat fanout --ack-wait-ms`).
+    pub const DEFAULT_ACK_WAIT_MS: u64 = 4_000;
+    /// Default `max_ack_pending`.
+    pub const DEFAULT_MAX_ACK_PENDING: i64 = 20_000;
+
     /// Defaults for a process named `name` on `url`.
     pub fn new(url: impl Into<String>, name: impl Into<String>) -> Self {
         Self {
             url: url.into(),
             name: name.into(),
-            stream_replicas: 1,
-            ack_wait: Duration::from_secs(4),
-            max_ack_pending: 20_000,
+            stream_replicas: usize::from(Self::DEFAULT_STREAM_REPLICAS),
+            ack_wait: Duration::from_millis(Self::DEFAULT_ACK_WAIT_MS),
+            max_ack_pending: Self::DEFAULT_MAX_ACK_PENDING,
         }
     }
 }

@@ -27,6 +27,10 @@ pub struct Backends {
     pub replication: Replication,
     /// Replicas of the JetStream send stream when it is created.
     pub stream_replicas: usize,
+    /// Datacenter whose CQL nodes coordinate requests; `None` treats all nodes alike.
+    pub cql_local_datacenter: Option<String>,
+    /// Client-side timeout of one CQL request.
+    pub cql_request_timeout: Duration,
 }
 
 impl Backends {
@@ -35,6 +39,31 @@ impl Backends {
         config.stream_replicas = self.stream_replicas;
         config
     }
+
+    fn cql_config(&self) -> CqlConfig {
+        CqlConfig {
+            nodes: self.cql_nodes.clone(),
+            keyspace: self.keyspace.clone(),
+            replication: self.replication.clone(),
+            request_timeout: self.cql_request_timeout,
+            local_datacenter: self.cql_local_datacenter.clone(),
+            ..CqlConfig::default()
+        }
+    }
+}
+
+/// A fanout worker's own settings.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Id of the worker, in journeys and partition ownership.
+    pub id: String,
+    /// Journeys remembered for `/debug/messages`.
+    pub journal_capacity: usize,
+    /// Tuning of the sequencer (batch size, ...).
+    pub fanout: FanoutConfig,
+    /// How long the worker may hold a send before JetStream redelivers it to another worker
+    /// (set when a partition's consumer is created).
+    pub ack_wait: Duration,
 }
 
 /// Parses `--replication`: `1` (SimpleStrategy RF 1) or `dc1=3,dc2=3` (NetworkTopologyStrategy).
@@ -54,17 +83,7 @@ pub fn parse_replication(text: &str) -> anyhow::Result<Replication> {
 /// Connects to the CQL store, retrying with backoff until it answers (a process is useless
 /// without it; once connected, the driver reconnects by itself).
 pub async fn connect_store(backends: &Backends) -> anyhow::Result<Arc<CqlStore>> {
-    let config = CqlConfig {
-        nodes: backends.cql_nodes.clone(),
-        keyspace: backends.keyspace.clone(),
-        replication: backends.replication.clone(),
-        // An append is up to three round trips; with 1 s each, a worker that checked a send's
-        // deadline finishes (or gives up on) its append well within the gateway's margin. A
-        // write that timed out may still apply later: the worker then resolves the outcome
-        // before answering (see fanout), and a client retry gets the original ack.
-        request_timeout: Duration::from_secs(1),
-        ..CqlConfig::default()
-    };
+    let config = backends.cql_config();
     let mut backoff = Duration::from_millis(200);
     loop {
         match CqlStore::connect(config.clone()).await {
@@ -107,26 +126,23 @@ pub async fn gateway(
 pub async fn fanout(
     listener: TcpListener,
     backends: Backends,
-    worker_id: String,
+    worker: WorkerConfig,
     admin_token: Option<String>,
-    journal_capacity: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let WorkerConfig { id: worker_id, journal_capacity, fanout: fanout_config, ack_wait } = worker;
     let metrics = Metrics::new();
-    let bus = NatsBus::connect(backends.nats_config(&worker_id), metrics.clone()).await.context("NATS")?;
+    let mut nats = backends.nats_config(&worker_id);
+    nats.ack_wait = ack_wait;
+    let bus = NatsBus::connect(nats, metrics.clone()).await.context("NATS")?;
     bus.start_worker().await.context("joining the fanout workers")?;
     let store = connect_store(&backends).await?;
     let journal = Arc::new(Journal::new(worker_id.clone(), journal_capacity));
     bus.serve_journal(journal.clone()).await.context("serving journeys")?;
     let faults = FaultLayer::new(admin_token, metrics.clone(), journal.clone());
-    let worker = Fanout::new(
-        store.clone(),
-        faults.fanout_bus(bus.clone()),
-        journal.clone(),
-        metrics.clone(),
-        FanoutConfig::default(),
-    )
-    .with_clock(faults.clock());
+    let worker =
+        Fanout::new(store.clone(), faults.fanout_bus(bus.clone()), journal.clone(), metrics.clone(), fanout_config)
+            .with_clock(faults.clock());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let ops = crate::ops::serve(listener, crate::ops::Ops { bus, store, metrics, journal }, faults.routes(), {
         let mut stop = stop_rx.clone();

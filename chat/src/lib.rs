@@ -1,7 +1,11 @@
 //! Wiring of the chat processes. [`all_in_one`] runs gateway and fanout in one process on the
 //! in-process bus and the embedded store; [`testing`] starts it on a free port for tests.
+//! [`cli`] is the command line (every flag and default), [`config_doc`] renders it as the
+//! README's configuration table.
 
+pub mod cli;
 pub mod cluster;
+pub mod config_doc;
 pub mod ops;
 pub mod testing;
 pub mod trace;

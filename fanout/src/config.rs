@@ -11,8 +11,21 @@ pub struct FanoutConfig {
     pub conflict_retries: usize,
 }
 
+impl FanoutConfig {
+    /// Default `max_batch` (`chat fanout --max-batch`).
+    pub const DEFAULT_MAX_BATCH: usize = 1024;
+    /// Default `max_cached_rooms`.
+    pub const DEFAULT_MAX_CACHED_ROOMS: usize = 100_000;
+    /// Default `conflict_retries`.
+    pub const DEFAULT_CONFLICT_RETRIES: usize = 50;
+}
+
 impl Default for FanoutConfig {
     fn default() -> Self {
-        Self { max_batch: 1024, max_cached_rooms: 100_000, conflict_retries: 50 }
+        Self {
+            max_batch: Self::DEFAULT_MAX_BATCH,
+            max_cached_rooms: Self::DEFAULT_MAX_CACHED_ROOMS,
+            conflict_retries: Self::DEFAULT_CONFLICT_RETRIES,
+        }
     }
 }

@@ -24,6 +24,17 @@ pub struct GatewayConfig {
     pub roster_interval: Duration,
 }
 
+impl GatewayConfig {
+    /// Default `drain_grace`, in seconds (`--drain-grace-secs`).
+    pub const DEFAULT_DRAIN_GRACE_SECS: u64 = 10;
+    /// Default `submit_timeout`, in seconds.
+    pub const DEFAULT_SUBMIT_TIMEOUT_SECS: u64 = 5;
+    /// Default `roster_interval`, in milliseconds (`--roster-interval-ms`).
+    pub const DEFAULT_ROSTER_INTERVAL_MS: u64 = 6_000;
+    /// Shortest `roster_interval` the command line accepts, in milliseconds.
+    pub const MIN_ROSTER_INTERVAL_MS: u64 = 100;
+}
+
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
@@ -31,10 +42,10 @@ impl Default for GatewayConfig {
             jwt_secret: None,
             admin_token: None,
             limits: Limits::default(),
-            drain_grace: Duration::from_secs(10),
+            drain_grace: Duration::from_secs(Self::DEFAULT_DRAIN_GRACE_SECS),
             gap_repair: true,
-            submit_timeout: Duration::from_secs(5),
-            roster_interval: Duration::from_secs(6),
+            submit_timeout: Duration::from_secs(Self::DEFAULT_SUBMIT_TIMEOUT_SECS),
+            roster_interval: Duration::from_millis(Self::DEFAULT_ROSTER_INTERVAL_MS),
         }
     }
 }
@@ -72,18 +83,37 @@ pub struct Limits {
     pub ws_write_buffer_bytes: usize,
 }
 
+impl Limits {
+    /// Default `max_frame_bytes` (`--max-frame-bytes`).
+    pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024;
+    /// Default `max_body_chars` (`--max-body-chars`).
+    pub const DEFAULT_MAX_BODY_CHARS: usize = 4_000;
+    /// Default `max_rooms_per_connection` (`--max-rooms-per-connection`).
+    pub const DEFAULT_MAX_ROOMS_PER_CONNECTION: usize = 100;
+    /// Default `max_connections` (`--max-connections`).
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+    /// Default `send_rate_per_sec` (`--send-rate`).
+    pub const DEFAULT_SEND_RATE_PER_SEC: u32 = 20;
+    /// Default `send_burst` (`--send-burst`).
+    pub const DEFAULT_SEND_BURST: u32 = 50;
+    /// Default `outbound_queue` (`--outbound-queue`).
+    pub const DEFAULT_OUTBOUND_QUEUE: usize = 1_024;
+    /// Default `slow_consumer_timeout`, in seconds (`--slow-consumer-secs`).
+    pub const DEFAULT_SLOW_CONSUMER_SECS: u64 = 5;
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_frame_bytes: 64 * 1024,
-            max_body_chars: 4_000,
-            max_rooms_per_connection: 100,
-            max_connections: 10_000,
-            send_rate_per_sec: 20,
-            send_burst: 50,
+            max_frame_bytes: Self::DEFAULT_MAX_FRAME_BYTES,
+            max_body_chars: Self::DEFAULT_MAX_BODY_CHARS,
+            max_rooms_per_connection: Self::DEFAULT_MAX_ROOMS_PER_CONNECTION,
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+            send_rate_per_sec: Self::DEFAULT_SEND_RATE_PER_SEC,
+            send_burst: Self::DEFAULT_SEND_BURST,
             max_in_flight_sends: 64,
-            outbound_queue: 1_024,
-            slow_consumer_timeout: Duration::from_secs(5),
+            outbound_queue: Self::DEFAULT_OUTBOUND_QUEUE,
+            slow_consumer_timeout: Duration::from_secs(Self::DEFAULT_SLOW_CONSUMER_SECS),
             hello_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(30),
             ws_read_buffer_bytes: 1024,

@@ -19,6 +19,7 @@ use protocol::ChatMessage;
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
+use scylla::policies::load_balancing::DefaultPolicy;
 use scylla::response::query_result::QueryResult;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Statement;
@@ -103,21 +104,40 @@ pub struct CqlConfig {
     /// Timeout of opening one connection.
     pub connect_timeout: Duration,
     /// Datacenter whose nodes coordinate requests (needed for `LOCAL_*` consistency to mean the
-    /// right datacenter in a multi-datacenter cluster); `None` treats all nodes alike.
+    /// right datacenter in a multi-datacenter cluster): the load-balancing policy tries its
+    /// nodes only (token-aware), never a remote datacenter's. `None` treats all nodes alike.
     pub local_datacenter: Option<String>,
 }
 
+impl CqlConfig {
+    /// Default contact point (`--cql`).
+    pub const DEFAULT_NODE: &'static str = "127.0.0.1:9042";
+    /// Default keyspace (`--keyspace`).
+    pub const DEFAULT_KEYSPACE: &'static str = "chat";
+    /// Default replication factor (SimpleStrategy) of a keyspace created by `connect` (`--replication`).
+    pub const DEFAULT_REPLICATION_FACTOR: u32 = 1;
+    /// Default `request_timeout`, in milliseconds (`--cql-request-timeout-ms`). An append is up
+    /// to three round trips; with 1 s each, a worker that checked a send's deadline finishes (or
+    /// gives up on) its append well within the gateway's margin. A write that timed out may
+    /// still apply later: the worker then resolves the outcome before answering (see fanout),
+    /// and a client retry gets the original ack.
+    pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 1_000;
+    /// Default `connect_timeout`, in milliseconds.
+    pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
+}
+
 impl Default for CqlConfig {
-    /// One local node, keyspace `chat`, RF 1, `LOCAL_QUORUM` / `LOCAL_SERIAL`, 5 s timeouts.
+    /// One local node, keyspace `chat`, RF 1, `LOCAL_QUORUM` / `LOCAL_SERIAL`, 1 s requests,
+    /// 5 s connects, no preferred datacenter.
     fn default() -> Self {
         Self {
-            nodes: vec!["127.0.0.1:9042".into()],
-            keyspace: "chat".into(),
-            replication: Replication::SimpleStrategy { rf: 1 },
+            nodes: vec![Self::DEFAULT_NODE.into()],
+            keyspace: Self::DEFAULT_KEYSPACE.into(),
+            replication: Replication::SimpleStrategy { rf: Self::DEFAULT_REPLICATION_FACTOR },
             consistency: Consistency::LocalQuorum,
             serial_consistency: SerialConsistency::LocalSerial,
-            request_timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_millis(Self::DEFAULT_REQUEST_TIMEOUT_MS),
+            connect_timeout: Duration::from_millis(Self::DEFAULT_CONNECT_TIMEOUT_MS),
             local_datacenter: None,
         }
     }
@@ -165,19 +185,23 @@ impl CqlStore {
     pub async fn connect(config: CqlConfig) -> Result<Self, StoreError> {
         validate_keyspace(&config.keyspace)?;
         let replication = config.replication.to_cql()?;
-        let profile = ExecutionProfile::builder()
+        let mut profile = ExecutionProfile::builder()
             .consistency(config.consistency)
             .serial_consistency(Some(config.serial_consistency))
-            .request_timeout(Some(config.request_timeout))
-            .build();
+            .request_timeout(Some(config.request_timeout));
         let mut builder = SessionBuilder::new()
             .known_nodes(&config.nodes)
             .connection_timeout(config.connect_timeout)
-            .keyspaces_to_fetch([config.keyspace.clone()])
-            .default_execution_profile_handle(profile.into_handle());
+            .keyspaces_to_fetch([config.keyspace.clone()]);
         if let Some(dc) = &config.local_datacenter {
+            // The policy prefers the datacenter (token-aware, no failover to a remote one, so
+            // `LOCAL_*` always means this one); the session-level preference says the same to
+            // whatever the driver routes without this profile.
+            let policy = DefaultPolicy::builder().prefer_datacenter(dc.clone()).permit_dc_failover(false).build();
+            profile = profile.load_balancing_policy(policy);
             builder = builder.prefer_datacenter(dc.clone());
         }
+        let builder = builder.default_execution_profile_handle(profile.build().into_handle());
         let nodes = config.nodes.join(",");
         let session =
             builder.build().await.map_err(|e| unavailable(format_args!("connect to CQL nodes {nodes}"), e))?;

@@ -1,0 +1,426 @@
+//! The command line of `chat`: every flag, its environment twin and its default. Defaults are
+//! the constants the configuration types' `Default` impls use, so the two never disagree; the
+//! README's configuration table is rendered from here ([`crate::config_doc`]).
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bus::nats::NatsConfig;
+use clap::builder::RangedU64ValueParser;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use fanout::FanoutConfig;
+use gateway::{GatewayConfig, Limits};
+use storage::cql::CqlConfig;
+use telemetry::logging::LogFormat;
+
+use crate::cluster::{Backends, WorkerConfig};
+
+/// Default address of the all-in-one server and of a gateway (`--listen`).
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+/// Default address of a fanout worker's ops endpoints (`chat fanout --listen`).
+pub const DEFAULT_FANOUT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9180));
+/// Default directory of the embedded store (`--data-dir`).
+pub const DEFAULT_DATA_DIR: &str = "./data";
+
+/// A real-time chat server over WebSockets (protocol v1).
+///
+/// With no subcommand: everything in one process (gateway, fanout, an in-process bus and an
+/// embedded store in --data-dir).
+#[derive(Parser, Debug)]
+#[command(name = "chat", version, about, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// A process of a cluster, or a tool; none runs everything in one process.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Address to serve HTTP and WebSockets on.
+    #[arg(long, env = "CHAT_LISTEN", value_name = "ADDR", default_value_t = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Directory of the embedded store.
+    #[arg(long, env = "CHAT_DATA_DIR", value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// Gateway settings.
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+    /// Settings of every process.
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// A stateless gateway: client WebSockets, publishing sends to NATS.
+    Gateway {
+        /// Address to serve HTTP and WebSockets on.
+        #[arg(long, env = "CHAT_LISTEN", value_name = "ADDR", default_value_t = DEFAULT_LISTEN)]
+        listen: SocketAddr,
+        /// Where NATS and the CQL store are.
+        #[command(flatten)]
+        backends: BackendArgs,
+        /// Gateway settings.
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        /// Settings of every process.
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// A fanout worker: sequences, stores and delivers sends taken from NATS.
+    Fanout {
+        /// Address of the worker's /healthz, /readyz, /metrics and /debug/messages.
+        #[arg(long, env = "CHAT_LISTEN", value_name = "ADDR", default_value_t = DEFAULT_FANOUT_LISTEN)]
+        listen: SocketAddr,
+        /// The worker's own settings.
+        #[command(flatten)]
+        worker: WorkerArgs,
+        /// Where NATS and the CQL store are.
+        #[command(flatten)]
+        backends: BackendArgs,
+        /// Settings of every process.
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Print a message's journey through every process as a timeline.
+    Trace {
+        /// The message id (from an `ack` or a `message` frame).
+        id: String,
+        /// Base URL of any gateway (or the all-in-one server).
+        #[arg(long, env = "CHAT_URL", default_value_t = format!("http://{DEFAULT_LISTEN}"))]
+        url: String,
+    },
+    /// Print the README's configuration table, rendered from these flags.
+    #[command(hide = true)]
+    ConfigTable,
+}
+
+/// Where NATS and the CQL store are, and how to use them.
+#[derive(Args, Debug)]
+pub struct BackendArgs {
+    /// NATS server URL(s), comma-separated.
+    #[arg(long = "nats", env = "CHAT_NATS_URL", value_name = "URL", default_value = NatsConfig::DEFAULT_URL)]
+    pub nats_url: String,
+    /// CQL contact points, HOST:PORT[,...]; the driver discovers the other nodes.
+    #[arg(
+        long = "cql",
+        env = "CHAT_CQL_NODES",
+        value_name = "NODES",
+        default_value = CqlConfig::DEFAULT_NODE,
+        value_delimiter = ','
+    )]
+    pub cql_nodes: Vec<String>,
+    /// Keyspace of the history.
+    #[arg(long, env = "CHAT_CQL_KEYSPACE", value_name = "K", default_value = CqlConfig::DEFAULT_KEYSPACE)]
+    pub keyspace: String,
+    /// Replication when the keyspace is created: `N` (SimpleStrategy) or `dc1=3,dc2=3`
+    /// (NetworkTopologyStrategy); an existing keyspace is left as it is.
+    #[arg(
+        long,
+        env = "CHAT_CQL_REPLICATION",
+        value_name = "R",
+        default_value_t = CqlConfig::DEFAULT_REPLICATION_FACTOR.to_string()
+    )]
+    pub replication: String,
+    /// Datacenter whose CQL nodes coordinate every request (token-aware, never failing over to
+    /// another datacenter, so `LOCAL_QUORUM` means this one); all nodes alike when unset.
+    #[arg(long, env = "CHAT_CQL_LOCAL_DC", value_name = "DC")]
+    pub cql_local_dc: Option<String>,
+    /// Client-side timeout of one CQL request in milliseconds, the driver's retries included; a
+    /// write that timed out is resolved before the client is answered.
+    #[arg(
+        long,
+        env = "CHAT_CQL_REQUEST_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = CqlConfig::DEFAULT_REQUEST_TIMEOUT_MS,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub cql_request_timeout_ms: u64,
+    /// Replicas of the JetStream send stream `CHAT_SEND` when it is created (3 on a NATS cluster).
+    #[arg(
+        long,
+        env = "CHAT_STREAM_REPLICAS",
+        value_name = "N",
+        default_value_t = NatsConfig::DEFAULT_STREAM_REPLICAS,
+        value_parser = clap::value_parser!(u8).range(1..=5)
+    )]
+    pub stream_replicas: u8,
+}
+
+impl BackendArgs {
+    /// The backends these flags name; fails on a malformed `--replication`.
+    pub fn backends(&self) -> anyhow::Result<Backends> {
+        Ok(Backends {
+            nats_url: self.nats_url.clone(),
+            cql_nodes: self.cql_nodes.clone(),
+            keyspace: self.keyspace.clone(),
+            replication: crate::cluster::parse_replication(&self.replication)?,
+            stream_replicas: usize::from(self.stream_replicas),
+            cql_local_datacenter: self.cql_local_dc.clone().filter(|dc| !dc.is_empty()),
+            cql_request_timeout: Duration::from_millis(self.cql_request_timeout_ms),
+        })
+    }
+}
+
+/// A fanout worker's own settings.
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// Id of this worker (default: random `fanout-xxxxxxxx`).
+    #[arg(long, env = "CHAT_WORKER_ID", value_name = "ID")]
+    pub worker_id: Option<String>,
+    /// Bearer token enabling the /admin API (fault injection); off when unset.
+    #[arg(long, env = "CHAT_ADMIN_TOKEN", value_name = "T", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Most sends a worker takes off the bus at once; they are grouped by room and the rooms
+    /// sequenced concurrently.
+    #[arg(
+        long,
+        env = "CHAT_MAX_BATCH",
+        value_name = "N",
+        default_value_t = FanoutConfig::DEFAULT_MAX_BATCH,
+        value_parser = RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    pub max_batch: usize,
+    /// Milliseconds a worker may hold a send unacked before JetStream redelivers it to another
+    /// worker; applies when a partition's durable consumer is created (an existing one keeps
+    /// its setting).
+    #[arg(
+        long,
+        env = "CHAT_ACK_WAIT_MS",
+        value_name = "MS",
+        default_value_t = NatsConfig::DEFAULT_ACK_WAIT_MS,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub ack_wait_ms: u64,
+}
+
+impl WorkerArgs {
+    /// The worker's settings (a random `fanout-xxxxxxxx` id unless one is given).
+    pub fn config(&self, journal_capacity: usize) -> WorkerConfig {
+        let id = self
+            .worker_id
+            .clone()
+            .filter(|id| !id.is_empty())
+            .unwrap_or_else(|| format!("fanout-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+        WorkerConfig {
+            id,
+            journal_capacity,
+            fanout: FanoutConfig { max_batch: self.max_batch, ..FanoutConfig::default() },
+            ack_wait: Duration::from_millis(self.ack_wait_ms),
+        }
+    }
+}
+
+/// Settings of every process.
+#[derive(Args, Debug)]
+pub struct CommonArgs {
+    /// Log lines on stderr (`RUST_LOG` filters).
+    #[arg(long, env = "CHAT_LOG_FORMAT", value_enum, default_value_t = LogFormatArg::Text)]
+    pub log_format: LogFormatArg,
+    /// Message journeys kept in memory for /debug/messages.
+    #[arg(long, env = "CHAT_JOURNAL_CAPACITY", value_name = "N", default_value_t = crate::DEFAULT_JOURNAL_CAPACITY)]
+    pub journal_capacity: usize,
+    /// OTLP collector (e.g. http://127.0.0.1:4318, or :4317 with OTEL_EXPORTER_OTLP_PROTOCOL=grpc);
+    /// spans of every message hop are exported there. Off when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+}
+
+impl CommonArgs {
+    /// The log format chosen.
+    pub fn log_format(&self) -> LogFormat {
+        match self.log_format {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        }
+    }
+}
+
+/// Gateway settings shared by every mode that serves clients.
+#[derive(Args, Debug)]
+pub struct GatewayArgs {
+    /// HS256 secret: when set, `hello` must carry a JWT signed with it (`sub`, `exp`, optional
+    /// `rooms`); unset is dev mode.
+    #[arg(long, env = "CHAT_JWT_SECRET", value_name = "S", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Bearer token enabling the /admin API (fault injection); off when unset.
+    #[arg(long, env = "CHAT_ADMIN_TOKEN", value_name = "T", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Id of this gateway, in `welcome` and journeys (default: random `gw-xxxxxxxx`).
+    #[arg(long, env = "CHAT_GATEWAY_ID", value_name = "ID")]
+    pub gateway_id: Option<String>,
+    /// Largest client frame in bytes: larger ones get `too_large`; above 4x the connection is
+    /// closed with 1009.
+    #[arg(long, env = "CHAT_MAX_FRAME_BYTES", value_name = "N", default_value_t = Limits::DEFAULT_MAX_FRAME_BYTES)]
+    pub max_frame_bytes: usize,
+    /// Largest message body in characters.
+    #[arg(long, env = "CHAT_MAX_BODY_CHARS", value_name = "N", default_value_t = Limits::DEFAULT_MAX_BODY_CHARS)]
+    pub max_body_chars: usize,
+    /// Rooms one connection may have joined at once.
+    #[arg(
+        long,
+        env = "CHAT_MAX_ROOMS_PER_CONNECTION",
+        value_name = "N",
+        default_value_t = Limits::DEFAULT_MAX_ROOMS_PER_CONNECTION
+    )]
+    pub max_rooms_per_connection: usize,
+    /// Open WebSockets per process; more get HTTP 503.
+    #[arg(long, env = "CHAT_MAX_CONNECTIONS", value_name = "N", default_value_t = Limits::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Sustained sends (and typing signals) per second per connection; `rate_limited` beyond.
+    #[arg(long, env = "CHAT_SEND_RATE", value_name = "N", default_value_t = Limits::DEFAULT_SEND_RATE_PER_SEC)]
+    pub send_rate: u32,
+    /// Burst of sends allowed above the sustained rate.
+    #[arg(long, env = "CHAT_SEND_BURST", value_name = "N", default_value_t = Limits::DEFAULT_SEND_BURST)]
+    pub send_burst: u32,
+    /// Frames queued per connection before deliveries are deferred to a store catch-up (slow
+    /// consumers in docs/protocol.md).
+    #[arg(long, env = "CHAT_OUTBOUND_QUEUE", value_name = "N", default_value_t = Limits::DEFAULT_OUTBOUND_QUEUE)]
+    pub outbound_queue: usize,
+    /// Seconds a connection's queue or socket may stay full before it is closed with 4008.
+    #[arg(
+        long,
+        env = "CHAT_SLOW_CONSUMER_SECS",
+        value_name = "N",
+        default_value_t = Limits::DEFAULT_SLOW_CONSUMER_SECS
+    )]
+    pub slow_consumer_secs: u64,
+    /// Milliseconds between a gateway's presence rosters; a gateway silent for 3 of them has
+    /// its users marked offline (so a dead gateway's users go offline within 4 intervals).
+    #[arg(
+        long,
+        env = "CHAT_ROSTER_INTERVAL_MS",
+        value_name = "MS",
+        default_value_t = GatewayConfig::DEFAULT_ROSTER_INTERVAL_MS,
+        value_parser = clap::value_parser!(u64).range(GatewayConfig::MIN_ROSTER_INTERVAL_MS..)
+    )]
+    pub roster_interval_ms: u64,
+    /// On SIGTERM/SIGINT every client gets `reconnect` and close 1012; then wait this many
+    /// seconds for the connections to close.
+    #[arg(
+        long,
+        env = "CHAT_DRAIN_GRACE_SECS",
+        value_name = "N",
+        default_value_t = GatewayConfig::DEFAULT_DRAIN_GRACE_SECS
+    )]
+    pub drain_grace_secs: u64,
+}
+
+/// `--log-format`.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum LogFormatArg {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl GatewayArgs {
+    /// The gateway's configuration (a random `gw-xxxxxxxx` id unless one is given).
+    pub fn config(&self) -> GatewayConfig {
+        let defaults = GatewayConfig::default();
+        GatewayConfig {
+            gateway_id: self.gateway_id.clone().filter(|id| !id.is_empty()).unwrap_or(defaults.gateway_id),
+            jwt_secret: self.jwt_secret.clone().filter(|s| !s.is_empty()),
+            admin_token: self.admin_token.clone().filter(|s| !s.is_empty()),
+            limits: Limits {
+                max_frame_bytes: self.max_frame_bytes,
+                max_body_chars: self.max_body_chars,
+                max_rooms_per_connection: self.max_rooms_per_connection,
+                max_connections: self.max_connections,
+                send_rate_per_sec: self.send_rate,
+                send_burst: self.send_burst,
+                outbound_queue: self.outbound_queue,
+                slow_consumer_timeout: Duration::from_secs(self.slow_consumer_secs),
+                ..Limits::default()
+            },
+            drain_grace: Duration::from_secs(self.drain_grace_secs),
+            roster_interval: Duration::from_millis(self.roster_interval_ms),
+            ..defaults
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// Flags left out parse to exactly the configuration types' defaults.
+    #[test]
+    fn defaults_are_the_configuration_defaults() {
+        let cli = Cli::try_parse_from(["chat"]).unwrap();
+        assert_eq!(cli.listen, DEFAULT_LISTEN);
+        let config = cli.gateway.config();
+        let (limits, defaults) = (&config.limits, gateway::Limits::default());
+        assert_eq!(
+            (limits.max_frame_bytes, limits.max_body_chars, limits.max_rooms_per_connection, limits.max_connections),
+            (
+                defaults.max_frame_bytes,
+                defaults.max_body_chars,
+                defaults.max_rooms_per_connection,
+                defaults.max_connections
+            )
+        );
+        assert_eq!(
+            (limits.send_rate_per_sec, limits.send_burst, limits.outbound_queue, limits.slow_consumer_timeout),
+            (defaults.send_rate_per_sec, defaults.send_burst, defaults.outbound_queue, defaults.slow_consumer_timeout)
+        );
+        let gateway_defaults = GatewayConfig::default();
+        assert_eq!(config.drain_grace, gateway_defaults.drain_grace);
+        assert_eq!(config.roster_interval, gateway_defaults.roster_interval);
+
+        let cli = Cli::try_parse_from(["chat", "fanout"]).unwrap();
+        let Some(Command::Fanout { listen, worker, backends, common }) = cli.command else {
+            panic!("not the fanout command");
+        };
+        assert_eq!(listen, DEFAULT_FANOUT_LISTEN);
+        let worker = worker.config(common.journal_capacity);
+        assert_eq!(worker.fanout.max_batch, FanoutConfig::default().max_batch);
+        assert!(worker.id.starts_with("fanout-"), "{}", worker.id);
+        let nats = NatsConfig::new(NatsConfig::DEFAULT_URL, "x");
+        assert_eq!(worker.ack_wait, nats.ack_wait);
+        let backends = backends.backends().unwrap();
+        let cql = CqlConfig::default();
+        assert_eq!(backends.nats_url, nats.url);
+        assert_eq!(backends.stream_replicas, nats.stream_replicas);
+        assert_eq!(backends.cql_nodes, cql.nodes);
+        assert_eq!(backends.keyspace, cql.keyspace);
+        assert_eq!(backends.replication, cql.replication);
+        assert_eq!(backends.cql_request_timeout, cql.request_timeout);
+        assert_eq!(backends.cql_local_datacenter, cql.local_datacenter);
+    }
+
+    #[test]
+    fn new_flags_reach_the_configuration() {
+        let cli = Cli::try_parse_from([
+            "chat",
+            "fanout",
+            "--cql-local-dc",
+            "dc2",
+            "--cql-request-timeout-ms",
+            "2500",
+            "--max-batch",
+            "64",
+            "--ack-wait-ms",
+            "9000",
+        ])
+        .unwrap();
+        let Some(Command::Fanout { worker, backends, .. }) = cli.command else {
+            panic!("not the fanout command");
+        };
+        let backends = backends.backends().unwrap();
+        assert_eq!(backends.cql_local_datacenter.as_deref(), Some("dc2"));
+        assert_eq!(backends.cql_request_timeout, Duration::from_millis(2500));
+        let worker = worker.config(10);
+        assert_eq!((worker.fanout.max_batch, worker.ack_wait), (64, Duration::from_secs(9)));
+        assert!(Cli::try_parse_from(["chat", "fanout", "--max-batch", "0"]).is_err());
+        assert!(Cli::try_parse_from(["chat", "--roster-interval-ms", "10"]).is_err());
+    }
+}
