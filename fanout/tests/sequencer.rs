@@ -4,6 +4,8 @@
 //! is unknown is resolved before answering, and repeats (in a batch or across batches) are one
 //! message.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test harness: a failed set-up step should panic
+
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
