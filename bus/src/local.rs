@@ -126,3 +126,208 @@ impl FanoutBus for LocalBus {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use protocol::frames::PresenceState;
+    use tokio::sync::mpsc::error::TryRecvError;
+
+    use super::*;
+    use crate::BusErrorKind;
+
+    const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    fn command(room: &str, client_msg_id: &str) -> SendCommand {
+        SendCommand {
+            room: room.into(),
+            user: "alice".into(),
+            client_msg_id: client_msg_id.into(),
+            body: "hello".into(),
+            traceparent: TRACEPARENT.into(),
+            gateway: "gateway-1".into(),
+            deadline_ms: 0,
+        }
+    }
+
+    fn message(room: &str, seq: u64) -> Arc<ChatMessage> {
+        Arc::new(ChatMessage {
+            room: room.into(),
+            seq,
+            id: uuid::Uuid::now_v7(),
+            user: "alice".into(),
+            body: format!("message {seq}"),
+            ts: 0,
+            client_msg_id: format!("c-{seq}"),
+            trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+        })
+    }
+
+    fn stored(command: &SendCommand, seq: u64) -> SendOutcome {
+        let mut message = (*message(&command.room, seq)).clone();
+        message.client_msg_id = command.client_msg_id.clone();
+        SendOutcome { message, duplicate: false }
+    }
+
+    fn typing(user: &str) -> RoomEvent {
+        RoomEvent::Typing { user: user.into() }
+    }
+
+    /// Lets every other task run until it waits (time is paused, so this sleeps no real time).
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    /// `future`'s output, failing the test if it never comes (with time paused, at once rather
+    /// than after a minute).
+    async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(60), future).await.unwrap_or_else(|_| panic!("{what}: never happened"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_send_reaches_the_worker_and_its_outcome_reaches_the_submitter() {
+        let bus = Arc::new(LocalBus::new());
+        let submitter = tokio::spawn({
+            let bus = bus.clone();
+            async move { bus.submit(command("general", "c-1")).await }
+        });
+        let mut batch = within("a batch", bus.next_batch(10)).await.expect("a batch");
+        assert_eq!(batch.len(), 1);
+        let send = batch.pop().unwrap();
+        assert_eq!(send.command, command("general", "c-1"));
+        assert_eq!(send.delivery, 1);
+        let outcome = stored(&send.command, 1);
+        send.reply.reply(Ok(outcome.clone())).await;
+        assert_eq!(within("the outcome", submitter).await.unwrap().unwrap(), outcome);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejection_reaches_the_submitter() {
+        let bus = Arc::new(LocalBus::new());
+        let submitter = tokio::spawn({
+            let bus = bus.clone();
+            async move { bus.submit(command("general", "c-1")).await }
+        });
+        let send = within("a batch", bus.next_batch(10)).await.unwrap().pop().unwrap();
+        send.reply.reply(Err(BusError::rejected("body too long"))).await;
+        let error = within("the outcome", submitter).await.unwrap().unwrap_err();
+        assert_eq!(error.kind(), BusErrorKind::Rejected);
+        assert_eq!(error.message(), "body too long");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_holds_what_is_waiting_up_to_max_and_waits_for_at_least_one() {
+        let bus = Arc::new(LocalBus::new());
+        assert!(
+            tokio::time::timeout(Duration::from_secs(60), bus.next_batch(10)).await.is_err(),
+            "a batch without any send"
+        );
+        for id in ["c-1", "c-2", "c-3"] {
+            let bus = bus.clone();
+            tokio::spawn(async move { bus.submit(command("general", id)).await });
+        }
+        settle().await;
+        let first = within("a first batch", bus.next_batch(2)).await.unwrap();
+        let second = within("a second batch", bus.next_batch(2)).await.unwrap();
+        assert_eq!((first.len(), second.len()), (2, 1));
+        let mut ids: Vec<_> = first.iter().chain(&second).map(|send| send.command.client_msg_id.clone()).collect();
+        ids.sort();
+        assert_eq!(ids, ["c-1", "c-2", "c-3"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_send_the_worker_drops_unanswered_is_unavailable() {
+        let bus = Arc::new(LocalBus::new());
+        let submitter = tokio::spawn({
+            let bus = bus.clone();
+            async move { bus.submit(command("general", "c-1")).await }
+        });
+        // The worker takes the send and goes away without answering.
+        drop(within("a batch", bus.next_batch(10)).await.unwrap());
+        let error = within("the outcome", submitter).await.unwrap().unwrap_err();
+        assert_eq!(error.kind(), BusErrorKind::Unavailable);
+        assert_eq!(error.message(), "fanout dropped the send");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn feeds_get_their_rooms_deliveries_and_events_only() {
+        let bus = LocalBus::new();
+        let mut here = bus.subscribe("general").await.unwrap();
+        let mut also_here = bus.subscribe("general").await.unwrap();
+        let mut elsewhere = bus.subscribe("random").await.unwrap();
+        assert_eq!((here.room.as_str(), elsewhere.room.as_str()), ("general", "random"));
+
+        let delivered = message("general", 1);
+        within("delivery", bus.deliver(delivered.clone(), TRACEPARENT)).await.unwrap();
+        bus.publish_event("general", typing("bob")).await.unwrap();
+        bus.publish_event("random", typing("carol")).await.unwrap();
+        let delivered_elsewhere = message("random", 1);
+        within("delivery", bus.deliver(delivered_elsewhere.clone(), TRACEPARENT)).await.unwrap();
+
+        for feed in [&mut here, &mut also_here] {
+            match feed.items.try_recv() {
+                Ok(FeedItem::Message(message, traceparent)) => {
+                    assert_eq!(message, delivered);
+                    assert_eq!(traceparent.as_deref(), Some(TRACEPARENT));
+                }
+                other => panic!("expected the delivery, got {other:?}"),
+            }
+            assert!(matches!(feed.items.try_recv(), Ok(FeedItem::Event(event)) if event == typing("bob")));
+            assert!(matches!(feed.items.try_recv(), Err(TryRecvError::Empty)));
+        }
+        assert!(matches!(elsewhere.items.try_recv(), Ok(FeedItem::Event(event)) if event == typing("carol")));
+        assert!(
+            matches!(elsewhere.items.try_recv(), Ok(FeedItem::Message(message, _)) if message == delivered_elsewhere)
+        );
+        assert!(matches!(elsewhere.items.try_recv(), Err(TryRecvError::Empty)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_feed_is_unsubscribed_and_the_others_still_get_deliveries() {
+        let bus = LocalBus::new();
+        let gone = bus.subscribe("general").await.unwrap();
+        let mut stays = bus.subscribe("general").await.unwrap();
+        drop(gone);
+        within("delivery", bus.deliver(message("general", 1), TRACEPARENT)).await.unwrap();
+        assert_eq!(bus.rooms.lock().unwrap()["general"].len(), 1, "the dropped feed is still subscribed");
+        assert!(matches!(stays.items.try_recv(), Ok(FeedItem::Message(..))));
+
+        drop(stays);
+        let presence = RoomEvent::Presence { user: "bob".into(), state: PresenceState::Offline, gateway: "g".into() };
+        bus.publish_event("general", presence).await.unwrap();
+        assert!(!bus.rooms.lock().unwrap().contains_key("general"), "a room without feeds is still followed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_feed_holds_deliveries_back_instead_of_dropping_them() {
+        let bus = Arc::new(LocalBus::new());
+        let mut feed = bus.subscribe("general").await.unwrap();
+        let last = FEED_QUEUE as u64 + 1;
+        let deliverer = tokio::spawn({
+            let bus = bus.clone();
+            async move {
+                for seq in 1..=last {
+                    bus.deliver(message("general", seq), TRACEPARENT).await.unwrap();
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!deliverer.is_finished(), "a delivery went past a full feed");
+        for seq in 1..=last {
+            match within("a delivery", feed.items.recv()).await {
+                Some(FeedItem::Message(message, _)) => assert_eq!(message.seq, seq),
+                other => panic!("expected message {seq}, got {other:?}"),
+            }
+        }
+        within("every delivery", deliverer).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_process_is_ready_not_distributed_and_has_no_remote_journeys() {
+        let bus = LocalBus::new();
+        bus.ready().await.unwrap();
+        assert!(!bus.is_distributed());
+        assert!(bus.remote_journeys(uuid::Uuid::now_v7()).await.is_empty());
+    }
+}

@@ -290,6 +290,8 @@ mod tests {
         }
     }
 
+    /// Only the newcomer gains partitions, so what moves is its share: about 1/(n+1) of them,
+    /// averaged over many sets (16 partitions are too few to be even in every one).
     #[test]
     fn a_new_worker_takes_only_the_partitions_it_wins_about_one_in_n() {
         for n in 1..=5 {
@@ -308,7 +310,7 @@ mod tests {
             }
             let share = f64::from(moved) / f64::from(total);
             let fair = 1.0 / f64::from(n + 1);
-            assert!((share - fair).abs() < 0.05, "{n} → {}: the newcomer took {share:.3}, not about {fair:.3}", n + 1);
+            assert!((share - fair).abs() < 0.03, "{n} → {}: the newcomer took {share:.3}, not about {fair:.3}", n + 1);
         }
     }
 

@@ -1,0 +1,107 @@
+//! The NATS bus against a real nats-server (testkit starts one on a free port; the test fails
+//! when `nats-server` is missing): a gateway's send reaches a fanout worker and the worker's
+//! answer reaches the gateway, and the gateway's room feed gets the worker's delivery and a
+//! room event.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test harness: a failed set-up step should panic
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus::nats::{NatsBus, NatsConfig};
+// Everything of the bus, its traits included, so each call below finds the trait that carries it.
+use bus::*;
+use protocol::bus::{RoomEvent, SendCommand, SendOutcome};
+use protocol::ChatMessage;
+use telemetry::metrics::Metrics;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+async fn connect(url: &str, name: &str) -> Arc<NatsBus> {
+    let bus = NatsBus::connect(NatsConfig::new(url, name), Metrics::new()).await.expect("connect");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while let Err(e) = bus.ready().await {
+        assert!(tokio::time::Instant::now() < deadline, "{name} not ready: {e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bus
+}
+
+/// The feed's next message or event. A `Resumed` may come first: the connection's first
+/// `Connected` event can arrive after the feed started following it.
+async fn next_item(feed: &mut RoomFeed) -> FeedItem {
+    loop {
+        match tokio::time::timeout(WAIT, feed.items.recv()).await {
+            Ok(Some(FeedItem::Resumed)) => continue,
+            Ok(Some(item)) => return item,
+            Ok(None) => panic!("feed of {} closed", feed.room),
+            Err(_) => panic!("nothing on the feed of {} within {WAIT:?}", feed.room),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_send_round_trips_through_a_worker_and_the_room_feed_gets_the_delivery_and_events() {
+    let nats = testkit::NatsServer::start().await;
+    let gateway = connect(&nats.url(), "gateway-t").await;
+    let worker = connect(&nats.url(), "fanout-t").await;
+    worker.start_worker().await.expect("start worker");
+    let mut feed = gateway.subscribe("general").await.expect("subscribe");
+
+    let command = SendCommand {
+        room: "general".into(),
+        user: "alice".into(),
+        client_msg_id: "c-1".into(),
+        body: "hello".into(),
+        traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+        gateway: "gateway-t".into(),
+        deadline_ms: 0,
+    };
+    let submitted = tokio::spawn({
+        let (gateway, command) = (gateway.clone(), command.clone());
+        async move { gateway.submit(command).await }
+    });
+
+    let mut batch = tokio::time::timeout(WAIT, worker.next_batch(10)).await.expect("a batch in time").expect("a batch");
+    assert_eq!(batch.len(), 1);
+    let send = batch.pop().unwrap();
+    assert_eq!(
+        (&send.command.room, &send.command.user, &send.command.client_msg_id, &send.command.body),
+        (&command.room, &command.user, &command.client_msg_id, &command.body)
+    );
+    assert_eq!(send.delivery, 1);
+
+    let stored = ChatMessage {
+        room: command.room.clone(),
+        seq: 1,
+        id: uuid::Uuid::now_v7(),
+        user: command.user.clone(),
+        body: command.body.clone(),
+        ts: 1,
+        client_msg_id: command.client_msg_id.clone(),
+        trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+    };
+    let traceparent = send.command.traceparent.clone();
+    worker.deliver(Arc::new(stored.clone()), &traceparent).await.expect("deliver");
+    let outcome = SendOutcome { message: stored.clone(), duplicate: false };
+    send.reply.reply(Ok(outcome.clone())).await;
+
+    let answered = tokio::time::timeout(WAIT, submitted).await.expect("an answer in time").unwrap();
+    assert_eq!(answered.expect("stored"), outcome);
+
+    match next_item(&mut feed).await {
+        FeedItem::Message(message, header) => {
+            assert_eq!(*message, stored);
+            assert_eq!(header.as_deref(), Some(traceparent.as_str()));
+        }
+        other => panic!("expected the delivery, got {other:?}"),
+    }
+
+    let typing = RoomEvent::Typing { user: "bob".into() };
+    gateway.publish_event("random", RoomEvent::Typing { user: "carol".into() }).await.expect("publish elsewhere");
+    gateway.publish_event("general", typing.clone()).await.expect("publish");
+    match next_item(&mut feed).await {
+        FeedItem::Event(event) => assert_eq!(event, typing),
+        other => panic!("expected the room's event, got {other:?}"),
+    }
+}
