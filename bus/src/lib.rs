@@ -1,7 +1,9 @@
 //! The bus between gateways and fanout workers.
 //!
-//! Gateways see it as [`GatewayBus`]: submit a send and wait for its outcome, follow a room's
-//! sequenced messages and ephemeral events, publish events. Fanout workers see it as
+//! Gateways see it by capability, bundled as [`GatewayBus`]: [`SendBus`] submits a send and
+//! waits for its outcome, [`RoomBus`] follows a room's sequenced messages and ephemeral events
+//! and publishes events, [`BusHealth`] tells readiness, [`JourneyBus`] gathers other processes'
+//! journeys. Fanout workers see it as
 //! [`FanoutBus`]: take submitted sends in batches, answer each, publish sequenced messages.
 //! [`local::LocalBus`] is both, inside one process.
 
@@ -121,28 +123,59 @@ pub struct RoomFeed {
     pub items: mpsc::Receiver<FeedItem>,
 }
 
-/// The gateway's view of the bus.
+/// Handing sends to the sequencer: a gateway's writes.
 #[async_trait]
-pub trait GatewayBus: Send + Sync + 'static {
+pub trait SendBus: Send + Sync + 'static {
     /// Hands a send to the sequencer and waits until it is stored (or refused).
     async fn submit(&self, command: SendCommand) -> Result<SendOutcome, BusError>;
+}
 
+/// Following rooms: their sequenced messages, and presence and typing between gateways.
+#[async_trait]
+pub trait RoomBus: Send + Sync + 'static {
     /// Follows a room's messages and events.
     async fn subscribe(&self, room: &str) -> Result<RoomFeed, BusError>;
 
     /// Tells every gateway following the room about a presence or typing event.
     async fn publish_event(&self, room: &str, event: RoomEvent) -> Result<(), BusError>;
 
-    /// Succeeds while the bus answers; used by `/readyz`.
-    async fn ready(&self) -> Result<(), BusError>;
-
     /// Whether other gateways may share rooms with this one (so presence must be exchanged).
     fn is_distributed(&self) -> bool;
+}
 
-    /// What the other processes on the bus remember of a message's journey (empty in one
-    /// process, where there are no others).
-    async fn remote_journeys(&self, _id: uuid::Uuid) -> Vec<telemetry::journal::Journey> {
-        Vec::new()
+/// Whether the bus answers: a process's readiness.
+#[async_trait]
+pub trait BusHealth: Send + Sync + 'static {
+    /// Succeeds while the bus answers; used by `/readyz`.
+    async fn ready(&self) -> Result<(), BusError>;
+}
+
+/// What other processes remember of a message's journey.
+#[async_trait]
+pub trait JourneyBus: Send + Sync + 'static {
+    /// The journeys the other processes on the bus hold for a message (none in one process,
+    /// where there are no others).
+    async fn remote_journeys(&self, id: uuid::Uuid) -> Vec<telemetry::journal::Journey>;
+}
+
+/// The bus as a gateway uses it: one handle per capability, so each part of the gateway holds
+/// only what it needs and a decorator wraps only what it changes.
+#[derive(Clone)]
+pub struct GatewayBus {
+    /// Submitting sends (connections).
+    pub sends: Arc<dyn SendBus>,
+    /// Room feeds and events (room hubs).
+    pub rooms: Arc<dyn RoomBus>,
+    /// Readiness (`/readyz`).
+    pub health: Arc<dyn BusHealth>,
+    /// Other processes' journeys (`/debug/messages`).
+    pub journeys: Arc<dyn JourneyBus>,
+}
+
+impl GatewayBus {
+    /// Every capability from one bus that has them all.
+    pub fn of<B: SendBus + RoomBus + BusHealth + JourneyBus>(bus: Arc<B>) -> Self {
+        Self { sends: bus.clone(), rooms: bus.clone(), health: bus.clone(), journeys: bus }
     }
 }
 

@@ -11,7 +11,7 @@ use protocol::bus::{RoomEvent, SendCommand, SendOutcome};
 use protocol::ChatMessage;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{BusError, FanoutBus, FeedItem, GatewayBus, PendingSend, Replier, RoomFeed};
+use crate::{BusError, BusHealth, FanoutBus, FeedItem, JourneyBus, PendingSend, Replier, RoomBus, RoomFeed, SendBus};
 
 /// Capacity of the queue of submitted sends.
 const SEND_QUEUE: usize = 16_384;
@@ -69,7 +69,7 @@ impl Replier for LocalReplier {
 }
 
 #[async_trait]
-impl GatewayBus for LocalBus {
+impl SendBus for LocalBus {
     async fn submit(&self, command: SendCommand) -> Result<SendOutcome, BusError> {
         let (reply, outcome) = oneshot::channel();
         self.sends
@@ -78,7 +78,10 @@ impl GatewayBus for LocalBus {
             .map_err(|_| BusError::unavailable("fanout stopped"))?;
         outcome.await.map_err(|_| BusError::unavailable("fanout dropped the send"))?
     }
+}
 
+#[async_trait]
+impl RoomBus for LocalBus {
     async fn subscribe(&self, room: &str) -> Result<RoomFeed, BusError> {
         let (feed, items) = mpsc::channel(FEED_QUEUE);
         let mut rooms = self.rooms.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -93,15 +96,26 @@ impl GatewayBus for LocalBus {
         Ok(())
     }
 
+    fn is_distributed(&self) -> bool {
+        false
+    }
+}
+
+#[async_trait]
+impl BusHealth for LocalBus {
     async fn ready(&self) -> Result<(), BusError> {
         if self.sends.is_closed() {
             return Err(BusError::unavailable("fanout stopped"));
         }
         Ok(())
     }
+}
 
-    fn is_distributed(&self) -> bool {
-        false
+/// One process has no other processes' journeys.
+#[async_trait]
+impl JourneyBus for LocalBus {
+    async fn remote_journeys(&self, _id: uuid::Uuid) -> Vec<telemetry::journal::Journey> {
+        Vec::new()
     }
 }
 

@@ -36,7 +36,7 @@ use telemetry::journal::Journey;
 use telemetry::metrics::Metrics;
 use tokio::sync::mpsc;
 
-use crate::{BusError, FanoutBus, GatewayBus, PendingSend, RoomFeed};
+use crate::{BusError, BusHealth, FanoutBus, JourneyBus, PendingSend, RoomBus, RoomFeed, SendBus};
 use sends::Waiters;
 
 /// Header carrying the W3C trace context.
@@ -164,11 +164,14 @@ impl NatsBus {
 }
 
 #[async_trait]
-impl GatewayBus for NatsBus {
+impl SendBus for NatsBus {
     async fn submit(&self, command: SendCommand) -> Result<SendOutcome, BusError> {
         self.submit_send(command).await
     }
+}
 
+#[async_trait]
+impl RoomBus for NatsBus {
     async fn subscribe(&self, room: &str) -> Result<RoomFeed, BusError> {
         self.follow_room(room).await
     }
@@ -177,6 +180,13 @@ impl GatewayBus for NatsBus {
         self.publish_room_event(room, event).await
     }
 
+    fn is_distributed(&self) -> bool {
+        true
+    }
+}
+
+#[async_trait]
+impl BusHealth for NatsBus {
     async fn ready(&self) -> Result<(), BusError> {
         if !self.connected() {
             return Err(BusError::unavailable("not connected to NATS"));
@@ -186,11 +196,10 @@ impl GatewayBus for NatsBus {
         }
         Ok(())
     }
+}
 
-    fn is_distributed(&self) -> bool {
-        true
-    }
-
+#[async_trait]
+impl JourneyBus for NatsBus {
     async fn remote_journeys(&self, id: uuid::Uuid) -> Vec<Journey> {
         self.gather_journeys(id).await
     }

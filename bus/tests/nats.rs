@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bus::nats::{NatsBus, NatsConfig};
-// Everything of the bus, its traits included, so each call below finds the trait that carries it.
-use bus::*;
+use bus::{BusHealth, FanoutBus, FeedItem, RoomBus, RoomFeed, SendBus};
 use protocol::bus::{RoomEvent, SendCommand, SendOutcome};
 use protocol::ChatMessage;
 use telemetry::metrics::Metrics;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bus::nats::{NatsBus, NatsConfig};
+use bus::GatewayBus;
 use fanout::{Fanout, FanoutConfig};
 use faults::FaultLayer;
 use gateway::{GatewayConfig, GatewayDeps};
@@ -112,7 +113,7 @@ pub async fn gateway(
     bus.serve_journal(journal.clone()).await.context("serving journeys")?;
     let faults = FaultLayer::new(config.admin_token.clone(), metrics.clone(), journal.clone());
     let deps = GatewayDeps {
-        bus: faults.gateway_bus(bus),
+        bus: faults.gateway_bus(GatewayBus::of(bus)),
         store,
         metrics,
         journal,

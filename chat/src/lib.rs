@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use bus::local::LocalBus;
+use bus::GatewayBus;
 use fanout::{Fanout, FanoutConfig};
 use faults::FaultLayer;
 use gateway::{GatewayConfig, GatewayDeps};
@@ -55,7 +56,7 @@ pub async fn all_in_one(
         let _ = fanout_stopped.await;
     }));
     let deps = GatewayDeps {
-        bus: faults.gateway_bus(bus),
+        bus: faults.gateway_bus(GatewayBus::of(bus)),
         store,
         metrics,
         journal,

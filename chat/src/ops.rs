@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use bus::GatewayBus;
+use bus::BusHealth;
 use gateway::ops::{OpsState, ReadyCheck};
 use storage::HistoryStore;
 use telemetry::journal::Journal;

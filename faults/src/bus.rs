@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bus::{BusError, FanoutBus, FeedItem, GatewayBus, PendingSend, RoomFeed};
+use bus::{BusError, BusHealth, FanoutBus, FeedItem, GatewayBus, PendingSend, RoomBus, RoomFeed, SendBus};
 use protocol::bus::{RoomEvent, SendCommand, SendOutcome};
 use protocol::ChatMessage;
 use tokio::sync::{mpsc, Mutex};
@@ -20,21 +20,25 @@ const FEED_BUFFER: usize = 1024;
 // === the gateway's side ===
 
 /// A gateway's bus under `gateway.nats` (cut: sends refused, feeds lose messages, not ready)
-/// and `gateway.feed` (drop or delay a room's messages on arrival).
-pub struct FaultyGatewayBus {
-    inner: Arc<dyn GatewayBus>,
-    injector: Injector,
-}
-
-impl FaultyGatewayBus {
-    /// `inner` under the injector's faults.
-    pub fn new(inner: Arc<dyn GatewayBus>, injector: Injector) -> Self {
-        Self { inner, injector }
+/// and `gateway.feed` (drop or delay a room's messages on arrival). Other processes' journeys
+/// pass untouched.
+pub fn faulty_gateway_bus(inner: GatewayBus, injector: &Injector) -> GatewayBus {
+    GatewayBus {
+        sends: Arc::new(FaultySends { inner: inner.sends, injector: injector.clone() }),
+        rooms: Arc::new(FaultyRooms { inner: inner.rooms, injector: injector.clone() }),
+        health: Arc::new(FaultyHealth { inner: inner.health, injector: injector.clone() }),
+        journeys: inner.journeys,
     }
 }
 
+/// Sends under a `gateway.nats` cut: refused as if NATS were unreachable.
+struct FaultySends {
+    inner: Arc<dyn SendBus>,
+    injector: Injector,
+}
+
 #[async_trait]
-impl GatewayBus for FaultyGatewayBus {
+impl SendBus for FaultySends {
     async fn submit(&self, command: SendCommand) -> Result<SendOutcome, BusError> {
         if let Some(fired) = self.injector.decide(Hop::GatewayNats, &command.room) {
             self.injector.count(&fired);
@@ -44,7 +48,16 @@ impl GatewayBus for FaultyGatewayBus {
         }
         self.inner.submit(command).await
     }
+}
 
+/// Room feeds under `gateway.nats` and `gateway.feed`.
+struct FaultyRooms {
+    inner: Arc<dyn RoomBus>,
+    injector: Injector,
+}
+
+#[async_trait]
+impl RoomBus for FaultyRooms {
     async fn subscribe(&self, room: &str) -> Result<RoomFeed, BusError> {
         let inner = self.inner.subscribe(room).await?;
         let (items, outer) = mpsc::channel(FEED_BUFFER);
@@ -56,6 +69,19 @@ impl GatewayBus for FaultyGatewayBus {
         self.inner.publish_event(room, event).await
     }
 
+    fn is_distributed(&self) -> bool {
+        self.inner.is_distributed()
+    }
+}
+
+/// Readiness under a `gateway.nats` cut: not ready.
+struct FaultyHealth {
+    inner: Arc<dyn BusHealth>,
+    injector: Injector,
+}
+
+#[async_trait]
+impl BusHealth for FaultyHealth {
     async fn ready(&self) -> Result<(), BusError> {
         if let Some(cut) = self.injector.faults.armed(Hop::GatewayNats) {
             // A sealed cut looks like a real outage.
@@ -63,14 +89,6 @@ impl GatewayBus for FaultyGatewayBus {
             return Err(BusError::unavailable(why));
         }
         self.inner.ready().await
-    }
-
-    fn is_distributed(&self) -> bool {
-        self.inner.is_distributed()
-    }
-
-    async fn remote_journeys(&self, id: uuid::Uuid) -> Vec<telemetry::journal::Journey> {
-        self.inner.remote_journeys(id).await
     }
 }
 
@@ -316,12 +334,12 @@ mod tests {
     async fn a_cut_gateway_refuses_sends_is_not_ready_and_loses_its_feeds_messages() {
         let (injector, metrics) = injector(FaultSpec::new(Hop::GatewayNats, FaultAction::Cut));
         let local = Arc::new(LocalBus::new());
-        let bus = FaultyGatewayBus::new(local.clone(), injector.clone());
-        let refused = bus.submit(command("r", "a")).await.unwrap_err();
+        let bus = faulty_gateway_bus(GatewayBus::of(local.clone()), &injector);
+        let refused = bus.sends.submit(command("r", "a")).await.unwrap_err();
         assert_eq!(refused.kind(), BusErrorKind::Unavailable);
-        assert!(bus.ready().await.unwrap_err().to_string().contains("injected fault"));
+        assert!(bus.health.ready().await.unwrap_err().to_string().contains("injected fault"));
 
-        let mut feed = bus.subscribe("r").await.unwrap();
+        let mut feed = bus.rooms.subscribe("r").await.unwrap();
         let message = Arc::new(ChatMessage {
             room: "r".into(),
             seq: 1,
@@ -340,7 +358,7 @@ mod tests {
         // The cut ends: the feed says it resumed (the hub then checks the store), and carries
         // messages again.
         injector.faults().clear(true);
-        assert!(bus.ready().await.is_ok());
+        assert!(bus.health.ready().await.is_ok());
         let resumed = tokio::time::timeout(Duration::from_secs(2), feed.items.recv()).await.unwrap();
         assert!(matches!(resumed, Some(FeedItem::Resumed)), "{resumed:?}");
         local.deliver(message, "").await.unwrap();

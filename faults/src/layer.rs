@@ -9,7 +9,7 @@ use gateway::hook::DeliveryHook;
 use telemetry::journal::Journal;
 use telemetry::metrics::Metrics;
 
-use crate::bus::{FaultyFanoutBus, FaultyGatewayBus};
+use crate::bus::{faulty_gateway_bus, FaultyFanoutBus};
 use crate::clock::SkewedClock;
 use crate::deliver::FaultyDelivery;
 use crate::marks::Injector;
@@ -38,9 +38,9 @@ impl FaultLayer {
     }
 
     /// A gateway's bus, wrapped when faults are on.
-    pub fn gateway_bus(&self, bus: Arc<dyn GatewayBus>) -> Arc<dyn GatewayBus> {
+    pub fn gateway_bus(&self, bus: GatewayBus) -> GatewayBus {
         match &self.injector {
-            Some(injector) => Arc::new(FaultyGatewayBus::new(bus, injector.clone())),
+            Some(injector) => faulty_gateway_bus(bus, injector),
             None => bus,
         }
     }

@@ -4,7 +4,8 @@
 //! `/admin/faults`) and held by a [`Faults`] registry. They act through decorators that wrap
 //! the product's own interfaces, so gateway and fanout code reads as if faults did not exist:
 //!
-//! - [`bus::FaultyGatewayBus`] over a gateway's bus: `gateway.nats` (cut) and `gateway.feed`;
+//! - [`bus::faulty_gateway_bus`] over a gateway's bus (sends, room feeds, readiness):
+//!   `gateway.nats` (cut) and `gateway.feed`;
 //! - [`bus::FaultyFanoutBus`] over a worker's bus: `fanout.sequence` and `fanout.publish`;
 //! - [`clock::SkewedClock`] over a worker's clock: `fanout.clock`;
 //! - [`deliver::FaultyDelivery`], the gateway's delivery hook: `gateway.deliver` and

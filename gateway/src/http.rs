@@ -132,7 +132,7 @@ async fn room_messages(
 /// answering; journeys gathered from every process and the store.
 fn ops(app: &AppState) -> OpsState {
     let draining = app.shutdown_signal();
-    let (bus, history, store) = (app.bus.clone(), app.history.clone(), app.history.clone());
+    let (bus, history, store) = (app.bus.health.clone(), app.history.clone(), app.history.clone());
     OpsState {
         metrics: app.metrics.clone(),
         ready: vec![
@@ -148,6 +148,6 @@ fn ops(app: &AppState) -> OpsState {
                 async move { store.ping().await }
             }),
         ],
-        journeys: Arc::new(ClusterJourneys { journal: app.journal.clone(), bus: app.bus.clone(), history }),
+        journeys: Arc::new(ClusterJourneys { journal: app.journal.clone(), bus: app.bus.journeys.clone(), history }),
     }
 }

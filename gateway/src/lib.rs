@@ -34,7 +34,7 @@ pub use connection::CLOSE_SLOW_CONSUMER;
 /// What a gateway runs on.
 pub struct GatewayDeps {
     /// The bus to fanout.
-    pub bus: Arc<dyn GatewayBus>,
+    pub bus: GatewayBus,
     /// The history store (read-only use).
     pub store: Arc<dyn HistoryStore>,
     /// Metrics registry shared with the rest of the process.
@@ -59,7 +59,7 @@ pub async fn run(
     let history = history::HistoryReader::new(deps.store, deps.metrics.clone());
     let rooms = rooms::Rooms::new(
         &config,
-        deps.bus.clone(),
+        deps.bus.rooms.clone(),
         history.clone(),
         deps.metrics.clone(),
         deps.journal.clone(),

@@ -12,7 +12,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use bus::GatewayBus;
+use bus::JourneyBus;
 use futures_util::future::{join_all, BoxFuture};
 use futures_util::FutureExt;
 use protocol::ErrorCode;
@@ -91,7 +91,7 @@ pub struct ClusterJourneys {
     /// This process's journal.
     pub journal: Arc<Journal>,
     /// The bus to ask the other processes.
-    pub bus: Arc<dyn GatewayBus>,
+    pub bus: Arc<dyn JourneyBus>,
     /// The store, for the stored message.
     pub history: HistoryReader,
 }

@@ -19,7 +19,7 @@ pub struct AppState {
     /// Settings.
     pub config: GatewayConfig,
     /// The bus to the fanout workers.
-    pub bus: Arc<dyn GatewayBus>,
+    pub bus: GatewayBus,
     /// Reads of history.
     pub history: HistoryReader,
     /// Room hubs.
@@ -44,7 +44,7 @@ impl AppState {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         config: GatewayConfig,
-        bus: Arc<dyn GatewayBus>,
+        bus: GatewayBus,
         history: HistoryReader,
         rooms: Arc<Rooms>,
         metrics: Metrics,

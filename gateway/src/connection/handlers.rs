@@ -221,7 +221,7 @@ impl Connection {
             "gateway.receive",
             serde_json::json!({"gateway": self.app.config.gateway_id, "session": self.session}),
         );
-        let bus = self.app.bus.clone();
+        let bus = self.app.bus.sends.clone();
         let started = Instant::now();
         // Workers refuse a send past its deadline; waiting a little longer than that means a
         // send this gateway calls `unavailable` was really not stored.

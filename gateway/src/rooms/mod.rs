@@ -16,7 +16,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bus::{BusError, GatewayBus};
+use bus::{BusError, RoomBus};
 use protocol::bus::RoomEvent;
 use protocol::frames::PresenceState;
 use storage::PageQuery;
@@ -58,7 +58,7 @@ type Slot = Arc<OnceCell<Arc<Hub>>>;
 /// All hubs of this gateway.
 pub struct Rooms {
     gateway_id: String,
-    bus: Arc<dyn GatewayBus>,
+    bus: Arc<dyn RoomBus>,
     history: HistoryReader,
     metrics: Metrics,
     journal: Arc<Journal>,
@@ -73,7 +73,7 @@ impl Rooms {
     /// A registry with no hubs yet.
     pub fn new(
         config: &GatewayConfig,
-        bus: Arc<dyn GatewayBus>,
+        bus: Arc<dyn RoomBus>,
         history: HistoryReader,
         metrics: Metrics,
         journal: Arc<Journal>,

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bus::{BusError, FeedItem, GatewayBus, RoomFeed};
-use protocol::bus::{RoomEvent, SendCommand, SendOutcome};
+use bus::{BusError, FeedItem, RoomBus, RoomFeed};
+use protocol::bus::RoomEvent;
 use protocol::frames::PresenceState;
 use protocol::ChatMessage;
 use storage::{HistoryStore, Page, PageQuery, RoomAppend, StoreError};
@@ -39,10 +39,7 @@ impl ScriptedBus {
 }
 
 #[async_trait]
-impl GatewayBus for ScriptedBus {
-    async fn submit(&self, _command: SendCommand) -> Result<SendOutcome, BusError> {
-        Err(BusError::unavailable("not in these tests"))
-    }
+impl RoomBus for ScriptedBus {
     async fn subscribe(&self, room: &str) -> Result<RoomFeed, BusError> {
         let (tx, items) = mpsc::channel(64);
         self.feeds.lock().unwrap().insert(room.to_owned(), tx);
@@ -50,9 +47,6 @@ impl GatewayBus for ScriptedBus {
     }
     async fn publish_event(&self, _room: &str, event: RoomEvent) -> Result<(), BusError> {
         self.published.lock().unwrap().push(event);
-        Ok(())
-    }
-    async fn ready(&self) -> Result<(), BusError> {
         Ok(())
     }
     fn is_distributed(&self) -> bool {
