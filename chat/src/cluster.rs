@@ -112,14 +112,7 @@ pub async fn gateway(
     let journal = Arc::new(Journal::new(config.gateway_id.clone(), journal_capacity));
     bus.serve_journal(journal.clone()).await.context("serving journeys")?;
     let faults = FaultLayer::new(config.admin_token.clone(), metrics.clone(), journal.clone());
-    let deps = GatewayDeps {
-        bus: faults.gateway_bus(GatewayBus::of(bus)),
-        store,
-        metrics,
-        journal,
-        delivery_hook: faults.delivery_hook(),
-        routes: faults.routes(),
-    };
+    let deps = faults.wire_gateway(GatewayDeps::new(GatewayBus::of(bus), store, metrics, journal));
     gateway::run(listener, config, deps, shutdown).await.context("serving HTTP")
 }
 

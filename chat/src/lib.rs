@@ -55,14 +55,7 @@ pub async fn all_in_one(
     let fanout_task = tokio::spawn(worker.run(async move {
         let _ = fanout_stopped.await;
     }));
-    let deps = GatewayDeps {
-        bus: faults.gateway_bus(GatewayBus::of(bus)),
-        store,
-        metrics,
-        journal,
-        delivery_hook: faults.delivery_hook(),
-        routes: faults.routes(),
-    };
+    let deps = faults.wire_gateway(GatewayDeps::new(GatewayBus::of(bus), store, metrics, journal));
     let served = gateway::run(listener, config, deps, shutdown).await;
     let _ = stop_fanout.send(());
     fanout_task.await.context("fanout worker panicked")?;

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use axum::Router;
-use bus::BusHealth;
 use gateway::ops::{OpsState, ReadyCheck};
 use storage::HistoryStore;
 use telemetry::journal::Journal;
@@ -32,19 +31,9 @@ pub async fn serve(
     admin_routes: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let (bus, store) = (ops.bus.clone(), ops.store.clone());
     let state = OpsState {
         metrics: ops.metrics.clone(),
-        ready: vec![
-            ReadyCheck::new("bus", move || {
-                let bus = bus.clone();
-                async move { bus.ready().await }
-            }),
-            ReadyCheck::new("store", move || {
-                let store = store.clone();
-                async move { store.ping().await }
-            }),
-        ],
+        ready: vec![ReadyCheck::bus(ops.bus.clone()), ReadyCheck::store(ops.store.clone())],
         journeys: ops.journal.clone(),
     };
     let router = gateway::ops::router(state).merge(admin_routes);

@@ -3,9 +3,9 @@
 use std::sync::Arc;
 
 use axum::Router;
-use bus::{FanoutBus, GatewayBus};
+use bus::FanoutBus;
 use fanout::{Clock, SystemClock};
-use gateway::hook::DeliveryHook;
+use gateway::GatewayDeps;
 use telemetry::journal::Journal;
 use telemetry::metrics::Metrics;
 
@@ -37,11 +37,18 @@ impl FaultLayer {
         &self.faults
     }
 
-    /// A gateway's bus, wrapped when faults are on.
-    pub fn gateway_bus(&self, bus: GatewayBus) -> GatewayBus {
+    /// A gateway's dependencies with this layer wired in: when faults are on, its bus wrapped
+    /// and its delivery hook set; the admin routes in any case.
+    pub fn wire_gateway(&self, deps: GatewayDeps) -> GatewayDeps {
+        let routes = deps.routes.merge(self.routes());
         match &self.injector {
-            Some(injector) => faulty_gateway_bus(bus, injector),
-            None => bus,
+            Some(injector) => GatewayDeps {
+                bus: faulty_gateway_bus(deps.bus, injector),
+                delivery_hook: Some(Arc::new(FaultyDelivery::new(injector.clone()))),
+                routes,
+                ..deps
+            },
+            None => GatewayDeps { routes, ..deps },
         }
     }
 
@@ -59,11 +66,6 @@ impl FaultLayer {
             Some(injector) => Arc::new(SkewedClock::new(Arc::new(SystemClock), injector.clone())),
             None => Arc::new(SystemClock),
         }
-    }
-
-    /// The gateway's delivery hook when faults are on.
-    pub fn delivery_hook(&self) -> Option<Arc<dyn DeliveryHook>> {
-        self.injector.as_ref().map(|injector| Arc::new(FaultyDelivery::new(injector.clone())) as Arc<dyn DeliveryHook>)
     }
 
     /// The `/admin/faults` routes.

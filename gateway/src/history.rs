@@ -66,9 +66,9 @@ impl HistoryReader {
         self.timed("get_by_id", self.store.get_by_id(id)).await
     }
 
-    /// Whether the store answers.
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        self.store.ping().await
+    /// The store it reads (for readiness checks).
+    pub fn store(&self) -> Arc<dyn HistoryStore> {
+        self.store.clone()
     }
 
     async fn timed<T>(

@@ -132,21 +132,15 @@ async fn room_messages(
 /// answering; journeys gathered from every process and the store.
 fn ops(app: &AppState) -> OpsState {
     let draining = app.shutdown_signal();
-    let (bus, history, store) = (app.bus.health.clone(), app.history.clone(), app.history.clone());
+    let history = app.history.clone();
     OpsState {
         metrics: app.metrics.clone(),
         ready: vec![
             ReadyCheck::new("gateway", move || {
                 std::future::ready(if *draining.borrow() { Err("draining") } else { Ok(()) })
             }),
-            ReadyCheck::new("bus", move || {
-                let bus = bus.clone();
-                async move { bus.ready().await }
-            }),
-            ReadyCheck::new("store", move || {
-                let store = store.clone();
-                async move { store.ping().await }
-            }),
+            ReadyCheck::bus(app.bus.health.clone()),
+            ReadyCheck::store(app.history.store()),
         ],
         journeys: Arc::new(ClusterJourneys { journal: app.journal.clone(), bus: app.bus.journeys.clone(), history }),
     }

@@ -47,6 +47,13 @@ pub struct GatewayDeps {
     pub routes: axum::Router,
 }
 
+impl GatewayDeps {
+    /// A gateway's dependencies with no delivery hook and no extra routes.
+    pub fn new(bus: GatewayBus, store: Arc<dyn HistoryStore>, metrics: Metrics, journal: Arc<Journal>) -> Self {
+        Self { bus, store, metrics, journal, delivery_hook: None, routes: axum::Router::new() }
+    }
+}
+
 /// Serves HTTP and WebSockets on `listener` until `shutdown` resolves, then drains.
 pub async fn run(
     listener: TcpListener,

@@ -53,6 +53,22 @@ impl ReadyCheck {
     {
         Self { name, check: Box::new(move || check().map(|result| result.map_err(|e| e.to_string())).boxed()) }
     }
+
+    /// `bus`: passes while the bus answers.
+    pub fn bus(health: Arc<dyn bus::BusHealth>) -> Self {
+        Self::new("bus", move || {
+            let health = health.clone();
+            async move { health.ready().await }
+        })
+    }
+
+    /// `store`: passes while the history store answers.
+    pub fn store(store: Arc<dyn storage::HistoryStore>) -> Self {
+        Self::new("store", move || {
+            let store = store.clone();
+            async move { store.ping().await }
+        })
+    }
 }
 
 /// Where a message's journey is looked up.

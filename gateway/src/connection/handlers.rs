@@ -105,6 +105,21 @@ impl Connection {
         self.write_frame(welcome).await
     }
 
+    /// Answers a room name that is invalid or that the token does not allow (`Some`), or lets
+    /// the frame go on (`None`).
+    async fn refuse_room(&mut self, identity: &Identity, room: &str, req: Option<Req>) -> Option<Result<(), End>> {
+        if !names::is_valid_room(room) {
+            let message = "room must be 1-64 characters from A-Z a-z 0-9 _ -";
+            return Some(self.error(ErrorCode::BadRequest, message, req).await);
+        }
+        if !identity.may_join(room) {
+            return Some(
+                self.error(ErrorCode::Forbidden, &format!("your token does not allow room {room}"), req).await,
+            );
+        }
+        None
+    }
+
     pub(super) async fn on_join(
         &mut self,
         identity: &Identity,
@@ -112,11 +127,8 @@ impl Connection {
         since: Option<u64>,
         req: Option<Req>,
     ) -> Result<(), End> {
-        if !names::is_valid_room(&room) {
-            return self.error(ErrorCode::BadRequest, "room must be 1-64 characters from A-Z a-z 0-9 _ -", req).await;
-        }
-        if !identity.may_join(&room) {
-            return self.error(ErrorCode::Forbidden, &format!("your token does not allow room {room}"), req).await;
+        if let Some(refusal) = self.refuse_room(identity, &room, req.clone()).await {
+            return refusal;
         }
         if let Some(joined) = self.rooms.get(&room) {
             // Already joined: answer again, and replay what the client says it lacks.
@@ -298,11 +310,8 @@ impl Connection {
         limit: Option<u32>,
         req: Option<Req>,
     ) -> Result<(), End> {
-        if !names::is_valid_room(&room) {
-            return self.error(ErrorCode::BadRequest, "room must be 1-64 characters from A-Z a-z 0-9 _ -", req).await;
-        }
-        if !identity.may_join(&room) {
-            return self.error(ErrorCode::Forbidden, &format!("your token does not allow room {room}"), req).await;
+        if let Some(refusal) = self.refuse_room(identity, &room, req.clone()).await {
+            return refusal;
         }
         let query = PageQuery { before, after, limit: limit.unwrap_or(storage::DEFAULT_PAGE) };
         match self.app.history.page(&room, query).await {
