@@ -87,6 +87,9 @@ pub enum Command {
         /// Base URL of any gateway (or the all-in-one server).
         #[arg(long, env = "CHAT_URL", default_value_t = format!("http://{DEFAULT_LISTEN}"))]
         url: String,
+        /// The gateway's admin token, needed when it runs with client auth on.
+        #[arg(long, env = "CHAT_ADMIN_TOKEN", value_name = "T", hide_env_values = true)]
+        admin_token: Option<String>,
     },
     /// Print the README's configuration table, rendered from these flags.
     #[command(hide = true)]
@@ -241,7 +244,9 @@ pub struct GatewayArgs {
     /// `rooms`); unset is dev mode.
     #[arg(long, env = "CHAT_JWT_SECRET", value_name = "S", hide_env_values = true)]
     pub jwt_secret: Option<String>,
-    /// Bearer token enabling the /admin API (fault injection); off when unset.
+    /// Bearer token enabling the /admin API (fault injection); off when unset. With client auth
+    /// on it also guards /metrics, /debug/messages and the reasons of a failing /readyz (closed
+    /// without it).
     #[arg(long, env = "CHAT_ADMIN_TOKEN", value_name = "T", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// Id of this gateway, in `welcome` and journeys (default: random `gw-xxxxxxxx`).

@@ -36,7 +36,7 @@ async fn main() -> anyhow::Result<()> {
             let listener = bind(listen).await?;
             chat::cluster::fanout(listener, backends, worker, admin_token, shutdown_signal()).await
         }
-        Some(Command::Trace { id, url }) => chat::trace::print(&url, &id).await,
+        Some(Command::Trace { id, url, admin_token }) => chat::trace::print(&url, &id, admin_token.as_deref()).await,
         Some(Command::ConfigTable) => {
             print!("{}", chat::config_doc::markdown_table(&Cli::command()));
             Ok(())

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use gateway::ops::{OpsState, ReadyCheck};
+use gateway::ops::{OpsAccess, OpsState, ReadyCheck};
 use storage::HistoryStore;
 use telemetry::journal::Journal;
 use telemetry::metrics::Metrics;
@@ -31,7 +31,9 @@ pub async fn serve(
     admin_routes: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // A worker's listener is internal (loopback by default) and it has no client auth.
     let state = OpsState {
+        access: OpsAccess::Open,
         metrics: ops.metrics.clone(),
         ready: vec![ReadyCheck::bus(ops.bus.clone()), ReadyCheck::store(ops.store.clone())],
         journeys: ops.journal.clone(),

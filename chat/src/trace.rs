@@ -3,10 +3,15 @@
 use anyhow::Context;
 use serde_json::Value;
 
-/// Fetches `/debug/messages/{id}` from `base_url` and prints it.
-pub async fn print(base_url: &str, id: &str) -> anyhow::Result<()> {
+/// Fetches `/debug/messages/{id}` from `base_url` (with the admin token as a bearer token when
+/// given: a gateway with client auth on asks for it) and prints it.
+pub async fn print(base_url: &str, id: &str, admin_token: Option<&str>) -> anyhow::Result<()> {
     let url = format!("{}/debug/messages/{id}", base_url.trim_end_matches('/'));
-    let response = reqwest::get(&url).await.with_context(|| format!("GET {url}"))?;
+    let mut request = reqwest::Client::new().get(&url);
+    if let Some(token) = admin_token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.with_context(|| format!("GET {url}"))?;
     let status = response.status();
     let body: Value = response.json().await.with_context(|| format!("reading {url}"))?;
     if !status.is_success() {

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 use storage::PageQuery;
 
-use crate::ops::{ClusterJourneys, OpsState, ReadyCheck};
+use crate::ops::{ClusterJourneys, OpsAccess, OpsState, ReadyCheck};
 use crate::state::AppState;
 
 /// The gateway's router.
@@ -134,6 +134,7 @@ fn ops(app: &AppState) -> OpsState {
     let draining = app.shutdown_signal();
     let history = app.history.clone();
     OpsState {
+        access: OpsAccess::for_process(app.config.jwt_secret.is_some(), app.config.admin_token.as_deref()),
         metrics: app.metrics.clone(),
         ready: vec![
             ReadyCheck::new("gateway", move || {

@@ -1,6 +1,10 @@
 //! The operations endpoints every process serves, gateways and fanout workers alike:
 //! `/healthz` (the process runs), `/readyz` (its named checks pass), `/metrics` (Prometheus
 //! text) and `/debug/messages/{id}` (a message's journey, from a [`JourneySource`]).
+//!
+//! What they reveal (room names, sessions, backend errors) is for operators: a process with
+//! client auth on guards them with its admin token ([`OpsAccess`]); `/healthz` and the status
+//! code of `/readyz` stay open for load balancers and orchestrators.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -8,7 +12,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -24,8 +28,60 @@ use uuid::Uuid;
 use crate::history::HistoryReader;
 use crate::http::error;
 
+/// Who may read `/metrics`, `/debug/messages/{id}` and the reasons of a failing `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpsAccess {
+    /// Anyone (no client auth, or an internal-only listener).
+    Open,
+    /// Requests with `Authorization: Bearer <token>`.
+    Token(String),
+    /// Nobody: client auth is on and no admin token is configured.
+    Closed,
+}
+
+impl OpsAccess {
+    /// The access of a process: open without client auth, else guarded by the admin token
+    /// (closed without one).
+    pub fn for_process(client_auth: bool, admin_token: Option<&str>) -> Self {
+        match (client_auth, admin_token) {
+            (false, _) => Self::Open,
+            (true, Some(token)) => Self::Token(token.to_owned()),
+            (true, None) => Self::Closed,
+        }
+    }
+
+    /// The refusal of a request with these headers, or `None` when it may see the details.
+    fn refusal(&self, headers: &HeaderMap) -> Option<Response> {
+        let bearer =
+            headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        match self {
+            Self::Open => None,
+            Self::Token(token) if bearer.is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes())) => {
+                None
+            }
+            Self::Token(_) => Some(error(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                "client auth is on: Authorization: Bearer <admin token> required",
+            )),
+            Self::Closed => Some(error(
+                StatusCode::NOT_FOUND,
+                ErrorCode::Forbidden,
+                "client auth is on and no admin token is configured: start with --admin-token to read this",
+            )),
+        }
+    }
+}
+
+/// Compares two byte strings in time that depends only on their lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
 /// What the ops endpoints answer from.
 pub struct OpsState {
+    /// Who may read the details.
+    pub access: OpsAccess,
     /// Metrics exposed at `/metrics`.
     pub metrics: Metrics,
     /// Checks of `/readyz`, run concurrently: 200 `ready` when all pass, else 503 with one
@@ -160,7 +216,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(ops: OpsState) -> Router<S> {
         .with_state(Arc::new(ops))
 }
 
-async fn ready(State(ops): State<Arc<OpsState>>) -> Response {
+async fn ready(State(ops): State<Arc<OpsState>>, headers: HeaderMap) -> Response {
     let results = join_all(ops.ready.iter().map(|check| (check.check)())).await;
     let why: String = ops
         .ready
@@ -170,16 +226,25 @@ async fn ready(State(ops): State<Arc<OpsState>>) -> Response {
         .collect();
     if why.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
+    } else if ops.access.refusal(&headers).is_some() {
+        // The status is for anyone; backend error text only for operators.
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
     }
 }
 
-async fn metrics(State(ops): State<Arc<OpsState>>) -> Response {
+async fn metrics(State(ops): State<Arc<OpsState>>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = ops.access.refusal(&headers) {
+        return refusal;
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], ops.metrics.render()).into_response()
 }
 
-async fn journey(State(ops): State<Arc<OpsState>>, Path(id): Path<String>) -> Response {
+async fn journey(State(ops): State<Arc<OpsState>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = ops.access.refusal(&headers) {
+        return refusal;
+    }
     let Ok(id) = Uuid::parse_str(&id) else {
         return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, "message id must be a UUID");
     };
@@ -205,7 +270,7 @@ mod tests {
 
     fn ops(ready: Vec<ReadyCheck>) -> (Arc<OpsState>, Arc<Journal>) {
         let journal = Arc::new(Journal::new("test", 16));
-        let ops = OpsState { metrics: Metrics::new(), ready, journeys: journal.clone() };
+        let ops = OpsState { access: OpsAccess::Open, metrics: Metrics::new(), ready, journeys: journal.clone() };
         (Arc::new(ops), journal)
     }
 
@@ -215,14 +280,14 @@ mod tests {
             ReadyCheck::new("bus", || async { Ok::<(), String>(()) }),
             ReadyCheck::new("store", || async { Ok::<(), String>(()) }),
         ]);
-        assert_eq!(body(ready(State(all_pass)).await).await, (StatusCode::OK, "ready\n".to_owned()));
+        assert_eq!(body(ready(State(all_pass), HeaderMap::new()).await).await, (StatusCode::OK, "ready\n".to_owned()));
         let (failing, _) = ops(vec![
             ReadyCheck::new("gateway", || async { Err("draining") }),
             ReadyCheck::new("bus", || async { Ok::<(), &str>(()) }),
             ReadyCheck::new("store", || async { Err("no node answers") }),
         ]);
         assert_eq!(
-            body(ready(State(failing)).await).await,
+            body(ready(State(failing), HeaderMap::new()).await).await,
             (StatusCode::SERVICE_UNAVAILABLE, "gateway: draining\nstore: no node answers\n".to_owned())
         );
     }
@@ -232,13 +297,55 @@ mod tests {
         let (ops, journal) = ops(Vec::new());
         let id = Uuid::now_v7();
         journal.record(id, "trace-1", "fanout.sequence", json!({}));
-        let (status, text) = body(journey(State(ops.clone()), Path(id.to_string())).await).await;
+        let (status, text) = body(journey(State(ops.clone()), Path(id.to_string()), HeaderMap::new()).await).await;
         assert_eq!(status, StatusCode::OK, "{text}");
         assert!(text.contains("fanout.sequence") && text.contains("trace-1"), "{text}");
-        let (status, text) = body(journey(State(ops.clone()), Path("not-a-uuid".into())).await).await;
+        let (status, text) = body(journey(State(ops.clone()), Path("not-a-uuid".into()), HeaderMap::new()).await).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
-        let (status, text) = body(journey(State(ops), Path(Uuid::now_v7().to_string())).await).await;
+        let (status, text) = body(journey(State(ops), Path(Uuid::now_v7().to_string()), HeaderMap::new()).await).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{text}");
         assert!(text.contains("no such message in this process's journal"), "{text}");
+    }
+
+    fn with_bearer(token: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+        headers
+    }
+
+    #[tokio::test]
+    async fn with_client_auth_on_details_need_the_admin_token() {
+        let journal = Arc::new(Journal::new("test", 16));
+        let id = Uuid::now_v7();
+        journal.record(id, "trace-1", "fanout.sequence", json!({}));
+        let failing = vec![ReadyCheck::new("store", || async { Err("node 10.0.0.7 refused") })];
+        let access = OpsAccess::for_process(true, Some("admin-secret"));
+        let ops = Arc::new(OpsState { access, metrics: Metrics::new(), ready: failing, journeys: journal });
+
+        let (status, text) = body(metrics(State(ops.clone()), HeaderMap::new()).await).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+        let (status, _) = body(metrics(State(ops.clone()), with_bearer("wrong")).await).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _) = body(metrics(State(ops.clone()), with_bearer("admin-secret")).await).await;
+        assert_eq!(status, StatusCode::OK);
+
+        let (status, _) = body(journey(State(ops.clone()), Path(id.to_string()), HeaderMap::new()).await).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _) = body(journey(State(ops.clone()), Path(id.to_string()), with_bearer("admin-secret")).await).await;
+        assert_eq!(status, StatusCode::OK);
+
+        // Anyone learns that it is not ready; only an operator learns why.
+        let (status, text) = body(ready(State(ops.clone()), HeaderMap::new()).await).await;
+        assert_eq!((status, text.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"));
+        let (_, text) = body(ready(State(ops), with_bearer("admin-secret")).await).await;
+        assert!(text.contains("10.0.0.7"), "{text}");
+    }
+
+    #[test]
+    fn access_is_open_without_client_auth_and_closed_without_an_admin_token() {
+        assert_eq!(OpsAccess::for_process(false, Some("t")), OpsAccess::Open);
+        assert_eq!(OpsAccess::for_process(true, None), OpsAccess::Closed);
+        assert!(OpsAccess::Closed.refusal(&with_bearer("")).is_some());
+        assert!(constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"ab", b"abc"));
     }
 }

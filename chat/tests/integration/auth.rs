@@ -98,7 +98,9 @@ async fn dev_mode_takes_the_user_as_given() {
 
 #[tokio::test]
 async fn a_token_that_expires_while_connected_ends_the_connection() {
-    let server = server_with(config_with_secret(SECRET)).await;
+    let mut options = config_with_secret(SECRET);
+    options.gateway.admin_token = Some("ops-token".into());
+    let server = server_with(options).await;
     // exp one second from now; the gateway allows 5 s of clock leeway on top.
     let mut alice = Client::connect(&server.ws_url).await;
     alice.send(json!({"type": "hello", "token": token("alice", 1, None)})).await;
@@ -109,7 +111,9 @@ async fn a_token_that_expires_while_connected_ends_the_connection() {
     assert_eq!(error["code"], "unauthorized", "{error}");
     assert_eq!(alice.closed().await, 4001);
     assert!(connected.elapsed() >= std::time::Duration::from_secs(4), "closed too early: {:?}", connected.elapsed());
-    let (_, metrics) = get(&format!("{}/metrics", server.http_url)).await;
+    // With client auth on, metrics are for operators (the admin token).
+    let (_, metrics) =
+        request("GET", &format!("{}/metrics", server.http_url), &[("Authorization", "Bearer ops-token")], "").await;
     assert_eq!(metric(&metrics, "chat_disconnects_total{reason=\"token_expired\"}"), 1.0, "{metrics}");
 
     // A long-lived token keeps its connection.

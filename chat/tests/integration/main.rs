@@ -14,6 +14,7 @@ mod exercises;
 mod history;
 mod http;
 mod limits;
+mod ops_access;
 mod presence;
 mod prometheus;
 mod shutdown;
