@@ -331,7 +331,8 @@ mod tests {
 
         let (status, _) = body(journey(State(ops.clone()), Path(id.to_string()), HeaderMap::new()).await).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
-        let (status, _) = body(journey(State(ops.clone()), Path(id.to_string()), with_bearer("admin-secret")).await).await;
+        let (status, _) =
+            body(journey(State(ops.clone()), Path(id.to_string()), with_bearer("admin-secret")).await).await;
         assert_eq!(status, StatusCode::OK);
 
         // Anyone learns that it is not ready; only an operator learns why.
@@ -346,6 +347,8 @@ mod tests {
         assert_eq!(OpsAccess::for_process(false, Some("t")), OpsAccess::Open);
         assert_eq!(OpsAccess::for_process(true, None), OpsAccess::Closed);
         assert!(OpsAccess::Closed.refusal(&with_bearer("")).is_some());
-        assert!(constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"ab", b"abc"));
+        assert!(
+            constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"ab", b"abc")
+        );
     }
 }

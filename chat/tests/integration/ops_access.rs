@@ -13,8 +13,7 @@ const ADMIN: &str = "ops-access-admin-token";
 
 fn token(sub: &str) -> String {
     let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
-    encode(&Header::default(), &json!({"sub": sub, "exp": exp}), &EncodingKey::from_secret(SECRET.as_bytes()))
-        .unwrap()
+    encode(&Header::default(), &json!({"sub": sub, "exp": exp}), &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
 }
 
 async fn server_with_auth(admin_token: Option<&str>) -> chat::testing::RunningServer {
