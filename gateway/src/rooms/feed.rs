@@ -96,6 +96,15 @@ impl Rooms {
         if message.seq > last + 1 {
             if self.gap_repair_on() {
                 self.repair_gap(hub, last, message.seq).await;
+                if hub.last_seq() + 1 != message.seq {
+                    // The store does not have what lies before it: a seq that does not fit
+                    // (forged, or from a confused publisher) would make every later message look
+                    // like a repeat. The store is the truth; a real message will be repaired
+                    // from it by the quiet-room check.
+                    self.metrics.drops.with_label_values(&["unverified_seq"]).inc();
+                    tracing::warn!(room = %message.room, seq = message.seq, forwarded = hub.last_seq(), message_id = %message.id, trace_id = %message.trace_id, "delivery ahead of the store dropped");
+                    return;
+                }
             } else {
                 self.journal.record(message.id, &message.trace_id, "gateway.gap_unrepaired", serde_json::json!({"gateway": self.gateway_id, "missing_from": last + 1, "missing_to": message.seq - 1}));
             }

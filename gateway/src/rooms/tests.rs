@@ -215,6 +215,24 @@ async fn after_a_bus_outage_everything_stored_meanwhile_is_repaired_at_once() {
     assert_eq!(received(&outbox).0, [1, 2, 3]);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_delivery_whose_seq_the_store_does_not_back_is_dropped_and_later_ones_still_flow() {
+    let s = setup(false);
+    let outbox = Outbox::new(1, 64, Duration::from_secs(5));
+    s.rooms.join("r", "alice", outbox.clone()).await.unwrap();
+    let (first, second) = (message("r", 1), message("r", 2));
+    s.store.put(&first);
+    s.store.put(&second);
+    s.bus.push("r", FeedItem::Message(Arc::new(first), None)).await;
+    // Anyone who can publish on the bus could send this; the store has nothing near it.
+    let forged = ChatMessage { seq: u64::MAX, body: "forged".into(), ..message("r", 0) };
+    s.bus.push("r", FeedItem::Message(Arc::new(forged), None)).await;
+    s.bus.push("r", FeedItem::Message(Arc::new(second), None)).await;
+    settle().await;
+    assert_eq!(received(&outbox).0, [1, 2]);
+    assert_eq!(s.metrics.drops.with_label_values(&["unverified_seq"]).get(), 1);
+}
+
 // === presence across gateways ===
 
 #[tokio::test(start_paused = true)]
