@@ -185,6 +185,20 @@ impl CqlStore {
     pub async fn connect(config: CqlConfig) -> Result<Self, StoreError> {
         validate_keyspace(&config.keyspace)?;
         let replication = config.replication.to_cql()?;
+        if let Replication::NetworkTopology { dcs } = &config.replication {
+            // LOCAL_SERIAL fences within one datacenter: with several, two appends coordinated in
+            // different datacenters could both win unless every process names its own.
+            if dcs.len() > 1 && config.local_datacenter.is_none() {
+                return Err(StoreError::new(
+                    StoreErrorKind::Config,
+                    format!(
+                        "replication across datacenters ({}) needs the local datacenter (--cql-local-dc), or the \
+                         LOCAL_SERIAL fence of appends is not one fence",
+                        dcs.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+        }
         let mut profile = ExecutionProfile::builder()
             .consistency(config.consistency)
             .serial_consistency(Some(config.serial_consistency))

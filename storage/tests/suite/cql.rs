@@ -105,3 +105,22 @@ async fn zero_replication_is_a_configuration_error() {
     let refused = CqlStore::connect(config).await.err().map(|e| e.kind());
     assert_eq!(refused, Some(StoreErrorKind::Config));
 }
+
+/// Several datacenters without the local one named is a configuration error: LOCAL_SERIAL
+/// transactions coordinated in two datacenters could both win.
+#[tokio::test]
+async fn multi_datacenter_replication_needs_the_local_datacenter() {
+    let dcs = [("dc1".to_owned(), 3), ("dc2".to_owned(), 3)].into_iter().collect();
+    let config = CqlConfig {
+        nodes: vec!["127.0.0.1:1".into()],
+        replication: storage::cql::Replication::NetworkTopology { dcs },
+        connect_timeout: Duration::from_secs(1),
+        ..CqlConfig::default()
+    };
+    let refused = CqlStore::connect(config.clone()).await.err().map(|e| e.kind());
+    assert_eq!(refused, Some(StoreErrorKind::Config));
+    // Named, it goes on to connect (and finds no node at this address).
+    let config = CqlConfig { local_datacenter: Some("dc1".into()), ..config };
+    let refused = CqlStore::connect(config).await.err().map(|e| e.kind());
+    assert_eq!(refused, Some(StoreErrorKind::Unavailable));
+}
