@@ -4,12 +4,14 @@
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bus::nats::NatsConfig;
 use clap::builder::RangedU64ValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fanout::FanoutConfig;
+use gateway::auth::JwtAuth;
 use gateway::{GatewayConfig, Limits};
 use storage::cql::CqlConfig;
 use telemetry::logging::LogFormat;
@@ -240,10 +242,32 @@ impl CommonArgs {
 /// Gateway settings shared by every mode that serves clients.
 #[derive(Args, Debug)]
 pub struct GatewayArgs {
-    /// HS256 secret: when set, `hello` must carry a JWT signed with it (`sub`, `exp`, optional
-    /// `rooms`); unset is dev mode.
-    #[arg(long, env = "CHAT_JWT_SECRET", value_name = "S", hide_env_values = true)]
+    /// HS256 secret of at least 32 bytes (`openssl rand -base64 48`): when set, `hello` must
+    /// carry a JWT signed with it (`sub`, `exp`, optional `nbf` and `rooms`); unset is dev mode.
+    #[arg(
+        long,
+        env = "CHAT_JWT_SECRET",
+        value_name = "S",
+        hide_env_values = true,
+        value_parser = JwtSecretParser
+    )]
     pub jwt_secret: Option<String>,
+    /// With a JWT secret: tokens must carry this `iss`.
+    #[arg(long, env = "CHAT_JWT_ISSUER", value_name = "ISS")]
+    pub jwt_issuer: Option<String>,
+    /// With a JWT secret: tokens must carry this `aud` (unset, tokens with any `aud` are refused).
+    #[arg(long, env = "CHAT_JWT_AUDIENCE", value_name = "AUD")]
+    pub jwt_audience: Option<String>,
+    /// With a JWT secret: longest token lifetime in seconds; a token whose `exp` is further
+    /// ahead, or whose `exp - iat` is longer, is refused.
+    #[arg(
+        long,
+        env = "CHAT_JWT_MAX_LIFETIME_SECS",
+        value_name = "N",
+        default_value_t = gateway::auth::DEFAULT_MAX_LIFETIME_SECS,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub jwt_max_lifetime_secs: u64,
     /// Bearer token enabling the /admin API (fault injection); off when unset. With client auth
     /// on it also guards /metrics, /debug/messages and the reasons of a failing /readyz (closed
     /// without it).
@@ -309,6 +333,30 @@ pub struct GatewayArgs {
     pub drain_grace_secs: u64,
 }
 
+/// `--jwt-secret`: refuses a secret shorter than [`gateway::auth::MIN_SECRET_BYTES`] (an empty
+/// one too: unset means dev mode) without echoing it, as clap would in "invalid value '...'".
+#[derive(Clone, Debug)]
+struct JwtSecretParser;
+
+impl clap::builder::TypedValueParser for JwtSecretParser {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        let refuse = |message: String| {
+            let flag = arg.and_then(clap::Arg::get_long).map_or_else(String::new, |long| format!("--{long}: "));
+            clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{flag}{message}\n")).with_cmd(cmd)
+        };
+        let secret = value.to_str().ok_or_else(|| refuse("the JWT secret is not valid UTF-8".to_owned()))?;
+        gateway::auth::check_secret(secret).map_err(refuse)?;
+        Ok(secret.to_owned())
+    }
+}
+
 /// `--log-format`.
 #[derive(ValueEnum, Clone, Copy, Debug)]
 pub enum LogFormatArg {
@@ -324,7 +372,14 @@ impl GatewayArgs {
         let defaults = GatewayConfig::default();
         GatewayConfig {
             gateway_id: self.gateway_id.clone().filter(|id| !id.is_empty()).unwrap_or(defaults.gateway_id),
-            jwt_secret: self.jwt_secret.clone().filter(|s| !s.is_empty()),
+            jwt_secret: self.jwt_secret.as_ref().map(|secret| {
+                Arc::new(JwtAuth {
+                    secret: secret.clone(),
+                    issuer: self.jwt_issuer.clone().filter(|iss| !iss.is_empty()),
+                    audience: self.jwt_audience.clone().filter(|aud| !aud.is_empty()),
+                    max_lifetime: Duration::from_secs(self.jwt_max_lifetime_secs),
+                })
+            }),
             admin_token: self.admin_token.clone().filter(|s| !s.is_empty()),
             limits: Limits {
                 max_frame_bytes: self.max_frame_bytes,
@@ -427,5 +482,45 @@ mod tests {
         assert_eq!((worker.fanout.max_batch, worker.ack_wait), (64, Duration::from_secs(9)));
         assert!(Cli::try_parse_from(["chat", "fanout", "--max-batch", "0"]).is_err());
         assert!(Cli::try_parse_from(["chat", "--roster-interval-ms", "10"]).is_err());
+    }
+
+    #[test]
+    fn jwt_flags_reach_the_configuration_and_short_secrets_are_refused() {
+        let secret = "s".repeat(gateway::auth::MIN_SECRET_BYTES);
+        let config = Cli::try_parse_from(["chat"]).unwrap().gateway.config();
+        assert!(config.jwt_secret.is_none(), "unset is dev mode");
+        let cli = Cli::try_parse_from(["chat", "--jwt-secret", &secret]).unwrap();
+        let auth = cli.gateway.config().jwt_secret.unwrap();
+        assert_eq!((auth.secret.as_str(), &auth.issuer, &auth.audience), (secret.as_str(), &None, &None));
+        assert_eq!(auth.max_lifetime, Duration::from_secs(gateway::auth::DEFAULT_MAX_LIFETIME_SECS));
+        let cli = Cli::try_parse_from([
+            "chat",
+            "gateway",
+            "--jwt-secret",
+            &secret,
+            "--jwt-issuer",
+            "https://idp.example",
+            "--jwt-audience",
+            "chat",
+            "--jwt-max-lifetime-secs",
+            "900",
+        ])
+        .unwrap();
+        let Some(Command::Gateway { gateway, .. }) = cli.command else {
+            panic!("not the gateway command");
+        };
+        let auth = gateway.config().jwt_secret.unwrap();
+        assert_eq!(auth.issuer.as_deref(), Some("https://idp.example"));
+        assert_eq!(auth.audience.as_deref(), Some("chat"));
+        assert_eq!(auth.max_lifetime, Duration::from_secs(900));
+        assert!(Cli::try_parse_from(["chat", "--jwt-secret", &secret, "--jwt-max-lifetime-secs", "0"]).is_err());
+        for short in ["", "change-me", &secret[1..]] {
+            let error = Cli::try_parse_from(["chat", "--jwt-secret", short]).unwrap_err();
+            assert_eq!(error.kind(), clap::error::ErrorKind::ValueValidation);
+            assert_eq!(error.exit_code(), 2);
+            let text = error.to_string();
+            assert!(text.contains("at least 32 bytes"), "{text}");
+            assert!(short.is_empty() || !text.contains(short), "{text}");
+        }
     }
 }

@@ -18,8 +18,13 @@ use axum::{Json, Router};
 use protocol::ErrorCode;
 use serde::Deserialize;
 use serde_json::json;
+use subtle::ConstantTimeEq;
 
 use crate::registry::{FaultSpec, Faults};
+
+/// Admin tokens shorter than this get a warning at start (not a refusal: the exercises use
+/// short ones on loopback, and without a token the admin API is off).
+pub const RECOMMENDED_TOKEN_BYTES: usize = 16;
 
 #[derive(Clone)]
 struct Admin {
@@ -29,6 +34,12 @@ struct Admin {
 
 /// The `/admin/faults` routes over `faults`, guarded by `token` (off when `None`).
 pub fn router<S: Clone + Send + Sync + 'static>(faults: Arc<Faults>, token: Option<String>) -> Router<S> {
+    if token.as_ref().is_some_and(|token| token.len() < RECOMMENDED_TOKEN_BYTES) {
+        tracing::warn!(
+            "the admin token is shorter than {RECOMMENDED_TOKEN_BYTES} bytes: fine for the exercises on loopback, \
+             not where others can reach /admin (generate one with `openssl rand -base64 32`)"
+        );
+    }
     Router::new()
         .route("/admin/faults", get(list_faults).post(add_fault).delete(clear_faults))
         .route("/admin/faults/{id}", delete(remove_fault))
@@ -50,9 +61,16 @@ fn denied(admin: &Admin, headers: &HeaderMap) -> Option<Response> {
     };
     let given =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    (given != Some(expected.as_str())).then(|| {
+    (!given.is_some_and(|given| token_matches(given, expected))).then(|| {
         error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "Authorization: Bearer <admin token> required")
     })
+}
+
+/// Whether `given` is the admin token, compared in constant time: how long the comparison
+/// takes tells nothing about how much of a guess was right (only a wrong length answers
+/// faster, and the length is no secret worth keeping).
+fn token_matches(given: &str, expected: &str) -> bool {
+    given.as_bytes().ct_eq(expected.as_bytes()).into()
 }
 
 async fn list_faults(State(admin): State<Admin>, headers: HeaderMap) -> Response {
@@ -114,4 +132,17 @@ async fn clear_faults(
         return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, "include_sealed must be true or false");
     };
     Json(json!({"removed": admin.faults.clear(params.include_sealed)})).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_matches;
+
+    #[test]
+    fn only_the_exact_token_matches() {
+        assert!(token_matches("s3cret", "s3cret"));
+        for wrong in ["", "s", "s3cre", "s3cret ", "s3cres", "S3CRET", "s3cret-and-more"] {
+            assert!(!token_matches(wrong, "s3cret"), "{wrong:?}");
+        }
+    }
 }

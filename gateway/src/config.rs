@@ -1,14 +1,18 @@
 //! Gateway settings and limits, each with a production-sane default.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::auth::JwtAuth;
 
 /// Everything a gateway needs to know besides its bus and store.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
     /// This gateway's id, as sent in `welcome.gateway` and recorded in journeys.
     pub gateway_id: String,
-    /// HS256 secret; `None` is dev mode (`hello` takes any valid user name).
-    pub jwt_secret: Option<String>,
+    /// HS256 auth: the secret and the rules on tokens' claims (`iss`, `aud`, longest
+    /// lifetime); `None` is dev mode (`hello` takes any valid user name).
+    pub jwt_secret: Option<Arc<JwtAuth>>,
     /// Bearer token for `/admin/*`; `None` turns the admin API off.
     pub admin_token: Option<String>,
     /// Limits on what clients may do.

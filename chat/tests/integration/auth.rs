@@ -8,11 +8,11 @@ use crate::support::*;
 
 fn config_with_secret(secret: &str) -> TestServerOptions {
     let mut options = TestServerOptions::default();
-    options.gateway.jwt_secret = Some(secret.to_owned());
+    options.gateway.jwt_secret = Some(std::sync::Arc::new(gateway::auth::JwtAuth::new(secret)));
     options
 }
 
-const SECRET: &str = "test-secret";
+const SECRET: &str = "integration-test-secret-0123456789";
 
 fn token(sub: &str, exp_offset_secs: i64, rooms: Option<&[&str]>) -> String {
     let exp = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
@@ -123,4 +123,74 @@ async fn a_token_that_expires_while_connected_ends_the_connection() {
     bob.send(json!({"type": "ping"})).await;
     assert_eq!(bob.expect("pong").await["type"], "pong");
     server.shutdown().await.unwrap();
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// Whether `claims`, signed with [`SECRET`], gets `welcome` (else `unauthorized` and 1008).
+async fn accepted(ws_url: &str, claims: serde_json::Value) -> bool {
+    let token = encode(&Header::default(), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap();
+    let mut client = Client::connect(ws_url).await;
+    client.send(json!({"type": "hello", "token": token})).await;
+    let answer = client.next().await;
+    match answer["type"].as_str() {
+        Some("welcome") => true,
+        _ => {
+            assert_eq!(answer["code"], "unauthorized", "{answer}");
+            assert_eq!(client.closed().await, 1008);
+            false
+        }
+    }
+}
+
+#[tokio::test]
+async fn not_yet_valid_and_overlong_tokens_are_refused() {
+    let server = server_with(config_with_secret(SECRET)).await;
+    let now = now_secs();
+    let ws = server.ws_url.as_str();
+    assert!(accepted(ws, json!({"sub": "a", "exp": now + 3600})).await);
+    // nbf: checked when present (5 s leeway).
+    assert!(accepted(ws, json!({"sub": "a", "exp": now + 3600, "nbf": now - 10})).await);
+    assert!(!accepted(ws, json!({"sub": "a", "exp": now + 3600, "nbf": now + 600})).await);
+    // Lifetime: at most a day (the default of --jwt-max-lifetime-secs).
+    assert!(accepted(ws, json!({"sub": "a", "iat": now, "exp": now + 86_400})).await);
+    assert!(!accepted(ws, json!({"sub": "a", "exp": now + 30 * 86_400})).await);
+    assert!(!accepted(ws, json!({"sub": "a", "iat": now - 2 * 86_400, "exp": now + 3600})).await);
+    server.shutdown().await.unwrap();
+}
+
+/// `chat` with a JWT secret shorter than 32 bytes (or an empty one) does not start: a clear
+/// error, exit code 2 (as any other bad flag), and the secret is not echoed.
+#[tokio::test]
+async fn a_short_jwt_secret_is_refused_at_start() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let run = |env_secret: Option<&str>, args: &[&str]| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat"));
+        command
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir.path())
+            .args(args)
+            .env_remove("CHAT_JWT_SECRET")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        if let Some(secret) = env_secret {
+            command.env("CHAT_JWT_SECRET", secret);
+        }
+        async move { tokio::time::timeout(WAIT, command.output()).await }
+    };
+    for (env_secret, args) in [
+        (None, &["--jwt-secret", "change-me"][..]),
+        (Some("change-me"), &[][..]),
+        (Some(""), &[][..]),
+        (None, &["--jwt-secret", "0123456789abcdef0123456789abcde"][..]),
+    ] {
+        let output = run(env_secret, args).await.expect("chat exits at once").unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{env_secret:?} {args:?}: {stderr}");
+        assert!(stderr.contains("at least 32 bytes"), "{stderr}");
+        assert!(stderr.contains("openssl rand -base64 48"), "{stderr}");
+        assert!(!stderr.contains("change-me") && !stderr.contains("0123456789abcdef"), "{stderr}");
+    }
 }

@@ -145,3 +145,38 @@ async fn a_sequencing_stall_limited_to_a_room_holds_only_that_room() {
 
 // A slow delivery not mistaken for a lost one (the two-step quiet-room check) is tested on
 // tokio's paused clock in gateway/src/rooms/tests.rs.
+
+/// The web app's pages and files carry a strict Content-Security-Policy (own scripts, styles
+/// and connections only; no framing), `nosniff` and no referrer.
+#[tokio::test]
+async fn the_web_app_sends_security_headers() {
+    let server = server().await;
+    for path in ["/", "/app.js", "/style.css"] {
+        let response = reqwest::Client::new()
+            .get(format!("{}{path}", server.http_url))
+            .timeout(WAIT)
+            .send()
+            .await
+            .expect("HTTP response");
+        assert_eq!(response.status(), 200, "{path}");
+        let headers = response.headers();
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let csp = header("content-security-policy").unwrap_or_else(|| panic!("{path}: no CSP in {headers:?}"));
+        let directives: Vec<&str> = csp.split(';').map(str::trim).collect();
+        for expected in [
+            "default-src 'none'",
+            "script-src 'self'",
+            "style-src 'self'",
+            "connect-src 'self'",
+            "frame-ancestors 'none'",
+            "base-uri 'none'",
+            "form-action 'none'",
+        ] {
+            assert!(directives.contains(&expected), "{path}: {expected:?} missing from {csp:?}");
+        }
+        assert!(!csp.contains("unsafe-"), "{path}: {csp}");
+        assert_eq!(header("x-content-type-options").as_deref(), Some("nosniff"), "{path}");
+        assert_eq!(header("referrer-policy").as_deref(), Some("no-referrer"), "{path}");
+    }
+    server.shutdown().await.unwrap();
+}

@@ -18,7 +18,7 @@ fn token(sub: &str) -> String {
 
 async fn server_with_auth(admin_token: Option<&str>) -> chat::testing::RunningServer {
     let mut options = TestServerOptions::default();
-    options.gateway.jwt_secret = Some(SECRET.into());
+    options.gateway.jwt_secret = Some(std::sync::Arc::new(gateway::auth::JwtAuth::new(SECRET)));
     options.gateway.admin_token = admin_token.map(str::to_owned);
     server_with(options).await
 }

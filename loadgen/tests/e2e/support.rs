@@ -15,8 +15,11 @@ pub const LIMIT: Duration = Duration::from_secs(60);
 
 /// A fresh all-in-one server with the admin API on (and auth when `jwt` is given).
 pub async fn server(jwt: Option<&str>) -> RunningServer {
-    let gateway =
-        GatewayConfig { admin_token: Some(ADMIN.into()), jwt_secret: jwt.map(Into::into), ..GatewayConfig::default() };
+    let gateway = GatewayConfig {
+        admin_token: Some(ADMIN.into()),
+        jwt_secret: jwt.map(|secret| gateway::auth::JwtAuth::new(secret).into()),
+        ..GatewayConfig::default()
+    };
     tokio::time::timeout(LIMIT, start_all_in_one(TestServerOptions { data_dir: None, gateway }))
         .await
         .expect("server start timed out")
