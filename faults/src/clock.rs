@@ -30,7 +30,9 @@ impl Clock for SkewedClock {
         match self.injector.decide(Hop::FanoutClock, room) {
             Some(fired) => {
                 self.injector.count(&fired);
-                now + fired.millis
+                // Any `delay_ms` is accepted: an extreme one pins `ts` at the end of the range
+                // instead of overflowing.
+                now.saturating_add(fired.millis)
             }
             None => now,
         }
@@ -73,5 +75,33 @@ mod tests {
         faults.add(skew(true)).unwrap();
         assert_eq!(clock.stamp_ms("a"), 910_000);
         assert_eq!(counted(), 1, "a sealed fault is not counted");
+    }
+
+    /// A clock stopped at a given time.
+    struct At(i64);
+    impl Clock for At {
+        fn stamp_ms(&self, _room: &str) -> i64 {
+            self.0
+        }
+    }
+
+    #[test]
+    fn extreme_skews_saturate_instead_of_overflowing() {
+        let faults = Arc::new(Faults::default());
+        let injector = || Injector::new(faults.clone(), Metrics::new(), Arc::new(Journal::new("w", 10)));
+        let ahead = SkewedClock::new(Arc::new(At(1_000_000)), injector());
+        let before_epoch = SkewedClock::new(Arc::new(At(-1_000_000)), injector());
+        let skew = |delay_ms| FaultSpec {
+            room: Some("a".into()),
+            delay_ms: Some(delay_ms),
+            ..FaultSpec::new(Hop::FanoutClock, FaultAction::Skew)
+        };
+        let id = faults.add(skew(i64::MAX)).unwrap();
+        assert_eq!(ahead.stamp_ms("a"), i64::MAX);
+        assert_eq!(before_epoch.stamp_ms("a"), i64::MAX - 1_000_000);
+        faults.remove(id);
+        faults.add(skew(i64::MIN)).unwrap();
+        assert_eq!(ahead.stamp_ms("a"), i64::MIN + 1_000_000);
+        assert_eq!(before_epoch.stamp_ms("a"), i64::MIN);
     }
 }

@@ -16,11 +16,41 @@ use uuid::Uuid;
 pub struct HistoryReader {
     store: Arc<dyn HistoryStore>,
     metrics: Metrics,
-    in_flight: Arc<Mutex<HashMap<PageKey, SharedPage>>>,
+    in_flight: Arc<Mutex<InFlightPages>>,
 }
 
 type PageKey = (String, Option<u64>, Option<u64>, u32);
 type SharedPage = Shared<BoxFuture<'static, Result<Page, StoreError>>>;
+type InFlightPages = HashMap<PageKey, InFlightPage>;
+
+/// A page read in flight and how many callers wait on it.
+struct InFlightPage {
+    read: SharedPage,
+    waiters: usize,
+}
+
+/// One caller waiting on an in-flight read. Dropping it, whether the read was answered or the
+/// caller's future was dropped before, releases the caller's share of the entry: the entry
+/// goes once the read is answered (nothing is cached here) or when its last waiter is gone.
+struct Waiting<'a> {
+    in_flight: &'a Mutex<InFlightPages>,
+    key: PageKey,
+    read: SharedPage,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        // The entry may already be a newer read of the same page: that one is not ours.
+        let Some(entry) = in_flight.get_mut(&self.key).filter(|entry| entry.read.ptr_eq(&self.read)) else {
+            return;
+        };
+        entry.waiters = entry.waiters.saturating_sub(1);
+        if entry.waiters == 0 || self.read.peek().is_some() {
+            in_flight.remove(&self.key);
+        }
+    }
+}
 
 impl HistoryReader {
     /// A reader over a store.
@@ -34,31 +64,32 @@ impl HistoryReader {
     }
 
     /// A page of the room's history; joins an identical read already in flight.
+    ///
+    /// The in-flight entry is released by a guard, so it goes away even when the caller's
+    /// future is dropped mid-read (a client that disconnects): once the read is answered, or
+    /// once nobody waits on it any more (the store read is then dropped too).
     pub async fn page(&self, room: &str, query: PageQuery) -> Result<Page, StoreError> {
         let key = (room.to_owned(), query.before, query.after, query.clamped_limit());
         let read = {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            match in_flight.get(&key) {
-                Some(read) => {
+            match in_flight.get_mut(&key) {
+                Some(entry) => {
                     self.metrics.history_coalesced.inc();
-                    read.clone()
+                    entry.waiters += 1;
+                    entry.read.clone()
                 }
                 None => {
                     let reader = self.clone();
                     let room = room.to_owned();
                     let read =
                         async move { reader.timed("page", reader.store.page(&room, query)).await }.boxed().shared();
-                    in_flight.insert(key.clone(), read.clone());
+                    in_flight.insert(key.clone(), InFlightPage { read: read.clone(), waiters: 1 });
                     read
                 }
             }
         };
-        let result = read.clone().await;
-        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        if in_flight.get(&key).is_some_and(|current| current.ptr_eq(&read)) {
-            in_flight.remove(&key);
-        }
-        result
+        let waiting = Waiting { in_flight: &self.in_flight, key, read };
+        waiting.read.clone().await
     }
 
     /// A message by id.
@@ -168,5 +199,32 @@ mod tests {
         store.gate.notify_waiters();
         again.await.unwrap().unwrap();
         assert_eq!(metrics.history_coalesced.get(), 49);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_page_read_leaves_nothing_in_flight() {
+        let store = Arc::new(GatedStore::default());
+        let reader = HistoryReader::new(store.clone(), Metrics::new());
+        let in_flight = || reader.in_flight.lock().unwrap_or_else(|p| p.into_inner()).len();
+
+        // The client goes away while its read waits on the store: its future is dropped.
+        let mut read = Box::pin(reader.page("r", PageQuery::between(1, 100)));
+        assert!(read.as_mut().now_or_never().is_none(), "the store holds the read");
+        assert_eq!(store.pages.load(Ordering::SeqCst), 1);
+        assert_eq!(in_flight(), 1);
+        drop(read);
+        assert_eq!(in_flight(), 0, "a read nobody waits for any more is forgotten");
+
+        // With two callers on one read, the first going away leaves the read to the other.
+        let mut first = Box::pin(reader.page("r", PageQuery::between(1, 100)));
+        let mut second = Box::pin(reader.page("r", PageQuery::between(1, 100)));
+        assert!(first.as_mut().now_or_never().is_none());
+        assert!(second.as_mut().now_or_never().is_none());
+        assert_eq!(store.pages.load(Ordering::SeqCst), 2, "the second joined the first one's read");
+        drop(first);
+        assert_eq!(in_flight(), 1, "the other caller still waits on the read");
+        store.gate.notify_waiters();
+        assert!(second.await.unwrap().has_more);
+        assert_eq!(in_flight(), 0);
     }
 }

@@ -1,6 +1,8 @@
 //! Bad input gets a clear error, keeps the connection open and changes nothing.
 
 use serde_json::json;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::*;
@@ -94,6 +96,43 @@ async fn oversize_frames_are_too_large_and_huge_ones_close_with_1009() {
     let huge = "z".repeat(1024 * 1024);
     client.send_raw(Message::text(huge)).await;
     assert_eq!(client.closed().await, 1009);
+    // The server is unharmed.
+    let mut other = Client::login(&server.ws_url, "bob").await;
+    other.join("r").await;
+    assert_eq!(other.say("r", "1", "still here").await["seq"], 1);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn empty_and_blank_bodies_get_bad_request_and_store_nothing() {
+    let server = server().await;
+    let mut client = Client::login(&server.ws_url, "alice").await;
+    client.join("r").await;
+    for (n, body) in ["", " ", " \t\n\r ", "\u{3000}"].into_iter().enumerate() {
+        client
+            .send(json!({"type": "send", "room": "r", "client_msg_id": format!("blank-{n}"), "body": body, "req": n}))
+            .await;
+        let error = assert_error(&mut client, "bad_request").await;
+        assert_eq!(error["req"], n, "{error}");
+        assert!(error["message"].as_str().unwrap().contains("body"), "{error}");
+    }
+    // Nothing was stored: the next message is the room's first, and history is just it.
+    let ack = client.say("r", "ok", " text with spaces around ").await;
+    assert_eq!(ack["seq"], 1);
+    let history = whole_history(&server.http_url, "r").await;
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(history[0]["body"], " text with spaces around ");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_text_frame_of_invalid_utf8_closes_with_1007() {
+    let server = server().await;
+    let mut client = Client::login(&server.ws_url, "alice").await;
+    // tungstenite only builds text messages from valid UTF-8: the frame is written by hand.
+    let invalid = Frame::message(vec![b'{', 0xff, 0xfe, b'}'], OpCode::Data(Data::Text), true);
+    client.send_raw(Message::Frame(invalid)).await;
+    assert_eq!(client.closed().await, 1007);
     // The server is unharmed.
     let mut other = Client::login(&server.ws_url, "bob").await;
     other.join("r").await;

@@ -205,6 +205,10 @@ impl Connection {
                 .error(ErrorCode::BadRequest, "client_msg_id must be 1-64 characters without control characters", req)
                 .await;
         }
+        // A message says something: an empty body, or one of only whitespace, is refused.
+        if body.trim().is_empty() {
+            return self.error(ErrorCode::BadRequest, "body must not be empty or only whitespace", req).await;
+        }
         let max_body = self.app.config.limits.max_body_chars;
         if body.chars().count() > max_body {
             return self.error(ErrorCode::TooLarge, &format!("body exceeds {max_body} characters"), req).await;

@@ -43,6 +43,8 @@ const CLOSE_POLICY: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
 const CLOSE_RESTART: u16 = 1012;
 const CLOSE_PROTOCOL: u16 = 1002;
+/// RFC 6455 §7.4.1 and §8.1: a text frame whose payload is not valid UTF-8.
+const CLOSE_INVALID_PAYLOAD: u16 = 1007;
 
 /// How much longer than a send's deadline the gateway waits for its outcome: more than any
 /// store write a worker may still finish after checking the deadline.
@@ -134,7 +136,8 @@ fn reason_label(code: u16) -> &'static str {
         CLOSE_POLICY => "policy",
         CLOSE_TOO_BIG => "too_large",
         CLOSE_RESTART => "draining",
-        CLOSE_PROTOCOL => "protocol_error",
+        // Invalid UTF-8 is a protocol violation too: one label for both codes.
+        CLOSE_PROTOCOL | CLOSE_INVALID_PAYLOAD => "protocol_error",
         _ => "other",
     }
 }
@@ -225,7 +228,8 @@ async fn draining(signal: &mut tokio::sync::watch::Receiver<bool>) {
 }
 
 /// Maps a read error to how the connection ends: an over-long frame is closed with 1009, a
-/// peer that went away ends it quietly, anything else is a protocol error (1002).
+/// text frame that is not UTF-8 with 1007 (RFC 6455 §8.1), a peer that went away ends it
+/// quietly, anything else is a protocol error (1002).
 fn read_error(error: axum::Error) -> End {
     use tungstenite::error::{Error as WsError, ProtocolError};
     let Ok(error) = error.into_inner().downcast::<WsError>() else {
@@ -233,6 +237,7 @@ fn read_error(error: axum::Error) -> End {
     };
     match *error {
         WsError::Capacity(_) => End::Close(CLOSE_TOO_BIG, "frame too large"),
+        WsError::Utf8(_) => End::Close(CLOSE_INVALID_PAYLOAD, "text frame is not valid UTF-8"),
         WsError::ConnectionClosed
         | WsError::AlreadyClosed
         | WsError::Io(_)
