@@ -294,6 +294,33 @@ pub struct GatewayArgs {
     /// Open WebSockets per process; more get HTTP 503.
     #[arg(long, env = "CHAT_MAX_CONNECTIONS", value_name = "N", default_value_t = Limits::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
+    /// Client sockets not yet upgraded to WebSockets, on top of --max-connections; more are
+    /// answered 503 at once (all client sockets are also kept 256 below the open-file limit).
+    #[arg(
+        long,
+        env = "CHAT_MAX_PENDING_CONNECTIONS",
+        value_name = "N",
+        default_value_t = Limits::DEFAULT_MAX_PENDING_CONNECTIONS
+    )]
+    pub max_pending_connections: usize,
+    /// Client sockets from one IP address at once, upgraded or not; more are answered 503; 0 is
+    /// no cap (load tests and proxies bring many sockets from one address).
+    #[arg(
+        long,
+        env = "CHAT_MAX_CONNECTIONS_PER_IP",
+        value_name = "N",
+        default_value_t = Limits::DEFAULT_MAX_CONNECTIONS_PER_IP
+    )]
+    pub max_connections_per_ip: usize,
+    /// Milliseconds a socket has to send its HTTP request headers before it is closed.
+    #[arg(
+        long,
+        env = "CHAT_HEADER_READ_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = Limits::DEFAULT_HEADER_READ_TIMEOUT_MS,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub header_read_timeout_ms: u64,
     /// Sustained sends (and typing signals) per second per connection; `rate_limited` beyond.
     #[arg(long, env = "CHAT_SEND_RATE", value_name = "N", default_value_t = Limits::DEFAULT_SEND_RATE_PER_SEC)]
     pub send_rate: u32,
@@ -386,6 +413,9 @@ impl GatewayArgs {
                 max_body_chars: self.max_body_chars,
                 max_rooms_per_connection: self.max_rooms_per_connection,
                 max_connections: self.max_connections,
+                max_pending_connections: self.max_pending_connections,
+                max_connections_per_ip: self.max_connections_per_ip,
+                header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
                 send_rate_per_sec: self.send_rate,
                 send_burst: self.send_burst,
                 outbound_queue: self.outbound_queue,

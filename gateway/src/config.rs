@@ -65,6 +65,13 @@ pub struct Limits {
     pub max_rooms_per_connection: usize,
     /// Open WebSocket connections per process; more are refused with HTTP 503.
     pub max_connections: usize,
+    /// Client sockets not (yet) upgraded to WebSockets, on top of `max_connections`; more are
+    /// answered 503 at once.
+    pub max_pending_connections: usize,
+    /// Client sockets from one IP address at once (upgraded or not); 0: no cap.
+    pub max_connections_per_ip: usize,
+    /// A socket must send its HTTP request headers within this, or it is closed.
+    pub header_read_timeout: Duration,
     /// Sustained `send` + `typing` frames per second per connection.
     pub send_rate_per_sec: u32,
     /// Burst allowance above the sustained rate.
@@ -96,6 +103,13 @@ impl Limits {
     pub const DEFAULT_MAX_ROOMS_PER_CONNECTION: usize = 100;
     /// Default `max_connections` (`--max-connections`).
     pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+    /// Default `max_pending_connections` (`--max-pending-connections`).
+    pub const DEFAULT_MAX_PENDING_CONNECTIONS: usize = 1_024;
+    /// Default `max_connections_per_ip` (`--max-connections-per-ip`): no cap, since load tests
+    /// and proxies bring many sockets from one address; set it for direct exposure.
+    pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 0;
+    /// Default `header_read_timeout`, in milliseconds (`--header-read-timeout-ms`).
+    pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
     /// Default `send_rate_per_sec` (`--send-rate`).
     pub const DEFAULT_SEND_RATE_PER_SEC: u32 = 20;
     /// Default `send_burst` (`--send-burst`).
@@ -113,6 +127,9 @@ impl Default for Limits {
             max_body_chars: Self::DEFAULT_MAX_BODY_CHARS,
             max_rooms_per_connection: Self::DEFAULT_MAX_ROOMS_PER_CONNECTION,
             max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+            max_pending_connections: Self::DEFAULT_MAX_PENDING_CONNECTIONS,
+            max_connections_per_ip: Self::DEFAULT_MAX_CONNECTIONS_PER_IP,
+            header_read_timeout: Duration::from_millis(Self::DEFAULT_HEADER_READ_TIMEOUT_MS),
             send_rate_per_sec: Self::DEFAULT_SEND_RATE_PER_SEC,
             send_burst: Self::DEFAULT_SEND_BURST,
             max_in_flight_sends: 64,

@@ -39,6 +39,7 @@ struct UpgradeQuery {
 async fn upgrade(
     State(app): State<Arc<AppState>>,
     Query(query): Query<UpgradeQuery>,
+    socket_guard: Option<axum::Extension<crate::listener::SocketGuard>>,
     ws: WebSocketUpgrade,
 ) -> Response {
     if app.is_draining() {
@@ -67,6 +68,8 @@ async fn upgrade(
         .on_upgrade(move |socket| async move {
             crate::connection::serve(socket, app, query.token).await;
             drop(permit);
+            // The socket's place in the accept caps (total and per IP) is free again.
+            drop(socket_guard);
             drop(alive);
         })
 }

@@ -12,6 +12,7 @@ mod connection;
 pub mod history;
 pub mod hook;
 mod http;
+pub mod listener;
 pub mod ops;
 pub mod outbox;
 pub mod rooms;
@@ -20,7 +21,6 @@ mod web;
 
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use bus::GatewayBus;
 use storage::HistoryStore;
 use telemetry::journal::Journal;
@@ -86,21 +86,21 @@ pub async fn run(
     ));
     let app = http::router(state.clone()).merge(deps.routes);
     let address = listener.local_addr()?;
-    tracing::info!(%address, gateway = %state.config.gateway_id, "gateway listening");
-    // Chat frames are small and latency-bound: without TCP_NODELAY, Nagle's algorithm holds a
-    // frame back until the peer's (delayed, up to 40 ms) ACK of the previous one arrives.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "could not set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("draining: telling every connection to reconnect");
-            let _ = drain_tx.send(true);
-        })
-        .await?;
+    let limits = &state.config.limits;
+    let accept = listener::AcceptLimits {
+        header_read_timeout: limits.header_read_timeout,
+        max_client_sockets: listener::socket_capacity(
+            limits.max_connections.saturating_add(limits.max_pending_connections),
+        ),
+        max_sockets_per_ip: limits.max_connections_per_ip,
+    };
+    tracing::info!(%address, gateway = %state.config.gateway_id, ?accept, "gateway listening");
+    let draining = async move {
+        shutdown.await;
+        tracing::info!("draining: telling every connection to reconnect");
+        let _ = drain_tx.send(true);
+    };
+    listener::serve(listener, app, accept, state.metrics.clone(), draining, grace).await;
     drop(state);
     if tokio::time::timeout(grace, all_closed.recv()).await.is_err() {
         tracing::warn!(?grace, "drain grace period over; dropping the remaining connections");
