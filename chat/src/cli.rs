@@ -327,6 +327,13 @@ pub struct GatewayArgs {
     /// Burst of sends allowed above the sustained rate.
     #[arg(long, env = "CHAT_SEND_BURST", value_name = "N", default_value_t = Limits::DEFAULT_SEND_BURST)]
     pub send_burst: u32,
+    /// Sustained join, leave and history requests per second per connection; `rate_limited` beyond.
+    #[arg(long, env = "CHAT_CONTROL_RATE", value_name = "N", default_value_t = Limits::DEFAULT_CONTROL_RATE_PER_SEC)]
+    pub control_rate: u32,
+    /// Burst of join, leave and history requests above that (a reconnecting client rejoins its
+    /// rooms at once).
+    #[arg(long, env = "CHAT_CONTROL_BURST", value_name = "N", default_value_t = Limits::DEFAULT_CONTROL_BURST)]
+    pub control_burst: u32,
     /// Frames queued per connection before deliveries are deferred to a store catch-up (slow
     /// consumers in docs/protocol.md).
     #[arg(long, env = "CHAT_OUTBOUND_QUEUE", value_name = "N", default_value_t = Limits::DEFAULT_OUTBOUND_QUEUE)]
@@ -418,6 +425,8 @@ impl GatewayArgs {
                 header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
                 send_rate_per_sec: self.send_rate,
                 send_burst: self.send_burst,
+                control_rate_per_sec: self.control_rate,
+                control_burst: self.control_burst,
                 outbound_queue: self.outbound_queue,
                 slow_consumer_timeout: Duration::from_secs(self.slow_consumer_secs),
                 ..Limits::default()

@@ -76,6 +76,10 @@ pub struct Limits {
     pub send_rate_per_sec: u32,
     /// Burst allowance above the sustained rate.
     pub send_burst: u32,
+    /// Sustained `join` + `leave` + `history` frames per second per connection.
+    pub control_rate_per_sec: u32,
+    /// Burst allowance above that (a reconnecting client rejoins all its rooms at once).
+    pub control_burst: u32,
     /// Sends of one connection waiting for their ack at once; reading pauses beyond it.
     pub max_in_flight_sends: usize,
     /// Frames queued for one connection. When full, deliveries to it are skipped and later
@@ -114,6 +118,11 @@ impl Limits {
     pub const DEFAULT_SEND_RATE_PER_SEC: u32 = 20;
     /// Default `send_burst` (`--send-burst`).
     pub const DEFAULT_SEND_BURST: u32 = 50;
+    /// Default `control_rate_per_sec` (`--control-rate`).
+    pub const DEFAULT_CONTROL_RATE_PER_SEC: u32 = 10;
+    /// Default `control_burst` (`--control-burst`): a client rejoining its rooms after a
+    /// reconnect (at most `max_rooms_per_connection`) and reading a page of each.
+    pub const DEFAULT_CONTROL_BURST: u32 = 200;
     /// Default `outbound_queue` (`--outbound-queue`).
     pub const DEFAULT_OUTBOUND_QUEUE: usize = 1_024;
     /// Default `slow_consumer_timeout`, in seconds (`--slow-consumer-secs`).
@@ -132,6 +141,8 @@ impl Default for Limits {
             header_read_timeout: Duration::from_millis(Self::DEFAULT_HEADER_READ_TIMEOUT_MS),
             send_rate_per_sec: Self::DEFAULT_SEND_RATE_PER_SEC,
             send_burst: Self::DEFAULT_SEND_BURST,
+            control_rate_per_sec: Self::DEFAULT_CONTROL_RATE_PER_SEC,
+            control_burst: Self::DEFAULT_CONTROL_BURST,
             max_in_flight_sends: 64,
             outbound_queue: Self::DEFAULT_OUTBOUND_QUEUE,
             slow_consumer_timeout: Duration::from_secs(Self::DEFAULT_SLOW_CONSUMER_SECS),

@@ -129,3 +129,37 @@ async fn a_consumer_that_stops_reading_is_closed_with_4008() {
     flood.abort();
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn join_leave_and_history_floods_are_rate_limited() {
+    let mut options = TestServerOptions::default();
+    options.gateway.limits.control_rate_per_sec = 5;
+    options.gateway.limits.control_burst = 20;
+    let server = server_with(options).await;
+    let mut mallory = Client::login(&server.ws_url, "mallory").await;
+    let mut victim = Client::login(&server.ws_url, "victim").await;
+    victim.join("lobby").await;
+    // Every join and leave would tell the victim about mallory's presence; history reads the
+    // store. 60 of them at once: the burst of 20 is answered, the rest refused.
+    for n in 0..60 {
+        let frame = match n % 3 {
+            0 => json!({"type": "join", "room": "lobby", "req": n}),
+            1 => json!({"type": "leave", "room": "lobby", "req": n}),
+            _ => json!({"type": "history", "room": "lobby", "req": n}),
+        };
+        mallory.send(frame).await;
+    }
+    let mut limited = 0;
+    for _ in 0..60 {
+        let frame = mallory.next().await;
+        if frame["type"] == "error" && frame["code"] == "rate_limited" {
+            limited += 1;
+        }
+    }
+    assert!((35..=45).contains(&limited), "{limited} of 60 refused; want about 40");
+    // The budget refills (5 a second), and sends have their own.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    mallory.join("other").await;
+    mallory.say("other", "m1", "still here").await;
+    server.shutdown().await.unwrap();
+}

@@ -49,6 +49,15 @@ impl Connection {
                 _ => self.error(ErrorCode::Unauthorized, "send hello first", req).await,
             };
         };
+        let control =
+            matches!(frame, ClientFrame::Join { .. } | ClientFrame::Leave { .. } | ClientFrame::History { .. });
+        if control && self.control_limiter.check().is_err() {
+            // Joins and leaves tell every member about presence, and joins with `since` and
+            // history requests read the store: a flood of them is refused like a flood of sends.
+            self.app.metrics.drops.with_label_values(&["rate_limited"]).inc();
+            let message = "too many join, leave and history requests; slow down and retry";
+            return self.error(ErrorCode::RateLimited, message, req).await;
+        }
         match frame {
             ClientFrame::Hello { .. } => {
                 self.error(ErrorCode::BadRequest, "hello was already accepted on this connection", req).await

@@ -81,6 +81,8 @@ struct Connection {
     rooms: HashMap<String, JoinedRoom>,
     outbox: Arc<Outbox>,
     limiter: DefaultDirectRateLimiter,
+    /// For `join`, `leave` and `history`.
+    control_limiter: DefaultDirectRateLimiter,
     sink: SplitSink<WebSocket, Message>,
     /// The delivery hook's interceptor for this connection (none in the product).
     hooked_writes: Option<Box<dyn ConnectionWrites>>,
@@ -94,6 +96,8 @@ pub async fn serve(socket: WebSocket, app: Arc<AppState>, query_token: Option<St
     let outbox = Outbox::new(id, limits.outbound_queue, limits.slow_consumer_timeout);
     let rate = NonZeroU32::new(limits.send_rate_per_sec).unwrap_or(NonZeroU32::MIN);
     let burst = NonZeroU32::new(limits.send_burst).unwrap_or(rate);
+    let control_rate = NonZeroU32::new(limits.control_rate_per_sec).unwrap_or(NonZeroU32::MIN);
+    let control_burst = NonZeroU32::new(limits.control_burst).unwrap_or(control_rate);
     let (sink, stream) = socket.split();
     let session = Uuid::now_v7();
     let mut connection = Connection {
@@ -104,6 +108,7 @@ pub async fn serve(socket: WebSocket, app: Arc<AppState>, query_token: Option<St
         rooms: HashMap::new(),
         outbox,
         limiter: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
+        control_limiter: RateLimiter::direct(Quota::per_second(control_rate).allow_burst(control_burst)),
         sink,
         hooked_writes: app.delivery_hook.as_ref().map(|hook| hook.connection(session)),
         deliveries: 0,
