@@ -312,6 +312,15 @@ pub struct GatewayArgs {
         default_value_t = Limits::DEFAULT_MAX_CONNECTIONS_PER_IP
     )]
     pub max_connections_per_ip: usize,
+    /// Connections of one user at once (counted from `hello`); more are refused with
+    /// `rate_limited` and closed; 0 is no cap.
+    #[arg(
+        long,
+        env = "CHAT_MAX_CONNECTIONS_PER_USER",
+        value_name = "N",
+        default_value_t = Limits::DEFAULT_MAX_CONNECTIONS_PER_USER
+    )]
+    pub max_connections_per_user: usize,
     /// Milliseconds a socket has to send its HTTP request headers before it is closed.
     #[arg(
         long,
@@ -422,6 +431,7 @@ impl GatewayArgs {
                 max_connections: self.max_connections,
                 max_pending_connections: self.max_pending_connections,
                 max_connections_per_ip: self.max_connections_per_ip,
+                max_connections_per_user: self.max_connections_per_user,
                 header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
                 send_rate_per_sec: self.send_rate,
                 send_burst: self.send_burst,

@@ -70,6 +70,8 @@ pub struct Limits {
     pub max_pending_connections: usize,
     /// Client sockets from one IP address at once (upgraded or not); 0: no cap.
     pub max_connections_per_ip: usize,
+    /// Connections of one user at once (counted from `hello`); 0: no cap.
+    pub max_connections_per_user: usize,
     /// A socket must send its HTTP request headers within this, or it is closed.
     pub header_read_timeout: Duration,
     /// Sustained `send` + `typing` frames per second per connection.
@@ -112,6 +114,9 @@ impl Limits {
     /// Default `max_connections_per_ip` (`--max-connections-per-ip`): no cap, since load tests
     /// and proxies bring many sockets from one address; set it for direct exposure.
     pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 0;
+    /// Default `max_connections_per_user` (`--max-connections-per-user`): tabs and devices of
+    /// one person, not thousands.
+    pub const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 64;
     /// Default `header_read_timeout`, in milliseconds (`--header-read-timeout-ms`).
     pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
     /// Default `send_rate_per_sec` (`--send-rate`).
@@ -138,6 +143,7 @@ impl Default for Limits {
             max_connections: Self::DEFAULT_MAX_CONNECTIONS,
             max_pending_connections: Self::DEFAULT_MAX_PENDING_CONNECTIONS,
             max_connections_per_ip: Self::DEFAULT_MAX_CONNECTIONS_PER_IP,
+            max_connections_per_user: Self::DEFAULT_MAX_CONNECTIONS_PER_USER,
             header_read_timeout: Duration::from_millis(Self::DEFAULT_HEADER_READ_TIMEOUT_MS),
             send_rate_per_sec: Self::DEFAULT_SEND_RATE_PER_SEC,
             send_burst: Self::DEFAULT_SEND_BURST,

@@ -16,6 +16,7 @@ pub mod listener;
 pub mod ops;
 pub mod outbox;
 pub mod rooms;
+mod slots;
 pub mod state;
 mod web;
 

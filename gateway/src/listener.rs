@@ -5,10 +5,9 @@
 //! process's own NATS and CQL sockets; a socket over a cap is answered `503` and closed rather
 //! than left waiting.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -21,6 +20,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
+
+use crate::slots::{Counts, Slot};
 
 /// File descriptors kept free for the process's own sockets and files (NATS, CQL, the store,
 /// logs), whatever the client load.
@@ -47,42 +48,12 @@ pub struct AcceptLimits {
 /// Held for as long as a client socket is open, through its WebSocket upgrade: frees its place
 /// in the caps when dropped.
 #[derive(Clone)]
-pub struct SocketGuard(#[allow(dead_code)] Arc<Slot>);
+pub struct SocketGuard(#[allow(dead_code)] Arc<Places>);
 
-struct Slot {
+/// The places a socket holds.
+struct Places {
     _permit: OwnedSemaphorePermit,
-    _per_ip: Option<IpSlot>,
-}
-
-/// One socket's count against its IP address.
-struct IpSlot {
-    ip: IpAddr,
-    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
-}
-
-impl IpSlot {
-    /// Counts a socket from `ip`, unless it already has `max` open.
-    fn take(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr, max: usize) -> Option<Self> {
-        let mut map = counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let open = map.entry(ip).or_default();
-        if *open >= max {
-            return None;
-        }
-        *open += 1;
-        Some(Self { ip, counts: counts.clone() })
-    }
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let mut map = self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(open) = map.get_mut(&self.ip) {
-            *open -= 1;
-            if *open == 0 {
-                map.remove(&self.ip);
-            }
-        }
-    }
+    _per_ip: Option<Slot<IpAddr>>,
 }
 
 /// The client sockets this process can hold: the configured cap, lowered so that
@@ -119,7 +90,7 @@ pub async fn serve(
     grace: Duration,
 ) {
     let sockets = Arc::new(Semaphore::new(limits.max_client_sockets));
-    let per_ip = Arc::new(Mutex::new(HashMap::new()));
+    let per_ip = Counts::default();
     let graceful = GracefulShutdown::new();
     let mut http = auto::Builder::new(TokioExecutor::new()).http1_only();
     http.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
@@ -144,7 +115,7 @@ pub async fn serve(
         }
         let per_ip_slot = match limits.max_sockets_per_ip {
             0 => None,
-            max => match IpSlot::take(&per_ip, peer.ip(), max) {
+            max => match per_ip.take(&peer.ip(), max) {
                 Some(slot) => Some(slot),
                 None => {
                     metrics.disconnects.with_label_values(&["ip_connection_limit"]).inc();
@@ -158,7 +129,7 @@ pub async fn serve(
             tokio::spawn(refuse(tcp, "connection limit reached; try another gateway"));
             continue;
         };
-        let guard = SocketGuard(Arc::new(Slot { _permit: permit, _per_ip: per_ip_slot }));
+        let guard = SocketGuard(Arc::new(Places { _permit: permit, _per_ip: per_ip_slot }));
         let router = app.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             // The upgrade handler moves a clone into the WebSocket's task, so the socket keeps
@@ -208,19 +179,6 @@ async fn refuse(mut tcp: TcpStream, why: &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_ip_slot_counts_until_dropped() {
-        let counts = Arc::new(Mutex::new(HashMap::new()));
-        let ip: IpAddr = [127, 0, 0, 1].into();
-        let first = IpSlot::take(&counts, ip, 2);
-        let second = IpSlot::take(&counts, ip, 2);
-        assert!(first.is_some() && second.is_some());
-        assert!(IpSlot::take(&counts, ip, 2).is_none(), "a third socket from the address is refused");
-        assert!(IpSlot::take(&counts, [127, 0, 0, 2].into(), 2).is_some(), "another address is not");
-        drop(first);
-        assert!(IpSlot::take(&counts, ip, 2).is_some(), "a closed socket frees its place");
-    }
 
     #[test]
     fn descriptors_stay_reserved() {

@@ -34,6 +34,8 @@ pub struct AppState {
     pub verifier: Option<Verifier>,
     /// Permits for open connections.
     pub connection_permits: Arc<Semaphore>,
+    /// Connections per user, taken at `hello`.
+    pub(crate) user_connections: crate::slots::Counts<String>,
     draining: watch::Receiver<bool>,
     next_connection: AtomicU64,
     /// Held (cloned) by every connection task; the drain waits until all are dropped.
@@ -65,6 +67,7 @@ impl AppState {
             delivery_hook,
             verifier,
             connection_permits,
+            user_connections: crate::slots::Counts::default(),
             draining,
             next_connection: AtomicU64::new(1),
             alive,

@@ -163,3 +163,31 @@ async fn join_leave_and_history_floods_are_rate_limited() {
     mallory.say("other", "m1", "still here").await;
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn one_user_holds_at_most_its_share_of_connections() {
+    let mut options = TestServerOptions::default();
+    options.gateway.limits.max_connections_per_user = 2;
+    let server = server_with(options).await;
+    let first = Client::login(&server.ws_url, "alice").await;
+    let _second = Client::login(&server.ws_url, "alice").await;
+    let mut third = Client::connect(&server.ws_url).await;
+    third.send(json!({"type": "hello", "user": "alice"})).await;
+    let refused = third.expect("error").await;
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
+    assert_eq!(third.closed().await, 1008);
+    // Another user is not affected, and a closed connection gives its place back.
+    let _bob = Client::login(&server.ws_url, "bob").await;
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut again = Client::connect(&server.ws_url).await;
+        again.send(json!({"type": "hello", "user": "alice"})).await;
+        if again.next().await["type"] == "welcome" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the closed connection's place did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.shutdown().await.unwrap();
+}

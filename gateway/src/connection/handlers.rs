@@ -103,6 +103,15 @@ impl Connection {
                 }
             },
         };
+        let max = self.app.config.limits.max_connections_per_user;
+        if max > 0 {
+            let Some(slot) = self.app.user_connections.take(&identity.user, max) else {
+                let message = format!("at most {max} connections per user; close one first");
+                self.error(ErrorCode::RateLimited, &message, req).await?;
+                return Err(End::Close(CLOSE_POLICY, "too many connections for this user"));
+            };
+            self.user_slot = Some(slot);
+        }
         let welcome = ServerFrame::Welcome {
             user: identity.user.clone(),
             session: self.session,

@@ -86,6 +86,8 @@ struct Connection {
     sink: SplitSink<WebSocket, Message>,
     /// The delivery hook's interceptor for this connection (none in the product).
     hooked_writes: Option<Box<dyn ConnectionWrites>>,
+    /// This connection's place among its user's connections, from `hello` on.
+    user_slot: Option<crate::slots::Slot<String>>,
     deliveries: u64,
 }
 
@@ -111,6 +113,7 @@ pub async fn serve(socket: WebSocket, app: Arc<AppState>, query_token: Option<St
         control_limiter: RateLimiter::direct(Quota::per_second(control_rate).allow_burst(control_burst)),
         sink,
         hooked_writes: app.delivery_hook.as_ref().map(|hook| hook.connection(session)),
+        user_slot: None,
         deliveries: 0,
         app: app.clone(),
     };
