@@ -321,6 +321,10 @@ pub struct GatewayArgs {
         default_value_t = Limits::DEFAULT_MAX_CONNECTIONS_PER_USER
     )]
     pub max_connections_per_user: usize,
+    /// Browser origins allowed to open WebSockets, comma-separated (`https://chat.example.com`);
+    /// others get HTTP 403. Unset: any origin; clients that send no Origin are not affected.
+    #[arg(long, env = "CHAT_ALLOWED_ORIGINS", value_name = "ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
     /// Milliseconds a socket has to send its HTTP request headers before it is closed.
     #[arg(
         long,
@@ -432,6 +436,12 @@ impl GatewayArgs {
                 max_pending_connections: self.max_pending_connections,
                 max_connections_per_ip: self.max_connections_per_ip,
                 max_connections_per_user: self.max_connections_per_user,
+                allowed_origins: self
+                    .allowed_origins
+                    .iter()
+                    .map(|o| o.trim().to_owned())
+                    .filter(|o| !o.is_empty())
+                    .collect(),
                 header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
                 send_rate_per_sec: self.send_rate,
                 send_burst: self.send_burst,

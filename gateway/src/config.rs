@@ -72,6 +72,9 @@ pub struct Limits {
     pub max_connections_per_ip: usize,
     /// Connections of one user at once (counted from `hello`); 0: no cap.
     pub max_connections_per_user: usize,
+    /// Browser origins (`https://chat.example.com`) allowed to open WebSockets; empty: any.
+    /// A request without an `Origin` header (not a browser) is not affected.
+    pub allowed_origins: Vec<String>,
     /// A socket must send its HTTP request headers within this, or it is closed.
     pub header_read_timeout: Duration,
     /// Sustained `send` + `typing` frames per second per connection.
@@ -144,6 +147,7 @@ impl Default for Limits {
             max_pending_connections: Self::DEFAULT_MAX_PENDING_CONNECTIONS,
             max_connections_per_ip: Self::DEFAULT_MAX_CONNECTIONS_PER_IP,
             max_connections_per_user: Self::DEFAULT_MAX_CONNECTIONS_PER_USER,
+            allowed_origins: Vec::new(),
             header_read_timeout: Duration::from_millis(Self::DEFAULT_HEADER_READ_TIMEOUT_MS),
             send_rate_per_sec: Self::DEFAULT_SEND_RATE_PER_SEC,
             send_burst: Self::DEFAULT_SEND_BURST,

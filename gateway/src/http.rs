@@ -40,8 +40,17 @@ async fn upgrade(
     State(app): State<Arc<AppState>>,
     Query(query): Query<UpgradeQuery>,
     socket_guard: Option<axum::Extension<crate::listener::SocketGuard>>,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let allowed = &app.config.limits.allowed_origins;
+    let origin = headers.get(header::ORIGIN).map(|origin| origin.to_str().unwrap_or(""));
+    if let Some(origin) = origin.filter(|origin| !allowed.is_empty() && !allowed.iter().any(|a| a == origin)) {
+        // Another site's page must not open a socket in its visitor's name (cross-site
+        // WebSocket hijacking); clients that are not browsers send no Origin.
+        app.metrics.disconnects.with_label_values(&["origin_refused"]).inc();
+        return error(StatusCode::FORBIDDEN, ErrorCode::Forbidden, format!("origin {origin:?} is not allowed"));
+    }
     if app.is_draining() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -91,3 +91,20 @@ async fn sockets_over_the_per_address_cap_are_answered_503_upgraded_ones_include
     }
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn only_allowed_browser_origins_may_open_websockets() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let server = server_with_limits(|limits| limits.allowed_origins = vec!["https://chat.example.com".into()]).await;
+    let with_origin = |origin: &str| {
+        let mut request = server.ws_url.as_str().into_client_request().unwrap();
+        request.headers_mut().insert("Origin", origin.parse().unwrap());
+        tokio_tungstenite::connect_async(request)
+    };
+    let refused = with_origin("https://evil.example.net").await.expect_err("another site's page is refused");
+    assert!(refused.to_string().contains("403"), "{refused}");
+    assert!(with_origin("https://chat.example.com").await.is_ok(), "the allowed origin connects");
+    // Clients that are not browsers send no Origin and are not affected.
+    let _client = Client::login(&server.ws_url, "alice").await;
+    server.shutdown().await.unwrap();
+}
