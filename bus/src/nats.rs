@@ -56,6 +56,36 @@ pub struct NatsConfig {
     pub ack_wait: Duration,
     /// Sends a worker may hold unacked at once.
     pub max_ack_pending: i64,
+    /// How this process proves who it is to NATS.
+    pub auth: NatsAuth,
+}
+
+/// Credentials for NATS: without them anyone who reaches the server could publish deliveries
+/// as any user.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum NatsAuth {
+    /// None (a server without authorization, e.g. on loopback).
+    #[default]
+    None,
+    /// A user and password of the server's `authorization` block.
+    UserPassword {
+        /// The user.
+        user: String,
+        /// The password.
+        password: String,
+    },
+    /// A shared token.
+    Token(String),
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => f.write_str("None"),
+            Self::UserPassword { user, .. } => write!(f, "UserPassword({user}, <hidden>)"),
+            Self::Token(_) => f.write_str("Token(<hidden>)"),
+        }
+    }
 }
 
 impl NatsConfig {
@@ -76,6 +106,7 @@ impl NatsConfig {
             stream_replicas: usize::from(Self::DEFAULT_STREAM_REPLICAS),
             ack_wait: Duration::from_millis(Self::DEFAULT_ACK_WAIT_MS),
             max_ack_pending: Self::DEFAULT_MAX_ACK_PENDING,
+            auth: NatsAuth::None,
         }
     }
 }
@@ -109,7 +140,14 @@ impl NatsBus {
         let name = config.name.clone();
         let connects = Arc::new(tokio::sync::watch::Sender::new(0u64));
         let on_event = connects.clone();
-        let client = async_nats::ConnectOptions::new()
+        let options = match &config.auth {
+            NatsAuth::None => async_nats::ConnectOptions::new(),
+            NatsAuth::UserPassword { user, password } => {
+                async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+            }
+            NatsAuth::Token(token) => async_nats::ConnectOptions::with_token(token.clone()),
+        };
+        let client = options
             .name(&config.name)
             .retry_on_initial_connect()
             .max_reconnects(None)

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bus::nats::{NatsBus, NatsConfig};
+use bus::nats::{NatsAuth, NatsBus, NatsConfig};
 use bus::{BusHealth, FanoutBus, FeedItem, RoomBus, RoomFeed, SendBus};
 use protocol::bus::{RoomEvent, SendCommand, SendOutcome};
 use protocol::ChatMessage;
@@ -102,5 +102,39 @@ async fn a_send_round_trips_through_a_worker_and_the_room_feed_gets_the_delivery
     match next_item(&mut feed).await {
         FeedItem::Event(event) => assert_eq!(event, typing),
         other => panic!("expected the room's event, got {other:?}"),
+    }
+}
+
+/// A server that demands credentials: a bus with them gets ready, one without never does (and
+/// says why), and a token works as well as a user and password.
+#[tokio::test]
+async fn a_server_with_authorization_admits_only_a_bus_with_credentials() {
+    let server = testkit::NatsServer::start_with(&["--user", "chat", "--pass", "s3cret-pass"]).await;
+    let with = |auth: NatsAuth| {
+        let mut config = NatsConfig::new(server.url(), "gw-auth");
+        config.auth = auth;
+        NatsBus::connect(config, Metrics::new())
+    };
+    let admitted = with(NatsAuth::UserPassword { user: "chat".into(), password: "s3cret-pass".into() }).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while admitted.ready().await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "the bus with credentials never got ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for wrong in [NatsAuth::None, NatsAuth::UserPassword { user: "chat".into(), password: "guess".into() }] {
+        let refused = with(wrong).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let why = refused.ready().await.expect_err("not admitted without the right credentials");
+        assert!(why.to_string().contains("not connected"), "{why}");
+    }
+
+    let token_server = testkit::NatsServer::start_with(&["--auth", "a-long-shared-token"]).await;
+    let mut config = NatsConfig::new(token_server.url(), "gw-token");
+    config.auth = NatsAuth::Token("a-long-shared-token".into());
+    let bus = NatsBus::connect(config, Metrics::new()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while bus.ready().await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "the bus with the token never got ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bus::nats::NatsConfig;
+use bus::nats::{NatsAuth, NatsConfig};
 use clap::builder::RangedU64ValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fanout::FanoutConfig;
@@ -104,6 +104,21 @@ pub struct BackendArgs {
     /// NATS server URL(s), comma-separated.
     #[arg(long = "nats", env = "CHAT_NATS_URL", value_name = "URL", default_value = NatsConfig::DEFAULT_URL)]
     pub nats_url: String,
+    /// NATS user (with --nats-password), when the server requires credentials.
+    #[arg(
+        long,
+        env = "CHAT_NATS_USER",
+        value_name = "USER",
+        requires = "nats_password",
+        conflicts_with = "nats_token"
+    )]
+    pub nats_user: Option<String>,
+    /// NATS password of --nats-user.
+    #[arg(long, env = "CHAT_NATS_PASSWORD", value_name = "P", hide_env_values = true, requires = "nats_user")]
+    pub nats_password: Option<String>,
+    /// NATS token, when the server requires one (instead of a user and password).
+    #[arg(long, env = "CHAT_NATS_TOKEN", value_name = "T", hide_env_values = true)]
+    pub nats_token: Option<String>,
     /// CQL contact points, HOST:PORT[,...]; the driver discovers the other nodes.
     #[arg(
         long = "cql",
@@ -153,8 +168,16 @@ pub struct BackendArgs {
 impl BackendArgs {
     /// The backends these flags name; fails on a malformed `--replication`.
     pub fn backends(&self) -> anyhow::Result<Backends> {
+        let nats_auth = match (&self.nats_user, &self.nats_password, &self.nats_token) {
+            (Some(user), Some(password), None) => {
+                NatsAuth::UserPassword { user: user.clone(), password: password.clone() }
+            }
+            (None, None, Some(token)) => NatsAuth::Token(token.clone()),
+            _ => NatsAuth::None,
+        };
         Ok(Backends {
             nats_url: self.nats_url.clone(),
+            nats_auth,
             cql_nodes: self.cql_nodes.clone(),
             keyspace: self.keyspace.clone(),
             replication: crate::cluster::parse_replication(&self.replication)?,
@@ -581,5 +604,22 @@ mod tests {
             assert!(text.contains("at least 32 bytes"), "{text}");
             assert!(short.is_empty() || !text.contains(short), "{text}");
         }
+    }
+
+    #[test]
+    fn nats_credentials_come_in_pairs_or_as_a_token() {
+        let backends = |args: &[&str]| {
+            let cli = Cli::try_parse_from(["chat", "gateway"].iter().chain(args)).map_err(|e| e.kind())?;
+            let Some(Command::Gateway { backends, .. }) = cli.command else { panic!("gateway") };
+            Ok::<_, clap::error::ErrorKind>(backends.backends().unwrap().nats_auth)
+        };
+        assert_eq!(
+            backends(&["--nats-user", "chat", "--nats-password", "pw"]),
+            Ok(NatsAuth::UserPassword { user: "chat".into(), password: "pw".into() })
+        );
+        assert_eq!(backends(&["--nats-token", "t"]), Ok(NatsAuth::Token("t".into())));
+        assert_eq!(backends(&[]), Ok(NatsAuth::None));
+        assert!(backends(&["--nats-user", "chat"]).is_err(), "a user needs a password");
+        assert!(backends(&["--nats-user", "chat", "--nats-password", "pw", "--nats-token", "t"]).is_err());
     }
 }

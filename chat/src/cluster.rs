@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use bus::nats::{NatsBus, NatsConfig};
+use bus::nats::{NatsAuth, NatsBus, NatsConfig};
 use bus::GatewayBus;
 use fanout::{Fanout, FanoutConfig};
 use faults::FaultLayer;
@@ -20,6 +20,8 @@ use tokio::net::TcpListener;
 pub struct Backends {
     /// NATS URL.
     pub nats_url: String,
+    /// Credentials for NATS.
+    pub nats_auth: NatsAuth,
     /// CQL contact points.
     pub cql_nodes: Vec<String>,
     /// Keyspace of the history.
@@ -38,6 +40,7 @@ impl Backends {
     fn nats_config(&self, name: &str) -> NatsConfig {
         let mut config = NatsConfig::new(&self.nats_url, name);
         config.stream_replicas = self.stream_replicas;
+        config.auth = self.nats_auth.clone();
         config
     }
 

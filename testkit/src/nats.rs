@@ -15,6 +15,7 @@ pub struct NatsServer {
     child: Option<Child>,
     port: u16,
     store: tempfile::TempDir,
+    args: Vec<String>,
 }
 
 fn nats_binary() -> String {
@@ -29,9 +30,16 @@ fn nats_binary() -> String {
 impl NatsServer {
     /// Starts a server on a free port.
     pub async fn start() -> NatsServer {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts a server on a free port with more command-line arguments (`--user`, `--pass`,
+    /// `--auth`...). A restart keeps them.
+    pub async fn start_with(args: &[&str]) -> NatsServer {
         let store = tempfile::Builder::new().prefix("chat-nats-").tempdir().expect("temp dir");
-        let (child, port) = spawn_nats(None, store.path()).await;
-        NatsServer { child: Some(child), port, store }
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let (child, port) = spawn_nats(None, store.path(), &args).await;
+        NatsServer { child: Some(child), port, store, args }
     }
 
     /// `nats://127.0.0.1:PORT`
@@ -55,16 +63,17 @@ impl NatsServer {
     /// Starts it again on the same port with the same store.
     pub async fn restart(&mut self) {
         self.kill().await;
-        let (child, _) = spawn_nats(Some(self.port), self.store.path()).await;
+        let (child, _) = spawn_nats(Some(self.port), self.store.path(), &self.args).await;
         self.child = Some(child);
     }
 }
 
-async fn spawn_nats(port: Option<u16>, store: &Path) -> (Child, u16) {
+async fn spawn_nats(port: Option<u16>, store: &Path, args: &[String]) -> (Child, u16) {
     let port_arg = port.map_or("-1".to_owned(), |p| p.to_string());
     let mut child = Command::new(nats_binary())
         .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "-sd"])
         .arg(store)
+        .args(args)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .kill_on_drop(true)
