@@ -58,6 +58,9 @@ pub struct NatsConfig {
     pub max_ack_pending: i64,
     /// How this process proves who it is to NATS.
     pub auth: NatsAuth,
+    /// PEM file of the certificate authority that signed the servers' certificates: when set,
+    /// TLS is required and the servers are verified against it.
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 /// Credentials for NATS: without them anyone who reaches the server could publish deliveries
@@ -107,6 +110,7 @@ impl NatsConfig {
             ack_wait: Duration::from_millis(Self::DEFAULT_ACK_WAIT_MS),
             max_ack_pending: Self::DEFAULT_MAX_ACK_PENDING,
             auth: NatsAuth::None,
+            tls_ca: None,
         }
     }
 }
@@ -146,6 +150,10 @@ impl NatsBus {
                 async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
             }
             NatsAuth::Token(token) => async_nats::ConnectOptions::with_token(token.clone()),
+        };
+        let options = match &config.tls_ca {
+            Some(ca) => options.require_tls(true).add_root_certificates(ca.clone()),
+            None => options,
         };
         let client = options
             .name(&config.name)

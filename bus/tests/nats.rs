@@ -138,3 +138,58 @@ async fn a_server_with_authorization_admits_only_a_bus_with_credentials() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A server that requires TLS: a bus that trusts the server's CA gets ready over TLS; one
+/// without TLS, or trusting another CA, does not.
+#[tokio::test]
+async fn a_tls_server_admits_a_bus_that_verifies_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, pem: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let authority = |name: &str| {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        (cert, key)
+    };
+    let (ca, ca_key) = authority("test CA");
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server_cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .unwrap()
+        .signed_by(&server_key, &ca, &ca_key)
+        .unwrap();
+    let ca_file = write("ca.pem", ca.pem());
+    let cert_file = write("server.pem", server_cert.pem());
+    let key_file = write("server-key.pem", server_key.serialize_pem());
+    let (other_ca, _) = authority("another CA");
+    let other_ca_file = write("other-ca.pem", other_ca.pem());
+
+    let server = testkit::NatsServer::start_with(&[
+        "--tls",
+        "--tlscert",
+        cert_file.to_str().unwrap(),
+        "--tlskey",
+        key_file.to_str().unwrap(),
+    ])
+    .await;
+    let with = |ca: Option<std::path::PathBuf>| {
+        let mut config = NatsConfig::new(server.url(), "gw-tls");
+        config.tls_ca = ca;
+        NatsBus::connect(config, Metrics::new())
+    };
+    let verified = with(Some(ca_file)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while let Err(e) = verified.ready().await {
+        assert!(tokio::time::Instant::now() < deadline, "the bus trusting the server's CA never got ready: {e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for refused in [with(None).await.unwrap(), with(Some(other_ca_file)).await.unwrap()] {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(refused.ready().await.is_err(), "admitted without verifying the server");
+    }
+}

@@ -119,6 +119,10 @@ pub struct BackendArgs {
     /// NATS token, when the server requires one (instead of a user and password).
     #[arg(long, env = "CHAT_NATS_TOKEN", value_name = "T", hide_env_values = true)]
     pub nats_token: Option<String>,
+    /// PEM file of the CA that signed the NATS servers' certificates: TLS is then required and
+    /// the servers verified against it.
+    #[arg(long, env = "CHAT_NATS_TLS_CA", value_name = "FILE")]
+    pub nats_tls_ca: Option<std::path::PathBuf>,
     /// CQL contact points, HOST:PORT[,...]; the driver discovers the other nodes.
     #[arg(
         long = "cql",
@@ -178,6 +182,7 @@ impl BackendArgs {
         Ok(Backends {
             nats_url: self.nats_url.clone(),
             nats_auth,
+            nats_tls_ca: self.nats_tls_ca.clone(),
             cql_nodes: self.cql_nodes.clone(),
             keyspace: self.keyspace.clone(),
             replication: crate::cluster::parse_replication(&self.replication)?,

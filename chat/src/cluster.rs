@@ -22,6 +22,8 @@ pub struct Backends {
     pub nats_url: String,
     /// Credentials for NATS.
     pub nats_auth: NatsAuth,
+    /// CA certificate of the NATS servers; TLS is required when set.
+    pub nats_tls_ca: Option<std::path::PathBuf>,
     /// CQL contact points.
     pub cql_nodes: Vec<String>,
     /// Keyspace of the history.
@@ -41,6 +43,7 @@ impl Backends {
         let mut config = NatsConfig::new(&self.nats_url, name);
         config.stream_replicas = self.stream_replicas;
         config.auth = self.nats_auth.clone();
+        config.tls_ca = self.nats_tls_ca.clone();
         config
     }
 
