@@ -456,6 +456,12 @@ impl GatewayArgs {
                 })
             }),
             admin_token: self.admin_token.clone().filter(|s| !s.is_empty()),
+            allowed_origins: self
+                .allowed_origins
+                .iter()
+                .map(|o| o.trim().to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
             limits: Limits {
                 max_frame_bytes: self.max_frame_bytes,
                 max_body_chars: self.max_body_chars,
@@ -464,12 +470,6 @@ impl GatewayArgs {
                 max_pending_connections: self.max_pending_connections,
                 max_connections_per_ip: self.max_connections_per_ip,
                 max_connections_per_user: self.max_connections_per_user,
-                allowed_origins: self
-                    .allowed_origins
-                    .iter()
-                    .map(|o| o.trim().to_owned())
-                    .filter(|o| !o.is_empty())
-                    .collect(),
                 header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
                 send_rate_per_sec: self.send_rate,
                 send_burst: self.send_burst,

@@ -173,6 +173,9 @@ impl FaultyFanoutBus {
     /// Splits off the sends of rooms a `fanout.sequence` fault holds, marking them; returns the
     /// held sends and how long they are held.
     fn stall(&self, batch: &mut Vec<PendingSend>) -> Option<(Vec<PendingSend>, std::time::Duration)> {
+        if !self.injector.faults.is_active() {
+            return None;
+        }
         let mut decided: HashMap<String, Option<crate::Fired>> = HashMap::new();
         for pending in batch.iter() {
             let room = &pending.command.room;

@@ -13,6 +13,9 @@ pub struct GatewayConfig {
     /// HS256 auth: the secret and the rules on tokens' claims (`iss`, `aud`, longest
     /// lifetime); `None` is dev mode (`hello` takes any valid user name).
     pub jwt_secret: Option<Arc<JwtAuth>>,
+    /// Browser origins (`https://chat.example.com`) allowed to open WebSockets; empty: any.
+    /// A request without an `Origin` header (not a browser) is not affected.
+    pub allowed_origins: Vec<String>,
     /// Bearer token for `/admin/*`; `None` turns the admin API off.
     pub admin_token: Option<String>,
     /// Limits on what clients may do.
@@ -44,6 +47,7 @@ impl Default for GatewayConfig {
         Self {
             gateway_id: format!("gw-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
             jwt_secret: None,
+            allowed_origins: Vec::new(),
             admin_token: None,
             limits: Limits::default(),
             drain_grace: Duration::from_secs(Self::DEFAULT_DRAIN_GRACE_SECS),
@@ -72,9 +76,6 @@ pub struct Limits {
     pub max_connections_per_ip: usize,
     /// Connections of one user at once (counted from `hello`); 0: no cap.
     pub max_connections_per_user: usize,
-    /// Browser origins (`https://chat.example.com`) allowed to open WebSockets; empty: any.
-    /// A request without an `Origin` header (not a browser) is not affected.
-    pub allowed_origins: Vec<String>,
     /// A socket must send its HTTP request headers within this, or it is closed.
     pub header_read_timeout: Duration,
     /// Sustained `send` + `typing` frames per second per connection.
@@ -147,7 +148,6 @@ impl Default for Limits {
             max_pending_connections: Self::DEFAULT_MAX_PENDING_CONNECTIONS,
             max_connections_per_ip: Self::DEFAULT_MAX_CONNECTIONS_PER_IP,
             max_connections_per_user: Self::DEFAULT_MAX_CONNECTIONS_PER_USER,
-            allowed_origins: Vec::new(),
             header_read_timeout: Duration::from_millis(Self::DEFAULT_HEADER_READ_TIMEOUT_MS),
             send_rate_per_sec: Self::DEFAULT_SEND_RATE_PER_SEC,
             send_burst: Self::DEFAULT_SEND_BURST,

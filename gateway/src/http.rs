@@ -43,7 +43,7 @@ async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let allowed = &app.config.limits.allowed_origins;
+    let allowed = &app.config.allowed_origins;
     let origin = headers.get(header::ORIGIN).map(|origin| origin.to_str().unwrap_or(""));
     if let Some(origin) = origin.filter(|origin| !allowed.is_empty() && !allowed.iter().any(|a| a == origin)) {
         // Another site's page must not open a socket in its visitor's name (cross-site

@@ -53,14 +53,18 @@ async fn sockets_over_the_total_cap_are_answered_503_and_the_place_comes_back() 
     let answer = read_until_closed(&mut over, Duration::from_secs(3)).await.expect("an answer, not silence");
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.contains("connection limit"), "{answer}");
-    let (_, metrics) = get_with_retry(&server, idle, client).await;
+    let (_, metrics) = metrics_once_places_are_free(&server, idle, client).await;
     assert_eq!(metric(&metrics, "chat_disconnects_total{reason=\"socket_limit\"}"), 1.0, "{metrics}");
     server.shutdown().await.unwrap();
 }
 
 /// Frees the two places (the idle socket and the WebSocket), then reads the metrics once a
 /// place is back.
-async fn get_with_retry(server: &chat::testing::RunningServer, idle: TcpStream, client: Client) -> (u16, String) {
+async fn metrics_once_places_are_free(
+    server: &chat::testing::RunningServer,
+    idle: TcpStream,
+    client: Client,
+) -> (u16, String) {
     drop(idle);
     drop(client);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -95,7 +99,9 @@ async fn sockets_over_the_per_address_cap_are_answered_503_upgraded_ones_include
 #[tokio::test]
 async fn only_allowed_browser_origins_may_open_websockets() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let server = server_with_limits(|limits| limits.allowed_origins = vec!["https://chat.example.com".into()]).await;
+    let mut options = TestServerOptions::default();
+    options.gateway.allowed_origins = vec!["https://chat.example.com".into()];
+    let server = server_with(options).await;
     let with_origin = |origin: &str| {
         let mut request = server.ws_url.as_str().into_client_request().unwrap();
         request.headers_mut().insert("Origin", origin.parse().unwrap());
