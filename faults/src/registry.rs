@@ -99,7 +99,7 @@ struct Entry {
 #[non_exhaustive]
 pub enum FaultError {
     /// The hop does not support the action.
-    #[error("hop {hop} does not support {action:?}; it supports {supported:?}")]
+    #[error("hop {hop} does not support {}; it supports {}", action.name(), supported.iter().map(|a| a.name()).collect::<Vec<_>>().join(", "))]
     UnsupportedAction {
         /// The hop.
         hop: Hop,
