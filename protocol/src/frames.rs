@@ -314,17 +314,64 @@ fn mistyped_field(object: &serde_json::Map<String, serde_json::Value>) -> Option
     for field in SEQS {
         match object.get(field) {
             None | Some(serde_json::Value::Null) => {}
+            // `limit` is a u32: a larger integer is refused by serde like a wrong type.
+            Some(value) if field == "limit" && value.as_u64().is_some_and(|v| v > u64::from(u32::MAX)) => {
+                return Some(format!("`{field}` must be a non-negative integer below 2^32"));
+            }
             Some(value) if value.as_u64().is_some() => {}
             Some(_) => return Some(format!("`{field}` must be a non-negative integer")),
         }
     }
+    // `null` stands for an absent optional field, but a required one must hold a string.
+    let required = match object.get("type").and_then(serde_json::Value::as_str) {
+        Some("join" | "leave" | "history" | "typing") => &["room"][..],
+        Some("send") => &["room", "client_msg_id", "body"][..],
+        _ => &[][..],
+    };
     for field in STRINGS {
         match object.get(field) {
-            None | Some(serde_json::Value::Null) | Some(serde_json::Value::String(_)) => {}
+            None | Some(serde_json::Value::String(_)) => {}
+            Some(serde_json::Value::Null) if !required.contains(&field) => {}
             Some(_) => return Some(format!("`{field}` must be a string")),
         }
     }
     None
+}
+
+/// Why a `send`'s body is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    /// Empty, or only whitespace: a message must say something.
+    #[error("body must not be empty or only whitespace")]
+    Blank,
+    /// More characters than the limit.
+    #[error("body exceeds {max} characters")]
+    TooLong {
+        /// The limit, in characters.
+        max: usize,
+    },
+}
+
+impl BodyError {
+    /// The error code the client gets for it.
+    pub fn code(self) -> ErrorCode {
+        match self {
+            Self::Blank => ErrorCode::BadRequest,
+            Self::TooLong { .. } => ErrorCode::TooLarge,
+        }
+    }
+}
+
+/// Checks a `send`'s body: something other than whitespace, at most `max_chars` characters
+/// (Unicode scalar values). A body is stored as sent, its spaces included.
+pub fn check_body(body: &str, max_chars: usize) -> Result<(), BodyError> {
+    if body.trim().is_empty() {
+        return Err(BodyError::Blank);
+    }
+    if body.chars().count() > max_chars {
+        return Err(BodyError::TooLong { max: max_chars });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -338,6 +385,11 @@ mod tests {
             (r#"{"type":"history","room":"r","limit":"5"}"#, "`limit` must be a non-negative integer"),
             (r#"{"type":"send","room":"r","client_msg_id":7,"body":"x"}"#, "`client_msg_id` must be a string"),
             (r#"{"type":"join","room":["r"]}"#, "`room` must be a string"),
+            (r#"{"type":"send","room":"r","client_msg_id":null,"body":"x"}"#, "`client_msg_id` must be a string"),
+            (
+                r#"{"type":"history","room":"r","limit":4294967296}"#,
+                "`limit` must be a non-negative integer below 2^32",
+            ),
         ];
         for (text, expected) in cases {
             let error = parse_client_frame(text).expect_err(text);

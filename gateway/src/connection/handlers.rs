@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use axum::extract::ws::Message;
 use protocol::bus::{SendCommand, SendOutcome};
-use protocol::frames::{parse_client_frame, ClientFrame};
+use protocol::frames::{check_body, parse_client_frame, ClientFrame};
 use protocol::{names, ErrorCode, Req, ServerFrame};
 use storage::PageQuery;
 
@@ -223,13 +223,9 @@ impl Connection {
                 .error(ErrorCode::BadRequest, "client_msg_id must be 1-64 characters without control characters", req)
                 .await;
         }
-        // A message says something: an empty body, or one of only whitespace, is refused.
-        if body.trim().is_empty() {
-            return self.error(ErrorCode::BadRequest, "body must not be empty or only whitespace", req).await;
-        }
-        let max_body = self.app.config.limits.max_body_chars;
-        if body.chars().count() > max_body {
-            return self.error(ErrorCode::TooLarge, &format!("body exceeds {max_body} characters"), req).await;
+        // A message says something (not blank), within the body limit.
+        if let Err(e) = check_body(&body, self.app.config.limits.max_body_chars) {
+            return self.error(e.code(), &e.to_string(), req).await;
         }
         if self.limiter.check().is_err() {
             self.app.metrics.drops.with_label_values(&["rate_limited"]).inc();
