@@ -79,6 +79,10 @@ pub enum NatsAuth {
     },
     /// A shared token.
     Token(String),
+    /// The seed of an nkey (`SU...`) whose public key (`U...`) the server lists; the seed never
+    /// leaves this process: the client signs the server's nonce with it. Build it with
+    /// [`NatsAuth::nkey_seed_file`], which checks the seed.
+    NkeySeed(String),
 }
 
 impl std::fmt::Debug for NatsAuth {
@@ -87,8 +91,42 @@ impl std::fmt::Debug for NatsAuth {
             Self::None => f.write_str("None"),
             Self::UserPassword { user, .. } => write!(f, "UserPassword({user}, <hidden>)"),
             Self::Token(_) => f.write_str("Token(<hidden>)"),
+            Self::NkeySeed(_) => f.write_str("NkeySeed(<hidden>)"),
         }
     }
+}
+
+impl NatsAuth {
+    /// Reads an nkey user seed from `path` (a file keeps it out of the process list and the
+    /// environment) and checks that it is one: fails with a message naming the file when it
+    /// cannot be read or holds anything but a user seed (`SU...`; blank lines and `#` comments
+    /// around it are allowed).
+    pub fn nkey_seed_file(path: &std::path::Path) -> Result<Self, NkeySeedError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| NkeySeedError { path: path.to_owned(), problem: format!("cannot be read: {e}") })?;
+        let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#'));
+        let (Some(seed), None) = (lines.next(), lines.next()) else {
+            let problem = "must hold exactly one nkey seed (one line starting with SU)".to_owned();
+            return Err(NkeySeedError { path: path.to_owned(), problem });
+        };
+        // The error text of the nkeys crate never contains the seed.
+        let pair = nkeys::KeyPair::from_seed(seed)
+            .map_err(|e| NkeySeedError { path: path.to_owned(), problem: format!("is not a valid nkey seed: {e}") })?;
+        if pair.key_pair_type() != nkeys::KeyPairType::User {
+            let problem =
+                format!("holds a {:?} seed; NATS clients authenticate with a user seed (SU...)", pair.key_pair_type());
+            return Err(NkeySeedError { path: path.to_owned(), problem });
+        }
+        Ok(Self::NkeySeed(seed.to_owned()))
+    }
+}
+
+/// An nkey seed file that cannot be used: a configuration error, found at start.
+#[derive(Debug, thiserror::Error)]
+#[error("NATS nkey seed file {}: {problem}", path.display())]
+pub struct NkeySeedError {
+    path: std::path::PathBuf,
+    problem: String,
 }
 
 impl NatsConfig {
@@ -150,6 +188,7 @@ impl NatsBus {
                 async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
             }
             NatsAuth::Token(token) => async_nats::ConnectOptions::with_token(token.clone()),
+            NatsAuth::NkeySeed(seed) => async_nats::ConnectOptions::with_nkey(seed.clone()),
         };
         let options = match &config.tls_ca {
             Some(ca) => options.require_tls(true).add_root_certificates(ca.clone()),

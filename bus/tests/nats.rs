@@ -193,3 +193,37 @@ async fn a_tls_server_admits_a_bus_that_verifies_it() {
         assert!(refused.ready().await.is_err(), "admitted without verifying the server");
     }
 }
+
+/// A server that lists its user by nkey: a bus holding that user's seed gets ready (it signs
+/// the server's nonce); one with another user's seed, or with no credentials, does not.
+#[tokio::test]
+async fn a_server_with_nkey_users_admits_only_the_bus_with_the_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let user = nkeys::KeyPair::new_user();
+    let config = dir.path().join("nats.conf");
+    std::fs::write(&config, format!("authorization {{\n  users = [ {{ nkey: \"{}\" }} ]\n}}\n", user.public_key()))
+        .unwrap();
+    let server = testkit::NatsServer::start_with(&["-c", config.to_str().unwrap()]).await;
+    let seed_file = |name: &str, pair: &nkeys::KeyPair| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pair.seed().unwrap()).unwrap();
+        NatsAuth::nkey_seed_file(&path).unwrap()
+    };
+    let with = |auth: NatsAuth| {
+        let mut config = NatsConfig::new(server.url(), "gw-nkey");
+        config.auth = auth;
+        NatsBus::connect(config, Metrics::new())
+    };
+    let admitted = with(seed_file("user.nk", &user)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while let Err(e) = admitted.ready().await {
+        assert!(tokio::time::Instant::now() < deadline, "the bus with the user's seed never got ready: {e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for wrong in [NatsAuth::None, seed_file("other.nk", &nkeys::KeyPair::new_user())] {
+        let refused = with(wrong).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let why = refused.ready().await.expect_err("not admitted without the user's seed");
+        assert!(why.to_string().contains("not connected"), "{why}");
+    }
+}

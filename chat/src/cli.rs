@@ -117,8 +117,18 @@ pub struct BackendArgs {
     #[arg(long, env = "CHAT_NATS_PASSWORD", value_name = "P", hide_env_values = true, requires = "nats_user")]
     pub nats_password: Option<String>,
     /// NATS token, when the server requires one (instead of a user and password).
-    #[arg(long, env = "CHAT_NATS_TOKEN", value_name = "T", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "CHAT_NATS_TOKEN",
+        value_name = "T",
+        hide_env_values = true,
+        conflicts_with = "nats_nkey_seed_file"
+    )]
     pub nats_token: Option<String>,
+    /// File holding the nkey user seed (`SU...`) to authenticate to NATS with, when the server
+    /// lists users by nkey; read and checked at start.
+    #[arg(long, env = "CHAT_NATS_NKEY_SEED_FILE", value_name = "FILE", conflicts_with = "nats_user")]
+    pub nats_nkey_seed_file: Option<PathBuf>,
     /// PEM file of the CA that signed the NATS servers' certificates: TLS is then required and
     /// the servers verified against it.
     #[arg(long, env = "CHAT_NATS_TLS_CA", value_name = "FILE")]
@@ -170,13 +180,15 @@ pub struct BackendArgs {
 }
 
 impl BackendArgs {
-    /// The backends these flags name; fails on a malformed `--replication`.
+    /// The backends these flags name; fails on a malformed `--replication` and on an nkey seed
+    /// file that cannot be read or holds no user seed.
     pub fn backends(&self) -> anyhow::Result<Backends> {
-        let nats_auth = match (&self.nats_user, &self.nats_password, &self.nats_token) {
-            (Some(user), Some(password), None) => {
+        let nats_auth = match (&self.nats_user, &self.nats_password, &self.nats_token, &self.nats_nkey_seed_file) {
+            (Some(user), Some(password), None, None) => {
                 NatsAuth::UserPassword { user: user.clone(), password: password.clone() }
             }
-            (None, None, Some(token)) => NatsAuth::Token(token.clone()),
+            (None, None, Some(token), None) => NatsAuth::Token(token.clone()),
+            (None, None, None, Some(file)) => NatsAuth::nkey_seed_file(file)?,
             _ => NatsAuth::None,
         };
         Ok(Backends {
@@ -626,5 +638,39 @@ mod tests {
         assert_eq!(backends(&[]), Ok(NatsAuth::None));
         assert!(backends(&["--nats-user", "chat"]).is_err(), "a user needs a password");
         assert!(backends(&["--nats-user", "chat", "--nats-password", "pw", "--nats-token", "t"]).is_err());
+    }
+
+    #[test]
+    fn an_nkey_seed_file_is_read_and_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let backends = |file: &std::path::Path, more: &[&str]| {
+            let args = ["chat", "gateway", "--nats-nkey-seed-file", file.to_str().unwrap()];
+            let cli = Cli::try_parse_from(args.iter().chain(more)).map_err(|e| e.kind().to_string())?;
+            let Some(Command::Gateway { backends, .. }) = cli.command else { panic!("gateway") };
+            backends.backends().map(|b| b.nats_auth).map_err(|e| e.to_string())
+        };
+        let seed = nkeys::KeyPair::new_user().seed().unwrap();
+        let good = dir.path().join("user.nk");
+        std::fs::write(&good, format!("# chat's NATS user\n{seed}\n")).unwrap();
+        assert_eq!(backends(&good, &[]), Ok(NatsAuth::NkeySeed(seed.clone())));
+        assert!(!format!("{:?}", NatsAuth::NkeySeed(seed.clone())).contains(&seed), "the seed is never printed");
+
+        let missing = dir.path().join("missing.nk");
+        let why = backends(&missing, &[]).unwrap_err();
+        assert!(why.contains("missing.nk") && why.contains("cannot be read"), "{why}");
+        let malformed = dir.path().join("malformed.nk");
+        std::fs::write(&malformed, "SUnot-a-seed-at-all\n").unwrap();
+        let why = backends(&malformed, &[]).unwrap_err();
+        assert!(why.contains("malformed.nk") && why.contains("not a valid nkey seed"), "{why}");
+        assert!(!why.contains("SUnot-a-seed"), "the file's text is never printed: {why}");
+        let account = dir.path().join("account.nk");
+        std::fs::write(&account, nkeys::KeyPair::new_account().seed().unwrap()).unwrap();
+        assert!(backends(&account, &[]).unwrap_err().contains("user seed"));
+        let public = dir.path().join("public.nk");
+        std::fs::write(&public, nkeys::KeyPair::new_user().public_key()).unwrap();
+        assert!(backends(&public, &[]).is_err(), "a public key is no seed");
+
+        assert!(backends(&good, &["--nats-token", "t"]).is_err(), "one way to authenticate");
+        assert!(backends(&good, &["--nats-user", "u", "--nats-password", "p"]).is_err(), "one way to authenticate");
     }
 }
