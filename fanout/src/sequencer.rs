@@ -161,7 +161,9 @@ impl Fanout {
                     sequence_spans.push(span);
                 }
             }
-            if let Some(first) = new.first().cloned() {
+            // Whether a failed append was stored anyway is known by its newest message: a store
+            // may append a big batch in chunks, and stop after some of them.
+            if let Some(newest) = new.last().cloned() {
                 let append = RoomAppend { room: room.to_owned(), expected_last_seq: last, messages: new };
                 let appended = self.timed("append", self.store.append(append)).await;
                 drop(store_spans);
@@ -181,7 +183,7 @@ impl Fanout {
                         known_last = None;
                         continue;
                     }
-                    Err(e) => match self.resolve(&first, latest_deadline(&sends)).await {
+                    Err(e) => match self.resolve(&newest, latest_deadline(&sends)).await {
                         // The write went through after all.
                         Outcome::Applied => {}
                         // It did not: sequence again (repeats now find what others stored).
@@ -311,20 +313,21 @@ impl Fanout {
     }
 
     /// After a failed append, learns whether it applied anyway (a timed-out write may still
-    /// land), asking the store until it answers or the sends' deadline passes.
-    async fn resolve(&self, first: &ChatMessage, deadline_ms: i64) -> Outcome {
+    /// land) from its `newest` message, asking the store until it answers or the sends'
+    /// deadline passes.
+    async fn resolve(&self, newest: &ChatMessage, deadline_ms: i64) -> Outcome {
         loop {
             // `last_seq` also completes a claim whose writes were cut short.
-            let answer = match self.store.last_seq(&first.room).await {
-                Ok(last) if last < first.seq => Ok(None),
-                Ok(_) => self.store.find_by_client_msg_id(&first.room, &first.user, &first.client_msg_id).await,
+            let answer = match self.store.last_seq(&newest.room).await {
+                Ok(last) if last < newest.seq => Ok(None),
+                Ok(_) => self.store.find_by_client_msg_id(&newest.room, &newest.user, &newest.client_msg_id).await,
                 Err(e) => Err(e),
             };
             match answer {
-                Ok(Some(stored)) if stored.id == first.id => return Outcome::Applied,
+                Ok(Some(stored)) if stored.id == newest.id => return Outcome::Applied,
                 Ok(_) => return Outcome::NotApplied,
                 Err(e) => {
-                    tracing::warn!(room = %first.room, message_id = %first.id, trace_id = %first.trace_id, error = %e, "store still failing; cannot tell whether the append applied")
+                    tracing::warn!(room = %newest.room, message_id = %newest.id, trace_id = %newest.trace_id, error = %e, "store still failing; cannot tell whether the append applied")
                 }
             }
             if protocol::now_ms() + RESOLVE_PAUSE.as_millis() as i64 > deadline_ms {

@@ -39,6 +39,16 @@ const MIGRATIONS: &[(&str, &str)] = &[("0001_history.cql", include_str!("../sche
 /// Requests in flight at once for one append, or for one batch of dedupe lookups.
 const MAX_INFLIGHT_REQUESTS: usize = 64;
 
+/// Most bytes of pending record (the JSON of the messages) one fencing transaction carries; a
+/// bigger append is claimed in chunks of at most this much (a single message larger than this
+/// goes alone). What bounds a single-partition transaction is the request frame
+/// (`native_transport_max_frame_size`, 16 MiB) and the mutation (`max_mutation_size`, half the
+/// 32 MiB commit log segment); `batch_size_fail_threshold` (50 KiB) applies to `BATCH`
+/// statements, which the store does not use. 256 KiB keeps the `pending` cell far below those and
+/// ScyllaDB's 1 MB large-cell warning, while a worker's usual batch (up to 1024 messages of a
+/// few hundred bytes) still takes one transaction.
+pub const MAX_CLAIM_BYTES: usize = 256 * 1024;
+
 /// Client-side timeout of schema statements, which are slower than reads and writes.
 const SCHEMA_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -255,7 +265,10 @@ impl CqlStore {
     /// after it would), leaving the messages as the pending record.
     #[doc(hidden)]
     pub async fn claim_only(&self, batch: RoomAppend) -> Result<(), StoreError> {
-        self.claim(&batch).await
+        check_consecutive(&batch)?;
+        let pending = serde_json::to_vec(&batch.messages)
+            .map_err(|e| StoreError::corrupt(format!("encode pending messages: {e}")))?;
+        self.claim(&batch.room, batch.expected_last_seq, batch.messages.len(), pending).await
     }
 
     /// Test hook: drops the store's keyspace with everything in it.
@@ -266,23 +279,10 @@ impl CqlStore {
             .map_err(|e| unavailable(format_args!("drop keyspace {}", self.keyspace), e))
     }
 
-    /// The fencing lightweight transaction: sets the room's last seq to the batch's newest and
-    /// records the batch as pending, if the last seq is still the expected one.
-    async fn claim(&self, batch: &RoomAppend) -> Result<(), StoreError> {
-        let room = batch.room.as_str();
-        let expected = batch.expected_last_seq;
-        for (i, message) in batch.messages.iter().enumerate() {
-            if message.room != room || message.seq != expected + 1 + i as u64 {
-                return Err(StoreError::corrupt(format!(
-                    "append to room {room} after seq {expected}: message {i} has room {} and seq {}, \
-                     want consecutive seqs in this room",
-                    message.room, message.seq
-                )));
-            }
-        }
-        let new_last = to_cql_seq(expected + batch.messages.len() as u64)?;
-        let pending = serde_json::to_vec(&batch.messages)
-            .map_err(|e| StoreError::corrupt(format!("encode pending messages: {e}")))?;
+    /// The fencing lightweight transaction: sets the room's last seq to `expected + count` and
+    /// records `pending` (the JSON of those `count` messages) if the last seq is still `expected`.
+    async fn claim(&self, room: &str, expected: u64, count: usize, pending: Vec<u8>) -> Result<(), StoreError> {
+        let new_last = to_cql_seq(expected + count as u64)?;
         let result = if expected == 0 {
             self.session.execute_unpaged(&self.statements.claim_first, (room, new_last, pending)).await
         } else {
@@ -527,15 +527,30 @@ impl HistoryStore for CqlStore {
             }
             return Ok(());
         }
-        self.claim(&batch).await?;
-        self.materialize(&batch.messages).await.map_err(|e| {
-            StoreError::unavailable(format!(
-                "room {}: seqs {}..={} are claimed but not all written ({e}); last_seq completes them",
-                batch.room,
-                batch.expected_last_seq + 1,
-                batch.expected_last_seq + batch.messages.len() as u64
-            ))
-        })
+        check_consecutive(&batch)?;
+        let room = batch.room.as_str();
+        // Chunk by chunk: each is claimed (fenced on the previous chunk's last seq) and written
+        // out before the next is claimed, so the pending record only ever holds the newest
+        // chunk, as `last_seq` expects.
+        let mut expected = batch.expected_last_seq;
+        for (i, (messages, pending)) in claim_chunks(&batch.messages, MAX_CLAIM_BYTES)?.into_iter().enumerate() {
+            let claimed = self.claim(room, expected, messages.len(), pending).await;
+            if let Err(e) = claimed {
+                if i > 0 {
+                    tracing::warn!(room, stored_up_to = expected, error = %e, "append stopped after a chunk");
+                }
+                return Err(e);
+            }
+            let last = expected + messages.len() as u64;
+            self.materialize(messages).await.map_err(|e| {
+                StoreError::unavailable(format!(
+                    "room {room}: seqs {}..={last} are claimed but not all written ({e}); last_seq completes them",
+                    expected + 1,
+                ))
+            })?;
+            expected = last;
+        }
+        Ok(())
     }
 
     async fn last_seq(&self, room: &str) -> Result<u64, StoreError> {
@@ -615,6 +630,48 @@ impl HistoryStore for CqlStore {
 }
 
 // === helpers ===
+
+/// Refuses a batch whose messages are not of its room with consecutive seqs after the expected one.
+fn check_consecutive(batch: &RoomAppend) -> Result<(), StoreError> {
+    let (room, expected) = (batch.room.as_str(), batch.expected_last_seq);
+    for (i, message) in batch.messages.iter().enumerate() {
+        if message.room != room || message.seq != expected + 1 + i as u64 {
+            return Err(StoreError::corrupt(format!(
+                "append to room {room} after seq {expected}: message {i} has room {} and seq {}, \
+                 want consecutive seqs in this room",
+                message.room, message.seq
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Consecutive messages of an append claimed by one transaction, with their pending record.
+type ClaimChunk<'a> = (&'a [ChatMessage], Vec<u8>);
+
+/// Splits `messages` into consecutive chunks whose pending record (a JSON array of the chunk's
+/// messages, returned with it) is at most `max_bytes`, or holds a single message.
+fn claim_chunks(messages: &[ChatMessage], max_bytes: usize) -> Result<Vec<ClaimChunk<'_>>, StoreError> {
+    let mut chunks = Vec::new();
+    let (mut start, mut pending) = (0, Vec::new());
+    for (i, message) in messages.iter().enumerate() {
+        let json = serde_json::to_vec(message)
+            .map_err(|e| StoreError::corrupt(format!("encode pending message of seq {}: {e}", message.seq)))?;
+        // `[` or `,` before it, `]` after it.
+        if i > start && pending.len() + 1 + json.len() + 1 > max_bytes {
+            pending.push(b']');
+            chunks.push((&messages[start..i], std::mem::take(&mut pending)));
+            start = i;
+        }
+        pending.push(if i == start { b'[' } else { b',' });
+        pending.extend_from_slice(&json);
+    }
+    if start < messages.len() {
+        pending.push(b']');
+        chunks.push((&messages[start..], pending));
+    }
+    Ok(chunks)
+}
 
 fn unavailable(context: impl Display, e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::unavailable(context.to_string()).with_source(e)
@@ -708,6 +765,40 @@ fn from_cql_seq(seq: i64) -> Result<u64, StoreError> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn claim_chunks_are_bounded_ordered_and_decode_to_their_messages() {
+        let message = |seq: u64, body: String| ChatMessage {
+            room: "r".into(),
+            seq,
+            id: Uuid::now_v7(),
+            user: "u".into(),
+            body,
+            ts: 1,
+            client_msg_id: format!("c{seq}"),
+            trace_id: String::new(),
+        };
+        let messages: Vec<ChatMessage> =
+            (1..=300).map(|seq| message(seq, "\u{1F600}\u{7}\"".repeat((seq as usize * 37) % 1500))).collect();
+        let max = 64 * 1024;
+        let chunks = claim_chunks(&messages, max).unwrap();
+        assert!(chunks.len() > 10, "{} chunks", chunks.len());
+        let mut rejoined = Vec::new();
+        for (chunk, pending) in &chunks {
+            assert!(!chunk.is_empty());
+            assert!(pending.len() <= max, "{} bytes", pending.len());
+            assert_eq!(pending, &serde_json::to_vec(chunk).unwrap(), "the pending record is the chunk's JSON");
+            rejoined.extend_from_slice(chunk);
+        }
+        assert_eq!(rejoined, messages);
+
+        // One message over the bound goes alone; small batches stay one chunk; none is empty.
+        let huge = vec![message(1, "x".repeat(100)), message(2, "y".repeat(max)), message(3, "z".into())];
+        let sizes: Vec<usize> = claim_chunks(&huge, max).unwrap().iter().map(|(c, _)| c.len()).collect();
+        assert_eq!(sizes, [1, 1, 1]);
+        assert_eq!(claim_chunks(&messages[..5], max).unwrap().len(), 1);
+        assert!(claim_chunks(&[], max).unwrap().is_empty());
+    }
 
     #[test]
     fn every_schema_file_is_applied_in_order() {

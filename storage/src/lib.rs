@@ -196,13 +196,20 @@ pub struct Page {
 /// Durable message history.
 #[async_trait]
 pub trait HistoryStore: Send + Sync + 'static {
-    /// Appends one room's sequenced messages atomically and durably (fsync'd or replicated)
-    /// with their dedupe entries, if the room's last seq still equals `expected_last_seq`;
-    /// otherwise fails with a [`StoreErrorKind::Conflict`] error and stores nothing.
+    /// Appends one room's sequenced messages durably (fsync'd or replicated) with their dedupe
+    /// entries, if the room's last seq still equals `expected_last_seq`; otherwise fails with a
+    /// [`StoreErrorKind::Conflict`] error and stores nothing.
     ///
-    /// After a [`StoreErrorKind::Unavailable`] error the outcome is unknown (the seqs may have been taken):
-    /// call [`last_seq`](Self::last_seq) before appending to the room again, which also
-    /// completes an append that was cut off halfway.
+    /// A backend may store a big batch in chunks of consecutive messages, each fenced on the
+    /// last seq the previous one left (the CQL store does, above
+    /// [`cql::MAX_CLAIM_BYTES`] of messages). An error after the first chunk (a conflict with a writer
+    /// that took the room meanwhile, or the store failing) leaves a prefix of the batch stored, each of those messages findable by
+    /// its client message id once [`last_seq`](Self::last_seq) returned; seqs stay gapless. So
+    /// whether a batch was stored is known by its last message.
+    ///
+    /// After a [`StoreErrorKind::Unavailable`] error the outcome is unknown (some or all of the
+    /// seqs may have been taken): call [`last_seq`](Self::last_seq) before appending to the room
+    /// again, which also completes an append that was cut off halfway.
     async fn append(&self, batch: RoomAppend) -> Result<(), StoreError>;
 
     /// The room's newest seq, 0 for an empty room.

@@ -124,3 +124,40 @@ async fn multi_datacenter_replication_needs_the_local_datacenter() {
     let refused = CqlStore::connect(config).await.err().map(|e| e.kind());
     assert_eq!(refused, Some(StoreErrorKind::Unavailable));
 }
+
+/// The largest append a worker makes (1024 sends of one room) of the largest bodies (4000
+/// characters: four-byte ones, and control characters the pending record escapes to six bytes)
+/// is about 20 MB, beyond the 16 MiB a single mutation may have: it is stored completely and in
+/// order all the same, every message findable by its client id and its id, and fenced as ever.
+#[tokio::test]
+async fn a_batch_of_large_messages_is_stored_completely() {
+    crate::with_cassandra("large_batch", async |store, other| {
+        fill(store, "big", 0, 3, 3).await;
+        let mut batch = messages("big", 4, 1027);
+        for (i, message) in batch.iter_mut().enumerate() {
+            let glyph = char::from_u32(0x1F600 + (i as u32 % 64)).unwrap();
+            let body: String = [glyph, '\u{7}'].into_iter().cycle().take(3990).collect();
+            message.body = format!("{body}{i:>10}");
+        }
+        let append = RoomAppend { room: "big".into(), expected_last_seq: 3, messages: batch.clone() };
+        store.append(append).await.expect("a large batch is stored");
+
+        assert_eq!(other.last_seq("big").await.unwrap(), 1027);
+        let mut stored = Vec::new();
+        for first in (3..1027).step_by(200) {
+            let page = other.page("big", PageQuery::between(first, 1028.min(first + 201))).await.unwrap();
+            stored.extend(page.messages);
+        }
+        assert!(stored == batch, "every message, in order: {} of {} stored", stored.len(), batch.len());
+        for m in [&batch[0], &batch[511], &batch[1023]] {
+            let found = other.find_by_client_msg_id("big", &m.user, &m.client_msg_id).await.unwrap();
+            assert_eq!(found.as_ref(), Some(m), "dedupe entry of seq {}", m.seq);
+            assert_eq!(other.get_by_id(m.id).await.unwrap().as_ref(), Some(m));
+        }
+        // The room goes on after it, fenced as ever.
+        let stale = RoomAppend { room: "big".into(), expected_last_seq: 3, messages: messages("big", 4, 4) };
+        assert_eq!(store.append(stale).await.err().and_then(|e| e.conflict_seqs()), Some((3, 1027)));
+        fill(other, "big", 1027, 2, 2).await;
+    })
+    .await;
+}
