@@ -2,7 +2,8 @@
 //! embedded store keeps what it stores, and a store wrapper fails appends on demand. Each test
 //! names one rule: conflicts re-sequence, expired sends are not stored, an append whose outcome
 //! is unknown is resolved before answering, and repeats (in a batch or across batches) are one
-//! message.
+//! message. A property test drives arbitrary batches, store failures and other writers through
+//! the same harness and checks the sequencer's invariants after each case.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test harness: a failed set-up step should panic
 
@@ -58,6 +59,8 @@ enum Failure {
     AppliedButUnanswered,
     /// Not stored, and the answer is an error.
     NotApplied,
+    /// Not stored: the store says another writer holds the seqs (whether or not one does).
+    Conflict,
 }
 
 struct FlakyStore {
@@ -76,6 +79,9 @@ impl HistoryStore for FlakyStore {
                 Err(StoreError::unavailable("append timed out"))
             }
             Some(Failure::NotApplied) => Err(StoreError::unavailable("append timed out")),
+            Some(Failure::Conflict) => {
+                Err(StoreError::conflict(&batch.room, batch.expected_last_seq, batch.expected_last_seq + 1))
+            }
         }
     }
     async fn last_seq(&self, room: &str) -> Result<u64, StoreError> {
@@ -271,4 +277,235 @@ async fn an_invalid_command_from_the_bus_is_rejected_with_a_reason() {
     assert_eq!(rejected.kind(), BusErrorKind::Rejected);
     assert_eq!(rejected.message(), "invalid room name");
     worker.stop().await;
+}
+
+// === the invariants, over arbitrary histories ===
+
+use std::collections::{BTreeMap, HashMap};
+
+use proptest::prelude::*;
+
+/// How many rooms a history uses; each case has rooms of its own on the shared worker.
+const ROOMS: usize = 3;
+const USERS: [&str; 2] = ["alice", "bob"];
+const CLIENT_MSG_IDS: [&str; 4] = ["a", "b", "c", "d"];
+
+/// One send of a generated history.
+#[derive(Debug, Clone)]
+struct Spec {
+    room: usize,
+    user: usize,
+    client_msg_id: usize,
+    /// Past its deadline when the worker sees it.
+    expired: bool,
+}
+
+/// One step of a generated history.
+#[derive(Debug, Clone)]
+enum Event {
+    /// The worker gets these sends as one batch.
+    Batch(Vec<Spec>),
+    /// The next append fails this way.
+    Fail(Failure),
+    /// Another writer appends a message to this room behind the worker's back.
+    Foreign(usize),
+}
+
+impl std::fmt::Debug for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Failure::AppliedButUnanswered => "AppliedButUnanswered",
+            Failure::NotApplied => "NotApplied",
+            Failure::Conflict => "Conflict",
+        })
+    }
+}
+
+fn spec() -> impl Strategy<Value = Spec> {
+    (0..ROOMS, 0..USERS.len(), 0..CLIENT_MSG_IDS.len(), prop::bool::weighted(0.1))
+        .prop_map(|(room, user, client_msg_id, expired)| Spec { room, user, client_msg_id, expired })
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        6 => prop::collection::vec(spec(), 1..8).prop_map(Event::Batch),
+        1 => Just(Event::Fail(Failure::AppliedButUnanswered)),
+        1 => Just(Event::Fail(Failure::NotApplied)),
+        1 => Just(Event::Fail(Failure::Conflict)),
+        1 => (0..ROOMS).prop_map(Event::Foreign),
+    ]
+}
+
+/// The answers of a batch in the order the worker gave them, each with the index of its send.
+type AnswerLog = Arc<Mutex<Vec<(usize, Result<SendOutcome, BusError>)>>>;
+
+/// Records each answer, with the index of its send, at the moment the worker gives it.
+struct Logged {
+    index: usize,
+    log: AnswerLog,
+    done: oneshot::Sender<()>,
+}
+
+#[async_trait]
+impl Replier for Logged {
+    async fn reply(self: Box<Self>, outcome: Result<SendOutcome, BusError>) {
+        self.log.lock().unwrap().push((self.index, outcome));
+        let _ = self.done.send(());
+    }
+}
+
+/// What a history did: the worker's answers in the order given, and the other writers' keys.
+#[derive(Default)]
+struct Model {
+    /// The first successful answer per (room, user, client_msg_id): (id, seq).
+    acked: HashMap<(String, String, String), (Uuid, u64)>,
+    /// Keys of messages other writers stored.
+    foreign: Vec<(String, String, String)>,
+}
+
+/// Plays one history on the shared worker, in rooms no other case uses.
+async fn run_history(worker: &Worker, case: usize, events: Vec<Event>) -> Result<(), TestCaseError> {
+    let rooms: Vec<String> = (0..ROOMS).map(|r| format!("case{case}-r{r}")).collect();
+    // A failure armed by an earlier case that never reached an append does not carry over.
+    *worker.store.next_append.lock().unwrap() = None;
+    let mut model = Model::default();
+    for (step, event) in events.into_iter().enumerate() {
+        match event {
+            Event::Fail(failure) => *worker.store.next_append.lock().unwrap() = Some(failure),
+            Event::Foreign(room) => {
+                let room = rooms[room].as_str();
+                let last = worker.store.inner.last_seq(room).await.unwrap();
+                let client_msg_id = format!("theirs-{step}");
+                let message = ChatMessage {
+                    room: room.into(),
+                    seq: last + 1,
+                    id: Uuid::now_v7(),
+                    user: "carol".into(),
+                    body: "from another writer".into(),
+                    ts: 1,
+                    client_msg_id: client_msg_id.clone(),
+                    trace_id: "0".repeat(32),
+                };
+                let append = RoomAppend { room: room.into(), expected_last_seq: last, messages: vec![message] };
+                worker.store.inner.append(append).await.unwrap();
+                model.foreign.push((room.into(), "carol".into(), client_msg_id));
+            }
+            Event::Batch(specs) => batch_step(worker, &rooms, &mut model, &specs).await?,
+        }
+    }
+    check_store(worker, &rooms, &model).await
+}
+
+/// Hands the worker one batch and checks each answer against what was answered before.
+async fn batch_step(worker: &Worker, rooms: &[String], model: &mut Model, specs: &[Spec]) -> Result<(), TestCaseError> {
+    let log = AnswerLog::default();
+    let mut done = Vec::new();
+    let mut pending = Vec::new();
+    for (index, spec) in specs.iter().enumerate() {
+        let (tx, rx) = oneshot::channel();
+        done.push(rx);
+        let deadline_ms = if spec.expired { protocol::now_ms() - 1 } else { soon() };
+        let mut command = command(&rooms[spec.room], CLIENT_MSG_IDS[spec.client_msg_id], deadline_ms);
+        command.user = USERS[spec.user].into();
+        pending.push(PendingSend {
+            command,
+            delivery: 1,
+            reply: Box::new(Logged { index, log: log.clone(), done: tx }),
+        });
+    }
+    let published_before = worker.bus.published.lock().unwrap().len();
+    worker.batches.send(pending).unwrap();
+    for rx in done {
+        rx.await.expect("every send is answered");
+    }
+    let answers = std::mem::take(&mut *log.lock().unwrap());
+    // The last seq answered per room so far in this batch: answers come in seq order.
+    let mut last_answered: HashMap<String, u64> = HashMap::new();
+    let mut new_messages = Vec::new();
+    for (index, outcome) in answers {
+        let spec = &specs[index];
+        let key =
+            (rooms[spec.room].clone(), USERS[spec.user].to_owned(), CLIENT_MSG_IDS[spec.client_msg_id].to_owned());
+        if spec.expired {
+            let refused = outcome.as_ref().err().map(BusError::kind);
+            prop_assert_eq!(refused, Some(BusErrorKind::Unavailable), "an expired send is refused");
+            continue;
+        }
+        let outcome = outcome.map_err(|e| TestCaseError::fail(format!("send {key:?} refused: {e}")))?;
+        let message = &outcome.message;
+        prop_assert_eq!((&message.room, &message.user, &message.client_msg_id), (&key.0, &key.1, &key.2));
+        match model.acked.get(&key) {
+            Some(&(id, seq)) => {
+                prop_assert!(outcome.duplicate, "a repeat of {:?} is answered as a duplicate", key);
+                prop_assert_eq!((message.id, message.seq), (id, seq), "a repeat of {:?} gets the original", key);
+            }
+            None => {
+                prop_assert!(!outcome.duplicate, "the first answer for {:?} is not a duplicate", key);
+                let previous = last_answered.get(key.0.as_str()).copied().unwrap_or(0);
+                prop_assert!(message.seq > previous, "{:?} answered seq {} after seq {}", key, message.seq, previous);
+                last_answered.insert(key.0.clone(), message.seq);
+                model.acked.insert(key, (message.id, message.seq));
+                new_messages.push((message.room.clone(), message.seq, message.id));
+            }
+        }
+    }
+    // Exactly the new messages are published, each once, in seq order per room.
+    let published: Vec<(String, u64, Uuid)> = worker.bus.published.lock().unwrap()[published_before..]
+        .iter()
+        .map(|m| (m.room.clone(), m.seq, m.id))
+        .collect();
+    for room in rooms {
+        let of_room = |list: &[(String, u64, Uuid)]| -> Vec<(u64, Uuid)> {
+            list.iter().filter(|(r, _, _)| r == room).map(|(_, seq, id)| (*seq, *id)).collect()
+        };
+        prop_assert_eq!(of_room(&published), of_room(&new_messages), "published to {}", room);
+    }
+    Ok(())
+}
+
+/// After a history: per room the seqs are 1..=n, every key is stored once, and what is stored
+/// is what was answered.
+async fn check_store(worker: &Worker, rooms: &[String], model: &Model) -> Result<(), TestCaseError> {
+    let mut stored_keys: BTreeMap<(String, String, String), Vec<(Uuid, u64)>> = BTreeMap::new();
+    for room in rooms {
+        let stored = worker.stored(room).await;
+        let seqs: Vec<u64> = stored.iter().map(|m| m.seq).collect();
+        let expected: Vec<u64> = (1..=stored.len() as u64).collect();
+        prop_assert_eq!(seqs, expected, "room {} has seqs 1..=n without gap", room);
+        for m in stored {
+            stored_keys.entry((m.room, m.user, m.client_msg_id)).or_default().push((m.id, m.seq));
+        }
+    }
+    for (key, copies) in &stored_keys {
+        prop_assert_eq!(copies.len(), 1, "{:?} stored {} times", key, copies.len());
+        match model.acked.get(key) {
+            Some(answered) => prop_assert_eq!(&copies[0], answered, "{:?} stored as answered", key),
+            None => prop_assert!(model.foreign.contains(key), "{:?} stored but never acked", key),
+        }
+    }
+    for key in model.acked.keys().chain(&model.foreign) {
+        prop_assert!(stored_keys.contains_key(key), "{:?} acked but not stored", key);
+    }
+    Ok(())
+}
+
+/// Arbitrary batches of sends over a few rooms, users and client_msg_ids (so repeats happen
+/// within and across batches), mixed with expired sends, appends that land unanswered, do not
+/// land or hit a conflict, and other writers: the sequencer keeps every invariant. One worker
+/// (and store) serves every case, each case in rooms of its own, since opening a store per case
+/// would take most of the run.
+#[test]
+fn arbitrary_histories_keep_the_sequencer_invariants() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let worker = runtime.block_on(async { worker() });
+    let cases = std::sync::atomic::AtomicUsize::new(0);
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 256, ..ProptestConfig::default() });
+    let result = runner.run(&prop::collection::vec(event(), 1..12), |events| {
+        let case = cases.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        runtime.block_on(run_history(&worker, case, events))
+    });
+    if let Err(failure) = result {
+        panic!("{failure}");
+    }
+    runtime.block_on(worker.stop());
 }
