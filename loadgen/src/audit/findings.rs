@@ -20,7 +20,9 @@ pub enum FindingKind {
     Unacked,
     /// One send was stored as two messages.
     StoredTwice,
-    /// A send was answered with an error (not a failure).
+    /// A send was answered with an error, which says it was not stored, yet it was delivered.
+    RefusedButDelivered,
+    /// A send was answered with an error and never delivered (not a failure).
     Rejected,
 }
 
@@ -39,6 +41,7 @@ impl FindingKind {
             Self::Gap => "gap",
             Self::Unacked => "unacked",
             Self::StoredTwice => "stored_twice",
+            Self::RefusedButDelivered => "refused_but_delivered",
             Self::Rejected => "rejected",
         }
     }
@@ -89,7 +92,9 @@ pub struct FindingCounts {
     pub unacked: u64,
     /// Sends stored twice.
     pub stored_twice: u64,
-    /// Sends answered with an error.
+    /// Sends answered with an error yet delivered.
+    pub refused_but_delivered: u64,
+    /// Sends answered with an error and never delivered.
     pub rejected: u64,
 }
 
@@ -140,6 +145,7 @@ mod tests {
             FindingKind::Gap,
             FindingKind::Unacked,
             FindingKind::StoredTwice,
+            FindingKind::RefusedButDelivered,
             FindingKind::Rejected,
         ];
         for k in all {

@@ -30,7 +30,10 @@
 //! - **gap**: a member got seq n+k (k > 1) after n and never got the seqs between.
 //! - **unacked**: a send got neither an `ack` nor an `error` by the end of the drain.
 //! - **stored_twice**: one `client_msg_id` got two different ids/seqs (idempotency broken).
-//! - **rejected** (listed, not a failure): the server answered a send with an `error` frame.
+//! - **refused_but_delivered**: the server answered a send with an `error` frame (which says it
+//!   was not stored), yet the message was delivered.
+//! - **rejected** (listed, not a failure): the server answered a send with an `error` frame and
+//!   the message never arrived.
 
 mod check;
 mod findings;

@@ -2,7 +2,8 @@
 //!
 //! [`finalize`] reads top-down as the steps it takes:
 //! 1. [`SendTally`]: which sends were written and acked, and which (room, seq) is which send;
-//! 2. [`unanswered_sends`]: sends that got an `error` (rejected) or nothing (unacked);
+//! 2. [`unanswered_sends`]: sends that got an `error` (rejected, or refused but delivered when
+//!    the message arrived all the same) or nothing (unacked);
 //! 3. [`AuditedMembers`]: the memberships joined at the end and which acked sends each expects;
 //! 4. [`Losses`]: per audited member, the holes it never filled (gaps) and the expected seqs it
 //!    never got (missing), then [`missing_findings`] and [`gap_findings`];
@@ -163,7 +164,8 @@ impl SendTally {
 }
 
 /// Step 2: written sends without an ack: `rejected` when the server answered with an error (not
-/// a failure), `unacked` when it did not answer at all.
+/// a failure), `refused_but_delivered` when it did and the message was delivered all the same
+/// (an error promises "not stored", docs/protocol.md), `unacked` when it did not answer at all.
 fn unanswered_sends(records: &Records, names: &Names<'_>, counts: &mut FindingCounts) -> Vec<Finding> {
     let mut findings = Vec::new();
     for (i, r) in records.recs.iter().enumerate() {
@@ -171,7 +173,25 @@ fn unanswered_sends(records: &Records, names: &Names<'_>, counts: &mut FindingCo
             continue;
         }
         let i = i as u32;
-        if let Some(code) = r.rejected() {
+        if let (Some(code), Some(seen)) = (r.rejected(), r.seen()) {
+            counts.refused_but_delivered += 1;
+            findings.push(Finding {
+                kind: FindingKind::RefusedButDelivered,
+                room: names.room(r.room),
+                seq: Some(seen.seq),
+                id: Some(fmt_id(&seen.id)),
+                trace_id: fmt_trace(&seen.trace),
+                client_msg_id: Some(names.client_msg_id(i)),
+                count: 1,
+                recipients: vec![names.user(r.sender)],
+                detail: format!(
+                    "send answered with error `{}`, yet delivered as seq {} (id {})",
+                    code.as_str(),
+                    seen.seq,
+                    fmt_id(&seen.id)
+                ),
+            });
+        } else if let Some(code) = r.rejected() {
             counts.rejected += 1;
             findings.push(Finding {
                 kind: FindingKind::Rejected,
@@ -437,6 +457,7 @@ fn verdict_line(
         (counts.gap_seqs, "seq gap(s)"),
         (counts.unacked, "unacked send(s)"),
         (counts.stored_twice, "send(s) stored twice"),
+        (counts.refused_but_delivered, "send(s) refused but delivered"),
     ];
     let parts: Vec<String> = failing.iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("{n} {what}")).collect();
     if !parts.is_empty() {
@@ -575,6 +596,39 @@ mod tests {
         let un = only(&r, FindingKind::Unacked);
         assert_eq!(un[0].client_msg_id.as_deref(), Some("t.1"));
         assert!(only(&r, FindingKind::Rejected)[0].detail.contains("rate_limited"));
+    }
+
+    /// An error promises the send was not stored (docs/protocol.md: "`unavailable` means not
+    /// stored"): one that was delivered all the same fails the audit, naming the delivery.
+    #[test]
+    fn a_refused_send_that_was_delivered_fails_naming_the_delivery() {
+        let mut sim = Sim::new(3, 3);
+        let plan_sends = vec![PlannedSend { at_us: 0, client: 0, room: 0 }; 3];
+        sim.records = Records::new(&plan_sends, 1);
+        for i in 0..2 {
+            sim.records.mark_sent(i, 10);
+            sim.records.ack(i, parse_id(&id_of(u64::from(i) + 1)), u64::from(i) + 1, 20);
+        }
+        // Send 2 is answered `unavailable`, yet members get it as seq 3.
+        sim.records.mark_sent(2, 10);
+        sim.records.reject(2, ErrorCode::Unavailable);
+        let log = sim.clean_log(3);
+        sim.run(&log);
+        let r = sim.audit();
+        assert!(!r.passed, "{}", r.verdict);
+        assert_eq!(r.verdict, "FAILED: 1 send(s) refused but delivered");
+        assert_eq!((r.counts.refused_but_delivered, r.counts.rejected), (1, 0));
+        let found = only(&r, FindingKind::RefusedButDelivered);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].seq, Some(3));
+        assert_eq!(found[0].id.as_deref(), Some(id_of(3).as_str()));
+        assert_eq!(found[0].trace_id.as_deref(), Some(trace_of(3).as_str()));
+        assert_eq!(found[0].client_msg_id.as_deref(), Some("t.2"));
+        assert_eq!(
+            found[0].detail,
+            format!("send answered with error `unavailable`, yet delivered as seq 3 (id {})", id_of(3))
+        );
+        assert!(only(&r, FindingKind::Rejected).is_empty(), "not also listed as an honest rejection");
     }
 
     #[test]
@@ -814,12 +868,13 @@ mod tests {
             gap_seqs: 4,
             unacked: 5,
             stored_twice: 6,
+            refused_but_delivered: 8,
             rejected: 7,
         };
         assert_eq!(
             verdict_line(&all, 10, 10, 10, 1).1,
             "FAILED: 1 missing message(s), 2 duplicate delivery(ies), 3 reordered delivery(ies), 4 seq gap(s), \
-             5 unacked send(s), 6 send(s) stored twice"
+             5 unacked send(s), 6 send(s) stored twice, 8 send(s) refused but delivered"
         );
     }
 }

@@ -120,7 +120,7 @@ impl Report {
         let c = &a.counts;
         let _ = writeln!(
             o,
-            "  missing {} ({} deliveries) | duplicate {} | reordered {} | gap {} | unacked {} | stored twice {} | rejected {} | stray {}",
+            "  missing {} ({} deliveries) | duplicate {} | reordered {} | gap {} | unacked {} | stored twice {} | refused but delivered {} | rejected {} | stray {}",
             c.missing_messages,
             c.missing_deliveries,
             c.duplicate_deliveries,
@@ -128,6 +128,7 @@ impl Report {
             c.gap_seqs,
             c.unacked,
             c.stored_twice,
+            c.refused_but_delivered,
             c.rejected,
             a.stray_deliveries
         );
@@ -136,13 +137,13 @@ impl Report {
         }
         let _ = writeln!(
             o,
-            "  {:<13}{:<16}{:>8}  {:<38}{:<34}{:>6}  detail",
+            "  {:<22}{:<16}{:>8}  {:<38}{:<34}{:>6}  detail",
             "kind", "room", "seq", "id", "trace_id", "count"
         );
         for f in &a.findings {
             let _ = writeln!(
                 o,
-                "  {:<13}{:<16}{:>8}  {:<38}{:<34}{:>6}  {}",
+                "  {:<22}{:<16}{:>8}  {:<38}{:<34}{:>6}  {}",
                 f.kind.name(),
                 f.room,
                 f.seq.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
