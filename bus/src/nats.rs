@@ -170,6 +170,29 @@ pub struct NatsBus {
     metrics: Metrics,
 }
 
+/// TLS that trusts only the CA in the PEM file `ca`, on the ring provider. Built here rather
+/// than by async-nats from `add_root_certificates`: that path asks rustls for the process-wide
+/// provider, which rustls cannot choose in a binary that also has aws-lc-rs (the CQL driver's
+/// rustls features pull it in), and panics.
+fn tls_config(ca: &std::path::Path) -> Result<async_nats::rustls::ClientConfig, BusError> {
+    use async_nats::rustls::{self, pki_types::pem::PemObject, pki_types::CertificateDer};
+    let what = format!("read the NATS TLS CA {}", ca.display());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| unavailable(&what, e))? {
+        roots.add(cert.map_err(|e| unavailable(&what, e))?).map_err(|e| unavailable(&what, e))?;
+    }
+    if roots.is_empty() {
+        return Err(BusError::unavailable(format!("{what}: no certificate in it")));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| unavailable("set up TLS for NATS", e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(config)
+}
+
 /// An unavailable-bus error for a failed `what`, caused by `e`.
 fn unavailable(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> BusError {
     BusError::unavailable(what).with_source(e)
@@ -191,7 +214,7 @@ impl NatsBus {
             NatsAuth::NkeySeed(seed) => async_nats::ConnectOptions::with_nkey(seed.clone()),
         };
         let options = match &config.tls_ca {
-            Some(ca) => options.require_tls(true).add_root_certificates(ca.clone()),
+            Some(ca) => options.require_tls(true).tls_client_config(tls_config(ca)?),
             None => options,
         };
         let client = options
