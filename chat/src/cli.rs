@@ -211,8 +211,15 @@ pub struct WorkerArgs {
     /// Id of this worker (default: random `fanout-xxxxxxxx`).
     #[arg(long, env = "CHAT_WORKER_ID", value_name = "ID")]
     pub worker_id: Option<String>,
-    /// Bearer token enabling the /admin API (fault injection); off when unset.
-    #[arg(long, env = "CHAT_ADMIN_TOKEN", value_name = "T", hide_env_values = true)]
+    /// Bearer token of at least 16 bytes (`openssl rand -hex 16`) enabling the /admin API (fault
+    /// injection); off when unset.
+    #[arg(
+        long,
+        env = "CHAT_ADMIN_TOKEN",
+        value_name = "T",
+        hide_env_values = true,
+        value_parser = SecretParser::ADMIN_TOKEN
+    )]
     pub admin_token: Option<String>,
     /// Most sends a worker takes off the bus at once; they are grouped by room and the rooms
     /// sequenced concurrently.
@@ -289,7 +296,7 @@ pub struct GatewayArgs {
         env = "CHAT_JWT_SECRET",
         value_name = "S",
         hide_env_values = true,
-        value_parser = JwtSecretParser
+        value_parser = SecretParser::JWT_SECRET
     )]
     pub jwt_secret: Option<String>,
     /// With a JWT secret: tokens must carry this `iss`.
@@ -308,10 +315,16 @@ pub struct GatewayArgs {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub jwt_max_lifetime_secs: u64,
-    /// Bearer token enabling the /admin API (fault injection); off when unset. With client auth
-    /// on it also guards /metrics, /debug/messages and the reasons of a failing /readyz (closed
-    /// without it).
-    #[arg(long, env = "CHAT_ADMIN_TOKEN", value_name = "T", hide_env_values = true)]
+    /// Bearer token of at least 16 bytes (`openssl rand -hex 16`) enabling the /admin API (fault
+    /// injection); off when unset. With client auth on it also guards /metrics, /debug/messages
+    /// and the reasons of a failing /readyz (closed without it).
+    #[arg(
+        long,
+        env = "CHAT_ADMIN_TOKEN",
+        value_name = "T",
+        hide_env_values = true,
+        value_parser = SecretParser::ADMIN_TOKEN
+    )]
     pub admin_token: Option<String>,
     /// Id of this gateway, in `welcome` and journeys (default: random `gw-xxxxxxxx`).
     #[arg(long, env = "CHAT_GATEWAY_ID", value_name = "ID")]
@@ -420,12 +433,24 @@ pub struct GatewayArgs {
     pub drain_grace_secs: u64,
 }
 
-/// `--jwt-secret`: refuses a secret shorter than [`gateway::auth::MIN_SECRET_BYTES`] (an empty
-/// one too: unset means dev mode) without echoing it, as clap would in "invalid value '...'".
+/// A secret flag's value, refused when too short (an empty one too: unset is the way to turn
+/// the feature off) without echoing it, as clap would in "invalid value '...'".
 #[derive(Clone, Debug)]
-struct JwtSecretParser;
+struct SecretParser {
+    /// What the secret is, for a value that is not UTF-8.
+    what: &'static str,
+    /// Says why a value is refused, never containing it.
+    check: fn(&str) -> Result<(), String>,
+}
 
-impl clap::builder::TypedValueParser for JwtSecretParser {
+impl SecretParser {
+    /// `--jwt-secret`: at least [`gateway::auth::MIN_SECRET_BYTES`].
+    const JWT_SECRET: Self = Self { what: "the JWT secret", check: gateway::auth::check_secret };
+    /// `--admin-token` (gateways and workers): at least [`faults::admin::MIN_TOKEN_BYTES`].
+    const ADMIN_TOKEN: Self = Self { what: "the admin token", check: faults::admin::check_token };
+}
+
+impl clap::builder::TypedValueParser for SecretParser {
     type Value = String;
 
     fn parse_ref(
@@ -438,8 +463,8 @@ impl clap::builder::TypedValueParser for JwtSecretParser {
             let flag = arg.and_then(clap::Arg::get_long).map_or_else(String::new, |long| format!("--{long}: "));
             clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{flag}{message}\n")).with_cmd(cmd)
         };
-        let secret = value.to_str().ok_or_else(|| refuse("the JWT secret is not valid UTF-8".to_owned()))?;
-        gateway::auth::check_secret(secret).map_err(refuse)?;
+        let secret = value.to_str().ok_or_else(|| refuse(format!("{} is not valid UTF-8", self.what)))?;
+        (self.check)(secret).map_err(refuse)?;
         Ok(secret.to_owned())
     }
 }
@@ -467,7 +492,7 @@ impl GatewayArgs {
                     max_lifetime: Duration::from_secs(self.jwt_max_lifetime_secs),
                 })
             }),
-            admin_token: self.admin_token.clone().filter(|s| !s.is_empty()),
+            admin_token: self.admin_token.clone(),
             allowed_origins: self
                 .allowed_origins
                 .iter()
@@ -620,6 +645,32 @@ mod tests {
             let text = error.to_string();
             assert!(text.contains("at least 32 bytes"), "{text}");
             assert!(short.is_empty() || !text.contains(short), "{text}");
+        }
+    }
+
+    #[test]
+    fn admin_tokens_under_16_bytes_are_refused_in_every_mode_that_serves_admin() {
+        let token = "t".repeat(faults::admin::MIN_TOKEN_BYTES);
+        let cli = Cli::try_parse_from(["chat", "--admin-token", &token]).unwrap();
+        assert_eq!(cli.gateway.config().admin_token.as_deref(), Some(token.as_str()));
+        let cli = Cli::try_parse_from(["chat", "gateway", "--admin-token", &token]).unwrap();
+        let Some(Command::Gateway { gateway, .. }) = cli.command else { panic!("not the gateway command") };
+        assert_eq!(gateway.config().admin_token.as_deref(), Some(token.as_str()));
+        let cli = Cli::try_parse_from(["chat", "fanout", "--admin-token", &token]).unwrap();
+        let Some(Command::Fanout { worker, .. }) = cli.command else { panic!("not the fanout command") };
+        assert_eq!(worker.admin_token.as_deref(), Some(token.as_str()));
+        assert!(Cli::try_parse_from(["chat"]).unwrap().gateway.config().admin_token.is_none(), "unset is off");
+        for mode in [&[][..], &["gateway"][..], &["fanout"][..]] {
+            for short in ["", "s3cret", &token[1..]] {
+                let args: Vec<&str> = ["chat"].iter().chain(mode).chain(&["--admin-token", short]).copied().collect();
+                let error = Cli::try_parse_from(args).unwrap_err();
+                assert_eq!(error.kind(), clap::error::ErrorKind::ValueValidation, "{mode:?} {short:?}");
+                assert_eq!(error.exit_code(), 2);
+                let text = error.to_string();
+                assert!(text.contains("--admin-token: the admin token"), "{text}");
+                assert!(text.contains("at least 16 bytes"), "{text}");
+                assert!(short.is_empty() || !text.contains(short), "{text}");
+            }
         }
     }
 

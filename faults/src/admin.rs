@@ -22,9 +22,25 @@ use subtle::ConstantTimeEq;
 
 use crate::registry::{FaultSpec, Faults};
 
-/// Admin tokens shorter than this get a warning at start (not a refusal: the exercises use
-/// short ones on loopback, and without a token the admin API is off).
-pub const RECOMMENDED_TOKEN_BYTES: usize = 16;
+/// Shortest admin token accepted at start, in bytes (128 bits when random): the token guards
+/// fault injection and, with client auth on, the ops endpoints, so it must not be guessable.
+pub const MIN_TOKEN_BYTES: usize = 16;
+
+/// How to make a good token, named in the refusal of a short one.
+pub const TOKEN_HINT: &str = "generate one with `openssl rand -hex 16`";
+
+/// Checks that an admin token is long enough: at least [`MIN_TOKEN_BYTES`]. The error never
+/// contains the token.
+pub fn check_token(token: &str) -> Result<(), String> {
+    if token.len() >= MIN_TOKEN_BYTES {
+        return Ok(());
+    }
+    let what = if token.is_empty() { "is empty".to_owned() } else { format!("has {} bytes", token.len()) };
+    Err(format!(
+        "the admin token {what}; it must have at least {MIN_TOKEN_BYTES} bytes ({TOKEN_HINT}); \
+         leave CHAT_ADMIN_TOKEN and --admin-token unset to keep the admin API off"
+    ))
+}
 
 #[derive(Clone)]
 struct Admin {
@@ -34,11 +50,9 @@ struct Admin {
 
 /// The `/admin/faults` routes over `faults`, guarded by `token` (off when `None`).
 pub fn router<S: Clone + Send + Sync + 'static>(faults: Arc<Faults>, token: Option<String>) -> Router<S> {
-    if token.as_ref().is_some_and(|token| token.len() < RECOMMENDED_TOKEN_BYTES) {
-        tracing::warn!(
-            "the admin token is shorter than {RECOMMENDED_TOKEN_BYTES} bytes: fine for the exercises on loopback, \
-             not where others can reach /admin (generate one with `openssl rand -base64 32`)"
-        );
+    // The binary refuses a short token at start; a library caller is told.
+    if let Some(Err(problem)) = token.as_deref().map(check_token) {
+        tracing::warn!("{problem}");
     }
     Router::new()
         .route("/admin/faults", get(list_faults).post(add_fault).delete(clear_faults))
@@ -136,13 +150,27 @@ async fn clear_faults(
 
 #[cfg(test)]
 mod tests {
-    use super::token_matches;
+    use super::{check_token, token_matches, MIN_TOKEN_BYTES};
 
     #[test]
     fn only_the_exact_token_matches() {
-        assert!(token_matches("s3cret", "s3cret"));
-        for wrong in ["", "s", "s3cre", "s3cret ", "s3cres", "S3CRET", "s3cret-and-more"] {
-            assert!(!token_matches(wrong, "s3cret"), "{wrong:?}");
+        let token = "s3cret-admin-token";
+        assert!(token_matches(token, token));
+        for wrong in ["", "s", "s3cret-admin-toke", "s3cret-admin-token ", "s3cret-admin-tokem", "S3CRET-ADMIN-TOKEN"] {
+            assert!(!token_matches(wrong, token), "{wrong:?}");
         }
+    }
+
+    #[test]
+    fn a_token_shorter_than_16_bytes_is_refused_without_echoing_it() {
+        assert_eq!(check_token(&"t".repeat(MIN_TOKEN_BYTES)), Ok(()));
+        // Bytes, not characters: eight two-byte characters are enough.
+        assert_eq!(check_token(&"é".repeat(MIN_TOKEN_BYTES / 2)), Ok(()));
+        for short in ["", "s3cret", "fifteen-bytes!!"] {
+            let problem = check_token(short).unwrap_err();
+            assert!(problem.contains("at least 16 bytes"), "{problem}");
+            assert!(short.is_empty() || !problem.contains(short), "{problem}");
+        }
+        assert!(check_token("fifteen-bytes!!").unwrap_err().contains("has 15 bytes"));
     }
 }

@@ -99,7 +99,7 @@ async fn dev_mode_takes_the_user_as_given() {
 #[tokio::test]
 async fn a_token_that_expires_while_connected_ends_the_connection() {
     let mut options = config_with_secret(SECRET);
-    options.gateway.admin_token = Some("ops-token".into());
+    options.gateway.admin_token = Some("auth-test-admin-token".into());
     let server = server_with(options).await;
     // exp one second from now; the gateway allows 5 s of clock leeway on top.
     let mut alice = Client::connect(&server.ws_url).await;
@@ -112,8 +112,13 @@ async fn a_token_that_expires_while_connected_ends_the_connection() {
     assert_eq!(alice.closed().await, 4001);
     assert!(connected.elapsed() >= std::time::Duration::from_secs(4), "closed too early: {:?}", connected.elapsed());
     // With client auth on, metrics are for operators (the admin token).
-    let (_, metrics) =
-        request("GET", &format!("{}/metrics", server.http_url), &[("Authorization", "Bearer ops-token")], "").await;
+    let (_, metrics) = request(
+        "GET",
+        &format!("{}/metrics", server.http_url),
+        &[("Authorization", "Bearer auth-test-admin-token")],
+        "",
+    )
+    .await;
     assert_eq!(metric(&metrics, "chat_disconnects_total{reason=\"token_expired\"}"), 1.0, "{metrics}");
 
     // A long-lived token keeps its connection.

@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::support::*;
 
 /// The admin token every page uses.
-const TOKEN: &str = "s3cret";
+const TOKEN: &str = "exercise-admin-token";
 /// How often a condition is polled.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -66,7 +66,8 @@ fn fault_steps(page: &str) -> Vec<FaultStep> {
 async fn apply(steps: &[FaultStep], base: impl Fn(u16) -> String) {
     for step in steps {
         let url = format!("{}/admin/faults", base(step.port));
-        let headers = [("Authorization", "Bearer s3cret"), ("Content-Type", "application/json")];
+        let bearer = format!("Bearer {TOKEN}");
+        let headers = [("Authorization", bearer.as_str()), ("Content-Type", "application/json")];
         let (status, body) = request("POST", &url, &headers, &step.fault.to_string()).await;
         assert_eq!(status, 201, "POST {url} {}: {body}", step.fault);
     }
@@ -74,13 +75,13 @@ async fn apply(steps: &[FaultStep], base: impl Fn(u16) -> String) {
 
 async fn clear_faults(base: &str) {
     let (status, body) =
-        request("DELETE", &format!("{base}/admin/faults"), &[("Authorization", "Bearer s3cret")], "").await;
+        request("DELETE", &format!("{base}/admin/faults"), &[("Authorization", &format!("Bearer {TOKEN}"))], "").await;
     assert_eq!(status, 200, "{body}");
 }
 
 // === the processes ===
 
-/// The all-in-one server as the pages start it (`--admin-token s3cret`), with the send rate
+/// The all-in-one server as the pages start it (`--admin-token exercise-admin-token`), with the send rate
 /// raised for clients that stand in for many loadgen clients.
 async fn all_in_one(configure: impl FnOnce(&mut TestServerOptions)) -> RunningServer {
     let mut options = TestServerOptions::default();

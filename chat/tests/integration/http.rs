@@ -6,12 +6,12 @@ use serde_json::json;
 use crate::support::*;
 
 /// Headers of an admin request to a server from [`server_with_admin`].
-const ADMIN: [(&str, &str); 2] = [("Authorization", "Bearer sesame"), ("Content-Type", "application/json")];
+const ADMIN: [(&str, &str); 2] = [("Authorization", "Bearer sesame-admin-token"), ("Content-Type", "application/json")];
 
-/// An all-in-one server with the admin API on (token `sesame`).
+/// An all-in-one server with the admin API on (token `sesame-admin-token`).
 async fn server_with_admin() -> RunningServer {
     let mut options = TestServerOptions::default();
-    options.gateway.admin_token = Some("sesame".into());
+    options.gateway.admin_token = Some("sesame-admin-token".into());
     server_with(options).await
 }
 

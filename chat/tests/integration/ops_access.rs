@@ -1,6 +1,7 @@
 //! With client auth on, what the ops endpoints reveal is for operators: `/metrics`,
 //! `/debug/messages/{id}` and the reasons of a failing `/readyz` need the admin token, and
-//! `chat trace` sends it; `/healthz` and `/readyz`'s status stay open.
+//! `chat trace` sends it; `/healthz` and `/readyz`'s status stay open. A guessable (short)
+//! admin token is refused at start.
 
 use chat::testing::TestServerOptions;
 use jsonwebtoken::{encode, EncodingKey, Header};
@@ -63,6 +64,41 @@ async fn with_auth_on_metrics_and_journeys_need_the_admin_token_and_chat_trace_s
     assert!(traced.status.success(), "{}", String::from_utf8_lossy(&traced.stderr));
     assert!(String::from_utf8_lossy(&traced.stdout).contains("gateway.ack"));
     server.shutdown().await.unwrap();
+}
+
+/// An admin token under 16 bytes, by flag or environment, in every mode that serves /admin, is a
+/// configuration error: exit code 2 (as any other bad flag), and the token is not echoed.
+#[tokio::test]
+async fn a_short_admin_token_is_refused_at_start() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let run = |env_token: Option<&str>, args: &[&str]| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat"));
+        command
+            .args(args)
+            .args(["--listen", "127.0.0.1:0"])
+            .env_remove("CHAT_ADMIN_TOKEN")
+            .env("CHAT_DATA_DIR", data_dir.path())
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        if let Some(token) = env_token {
+            command.env("CHAT_ADMIN_TOKEN", token);
+        }
+        async move { tokio::time::timeout(WAIT, command.output()).await }
+    };
+    for (env_token, args) in [
+        (None, &["--admin-token", "s3cret"][..]),
+        (Some("s3cret"), &[][..]),
+        (Some(""), &[][..]),
+        (None, &["gateway", "--admin-token", "fifteen-bytes!!"][..]),
+        (Some("s3cret"), &["fanout"][..]),
+    ] {
+        let output = run(env_token, args).await.expect("chat exits at once").unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{env_token:?} {args:?}: {stderr}");
+        assert!(stderr.contains("at least 16 bytes"), "{stderr}");
+        assert!(stderr.contains("openssl rand -hex 16"), "{stderr}");
+        assert!(!stderr.contains("s3cret") && !stderr.contains("fifteen-bytes"), "{stderr}");
+    }
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use loadgen::{Config, Report};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The admin token of test servers.
-pub const ADMIN: &str = "admin-token";
+pub const ADMIN: &str = "loadgen-e2e-admin-token";
 /// Every await that could hang is bounded by this.
 pub const LIMIT: Duration = Duration::from_secs(60);
 
