@@ -10,7 +10,8 @@ use bus::GatewayBus;
 use fanout::{Fanout, FanoutConfig};
 use faults::FaultLayer;
 use gateway::{GatewayConfig, GatewayDeps};
-use storage::cql::{CqlConfig, CqlStore, Replication};
+use storage::cql::{CqlConfig, CqlCredentials, CqlStore, Replication};
+use storage::StoreErrorKind;
 use telemetry::journal::Journal;
 use telemetry::metrics::Metrics;
 use tokio::net::TcpListener;
@@ -26,6 +27,10 @@ pub struct Backends {
     pub nats_tls_ca: Option<std::path::PathBuf>,
     /// CQL contact points.
     pub cql_nodes: Vec<String>,
+    /// The CQL role to log in as, when the cluster requires authentication.
+    pub cql_credentials: Option<CqlCredentials>,
+    /// CA certificate of the CQL nodes; TLS is used when set.
+    pub cql_tls_ca: Option<std::path::PathBuf>,
     /// Keyspace of the history.
     pub keyspace: String,
     /// Replication of the keyspace when it is created.
@@ -54,6 +59,8 @@ impl Backends {
             replication: self.replication.clone(),
             request_timeout: self.cql_request_timeout,
             local_datacenter: self.cql_local_datacenter.clone(),
+            credentials: self.cql_credentials.clone(),
+            tls_ca: self.cql_tls_ca.clone(),
             ..CqlConfig::default()
         }
     }
@@ -88,13 +95,15 @@ pub fn parse_replication(text: &str) -> anyhow::Result<Replication> {
 }
 
 /// Connects to the CQL store, retrying with backoff until it answers (a process is useless
-/// without it; once connected, the driver reconnects by itself).
+/// without it; once connected, the driver reconnects by itself). A configuration error (the
+/// cluster refused the credentials, TLS failed, a bad CA file...) is not retried: it fails.
 pub async fn connect_store(backends: &Backends) -> anyhow::Result<Arc<CqlStore>> {
     let config = backends.cql_config();
     let mut backoff = Duration::from_millis(200);
     loop {
         match CqlStore::connect(config.clone()).await {
             Ok(store) => return Ok(Arc::new(store)),
+            Err(e) if e.kind() == StoreErrorKind::Config => return Err(e).context("the CQL store"),
             Err(e) => {
                 tracing::warn!(nodes = ?config.nodes, error = %e, ?backoff, "CQL store not reachable yet; retrying");
                 tokio::time::sleep(backoff).await;
@@ -166,4 +175,34 @@ pub async fn fanout(
     }
     let _ = stop_tx.send(true);
     ops.await.context("ops server task")?.context("ops server")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// A configuration error is reported at once, not retried for ever like a node that is down.
+    #[tokio::test]
+    async fn a_bad_store_configuration_fails_instead_of_retrying() {
+        let backends = Backends {
+            nats_url: NatsConfig::DEFAULT_URL.into(),
+            nats_auth: NatsAuth::None,
+            nats_tls_ca: None,
+            cql_nodes: vec!["127.0.0.1:1".into()],
+            cql_credentials: None,
+            cql_tls_ca: Some("/nonexistent/cql-ca.pem".into()),
+            keyspace: "chat".into(),
+            replication: Replication::SimpleStrategy { rf: 1 },
+            stream_replicas: 1,
+            cql_local_datacenter: None,
+            cql_request_timeout: Duration::from_secs(1),
+        };
+        let failed = tokio::time::timeout(Duration::from_secs(10), connect_store(&backends))
+            .await
+            .expect("an answer, not endless retries");
+        let why = format!("{:#}", failed.err().expect("refused"));
+        assert!(why.contains("/nonexistent/cql-ca.pem") && why.contains("cannot be read"), "{why}");
+    }
 }

@@ -117,6 +117,26 @@ pub struct CqlConfig {
     /// right datacenter in a multi-datacenter cluster): the load-balancing policy tries its
     /// nodes only (token-aware), never a remote datacenter's. `None` treats all nodes alike.
     pub local_datacenter: Option<String>,
+    /// A role to log in as, for a cluster with password authentication; `None` logs in as no one.
+    pub credentials: Option<CqlCredentials>,
+    /// PEM file of the certificate authority that signed the nodes' certificates: when set, every
+    /// connection uses TLS and the nodes are verified against it (by their IP address).
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
+/// A CQL role and its password (`PasswordAuthenticator`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct CqlCredentials {
+    /// The role (user) name.
+    pub user: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for CqlCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CqlCredentials({}, <hidden>)", self.user)
+    }
 }
 
 impl CqlConfig {
@@ -138,7 +158,7 @@ impl CqlConfig {
 
 impl Default for CqlConfig {
     /// One local node, keyspace `chat`, RF 1, `LOCAL_QUORUM` / `LOCAL_SERIAL`, 1 s requests,
-    /// 5 s connects, no preferred datacenter.
+    /// 5 s connects, no preferred datacenter, no credentials, no TLS.
     fn default() -> Self {
         Self {
             nodes: vec![Self::DEFAULT_NODE.into()],
@@ -149,6 +169,8 @@ impl Default for CqlConfig {
             request_timeout: Duration::from_millis(Self::DEFAULT_REQUEST_TIMEOUT_MS),
             connect_timeout: Duration::from_millis(Self::DEFAULT_CONNECT_TIMEOUT_MS),
             local_datacenter: None,
+            credentials: None,
+            tls_ca: None,
         }
     }
 }
@@ -191,7 +213,9 @@ enum Write<'a> {
 
 impl CqlStore {
     /// Connects, creates the keyspace if missing, applies the schema and prepares the
-    /// statements. Fails with [`StoreError::Unavailable`] when no node answers.
+    /// statements. Fails with [`StoreErrorKind::Unavailable`] when no node answers, and with
+    /// [`StoreErrorKind::Config`] when retrying cannot help: the cluster refused the
+    /// credentials (or wants some), the TLS handshake failed, or the CA file is unusable.
     pub async fn connect(config: CqlConfig) -> Result<Self, StoreError> {
         validate_keyspace(&config.keyspace)?;
         let replication = config.replication.to_cql()?;
@@ -225,10 +249,21 @@ impl CqlStore {
             profile = profile.load_balancing_policy(policy);
             builder = builder.prefer_datacenter(dc.clone());
         }
+        if let Some(CqlCredentials { user, password }) = &config.credentials {
+            builder = builder.user(user, password);
+        }
+        if let Some(ca) = &config.tls_ca {
+            builder = builder.tls_context(Some(tls_config(ca)?));
+        }
         let builder = builder.default_execution_profile_handle(profile.build().into_handle());
         let nodes = config.nodes.join(",");
-        let session =
-            builder.build().await.map_err(|e| unavailable(format_args!("connect to CQL nodes {nodes}"), e))?;
+        let session = builder.build().await.map_err(|e| {
+            let what = format!("connect to CQL nodes {nodes}");
+            match refused_setup(&e, &config) {
+                Some(why) => StoreError::new(StoreErrorKind::Config, format!("{what}: {why}")).with_source(e),
+                None => unavailable(what, e),
+            }
+        })?;
 
         let keyspace = config.keyspace;
         run_schema(
@@ -630,6 +665,66 @@ impl HistoryStore for CqlStore {
 }
 
 // === helpers ===
+
+/// TLS that trusts only the certificate authority in the PEM file `ca`, on the ring provider
+/// (the driver's rustls also carries aws-lc-rs, so the provider is named, never left to rustls).
+fn tls_config(ca: &std::path::Path) -> Result<std::sync::Arc<rustls::ClientConfig>, StoreError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let config_error = |problem: String| {
+        StoreError::new(StoreErrorKind::Config, format!("CQL TLS CA file {}: {problem}", ca.display()))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca).map_err(|e| config_error(format!("cannot be read: {e}")))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| config_error(format!("is not PEM: {e}")))?;
+        roots.add(cert).map_err(|e| config_error(format!("holds an unusable certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(config_error("holds no certificate".into()));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::new(StoreErrorKind::Config, "CQL TLS set-up").with_source(e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
+}
+
+/// Why opening a session failed in a way retrying will not mend: the cluster refused the
+/// credentials, wants some, or the TLS handshake failed (a node not verified by the CA, say).
+/// `None` for everything else (a node down, a timeout...).
+fn refused_setup(e: &scylla::errors::NewSessionError, config: &CqlConfig) -> Option<String> {
+    use scylla::errors::{
+        ConnectionError, ConnectionPoolError, ConnectionSetupRequestErrorKind as Setup, DbError, MetadataError,
+        NewSessionError,
+    };
+    let NewSessionError::MetadataError(MetadataError::ConnectionPoolError(ConnectionPoolError::Broken {
+        last_connection_error,
+    })) = e
+    else {
+        return None;
+    };
+    match last_connection_error {
+        ConnectionError::ConnectionSetupRequestError(setup) => match setup.get_error() {
+            Setup::MissingAuthentication => {
+                Some("the cluster requires authentication: give a role with --cql-user and --cql-password".into())
+            }
+            Setup::DbError(DbError::AuthenticationError, _) => Some(match &config.credentials {
+                Some(credentials) => format!(
+                    "authentication failed for role {:?}: check --cql-user and --cql-password",
+                    credentials.user
+                ),
+                None => "authentication failed".into(),
+            }),
+            _ => None,
+        },
+        ConnectionError::IoError(io) if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) => {
+            Some("TLS handshake failed (is --cql-tls-ca the CA that signed the nodes' certificates?)".into())
+        }
+        _ => None,
+    }
+}
 
 /// Refuses a batch whose messages are not of its room with consecutive seqs after the expected one.
 fn check_consecutive(batch: &RoomAppend) -> Result<(), StoreError> {

@@ -14,18 +14,20 @@ pub fn cassandra() -> String {
         if let Ok(nodes) = std::env::var("CHAT_TEST_CQL") {
             return nodes;
         }
-        start_cassandra(&workspace_root().join("target/test-cassandra"), 9142, 7142)
+        start_cassandra(&workspace_root().join("target/test-cassandra"), 9142, 7142, &[])
     })
     .clone()
 }
 
-/// Starts (or finds running) a node in `dir` with `deploy/cassandra/start`; its address.
-fn start_cassandra(dir: &Path, cql_port: u16, storage_port: u16) -> String {
+/// Starts (or finds running) a node in `dir` with `deploy/cassandra/start` and `more` of its
+/// options; its address.
+fn start_cassandra(dir: &Path, cql_port: u16, storage_port: u16, more: &[&str]) -> String {
     let root = workspace_root();
     let output = std::process::Command::new(root.join("deploy/cassandra/start"))
         .arg("--dir")
         .arg(dir)
         .args(["--cql-port", &cql_port.to_string(), "--storage-port", &storage_port.to_string(), "--heap", "512M"])
+        .args(more)
         .stderr(Stdio::inherit())
         .output()
         .expect("run deploy/cassandra/start");
@@ -46,9 +48,20 @@ pub struct DedicatedCassandra {
 impl DedicatedCassandra {
     /// Starts a node in `target/<name>` on the given ports.
     pub fn start(name: &str, cql_port: u16, storage_port: u16) -> DedicatedCassandra {
+        Self::start_with(name, cql_port, storage_port, &[])
+    }
+
+    /// Starts a node in `target/<name>` on the given ports with more options of
+    /// `deploy/cassandra/start` (`--auth`, `--tls-dir DIR`...).
+    pub fn start_with(name: &str, cql_port: u16, storage_port: u16, more: &[&str]) -> DedicatedCassandra {
         let dir = workspace_root().join("target").join(name);
-        let addr = start_cassandra(&dir, cql_port, storage_port);
+        let addr = start_cassandra(&dir, cql_port, storage_port, more);
         DedicatedCassandra { dir, addr }
+    }
+
+    /// The node's directory (`target/<name>`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn signal(&self, signal: &str) {

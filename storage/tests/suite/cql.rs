@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use storage::cql::{CqlConfig, CqlStore};
+use storage::cql::{CqlConfig, CqlCredentials, CqlStore};
 use storage::{HistoryStore, PageQuery, RoomAppend, StoreErrorKind};
 
 use crate::cases::{fill, messages};
@@ -160,4 +160,60 @@ async fn a_batch_of_large_messages_is_stored_completely() {
         fill(other, "big", 1027, 2, 2).await;
     })
     .await;
+}
+
+/// A node of its own with password authentication and client TLS (`deploy/cassandra/start
+/// --auth --tls-dir`; the test fails when it cannot be started): the store logs in over TLS,
+/// verifying the node against the node's CA, and appends and reads; a wrong password, no
+/// credentials, and TLS trusting another CA are each refused as a configuration error, saying
+/// which.
+#[tokio::test]
+async fn a_node_with_authentication_and_tls_admits_only_a_verified_login() {
+    let node = tokio::task::spawn_blocking(|| {
+        let tls_dir = testkit::workspace_root().join("target/test-cassandra-secure/tls");
+        let tls_dir = tls_dir.to_str().expect("a UTF-8 path").to_owned();
+        testkit::DedicatedCassandra::start_with("test-cassandra-secure", 9152, 7152, &["--auth", "--tls-dir", &tls_dir])
+    })
+    .await
+    .unwrap();
+    let ca = node.dir().join("tls/ca.pem");
+    let config = |user: Option<(&str, &str)>, tls_ca: Option<std::path::PathBuf>| CqlConfig {
+        nodes: vec![node.addr.clone()],
+        keyspace: crate::fresh_config("secure").keyspace,
+        credentials: user.map(|(user, password)| CqlCredentials { user: user.into(), password: password.into() }),
+        tls_ca,
+        connect_timeout: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(10),
+        ..CqlConfig::default()
+    };
+
+    let admitted = config(Some(("cassandra", "cassandra")), Some(ca.clone()));
+    let store = CqlStore::connect(admitted.clone()).await.expect("the right role over verified TLS");
+    let stored = fill(&store, "safe", 0, 3, 2).await;
+    assert_eq!(store.last_seq("safe").await.unwrap(), 3);
+    assert_eq!(store.page("safe", PageQuery::newest(10)).await.unwrap().messages, stored);
+    store.drop_keyspace().await.unwrap();
+
+    let refused = |config: CqlConfig, says: &'static str| async move {
+        let e = match CqlStore::connect(config).await {
+            Ok(_) => panic!("connected, but should be refused: {says}"),
+            Err(e) => e,
+        };
+        assert_eq!(e.kind(), StoreErrorKind::Config, "{e}");
+        assert!(e.to_string().contains(says), "{e}");
+    };
+    refused(
+        config(Some(("cassandra", "not-the-password")), Some(ca.clone())),
+        "authentication failed for role \"cassandra\"",
+    )
+    .await;
+    refused(config(None, Some(ca.clone())), "requires authentication").await;
+    let other_ca = tempfile::NamedTempFile::new().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other = params.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap();
+    std::fs::write(other_ca.path(), other.pem()).unwrap();
+    refused(config(Some(("cassandra", "cassandra")), Some(other_ca.path().to_owned())), "TLS handshake failed").await;
+    let not_pem = tempfile::NamedTempFile::new().unwrap();
+    refused(config(Some(("cassandra", "cassandra")), Some(not_pem.path().to_owned())), "holds no certificate").await;
 }
