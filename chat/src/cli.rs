@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use fanout::FanoutConfig;
 use gateway::auth::JwtAuth;
 use gateway::{GatewayConfig, Limits};
-use storage::cql::CqlConfig;
+use storage::cql::{CqlConfig, CqlCredentials};
 use telemetry::logging::LogFormat;
 
 use crate::cluster::{Backends, WorkerConfig};
@@ -142,6 +142,16 @@ pub struct BackendArgs {
         value_delimiter = ','
     )]
     pub cql_nodes: Vec<String>,
+    /// CQL role to log in as (with --cql-password), when the cluster requires authentication.
+    #[arg(long, env = "CHAT_CQL_USER", value_name = "USER", requires = "cql_password")]
+    pub cql_user: Option<String>,
+    /// Password of --cql-user.
+    #[arg(long, env = "CHAT_CQL_PASSWORD", value_name = "P", hide_env_values = true, requires = "cql_user")]
+    pub cql_password: Option<String>,
+    /// PEM file of the CA that signed the CQL nodes' certificates: connections then use TLS and
+    /// verify the nodes (by IP address) against it.
+    #[arg(long, env = "CHAT_CQL_TLS_CA", value_name = "FILE")]
+    pub cql_tls_ca: Option<PathBuf>,
     /// Keyspace of the history.
     #[arg(long, env = "CHAT_CQL_KEYSPACE", value_name = "K", default_value = CqlConfig::DEFAULT_KEYSPACE)]
     pub keyspace: String,
@@ -196,6 +206,11 @@ impl BackendArgs {
             nats_auth,
             nats_tls_ca: self.nats_tls_ca.clone(),
             cql_nodes: self.cql_nodes.clone(),
+            cql_credentials: match (&self.cql_user, &self.cql_password) {
+                (Some(user), Some(password)) => Some(CqlCredentials { user: user.clone(), password: password.clone() }),
+                _ => None,
+            },
+            cql_tls_ca: self.cql_tls_ca.clone(),
             keyspace: self.keyspace.clone(),
             replication: crate::cluster::parse_replication(&self.replication)?,
             stream_replicas: usize::from(self.stream_replicas),
@@ -689,6 +704,28 @@ mod tests {
         assert_eq!(backends(&[]), Ok(NatsAuth::None));
         assert!(backends(&["--nats-user", "chat"]).is_err(), "a user needs a password");
         assert!(backends(&["--nats-user", "chat", "--nats-password", "pw", "--nats-token", "t"]).is_err());
+    }
+
+    #[test]
+    fn cql_credentials_come_in_pairs_and_tls_names_a_ca() {
+        let backends = |args: &[&str]| {
+            let cli = Cli::try_parse_from(["chat", "fanout"].iter().chain(args)).map_err(|e| e.kind())?;
+            let Some(Command::Fanout { backends, .. }) = cli.command else { panic!("fanout") };
+            let backends = backends.backends().unwrap();
+            Ok::<_, clap::error::ErrorKind>((backends.cql_credentials, backends.cql_tls_ca))
+        };
+        let credentials = CqlCredentials { user: "chat".into(), password: "pw".into() };
+        assert_eq!(backends(&["--cql-user", "chat", "--cql-password", "pw"]), Ok((Some(credentials.clone()), None)));
+        assert_eq!(
+            backends(&["--cql-tls-ca", "/etc/chat/cql-ca.pem"]),
+            Ok((None, Some(PathBuf::from("/etc/chat/cql-ca.pem"))))
+        );
+        assert_eq!(backends(&[]), Ok((None, None)));
+        assert!(backends(&["--cql-user", "chat"]).is_err(), "a user needs a password");
+        assert!(backends(&["--cql-password", "pw"]).is_err(), "a password needs a user");
+        assert!(!format!("{credentials:?}").contains("pw"), "the password is never printed");
+        let help = Cli::command().find_subcommand_mut("fanout").unwrap().render_long_help().to_string();
+        assert!(help.contains("CHAT_CQL_PASSWORD") && help.contains("--cql-tls-ca"), "{help}");
     }
 
     #[test]
