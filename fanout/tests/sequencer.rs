@@ -61,6 +61,9 @@ enum Failure {
     NotApplied,
     /// Not stored: the store says another writer holds the seqs (whether or not one does).
     Conflict,
+    /// Only the first message stored (a store appending in chunks that failed after the first),
+    /// and the answer is an error.
+    FirstOnlyApplied,
 }
 
 struct FlakyStore {
@@ -81,6 +84,11 @@ impl HistoryStore for FlakyStore {
             Some(Failure::NotApplied) => Err(StoreError::unavailable("append timed out")),
             Some(Failure::Conflict) => {
                 Err(StoreError::conflict(&batch.room, batch.expected_last_seq, batch.expected_last_seq + 1))
+            }
+            Some(Failure::FirstOnlyApplied) => {
+                let first = RoomAppend { messages: batch.messages[..1].to_vec(), ..batch };
+                self.inner.append(first).await?;
+                Err(StoreError::unavailable("append failed after its first chunk"))
             }
         }
     }
@@ -254,6 +262,24 @@ async fn an_append_that_did_not_land_is_sequenced_again() {
     worker.stop().await;
 }
 
+/// A store may append a batch in chunks and fail after some (the CQL store does for big
+/// batches): the stored prefix is answered as it was stored, the rest sequenced again after it,
+/// never acked with seqs the store does not hold.
+#[tokio::test]
+async fn an_append_that_stored_only_a_prefix_is_resolved_by_its_newest_message() {
+    let worker = worker();
+    *worker.store.next_append.lock().unwrap() = Some(Failure::FirstOnlyApplied);
+    let outcomes =
+        worker.batch(vec![command("r", "a", soon()), command("r", "b", soon()), command("r", "c", soon())]).await;
+    let stored = worker.stored("r").await;
+    let ids: Vec<&str> = stored.iter().map(|m| m.client_msg_id.as_str()).collect();
+    assert_eq!(ids, ["a", "b", "c"], "each stored once, in order");
+    for (outcome, message) in outcomes.iter().zip(&stored) {
+        assert_eq!(&outcome.as_ref().expect("stored").message, message, "answered as stored");
+    }
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn repeats_in_one_batch_and_across_batches_are_one_message() {
     let worker = worker();
@@ -317,6 +343,7 @@ impl std::fmt::Debug for Failure {
             Failure::AppliedButUnanswered => "AppliedButUnanswered",
             Failure::NotApplied => "NotApplied",
             Failure::Conflict => "Conflict",
+            Failure::FirstOnlyApplied => "FirstOnlyApplied",
         })
     }
 }
