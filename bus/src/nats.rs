@@ -170,6 +170,18 @@ pub struct NatsBus {
     metrics: Metrics,
 }
 
+/// How often the connection pings its server; after 3 unanswered pings it reconnects to
+/// another (so a partitioned NATS node is left within about 6 s, not async-nats's 2 minutes).
+const PING_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The servers of a `--nats` value: one URL, or several separated by commas (a cluster).
+fn server_list(urls: &str) -> Result<Vec<async_nats::ServerAddr>, BusError> {
+    urls.split(',')
+        .map(|url| url.trim().parse::<async_nats::ServerAddr>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| unavailable(&format!("parse the NATS URL list {urls:?}"), e))
+}
+
 /// TLS that trusts only the CA in the PEM file `ca`, on the ring provider. Built here rather
 /// than by async-nats from `add_root_certificates`: that path asks rustls for the process-wide
 /// provider, which rustls cannot choose in a binary that also has aws-lc-rs (the CQL driver's
@@ -222,6 +234,8 @@ impl NatsBus {
             .retry_on_initial_connect()
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(2))
+            // A server that stops answering (partitioned, frozen) is left after 3 missed pings.
+            .ping_interval(PING_INTERVAL)
             .event_callback(move |event| {
                 if matches!(event, async_nats::Event::Connected) {
                     on_event.send_modify(|count| *count += 1);
@@ -229,7 +243,7 @@ impl NatsBus {
                 let name = name.clone();
                 async move { tracing::info!(process = %name, %event, "nats connection event") }
             })
-            .connect(config.url.as_str())
+            .connect(server_list(&config.url)?)
             .await
             .map_err(|e| unavailable("connect to NATS", e))?;
         let js = jetstream::new(client.clone());
@@ -321,5 +335,19 @@ impl FanoutBus for NatsBus {
 
     async fn deliver(&self, message: Arc<ChatMessage>, traceparent: &str) -> Result<(), BusError> {
         self.publish_delivery(message, traceparent).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_list;
+
+    #[test]
+    fn a_nats_value_names_one_server_or_a_comma_separated_cluster() {
+        assert_eq!(server_list("nats://127.0.0.1:4222").unwrap().len(), 1);
+        let cluster = server_list("nats://127.0.0.1:4222, nats://127.0.0.1:4223,nats://127.0.0.1:4224").unwrap();
+        let ports: Vec<u16> = cluster.iter().map(|s| s.port()).collect();
+        assert_eq!(ports, [4222, 4223, 4224]);
+        assert!(server_list("nats://127.0.0.1:4222,nats://127.0.0.1:nope").is_err());
     }
 }
