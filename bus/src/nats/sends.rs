@@ -61,6 +61,17 @@ fn delivery_number(delivered: Option<i64>) -> u64 {
     delivered.map_or(1, |delivered| u64::try_from(delivered).unwrap_or(1).max(1))
 }
 
+/// Pause before publishing a send again whose JetStream answer was lost.
+const REPUBLISH_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Whether a failed JetStream publish may still have stored the message: its answer timed out or
+/// the connection broke while waiting. No responders, a stream's error answer or a local limit
+/// mean it was not stored.
+fn publish_outcome_unknown(e: &jetstream::context::PublishError) -> bool {
+    use jetstream::context::PublishErrorKind as Kind;
+    matches!(e.kind(), Kind::TimedOut | Kind::BrokenPipe)
+}
+
 /// Removes a waiter when its submit ends, answered or not.
 struct WaiterGuard<'a> {
     waiters: &'a Waiters,
@@ -119,14 +130,39 @@ impl NatsBus {
         headers.insert("Nats-Msg-Id", token.as_str());
         headers.insert(REPLY_HEADER, reply_subject.as_str());
         headers.insert(TRACEPARENT, command.traceparent.as_str());
-        let payload = serde_json::to_vec(&command).map_err(|e| BusError::encoding("encode for NATS", e))?;
+        let payload: bytes::Bytes =
+            serde_json::to_vec(&command).map_err(|e| BusError::encoding("encode for NATS", e))?.into();
+        let subject = subjects::send(&command.room);
+        let deadline_ms = command.deadline_ms;
         let stored = async {
-            let ack = self
-                .js
-                .publish_with_headers(subjects::send(&command.room), headers, payload.into())
-                .await
-                .map_err(|e| unavailable("publish send", e))?;
-            ack.await.map_err(|e| unavailable("send not stored in JetStream", e))
+            // The send is refused at once only when JetStream surely did not store it. When the
+            // answer is lost (a timeout, a broken connection) it may be stored, so it is published
+            // again with the same Nats-Msg-Id (JetStream keeps one) until the deadline, and then
+            // the worker's answer is awaited: the caller's wait past the deadline bounds it, and
+            // a worker never stores a send past its deadline.
+            let mut maybe_stored = false;
+            loop {
+                let published = self.js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await;
+                let answer = match published {
+                    Ok(ack) => ack.await,
+                    Err(e) if !maybe_stored => return Err(unavailable("publish send", e)),
+                    Err(e) => Err(e),
+                };
+                match answer {
+                    Ok(_) => return Ok(()),
+                    Err(e) if !maybe_stored && !publish_outcome_unknown(&e) => {
+                        return Err(unavailable("send not stored in JetStream", e))
+                    }
+                    Err(e) => {
+                        maybe_stored = true;
+                        if protocol::now_ms() + REPUBLISH_PAUSE.as_millis() as i64 >= deadline_ms {
+                            tracing::warn!(error = %e, "JetStream never confirmed the send; awaiting the worker's answer");
+                            return Ok(());
+                        }
+                        tokio::time::sleep(REPUBLISH_PAUSE).await;
+                    }
+                }
+            }
         };
         let started = std::time::Instant::now();
         tracing::Instrument::instrument(stored, span).await?;

@@ -252,6 +252,7 @@ impl Connection {
             serde_json::json!({"gateway": self.app.config.gateway_id, "session": self.session}),
         );
         let bus = self.app.bus.sends.clone();
+        let history = self.app.history.clone();
         let started = Instant::now();
         // Workers refuse a send past its deadline; waiting a little longer than that means a
         // send this gateway calls `unavailable` was really not stored.
@@ -260,10 +261,11 @@ impl Connection {
         in_flight.push(Box::pin(async move {
             let room = command.room.clone();
             let client_msg_id = command.client_msg_id.clone();
+            let user = command.user.clone();
             let submitted = tracing::Instrument::instrument(bus.submit(command), span);
             let outcome = match tokio::time::timeout(wait, submitted).await {
                 Ok(outcome) => outcome,
-                Err(_) => Err(bus::BusError::unavailable("no answer from fanout in time")),
+                Err(_) => outcome_from_store(&history, &room, &user, &client_msg_id).await,
             };
             (req, room, client_msg_id, submitted_trace, started, outcome)
         }));
@@ -369,5 +371,26 @@ fn frame_type(frame: &ClientFrame) -> &'static str {
         ClientFrame::History { .. } => "history",
         ClientFrame::Typing { .. } => "typing",
         ClientFrame::Ping => "ping",
+    }
+}
+
+/// The outcome of a send whose answer never came (a worker stored it and its answer was lost on
+/// the bus, or nobody stored it): the store says which. Past the send's deadline and the margin
+/// no worker will store it any more, so "not found" means not stored.
+async fn outcome_from_store(
+    history: &crate::history::HistoryReader,
+    room: &str,
+    user: &str,
+    client_msg_id: &str,
+) -> Result<SendOutcome, bus::BusError> {
+    match history.find_send(room, user, client_msg_id).await {
+        Ok(Some(message)) => {
+            tracing::info!(room, client_msg_id, seq = message.seq, "send answered from the store: its answer was lost");
+            Ok(SendOutcome { message, duplicate: false })
+        }
+        Ok(None) => Err(bus::BusError::unavailable("no answer from fanout in time; not stored")),
+        Err(e) => {
+            Err(bus::BusError::unavailable("no answer from fanout in time; the store cannot tell").with_source(e))
+        }
     }
 }
