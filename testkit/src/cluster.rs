@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::{cassandra, unique_keyspace, ChatProcess, NatsServer};
+use crate::{cassandra, unique_keyspace, ChatProcess, NatsCluster, NatsNodeAt, NatsServer, Netns};
 
 /// How a [`Cluster`] is started; from [`Cluster::builder`].
 #[derive(Debug, Clone)]
@@ -22,9 +22,25 @@ pub struct ClusterBuilder {
     gateway_args: Vec<String>,
     worker_args: Vec<String>,
     env: Vec<(String, String)>,
+    nats_nodes: Vec<NatsNodeAt>,
+    nats_host: std::net::IpAddr,
 }
 
 impl ClusterBuilder {
+    /// Runs NATS as a cluster of these nodes (a current nats-server, JetStream R = nodes) instead
+    /// of one Debian nats-server; processes get every node's URL and `--stream-replicas`.
+    pub fn nats_cluster(mut self, nodes: Vec<NatsNodeAt>) -> Self {
+        self.nats_nodes = nodes;
+        self
+    }
+
+    /// The address the single nats-server listens on (default 127.0.0.1): a [`Netns`] link's
+    /// host address lets processes inside that namespace reach it.
+    pub fn nats_host(mut self, host: std::net::IpAddr) -> Self {
+        self.nats_host = host;
+        self
+    }
+
     /// Gateways to start (default 1).
     pub fn gateways(mut self, n: usize) -> Self {
         self.gateways = n;
@@ -106,7 +122,11 @@ impl ClusterBuilder {
             None => tokio::task::spawn_blocking(cassandra).await.expect("start the shared Cassandra node"),
         };
         check_reachable(&cql).await;
-        let nats = NatsServer::start().await;
+        let nats = if self.nats_nodes.is_empty() {
+            Nats::Single(NatsServer::start_on(self.nats_host, &[]).await)
+        } else {
+            Nats::Cluster(NatsCluster::start(&self.nats_nodes).await)
+        };
         let keyspace = unique_keyspace(&self.keyspace_prefix);
         let (gateways, workers) = (self.gateways, self.workers);
         let mut cluster = Cluster { gateways: Vec::new(), workers: Vec::new(), nats, cql, keyspace, options: self };
@@ -133,6 +153,22 @@ async fn check_reachable(nodes: &str) {
     }
 }
 
+/// The cluster's NATS: one server, or a cluster of them (one per test cluster: size is no matter).
+#[allow(clippy::large_enum_variant)]
+enum Nats {
+    Single(NatsServer),
+    Cluster(NatsCluster),
+}
+
+impl Nats {
+    fn urls(&self) -> String {
+        match self {
+            Nats::Single(server) => server.url(),
+            Nats::Cluster(cluster) => cluster.urls(),
+        }
+    }
+}
+
 /// A running cluster: a nats-server of its own, fanout workers and gateways as `chat`
 /// subprocesses, all on one Cassandra node (the shared one by default) in a keyspace of their own.
 ///
@@ -152,7 +188,7 @@ pub struct Cluster {
     // Dropped in this order: gateways, workers, then NATS.
     gateways: Vec<Option<ChatProcess>>,
     workers: Vec<Option<ChatProcess>>,
-    nats: NatsServer,
+    nats: Nats,
     cql: String,
     keyspace: String,
     options: ClusterBuilder,
@@ -176,6 +212,8 @@ impl Cluster {
             gateway_args: Vec::new(),
             worker_args: Vec::new(),
             env: Vec::new(),
+            nats_nodes: Vec::new(),
+            nats_host: std::net::IpAddr::from([127, 0, 0, 1]),
         }
     }
 
@@ -186,23 +224,38 @@ impl Cluster {
 
     /// The cluster's nats-server (restart it with [`NatsServer::restart`] through
     /// [`nats_mut`](Cluster::nats_mut)).
+    /// Panics when the cluster runs a NATS cluster ([`nats_cluster_mut`](Cluster::nats_cluster_mut)).
     pub fn nats(&self) -> &NatsServer {
-        &self.nats
+        match &self.nats {
+            Nats::Single(server) => server,
+            Nats::Cluster(_) => panic!("this cluster runs a NATS cluster: use nats_cluster_mut"),
+        }
     }
 
     /// The nats-server, mutably (to kill or restart it).
     pub fn nats_mut(&mut self) -> &mut NatsServer {
-        &mut self.nats
+        match &mut self.nats {
+            Nats::Single(server) => server,
+            Nats::Cluster(_) => panic!("this cluster runs a NATS cluster: use nats_cluster_mut"),
+        }
     }
 
-    /// `nats://127.0.0.1:PORT`
+    /// The NATS cluster, mutably (to kill or restart a node); panics with a single server.
+    pub fn nats_cluster_mut(&mut self) -> &mut NatsCluster {
+        match &mut self.nats {
+            Nats::Cluster(cluster) => cluster,
+            Nats::Single(_) => panic!("this cluster runs one nats-server: use nats_mut"),
+        }
+    }
+
+    /// What `--nats` gets: `nats://HOST:PORT`, or every node's URL comma-separated.
     pub fn nats_url(&self) -> String {
-        self.nats.url()
+        self.nats.urls()
     }
 
-    /// The nats-server's client address (e.g. for a [`Relay`](crate::Relay) to it).
+    /// The single nats-server's client address (e.g. for a [`Relay`](crate::Relay) to it).
     pub fn nats_addr(&self) -> SocketAddr {
-        self.nats.addr()
+        self.nats().addr()
     }
 
     /// The CQL contact points.
@@ -252,7 +305,7 @@ impl Cluster {
 
     /// Starts one more gateway on the cluster's NATS; its index.
     pub async fn add_gateway(&mut self) -> usize {
-        let nats = self.nats.url();
+        let nats = self.nats.urls();
         self.add_gateway_on(&nats).await
     }
 
@@ -277,9 +330,36 @@ impl Cluster {
     pub async fn add_worker(&mut self) -> usize {
         let index = self.workers.len();
         let mut args = vec!["fanout".to_owned(), "--worker-id".into(), self.worker_id(index)];
-        args.extend(self.common_args(&self.nats.url()));
+        args.extend(self.common_args(&self.nats.urls()));
         args.extend(self.options.worker_args.iter().cloned());
         let process = self.spawn(&args).await;
+        self.workers.push(Some(process));
+        index
+    }
+
+    /// Starts one more gateway inside `netns`, listening on its address of link `client_link`
+    /// and reaching NATS at `nats_url` and the store at `cql` (both through its links); its
+    /// index.
+    pub async fn add_gateway_in(&mut self, netns: &Netns, client_link: usize, nats_url: &str, cql: &str) -> usize {
+        let index = self.gateways.len();
+        let mut args = vec!["gateway".to_owned(), "--gateway-id".into(), self.gateway_id(index)];
+        let (rate, burst) = self.options.send_rate;
+        args.extend(["--send-rate".into(), rate.to_string(), "--send-burst".into(), burst.to_string()]);
+        args.extend(self.args_in(netns, client_link, nats_url, cql));
+        args.extend(self.options.gateway_args.iter().cloned());
+        let process = self.spawn_in(Some(netns.name()), &args).await;
+        self.gateways.push(Some(process));
+        index
+    }
+
+    /// Starts one more fanout worker inside `netns` (its `/metrics` on link `link`), reaching
+    /// NATS at `nats_url` and the store at `cql`; its index.
+    pub async fn add_worker_in(&mut self, netns: &Netns, link: usize, nats_url: &str, cql: &str) -> usize {
+        let index = self.workers.len();
+        let mut args = vec!["fanout".to_owned(), "--worker-id".into(), self.worker_id(index)];
+        args.extend(self.args_in(netns, link, nats_url, cql));
+        args.extend(self.options.worker_args.iter().cloned());
+        let process = self.spawn_in(Some(netns.name()), &args).await;
         self.workers.push(Some(process));
         index
     }
@@ -303,6 +383,17 @@ impl Cluster {
         }
     }
 
+    /// [`common_args`](Self::common_args) for a process in `netns`: it listens on the
+    /// namespace's address of `link` and uses the store at `cql`.
+    fn args_in(&self, netns: &Netns, link: usize, nats_url: &str, cql: &str) -> Vec<String> {
+        let mut args = self.common_args(nats_url);
+        let listen = args.iter().position(|a| a == "--listen").expect("--listen") + 1;
+        args[listen] = format!("{}:0", netns.inner_ip(link));
+        let store = args.iter().position(|a| a == "--cql").expect("--cql") + 1;
+        args[store] = cql.to_owned();
+        args
+    }
+
     /// `--listen`, NATS, CQL, keyspace and admin token: what every process gets.
     fn common_args(&self, nats_url: &str) -> Vec<String> {
         let mut args: Vec<String> = ["--listen", "127.0.0.1:0", "--nats", nats_url, "--cql", &self.cql]
@@ -313,12 +404,19 @@ impl Cluster {
         if let Some(token) = &self.options.admin_token {
             args.extend(["--admin-token".into(), token.clone()]);
         }
+        if let Nats::Cluster(_) = &self.nats {
+            args.extend(["--stream-replicas".into(), self.options.nats_nodes.len().to_string()]);
+        }
         args
     }
 
     async fn spawn(&self, args: &[String]) -> ChatProcess {
+        self.spawn_in(None, args).await
+    }
+
+    async fn spawn_in(&self, netns: Option<&str>, args: &[String]) -> ChatProcess {
         let env: Vec<(&str, &str)> = self.options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let process = ChatProcess::start(&self.options.binary, args, &env).await;
+        let process = ChatProcess::start_in(netns, &self.options.binary, args, &env).await;
         process.wait_ready().await;
         process
     }

@@ -9,6 +9,10 @@
 //!   test run (`CHAT_TEST_CQL`, or started once through `deploy/cassandra/start`), and
 //!   [`unique_keyspace`] so tests never share data; [`DedicatedCassandra`] for a node a test may
 //!   freeze.
+//! - [`NatsCluster`] (`nats_cluster`): a multi-node JetStream cluster of a current nats-server,
+//!   with nodes killed, restarted, or run inside a [`Netns`] (`netns`): a network namespace
+//!   joined to the host by veth links a test cuts for a real partition.
+//! - [`cassandra_ring`]: the three-node Cassandra ring shared by the multi-node tests.
 //! - [`ChatProcess`] (`process`): a `chat` binary in a subprocess, for kill -9 tests, and
 //!   [`wait_ready`] for its `/readyz`.
 //! - [`Cluster`] (`cluster`): nats-server, fanout workers and gateways as `chat` processes on
@@ -27,17 +31,23 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod cassandra;
+mod cassandra_ring;
 mod cluster;
 mod metrics;
 mod nats;
+mod nats_cluster;
+mod netns;
 mod process;
 mod prometheus;
 mod relay;
 
 pub use cassandra::{cassandra, unique_keyspace, DedicatedCassandra};
+pub use cassandra_ring::{cassandra_ring, kill_ring_node, restart_ring_node};
 pub use cluster::{Cluster, ClusterBuilder};
 pub use metrics::{metric, metric_or_zero};
 pub use nats::NatsServer;
+pub use nats_cluster::{NatsCluster, NatsNodeAt};
+pub use netns::{InsideRelay, Netns};
 pub use process::{wait_ready, ChatProcess, READY_TIMEOUT};
 pub use prometheus::{promtool, Prometheus};
 pub use relay::Relay;

@@ -13,6 +13,7 @@ use crate::START_TIMEOUT;
 /// A running nats-server with JetStream, killed on drop.
 pub struct NatsServer {
     child: Option<Child>,
+    host: std::net::IpAddr,
     port: u16,
     store: tempfile::TempDir,
     args: Vec<String>,
@@ -36,20 +37,26 @@ impl NatsServer {
     /// Starts a server on a free port with more command-line arguments (`--user`, `--pass`,
     /// `--auth`...). A restart keeps them.
     pub async fn start_with(args: &[&str]) -> NatsServer {
-        let store = tempfile::Builder::new().prefix("chat-nats-").tempdir().expect("temp dir");
-        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-        let (child, port) = spawn_nats(None, store.path(), &args).await;
-        NatsServer { child: Some(child), port, store, args }
+        Self::start_on([127, 0, 0, 1].into(), args).await
     }
 
-    /// `nats://127.0.0.1:PORT`
+    /// Starts a server listening on `host` (say, a [`Netns`](crate::Netns) link's host
+    /// address, so processes inside the namespace reach it) on a free port.
+    pub async fn start_on(host: std::net::IpAddr, args: &[&str]) -> NatsServer {
+        let store = tempfile::Builder::new().prefix("chat-nats-").tempdir().expect("temp dir");
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let (child, port) = spawn_nats(host, None, store.path(), &args).await;
+        NatsServer { child: Some(child), host, port, store, args }
+    }
+
+    /// `nats://HOST:PORT`
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://{}", self.addr())
     }
 
     /// The server's client address.
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        SocketAddr::new(self.host, self.port)
     }
 
     /// Kills the server (SIGKILL), keeping its port and JetStream store.
@@ -60,18 +67,25 @@ impl NatsServer {
         }
     }
 
+    /// Sends `signal` (`-STOP` freezes it: connections stay open, nothing is answered; `-CONT`).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().and_then(Child::id).expect("nats-server running");
+        let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().expect("run kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// Starts it again on the same port with the same store.
     pub async fn restart(&mut self) {
         self.kill().await;
-        let (child, _) = spawn_nats(Some(self.port), self.store.path(), &self.args).await;
+        let (child, _) = spawn_nats(self.host, Some(self.port), self.store.path(), &self.args).await;
         self.child = Some(child);
     }
 }
 
-async fn spawn_nats(port: Option<u16>, store: &Path, args: &[String]) -> (Child, u16) {
+async fn spawn_nats(host: std::net::IpAddr, port: Option<u16>, store: &Path, args: &[String]) -> (Child, u16) {
     let port_arg = port.map_or("-1".to_owned(), |p| p.to_string());
     let mut child = Command::new(nats_binary())
-        .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "-sd"])
+        .args(["-a", &host.to_string(), "-p", &port_arg, "-js", "-sd"])
         .arg(store)
         .args(args)
         .stderr(Stdio::piped())

@@ -24,7 +24,20 @@ pub struct ChatProcess {
 impl ChatProcess {
     /// Runs `binary args...` and waits for its `listening on http://ADDR` line.
     pub async fn start(binary: &Path, args: &[String], env: &[(&str, &str)]) -> ChatProcess {
-        let mut command = Command::new(binary);
+        Self::start_in(None, binary, args, env).await
+    }
+
+    /// [`start`](ChatProcess::start), inside network namespace `netns` when given (`ip netns
+    /// exec` execs the binary in place, so killing the child kills `chat`).
+    pub async fn start_in(netns: Option<&str>, binary: &Path, args: &[String], env: &[(&str, &str)]) -> ChatProcess {
+        let mut command = match netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns]).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
         command.args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
         for (key, value) in env {
             command.env(key, value);
@@ -68,6 +81,13 @@ impl ChatProcess {
     pub async fn kill(mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
+    }
+
+    /// Sends `signal` (`-STOP`, `-CONT`, ...) to the process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("process still running");
+        let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().expect("run kill");
+        assert!(status.success(), "kill {signal} {pid}");
     }
 
     /// SIGTERM and wait (bounded) for a clean exit; returns whether it exited in time.

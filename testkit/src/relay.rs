@@ -14,7 +14,13 @@ pub struct Relay {
 impl Relay {
     /// Starts relaying a dynamic loopback port to `target`.
     pub async fn start(target: SocketAddr) -> Relay {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind relay port");
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), target).await
+    }
+
+    /// Starts relaying `listen` (say, a [`Netns`](crate::Netns) link's host address, port 0) to
+    /// `target`.
+    pub async fn start_on(listen: SocketAddr, target: SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind(listen).await.expect("bind relay port");
         let addr = listener.local_addr().expect("relay address");
         let open = std::sync::Arc::new(tokio::sync::watch::Sender::new(true));
         let gate = open.clone();

@@ -1,0 +1,270 @@
+//! Real multi-node clusters under faults, audited by loadgen: a three-node NATS cluster
+//! (JetStream R3, a current nats-server), the shared three-node Cassandra ring (RF 3), and
+//! processes partitioned for real in network namespaces (veth links set down). Every test runs
+//! loadgen over the cluster, breaks one node while the load runs, and asserts the audit: no acked
+//! message lost, no duplicate, no gap, every send answered, and the flow back within a bound.
+//!
+//! The tests take turns (one lock): they share the ring and two cores, and a kill in one must
+//! not be read as a fault by another. Partitions need root (`ip netns`).
+
+// The helpers fail a test by panicking; clippy.toml's test allowance covers only `#[test]` fns.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use loadgen::schedule::Phase;
+use loadgen::{Config, Report};
+use testkit::{Cluster, InsideRelay, NatsNodeAt, Netns, Relay};
+
+/// One test at a time.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_chat"))
+}
+
+/// Sends per second over the whole run.
+const RATE: f64 = 40.0;
+/// How long the load runs; the fault comes at [`FAULT_AT`].
+const LOAD: Duration = Duration::from_secs(16);
+const FAULT_AT: Duration = Duration::from_secs(5);
+
+/// 40 clients in 4 rooms of 10 spread over `urls`, `RATE` sends/s for `LOAD`, a long drain so
+/// sends held by a fault are answered before the audit.
+fn load(urls: Vec<String>, prefix: &str) -> Config {
+    Config {
+        urls,
+        clients: 40,
+        rooms: 4,
+        rooms_per_client: 1,
+        phases: vec![Phase { duration: LOAD, rate: RATE }],
+        ramp: 0.0,
+        history_rate: 1.0,
+        seed: 11,
+        drain: Duration::from_secs(30),
+        prefix: prefix.into(),
+        progress: false,
+        ..Config::default()
+    }
+}
+
+/// Runs `config` and, concurrently, `fault` (which starts at once: it sleeps to its moment).
+async fn audited<F: Future<Output = ()>>(config: Config, fault: F) -> Report {
+    let run = tokio::spawn(async move { loadgen::run(config).await });
+    fault.await;
+    tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("loadgen finished in time")
+        .expect("loadgen task")
+        .expect("loadgen carried out")
+}
+
+/// The audit passed (nothing acked was lost, duplicated, reordered or gapped; every send was
+/// answered, ack or error), and acks never stopped for longer than `bound` (so the flow came
+/// back within it).
+fn assert_clean(report: &Report, bound: Duration) {
+    let audit = &report.audit;
+    let shown: Vec<_> = audit.findings.iter().filter(|f| f.kind.fails()).take(10).collect();
+    assert!(report.passed, "{}\nfailing findings: {shown:#?}", report.summary());
+    let timeline: Vec<String> =
+        report.timeline.iter().map(|s| format!("{:.0}s:{}/{}/{}", s.t, s.sent, s.acked, s.errors)).collect();
+    eprintln!("per second sent/acked/errors: {}", timeline.join(" "));
+    eprintln!("errors: {:?}", report.errors);
+    let stall = longest_ack_stall(report);
+    eprintln!("acked {} of {}; longest stretch without an ack: {stall:?}", audit.acked, audit.scheduled);
+    assert!(stall <= bound, "acks stopped for {stall:?} (bound {bound:?})\n{}", report.summary());
+}
+
+/// The longest run of seconds inside the measured phase in which no send was acked.
+fn longest_ack_stall(report: &Report) -> Duration {
+    let (start, end) = (report.timing.measure_start_s, report.timing.measure_start_s + report.timing.measure_s);
+    let (mut longest, mut current) = (0.0f64, 0.0f64);
+    for second in report.timeline.iter().filter(|s| s.t > 0.0 && s.t <= end - start) {
+        current = if second.acked == 0 { current + second.dt } else { 0.0 };
+        longest = longest.max(current);
+    }
+    Duration::from_secs_f64(longest)
+}
+
+fn gateway_urls(cluster: &Cluster, count: usize) -> Vec<String> {
+    (0..count).map(|i| cluster.gateway_ws(i)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_node_killed_under_load_loses_no_acked_message() {
+    let _turn = TURN.lock().await;
+    let nodes = vec![NatsNodeAt::loopback(); 3];
+    let mut cluster = Cluster::builder(binary()).nats_cluster(nodes).gateways(2).workers(2).start().await;
+    let config = load(gateway_urls(&cluster, 2), "nkill");
+    let report = audited(config, async {
+        tokio::time::sleep(FAULT_AT).await;
+        // The stream's leader goes: the other two must elect a new one.
+        let leader =
+            cluster.nats_cluster_mut().stream_leader("CHAT_SEND", 0).await.expect("the send stream has a leader");
+        eprintln!("killing NATS node {} (the send stream's leader)", leader + 1);
+        cluster.nats_cluster_mut().kill(leader).await;
+    })
+    .await;
+    assert_clean(&report, Duration::from_secs(15));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cassandra_node_killed_under_load_loses_no_acked_message() {
+    let _turn = TURN.lock().await;
+    let ring = tokio::task::spawn_blocking(testkit::cassandra_ring).await.unwrap();
+    let cluster = Cluster::builder(binary())
+        .cql(ring)
+        .gateway_arg("--replication")
+        .gateway_arg("3")
+        .worker_arg("--replication")
+        .worker_arg("3")
+        .gateways(2)
+        .workers(2)
+        .start()
+        .await;
+    let config = load(gateway_urls(&cluster, 2), "ckill");
+    let report = audited(config, async {
+        tokio::time::sleep(FAULT_AT).await;
+        tokio::task::spawn_blocking(|| testkit::kill_ring_node(3)).await.unwrap();
+    })
+    .await;
+    // The ring stays whole for the next test.
+    tokio::task::spawn_blocking(|| testkit::restart_ring_node(3)).await.unwrap();
+    assert_clean(&report, Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_under_load_loses_no_acked_message() {
+    let _turn = TURN.lock().await;
+    let mut cluster = Cluster::builder(binary()).gateways(2).workers(2).start().await;
+    let config = load(gateway_urls(&cluster, 2), "wkill");
+    let report = audited(config, async {
+        tokio::time::sleep(FAULT_AT).await;
+        cluster.kill_worker(0).await;
+    })
+    .await;
+    assert_clean(&report, Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_under_load_its_clients_resume_on_the_other_without_loss() {
+    let _turn = TURN.lock().await;
+    let mut cluster = Cluster::builder(binary()).gateways(2).workers(1).start().await;
+    let config = load(gateway_urls(&cluster, 2), "gkill");
+    let report = audited(config, async {
+        tokio::time::sleep(FAULT_AT).await;
+        cluster.kill_gateway(0).await;
+    })
+    .await;
+    assert_clean(&report, Duration::from_secs(10));
+    assert!(report.clients.reconnects > 0, "the killed gateway's clients reconnected: {:?}", report.clients);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_partition_owner_resumed_after_its_partitions_moved_assigns_no_seq_twice() {
+    let _turn = TURN.lock().await;
+    let cluster = Cluster::builder(binary()).gateways(2).workers(2).start().await;
+    let config = load(gateway_urls(&cluster, 2), "freeze");
+    let report = audited(config, async {
+        tokio::time::sleep(FAULT_AT).await;
+        cluster.worker(0).signal("-STOP");
+        // Ownership moves after 3 s without its heartbeat; JetStream redelivers its unacked
+        // sends after ack_wait (4 s). Resume it well after both, with its batches still in hand.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        cluster.worker(0).signal("-CONT");
+    })
+    .await;
+    assert_clean(&report, Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_frozen_under_load_no_send_refused_is_stored() {
+    let _turn = TURN.lock().await;
+    let cluster = Cluster::builder(binary()).gateways(2).workers(1).start().await;
+    let config = load(gateway_urls(&cluster, 2), "nfreeze");
+    let report = audited(config, async {
+        tokio::time::sleep(FAULT_AT).await;
+        // Publishes written meanwhile wait in the socket; their JetStream answers come late or
+        // never. A send told `unavailable` must not be stored when NATS comes back.
+        cluster.nats().signal("-STOP");
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        cluster.nats().signal("-CONT");
+    })
+    .await;
+    assert_eq!(report.audit.counts.refused_but_delivered, 0, "{}", report.summary());
+    assert_clean(&report, Duration::from_secs(15));
+}
+
+/// The shared Cassandra node as seen from inside `netns`, at the address it advertises (so the
+/// driver's view of the cluster holds there too), through link 0: a relay inside the namespace
+/// to a relay on the link's host address. Both stop on drop.
+async fn store_inside(netns: &Netns) -> (Relay, InsideRelay, String) {
+    let cql = testkit::cassandra();
+    let node: SocketAddr = cql.parse().expect("shared node address");
+    let outside = Relay::start_on(netns.host_bind(0), node).await;
+    let inside = netns.relay_inside(node, outside.addr());
+    (outside, inside, cql)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_partitioned_from_nats_and_the_store_then_healed_audits_clean() {
+    let _turn = TURN.lock().await;
+    // Link 0 joins the gateway to the backends, link 1 to its clients: only link 0 is cut.
+    let netns = Netns::create(2);
+    let mut cluster =
+        Cluster::builder(binary()).nats_host(netns.host_ip(0).into()).gateways(1).workers(1).start().await;
+    let (_outside, _inside, cql) = store_inside(&netns).await;
+    let nats = cluster.nats_url();
+    let inside = cluster.add_gateway_in(&netns, 1, &nats, &cql).await;
+    let config = load(vec![cluster.gateway_ws(0), cluster.gateway_ws(inside)], "gpart");
+    let report = audited(config, async {
+        tokio::time::sleep(FAULT_AT).await;
+        netns.cut(0);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        netns.heal(0);
+    })
+    .await;
+    // The partitioned gateway's clients get `unavailable` meanwhile; the others are served.
+    assert_clean(&report, Duration::from_secs(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_partitioned_then_healed_audits_clean() {
+    let _turn = TURN.lock().await;
+    let netns = Netns::create(1);
+    let mut cluster =
+        Cluster::builder(binary()).nats_host(netns.host_ip(0).into()).gateways(2).workers(1).start().await;
+    let (_outside, _inside, cql) = store_inside(&netns).await;
+    let nats = cluster.nats_url();
+    cluster.add_worker_in(&netns, 0, &nats, &cql).await;
+    let config = load(gateway_urls(&cluster, 2), "wpart");
+    let report = audited(config, async {
+        tokio::time::sleep(FAULT_AT).await;
+        netns.cut(0);
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        netns.heal(0);
+    })
+    .await;
+    assert_clean(&report, Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_node_partitioned_then_healed_audits_clean() {
+    let _turn = TURN.lock().await;
+    let netns = Netns::create(1);
+    let nodes = vec![NatsNodeAt::loopback(), NatsNodeAt::loopback(), NatsNodeAt::inside(&netns, 0)];
+    let mut cluster = Cluster::builder(binary()).nats_cluster(nodes).gateways(2).workers(2).start().await;
+    let config = load(gateway_urls(&cluster, 2), "npart");
+    let report = audited(config, async {
+        tokio::time::sleep(FAULT_AT).await;
+        netns.cut(0);
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        netns.heal(0);
+        cluster.nats_cluster_mut().wait_healthy(2).await;
+    })
+    .await;
+    assert_clean(&report, Duration::from_secs(15));
+}
