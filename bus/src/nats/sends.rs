@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use protocol::bus::{SendCommand, SendOutcome, SendReply};
 use protocol::subjects;
-use tokio::sync::oneshot;
+use tokio::sync::mpsc;
 
 use super::{unavailable, NatsBus, TRACEPARENT};
 use crate::{BusError, BusErrorKind, PendingSend, Replier};
@@ -23,7 +23,11 @@ use crate::{BusError, BusErrorKind, PendingSend, Replier};
 const REPLY_HEADER: &str = "Chat-Reply";
 
 /// Submits waiting for their answer, by reply subject.
-pub(super) type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<SendReply>>>>;
+pub(super) type Waiters = Arc<Mutex<HashMap<String, mpsc::Sender<SendReply>>>>;
+
+/// Answers one submit can take: one per copy of the send a worker held (JetStream redelivers a
+/// send whose worker was slow), plus slack.
+const REPLIES_PER_SEND: usize = 4;
 
 /// The prefix of a process's reply subjects, `chat.reply.<name>`; one send's reply subject is
 /// the prefix and a token, and the process listens on `<prefix>.>`.
@@ -31,14 +35,32 @@ pub(super) fn reply_prefix(name: &str) -> String {
     format!("chat.reply.{name}")
 }
 
-/// What a submit returns for the worker's answer (or for the answer never coming).
-fn outcome_of(reply: Result<SendReply, oneshot::error::RecvError>) -> Result<SendOutcome, BusError> {
+/// What a submit returns for a worker's answer.
+fn outcome_of(reply: SendReply) -> Result<SendOutcome, BusError> {
     match reply {
-        Ok(SendReply::Stored(outcome)) => Ok(outcome),
-        Ok(SendReply::Rejected { reason }) => Err(BusError::rejected(reason)),
-        Ok(SendReply::Unavailable { reason }) => Err(BusError::unavailable(reason)),
-        Err(_) => Err(BusError::unavailable("reply channel closed")),
+        SendReply::Stored(outcome) => Ok(outcome),
+        SendReply::Rejected { reason } => Err(BusError::rejected(reason)),
+        SendReply::Unavailable { reason } => Err(BusError::unavailable(reason)),
     }
+}
+
+/// The final answer among the workers' answers to one send. `Stored` and `Rejected` are final.
+/// `Unavailable` speaks only for the copy that worker held: JetStream may have redelivered the
+/// send to another worker (after `ack_wait`) that stores it before the deadline. So the wait
+/// goes on after it; the caller's wait past the deadline ends it, and the gateway then asks the
+/// store.
+async fn final_reply(replies: &mut mpsc::Receiver<SendReply>) -> Result<SendOutcome, BusError> {
+    let mut refused = None;
+    while let Some(reply) = replies.recv().await {
+        match reply {
+            SendReply::Unavailable { reason } => {
+                tracing::debug!(reason, "a worker did not store its copy of the send; awaiting another answer");
+                refused = Some(reason);
+            }
+            answer => return outcome_of(answer),
+        }
+    }
+    Err(BusError::unavailable(refused.unwrap_or_else(|| "reply channel closed".into())))
 }
 
 /// What a worker answers for an outcome, and how it acks the JetStream message: a stored send
@@ -99,9 +121,9 @@ impl NatsBus {
                     tracing::warn!(subject = %message.subject, "undecodable send reply ignored");
                     continue;
                 };
-                let waiter = waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(message.subject.as_str());
+                let waiter = waiters.lock().unwrap_or_else(|p| p.into_inner()).get(message.subject.as_str()).cloned();
                 if let Some(waiter) = waiter {
-                    let _ = waiter.send(reply);
+                    let _ = waiter.try_send(reply);
                 }
             }
         });
@@ -120,7 +142,7 @@ impl NatsBus {
         }
         let token = uuid::Uuid::new_v4().simple().to_string();
         let reply_subject = format!("{}.{token}", self.reply_prefix);
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = mpsc::channel(REPLIES_PER_SEND);
         self.waiters.lock().unwrap_or_else(|p| p.into_inner()).insert(reply_subject.clone(), tx);
         let _guard = WaiterGuard { waiters: &self.waiters, subject: reply_subject.clone() };
         let span = tracing::info_span!(target: telemetry::logging::HOP_TARGET, "bus.publish", subject = %subjects::send(&command.room));
@@ -168,9 +190,9 @@ impl NatsBus {
         tracing::Instrument::instrument(stored, span).await?;
         self.metrics.bus_latency.with_label_values(&["jetstream_publish"]).observe(started.elapsed().as_secs_f64());
         let replied = std::time::Instant::now();
-        let reply = rx.await;
+        let reply = final_reply(&mut rx).await;
         self.metrics.bus_latency.with_label_values(&["worker_reply"]).observe(replied.elapsed().as_secs_f64());
-        outcome_of(reply)
+        reply
     }
 
     /// Turns a pulled JetStream message into a send for the worker; an undecodable one is
@@ -259,7 +281,7 @@ mod tests {
         let (reply, ack) = reply_for(Ok(outcome()));
         assert!(matches!(ack, AckKind::Ack), "{ack:?}");
         assert_eq!(reply, SendReply::Stored(outcome()));
-        assert_eq!(outcome_of(Ok(reply)).unwrap(), outcome());
+        assert_eq!(outcome_of(reply).unwrap(), outcome());
     }
 
     #[test]
@@ -267,7 +289,7 @@ mod tests {
         let (reply, ack) = reply_for(Err(BusError::rejected("body too long")));
         assert!(matches!(ack, AckKind::Term), "{ack:?}");
         assert_eq!(reply, SendReply::Rejected { reason: "body too long".into() });
-        let error = outcome_of(Ok(reply)).unwrap_err();
+        let error = outcome_of(reply).unwrap_err();
         assert_eq!(error.kind(), BusErrorKind::Rejected);
         assert_eq!(error.message(), "body too long");
     }
@@ -277,15 +299,33 @@ mod tests {
         let (reply, ack) = reply_for(Err(BusError::unavailable("store down")));
         assert!(matches!(ack, AckKind::Term), "{ack:?}");
         assert_eq!(reply, SendReply::Unavailable { reason: "bus unavailable: store down".into() });
-        assert_eq!(outcome_of(Ok(reply)).unwrap_err().kind(), BusErrorKind::Unavailable);
+        assert_eq!(outcome_of(reply).unwrap_err().kind(), BusErrorKind::Unavailable);
     }
 
-    #[test]
-    fn no_answer_at_all_is_unavailable() {
-        let (tx, rx) = oneshot::channel::<SendReply>();
+    #[tokio::test]
+    async fn a_copy_refused_is_not_final_another_copy_stored_is() {
+        let (tx, mut rx) = mpsc::channel(REPLIES_PER_SEND);
+        tx.try_send(SendReply::Unavailable { reason: "past its deadline".into() }).unwrap();
+        tx.try_send(SendReply::Stored(outcome())).unwrap();
+        assert_eq!(final_reply(&mut rx).await.unwrap(), outcome());
+    }
+
+    #[tokio::test]
+    async fn only_refusals_wait_for_more_until_the_channel_closes() {
+        let (tx, mut rx) = mpsc::channel(REPLIES_PER_SEND);
+        tx.try_send(SendReply::Unavailable { reason: "past its deadline".into() }).unwrap();
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), final_reply(&mut rx)).await;
+        assert!(waiting.is_err(), "a refusal alone is not final");
         drop(tx);
-        let closed = rx.blocking_recv();
-        let error = outcome_of(closed).unwrap_err();
+        let error = final_reply(&mut rx).await.unwrap_err();
+        assert_eq!(error.kind(), BusErrorKind::Unavailable);
+    }
+
+    #[tokio::test]
+    async fn no_answer_at_all_is_unavailable() {
+        let (tx, mut rx) = mpsc::channel::<SendReply>(REPLIES_PER_SEND);
+        drop(tx);
+        let error = final_reply(&mut rx).await.unwrap_err();
         assert_eq!(error.kind(), BusErrorKind::Unavailable);
         assert_eq!(error.message(), "reply channel closed");
     }

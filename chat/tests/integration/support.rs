@@ -63,9 +63,21 @@ impl Client {
         self.read().await
     }
 
+    /// The next text frame as JSON, waiting up to `wait` (for answers slower than [`WAIT`]).
+    pub async fn next_within(&mut self, wait: Duration) -> Value {
+        if let Some(frame) = self.pending.pop_front() {
+            return frame;
+        }
+        self.read_within(wait).await
+    }
+
     async fn read(&mut self) -> Value {
+        self.read_within(WAIT).await
+    }
+
+    async fn read_within(&mut self, wait: Duration) -> Value {
         loop {
-            let message = tokio::time::timeout(WAIT, self.ws.next())
+            let message = tokio::time::timeout(wait, self.ws.next())
                 .await
                 .expect("a frame in time")
                 .expect("connection open")
