@@ -198,6 +198,14 @@ async fn nats_frozen_under_load_no_send_refused_is_stored() {
     assert_clean(&report, Duration::from_secs(15));
 }
 
+/// At [`FAULT_AT`], cuts `netns`'s link 0 for `length`, then heals it.
+async fn partition_at_fault_time(netns: &Netns, length: Duration) {
+    tokio::time::sleep(FAULT_AT).await;
+    netns.cut(0);
+    tokio::time::sleep(length).await;
+    netns.heal(0);
+}
+
 /// The shared Cassandra node as seen from inside `netns`, at the address it advertises (so the
 /// driver's view of the cluster holds there too), through link 0: a relay inside the namespace
 /// to a relay on the link's host address. Both stop on drop.
@@ -221,10 +229,7 @@ async fn a_gateway_partitioned_from_nats_and_the_store_then_healed_audits_clean(
     let inside = cluster.add_gateway_in(&netns, 1, &nats, &cql).await;
     let config = load(vec![cluster.gateway_ws(0), cluster.gateway_ws(inside)], "gpart");
     let report = audited(config, async {
-        tokio::time::sleep(FAULT_AT).await;
-        netns.cut(0);
-        tokio::time::sleep(Duration::from_secs(6)).await;
-        netns.heal(0);
+        partition_at_fault_time(&netns, Duration::from_secs(6)).await;
     })
     .await;
     // The partitioned gateway's clients get `unavailable` meanwhile; the others are served.
@@ -242,10 +247,7 @@ async fn a_worker_partitioned_then_healed_audits_clean() {
     cluster.add_worker_in(&netns, 0, &nats, &cql).await;
     let config = load(gateway_urls(&cluster, 2), "wpart");
     let report = audited(config, async {
-        tokio::time::sleep(FAULT_AT).await;
-        netns.cut(0);
-        tokio::time::sleep(Duration::from_secs(8)).await;
-        netns.heal(0);
+        partition_at_fault_time(&netns, Duration::from_secs(8)).await;
     })
     .await;
     assert_clean(&report, Duration::from_secs(10));
@@ -259,10 +261,7 @@ async fn a_nats_node_partitioned_then_healed_audits_clean() {
     let mut cluster = Cluster::builder(binary()).nats_cluster(nodes).gateways(2).workers(2).start().await;
     let config = load(gateway_urls(&cluster, 2), "npart");
     let report = audited(config, async {
-        tokio::time::sleep(FAULT_AT).await;
-        netns.cut(0);
-        tokio::time::sleep(Duration::from_secs(8)).await;
-        netns.heal(0);
+        partition_at_fault_time(&netns, Duration::from_secs(8)).await;
         cluster.nats_cluster_mut().wait_healthy(2).await;
     })
     .await;
