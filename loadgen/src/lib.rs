@@ -17,9 +17,11 @@
 //! - [`report`]: JSON, the summary table, and HTML with inline SVG plots.
 //! - [`progress`]: the live progress line.
 //! - [`bench`]: the auditor's CPU cost on its own.
+//! - [`capacity`]: unit costs measured into a model file, and deployment plans from it.
 
 pub mod audit;
 pub mod bench;
+pub mod capacity;
 pub mod client;
 pub mod config;
 pub mod metrics;

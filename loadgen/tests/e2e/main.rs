@@ -8,6 +8,7 @@
 // The helpers in `support` fail a test by panicking; clippy.toml's test allowance covers only `#[test]` fns.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod capacity;
 mod support;
 
 use std::time::Duration;
