@@ -128,7 +128,7 @@ async fn login(url: &str, user: &str) -> (Client, String) {
 
 /// The next frame, or `None` after `limit`.
 async fn frame_within(client: &mut Client, limit: Duration) -> Option<Value> {
-    tokio::time::timeout(limit, client.next()).await.ok()
+    tokio::time::timeout(limit, client.next_within(limit + Duration::from_secs(1))).await.ok()
 }
 
 /// The answer to the send `client_msg_id`: its `ack` or an `error`; `None` after `limit`.
