@@ -1,9 +1,13 @@
 //! A real Prometheus (Debian's `prometheus`) scrapes the all-in-one server's `/metrics`, and
 //! PromQL over the scraped series returns exactly the counts the test caused. The shipped
 //! rules (deploy/prometheus/alerts.yml) load into it and evaluate without errors, every query of
-//! the Grafana dashboard runs, and promtool accepts the rules and the example config. A missing
-//! binary fails the test, it never skips.
+//! the Grafana dashboard runs, and promtool accepts the rules and the example config. promtool's
+//! unit tests (deploy/prometheus/tests) cover every alert, firing and quiet, and every alert
+//! links its runbook; amtool accepts the Alertmanager config and routes each severity to its
+//! receiver. A missing binary fails the test, it never skips.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use testkit::{promtool, Prometheus};
@@ -137,7 +141,7 @@ async fn prometheus_scrapes_metrics_and_promql_returns_the_counts() {
     server.shutdown().await.unwrap();
 }
 
-fn path(p: &std::path::Path) -> &str {
+fn path(p: &Path) -> &str {
     p.to_str().expect("UTF-8 workspace path")
 }
 
@@ -155,4 +159,170 @@ fn collect_exprs(value: &serde_json::Value, out: &mut Vec<String>) {
         serde_json::Value::Array(items) => items.iter().for_each(|item| collect_exprs(item, out)),
         _ => {}
     }
+}
+
+/// Alert names in a rules file, each with its `runbook_url`, in file order (a line scan: the
+/// file's layout is ours).
+fn alerts_with_runbooks(rules: &str) -> Vec<(String, Option<String>)> {
+    let mut alerts: Vec<(String, Option<String>)> = Vec::new();
+    for line in rules.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("- alert:") {
+            alerts.push((name.trim().to_owned(), None));
+        } else if let (Some(url), Some(last)) = (line.strip_prefix("runbook_url:"), alerts.last_mut()) {
+            last.1 = Some(url.trim().trim_matches('"').to_owned());
+        }
+    }
+    alerts
+}
+
+/// `(alert name, fires)` of every `alert_rule_test` case in a promtool test file: `fires` is
+/// false for `exp_alerts: []`.
+fn alert_cases(tests: &str) -> Vec<(String, bool)> {
+    let mut cases = Vec::new();
+    let mut name = None;
+    for line in tests.lines().map(str::trim) {
+        if let Some(n) = line.strip_prefix("alertname:") {
+            name = Some(n.trim().to_owned());
+        } else if let Some(expected) = line.strip_prefix("exp_alerts:") {
+            let name = name.take().unwrap_or_else(|| panic!("`exp_alerts` without an alertname: {line}"));
+            cases.push((name, expected.trim() != "[]"));
+        }
+    }
+    cases
+}
+
+fn assert_success(what: &str, output: &Output) {
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn promtool_unit_tests_cover_every_alert_and_every_alert_has_a_runbook() {
+    let root = testkit::workspace_root();
+    let alerts_file = root.join("deploy/prometheus/alerts.yml");
+    let alerts = alerts_with_runbooks(&std::fs::read_to_string(&alerts_file).expect("read alerts.yml"));
+    assert!(alerts.len() >= 22, "only {} alerts found in {}", alerts.len(), alerts_file.display());
+
+    // Every alert links its own runbook, and the runbook exists.
+    for (name, url) in &alerts {
+        let expected = format!("docs/runbooks/{name}.md");
+        assert_eq!(url.as_deref(), Some(expected.as_str()), "runbook_url of {name}");
+        assert!(root.join(&expected).is_file(), "{name}: {expected} does not exist");
+    }
+
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root.join("deploy/prometheus/tests"))
+        .expect("read deploy/prometheus/tests")
+        .map(|entry| entry.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no promtool test files in deploy/prometheus/tests");
+
+    // Every alert has a case where it fires and one where it stays quiet.
+    let cases: Vec<(String, bool)> =
+        files.iter().flat_map(|f| alert_cases(&std::fs::read_to_string(f).expect("read test file"))).collect();
+    for (name, _) in &alerts {
+        for fires in [true, false] {
+            assert!(
+                cases.contains(&(name.clone(), fires)),
+                "no promtool case where {name} {} (deploy/prometheus/tests)",
+                if fires { "fires" } else { "stays quiet" }
+            );
+        }
+    }
+    let known: Vec<&String> = alerts.iter().map(|(name, _)| name).collect();
+    for (name, _) in &cases {
+        assert!(known.contains(&name), "promtool case for {name}, which alerts.yml does not define");
+    }
+
+    // `promtool test rules` on each file, two at a time (the multi-day ones take a while).
+    let outputs: Vec<(PathBuf, Output)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = files
+            .chunks(files.len().div_ceil(2))
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk.iter().map(|f| (f.clone(), promtool(&["test", "rules", path(f)]))).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("promtool thread")).collect()
+    });
+    for (file, output) in outputs {
+        assert_success(&format!("promtool test rules {}", file.display()), &output);
+    }
+}
+
+/// The `amtool` binary: `CHAT_AMTOOL`, or the one `deploy/tools/amtool` prints (it builds it
+/// once per machine with Go). Panics with what to do when neither works.
+fn amtool_binary() -> PathBuf {
+    if let Ok(binary) = std::env::var("CHAT_AMTOOL") {
+        return binary.into();
+    }
+    let script = testkit::workspace_root().join("deploy/tools/amtool");
+    let output = Command::new(&script).output().unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
+    assert_success(&format!("{} (set CHAT_AMTOOL to an amtool binary instead)", script.display()), &output);
+    let stdout = String::from_utf8(output.stdout).expect("UTF-8 path");
+    PathBuf::from(stdout.lines().last().expect("deploy/tools/amtool printed no path").trim())
+}
+
+fn amtool(binary: &Path, args: &[&str]) -> Output {
+    Command::new(binary).args(args).output().unwrap_or_else(|e| {
+        panic!("`{}` could not run ({e}): set CHAT_AMTOOL or run deploy/tools/amtool", binary.display())
+    })
+}
+
+#[test]
+fn alertmanager_config_is_valid_routes_by_severity_and_holds_pages_during_experiments() {
+    let amtool_bin = amtool_binary();
+    let config = testkit::workspace_root().join("deploy/alertmanager/alertmanager.yml");
+    let config_arg = format!("--config.file={}", path(&config));
+
+    let output = amtool(&amtool_bin, &["check-config", path(&config)]);
+    assert_success("amtool check-config", &output);
+    let summary = String::from_utf8_lossy(&output.stdout);
+    assert!(summary.contains("SUCCESS"), "amtool check-config: {summary}");
+
+    // Each severity reaches its receiver (`--verify.receivers` makes amtool exit 1 otherwise;
+    // the printed name is checked too).
+    for (labels, receiver) in [
+        (&["alertname=ChatSendAvailabilityFastBurn", "severity=page", "slo=send-availability"][..], "pager"),
+        (&["alertname=ChatE2ELatencyBudgetErosion", "severity=ticket"][..], "tickets"),
+        (&["alertname=ChatStoreSlow", "severity=warning", "op=append"][..], "chat"),
+        (&["alertname=ChatFaultInjectionActive", "severity=info"][..], "chat"),
+        (&["alertname=PlannedExperiment", "severity=none", "experiment=gameday"][..], "chat"),
+        (&["alertname=SomethingUnlabelled"][..], "chat"),
+    ] {
+        let verify = format!("--verify.receivers={receiver}");
+        let mut args = vec!["config", "routes", "test", config_arg.as_str(), verify.as_str()];
+        args.extend_from_slice(labels);
+        let output = amtool(&amtool_bin, &args);
+        assert_success(&format!("amtool {}", args.join(" ")), &output);
+        assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), receiver, "receiver of {labels:?}");
+    }
+
+    // Inhibition is not something `amtool config routes test` evaluates, and amtool has no
+    // offline inhibition check; the rule is read from the file: a PlannedExperiment alert
+    // holds back every page, with no `equal` that the runner's label-less alert could miss.
+    let text = std::fs::read_to_string(&config).expect("read alertmanager.yml");
+    let text: String =
+        text.lines().filter(|line| !line.trim_start().starts_with('#')).map(|line| format!("{line}\n")).collect();
+    let rules = text.split_once("\ninhibit_rules:").expect("alertmanager.yml has inhibit_rules").1;
+    let rules = rules.split("\nreceivers:").next().unwrap_or(rules);
+    let experiment_rule = rules
+        .split("\n  - ")
+        .find(|rule| rule.contains(r#"source_matchers: ['alertname="PlannedExperiment"'"#))
+        .unwrap_or_else(|| panic!("no inhibit rule with source alertname=\"PlannedExperiment\":\n{rules}"));
+    assert!(
+        experiment_rule.contains(r#"target_matchers: ['severity="page"']"#),
+        "the PlannedExperiment rule must target severity=\"page\":\n{experiment_rule}"
+    );
+    assert!(
+        !experiment_rule.contains("equal:"),
+        "the PlannedExperiment rule must not need equal labels:\n{experiment_rule}"
+    );
 }
