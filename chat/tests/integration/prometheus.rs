@@ -326,3 +326,75 @@ fn alertmanager_config_is_valid_routes_by_severity_and_holds_pages_during_experi
         "the PlannedExperiment rule must not need equal labels:\n{experiment_rule}"
     );
 }
+
+/// A real Alertmanager (Debian's `prometheus-alertmanager`, or `CHAT_ALERTMANAGER`) on a free
+/// port with the project's config, killed on drop.
+struct Alertmanager {
+    child: std::process::Child,
+    url: String,
+    _storage: tempfile::TempDir,
+}
+
+impl Alertmanager {
+    fn start() -> Alertmanager {
+        let binary = std::env::var("CHAT_ALERTMANAGER").unwrap_or_else(|_| "prometheus-alertmanager".into());
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+        let storage = tempfile::tempdir().expect("temp dir");
+        let config = testkit::workspace_root().join("deploy/alertmanager/alertmanager.yml");
+        let child = Command::new(&binary)
+            .arg(format!("--config.file={}", path(&config)))
+            .arg(format!("--storage.path={}", path(storage.path())))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--cluster.listen-address=")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("`{binary}` could not start ({e}): apt-get install prometheus-alertmanager, or set CHAT_ALERTMANAGER")
+            });
+        Alertmanager { child, url: format!("http://127.0.0.1:{port}"), _storage: storage }
+    }
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The state Alertmanager gives alert `name`: `active` or `suppressed`.
+async fn alert_state(http: &reqwest::Client, url: &str, name: &str) -> Option<String> {
+    let alerts: serde_json::Value = http.get(format!("{url}/api/v2/alerts")).send().await.ok()?.json().await.ok()?;
+    alerts.as_array()?.iter().find(|a| a["labels"]["alertname"] == name).map(|a| a["status"]["state"].to_string())
+}
+
+#[tokio::test]
+async fn a_planned_experiment_holds_back_pages_in_a_real_alertmanager() {
+    let alertmanager = Alertmanager::start();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+    let alert = |name: &str, severity: &str| serde_json::json!({"labels": {"alertname": name, "severity": severity}});
+    let post =
+        |alerts: serde_json::Value| http.post(format!("{}/api/v2/alerts", alertmanager.url)).json(&alerts).send();
+    // Up when it accepts alerts.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !post(serde_json::json!([alert("ChatNoGatewayUp", "page"), alert("ChatStoreErrors", "warning")]))
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(Instant::now() < deadline, "Alertmanager did not start at {}", alertmanager.url);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let state = |name: &'static str| alert_state(&http, &alertmanager.url, name);
+    assert_eq!(state("ChatNoGatewayUp").await.as_deref(), Some("\"active\""), "a page goes out normally");
+
+    // What deploy/chaos/run sends while an experiment runs.
+    let planned = serde_json::json!([{"labels": {"alertname": "PlannedExperiment", "severity": "none", "experiment": "worker-kill"}}]);
+    assert!(post(planned).await.unwrap().status().is_success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state("ChatNoGatewayUp").await.as_deref() != Some("\"suppressed\"") {
+        assert!(Instant::now() < deadline, "the page was not held back during the planned experiment");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(state("ChatStoreErrors").await.as_deref(), Some("\"active\""), "only pages are held back");
+}

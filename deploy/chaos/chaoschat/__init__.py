@@ -24,11 +24,12 @@ from chaoschat.cluster import (
     unthrottle_process,
 )
 from chaoschat.load import load_audit_passed, send_to_delivery_p99_ms, start_load
-from chaoschat.prometheus import alert_firing, alert_not_firing, send_burn_rate
+from chaoschat.prometheus import alert_firing, alert_not_firing, announce_experiment, send_burn_rate
 
 __all__ = [
     "alert_firing",
     "alert_not_firing",
+    "announce_experiment",
     "clear_faults",
     "freeze_process",
     "heal_process",

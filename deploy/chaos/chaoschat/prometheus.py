@@ -40,3 +40,29 @@ def alert_firing(name: str) -> bool:
 def alert_not_firing(name: str) -> bool:
     """The safeguard's view: True while alert `name` does not fire."""
     return not alert_firing(name)
+
+
+def announce_experiment(name: str, minutes: float = 10.0, ended: bool = False) -> str:
+    """Tells Alertmanager (CHAT_ALERTMANAGER_URL, e.g. http://127.0.0.1:9093) that a planned
+    experiment runs: the `PlannedExperiment` alert, which deploy/alertmanager/alertmanager.yml
+    uses to hold back pages. `ended=True` resolves it. Without an Alertmanager, does nothing."""
+    import datetime
+
+    base = os.environ.get("CHAT_ALERTMANAGER_URL")
+    if not base:
+        return "no Alertmanager (CHAT_ALERTMANAGER_URL unset): pages are not held back"
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ends = now if ended else now + datetime.timedelta(minutes=minutes)
+    alert = [{
+        "labels": {"alertname": "PlannedExperiment", "severity": "none", "experiment": name},
+        "annotations": {"summary": f"planned chaos experiment {name}"},
+        "startsAt": now.isoformat(),
+        "endsAt": ends.isoformat(),
+    }]
+    request = urllib.request.Request(
+        f"{base}/api/v2/alerts", data=json.dumps(alert).encode(), method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=5):
+        pass
+    return f"PlannedExperiment {name} {'resolved' if ended else f'announced for {minutes} min'}"
