@@ -41,6 +41,8 @@ pub struct MeasureOptions {
     pub step: Duration,
     /// Connect rate while ramping.
     pub ramp: f64,
+    /// Steps with a send→delivery p99 at or over this are left out of the fit.
+    pub saturated_p99_ms: f64,
     /// The NATS figure (measured elsewhere or by [`super::nats`]).
     pub nats: Throughput,
     /// The store figure.
@@ -131,6 +133,7 @@ pub async fn run_step(
         rss_kib: rss,
         e2e_p99_ms: report.latency_ms.get("send_to_delivery").map(|h| h.p99).unwrap_or(0.0),
         passed: report.passed,
+        fitted: true,
     })
 }
 
@@ -165,6 +168,7 @@ pub async fn measure(o: &MeasureOptions) -> Result<Model, MeasureError> {
         rss_kib: base_rss,
         e2e_p99_ms: 0.0,
         passed: true,
+        fitted: true,
     });
 
     let mut specs = vec![StepSpec {
@@ -207,7 +211,15 @@ pub async fn measure(o: &MeasureOptions) -> Result<Model, MeasureError> {
     drop(sampler);
     let in_process = o.pids.contains(&std::process::id());
     let mut model = model_from_steps(&steps, quiet_cores, base_rss, o, in_process);
-    model.machine = Machine { cores, cpu_model, mem_total_kib, loadavg_before, loadavg_after: proc::loadavg(), kernel };
+    model.machine = Machine {
+        cores,
+        cpu_model,
+        mem_total_kib,
+        loadavg_before,
+        loadavg_after: proc::loadavg(),
+        kernel,
+        cores_available: None,
+    };
     Ok(model)
 }
 
@@ -229,17 +241,23 @@ pub fn model_from_steps(
         ),
         None => (0.0, 0.0, 0),
     };
-    let loaded: Vec<&StepResult> = steps.iter().filter(|s| s.sends_per_sec > 0.0).collect();
+    let mut steps = steps.to_vec();
+    let healthy = steps.iter().filter(|s| s.sends_per_sec > 0.0 && s.e2e_p99_ms < o.saturated_p99_ms).count();
+    for s in steps.iter_mut().filter(|s| s.sends_per_sec > 0.0) {
+        // A starved step's CPU shows what it was given, not what the work costs.
+        s.fitted = healthy < 3 || s.e2e_p99_ms < o.saturated_p99_ms;
+    }
+    let loaded: Vec<&StepResult> = steps.iter().filter(|s| s.sends_per_sec > 0.0 && s.fitted).collect();
     let server_obs: Vec<Observation> = loaded
         .iter()
         .map(|s| Observation {
-            rates: vec![s.sends_per_sec, s.deliveries_per_sec],
+            rates: vec![s.sends_per_sec, s.deliveries_per_sec, 1.0],
             cores: s.server_cores - quiet_cores - idle_per_conn * s.clients as f64,
         })
         .collect();
     let loadgen_obs: Vec<Observation> = loaded
         .iter()
-        .map(|s| Observation { rates: vec![s.sends_per_sec, s.deliveries_per_sec], cores: s.loadgen_cores })
+        .map(|s| Observation { rates: vec![s.sends_per_sec, s.deliveries_per_sec, 1.0], cores: s.loadgen_cores })
         .collect();
     let server = fit_non_negative(&server_obs);
     let own = fit_non_negative(&loadgen_obs);
@@ -255,11 +273,13 @@ pub fn model_from_steps(
             loadavg_before: 0.0,
             loadavg_after: 0.0,
             kernel: String::new(),
+            cores_available: None,
         },
         server: ServerInfo { kind: o.kind.clone(), url: o.url.clone(), pids: o.pids.clone(), in_process },
         cpu: CpuCosts {
             quiet_cores,
             idle_cores_per_connection: idle_per_conn,
+            active_cores: cost(&server, 2),
             seconds_per_send: cost(&server, 0),
             seconds_per_delivery: cost(&server, 1),
             fit_rms_cores: server.as_ref().map(|f| f.rms).unwrap_or(0.0),
@@ -267,11 +287,15 @@ pub fn model_from_steps(
             cluster_factor_source: if cluster { "measured on a cluster".into() } else { o.cluster_factor.1.clone() },
         },
         memory: MemoryCosts { base_kib: base_rss, kib_per_connection: kib_per_conn, measured_connections: idle_conns },
-        loadgen: LoadgenCosts { seconds_per_send: cost(&own, 0), seconds_per_delivery: cost(&own, 1) },
+        loadgen: LoadgenCosts {
+            seconds_per_send: cost(&own, 0),
+            seconds_per_delivery: cost(&own, 1),
+            active_cores: cost(&own, 2),
+        },
         nats: o.nats.clone(),
         store: o.store.clone(),
         limits: o.limits.clone(),
-        steps: steps.to_vec(),
+        steps,
     }
 }
 
@@ -294,6 +318,7 @@ mod tests {
             rss_kib: rss,
             e2e_p99_ms: 1.0,
             passed: true,
+            fitted: true,
         }
     }
 
@@ -317,6 +342,15 @@ mod tests {
         assert!((m.cpu.seconds_per_delivery - 2e-6).abs() < 1e-10, "{:?}", m.cpu);
         assert!((m.loadgen.seconds_per_delivery - 1e-6).abs() < 1e-6, "{:?}", m.loadgen);
         assert_eq!(m.steps.len(), 5);
+        assert!(m.steps.iter().all(|s| s.fitted));
+
+        // A starved step (p99 over the limit) is left out: it looks cheap, not costly.
+        let mut starved = steps.clone();
+        starved.push(step("large-rooms", 100, 400.0, 100.0, 0.2, 0.0));
+        starved[5].e2e_p99_ms = 900.0;
+        let m2 = model_from_steps(&starved, 0.01, 10_000.0, &o, false);
+        assert!(!m2.steps[5].fitted);
+        assert!((m2.cpu.seconds_per_delivery - 2e-6).abs() < 1e-10, "{:?}", m2.cpu);
         assert_eq!(m.cpu.cluster_factor, 2.0);
     }
 }

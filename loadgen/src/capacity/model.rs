@@ -55,6 +55,9 @@ pub struct Machine {
     pub loadavg_after: f64,
     /// Kernel release.
     pub kernel: String,
+    /// Cores actually available when other work shares the machine (set by `knee --cores`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cores_available: Option<f64>,
 }
 
 /// What was measured.
@@ -78,6 +81,11 @@ pub struct CpuCosts {
     pub quiet_cores: f64,
     /// Extra cores per idle joined connection.
     pub idle_cores_per_connection: f64,
+    /// Cores a server spends as soon as it carries any sends, whatever the rate (the fit's
+    /// intercept: timers, wake-ups, and the batching that makes the cost per message fall as
+    /// the rate rises).
+    #[serde(default)]
+    pub active_cores: f64,
     /// CPU-seconds per accepted send (receive, sequence, store, ack).
     pub seconds_per_send: f64,
     /// CPU-seconds per delivery (one message written to one member).
@@ -109,6 +117,9 @@ pub struct LoadgenCosts {
     pub seconds_per_send: f64,
     /// CPU-seconds per delivery checked.
     pub seconds_per_delivery: f64,
+    /// Cores as soon as there are sends (the fit's intercept).
+    #[serde(default)]
+    pub active_cores: f64,
 }
 
 /// A throughput figure of one node, measured here or taken from elsewhere.
@@ -168,6 +179,13 @@ pub struct StepResult {
     pub e2e_p99_ms: f64,
     /// The step's audit passed.
     pub passed: bool,
+    /// The step was used in the cost fit (not starved of CPU).
+    #[serde(default = "yes")]
+    pub fitted: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Model {
@@ -220,6 +238,7 @@ impl Model {
         w.table("cpu");
         w.float_c("quiet_cores", c.quiet_cores, "server cores with nothing connected");
         w.float_c("idle_cores_per_connection", c.idle_cores_per_connection, "per idle joined connection");
+        w.float_c("active_cores", c.active_cores, "as soon as there are sends: the fit's intercept");
         w.float_c(
             "seconds_per_send",
             c.seconds_per_send,
@@ -243,6 +262,7 @@ impl Model {
         w.table("loadgen");
         w.float("seconds_per_send", self.loadgen.seconds_per_send);
         w.float("seconds_per_delivery", self.loadgen.seconds_per_delivery);
+        w.float("active_cores", self.loadgen.active_cores);
 
         for (name, t, what) in [
             ("nats", &self.nats, "messages per second through one NATS node"),
@@ -275,6 +295,7 @@ impl Model {
             w.float("rss_kib", st.rss_kib);
             w.float("e2e_p99_ms", st.e2e_p99_ms);
             w.bool_c("passed", st.passed, "the step's delivery audit");
+            w.bool_c("fitted", st.fitted, "used in the cost fit (false: p99 showed it starved of CPU)");
         }
         w.out
     }
@@ -347,6 +368,7 @@ pub(crate) mod tests {
                 loadavg_before: 0.5,
                 loadavg_after: 1.0,
                 kernel: "6.1".into(),
+                cores_available: None,
             },
             server: ServerInfo {
                 kind: "all-in-one".into(),
@@ -357,6 +379,7 @@ pub(crate) mod tests {
             cpu: CpuCosts {
                 quiet_cores: 0.0,
                 idle_cores_per_connection: 0.0,
+                active_cores: 0.0,
                 seconds_per_send: 100e-6,
                 seconds_per_delivery: 2e-6,
                 fit_rms_cores: 0.01,
@@ -364,7 +387,7 @@ pub(crate) mod tests {
                 cluster_factor_source: "test".into(),
             },
             memory: MemoryCosts { base_kib: 10_000.0, kib_per_connection: 8.0, measured_connections: 1000 },
-            loadgen: LoadgenCosts { seconds_per_send: 20e-6, seconds_per_delivery: 3e-6 },
+            loadgen: LoadgenCosts { seconds_per_send: 20e-6, seconds_per_delivery: 3e-6, active_cores: 0.0 },
             nats: Throughput { per_sec: 1_000_000.0, source: "test".into() },
             store: Throughput { per_sec: 1000.0, source: "test".into() },
             limits: Limits::default(),
@@ -382,6 +405,7 @@ pub(crate) mod tests {
                 rss_kib: 1.0,
                 e2e_p99_ms: 3.0,
                 passed: true,
+                fitted: true,
             }],
         }
     }

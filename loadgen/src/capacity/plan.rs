@@ -209,7 +209,7 @@ pub fn plan(m: &Model, w: &Workload) -> Plan {
     // Gateways: CPU, connections, memory.
     let gw_cpu = (w.sends_per_sec * c.seconds_per_send + deliveries * c.seconds_per_delivery) * factor
         + conns * c.idle_cores_per_connection;
-    let per_gw_cores = cores * use_share - c.quiet_cores;
+    let per_gw_cores = cores * use_share - c.quiet_cores - c.active_cores;
     let g_cpu = ceil_div(gw_cpu, per_gw_cores);
     say(format!(
         "gateway CPU = ({:.0} sends/s x {:.1} µs + {deliveries:.0} deliveries/s x {:.2} µs) x {factor} + {conns:.0} x {:.3} µs idle = {gw_cpu:.2} cores -> {g_cpu} gateways of {per_gw_cores:.2} cores",
@@ -238,7 +238,7 @@ pub fn plan(m: &Model, w: &Workload) -> Plan {
     let g = g_cpu.max(g_conn).max(g_mem);
     let gf = g as f64;
     let gw_options = [
-        ("CPU", gw_cpu / (gf * (cores - c.quiet_cores))),
+        ("CPU", gw_cpu / (gf * (cores - c.quiet_cores - c.active_cores))),
         ("connections", conns / (gf * conn_cap)),
         ("memory", (mem_need / gf + m.memory.base_kib) / mem_kib),
     ];
@@ -246,7 +246,7 @@ pub fn plan(m: &Model, w: &Workload) -> Plan {
 
     // Workers: the per-send cost (sequence, store, publish, ack), once more at the worker.
     let wk_cpu = w.sends_per_sec * c.seconds_per_send * factor;
-    let per_wk = cores * use_share;
+    let per_wk = cores * use_share - c.active_cores;
     let wn = ceil_div(wk_cpu, per_wk);
     say(format!(
         "worker CPU = {:.0} sends/s x {:.1} µs x {factor} = {wk_cpu:.2} cores -> {wn} workers of {per_wk:.2} cores",
