@@ -395,6 +395,15 @@ async fn measure_cmd(a: MeasureArgs) -> u8 {
         Ok(m) => m,
         Err(e) => return fail(&e.to_string(), 2),
     };
+    for name in ["small-rooms", "large-rooms"] {
+        let fitted = model.steps.iter().filter(|s| s.name == name && s.fitted).count();
+        if fitted < 2 {
+            eprintln!(
+                "loadgen capacity: warning: only {fitted} {name} step(s) in the fit (the others were starved of CPU): \
+                 the per-send and per-delivery costs are not well separated; measure again on a quieter machine"
+            );
+        }
+    }
     if let Err(e) = model.write(&a.out) {
         return fail(&format!("writing {}: {e}", a.out.display()), 2);
     }
