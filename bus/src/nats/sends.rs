@@ -148,16 +148,13 @@ impl NatsBus {
         let span = tracing::info_span!(target: telemetry::logging::HOP_TARGET, "bus.publish", subject = %subjects::send(&command.room));
         let mut command = command;
         command.traceparent = telemetry::trace::traceparent_of(&span, &command.traceparent);
-        // Built per attempt, so the usual single attempt pays for one set, as before retries.
-        let headers = || {
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", token.as_str());
-            headers.insert(REPLY_HEADER, reply_subject.as_str());
-            headers.insert(TRACEPARENT, command.traceparent.as_str());
-            headers
-        };
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", token.as_str());
+        headers.insert(REPLY_HEADER, reply_subject.as_str());
+        headers.insert(TRACEPARENT, command.traceparent.as_str());
         let payload: bytes::Bytes =
             serde_json::to_vec(&command).map_err(|e| BusError::encoding("encode for NATS", e))?.into();
+        let subject = subjects::send(&command.room);
         let deadline_ms = command.deadline_ms;
         let stored = async {
             // The send is refused at once only when JetStream surely did not store it. When the
@@ -167,8 +164,7 @@ impl NatsBus {
             // a worker never stores a send past its deadline.
             let mut maybe_stored = false;
             loop {
-                let subject = subjects::send(&command.room);
-                let published = self.js.publish_with_headers(subject, headers(), payload.clone()).await;
+                let published = self.js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await;
                 let answer = match published {
                     Ok(ack) => ack.await,
                     Err(e) if !maybe_stored => return Err(unavailable("publish send", e)),
