@@ -234,7 +234,7 @@ async fn metrics(State(ops): State<Arc<OpsState>>, headers: HeaderMap) -> Respon
     if let Some(refusal) = ops.access.refusal(&headers) {
         return refusal;
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], ops.metrics.render()).into_response()
+    ([(header::CONTENT_TYPE, telemetry::metrics::CONTENT_TYPE)], ops.metrics.render()).into_response()
 }
 
 async fn journey(State(ops): State<Arc<OpsState>>, Path(id): Path<String>, headers: HeaderMap) -> Response {

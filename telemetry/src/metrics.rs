@@ -1,50 +1,129 @@
-//! The metric catalogue (documented in docs/metrics.md). Every label has a small, fixed set of
-//! values, so cardinality stays bounded whatever clients send.
+//! The metric catalogue (documented in docs/metrics.md), exposed in the OpenMetrics text format
+//! by [prometheus-client](https://docs.rs/prometheus-client). Every label has a small, fixed set
+//! of values, so cardinality stays bounded whatever clients send. The two end-to-end latency
+//! histograms carry exemplars: the trace id of a message that landed in each bucket, so a
+//! dashboard can jump from a slow bucket to that message's trace.
 
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
-};
+use std::sync::atomic::AtomicU64;
+use std::time::SystemTime;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Latency buckets in seconds, 100 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
+/// An integer counter.
+pub type IntCounter = Counter<u64, AtomicU64>;
+
+/// An integer gauge.
+pub type IntGauge = Gauge;
+
+/// The label set of an exemplar: the W3C trace id of the message observed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TraceExemplar {
+    /// 32 lowercase hex digits.
+    pub trace_id: String,
+}
+
+/// A latency histogram whose buckets remember the trace id of their latest observation.
+#[derive(Clone, Debug)]
+pub struct TracedHistogram(HistogramWithExemplars<TraceExemplar>);
+
+impl TracedHistogram {
+    fn new() -> Self {
+        Self(HistogramWithExemplars::new(LATENCY_BUCKETS.iter().copied()))
+    }
+
+    /// Observes `seconds` for the message traced by `trace_id` (its exemplar when not empty).
+    pub fn observe(&self, seconds: f64, trace_id: &str) {
+        let exemplar = (!trace_id.is_empty()).then(|| TraceExemplar { trace_id: trace_id.to_owned() });
+        self.0.observe(seconds, exemplar, Some(SystemTime::now()));
+    }
+}
+
+/// Label values in the order of their family's label names.
+type LabelValues = Vec<(&'static str, String)>;
+
+/// Builds a family's histograms with its buckets.
+#[derive(Clone, Debug)]
+pub struct Buckets(&'static [f64]);
+
+impl MetricConstructor<Histogram> for Buckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(self.0.iter().copied())
+    }
+}
+
+/// A family of metrics told apart by fixed label names, looked up by their values.
+#[derive(Clone, Debug)]
+pub struct Labelled<M, C = fn() -> M> {
+    names: &'static [&'static str],
+    family: Family<LabelValues, M, C>,
+}
+
+impl<M: Clone, C: MetricConstructor<M>> Labelled<M, C> {
+    /// The metric for these label values (as many as the family has names, in order).
+    pub fn with_label_values(&self, values: &[&str]) -> M {
+        debug_assert_eq!(values.len(), self.names.len(), "label values for {:?}", self.names);
+        let key = self.names.iter().zip(values).map(|(name, value)| (*name, (*value).to_owned())).collect();
+        self.family.get_or_create_owned(&key)
+    }
+}
+
+/// A family of counters.
+pub type CounterVec = Labelled<IntCounter>;
+
+/// A family of histograms sharing one set of buckets.
+pub type HistogramVec = Labelled<Histogram, Buckets>;
+
 /// Every metric this system exports, registered in one registry per process.
 #[derive(Clone)]
 pub struct Metrics {
-    registry: Registry,
+    registry: std::sync::Arc<Registry>,
     /// Open WebSocket connections.
     pub connections: IntGauge,
     /// WebSocket connections accepted.
     pub connections_total: IntCounter,
     /// Connections refused or closed by the server, by reason.
-    pub disconnects: IntCounterVec,
+    pub disconnects: CounterVec,
     /// Client frames received, by frame type (`invalid` for unparseable ones).
-    pub frames_received: IntCounterVec,
+    pub frames_received: CounterVec,
     /// `error` frames sent, by code.
-    pub errors_sent: IntCounterVec,
+    pub errors_sent: CounterVec,
     /// Successful joins.
     pub joins: IntCounter,
     /// Sends by outcome: `acked`, `duplicate`, `unavailable`, `rejected`.
-    pub sends: IntCounterVec,
+    pub sends: CounterVec,
     /// `message` frames written to connections.
     pub deliveries: IntCounter,
     /// Deliveries or frames not delivered, by reason.
-    pub drops: IntCounterVec,
+    pub drops: CounterVec,
     /// Gaps in a room's feed filled from the store.
     pub gap_repairs: IntCounter,
     /// Messages recovered by gap repair.
     pub gap_repaired_messages: IntCounter,
-    /// Time from a gateway receiving a `send` to sending its `ack`.
-    pub send_to_ack: Histogram,
-    /// Time from sequencing to the gateway handing the message to its connections.
-    pub sequence_to_gateway: Histogram,
+    /// Time from a gateway receiving a `send` to sending its `ack` (exemplars: trace ids).
+    pub send_to_ack: TracedHistogram,
+    /// Time from sequencing to the gateway handing the message to its connections (exemplars:
+    /// trace ids).
+    pub sequence_to_gateway: TracedHistogram,
     /// Messages sequenced by fanout.
     pub sequenced: IntCounter,
     /// Store operation latency, by operation.
     pub store_latency: HistogramVec,
     /// Store errors, by operation.
-    pub store_errors: IntCounterVec,
+    pub store_errors: CounterVec,
     /// Sequencing conflicts (another writer moved the room's seq first).
     pub seq_conflicts: IntCounter,
     /// Sends the bus handed to a worker again (held past the ack deadline, or a worker died).
@@ -56,7 +135,7 @@ pub struct Metrics {
     /// Replays and gap fills answered from a room's recent messages in memory.
     pub history_cache_hits: IntCounter,
     /// Faults injected, by hop and action.
-    pub faults_injected: IntCounterVec,
+    pub faults_injected: CounterVec,
     /// Bus operation latency, by operation.
     pub bus_latency: HistogramVec,
     /// Frames waiting in a connection's outbound queue when its writer wakes up.
@@ -65,26 +144,37 @@ pub struct Metrics {
     pub delivery_lag: Histogram,
 }
 
-fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
-    let metric = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    register(registry, metric)
-}
+/// Registers metrics into one registry. OpenMetrics names a counter's samples `<name>_total`,
+/// so counters are registered without that suffix and exported with it.
+struct Registrar(Registry);
 
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let metric = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    register(registry, metric)
-}
+impl Registrar {
+    fn add<M: prometheus_client::registry::Metric + Clone>(&mut self, name: &str, help: &str, metric: M) -> M {
+        self.0.register(name, help, metric.clone());
+        metric
+    }
 
-fn histogram(registry: &Registry, name: &str, help: &str) -> Histogram {
-    let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
-    register(registry, Histogram::with_opts(opts).unwrap_or_else(|e| panic!("metric {name}: {e}")))
-}
+    fn counter(&mut self, name: &str, help: &str) -> IntCounter {
+        self.add(name, help, IntCounter::default())
+    }
 
-fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
-    // Names are fixed at compile time and unique: a failure here is a programming error.
-    #[allow(clippy::expect_used)]
-    registry.register(Box::new(metric.clone())).expect("metric names are unique");
-    metric
+    fn counter_vec(&mut self, name: &str, help: &str, names: &'static [&'static str]) -> CounterVec {
+        let family = self.add(name, help, Family::default());
+        Labelled { names, family }
+    }
+
+    fn histogram(&mut self, name: &str, help: &str, buckets: &'static [f64]) -> Histogram {
+        self.add(name, help, Histogram::new(buckets.iter().copied()))
+    }
+
+    fn histogram_vec(&mut self, name: &str, help: &str, names: &'static [&'static str], buckets: &'static [f64]) -> HistogramVec {
+        let family = self.add(name, help, Family::new_with_constructor(Buckets(buckets)));
+        Labelled { names, family }
+    }
+
+    fn traced(&mut self, name: &str, help: &str) -> TracedHistogram {
+        TracedHistogram(self.add(name, help, TracedHistogram::new().0))
+    }
 }
 
 impl Default for Metrics {
@@ -95,82 +185,66 @@ impl Default for Metrics {
 
 impl Metrics {
     /// A fresh registry holding the whole catalogue.
-    #[allow(clippy::expect_used)]
     pub fn new() -> Self {
-        let r = Registry::new();
-        let connections =
-            register(&r, IntGauge::new("chat_connections", "Open WebSocket connections.").expect("valid metric"));
-        let batch_opts = HistogramOpts::new("chat_fanout_batch_size", "Sends per fanout batch.")
-            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]);
-        let bus_opts = HistogramOpts::new("chat_bus_seconds", "Bus operation latency in seconds.")
-            .buckets(LATENCY_BUCKETS.to_vec());
-        let depth_opts =
-            HistogramOpts::new("chat_outbound_queue_depth", "Frames queued for a connection when its writer wakes.")
-                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 256.0, 1024.0]);
-        let store_opts = HistogramOpts::new("chat_store_seconds", "Store operation latency in seconds.")
-            .buckets(LATENCY_BUCKETS.to_vec());
+        let mut r = Registrar(Registry::default());
         Self {
-            connections,
-            connections_total: counter(&r, "chat_connections_total", "WebSocket connections accepted."),
-            disconnects: counter_vec(
-                &r,
-                "chat_disconnects_total",
+            connections: r.add("chat_connections", "Open WebSocket connections.", IntGauge::default()),
+            connections_total: r.counter("chat_connections_accepted", "WebSocket connections accepted."),
+            disconnects: r.counter_vec(
+                "chat_disconnects",
                 "Connections refused or closed by the server, by reason.",
                 &["reason"],
             ),
-            frames_received: counter_vec(
-                &r,
-                "chat_frames_received_total",
-                "Client frames received, by type.",
-                &["type"],
+            frames_received: r.counter_vec("chat_frames_received", "Client frames received, by type.", &["type"]),
+            errors_sent: r.counter_vec("chat_errors_sent", "Error frames sent, by code.", &["code"]),
+            joins: r.counter("chat_joins", "Successful joins."),
+            sends: r.counter_vec("chat_sends", "Sends by outcome.", &["outcome"]),
+            deliveries: r.counter("chat_deliveries", "Message frames written to connections."),
+            drops: r.counter_vec("chat_drops", "Frames or deliveries not delivered, by reason.", &["reason"]),
+            gap_repairs: r.counter("chat_gap_repairs", "Gaps in a room feed filled from the store."),
+            gap_repaired_messages: r.counter("chat_gap_repaired_messages", "Messages recovered by gap repair."),
+            send_to_ack: r.traced("chat_send_ack_seconds", "Gateway receive of a send to its ack, in seconds."),
+            sequence_to_gateway: r
+                .traced("chat_sequence_to_gateway_seconds", "Sequencing to gateway fan-out, in seconds."),
+            sequenced: r.counter("chat_sequenced", "Messages sequenced and stored."),
+            store_latency: r.histogram_vec(
+                "chat_store_seconds",
+                "Store operation latency in seconds.",
+                &["op"],
+                LATENCY_BUCKETS,
             ),
-            errors_sent: counter_vec(&r, "chat_errors_sent_total", "Error frames sent, by code.", &["code"]),
-            joins: counter(&r, "chat_joins_total", "Successful joins."),
-            sends: counter_vec(&r, "chat_sends_total", "Sends by outcome.", &["outcome"]),
-            deliveries: counter(&r, "chat_deliveries_total", "Message frames written to connections."),
-            drops: counter_vec(&r, "chat_drops_total", "Frames or deliveries not delivered, by reason.", &["reason"]),
-            gap_repairs: counter(&r, "chat_gap_repairs_total", "Gaps in a room feed filled from the store."),
-            gap_repaired_messages: counter(&r, "chat_gap_repaired_messages_total", "Messages recovered by gap repair."),
-            send_to_ack: histogram(&r, "chat_send_ack_seconds", "Gateway receive of a send to its ack, in seconds."),
-            sequence_to_gateway: histogram(
-                &r,
-                "chat_sequence_to_gateway_seconds",
-                "Sequencing to gateway fan-out, in seconds.",
-            ),
-            sequenced: counter(&r, "chat_sequenced_total", "Messages sequenced and stored."),
-            store_latency: register(&r, HistogramVec::new(store_opts, &["op"]).expect("valid metric")),
-            store_errors: counter_vec(&r, "chat_store_errors_total", "Store errors, by operation.", &["op"]),
-            seq_conflicts: counter(&r, "chat_seq_conflicts_total", "Sequencing conflicts with another writer."),
-            send_redeliveries: counter(
-                &r,
-                "chat_send_redeliveries_total",
+            store_errors: r.counter_vec("chat_store_errors", "Store errors, by operation.", &["op"]),
+            seq_conflicts: r.counter("chat_seq_conflicts", "Sequencing conflicts with another writer."),
+            send_redeliveries: r.counter(
+                "chat_send_redeliveries",
                 "Sends handed to a worker again by JetStream (ack deadline passed, or a worker died).",
             ),
-            fanout_batch: register(&r, Histogram::with_opts(batch_opts).expect("valid metric")),
-            history_coalesced: counter(
-                &r,
-                "chat_history_coalesced_total",
-                "History reads that joined an identical read in flight.",
+            fanout_batch: r.histogram(
+                "chat_fanout_batch_size",
+                "Sends per fanout batch.",
+                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
             ),
-            history_cache_hits: counter(
-                &r,
-                "chat_history_cache_hits_total",
-                "Replays and gap fills served from recent messages in memory.",
-            ),
-            faults_injected: counter_vec(
-                &r,
-                "chat_faults_injected_total",
+            history_coalesced: r
+                .counter("chat_history_coalesced", "History reads that joined an identical read in flight."),
+            history_cache_hits: r
+                .counter("chat_history_cache_hits", "Replays and gap fills served from recent messages in memory."),
+            faults_injected: r.counter_vec(
+                "chat_faults_injected",
                 "Faults injected, by hop and action.",
                 &["hop", "action"],
             ),
-            bus_latency: register(&r, HistogramVec::new(bus_opts, &["op"]).expect("valid metric")),
-            outbound_queue_depth: register(&r, Histogram::with_opts(depth_opts).expect("valid metric")),
-            delivery_lag: histogram(
-                &r,
+            bus_latency: r.histogram_vec("chat_bus_seconds", "Bus operation latency in seconds.", &["op"], LATENCY_BUCKETS),
+            outbound_queue_depth: r.histogram(
+                "chat_outbound_queue_depth",
+                "Frames queued for a connection when its writer wakes.",
+                &[1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 256.0, 1024.0],
+            ),
+            delivery_lag: r.histogram(
                 "chat_delivery_lag_seconds",
                 "Age of the oldest message of each connection write batch, in seconds.",
+                LATENCY_BUCKETS,
             ),
-            registry: r,
+            registry: std::sync::Arc::new(r.0),
         }
     }
 
@@ -182,12 +256,56 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// The OpenMetrics text exposition of every metric ([`CONTENT_TYPE`]), ending in `# EOF`.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
-            return format!("# encoding failed: {e}\n");
+        let mut out = String::new();
+        if let Err(e) = encode(&mut out, &self.registry) {
+            return format!("# encoding failed: {e}\n# EOF\n");
         }
-        String::from_utf8(out).unwrap_or_default()
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_exported_with_the_total_suffix_and_their_labels() {
+        let metrics = Metrics::new();
+        metrics.sends.with_label_values(&["acked"]).inc();
+        metrics.connections_total.inc();
+        metrics.connections.set(3);
+        let text = metrics.render();
+        assert!(text.contains("chat_sends_total{outcome=\"acked\"} 1\n"), "{text}");
+        assert!(text.contains("chat_connections_accepted_total 1\n"), "{text}");
+        assert!(text.contains("chat_connections 3\n"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn latency_buckets_carry_the_trace_id_of_their_latest_message() {
+        let metrics = Metrics::new();
+        metrics.send_to_ack.observe(0.003, "0af7651916cd43dd8448eb211c80319c");
+        metrics.send_to_ack.observe(0.004, "");
+        let text = metrics.render();
+        let bucket = text
+            .lines()
+            .find(|l| l.starts_with("chat_send_ack_seconds_bucket{le=\"0.005\"}"))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(bucket.starts_with("chat_send_ack_seconds_bucket{le=\"0.005\"} 2 # {trace_id=\"0af7651916cd43dd8448eb211c80319c\"} 0.003"), "{bucket}");
+        assert!(text.contains("chat_send_ack_seconds_count 2\n"), "{text}");
+    }
+
+    #[test]
+    fn a_labelled_family_keeps_one_series_per_value() {
+        let metrics = Metrics::new();
+        metrics.store_latency.with_label_values(&["append"]).observe(0.002);
+        metrics.store_latency.with_label_values(&["append"]).observe(0.002);
+        metrics.fault("fanout.sequence", "drop");
+        let text = metrics.render();
+        assert!(text.contains("chat_store_seconds_count{op=\"append\"} 2\n"), "{text}");
+        assert!(text.contains("chat_faults_injected_total{hop=\"fanout.sequence\",action=\"drop\"} 1\n"), "{text}");
+        assert!(text.contains("chat_drops_total{reason=\"fault_drop\"} 1\n"), "{text}");
     }
 }

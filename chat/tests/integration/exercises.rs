@@ -576,7 +576,7 @@ async fn ex04_debug_the_byzantine_failure() {
     assert!(counted >= skewed as f64, "{fanout1}");
     let gw1 = metrics(&lab.gateway_url(0)).await;
     let beyond_10s = metric(&gw1, "chat_sequence_to_gateway_seconds_bucket{le=\"+Inf\"}")
-        - metric(&gw1, "chat_sequence_to_gateway_seconds_bucket{le=\"10\"}");
+        - metric(&gw1, "chat_sequence_to_gateway_seconds_bucket{le=\"10.0\"}");
     assert_eq!(
         beyond_10s, skewed as f64,
         "skewed messages land in the +Inf bucket of chat_sequence_to_gateway_seconds"

@@ -280,7 +280,7 @@ impl Connection {
         match outcome {
             Ok(SendOutcome { message, duplicate }) => {
                 metrics.sends.with_label_values(&[if duplicate { "duplicate" } else { "acked" }]).inc();
-                metrics.send_to_ack.observe(started.elapsed().as_secs_f64());
+                metrics.send_to_ack.observe(started.elapsed().as_secs_f64(), &message.trace_id);
                 let key = protocol::bus::dedupe_key(&room, &message.user, &client_msg_id);
                 self.app.journal.link(&key, message.id);
                 self.app.journal.record(

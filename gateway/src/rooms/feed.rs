@@ -203,7 +203,7 @@ impl Rooms {
             }
         }
         let lag = (protocol::now_ms() - sequenced_ms).max(0) as f64 / 1000.0;
-        self.metrics.sequence_to_gateway.observe(lag);
+        self.metrics.sequence_to_gateway.observe(lag, &delivery.message.trace_id);
         if skipped + kicked > 0 {
             self.metrics.drops.with_label_values(&["queue_full"]).inc_by(u64::from(skipped + kicked));
         }
