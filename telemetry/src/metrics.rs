@@ -167,7 +167,13 @@ impl Registrar {
         self.add(name, help, Histogram::new(buckets.iter().copied()))
     }
 
-    fn histogram_vec(&mut self, name: &str, help: &str, names: &'static [&'static str], buckets: &'static [f64]) -> HistogramVec {
+    fn histogram_vec(
+        &mut self,
+        name: &str,
+        help: &str,
+        names: &'static [&'static str],
+        buckets: &'static [f64],
+    ) -> HistogramVec {
         let family = self.add(name, help, Family::new_with_constructor(Buckets(buckets)));
         Labelled { names, family }
     }
@@ -233,7 +239,12 @@ impl Metrics {
                 "Faults injected, by hop and action.",
                 &["hop", "action"],
             ),
-            bus_latency: r.histogram_vec("chat_bus_seconds", "Bus operation latency in seconds.", &["op"], LATENCY_BUCKETS),
+            bus_latency: r.histogram_vec(
+                "chat_bus_seconds",
+                "Bus operation latency in seconds.",
+                &["op"],
+                LATENCY_BUCKETS,
+            ),
             outbound_queue_depth: r.histogram(
                 "chat_outbound_queue_depth",
                 "Frames queued for a connection when its writer wakes.",
@@ -293,7 +304,12 @@ mod tests {
             .lines()
             .find(|l| l.starts_with("chat_send_ack_seconds_bucket{le=\"0.005\"}"))
             .unwrap_or_else(|| panic!("{text}"));
-        assert!(bucket.starts_with("chat_send_ack_seconds_bucket{le=\"0.005\"} 2 # {trace_id=\"0af7651916cd43dd8448eb211c80319c\"} 0.003"), "{bucket}");
+        assert!(
+            bucket.starts_with(
+                "chat_send_ack_seconds_bucket{le=\"0.005\"} 2 # {trace_id=\"0af7651916cd43dd8448eb211c80319c\"} 0.003"
+            ),
+            "{bucket}"
+        );
         assert!(text.contains("chat_send_ack_seconds_count 2\n"), "{text}");
     }
 
