@@ -16,10 +16,12 @@
 //!
 //! This file holds the configuration, the connection and the send stream; the rest is by
 //! concept: `sends` (a send's round trip: publish, reply, ack), `feeds` (room deliveries and
-//! events), `journeys` (journey queries between processes) and `workers` (worker membership,
-//! partition ownership and pulling).
+//! events), `journeys` (journey queries between processes), `workers` (worker membership,
+//! partition ownership and pulling) and `ids` (what an undecodable payload still names, for
+//! its log line).
 
 mod feeds;
+mod ids;
 mod journeys;
 mod sends;
 mod workers;

@@ -121,13 +121,15 @@ impl Fanout {
         for attempt in 0..=self.config.conflict_retries {
             let last = match known_last {
                 Some(last) => last,
-                None => match self.timed("last_seq", self.store.last_seq(room)).await {
-                    Ok(last) => last,
-                    Err(e) => {
-                        answer_all(sends, BusError::unavailable(e.to_string())).await;
-                        return None;
+                None => {
+                    match self.timed("last_seq", Concerning::sends(room, &sends), self.store.last_seq(room)).await {
+                        Ok(last) => last,
+                        Err(e) => {
+                            answer_all(sends, BusError::unavailable(e.to_string())).await;
+                            return None;
+                        }
                     }
-                },
+                }
             };
             let decisions = match self.decide(room, last, &sends).await {
                 Ok(decisions) => decisions,
@@ -164,14 +166,26 @@ impl Fanout {
             // Whether a failed append was stored anyway is known by its newest message: a store
             // may append a big batch in chunks, and stop after some of them.
             if let Some(newest) = new.last().cloned() {
+                let concerning = Concerning::messages(room, &decisions, new.len());
                 let append = RoomAppend { room: room.to_owned(), expected_last_seq: last, messages: new };
-                let appended = self.timed("append", self.store.append(append)).await;
+                let appended = self.timed("append", concerning, self.store.append(append)).await;
                 drop(store_spans);
                 match appended {
                     Ok(()) => {}
                     Err(conflict) if conflict.is_conflict() => {
                         self.metrics.seq_conflicts.inc();
-                        tracing::debug!(room, attempt, error = %conflict, "sequencing conflict; retrying");
+                        // The messages' ids are drawn again on the retry: their sends' trace ids
+                        // are what stays.
+                        let sends_of = Concerning::sends(room, &sends);
+                        tracing::debug!(
+                            room,
+                            attempt,
+                            trace_id = %sends_of.trace_id,
+                            client_msg_id = sends_of.client_msg_id,
+                            sends = sends_of.count,
+                            error = %conflict,
+                            "sequencing conflict; retrying"
+                        );
                         if protocol::now_ms() > latest_deadline(&sends) {
                             break;
                         }
@@ -213,7 +227,9 @@ impl Fanout {
         let mut next_seq = last + 1;
         let keys: Vec<(&str, &str)> =
             sends.iter().map(|p| (p.command.user.as_str(), p.command.client_msg_id.as_str())).collect();
-        let mut stored = self.timed("find_dedupe", self.store.find_by_client_msg_ids(room, &keys)).await?;
+        let mut stored = self
+            .timed("find_dedupe", Concerning::sends(room, sends), self.store.find_by_client_msg_ids(room, &keys))
+            .await?;
         for (i, pending) in sends.iter().enumerate() {
             let command = &pending.command;
             if let Some(reason) = invalid(command) {
@@ -342,9 +358,12 @@ impl Fanout {
         self.bus.deliver(message.clone(), traceparent).await
     }
 
+    /// Runs a store operation for the messages `concerning` names, timing it and logging its
+    /// failure with them.
     async fn timed<T>(
         &self,
         op: &str,
+        concerning: Concerning<'_>,
         f: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let started = Instant::now();
@@ -353,10 +372,63 @@ impl Fanout {
         if let Err(e) = &result {
             if !e.is_conflict() {
                 self.metrics.store_errors.with_label_values(&[op]).inc();
-                tracing::warn!(op, error = %e, "store operation failed");
+                tracing::warn!(
+                    op,
+                    room = concerning.room,
+                    trace_id = %concerning.trace_id,
+                    message_id = concerning.message_id.map(tracing::field::display),
+                    client_msg_id = concerning.client_msg_id,
+                    messages = concerning.count,
+                    error = %e,
+                    "store operation failed"
+                );
             }
         }
         result
+    }
+}
+
+/// The messages of a room that a store operation or a retry is for, named in its log line by
+/// the first of them and how many there are (one room's part of a batch can hold a thousand;
+/// each one's own outcome reaches its gateway, which logs a failure with its ids).
+#[derive(Clone, Copy)]
+struct Concerning<'a> {
+    room: &'a str,
+    /// The first one's trace id.
+    trace_id: &'a str,
+    /// The first one's id, once sequenced (an append).
+    message_id: Option<Uuid>,
+    /// The first one's sender's key, which names it before it is sequenced.
+    client_msg_id: &'a str,
+    count: usize,
+}
+
+impl<'a> Concerning<'a> {
+    /// A room's sends, before they are sequenced.
+    fn sends(room: &'a str, sends: &'a [PendingSend]) -> Self {
+        let first = sends.first().map(|pending| &pending.command);
+        Concerning {
+            room,
+            trace_id: first.map_or(protocol::bus::NO_TRACE_ID, SendCommand::trace_id),
+            message_id: None,
+            client_msg_id: first.map_or("", |command| command.client_msg_id.as_str()),
+            count: sends.len(),
+        }
+    }
+
+    /// The `count` new messages among a room's `decisions`, about to be appended.
+    fn messages(room: &'a str, decisions: &'a [Decision], count: usize) -> Self {
+        let first = decisions.iter().find_map(|decision| match decision {
+            Decision::New(message) => Some(message),
+            _ => None,
+        });
+        Concerning {
+            room,
+            trace_id: first.map_or(protocol::bus::NO_TRACE_ID, |message| message.trace_id.as_str()),
+            message_id: first.map(|message| message.id),
+            client_msg_id: first.map_or("", |message| message.client_msg_id.as_str()),
+            count,
+        }
     }
 }
 

@@ -305,6 +305,97 @@ async fn an_invalid_command_from_the_bus_is_rejected_with_a_reason() {
     worker.stop().await;
 }
 
+// === log lines name their messages ===
+
+/// A buffer log lines are written into.
+#[derive(Clone, Default)]
+struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Buffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Buffer {
+    fn lines(&self) -> Vec<String> {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap().lines().map(str::to_owned).collect()
+    }
+}
+
+/// Log lines as the binary writes them (telemetry::logging): text, and JSON for
+/// `--log-format json`, hop spans left out; here into two buffers.
+fn logs_into(text: &Buffer, json: &Buffer) -> impl tracing::Subscriber + Send + Sync {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::Layer;
+    let lines = || {
+        tracing_subscriber::filter::Targets::new()
+            .with_default(tracing::Level::DEBUG)
+            .with_target(telemetry::logging::HOP_TARGET, tracing::level_filters::LevelFilter::OFF)
+    };
+    let (text, json) = (text.clone(), json.clone());
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_ansi(false).with_writer(move || text.clone()).with_filter(lines()))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_current_span(true)
+                .with_writer(move || json.clone())
+                .with_filter(lines()),
+        )
+}
+
+/// An append that fails names the messages it was for by the first one's trace id and message
+/// id, and how many there were, as fields of the event itself (no span): `grep
+/// message_id=<id>` finds it in text logs, and `.fields.message_id` in JSON ones.
+#[tokio::test]
+async fn a_failed_append_is_logged_with_its_first_messages_trace_id_and_message_id() {
+    let (text, json) = (Buffer::default(), Buffer::default());
+    let _logging = tracing::subscriber::set_default(logs_into(&text, &json));
+    let worker = worker();
+    *worker.store.next_append.lock().unwrap() = Some(Failure::FirstOnlyApplied);
+    let traces =
+        ["4bf92f3577b34da6a3ce929d0e0e4736", "0af7651916cd43dd8448eb211c80319c", "5b8efff798038103d269b633813fc60c"];
+    let commands = ["a", "b", "c"]
+        .into_iter()
+        .zip(traces)
+        .map(|(id, trace)| SendCommand {
+            traceparent: format!("00-{trace}-00f067aa0ba902b7-01"),
+            ..command("r", id, soon())
+        })
+        .collect();
+    worker.batch(commands).await;
+    // The failed append stored its first message (and not the others, sequenced again after
+    // it): the line names that one.
+    let first = worker.stored("r").await.remove(0);
+    assert_eq!(first.client_msg_id, "a");
+    assert_eq!(first.trace_id, traces[0]);
+    worker.stop().await;
+
+    let failures: Vec<serde_json::Value> = json
+        .lines()
+        .iter()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter(|line| line["fields"]["message"] == "store operation failed")
+        .collect();
+    assert_eq!(failures.len(), 1, "{:#?}", json.lines());
+    let fields = &failures[0]["fields"];
+    assert_eq!(fields["op"], "append");
+    assert_eq!(fields["trace_id"], traces[0]);
+    assert_eq!(fields["message_id"], first.id.to_string());
+    assert_eq!(fields["messages"], 3);
+    assert!(failures[0].get("span").is_none(), "the ids are the event's own fields: {:#}", failures[0]);
+
+    let line = text.lines().into_iter().find(|line| line.contains("store operation failed")).expect("a text line");
+    for field in [format!("trace_id={}", traces[0]), format!("message_id={}", first.id), "messages=3".into()] {
+        assert!(line.contains(&field), "{field} in {line}");
+    }
+}
+
 // === the invariants, over arbitrary histories ===
 
 use std::collections::{BTreeMap, HashMap};

@@ -193,12 +193,21 @@ impl FaultyFanoutBus {
         }
         for pending in &held {
             let Some(Some(fired)) = decided.get(&pending.command.room) else { continue };
-            let trace_id = telemetry::trace::trace_id_of(&pending.command.traceparent);
+            let command = &pending.command;
+            // One line per send, so grepping a message's trace id finds why it waited; a sealed
+            // fault leaves no line, as it leaves no mark.
+            if !fired.sealed {
+                tracing::warn!(
+                    room = %command.room,
+                    trace_id = %command.trace_id(),
+                    client_msg_id = command.client_msg_id.as_str(),
+                    hold = ?fired.wait(),
+                    "injected fault: worker holds a send of a stalled room"
+                );
+            }
+            let trace_id = telemetry::trace::trace_id_of(&command.traceparent);
             let detail = serde_json::json!({"millis": fired.millis, "worker": self.injector.process()});
-            self.injector.mark_send(fired, &pending.command.dedupe_key(), &trace_id, detail);
-        }
-        if fired.iter().any(|f| !f.sealed) {
-            tracing::warn!(sends = held.len(), ?hold, "injected fault: worker holds a room's sends");
+            self.injector.mark_send(fired, &command.dedupe_key(), &trace_id, detail);
         }
         Some((held, hold))
     }

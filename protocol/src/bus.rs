@@ -30,6 +30,30 @@ impl SendCommand {
     pub fn dedupe_key(&self) -> String {
         dedupe_key(&self.room, &self.user, &self.client_msg_id)
     }
+
+    /// The trace id in `traceparent`, borrowed ([`trace_id_in`]).
+    pub fn trace_id(&self) -> &str {
+        trace_id_in(&self.traceparent)
+    }
+}
+
+/// What a log line says for a trace id it does not know: W3C's invalid all-zero id.
+pub const NO_TRACE_ID: &str = "00000000000000000000000000000000";
+
+/// The trace id inside a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), borrowed from it,
+/// or [`NO_TRACE_ID`] when it holds none. For log lines: it neither allocates nor builds a
+/// trace context, and what it returns is always 32 lowercase hex digits, safe to print bare.
+pub fn trace_id_in(traceparent: &str) -> &str {
+    let bytes = traceparent.as_bytes();
+    match traceparent.get(3..35) {
+        Some(id) if bytes[2] == b'-' && bytes.get(35) == Some(&b'-') && is_trace_id(id) => id,
+        _ => NO_TRACE_ID,
+    }
+}
+
+/// Whether `id` is a valid W3C trace id: 32 lowercase hex digits, not all zero.
+pub fn is_trace_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) && id != NO_TRACE_ID
 }
 
 /// The dedupe key of a message: user, room and client message id, unambiguously joined.
@@ -97,4 +121,42 @@ pub enum RoomEvent {
         /// Its users in the room.
         users: Vec<String>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_trace_id_of_a_traceparent_is_borrowed_from_it() {
+        let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        assert_eq!(trace_id_in(traceparent), "0af7651916cd43dd8448eb211c80319c");
+        let command = SendCommand {
+            room: "r".into(),
+            user: "u".into(),
+            client_msg_id: "c".into(),
+            body: "b".into(),
+            traceparent: traceparent.into(),
+            gateway: "g".into(),
+            deadline_ms: 0,
+        };
+        assert_eq!(command.trace_id(), "0af7651916cd43dd8448eb211c80319c");
+    }
+
+    #[test]
+    fn anything_but_a_traceparent_has_no_trace_id() {
+        for value in [
+            "",
+            "00",
+            "00-0af7651916cd43dd8448eb211c80319c",
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c0-7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c8031é-b7ad6b7169203331-01",
+            "00_0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c message_id=x",
+        ] {
+            assert_eq!(trace_id_in(value), NO_TRACE_ID, "{value:?}");
+        }
+    }
 }

@@ -13,6 +13,7 @@ use protocol::bus::RoomEvent;
 use protocol::{subjects, ChatMessage};
 use tokio::sync::mpsc;
 
+use super::ids::Named;
 use super::{unavailable, NatsBus, TRACEPARENT};
 use crate::{BusError, FeedItem, RoomFeed};
 
@@ -48,7 +49,17 @@ impl NatsBus {
                                 let traceparent = m.headers.as_ref().and_then(|h| h.get(TRACEPARENT)).map(|v| v.as_str().to_owned());
                                 FeedItem::Message(Arc::new(message), traceparent)
                             }
-                            Err(e) => { tracing::warn!(room = %name, error = %e, "undecodable delivery ignored"); continue }
+                            Err(e) => {
+                                let named = Named::read(&m.payload, m.headers.as_ref());
+                                tracing::warn!(
+                                    room = %name,
+                                    trace_id = named.trace_id.as_deref().map(tracing::field::display),
+                                    message_id = named.message_id.map(tracing::field::display),
+                                    error = %e,
+                                    "undecodable delivery ignored"
+                                );
+                                continue
+                            }
                         },
                         None => break,
                     },

@@ -66,7 +66,7 @@ impl NatsBus {
             match serde_json::from_slice::<Journey>(&reply.payload) {
                 Ok(journey) if from_elsewhere(&journey, &self.config.name) => journeys.push(journey),
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "undecodable journey reply ignored"),
+                Err(e) => tracing::warn!(message_id = %id, error = %e, "undecodable journey reply ignored"),
             }
         }
         journeys

@@ -16,6 +16,7 @@ use protocol::bus::{SendCommand, SendOutcome, SendReply};
 use protocol::subjects;
 use tokio::sync::mpsc;
 
+use super::ids::Named;
 use super::{unavailable, NatsBus, TRACEPARENT};
 use crate::{BusError, BusErrorKind, PendingSend, Replier};
 
@@ -48,13 +49,19 @@ fn outcome_of(reply: SendReply) -> Result<SendOutcome, BusError> {
 /// `Unavailable` speaks only for the copy that worker held: JetStream may have redelivered the
 /// send to another worker (after `ack_wait`) that stores it before the deadline. So the wait
 /// goes on after it; the caller's wait past the deadline ends it, and the gateway then asks the
-/// store.
-async fn final_reply(replies: &mut mpsc::Receiver<SendReply>) -> Result<SendOutcome, BusError> {
+/// store. `command` names the send in the log.
+async fn final_reply(replies: &mut mpsc::Receiver<SendReply>, command: &SendCommand) -> Result<SendOutcome, BusError> {
     let mut refused = None;
     while let Some(reply) = replies.recv().await {
         match reply {
             SendReply::Unavailable { reason } => {
-                tracing::debug!(reason, "a worker did not store its copy of the send; awaiting another answer");
+                tracing::debug!(
+                    room = %command.room,
+                    trace_id = %command.trace_id(),
+                    client_msg_id = command.client_msg_id.as_str(),
+                    reason,
+                    "a worker did not store its copy of the send; awaiting another answer"
+                );
                 refused = Some(reason);
             }
             answer => return outcome_of(answer),
@@ -118,7 +125,13 @@ impl NatsBus {
         tokio::spawn(async move {
             while let Some(message) = replies.next().await {
                 let Ok(reply) = serde_json::from_slice::<SendReply>(&message.payload) else {
-                    tracing::warn!(subject = %message.subject, "undecodable send reply ignored");
+                    let named = Named::read(&message.payload, None);
+                    tracing::warn!(
+                        subject = %message.subject,
+                        trace_id = named.trace_id.as_deref().map(tracing::field::display),
+                        message_id = named.message_id.map(tracing::field::display),
+                        "undecodable send reply ignored"
+                    );
                     continue;
                 };
                 let waiter = waiters.lock().unwrap_or_else(|p| p.into_inner()).get(message.subject.as_str()).cloned();
@@ -178,7 +191,13 @@ impl NatsBus {
                     Err(e) => {
                         maybe_stored = true;
                         if protocol::now_ms() + REPUBLISH_PAUSE.as_millis() as i64 >= deadline_ms {
-                            tracing::warn!(error = %e, "JetStream never confirmed the send; awaiting the worker's answer");
+                            tracing::warn!(
+                                room = %command.room,
+                                trace_id = %command.trace_id(),
+                                client_msg_id = command.client_msg_id.as_str(),
+                                error = %e,
+                                "JetStream never confirmed the send; awaiting the worker's answer"
+                            );
                             return Ok(());
                         }
                         tokio::time::sleep(REPUBLISH_PAUSE).await;
@@ -190,7 +209,7 @@ impl NatsBus {
         tracing::Instrument::instrument(stored, span).await?;
         self.metrics.bus_latency.with_label_values(&["jetstream_publish"]).observe(started.elapsed().as_secs_f64());
         let replied = std::time::Instant::now();
-        let reply = final_reply(&mut rx).await;
+        let reply = final_reply(&mut rx, &command).await;
         self.metrics.bus_latency.with_label_values(&["worker_reply"]).observe(replied.elapsed().as_secs_f64());
         reply
     }
@@ -204,7 +223,13 @@ impl NatsBus {
                 let delivery = delivery_number(message.info().ok().map(|info| info.delivered));
                 if delivery > 1 {
                     self.metrics.send_redeliveries.inc();
-                    tracing::info!(room = %command.room, client_msg_id = %command.client_msg_id, delivery, "send redelivered by JetStream");
+                    tracing::info!(
+                        room = %command.room,
+                        trace_id = %command.trace_id(),
+                        client_msg_id = command.client_msg_id.as_str(),
+                        delivery,
+                        "send redelivered by JetStream"
+                    );
                 }
                 let span = tracing::info_span!(target: telemetry::logging::HOP_TARGET, "fanout.consume", room = %command.room, delivery);
                 telemetry::trace::set_parent(&span, telemetry::trace::message_context(Some(&command.traceparent)));
@@ -216,7 +241,14 @@ impl NatsBus {
                 })
             }
             Err(e) => {
-                tracing::warn!(subject = %message.subject, error = %e, "undecodable send terminated");
+                let named = Named::read(&message.payload, message.headers.as_ref());
+                tracing::warn!(
+                    subject = %message.subject,
+                    trace_id = named.trace_id.as_deref().map(tracing::field::display),
+                    client_msg_id = named.client_msg_id.as_deref(),
+                    error = %e,
+                    "undecodable send terminated"
+                );
                 tokio::spawn(async move {
                     let _ = message.ack_with(AckKind::Term).await;
                 });
@@ -240,15 +272,41 @@ impl Replier for NatsReplier {
         if let Some(subject) = self.reply_subject {
             if let Ok(payload) = serde_json::to_vec(&reply) {
                 if let Err(e) = self.client.publish(subject, payload.into()).await {
-                    tracing::warn!(error = %e, "send reply not published");
+                    let named = named(&self.message, &reply);
+                    tracing::warn!(
+                        trace_id = named.trace_id.as_deref().map(tracing::field::display),
+                        message_id = named.message_id.map(tracing::field::display),
+                        client_msg_id = named.client_msg_id.as_deref(),
+                        error = %e,
+                        "send reply not published"
+                    );
                 }
             }
         }
         if let Err(e) = self.message.ack_with(ack).await {
             // The send will be redelivered; the store's dedupe answers the retry.
-            tracing::warn!(error = %e, "JetStream ack failed");
+            let named = named(&self.message, &reply);
+            tracing::warn!(
+                trace_id = named.trace_id.as_deref().map(tracing::field::display),
+                message_id = named.message_id.map(tracing::field::display),
+                client_msg_id = named.client_msg_id.as_deref(),
+                error = %e,
+                "JetStream ack failed"
+            );
         }
     }
+}
+
+/// The ids of the send a worker answers, for a failure's log line: read again from its
+/// JetStream message (the gateway's `traceparent` header and the send's `client_msg_id`), with
+/// the message's ids when it was stored. Only failures pay for it.
+fn named(message: &jetstream::Message, reply: &SendReply) -> Named {
+    let mut named = Named::read(&message.payload, message.headers.as_ref());
+    if let SendReply::Stored(outcome) = reply {
+        named.message_id = Some(outcome.message.id);
+        named.trace_id = Some(outcome.message.trace_id.clone());
+    }
+    named
 }
 
 #[cfg(test)]
@@ -268,6 +326,18 @@ mod tests {
                 trace_id: "0".repeat(32),
             },
             duplicate: false,
+        }
+    }
+
+    fn command() -> SendCommand {
+        SendCommand {
+            room: "general".into(),
+            user: "alice".into(),
+            client_msg_id: "c-1".into(),
+            body: "hi".into(),
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            gateway: "gw-1".into(),
+            deadline_ms: 0,
         }
     }
 
@@ -307,17 +377,18 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(REPLIES_PER_SEND);
         tx.try_send(SendReply::Unavailable { reason: "past its deadline".into() }).unwrap();
         tx.try_send(SendReply::Stored(outcome())).unwrap();
-        assert_eq!(final_reply(&mut rx).await.unwrap(), outcome());
+        assert_eq!(final_reply(&mut rx, &command()).await.unwrap(), outcome());
     }
 
     #[tokio::test]
     async fn only_refusals_wait_for_more_until_the_channel_closes() {
         let (tx, mut rx) = mpsc::channel(REPLIES_PER_SEND);
         tx.try_send(SendReply::Unavailable { reason: "past its deadline".into() }).unwrap();
-        let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), final_reply(&mut rx)).await;
+        let waiting =
+            tokio::time::timeout(std::time::Duration::from_millis(50), final_reply(&mut rx, &command())).await;
         assert!(waiting.is_err(), "a refusal alone is not final");
         drop(tx);
-        let error = final_reply(&mut rx).await.unwrap_err();
+        let error = final_reply(&mut rx, &command()).await.unwrap_err();
         assert_eq!(error.kind(), BusErrorKind::Unavailable);
     }
 
@@ -325,7 +396,7 @@ mod tests {
     async fn no_answer_at_all_is_unavailable() {
         let (tx, mut rx) = mpsc::channel::<SendReply>(REPLIES_PER_SEND);
         drop(tx);
-        let error = final_reply(&mut rx).await.unwrap_err();
+        let error = final_reply(&mut rx, &command()).await.unwrap_err();
         assert_eq!(error.kind(), BusErrorKind::Unavailable);
         assert_eq!(error.message(), "reply channel closed");
     }

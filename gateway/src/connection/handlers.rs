@@ -299,7 +299,7 @@ impl Connection {
             }
             Err(e) if e.kind() == bus::BusErrorKind::Encoding => {
                 metrics.sends.with_label_values(&["internal"]).inc();
-                tracing::error!(room, client_msg_id, trace_id, error = %e, "send not encodable for the bus");
+                tracing::error!(room, client_msg_id, trace_id = %trace_id, error = %e, "send not encodable for the bus");
                 self.error(
                     ErrorCode::Internal,
                     "the message could not be handed to the sequencer (a server defect); it was not stored",
@@ -309,7 +309,7 @@ impl Connection {
             }
             Err(e) => {
                 metrics.sends.with_label_values(&["unavailable"]).inc();
-                tracing::warn!(room, client_msg_id, trace_id, error = %e, "send not accepted");
+                tracing::warn!(room, client_msg_id, trace_id = %trace_id, error = %e, "send not accepted");
                 self.error(
                     ErrorCode::Unavailable,
                     "the message was not accepted (a backend is unavailable); retry with the same client_msg_id",
@@ -385,7 +385,14 @@ async fn outcome_from_store(
 ) -> Result<SendOutcome, bus::BusError> {
     match history.find_send(room, user, client_msg_id).await {
         Ok(Some(message)) => {
-            tracing::info!(room, client_msg_id, seq = message.seq, "send answered from the store: its answer was lost");
+            tracing::info!(
+                room,
+                client_msg_id,
+                seq = message.seq,
+                message_id = %message.id,
+                trace_id = %message.trace_id,
+                "send answered from the store: its answer was lost"
+            );
             Ok(SendOutcome { message, duplicate: false })
         }
         Ok(None) => Err(bus::BusError::unavailable("no answer from fanout in time; not stored")),
