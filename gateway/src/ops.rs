@@ -142,7 +142,7 @@ impl JourneySource for Journal {
         match serde_json::to_value(journey) {
             Ok(value) => Some(value),
             Err(e) => {
-                tracing::warn!(%id, error = %e, "journey: cannot encode");
+                tracing::warn!(message_id = %id, error = %e, "journey: cannot encode");
                 None
             }
         }
@@ -171,7 +171,7 @@ impl JourneySource for ClusterJourneys {
         let stored = match self.history.get_by_id(id).await {
             Ok(stored) => stored,
             Err(e) => {
-                tracing::warn!(%id, error = %e, "journey: store lookup failed");
+                tracing::warn!(message_id = %id, error = %e, "journey: store lookup failed");
                 None
             }
         };

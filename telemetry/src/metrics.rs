@@ -183,6 +183,38 @@ impl Registrar {
     }
 }
 
+// Label values known in advance, exported as `0` from the start so that queries and alerts over
+// them see a series before the first event (Prometheus's advice for labelled counters). Fault
+// labels are left out on purpose: a fault series appears only once a fault fires.
+const DISCONNECT_REASONS: &[&str] = &[
+    "slow_consumer",
+    "token_expired",
+    "policy",
+    "too_large",
+    "draining",
+    "protocol_error",
+    "connection_limit",
+    "socket_limit",
+    "ip_connection_limit",
+    "origin_refused",
+    "other",
+];
+const FRAME_TYPES: &[&str] =
+    &["hello", "join", "leave", "send", "history", "typing", "ping", "invalid", "binary", "too_large"];
+const ERROR_CODES: &[&str] =
+    &["bad_request", "unauthorized", "forbidden", "not_joined", "too_large", "rate_limited", "unavailable", "internal"];
+const SEND_OUTCOMES: &[&str] = &["acked", "duplicate", "unavailable", "rejected", "internal"];
+const DROP_REASONS: &[&str] = &[
+    "queue_full",
+    "resynced_from_store",
+    "ephemeral_queue_full",
+    "typing_unpublished",
+    "rate_limited",
+    "feed_duplicate",
+    "unverified_seq",
+];
+const STORE_OPS: &[&str] = &["append", "last_seq", "find_dedupe", "page", "get_by_id", "find_send"];
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -192,6 +224,24 @@ impl Default for Metrics {
 impl Metrics {
     /// A fresh registry holding the whole catalogue.
     pub fn new() -> Self {
+        let metrics = Self::unset();
+        let known = [
+            (&metrics.disconnects, DISCONNECT_REASONS),
+            (&metrics.frames_received, FRAME_TYPES),
+            (&metrics.errors_sent, ERROR_CODES),
+            (&metrics.sends, SEND_OUTCOMES),
+            (&metrics.drops, DROP_REASONS),
+            (&metrics.store_errors, STORE_OPS),
+        ];
+        for (family, values) in known {
+            for value in values {
+                family.with_label_values(&[value]);
+            }
+        }
+        metrics
+    }
+
+    fn unset() -> Self {
         let mut r = Registrar(Registry::default());
         Self {
             connections: r.add("chat_connections", "Open WebSocket connections.", IntGauge::default()),
@@ -311,6 +361,15 @@ mod tests {
             "{bucket}"
         );
         assert!(text.contains("chat_send_ack_seconds_count 2\n"), "{text}");
+    }
+
+    #[test]
+    fn known_label_values_are_exported_as_zero_but_faults_are_not() {
+        let text = Metrics::new().render();
+        assert!(text.contains("chat_drops_total{reason=\"queue_full\"} 0\n"), "{text}");
+        assert!(text.contains("chat_store_errors_total{op=\"append\"} 0\n"), "{text}");
+        assert!(text.contains("chat_sends_total{outcome=\"unavailable\"} 0\n"), "{text}");
+        assert!(!text.contains("fault_drop") && !text.contains("chat_faults_injected_total{"), "{text}");
     }
 
     #[test]
