@@ -60,9 +60,9 @@ pub enum Command {
         /// Where NATS and the CQL store are.
         #[command(flatten)]
         backends: BackendArgs,
-        /// Gateway settings.
+        /// Gateway settings (boxed: by far the largest of the subcommands' arguments).
         #[command(flatten)]
-        gateway: GatewayArgs,
+        gateway: Box<GatewayArgs>,
         /// Settings of every process.
         #[command(flatten)]
         common: CommonArgs,
@@ -446,6 +446,35 @@ pub struct GatewayArgs {
         default_value_t = GatewayConfig::DEFAULT_DRAIN_GRACE_SECS
     )]
     pub drain_grace_secs: u64,
+    /// Record every client's frames (types, rooms, ids, seqs, sizes; bodies only with
+    /// --record-bodies) to JSON-lines files in this directory (docs/debugging.md); switch it at
+    /// run time with `POST /admin/record {"enabled": bool}` (needs --admin-token).
+    #[arg(long, env = "CHAT_RECORD", value_name = "DIR")]
+    pub record: Option<std::path::PathBuf>,
+    /// With --record: set it up switched off, until `POST /admin/record {"enabled": true}`.
+    #[arg(long, env = "CHAT_RECORD_PAUSED")]
+    pub record_paused: bool,
+    /// With --record: write message bodies too (else only their length).
+    #[arg(long, env = "CHAT_RECORD_BODIES")]
+    pub record_bodies: bool,
+    /// With --record: start a new file past this many MiB.
+    #[arg(
+        long,
+        env = "CHAT_RECORD_FILE_MIB",
+        value_name = "N",
+        default_value_t = 64,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub record_file_mib: u64,
+    /// With --record: delete the oldest files while the directory holds more than this many MiB.
+    #[arg(
+        long,
+        env = "CHAT_RECORD_TOTAL_MIB",
+        value_name = "N",
+        default_value_t = 1024,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub record_total_mib: u64,
 }
 
 /// A secret flag's value, refused when too short (an empty one too: unset is the way to turn
@@ -533,6 +562,13 @@ impl GatewayArgs {
             },
             drain_grace: Duration::from_secs(self.drain_grace_secs),
             roster_interval: Duration::from_millis(self.roster_interval_ms),
+            record: self.record.clone().map(|dir| gateway::recorder::RecordConfig {
+                dir,
+                enabled: !self.record_paused,
+                bodies: self.record_bodies,
+                max_file_bytes: self.record_file_mib << 20,
+                max_total_bytes: self.record_total_mib << 20,
+            }),
             ..defaults
         }
     }

@@ -29,6 +29,8 @@ pub struct GatewayConfig {
     /// How often each room hub tells other gateways who is here (presence across gateways);
     /// a gateway silent for 3 periods has its users marked offline.
     pub roster_interval: Duration,
+    /// Recording of clients' traffic (`--record DIR`); `None`: not set up.
+    pub record: Option<crate::recorder::RecordConfig>,
 }
 
 impl GatewayConfig {
@@ -54,6 +56,7 @@ impl Default for GatewayConfig {
             gap_repair: true,
             submit_timeout: Duration::from_secs(Self::DEFAULT_SUBMIT_TIMEOUT_SECS),
             roster_interval: Duration::from_millis(Self::DEFAULT_ROSTER_INTERVAL_MS),
+            record: None,
         }
     }
 }

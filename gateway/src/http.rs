@@ -22,6 +22,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/ws", get(upgrade))
         .route("/api/rooms/{room}/messages", get(room_messages))
+        .route("/admin/record", get(recording_status).post(switch_recording))
         .merge(crate::ops::router(ops(&state)))
         .fallback(crate::web::serve)
         .with_state(state)
@@ -156,5 +157,62 @@ fn ops(app: &AppState) -> OpsState {
             ReadyCheck::store(app.history.store()),
         ],
         journeys: Arc::new(ClusterJourneys { journal: app.journal.clone(), bus: app.bus.journeys.clone(), history }),
+    }
+}
+
+/// `POST /admin/record` body: `{"enabled": true|false}`.
+#[derive(Deserialize)]
+struct RecordSwitch {
+    enabled: bool,
+}
+
+/// The refusal of an admin request without the admin token (404 when no token is set: the
+/// admin API is off), or `None` when it may proceed.
+fn admin_refusal(app: &AppState, headers: &HeaderMap) -> Option<Response> {
+    let Some(expected) = app.config.admin_token.as_deref() else {
+        return Some(error(
+            StatusCode::NOT_FOUND,
+            ErrorCode::Forbidden,
+            "the admin API is off; start with --admin-token",
+        ));
+    };
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let matches =
+        given.is_some_and(|given| bool::from(subtle::ConstantTimeEq::ct_eq(given.as_bytes(), expected.as_bytes())));
+    (!matches).then(|| {
+        error(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "Authorization: Bearer <admin token> required")
+    })
+}
+
+/// `GET /admin/record`: whether this gateway records its clients' traffic, where, and how much.
+async fn recording_status(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = admin_refusal(&app, &headers) {
+        return refusal;
+    }
+    match &app.recorder {
+        Some(recorder) => Json(recorder.status()).into_response(),
+        None => error(StatusCode::CONFLICT, ErrorCode::BadRequest, "recording is not set up; start with --record DIR"),
+    }
+}
+
+/// `POST /admin/record` `{"enabled": bool}`: switches recording on or off at run time.
+async fn switch_recording(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    switch: Result<Json<RecordSwitch>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Some(refusal) = admin_refusal(&app, &headers) {
+        return refusal;
+    }
+    let Some(recorder) = &app.recorder else {
+        return error(StatusCode::CONFLICT, ErrorCode::BadRequest, "recording is not set up; start with --record DIR");
+    };
+    match switch {
+        Ok(Json(switch)) => {
+            recorder.set_enabled(switch.enabled);
+            Json(recorder.status()).into_response()
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.body_text()),
     }
 }

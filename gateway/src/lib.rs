@@ -15,6 +15,7 @@ mod http;
 pub mod listener;
 pub mod ops;
 pub mod outbox;
+pub mod recorder;
 pub mod rooms;
 mod slots;
 pub mod state;
@@ -74,6 +75,12 @@ pub async fn run(
         deps.delivery_hook.clone(),
     );
     let grace = config.drain_grace;
+    let recorder = match &config.record {
+        Some(record) => {
+            Some(recorder::Recorder::start(record.clone(), &config.gateway_id).map_err(std::io::Error::other)?)
+        }
+        None => None,
+    };
     let state = Arc::new(state::AppState::new(
         config,
         deps.bus,
@@ -82,6 +89,7 @@ pub async fn run(
         deps.metrics,
         deps.journal,
         deps.delivery_hook,
+        recorder,
         drain_rx,
         alive,
     ));

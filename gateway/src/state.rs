@@ -30,6 +30,8 @@ pub struct AppState {
     pub journal: Arc<Journal>,
     /// Intercepts deliveries (exercises and the debugging lab); `None` in the product.
     pub delivery_hook: Option<Arc<dyn DeliveryHook>>,
+    /// Records clients' traffic when set up (`--record DIR`).
+    pub recorder: Option<Arc<crate::recorder::Recorder>>,
     /// Token verifier when auth is on.
     pub verifier: Option<Verifier>,
     /// Permits for open connections.
@@ -52,6 +54,7 @@ impl AppState {
         metrics: Metrics,
         journal: Arc<Journal>,
         delivery_hook: Option<Arc<dyn DeliveryHook>>,
+        recorder: Option<Arc<crate::recorder::Recorder>>,
         draining: watch::Receiver<bool>,
         alive: mpsc::Sender<()>,
     ) -> Self {
@@ -65,6 +68,7 @@ impl AppState {
             metrics,
             journal,
             delivery_hook,
+            recorder,
             verifier,
             connection_permits,
             user_connections: crate::slots::Counts::default(),
@@ -72,6 +76,11 @@ impl AppState {
             next_connection: AtomicU64::new(1),
             alive,
         }
+    }
+
+    /// The recorder, when it is recording now.
+    pub fn recording(&self) -> Option<&crate::recorder::Recorder> {
+        self.recorder.as_deref().filter(|recorder| recorder.enabled())
     }
 
     /// A fresh connection id.

@@ -83,7 +83,9 @@ async fn prometheus_scrapes_metrics_and_promql_returns_the_counts() {
     wait_for(&prometheus, r#"sum(chat_frames_received_total{type="send"})"#, sent).await;
     wait_for(&prometheus, "sum(chat_joins_total)", 2.0).await;
     wait_for(&prometheus, "sum(chat_connections)", 2.0).await;
-    wait_for(&prometheus, r#"count(chat_sends_total{outcome!="acked"}) or vector(0)"#, 0.0).await;
+    // Every outcome is exported from the start (as 0): none but `acked` moved.
+    wait_for(&prometheus, r#"count(chat_sends_total{outcome="unavailable"})"#, 1.0).await;
+    wait_for(&prometheus, r#"sum(chat_sends_total{outcome!="acked"})"#, 0.0).await;
     wait_for(&prometheus, "sum(chat_drops_total) or vector(0)", 0.0).await;
 
     // The docs' p99 query gives a latency inside the histogram's range.

@@ -18,7 +18,8 @@ impl Connection {
     pub(super) async fn on_client_message(&mut self, message: Message, in_flight: &mut InFlight) -> Result<(), End> {
         match message {
             Message::Text(text) => self.on_text(text.as_str(), in_flight).await,
-            Message::Binary(_) => {
+            Message::Binary(bytes) => {
+                self.record_invalid(bytes.len());
                 self.count_frame("binary");
                 self.error(ErrorCode::BadRequest, "binary frames are not supported; send JSON text frames", None).await
             }
@@ -30,6 +31,7 @@ impl Connection {
     pub(super) async fn on_text(&mut self, text: &str, in_flight: &mut InFlight) -> Result<(), End> {
         let max = self.app.config.limits.max_frame_bytes;
         if text.len() > max {
+            self.record_invalid(text.len());
             self.count_frame("too_large");
             return self
                 .error(ErrorCode::TooLarge, &format!("frame of {} bytes exceeds the limit of {max}", text.len()), None)
@@ -38,11 +40,15 @@ impl Connection {
         let (frame, req) = match parse_client_frame(text) {
             Ok(parsed) => parsed,
             Err(e) => {
+                self.record_invalid(text.len());
                 self.count_frame("invalid");
                 return self.error(ErrorCode::BadRequest, &e.message, e.req).await;
             }
         };
         self.count_frame(frame_type(&frame));
+        if let Some(recorder) = self.app.recording() {
+            recorder.client_frame(self.id, &frame, text.len());
+        }
         let Some(identity) = self.identity.clone() else {
             return match frame {
                 ClientFrame::Hello { user, token } => self.on_hello(user, token, req).await,

@@ -119,8 +119,14 @@ pub async fn serve(socket: WebSocket, app: Arc<AppState>, query_token: Option<St
     };
     app.metrics.connections.inc();
     app.metrics.connections_total.inc();
+    if let Some(recorder) = app.recording() {
+        recorder.opened(id, session);
+    }
     let end = connection.run(stream).await;
     connection.outbox.close();
+    if let Some(recorder) = app.recording() {
+        recorder.closed(id, if let End::Close(code, _) = end { Some(code) } else { None });
+    }
     if let End::Close(code, reason) = end {
         app.metrics.disconnects.with_label_values(&[reason_label(code)]).inc();
         let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };

@@ -43,7 +43,12 @@ impl Connection {
 
     pub(super) async fn write_outbound(&mut self, item: Outbound) -> Result<(), End> {
         match item {
-            Outbound::Frame(text) => self.write((*text).clone()).await,
+            Outbound::Frame(text) => {
+                if let Some(recorder) = self.app.recording() {
+                    recorder.event(self.id, text.len());
+                }
+                self.write((*text).clone()).await
+            }
             Outbound::Message(delivery) => {
                 let room = &delivery.message.room;
                 let seq = delivery.message.seq;
@@ -76,6 +81,9 @@ impl Connection {
 
     pub(super) async fn write_message(&mut self, delivery: &Delivery) -> Result<(), End> {
         self.deliveries += 1;
+        if let Some(recorder) = self.app.recording() {
+            recorder.message(self.id, &delivery.message, delivery.frame.len());
+        }
         let _span = delivery.write_span();
         self.write(delivery.frame.clone()).await
     }
@@ -139,7 +147,11 @@ impl Connection {
     }
 
     pub(super) async fn write_frame(&mut self, frame: ServerFrame) -> Result<(), End> {
-        self.write(frame.to_json().into()).await
+        let text = frame.to_json();
+        if let Some(recorder) = self.app.recording() {
+            recorder.server_frame(self.id, &frame, text.len());
+        }
+        self.write(text.into()).await
     }
 
     pub(super) async fn error(&mut self, code: ErrorCode, message: &str, req: Option<Req>) -> Result<(), End> {
@@ -166,6 +178,13 @@ impl Connection {
         match tokio::time::timeout(limit, self.sink.flush()).await {
             Ok(flushed) => flushed.map_err(|_| End::Gone),
             Err(_) => Err(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer: socket not drained in time")),
+        }
+    }
+
+    /// Records a client frame that was refused before it parsed (when recording).
+    pub(super) fn record_invalid(&self, bytes: usize) {
+        if let Some(recorder) = self.app.recording() {
+            recorder.invalid_client_frame(self.id, bytes);
         }
     }
 
