@@ -44,6 +44,9 @@ pub struct Cli {
     /// Gateway settings.
     #[command(flatten)]
     pub gateway: GatewayArgs,
+    /// The fanout worker's decision log.
+    #[command(flatten)]
+    pub decision_log: DecisionLogArgs,
     /// Settings of every process.
     #[command(flatten)]
     pub common: CommonArgs,
@@ -93,9 +96,40 @@ pub enum Command {
         #[arg(long, env = "CHAT_ADMIN_TOKEN", value_name = "T", hide_env_values = true)]
         admin_token: Option<String>,
     },
+    /// Replay a recording offline.
+    Replay {
+        /// What to replay.
+        #[command(subcommand)]
+        what: ReplayCommand,
+    },
     /// Print the README's configuration table, rendered from these flags.
     #[command(hide = true)]
     ConfigTable,
+}
+
+/// What `chat replay` replays.
+#[derive(Subcommand, Debug)]
+pub enum ReplayCommand {
+    /// Run the sequencer again on a fanout worker's decision log (--decision-log) and compare its
+    /// decisions with the logged ones. Exit status: 0 identical, 1 divergent, 2 the log cannot
+    /// be read or is incomplete.
+    Worker {
+        /// The decision log (JSON lines).
+        log: PathBuf,
+        /// Also print each send, store call and answer, clock reading and id.
+        #[arg(long, short)]
+        verbose: bool,
+    },
+}
+
+/// A fanout worker's decision log.
+#[derive(Args, Debug)]
+pub struct DecisionLogArgs {
+    /// File to write the fanout worker's decision log to (JSON lines: batches, store answers,
+    /// clock readings, ids, decisions; truncated at start) for `chat replay worker`. Off when
+    /// unset.
+    #[arg(long = "decision-log", env = "CHAT_DECISION_LOG", value_name = "FILE")]
+    pub path: Option<PathBuf>,
 }
 
 /// Where NATS and the CQL store are, and how to use them.
@@ -257,6 +291,9 @@ pub struct WorkerArgs {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub ack_wait_ms: u64,
+    /// The worker's decision log.
+    #[command(flatten)]
+    pub decision_log: DecisionLogArgs,
 }
 
 impl WorkerArgs {
@@ -272,6 +309,7 @@ impl WorkerArgs {
             journal_capacity,
             fanout: FanoutConfig { max_batch: self.max_batch, ..FanoutConfig::default() },
             ack_wait: Duration::from_millis(self.ack_wait_ms),
+            decision_log: self.decision_log.path.clone().filter(|p| !p.as_os_str().is_empty()),
         }
     }
 }
@@ -657,6 +695,23 @@ mod tests {
         assert_eq!((worker.fanout.max_batch, worker.ack_wait), (64, Duration::from_secs(9)));
         assert!(Cli::try_parse_from(["chat", "fanout", "--max-batch", "0"]).is_err());
         assert!(Cli::try_parse_from(["chat", "--roster-interval-ms", "10"]).is_err());
+    }
+
+    #[test]
+    fn the_decision_log_flag_reaches_the_worker_and_replay_parses() {
+        let cli = Cli::try_parse_from(["chat", "fanout", "--decision-log", "/tmp/w.jsonl"]).unwrap();
+        let Some(Command::Fanout { worker, .. }) = cli.command else { panic!("not the fanout command") };
+        assert_eq!(worker.config(1).decision_log, Some(PathBuf::from("/tmp/w.jsonl")));
+        let cli = Cli::try_parse_from(["chat", "fanout"]).unwrap();
+        let Some(Command::Fanout { worker, .. }) = cli.command else { panic!("not the fanout command") };
+        assert_eq!(worker.config(1).decision_log, None);
+        let cli = Cli::try_parse_from(["chat", "--decision-log", "/tmp/a.jsonl"]).unwrap();
+        assert_eq!(cli.decision_log.path, Some(PathBuf::from("/tmp/a.jsonl")));
+        let cli = Cli::try_parse_from(["chat", "replay", "worker", "w.jsonl", "--verbose"]).unwrap();
+        let Some(Command::Replay { what: ReplayCommand::Worker { log, verbose } }) = cli.command else {
+            panic!("not replay worker")
+        };
+        assert_eq!((log, verbose), (PathBuf::from("w.jsonl"), true));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bus::nats::{NatsAuth, NatsBus, NatsConfig};
 use bus::GatewayBus;
+use fanout::decision_log::{DecisionLog, DecisionLogWriter};
 use fanout::{Fanout, FanoutConfig};
 use faults::FaultLayer;
 use gateway::{GatewayConfig, GatewayDeps};
@@ -78,6 +79,8 @@ pub struct WorkerConfig {
     /// How long the worker may hold a send before JetStream redelivers it to another worker
     /// (set when a partition's consumer is created).
     pub ack_wait: Duration,
+    /// Where to write the worker's decision log, if anywhere.
+    pub decision_log: Option<std::path::PathBuf>,
 }
 
 /// Parses `--replication`: `1` (SimpleStrategy RF 1) or `dc1=3,dc2=3` (NetworkTopologyStrategy).
@@ -139,7 +142,8 @@ pub async fn fanout(
     admin_token: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let WorkerConfig { id: worker_id, journal_capacity, fanout: fanout_config, ack_wait } = worker;
+    let WorkerConfig { id: worker_id, journal_capacity, fanout: fanout_config, ack_wait, decision_log } = worker;
+    let decision_log = start_decision_log(decision_log.as_deref(), &worker_id, &fanout_config).await?;
     let metrics = Metrics::new();
     let mut nats = backends.nats_config(&worker_id);
     nats.ack_wait = ack_wait;
@@ -149,9 +153,12 @@ pub async fn fanout(
     let journal = Arc::new(Journal::new(worker_id.clone(), journal_capacity));
     bus.serve_journal(journal.clone()).await.context("serving journeys")?;
     let faults = FaultLayer::new(admin_token, metrics.clone(), journal.clone());
-    let worker =
+    let mut worker =
         Fanout::new(store.clone(), faults.fanout_bus(bus.clone()), journal.clone(), metrics.clone(), fanout_config)
             .with_clock(faults.clock());
+    if let Some((log, _)) = &decision_log {
+        worker = worker.with_decision_log(log);
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let ops = crate::ops::serve(listener, crate::ops::Ops { bus, store, metrics, journal }, faults.routes(), {
         let mut stop = stop_rx.clone();
@@ -174,7 +181,40 @@ pub async fn fanout(
         }
     }
     let _ = stop_tx.send(true);
+    close_decision_log(decision_log).await?;
     ops.await.context("ops server task")?.context("ops server")
+}
+
+/// Starts writing a worker's decision log at `path`, if one is asked for.
+pub async fn start_decision_log(
+    path: Option<&std::path::Path>,
+    worker: &str,
+    config: &FanoutConfig,
+) -> anyhow::Result<Option<(DecisionLog, DecisionLogWriter)>> {
+    let Some(path) = path else { return Ok(None) };
+    let log = DecisionLog::create(path, worker, config, fanout::decision_log::DEFAULT_CAPACITY)
+        .await
+        .with_context(|| format!("creating the decision log {}", path.display()))?;
+    tracing::info!(path = %path.display(), "writing the decision log");
+    Ok(Some(log))
+}
+
+/// Finishes a decision log once its worker stopped.
+pub async fn close_decision_log(log: Option<(DecisionLog, DecisionLogWriter)>) -> anyhow::Result<()> {
+    let Some((_, writer)) = log else { return Ok(()) };
+    let path = writer.path().display().to_string();
+    let summary = writer.close().await.with_context(|| format!("writing the decision log {path}"))?;
+    if summary.lost > 0 {
+        tracing::warn!(
+            path,
+            records = summary.records,
+            lost = summary.lost,
+            "the decision log lost records: its writer fell behind; it cannot be replayed"
+        );
+    } else {
+        tracing::info!(path, records = summary.records, "decision log written");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

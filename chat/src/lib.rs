@@ -7,6 +7,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config_doc;
 pub mod ops;
+pub mod replay;
 pub mod testing;
 pub mod trace;
 
@@ -36,6 +37,18 @@ pub async fn all_in_one(
     journal_capacity: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    all_in_one_logged(listener, data_dir, config, journal_capacity, None, shutdown).await
+}
+
+/// [`all_in_one`] with its fanout worker writing a decision log to `decision_log`.
+pub async fn all_in_one_logged(
+    listener: TcpListener,
+    data_dir: &Path,
+    config: GatewayConfig,
+    journal_capacity: usize,
+    decision_log: Option<&Path>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let store = Arc::new(
         EmbeddedStore::open(data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?,
     );
@@ -43,14 +56,14 @@ pub async fn all_in_one(
     let metrics = Metrics::new();
     let journal = Arc::new(Journal::new(config.gateway_id.clone(), journal_capacity));
     let faults = FaultLayer::new(config.admin_token.clone(), metrics.clone(), journal.clone());
-    let worker = Fanout::new(
-        store.clone(),
-        faults.fanout_bus(bus.clone()),
-        journal.clone(),
-        metrics.clone(),
-        FanoutConfig::default(),
-    )
-    .with_clock(faults.clock());
+    let fanout_config = FanoutConfig::default();
+    let decision_log = cluster::start_decision_log(decision_log, &config.gateway_id, &fanout_config).await?;
+    let mut worker =
+        Fanout::new(store.clone(), faults.fanout_bus(bus.clone()), journal.clone(), metrics.clone(), fanout_config)
+            .with_clock(faults.clock());
+    if let Some((log, _)) = &decision_log {
+        worker = worker.with_decision_log(log);
+    }
     let (stop_fanout, fanout_stopped) = tokio::sync::oneshot::channel::<()>();
     let fanout_task = tokio::spawn(worker.run(async move {
         let _ = fanout_stopped.await;
@@ -59,5 +72,6 @@ pub async fn all_in_one(
     let served = gateway::run(listener, config, deps, shutdown).await;
     let _ = stop_fanout.send(());
     fanout_task.await.context("fanout worker panicked")?;
+    cluster::close_decision_log(decision_log).await?;
     served.context("serving HTTP")
 }

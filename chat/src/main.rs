@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use chat::cli::{Cli, Command, CommonArgs};
+use chat::cli::{Cli, Command, CommonArgs, ReplayCommand};
 use clap::{CommandFactory, Parser};
 
 #[tokio::main]
@@ -17,7 +17,17 @@ async fn main() -> anyhow::Result<()> {
             let config = cli.gateway.config();
             tracing::info!(auth = config.jwt_secret.is_some(), admin = config.admin_token.is_some(), data_dir = %cli.data_dir.display(), "starting all-in-one chat");
             let listener = bind(cli.listen).await?;
-            chat::all_in_one(listener, &cli.data_dir, config, cli.common.journal_capacity, shutdown_signal()).await
+            let decision_log = cli.decision_log.path.filter(|p| !p.as_os_str().is_empty());
+            let capacity = cli.common.journal_capacity;
+            chat::all_in_one_logged(
+                listener,
+                &cli.data_dir,
+                config,
+                capacity,
+                decision_log.as_deref(),
+                shutdown_signal(),
+            )
+            .await
         }
         Some(Command::Gateway { listen, backends, gateway, common }) => {
             let _telemetry = init_logging(&common, "chat-gateway")?;
@@ -37,6 +47,9 @@ async fn main() -> anyhow::Result<()> {
             chat::cluster::fanout(listener, backends, worker, admin_token, shutdown_signal()).await
         }
         Some(Command::Trace { id, url, admin_token }) => chat::trace::print(&url, &id, admin_token.as_deref()).await,
+        Some(Command::Replay { what: ReplayCommand::Worker { log, verbose } }) => {
+            std::process::exit(chat::replay::worker(&log, verbose).await)
+        }
         Some(Command::ConfigTable) => {
             print!("{}", chat::config_doc::markdown_table(&Cli::command()));
             Ok(())

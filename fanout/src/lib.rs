@@ -6,11 +6,16 @@
 //! when two workers briefly handle the same room. Rooms of one batch are sequenced
 //! concurrently, and a store that groups commits (the embedded one does) turns them into one
 //! durable write.
+//!
+//! A worker can write a [`decision_log`] of what it saw and decided; [`replay`] runs the
+//! sequencer again on such a log, offline, and says whether it decides the same.
 
 mod clock;
 mod config;
+pub mod decision_log;
+pub mod replay;
 mod sequencer;
 
-pub use clock::{Clock, SystemClock};
+pub use clock::{Clock, IdSource, SystemClock, V7Ids};
 pub use config::FanoutConfig;
 pub use sequencer::Fanout;

@@ -15,8 +15,9 @@ use telemetry::metrics::Metrics;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, IdSource, SystemClock, V7Ids};
 use crate::config::FanoutConfig;
+use crate::decision_log::{Decided, DecisionHook, DecisionKind, DecisionLog};
 
 /// A fanout worker.
 pub struct Fanout {
@@ -25,6 +26,9 @@ pub struct Fanout {
     journal: Arc<Journal>,
     metrics: Metrics,
     clock: Arc<dyn Clock>,
+    ids: Arc<dyn IdSource>,
+    /// Told of every batch taken and every decision made (a decision log), when set.
+    hook: Option<Arc<dyn DecisionHook>>,
     config: FanoutConfig,
 }
 
@@ -49,13 +53,56 @@ impl Fanout {
         metrics: Metrics,
         config: FanoutConfig,
     ) -> Self {
-        Self { store, bus, journal, metrics, clock: Arc::new(SystemClock), config }
+        Self { store, bus, journal, metrics, clock: Arc::new(SystemClock), ids: Arc::new(V7Ids), hook: None, config }
     }
 
     /// The same worker stamping `ts` from `clock`.
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
         self
+    }
+
+    /// The same worker drawing new messages' ids from `ids`.
+    pub fn with_ids(mut self, ids: Arc<dyn IdSource>) -> Self {
+        self.ids = ids;
+        self
+    }
+
+    /// The same worker telling `hook` of each batch it takes and each decision it makes.
+    pub fn with_hook(mut self, hook: Arc<dyn DecisionHook>) -> Self {
+        self.hook = Some(hook);
+        self
+    }
+
+    /// The same worker recording into `log` what it takes, asks, reads and decides (call it
+    /// after [`with_clock`](Self::with_clock) and [`with_ids`](Self::with_ids): it wraps them).
+    pub fn with_decision_log(mut self, log: &DecisionLog) -> Self {
+        self.store = log.store(self.store);
+        self.clock = log.clock(self.clock);
+        self.ids = log.ids(self.ids);
+        self.hook = Some(Arc::new(log.clone()));
+        self
+    }
+
+    fn decided(&self, room: &str, command: Option<&SendCommand>, decision: impl FnOnce() -> DecisionKind) {
+        if let Some(hook) = &self.hook {
+            hook.decided(Decided {
+                room: room.to_owned(),
+                user: command.map_or_else(String::new, |c| c.user.clone()),
+                client_msg_id: command.map_or_else(String::new, |c| c.client_msg_id.clone()),
+                decision: decision(),
+            });
+        }
+    }
+
+    /// Answers every send of `room` with `error`.
+    async fn fail_all(&self, room: &str, sends: Vec<PendingSend>, error: BusError) {
+        for pending in &sends {
+            self.decided(room, Some(&pending.command), || DecisionKind::Unavailable {
+                reason: error.message().to_owned(),
+            });
+        }
+        answer_all(sends, error).await;
     }
 
     /// Sequences sends until the bus closes or `shutdown` resolves. A batch in progress is
@@ -73,6 +120,9 @@ impl Fanout {
                 },
             };
             self.metrics.fanout_batch.observe(batch.len() as f64);
+            if let Some(hook) = &self.hook {
+                hook.batch(&batch);
+            }
             if last_seqs.len() > self.config.max_cached_rooms {
                 last_seqs.clear();
             }
@@ -125,7 +175,7 @@ impl Fanout {
                     match self.timed("last_seq", Concerning::sends(room, &sends), self.store.last_seq(room)).await {
                         Ok(last) => last,
                         Err(e) => {
-                            answer_all(sends, BusError::unavailable(e.to_string())).await;
+                            self.fail_all(room, sends, BusError::unavailable(e.to_string())).await;
                             return None;
                         }
                     }
@@ -134,7 +184,7 @@ impl Fanout {
             let decisions = match self.decide(room, last, &sends).await {
                 Ok(decisions) => decisions,
                 Err(e) => {
-                    answer_all(sends, BusError::unavailable(e.to_string())).await;
+                    self.fail_all(room, sends, BusError::unavailable(e.to_string())).await;
                     return None;
                 }
             };
@@ -186,7 +236,10 @@ impl Fanout {
                             error = %conflict,
                             "sequencing conflict; retrying"
                         );
-                        if protocol::now_ms() > latest_deadline(&sends) {
+                        self.decided(room, sends.first().map(|p| &p.command), || DecisionKind::ConflictRetry {
+                            attempt,
+                        });
+                        if self.clock.now_ms(room) > self.latest_deadline(room, &sends) {
                             break;
                         }
                         // Another worker is appending to this room: let it finish, with jitter
@@ -197,16 +250,19 @@ impl Fanout {
                         known_last = None;
                         continue;
                     }
-                    Err(e) => match self.resolve(&newest, latest_deadline(&sends)).await {
+                    Err(e) => match self.resolve(&newest, self.latest_deadline(room, &sends)).await {
                         // The write went through after all.
                         Outcome::Applied => {}
                         // It did not: sequence again (repeats now find what others stored).
                         Outcome::NotApplied => {
+                            self.decided(room, sends.first().map(|p| &p.command), || DecisionKind::FailedRetry {
+                                attempt,
+                            });
                             known_last = None;
                             continue;
                         }
                         Outcome::Unknown => {
-                            answer_all(sends, BusError::unavailable(e.to_string())).await;
+                            self.fail_all(room, sends, BusError::unavailable(e.to_string())).await;
                             return None;
                         }
                     },
@@ -215,7 +271,7 @@ impl Fanout {
             self.finish(sends, decisions, sequence_spans).await;
             return Some(new_last);
         }
-        answer_all(sends, BusError::unavailable(format!("room {room}: too many sequencing conflicts"))).await;
+        self.fail_all(room, sends, BusError::unavailable(format!("room {room}: too many sequencing conflicts"))).await;
         None
     }
 
@@ -236,7 +292,7 @@ impl Fanout {
                 decisions.push(Decision::Rejected(reason));
                 continue;
             }
-            if command.deadline_ms != 0 && protocol::now_ms() > command.deadline_ms {
+            if command.deadline_ms != 0 && self.clock.now_ms(room) > command.deadline_ms {
                 decisions.push(Decision::Expired);
                 continue;
             }
@@ -251,7 +307,7 @@ impl Fanout {
                 continue;
             }
             in_batch.insert((command.user.as_str(), command.client_msg_id.as_str()), i);
-            let id = Uuid::now_v7();
+            let id = self.ids.next_id(room);
             decisions.push(Decision::New(ChatMessage {
                 room: room.to_owned(),
                 seq: next_seq,
@@ -272,6 +328,12 @@ impl Fanout {
         let mut sequence_spans = sequence_spans.into_iter();
         for (pending, decision) in sends.into_iter().zip(decisions) {
             let command = &pending.command;
+            self.decided(&command.room, Some(command), || match &decision {
+                Decision::New(m) => DecisionKind::New { seq: m.seq, id: m.id, ts: m.ts },
+                Decision::Duplicate(m) => DecisionKind::Duplicate { seq: m.seq, id: m.id },
+                Decision::Rejected(reason) => DecisionKind::Rejected { reason: reason.clone() },
+                Decision::Expired => DecisionKind::Expired,
+            });
             let dedupe_key = command.dedupe_key();
             let outcome = match decision {
                 Decision::New(message) => {
@@ -346,7 +408,7 @@ impl Fanout {
                     tracing::warn!(room = %newest.room, message_id = %newest.id, trace_id = %newest.trace_id, error = %e, "store still failing; cannot tell whether the append applied")
                 }
             }
-            if protocol::now_ms() + RESOLVE_PAUSE.as_millis() as i64 > deadline_ms {
+            if self.clock.now_ms(&newest.room) + RESOLVE_PAUSE.as_millis() as i64 > deadline_ms {
                 return Outcome::Unknown;
             }
             tokio::time::sleep(RESOLVE_PAUSE).await;
@@ -385,6 +447,16 @@ impl Fanout {
             }
         }
         result
+    }
+
+    /// The latest deadline of a room's sends (now + 2 s when none has one).
+    fn latest_deadline(&self, room: &str, sends: &[PendingSend]) -> i64 {
+        sends
+            .iter()
+            .map(|p| p.command.deadline_ms)
+            .filter(|d| *d > 0)
+            .max()
+            .unwrap_or_else(|| self.clock.now_ms(room) + 2_000)
     }
 }
 
@@ -441,11 +513,6 @@ enum Outcome {
 
 /// Pause between attempts to learn a failed append's fate.
 const RESOLVE_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
-
-/// The latest deadline of a room's sends (now + 2 s when none has one).
-fn latest_deadline(sends: &[PendingSend]) -> i64 {
-    sends.iter().map(|p| p.command.deadline_ms).filter(|d| *d > 0).max().unwrap_or_else(|| protocol::now_ms() + 2_000)
-}
 
 /// Why a command is not acceptable, re-checked here because the bus may carry anything.
 fn invalid(command: &SendCommand) -> Option<String> {

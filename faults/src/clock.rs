@@ -37,6 +37,10 @@ impl Clock for SkewedClock {
             None => now,
         }
     }
+
+    fn now_ms(&self, room: &str) -> i64 {
+        self.inner.now_ms(room)
+    }
 }
 
 #[cfg(test)]

@@ -376,6 +376,13 @@ impl Cluster {
         process.unwrap_or_else(|| panic!("worker {index} is not running")).kill().await;
     }
 
+    /// SIGTERM to worker `index` and wait (bounded) for its clean exit; whether it exited in
+    /// time. Its slot stays empty.
+    pub async fn terminate_worker(&mut self, index: usize, within: Duration) -> bool {
+        let process = self.workers.get_mut(index).and_then(Option::take);
+        process.unwrap_or_else(|| panic!("worker {index} is not running")).terminate(within).await
+    }
+
     /// Waits until every running process answers `/readyz` with 200 (after NATS came back, say).
     pub async fn wait_ready(&self) {
         for process in self.gateways.iter().chain(&self.workers).flatten() {

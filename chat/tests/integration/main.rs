@@ -17,6 +17,7 @@ mod http;
 mod limits;
 mod ops_access;
 mod presence;
+mod replay;
 mod recording;
 mod prometheus;
 mod shutdown;
