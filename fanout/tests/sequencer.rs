@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bus::{BusError, BusErrorKind, FanoutBus, PendingSend, Replier};
+use fanout::decision_log::{DecisionKind, DecisionLog};
 use fanout::{Clock, Fanout, FanoutConfig};
 use protocol::bus::{SendCommand, SendOutcome};
 use protocol::ChatMessage;
@@ -128,6 +129,11 @@ impl Clock for FixedClock {
 }
 
 fn worker() -> Worker {
+    worker_logged(None)
+}
+
+/// A worker writing its decisions to `log`, when given.
+fn worker_logged(log: Option<&DecisionLog>) -> Worker {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(FlakyStore { inner: EmbeddedStore::open(dir.path()).unwrap(), next_append: Mutex::new(None) });
     let (batches, receiver) = mpsc::unbounded_channel();
@@ -141,6 +147,10 @@ fn worker() -> Worker {
         FanoutConfig::default(),
     )
     .with_clock(Arc::new(FixedClock));
+    let fanout = match log {
+        Some(log) => fanout.with_decision_log(log),
+        None => fanout,
+    };
     let task = tokio::spawn(fanout.run(std::future::pending()));
     Worker { batches, bus, store, metrics, task, _dir: dir }
 }
@@ -611,11 +621,17 @@ async fn check_store(worker: &Worker, rooms: &[String], model: &Model) -> Result
 /// within and across batches), mixed with expired sends, appends that land unanswered, do not
 /// land or hit a conflict, and other writers: the sequencer keeps every invariant. One worker
 /// (and store) serves every case, each case in rooms of its own, since opening a store per case
-/// would take most of the run.
+/// would take most of the run. The worker writes a decision log of every case, and the replay
+/// of that log decides exactly as the worker did, through every kind of failure.
 #[test]
 fn arbitrary_histories_keep_the_sequencer_invariants() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let worker = runtime.block_on(async { worker() });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("decisions.jsonl");
+    let (log, writer) = runtime
+        .block_on(DecisionLog::create(&path, "w", &FanoutConfig::default(), fanout::decision_log::DEFAULT_CAPACITY))
+        .unwrap();
+    let worker = runtime.block_on(async { worker_logged(Some(&log)) });
     let cases = std::sync::atomic::AtomicUsize::new(0);
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 256, ..ProptestConfig::default() });
     let result = runner.run(&prop::collection::vec(event(), 1..12), |events| {
@@ -626,4 +642,21 @@ fn arbitrary_histories_keep_the_sequencer_invariants() {
         panic!("{failure}");
     }
     runtime.block_on(worker.stop());
+
+    let summary = runtime.block_on(writer.close()).unwrap();
+    assert_eq!(summary.lost, 0);
+    let logged = fanout::replay::Log::read(&path).unwrap();
+    let report = runtime.block_on(fanout::replay::replay(&logged));
+    assert!(report.identical(), "{}", report.render(false));
+    for (what, seen) in [
+        ("a conflict", report.logged.iter().any(|(_, d)| matches!(d.decision, DecisionKind::ConflictRetry { .. }))),
+        (
+            "an append that did not land",
+            report.logged.iter().any(|(_, d)| matches!(d.decision, DecisionKind::FailedRetry { .. })),
+        ),
+        ("a duplicate", report.logged.iter().any(|(_, d)| matches!(d.decision, DecisionKind::Duplicate { .. }))),
+        ("an expiry", report.logged.iter().any(|(_, d)| matches!(d.decision, DecisionKind::Expired))),
+    ] {
+        assert!(seen, "the histories replayed include {what}");
+    }
 }
