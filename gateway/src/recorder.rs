@@ -42,63 +42,8 @@ pub struct RecordConfig {
     pub max_total_bytes: u64,
 }
 
-/// Lines waiting for the writer; beyond this they are dropped and counted.
-const QUEUE: usize = 65_536;
-
-/// One recorded frame.
-#[derive(Debug, Serialize)]
-struct Line {
-    at_us: u64,
-    conn: u64,
-    dir: &'static str,
-    #[serde(rename = "type")]
-    kind: &'static str,
-    bytes: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    user: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    room: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    client_msg_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    id: Option<Uuid>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    seq: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    since: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    code: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    body: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    body_len: Option<usize>,
-}
-
-impl Line {
-    fn new(conn: u64, dir: &'static str, kind: &'static str, bytes: usize) -> Self {
-        Line {
-            at_us: 0,
-            conn,
-            dir,
-            kind,
-            bytes,
-            user: None,
-            room: None,
-            client_msg_id: None,
-            id: None,
-            seq: None,
-            since: None,
-            code: None,
-            body: None,
-            body_len: None,
-        }
-    }
-
-    fn room(mut self, room: &str) -> Self {
-        self.room = Some(room.to_owned());
-        self
-    }
-}
+/// Batches of lines waiting for the writer; beyond this they are dropped and counted.
+const QUEUE: usize = 4_096;
 
 /// What `GET /admin/record` answers.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -115,13 +60,19 @@ pub struct RecordingStatus {
     pub dropped: u64,
 }
 
+/// Lines of one connection, handed to the writer together.
+struct Chunk {
+    text: Vec<u8>,
+    lines: u64,
+}
+
 /// The gateway's recorder: cheap to ask whether it is on, never blocking a connection.
 pub struct Recorder {
     enabled: AtomicBool,
     bodies: bool,
     dir: PathBuf,
     started: Instant,
-    queue: mpsc::Sender<Line>,
+    queue: mpsc::Sender<Chunk>,
     written: Arc<AtomicU64>,
     dropped: AtomicU64,
 }
@@ -140,13 +91,16 @@ impl Recorder {
     pub fn start(config: RecordConfig, gateway: &str) -> Result<Arc<Self>, RecordError> {
         let error = |source| RecordError { dir: config.dir.display().to_string(), source };
         std::fs::create_dir_all(&config.dir).map_err(error)?;
-        let (queue, lines) = mpsc::channel(QUEUE);
+        let (queue, chunks) = mpsc::channel(QUEUE);
         let written = Arc::new(AtomicU64::new(0));
         let prefix = format!("{gateway}-{}", protocol::now_ms());
         let mut files = Files::new(config.dir.clone(), prefix, config.max_file_bytes, config.max_total_bytes);
         let file = files.open_next().map_err(error)?;
         let output = Output { files, file, size: 0, written: written.clone() };
-        std::thread::Builder::new().name("recorder".into()).spawn(move || write_lines(lines, output)).map_err(error)?;
+        std::thread::Builder::new()
+            .name("recorder".into())
+            .spawn(move || write_chunks(chunks, output))
+            .map_err(error)?;
         Ok(Arc::new(Recorder {
             enabled: AtomicBool::new(config.enabled),
             bodies: config.bodies,
@@ -180,130 +134,245 @@ impl Recorder {
         }
     }
 
-    fn push(&self, mut line: Line) {
-        line.at_us = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        if self.queue.try_send(line).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+    fn submit(&self, chunk: Chunk) {
+        let lines = chunk.lines;
+        if self.queue.try_send(chunk).is_err() {
+            self.dropped.fetch_add(lines, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One connection's lines since its last write batch: formatted in place (no allocation per
+/// line) and handed to the writer in one piece by [`ConnectionRecording::flush`].
+pub struct ConnectionRecording {
+    recorder: Arc<Recorder>,
+    conn: u64,
+    text: Vec<u8>,
+    lines: u64,
+}
+
+impl ConnectionRecording {
+    /// The recording of connection `conn`.
+    pub fn new(recorder: Arc<Recorder>, conn: u64) -> Self {
+        ConnectionRecording { recorder, conn, text: Vec::new(), lines: 0 }
+    }
+
+    /// Starts a line, or `None` while recording is off.
+    fn line(&mut self, dir: &'static str, kind: &'static str, bytes: usize) -> Option<Line<'_>> {
+        if !self.recorder.enabled() {
+            return None;
+        }
+        let at_us = u64::try_from(self.recorder.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.lines += 1;
+        let mut line = Line { out: &mut self.text, bodies: self.recorder.bodies };
+        line.raw(b"{\"at_us\":");
+        line.number(at_us);
+        line.raw(b",\"conn\":");
+        line.number(self.conn);
+        line.raw(b",\"dir\":\"");
+        line.raw(dir.as_bytes());
+        line.raw(b"\",\"type\":\"");
+        line.raw(kind.as_bytes());
+        line.raw(b"\",\"bytes\":");
+        line.number(bytes as u64);
+        Some(line)
+    }
+
+    /// The connection opened (its session id in `id`).
+    pub fn opened(&mut self, session: Uuid) {
+        if let Some(mut line) = self.line("in", "open", 0) {
+            line.uuid("id", session);
+            line.end();
         }
     }
 
-    /// A connection opened (its session id in `id`).
-    pub fn opened(&self, conn: u64, session: Uuid) {
-        let mut line = Line::new(conn, "in", "open", 0);
-        line.id = Some(session);
-        self.push(line);
-    }
-
-    /// A connection ended, with the close code the server sent (none when the client left).
-    pub fn closed(&self, conn: u64, code: Option<u16>) {
-        let mut line = Line::new(conn, "out", "close", 0);
-        line.code = code.map(|c| c.to_string());
-        self.push(line);
+    /// The connection ended, with the close code the server sent (none when the client left).
+    /// Hands what is left to the writer.
+    pub fn closed(&mut self, code: Option<u16>) {
+        if let Some(mut line) = self.line("out", "close", 0) {
+            if let Some(code) = code {
+                line.number_field("code", u64::from(code));
+            }
+            line.end();
+        }
+        self.flush();
     }
 
     /// A client frame that parsed.
-    pub fn client_frame(&self, conn: u64, frame: &ClientFrame, bytes: usize) {
-        let line = match frame {
+    pub fn client_frame(&mut self, frame: &ClientFrame, bytes: usize) {
+        let kind = match frame {
+            ClientFrame::Hello { .. } => "hello",
+            ClientFrame::Join { .. } => "join",
+            ClientFrame::Leave { .. } => "leave",
+            ClientFrame::Send { .. } => "send",
+            ClientFrame::History { .. } => "history",
+            ClientFrame::Typing { .. } => "typing",
+            ClientFrame::Ping => "ping",
+        };
+        let Some(mut line) = self.line("in", kind, bytes) else { return };
+        match frame {
             ClientFrame::Hello { user, .. } => {
-                let mut line = Line::new(conn, "in", "hello", bytes);
-                line.user = user.clone();
-                line
+                if let Some(user) = user {
+                    line.string("user", user);
+                }
             }
             ClientFrame::Join { room, since } => {
-                let mut line = Line::new(conn, "in", "join", bytes).room(room);
-                line.since = *since;
-                line
+                line.string("room", room);
+                if let Some(since) = since {
+                    line.number_field("since", *since);
+                }
             }
-            ClientFrame::Leave { room } => Line::new(conn, "in", "leave", bytes).room(room),
             ClientFrame::Send { room, client_msg_id, body, .. } => {
-                let mut line = Line::new(conn, "in", "send", bytes).room(room);
-                line.client_msg_id = Some(client_msg_id.clone());
-                self.body(&mut line, body);
-                line
+                line.string("room", room);
+                line.string("client_msg_id", client_msg_id);
+                line.body(body);
             }
-            ClientFrame::History { room, .. } => Line::new(conn, "in", "history", bytes).room(room),
-            ClientFrame::Typing { room } => Line::new(conn, "in", "typing", bytes).room(room),
-            ClientFrame::Ping => Line::new(conn, "in", "ping", bytes),
+            ClientFrame::Leave { room } | ClientFrame::History { room, .. } | ClientFrame::Typing { room } => {
+                line.string("room", room)
+            }
+            ClientFrame::Ping => {}
+        }
+        line.end();
+    }
+
+    /// A client frame refused before it parsed (too large, binary, not JSON): its size only.
+    pub fn invalid_client_frame(&mut self, bytes: usize) {
+        if let Some(line) = self.line("in", "invalid", bytes) {
+            line.end();
+        }
+    }
+
+    /// A message frame written to the connection.
+    pub fn message(&mut self, message: &ChatMessage, bytes: usize) {
+        if let Some(mut line) = self.line("out", "message", bytes) {
+            line.string("room", &message.room);
+            line.uuid("id", message.id);
+            line.number_field("seq", message.seq);
+            line.body(&message.body);
+            line.end();
+        }
+    }
+
+    /// A room event written to many connections as ready-made text (presence, typing): its
+    /// size only.
+    pub fn event(&mut self, bytes: usize) {
+        if let Some(line) = self.line("out", "event", bytes) {
+            line.end();
+        }
+    }
+
+    /// Any other server frame written to the connection.
+    pub fn server_frame(&mut self, frame: &ServerFrame, bytes: usize) {
+        if let ServerFrame::Message(message) = frame {
+            return self.message(message, bytes);
+        }
+        let kind = match frame {
+            ServerFrame::Welcome { .. } => "welcome",
+            ServerFrame::Joined { .. } => "joined",
+            ServerFrame::Left { .. } => "left",
+            ServerFrame::Ack { .. } => "ack",
+            ServerFrame::Message(_) => "message",
+            ServerFrame::History { .. } => "history",
+            ServerFrame::Presence { .. } => "presence",
+            ServerFrame::Typing { .. } => "typing",
+            ServerFrame::Pong { .. } => "pong",
+            ServerFrame::Reconnect { .. } => "reconnect",
+            ServerFrame::Error { .. } => "error",
         };
-        self.push(line);
-    }
-
-    /// A client frame that did not parse (or was too large, or binary): its size only.
-    pub fn invalid_client_frame(&self, conn: u64, bytes: usize) {
-        self.push(Line::new(conn, "in", "invalid", bytes));
-    }
-
-    /// A message frame written to a connection.
-    pub fn message(&self, conn: u64, message: &ChatMessage, bytes: usize) {
-        let mut line = Line::new(conn, "out", "message", bytes).room(&message.room);
-        line.user = Some(message.user.clone());
-        line.client_msg_id = Some(message.client_msg_id.clone());
-        line.id = Some(message.id);
-        line.seq = Some(message.seq);
-        self.body(&mut line, &message.body);
-        self.push(line);
-    }
-
-    /// A room event fanned out to a connection as ready-made text (presence, typing): its size.
-    pub fn event(&self, conn: u64, bytes: usize) {
-        self.push(Line::new(conn, "out", "event", bytes));
-    }
-
-    /// Any other server frame written to a connection.
-    pub fn server_frame(&self, conn: u64, frame: &ServerFrame, bytes: usize) {
-        let line = match frame {
+        let Some(mut line) = self.line("out", kind, bytes) else { return };
+        match frame {
             ServerFrame::Welcome { user, session, .. } => {
-                let mut line = Line::new(conn, "out", "welcome", bytes);
-                line.user = Some(user.clone());
-                line.id = Some(*session);
-                line
+                line.string("user", user);
+                line.uuid("id", *session);
             }
             ServerFrame::Joined { room, last_seq, .. } => {
-                let mut line = Line::new(conn, "out", "joined", bytes).room(room);
-                line.seq = Some(*last_seq);
-                line
+                line.string("room", room);
+                line.number_field("seq", *last_seq);
             }
-            ServerFrame::Left { room, .. } => Line::new(conn, "out", "left", bytes).room(room),
             ServerFrame::Ack { room, client_msg_id, id, seq, .. } => {
-                let mut line = Line::new(conn, "out", "ack", bytes).room(room);
-                line.client_msg_id = Some(client_msg_id.clone());
-                line.id = Some(*id);
-                line.seq = Some(*seq);
-                line
+                line.string("room", room);
+                line.string("client_msg_id", client_msg_id);
+                line.uuid("id", *id);
+                line.number_field("seq", *seq);
             }
-            ServerFrame::Message(message) => return self.message(conn, message, bytes),
             ServerFrame::History { room, messages, .. } => {
-                let mut line = Line::new(conn, "out", "history", bytes).room(room);
-                line.seq = messages.last().map(|m| m.seq);
-                line
+                line.string("room", room);
+                if let Some(last) = messages.last() {
+                    line.number_field("seq", last.seq);
+                }
             }
-            ServerFrame::Presence { room, user, .. } => {
-                let mut line = Line::new(conn, "out", "presence", bytes).room(room);
-                line.user = Some(user.clone());
-                line
+            ServerFrame::Left { room, .. } | ServerFrame::Presence { room, .. } | ServerFrame::Typing { room, .. } => {
+                line.string("room", room)
             }
-            ServerFrame::Typing { room, user } => {
-                let mut line = Line::new(conn, "out", "typing", bytes).room(room);
-                line.user = Some(user.clone());
-                line
-            }
-            ServerFrame::Pong { .. } => Line::new(conn, "out", "pong", bytes),
-            ServerFrame::Reconnect { .. } => Line::new(conn, "out", "reconnect", bytes),
-            ServerFrame::Error { code, .. } => {
-                let mut line = Line::new(conn, "out", "error", bytes);
-                line.code = Some(code.as_str().to_owned());
-                line
-            }
-        };
-        self.push(line);
+            ServerFrame::Error { code, .. } => line.string("code", code.as_str()),
+            ServerFrame::Message(_) | ServerFrame::Pong { .. } | ServerFrame::Reconnect { .. } => {}
+        }
+        line.end();
     }
 
-    fn body(&self, line: &mut Line, body: &str) {
-        if self.bodies {
-            line.body = Some(body.to_owned());
-        } else {
-            line.body_len = Some(body.len());
+    /// Hands the lines gathered since the last flush to the writer (the connection calls it
+    /// after each batch of frames it writes).
+    pub fn flush(&mut self) {
+        if self.lines == 0 {
+            return;
         }
+        let capacity = self.text.capacity();
+        let text = std::mem::replace(&mut self.text, Vec::with_capacity(capacity));
+        self.recorder.submit(Chunk { text, lines: std::mem::take(&mut self.lines) });
+    }
+}
+
+/// A JSON line being written into a connection's buffer.
+struct Line<'a> {
+    out: &'a mut Vec<u8>,
+    bodies: bool,
+}
+
+impl Line<'_> {
+    fn raw(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
+    }
+
+    fn number(&mut self, value: u64) {
+        self.raw(itoa::Buffer::new().format(value).as_bytes());
+    }
+
+    fn key(&mut self, name: &str) {
+        self.raw(b",\"");
+        self.raw(name.as_bytes());
+        self.raw(b"\":");
+    }
+
+    fn number_field(&mut self, name: &str, value: u64) {
+        self.key(name);
+        self.number(value);
+    }
+
+    fn uuid(&mut self, name: &str, value: Uuid) {
+        self.key(name);
+        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        self.raw(b"\"");
+        self.raw(value.hyphenated().encode_lower(&mut text).as_bytes());
+        self.raw(b"\"");
+    }
+
+    /// A string field, escaped as JSON (client text can hold anything).
+    fn string(&mut self, name: &str, value: &str) {
+        self.key(name);
+        // Writing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *self.out, value);
+    }
+
+    fn body(&mut self, body: &str) {
+        if self.bodies {
+            self.string("body", body);
+        } else {
+            self.number_field("body_len", body.len() as u64);
+        }
+    }
+
+    fn end(self) {
+        self.out.extend_from_slice(b"}\n");
     }
 }
 
@@ -369,12 +438,11 @@ struct Output {
 }
 
 impl Output {
-    fn write(&mut self, line: &Line) -> std::io::Result<()> {
-        let mut text = serde_json::to_vec(line).map_err(std::io::Error::other)?;
-        text.push(b'\n');
-        self.file.write_all(&text)?;
-        self.size += text.len() as u64;
-        self.written.fetch_add(1, Ordering::Relaxed);
+    fn write(&mut self, chunk: &Chunk) -> std::io::Result<()> {
+        self.file.write_all(&chunk.text)?;
+        self.size += chunk.text.len() as u64;
+        self.written.fetch_add(chunk.lines, Ordering::Relaxed);
+        // Chunks hold whole lines, so every file ends with a whole line.
         if self.size >= self.files.max_file_bytes {
             self.file.flush()?;
             self.file = self.files.open_next()?;
@@ -384,14 +452,14 @@ impl Output {
     }
 }
 
-/// The writer: lines to files until every sender is gone, rotating by size, flushing after
-/// every batch (so a recording is readable while it runs).
-fn write_lines(mut lines: mpsc::Receiver<Line>, mut output: Output) {
-    while let Some(first) = lines.blocking_recv() {
+/// The writer: chunks to files until every sender is gone, rotating by size, flushing whenever
+/// the queue is empty (so a recording is readable while it runs).
+fn write_chunks(mut chunks: mpsc::Receiver<Chunk>, mut output: Output) {
+    while let Some(first) = chunks.blocking_recv() {
         let mut result = output.write(&first);
         while result.is_ok() {
-            match lines.try_recv() {
-                Ok(line) => result = output.write(&line),
+            match chunks.try_recv() {
+                Ok(chunk) => result = output.write(&chunk),
                 Err(_) => break,
             }
         }
@@ -444,9 +512,11 @@ mod tests {
     async fn frames_are_recorded_in_order_with_body_lengths_but_not_bodies_or_tokens() {
         let dir = tempfile::tempdir().unwrap();
         let recorder = Recorder::start(config(dir.path(), false, 1 << 20, 1 << 30), "gw-1").unwrap();
-        recorder.opened(7, Uuid::nil());
-        recorder.client_frame(7, &ClientFrame::Hello { user: Some("alice".into()), token: Some("jwt".into()) }, 40);
-        recorder.client_frame(7, &send(1), 80);
+        let mut conn = ConnectionRecording::new(recorder.clone(), 7);
+        conn.opened(Uuid::nil());
+        conn.client_frame(&ClientFrame::Hello { user: Some("alice".into()), token: Some("jwt".into()) }, 40);
+        conn.client_frame(&send(1), 80);
+        conn.flush();
         let lines = lines(dir.path(), &recorder, 3).await;
         assert_eq!(lines.len(), 3, "{lines:?}");
         assert_eq!(lines[1]["type"], "hello");
@@ -462,7 +532,9 @@ mod tests {
     async fn bodies_are_recorded_when_asked() {
         let dir = tempfile::tempdir().unwrap();
         let recorder = Recorder::start(config(dir.path(), true, 1 << 20, 1 << 30), "gw-1").unwrap();
-        recorder.client_frame(1, &send(1), 80);
+        let mut conn = ConnectionRecording::new(recorder.clone(), 1);
+        conn.client_frame(&send(1), 80);
+        conn.flush();
         let lines = lines(dir.path(), &recorder, 1).await;
         assert_eq!(lines[0]["body"], "secret words");
     }
@@ -472,8 +544,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // About 130 bytes a line: 1 KiB files, at most 4 KiB in all.
         let recorder = Recorder::start(config(dir.path(), false, 1024, 4096), "gw-1").unwrap();
+        let mut conn = ConnectionRecording::new(recorder.clone(), 1);
         for n in 0..200 {
-            recorder.client_frame(1, &send(n), 80);
+            conn.client_frame(&send(n), 80);
+            conn.flush();
         }
         let lines = lines(dir.path(), &recorder, 200).await;
         let total: u64 = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
@@ -491,6 +565,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let recorder = Recorder::start(config(dir.path(), false, 1024, 4096), "gw-1").unwrap();
         recorder.set_enabled(false);
+        let mut conn = ConnectionRecording::new(recorder.clone(), 1);
+        conn.client_frame(&send(1), 80);
+        conn.flush();
         let status = recorder.status();
         assert!(!status.enabled && status.written == 0 && status.dropped == 0, "{status:?}");
     }

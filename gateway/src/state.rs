@@ -78,11 +78,6 @@ impl AppState {
         }
     }
 
-    /// The recorder, when it is recording now.
-    pub fn recording(&self) -> Option<&crate::recorder::Recorder> {
-        self.recorder.as_deref().filter(|recorder| recorder.enabled())
-    }
-
     /// A fresh connection id.
     pub fn next_connection_id(&self) -> u64 {
         self.next_connection.fetch_add(1, Ordering::Relaxed)

@@ -46,8 +46,8 @@ impl Connection {
             }
         };
         self.count_frame(frame_type(&frame));
-        if let Some(recorder) = self.app.recording() {
-            recorder.client_frame(self.id, &frame, text.len());
+        if let Some(recording) = self.recording.as_mut() {
+            recording.client_frame(&frame, text.len());
         }
         let Some(identity) = self.identity.clone() else {
             return match frame {

@@ -32,6 +32,7 @@ mod writer;
 use crate::auth::Identity;
 use crate::hook::ConnectionWrites;
 use crate::outbox::Outbox;
+use crate::recorder::ConnectionRecording;
 use crate::rooms::Hub;
 use crate::state::AppState;
 
@@ -89,6 +90,8 @@ struct Connection {
     /// This connection's place among its user's connections, from `hello` on.
     user_slot: Option<crate::slots::Slot<String>>,
     deliveries: u64,
+    /// This connection's frames, when the gateway records (`--record`).
+    recording: Option<ConnectionRecording>,
 }
 
 /// Serves one upgraded WebSocket until it closes.
@@ -115,17 +118,18 @@ pub async fn serve(socket: WebSocket, app: Arc<AppState>, query_token: Option<St
         hooked_writes: app.delivery_hook.as_ref().map(|hook| hook.connection(session)),
         user_slot: None,
         deliveries: 0,
+        recording: app.recorder.clone().map(|recorder| ConnectionRecording::new(recorder, id)),
         app: app.clone(),
     };
     app.metrics.connections.inc();
     app.metrics.connections_total.inc();
-    if let Some(recorder) = app.recording() {
-        recorder.opened(id, session);
+    if let Some(recording) = connection.recording.as_mut() {
+        recording.opened(session);
     }
     let end = connection.run(stream).await;
     connection.outbox.close();
-    if let Some(recorder) = app.recording() {
-        recorder.closed(id, if let End::Close(code, _) = end { Some(code) } else { None });
+    if let Some(recording) = connection.recording.as_mut() {
+        recording.closed(if let End::Close(code, _) = end { Some(code) } else { None });
     }
     if let End::Close(code, reason) = end {
         app.metrics.disconnects.with_label_values(&[reason_label(code)]).inc();

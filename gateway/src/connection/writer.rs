@@ -44,8 +44,8 @@ impl Connection {
     pub(super) async fn write_outbound(&mut self, item: Outbound) -> Result<(), End> {
         match item {
             Outbound::Frame(text) => {
-                if let Some(recorder) = self.app.recording() {
-                    recorder.event(self.id, text.len());
+                if let Some(recording) = self.recording.as_mut() {
+                    recording.event(text.len());
                 }
                 self.write((*text).clone()).await
             }
@@ -81,8 +81,8 @@ impl Connection {
 
     pub(super) async fn write_message(&mut self, delivery: &Delivery) -> Result<(), End> {
         self.deliveries += 1;
-        if let Some(recorder) = self.app.recording() {
-            recorder.message(self.id, &delivery.message, delivery.frame.len());
+        if let Some(recording) = self.recording.as_mut() {
+            recording.message(&delivery.message, delivery.frame.len());
         }
         let _span = delivery.write_span();
         self.write(delivery.frame.clone()).await
@@ -148,8 +148,8 @@ impl Connection {
 
     pub(super) async fn write_frame(&mut self, frame: ServerFrame) -> Result<(), End> {
         let text = frame.to_json();
-        if let Some(recorder) = self.app.recording() {
-            recorder.server_frame(self.id, &frame, text.len());
+        if let Some(recording) = self.recording.as_mut() {
+            recording.server_frame(&frame, text.len());
         }
         self.write(text.into()).await
     }
@@ -170,6 +170,9 @@ impl Connection {
     }
 
     pub(super) async fn flush(&mut self) -> Result<(), End> {
+        if let Some(recording) = self.recording.as_mut() {
+            recording.flush();
+        }
         if self.deliveries > 0 {
             self.app.metrics.deliveries.inc_by(self.deliveries);
             self.deliveries = 0;
@@ -182,9 +185,9 @@ impl Connection {
     }
 
     /// Records a client frame that was refused before it parsed (when recording).
-    pub(super) fn record_invalid(&self, bytes: usize) {
-        if let Some(recorder) = self.app.recording() {
-            recorder.invalid_client_frame(self.id, bytes);
+    pub(super) fn record_invalid(&mut self, bytes: usize) {
+        if let Some(recording) = self.recording.as_mut() {
+            recording.invalid_client_frame(bytes);
         }
     }
 
