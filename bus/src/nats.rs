@@ -169,6 +169,8 @@ pub struct NatsBus {
     ///
     /// [`FeedItem::Resumed`]: crate::FeedItem::Resumed
     connects: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The partitions this worker pulls, in order (empty on a gateway).
+    owned: tokio::sync::watch::Sender<Vec<u32>>,
     metrics: Metrics,
 }
 
@@ -259,6 +261,7 @@ impl NatsBus {
             reply_prefix,
             sends: tokio::sync::Mutex::new(None),
             connects,
+            owned: tokio::sync::watch::Sender::new(Vec::new()),
             metrics,
         });
         bus.listen_for_replies().await?;

@@ -158,6 +158,17 @@ pub async fn fanout(
             .with_clock(faults.clock());
     if let Some((log, _)) = &decision_log {
         worker = worker.with_decision_log(log);
+        let (log, mut owned) = (log.clone(), bus.owned_partitions());
+        // Ends when the bus is dropped, after the worker.
+        tokio::spawn(async move {
+            loop {
+                let now = owned.borrow_and_update().clone();
+                log.ownership(&now);
+                if owned.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let ops = crate::ops::serve(listener, crate::ops::Ops { bus, store, metrics, journal }, faults.routes(), {

@@ -9,9 +9,10 @@
 //!
 //! Records go through a bounded channel to a writer task: the hot path never waits for the
 //! disk. When the channel is full a record is dropped and counted, and the writer notes the
-//! loss in the file (`{"event":"lost"}`); a replay refuses such a log. Ownership of partitions
-//! is not in the log: the worker does not see it (bus::nats::workers logs it), only each
-//! send's delivery count, which says when a send came back.
+//! loss in the file (`{"event":"lost"}`); a replay refuses such a log. Changes of the
+//! partitions a NATS worker pulls are logged when the process feeds them in
+//! ([`DecisionLog::ownership`]); they explain a redelivery or a conflict, and no decision
+//! depends on them.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -187,6 +188,17 @@ pub enum Record {
         /// The decision.
         #[serde(flatten)]
         decided: Decided,
+    },
+    /// The partitions the worker pulls changed (after batch `batch` was taken).
+    Ownership {
+        /// Batches taken so far.
+        batch: u64,
+        /// Partitions it took.
+        acquired: Vec<u32>,
+        /// Partitions it let go.
+        released: Vec<u32>,
+        /// Partitions it pulls now.
+        owned: Vec<u32>,
     },
     /// Records dropped because the writer fell behind: the log is incomplete from here.
     Lost {
@@ -388,6 +400,8 @@ struct Shared {
     batch: AtomicU64,
     /// Records dropped because the channel was full (or the writer gone).
     lost: AtomicU64,
+    /// The partitions pulled, as last logged.
+    owned: std::sync::Mutex<Vec<u32>>,
 }
 
 /// The task writing a decision log; [`close`](Self::close) it after the worker stopped.
@@ -417,7 +431,12 @@ impl DecisionLog {
     ) -> std::io::Result<(DecisionLog, DecisionLogWriter)> {
         let file = tokio::fs::File::create(path).await?;
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        let shared = Arc::new(Shared { tx, batch: AtomicU64::new(0), lost: AtomicU64::new(0) });
+        let shared = Arc::new(Shared {
+            tx,
+            batch: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            owned: std::sync::Mutex::new(Vec::new()),
+        });
         let start = Record::Start {
             version: LOG_VERSION,
             worker: worker.to_owned(),
@@ -443,6 +462,18 @@ impl DecisionLog {
         if self.shared.tx.try_send(record).is_err() {
             self.shared.lost.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// The worker now pulls the partitions `owned`: logs what it took and let go, if anything.
+    pub fn ownership(&self, owned: &[u32]) {
+        let mut last = self.shared.owned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let acquired: Vec<u32> = owned.iter().copied().filter(|p| !last.contains(p)).collect();
+        let released: Vec<u32> = last.iter().copied().filter(|p| !owned.contains(p)).collect();
+        if acquired.is_empty() && released.is_empty() {
+            return;
+        }
+        *last = owned.to_vec();
+        self.send(Record::Ownership { batch: self.batch(), acquired, released, owned: owned.to_vec() });
     }
 
     /// `store`, recording every call the sequencer makes and its answer.

@@ -71,6 +71,8 @@ pub struct Log {
     pub batches: Vec<Vec<LoggedSend>>,
     /// Decisions logged, by batch, in the order they were made.
     pub decisions: Vec<(u64, Decided)>,
+    /// Changes of the partitions pulled, by the batches taken before each.
+    pub ownership: Vec<(u64, Vec<u32>, Vec<u32>)>,
     store: HashMap<Key, VecDeque<(StoreCall, StoreAnswer)>>,
     clock: HashMap<Key, VecDeque<(Reading, i64)>>,
     ids: HashMap<Key, VecDeque<Uuid>>,
@@ -89,6 +91,7 @@ impl Log {
             config: FanoutConfig::default(),
             batches: Vec::new(),
             decisions: Vec::new(),
+            ownership: Vec::new(),
             store: HashMap::new(),
             clock: HashMap::new(),
             ids: HashMap::new(),
@@ -142,6 +145,9 @@ impl Log {
                 }
                 Record::Id { batch, room, id } => log.ids.entry((batch, room)).or_default().push_back(id),
                 Record::Decision { batch, decided } => log.decisions.push((batch, decided)),
+                Record::Ownership { batch, acquired, released, owned: _ } => {
+                    log.ownership.push((batch, acquired, released));
+                }
                 Record::Lost { records } => {
                     return Err(LogError::Incomplete(format!(
                         "line {number}: {records} records were dropped because the writer fell behind; \
@@ -273,6 +279,7 @@ pub async fn replay(log: &Log) -> Report {
         lines: Vec::new(),
         replayed: Vec::new(),
         mismatches: Vec::new(),
+        ownership: log.ownership.clone().into(),
     }));
     let bus = Arc::new(ReplayBus { state: state.clone(), batches: Mutex::new(log.batches.clone().into()) });
     let replay = Replay(state.clone());
@@ -289,6 +296,7 @@ pub async fn replay(log: &Log) -> Report {
     worker.run(std::future::pending()).await;
 
     let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+    state.ownership_up_to(u64::MAX);
     let mut left: Vec<String> = state
         .store
         .iter()
@@ -353,9 +361,24 @@ struct State {
     lines: Vec<Line>,
     replayed: Vec<(u64, Decided)>,
     mismatches: Vec<String>,
+    ownership: VecDeque<(u64, Vec<u32>, Vec<u32>)>,
 }
 
 impl State {
+    /// Tells the ownership changes logged after at most `batch` batches.
+    fn ownership_up_to(&mut self, batch: u64) {
+        while self.ownership.front().is_some_and(|(after, _, _)| *after <= batch) {
+            let Some((_, acquired, released)) = self.ownership.pop_front() else { break };
+            let list = |ps: &[u32]| ps.iter().map(u32::to_string).collect::<Vec<_>>().join(" ");
+            let text = match (acquired.is_empty(), released.is_empty()) {
+                (false, true) => format!("partitions taken: {}", list(&acquired)),
+                (true, false) => format!("partitions released: {}", list(&released)),
+                _ => format!("partitions taken: {}; released: {}", list(&acquired), list(&released)),
+            };
+            self.lines.push(Line { detail: false, text });
+        }
+    }
+
     fn detail(&mut self, text: String) {
         self.lines.push(Line { detail: true, text });
     }
@@ -382,6 +405,8 @@ impl FanoutBus for ReplayBus {
     async fn next_batch(&self, _max: usize) -> Option<Vec<PendingSend>> {
         let sends = self.batches.lock().unwrap_or_else(PoisonError::into_inner).pop_front()?;
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let taken = state.batch;
+        state.ownership_up_to(taken);
         state.batch += 1;
         let redelivered = sends.iter().filter(|s| s.delivery > 1).count();
         let text = match redelivered {

@@ -106,6 +106,8 @@ async fn a_real_run(dir: &std::path::Path) -> String {
     let (log, writer) = DecisionLog::create(&path, "fanout-a", &FanoutConfig::default(), 1024).await.unwrap();
     let a = worker(store.clone(), Some(&log));
     let b = worker(store.clone(), None);
+    // The bus says which partitions worker a pulls (bus::nats does, through the chat binary).
+    log.ownership(&[0, 1, 2]);
 
     // Batch 1: two rooms, a rejection and an expired send.
     let first = a
@@ -124,6 +126,7 @@ async fn a_real_run(dir: &std::path::Path) -> String {
     // ... and its append conflicts, then succeeds with seq 4 (batch 2).
     let raced = a.batch(vec![(send("r1", "alice", "c3", soon()), 1)]).await;
     assert_eq!(raced[0].as_ref().unwrap().message.seq, 4);
+    log.ownership(&[0, 1]);
     // Batch 3: c2 comes back (a redelivery after a stall), plus a new send.
     let again = a.batch(vec![(send("r1", "alice", "c2", soon()), 2), (send("r2", "bob", "c2", soon()), 1)]).await;
     let repeat = again[0].as_ref().unwrap();
@@ -168,6 +171,10 @@ async fn a_real_runs_log_with_a_conflict_and_a_redelivery_replays_to_identical_d
     assert!(rendered.contains("batch 3: 2 sends, 1 redelivered"), "{rendered}");
     assert!(rendered.contains("room r1 alice/c3: conflict on attempt 0; sequencing again"), "{rendered}");
     assert!(rendered.contains("identical: 9 decisions replayed as logged"), "{rendered}");
+    // Ownership changes are told where they happened.
+    let at = |text: &str| rendered.find(text).unwrap_or_else(|| panic!("{text} in {rendered}"));
+    assert!(at("partitions taken: 0 1 2") < at("batch 1:"), "{rendered}");
+    assert!(at("batch 2:") < at("partitions released: 2") && at("partitions released: 2") < at("batch 3:"));
 }
 
 #[tokio::test]

@@ -121,12 +121,27 @@ impl NatsBus {
                         slot.insert(tokio::spawn(async move { bus.pull_partition(partition, tx).await }));
                     }
                 }
+                let mut pulled: Vec<u32> = pullers.keys().copied().collect();
+                pulled.sort_unstable();
+                bus.owned.send_if_modified(|owned| {
+                    let changed = *owned != pulled;
+                    if changed {
+                        *owned = pulled;
+                    }
+                    changed
+                });
             }
             for (_, task) in pullers {
                 task.abort();
             }
         });
         Ok(())
+    }
+
+    /// The partitions this worker pulls, in order, as they change (empty until
+    /// [`start_worker`](Self::start_worker) took some, and on a gateway).
+    pub fn owned_partitions(&self) -> tokio::sync::watch::Receiver<Vec<u32>> {
+        self.owned.subscribe()
     }
 
     /// Pulls one partition's sends into the worker's queue until aborted, reopening the pull

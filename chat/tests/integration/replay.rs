@@ -100,6 +100,8 @@ async fn a_stalled_workers_decision_log_replays_identically_and_an_edit_diverges
     assert!(out.contains("room replay alice/m0: duplicate of seq 1"), "{out}");
     assert!(out.contains("room replay alice/m0: new seq 1"), "{out}");
     assert!(out.contains("identical: "), "{out}");
+    // The only worker took every partition before its first batch.
+    assert!(out.contains("partitions taken: 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15\nbatch 1:"), "{out}");
     eprintln!("{out}");
 
     // Say the store had answered the first last_seq with 5: the first new message diverges.
