@@ -253,10 +253,13 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> Re
     // === drain: until every send is answered and every joined member has caught up ===
     let drain_deadline = tokio::time::Instant::now() + cfg.drain;
     loop {
-        if drained(&shared, &progresses) {
-            // Room for a late duplicate to show itself.
+        if drained(&shared, &progresses, &cmd_txs) {
+            // Room for a late duplicate to show itself, then make sure nothing was written
+            // meanwhile.
             tokio::time::sleep(Duration::from_millis(100)).await;
-            break;
+            if drained(&shared, &progresses, &cmd_txs) {
+                break;
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
@@ -300,9 +303,15 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> Re
     Ok(Report::build(&shared, &collector, audit, facts))
 }
 
-fn drained(shared: &Shared, progresses: &[(u32, Arc<TrackProgress>)]) -> bool {
+/// Every written send answered, no client reconnecting, no command waiting for its client (a
+/// send dispatched by the schedule but not yet written by a client starved of CPU would
+/// otherwise be written after the drain and never answered), and every member caught up.
+fn drained(shared: &Shared, progresses: &[(u32, Arc<TrackProgress>)], cmd_txs: &[mpsc::Sender<Cmd>]) -> bool {
     let r = &shared.records;
     if r.answered_count() < r.sent_count() || shared.metrics.reconnecting.load(Ordering::Relaxed) > 0 {
+        return false;
+    }
+    if cmd_txs.iter().any(|tx| !tx.is_closed() && tx.capacity() < tx.max_capacity()) {
         return false;
     }
     progresses.iter().all(|(room, p)| {
