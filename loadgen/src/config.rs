@@ -256,6 +256,11 @@ pub struct Config {
     pub progress: bool,
     /// The scenario's name, when one was used.
     pub scenario: Option<String>,
+    /// Message journeys read after the run for per-hop timings (`loadgen compare`); 0 = none.
+    pub journeys: usize,
+    /// Bearer token for the gateway's `/debug/messages` when it has an admin token.
+    #[serde(skip)]
+    pub admin_token: Option<String>,
 }
 
 impl Default for Config {
@@ -281,9 +286,14 @@ impl Default for Config {
             max_findings: 100,
             progress: false,
             scenario: None,
+            journeys: DEFAULT_JOURNEYS,
+            admin_token: None,
         }
     }
 }
+
+/// Journeys read after a run by default.
+pub const DEFAULT_JOURNEYS: usize = 300;
 
 /// The default gateway URL.
 pub const DEFAULT_URL: &str = "ws://127.0.0.1:8080/ws";
@@ -479,6 +489,17 @@ pub struct Cli {
     #[arg(long, env = "LOADGEN_PROGRESS", value_enum, default_value_t = ProgressMode::Auto)]
     pub progress: ProgressMode,
 
+    /// After the run, read this many message journeys (`/debug/messages/{id}`, spread over the
+    /// run) from the first gateway and keep their per-hop timings in the report, for
+    /// `loadgen compare`; 0 reads none. Example: --journeys 1000 [default: 300]
+    #[arg(long, env = "LOADGEN_JOURNEYS")]
+    pub journeys: Option<usize>,
+
+    /// The gateway's admin token, sent as a bearer token when reading journeys (needed when
+    /// the gateway has one). Example: --admin-token "$CHAT_ADMIN_TOKEN"
+    #[arg(long, env = "LOADGEN_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
     /// Instead of a run, measure the auditor alone on N synthetic deliveries and print its CPU
     /// cost per 100k deliveries/s. Example: --bench-audit 5000000
     #[arg(long, value_name = "N")]
@@ -577,6 +598,8 @@ impl Cli {
                     .clone()
                     .unwrap_or_else(|| self.scenario.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
             }),
+            journeys: self.journeys.unwrap_or(d.journeys),
+            admin_token: self.admin_token,
         };
         if let Err(mut more) = config.validate() {
             errors.append(&mut more);

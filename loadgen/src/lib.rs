@@ -18,12 +18,16 @@
 //! - [`progress`]: the live progress line.
 //! - [`bench`]: the auditor's CPU cost on its own.
 //! - [`capacity`]: unit costs measured into a model file, and deployment plans from it.
+//! - [`journeys`]: per-hop timings from message journeys sampled after a run.
+//! - [`compare`]: `loadgen compare A.json B.json`, a regression test of one run against another.
 
 pub mod audit;
 pub mod bench;
 pub mod capacity;
 pub mod client;
+pub mod compare;
 pub mod config;
+pub mod journeys;
 pub mod metrics;
 pub mod plan;
 pub mod progress;

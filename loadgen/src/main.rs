@@ -1,6 +1,7 @@
 //! The `loadgen` binary: parses flags, runs, prints the summary, writes the report files, and
 //! exits 0 when the audit passed, 1 when it found a fault, 2 when the run could not be carried
-//! out, 64 on a bad configuration. `loadgen capacity ...` is handed to [`loadgen::capacity::main`].
+//! out, 64 on a bad configuration. `loadgen capacity ...` is handed to [`loadgen::capacity::main`],
+//! `loadgen compare ...` to [`loadgen::compare::main`].
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -12,8 +13,10 @@ use loadgen::Cli;
 fn main() -> ExitCode {
     // `loadgen capacity ...` has its own subcommands; everything else is a load run.
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("capacity") {
-        return ExitCode::from(loadgen::capacity::main(args[1..].to_vec()));
+    match args.get(1).map(String::as_str) {
+        Some("capacity") => return ExitCode::from(loadgen::capacity::main(args[1..].to_vec())),
+        Some("compare") => return ExitCode::from(loadgen::compare::main(args[1..].to_vec())),
+        _ => {}
     }
     match real_main() {
         Ok(code) => ExitCode::from(code),

@@ -300,7 +300,11 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> Re
             _ => None,
         },
     };
-    Ok(Report::build(&shared, &collector, audit, facts))
+    let mut report = Report::build(&shared, &collector, audit, facts);
+    if cfg.journeys > 0 {
+        report.samples.hops = crate::journeys::sample(&shared, cfg.journeys, cfg.admin_token.as_deref()).await;
+    }
+    Ok(report)
 }
 
 /// Every written send answered, no client reconnecting, no command waiting for its client (a

@@ -15,7 +15,9 @@ mod svg;
 mod text;
 
 pub use html::esc;
-pub use model::{ClientStats, CpuStats, HistSummary, Quantile, Report, RoomStats, RunFacts, Throughput, Timing};
+pub use model::{
+    ClientStats, CpuStats, HistSummary, Quantile, Report, RoomStats, RunFacts, Samples, Throughput, Timing,
+};
 pub use svg::{line_chart, Series, XAxis};
 
 #[cfg(test)]

@@ -1,6 +1,9 @@
 //! The report's model: every figure a run produces ([`Report`] and its parts), assembled from the
 //! runner's state at the end of a run, and written as JSON (`--report`) exactly as serialized
 //! here. The text summary, the HTML page and its charts only read this model.
+//!
+//! `samples` (raw latency samples and per-hop durations from sampled journeys) was added for
+//! `loadgen compare`; reports written before it have none and are still read by it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -11,7 +14,8 @@ use serde::Serialize;
 
 use crate::audit::AuditResult;
 use crate::config::Config;
-use crate::metrics::{Collector, Lat, Second};
+use crate::journeys::HopSamples;
+use crate::metrics::{Collector, Lat, Sample, Second, SAMPLED};
 use crate::plan::Plan;
 use crate::runner::Shared;
 
@@ -228,6 +232,18 @@ pub struct Report {
     pub audit: AuditResult,
     /// loadgen's own CPU cost.
     pub loadgen_cpu: CpuStats,
+    /// Raw samples for comparing runs (`loadgen compare`).
+    pub samples: Samples,
+}
+
+/// Raw samples of a run, so that another run can be tested against it (`loadgen compare`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Samples {
+    /// Uniform random samples (µs) of send→delivery and send→ack, at most
+    /// [`crate::metrics::SAMPLE_CAP`] values each.
+    pub latency_us: BTreeMap<&'static str, Sample>,
+    /// Durations between consecutive hops of message journeys sampled after the run.
+    pub hops: HopSamples,
 }
 
 /// Microseconds as seconds.
@@ -339,6 +355,13 @@ impl Report {
             timeline: c.timeline.clone(),
             audit,
             loadgen_cpu: CpuStats::of(&facts, c.checked),
+            samples: Samples {
+                latency_us: SAMPLED
+                    .iter()
+                    .filter_map(|&l| Some((l.name(), shared.metrics.sample(l, shared.config.seed)?)))
+                    .collect(),
+                hops: HopSamples::default(),
+            },
             timing,
         }
     }

@@ -87,6 +87,24 @@ impl Report {
                 h.mean
             );
         }
+        let hops = &self.samples.hops;
+        if hops.requested > 0 || hops.error.is_some() {
+            let _ = write!(
+                o,
+                "journeys: {} of {} read for per-hop timings ({} hop pairs)",
+                hops.read,
+                hops.requested,
+                hops.pairs.len()
+            );
+            match &hops.error {
+                Some(e) => {
+                    let _ = writeln!(o, "; {e}");
+                }
+                None => {
+                    let _ = writeln!(o);
+                }
+            }
+        }
     }
 
     /// Errors by code, and what loadgen's own CPU cost per delivery.

@@ -101,13 +101,20 @@ pub fn tempdir() -> tempfile::TempDir {
 
 /// Runs the `loadgen` binary with `args`, returning its exit code.
 pub async fn loadgen_bin(args: Vec<String>) -> i32 {
+    let (code, stdout) = loadgen_bin_output(args).await;
+    if code != 0 {
+        eprintln!("{stdout}");
+    }
+    code
+}
+
+/// Runs the `loadgen` binary with `args`, returning its exit code and stdout (stderr is passed
+/// through to the test's output).
+pub async fn loadgen_bin_output(args: Vec<String>) -> (i32, String) {
     let child = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_loadgen")).args(&args).output().unwrap()
     });
     let out = tokio::time::timeout(LIMIT, child).await.expect("binary timed out").unwrap();
-    if out.status.code() != Some(0) {
-        eprintln!("{}", String::from_utf8_lossy(&out.stdout));
-        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
-    }
-    out.status.code().unwrap_or(-1)
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
 }
