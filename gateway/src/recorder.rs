@@ -452,18 +452,41 @@ impl Output {
     }
 }
 
-/// The writer: chunks to files until every sender is gone, rotating by size, flushing whenever
-/// the queue is empty (so a recording is readable while it runs).
+/// How often the writer looks for chunks when it found none. It polls instead of waiting on the
+/// queue, so a connection handing over a chunk never has to wake a thread (a futex call per
+/// chunk cost more than formatting the lines).
+const WRITER_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+/// How long written lines may sit in the file's buffer before they are flushed.
+const WRITER_FLUSH: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The writer: chunks to files until every sender is gone, rotating by size, flushing at least
+/// every [`WRITER_FLUSH`] (so a recording is readable while it runs).
 fn write_chunks(mut chunks: mpsc::Receiver<Chunk>, mut output: Output) {
-    while let Some(first) = chunks.blocking_recv() {
-        let mut result = output.write(&first);
-        while result.is_ok() {
-            match chunks.try_recv() {
-                Ok(chunk) => result = output.write(&chunk),
-                Err(_) => break,
+    let mut flushed = Instant::now();
+    let mut dirty = false;
+    loop {
+        let result = match chunks.try_recv() {
+            Ok(chunk) => {
+                dirty = true;
+                output.write(&chunk)
             }
-        }
-        if let Err(e) = result.and_then(|()| output.file.flush()) {
+            Err(mpsc::error::TryRecvError::Empty) => {
+                let mut result = Ok(());
+                if dirty && flushed.elapsed() >= WRITER_FLUSH {
+                    result = output.file.flush();
+                    (dirty, flushed) = (false, Instant::now());
+                }
+                std::thread::sleep(WRITER_POLL);
+                result
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                if let Err(e) = output.file.flush() {
+                    tracing::error!(dir = %output.files.dir.display(), error = %e, "recording: last lines lost");
+                }
+                return;
+            }
+        };
+        if let Err(e) = result {
             tracing::error!(dir = %output.files.dir.display(), error = %e, "recording stopped: cannot write");
             return;
         }
@@ -487,25 +510,28 @@ mod tests {
         }
     }
 
-    async fn lines(dir: &Path, recorder: &Recorder, want: u64) -> Vec<serde_json::Value> {
-        for _ in 0..200 {
-            if recorder.status().written >= want {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+    /// Every whole line in the directory (a file may go away under the rotation, and the last
+    /// line of the newest may be half written while it is read).
+    fn read(dir: &Path) -> Vec<serde_json::Value> {
         let mut paths: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
         paths.sort_by_key(|p| sortable_name(p));
         paths
             .iter()
-            .flat_map(|p| {
-                std::fs::read_to_string(p)
-                    .unwrap()
-                    .lines()
-                    .map(|l| serde_json::from_str(l).unwrap())
-                    .collect::<Vec<_>>()
-            })
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .flat_map(|text| text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect::<Vec<_>>())
             .collect()
+    }
+
+    /// The recorded lines once the last one is the send `last_client_msg_id` (the writer flushes within 200 ms).
+    async fn lines(dir: &Path, last_client_msg_id: &str) -> Vec<serde_json::Value> {
+        for _ in 0..500 {
+            let lines = read(dir);
+            if lines.last().is_some_and(|l| l["client_msg_id"] == last_client_msg_id) {
+                return lines;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("{last_client_msg_id} not recorded after 5 s: {:?}", read(dir));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -517,7 +543,7 @@ mod tests {
         conn.client_frame(&ClientFrame::Hello { user: Some("alice".into()), token: Some("jwt".into()) }, 40);
         conn.client_frame(&send(1), 80);
         conn.flush();
-        let lines = lines(dir.path(), &recorder, 3).await;
+        let lines = lines(dir.path(), "c1").await;
         assert_eq!(lines.len(), 3, "{lines:?}");
         assert_eq!(lines[1]["type"], "hello");
         assert_eq!(lines[1]["user"], "alice");
@@ -535,7 +561,7 @@ mod tests {
         let mut conn = ConnectionRecording::new(recorder.clone(), 1);
         conn.client_frame(&send(1), 80);
         conn.flush();
-        let lines = lines(dir.path(), &recorder, 1).await;
+        let lines = lines(dir.path(), "c1").await;
         assert_eq!(lines[0]["body"], "secret words");
     }
 
@@ -549,7 +575,7 @@ mod tests {
             conn.client_frame(&send(n), 80);
             conn.flush();
         }
-        let lines = lines(dir.path(), &recorder, 200).await;
+        let lines = lines(dir.path(), "c199").await;
         let total: u64 = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
         assert!(total <= 4096 + 1024, "{total} bytes kept");
         assert!(lines.len() < 200 && !lines.is_empty(), "{} lines kept", lines.len());
