@@ -200,15 +200,7 @@ impl ConnectionRecording {
 
     /// A client frame that parsed.
     pub fn client_frame(&mut self, frame: &ClientFrame, bytes: usize) {
-        let kind = match frame {
-            ClientFrame::Hello { .. } => "hello",
-            ClientFrame::Join { .. } => "join",
-            ClientFrame::Leave { .. } => "leave",
-            ClientFrame::Send { .. } => "send",
-            ClientFrame::History { .. } => "history",
-            ClientFrame::Typing { .. } => "typing",
-            ClientFrame::Ping => "ping",
-        };
+        let kind = frame.kind();
         let Some(mut line) = self.line("in", kind, bytes) else { return };
         match frame {
             ClientFrame::Hello { user, .. } => {

@@ -74,6 +74,21 @@ pub enum ClientFrame {
     Ping,
 }
 
+impl ClientFrame {
+    /// The frame's `type` as written on the wire.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientFrame::Hello { .. } => "hello",
+            ClientFrame::Join { .. } => "join",
+            ClientFrame::Leave { .. } => "leave",
+            ClientFrame::Send { .. } => "send",
+            ClientFrame::History { .. } => "history",
+            ClientFrame::Typing { .. } => "typing",
+            ClientFrame::Ping => "ping",
+        }
+    }
+}
+
 /// A stored, sequenced chat message: the `message` frame without its `type`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {

@@ -45,7 +45,7 @@ impl Connection {
                 return self.error(ErrorCode::BadRequest, &e.message, e.req).await;
             }
         };
-        self.count_frame(frame_type(&frame));
+        self.count_frame(frame.kind());
         if let Some(recording) = self.recording.as_mut() {
             recording.client_frame(&frame, text.len());
         }
@@ -368,17 +368,6 @@ impl Connection {
     }
 }
 
-fn frame_type(frame: &ClientFrame) -> &'static str {
-    match frame {
-        ClientFrame::Hello { .. } => "hello",
-        ClientFrame::Join { .. } => "join",
-        ClientFrame::Leave { .. } => "leave",
-        ClientFrame::Send { .. } => "send",
-        ClientFrame::History { .. } => "history",
-        ClientFrame::Typing { .. } => "typing",
-        ClientFrame::Ping => "ping",
-    }
-}
 
 /// The outcome of a send whose answer never came (a worker stored it and its answer was lost on
 /// the bus, or nobody stored it): the store says which. Past the send's deadline and the margin
