@@ -368,7 +368,6 @@ impl Connection {
     }
 }
 
-
 /// The outcome of a send whose answer never came (a worker stored it and its answer was lost on
 /// the bus, or nobody stored it): the store says which. Past the send's deadline and the margin
 /// no worker will store it any more, so "not found" means not stored.
