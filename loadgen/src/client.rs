@@ -29,6 +29,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::audit::{check_delivery, parse_id, AckOutcome, Track};
 use crate::metrics::Lat;
+use crate::replay::RecordedBody;
 use crate::runner::Shared;
 use crate::schedule::Action;
 
@@ -384,12 +385,22 @@ impl ClientState {
         let shared = &*self.shared;
         let Some(rec) = shared.records.get(i) else { return true };
         let cfg = &shared.config;
-        let len = crate::schedule::body_len(i, cfg.body.min, cfg.body.max, cfg.seed);
-        let start = (crate::schedule::mix(i as u64 ^ cfg.seed) as usize) % (shared.body_pool.len() - len + 1);
+        let recorded = cfg.replay.as_ref().and_then(|r| r.bodies.get(i as usize));
+        let body = match recorded {
+            Some(RecordedBody::Text(text)) => text.clone(),
+            _ => {
+                let len = match recorded {
+                    Some(RecordedBody::Len(n)) => (*n).min(shared.body_pool.len()),
+                    _ => crate::schedule::body_len(i, cfg.body.min, cfg.body.max, cfg.seed),
+                };
+                let start = (crate::schedule::mix(i as u64 ^ cfg.seed) as usize) % (shared.body_pool.len() - len + 1);
+                shared.body_pool[start..start + len].to_string()
+            }
+        };
         let frame = ClientFrame::Send {
             room: shared.plan.rooms[rec.room as usize].clone(),
             client_msg_id: shared.plan.client_msg_id(i),
-            body: shared.body_pool[start..start + len].to_string(),
+            body,
             traceparent: None,
         };
         let now = shared.clock.now_us();

@@ -7,10 +7,12 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 
+use crate::replay::Recording;
 use crate::scenario::{ReconnectSpec, Scenario};
 use crate::schedule::Phase;
 
@@ -26,6 +28,9 @@ pub enum ConfigError {
         /// What is wrong and what would be accepted.
         reason: String,
     },
+    /// The `--replay` recording could not be read or holds nothing to replay.
+    #[error("--replay: {0}")]
+    Replay(#[from] crate::replay::ReplayError),
     /// The scenario file could not be read or parsed.
     #[error("scenario {path}: {reason}")]
     Scenario {
@@ -261,6 +266,19 @@ pub struct Config {
     /// Bearer token for the gateway's `/debug/messages` when it has an admin token.
     #[serde(skip)]
     pub admin_token: Option<String>,
+    /// A recording re-driven instead of the seeded plan and schedule (`--replay`); the report
+    /// names its directory.
+    #[serde(serialize_with = "replay_dir")]
+    pub replay: Option<Arc<Recording>>,
+    /// Pace of a replay: 2 sends twice as fast as recorded.
+    pub replay_speed: f64,
+}
+
+fn replay_dir<S: serde::Serializer>(replay: &Option<Arc<Recording>>, s: S) -> Result<S::Ok, S::Error> {
+    match replay {
+        Some(r) => s.serialize_some(&r.dir),
+        None => s.serialize_none(),
+    }
 }
 
 impl Default for Config {
@@ -288,6 +306,8 @@ impl Default for Config {
             scenario: None,
             journeys: DEFAULT_JOURNEYS,
             admin_token: None,
+            replay: None,
+            replay_speed: 1.0,
         }
     }
 }
@@ -350,6 +370,9 @@ impl Config {
             if r.every.is_some_and(|e| e.is_zero()) {
                 errors.push(invalid("reconnect.every", "must be longer than 0"));
             }
+        }
+        if !(self.replay_speed.is_finite() && self.replay_speed > 0.0) {
+            errors.push(invalid("--replay-speed", "must be a positive number, e.g. 2 for twice the recorded pace"));
         }
         let scheduled: f64 = self.phases.iter().map(|p| p.rate * p.duration.as_secs_f64()).sum();
         if scheduled > u32::MAX as f64 / 2.0 {
@@ -500,6 +523,17 @@ pub struct Cli {
     #[arg(long, env = "LOADGEN_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
+    /// Re-drive a gateway recording (`chat --record DIR`): one client per recorded connection,
+    /// the recorded users, rooms and sends at their recorded instants; not with --clients,
+    /// --rooms, --rate, --duration or other flags that shape the load. Example: --replay rec/
+    #[arg(long, env = "LOADGEN_REPLAY", value_name = "DIR")]
+    pub replay: Option<PathBuf>,
+
+    /// With --replay: pace relative to the recording (2 = twice as fast). Example:
+    /// --replay-speed 2 [default: 1]
+    #[arg(long, env = "LOADGEN_REPLAY_SPEED", value_name = "X")]
+    pub replay_speed: Option<f64>,
+
     /// Instead of a run, measure the auditor alone on N synthetic deliveries and print its CPU
     /// cost per 100k deliveries/s. Example: --bench-audit 5000000
     #[arg(long, value_name = "N")]
@@ -514,6 +548,7 @@ impl Cli {
             None => None,
         };
         let mut errors = Vec::new();
+        let replay = self.load_replay(&mut errors);
         let d = Config::default();
         let sc = scenario.as_ref();
         let pick = |cli: Option<f64>, sc: Option<f64>, d: f64| cli.or(sc).unwrap_or(d);
@@ -600,6 +635,12 @@ impl Cli {
             }),
             journeys: self.journeys.unwrap_or(d.journeys),
             admin_token: self.admin_token,
+            replay: None,
+            replay_speed: self.replay_speed.unwrap_or(d.replay_speed),
+        };
+        let config = match replay {
+            Some(recording) => config.replaying(recording),
+            None => config,
         };
         if let Err(mut more) = config.validate() {
             errors.append(&mut more);
@@ -611,6 +652,69 @@ impl Cli {
         }
     }
 }
+
+impl Cli {
+    /// Reads the `--replay` recording, refusing flags that would reshape it.
+    fn load_replay(&self, errors: &mut Vec<ConfigError>) -> Option<Recording> {
+        let Some(dir) = &self.replay else {
+            if self.replay_speed.is_some() {
+                errors.push(invalid("--replay-speed", "only means something with --replay DIR"));
+            }
+            return None;
+        };
+        let given = [
+            ("--clients", self.clients.is_some()),
+            ("--rooms", self.rooms.is_some()),
+            ("--rooms-per-client", self.rooms_per_client.is_some()),
+            ("--room-dist", self.room_dist.is_some()),
+            ("--rate", self.rate.is_some()),
+            ("--duration", self.duration.is_some()),
+            ("--history-rate", self.history_rate.is_some()),
+            ("--body-bytes", self.body_bytes.is_some()),
+            ("--scenario", self.scenario.is_some()),
+        ];
+        for (flag, _) in given.iter().filter(|(_, given)| *given) {
+            errors.push(ConfigError::Invalid {
+                what: flag,
+                reason: format!(
+                    "cannot be used with --replay: the recording fixes the clients, rooms, sends and \
+                     their timing (use --replay-speed to change the pace); drop {flag}"
+                ),
+            });
+        }
+        match Recording::load(dir) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                errors.push(ConfigError::Replay(e));
+                None
+            }
+        }
+    }
+}
+
+impl Config {
+    /// This configuration re-driving `recording`: its clients, rooms and sends replace the
+    /// seeded plan; no history reads or reconnect storms; one idle phase as long as the
+    /// replayed schedule.
+    pub fn replaying(mut self, recording: Recording) -> Self {
+        let last = recording.sends.last().map_or(0, |s| s.at_us);
+        self.clients = recording.users.len() as u32;
+        self.rooms = recording.rooms.len() as u32;
+        self.rooms_per_client = recording.client_rooms.iter().map(Vec::len).max().unwrap_or(1).max(1) as u32;
+        let span = Duration::from_micros((last as f64 / self.replay_speed.max(1e-9)).round() as u64);
+        self.phases = vec![Phase { duration: span + Duration::from_millis(1), rate: 0.0 }];
+        self.history_rate = 0.0;
+        self.reconnect = None;
+        self.scenario = None;
+        let max = recording.max_body().clamp(1, MAX_FRAME_BODY);
+        self.body = BodySize { min: max, max };
+        self.replay = Some(Arc::new(recording));
+        self
+    }
+}
+
+/// Largest body a replay generates (the gateway's default frame limit).
+const MAX_FRAME_BODY: usize = 64 * 1024;
 
 /// A seed nobody chose: time and process id mixed through splitmix64.
 fn random_u64() -> u64 {

@@ -16,6 +16,7 @@
 //! - [`metrics`]: HDR histograms and the once-a-second timeline.
 //! - [`report`]: JSON, the summary table, and HTML with inline SVG plots.
 //! - [`progress`]: the live progress line.
+//! - [`replay`]: a gateway recording read back as plan and schedule (`--replay`).
 //! - [`bench`]: the auditor's CPU cost on its own.
 //! - [`capacity`]: unit costs measured into a model file, and deployment plans from it.
 //! - [`journeys`]: per-hop timings from message journeys sampled after a run.
@@ -31,6 +32,7 @@ pub mod journeys;
 pub mod metrics;
 pub mod plan;
 pub mod progress;
+pub mod replay;
 pub mod report;
 pub mod runner;
 pub mod scenario;

@@ -5,6 +5,8 @@
 //! (from 1) a share of the memberships proportional to 1/k^s, capped at the number of clients,
 //! and deals a shuffled client order into the rooms so no client is in a room twice.
 
+use std::collections::HashMap;
+
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
@@ -21,6 +23,11 @@ pub struct Plan {
     pub client_rooms: Vec<Vec<u32>>,
     /// Members per room.
     pub room_sizes: Vec<u32>,
+    /// User names given explicitly (a replay); empty means `PREFIX-u<i>`.
+    pub users: Vec<String>,
+    /// Room numbers by name when the names were given explicitly (a replay); empty means
+    /// `PREFIX-r<i>`.
+    pub room_names: HashMap<String, u32>,
 }
 
 impl Plan {
@@ -66,16 +73,35 @@ impl Plan {
             rooms: (0..rooms).map(|i| format!("{prefix}-r{i}")).collect(),
             client_rooms,
             room_sizes,
+            users: Vec::new(),
+            room_names: HashMap::new(),
         }
+    }
+
+    /// A plan with given user and room names and membership (a replayed recording); `prefix`
+    /// still names the sends (`client_msg_id`), so it should be unique per run.
+    pub fn explicit(prefix: &str, users: Vec<String>, rooms: Vec<String>, client_rooms: Vec<Vec<u32>>) -> Self {
+        let mut room_sizes = vec![0u32; rooms.len()];
+        for &room in client_rooms.iter().flatten() {
+            room_sizes[room as usize] += 1;
+        }
+        let room_names = rooms.iter().enumerate().map(|(i, name)| (name.clone(), i as u32)).collect();
+        Self { prefix: prefix.to_string(), rooms, client_rooms, room_sizes, users, room_names }
     }
 
     /// The user name of client `i`.
     pub fn user(&self, client: u32) -> String {
+        if let Some(name) = self.users.get(client as usize) {
+            return name.clone();
+        }
         format!("{}-u{client}", self.prefix)
     }
 
     /// The room number of a room name of this run, if it is one.
     pub fn room_index(&self, name: &str) -> Option<u32> {
+        if !self.room_names.is_empty() {
+            return self.room_names.get(name).copied();
+        }
         let rest = name.strip_prefix(self.prefix.as_str())?.strip_prefix("-r")?;
         let idx: u32 = rest.parse().ok()?;
         ((idx as usize) < self.rooms.len()).then_some(idx)

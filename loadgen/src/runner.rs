@@ -72,20 +72,27 @@ impl Shared {
     /// audit benchmark can build the same state without a server.
     pub fn prepare(config: Config, targets: Vec<(Target, Vec<SocketAddr>)>) -> (Self, Vec<Event>) {
         let mut rng = StdRng::seed_from_u64(config.seed);
-        let plan = Plan::build(
-            &config.prefix,
-            config.clients,
-            config.rooms,
-            config.rooms_per_client,
-            config.room_dist,
-            &mut rng,
-        );
-        let sends = build_sends(&config.phases, &plan, &mut rng);
-        let total = config.measure_duration();
-        let mut events = build_history(config.history_rate, total, &plan, &mut rng);
-        if let Some(r) = &config.reconnect {
-            events.extend(build_drops(r, config.clients, total, &mut rng));
-        }
+        let (plan, sends, mut events) = match &config.replay {
+            // A replay: the recording's users, rooms and sends; nothing else is scheduled.
+            Some(recording) => (recording.plan(&config.prefix), recording.schedule(config.replay_speed), Vec::new()),
+            None => {
+                let plan = Plan::build(
+                    &config.prefix,
+                    config.clients,
+                    config.rooms,
+                    config.rooms_per_client,
+                    config.room_dist,
+                    &mut rng,
+                );
+                let sends = build_sends(&config.phases, &plan, &mut rng);
+                let total = config.measure_duration();
+                let mut events = build_history(config.history_rate, total, &plan, &mut rng);
+                if let Some(r) = &config.reconnect {
+                    events.extend(build_drops(r, config.clients, total, &mut rng));
+                }
+                (plan, sends, events)
+            }
+        };
         events.sort_by_key(|e| e.at_us);
         let records = Records::new(&sends, plan.rooms.len());
         let pool_len = (config.body.max * 2).max(16 * 1024);

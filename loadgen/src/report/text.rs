@@ -35,6 +35,17 @@ impl Report {
             cfg.prefix,
             cfg.urls.len()
         );
+        if let Some(r) = &cfg.replay {
+            let _ = writeln!(
+                o,
+                "replay of {} at {}x: {} recorded sends of {} connections ({} left out: no hello or room not joined)",
+                r.dir.display(),
+                cfg.replay_speed,
+                r.sends.len(),
+                r.users.len(),
+                r.skipped_sends
+            );
+        }
         let t = &self.timing;
         let _ = writeln!(
             o,

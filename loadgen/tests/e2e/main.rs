@@ -10,6 +10,7 @@
 
 mod capacity;
 mod compare;
+mod replay;
 mod support;
 
 use std::time::Duration;
