@@ -9,7 +9,7 @@
 //! ready-made text, are recorded as `event` with their size only. Bodies are written only with `--record-bodies`; otherwise a send or
 //! message carries `body_len` instead. Tokens are never written.
 //!
-//! Connections never wait on the disk: lines go through a bounded queue to one writer task,
+//! Connections never wait on the disk: lines go through a bounded queue to one writer thread,
 //! and a line that finds the queue full is dropped and counted ([`RecordingStatus::dropped`]).
 //! Files are `DIR/<gateway>-<unix ms at start>-<n>.jsonl`; a new one starts past
 //! `max_file_bytes`, and the oldest are deleted while the directory holds more than
@@ -72,9 +72,22 @@ pub struct Recorder {
     bodies: bool,
     dir: PathBuf,
     started: Instant,
-    queue: mpsc::Sender<Chunk>,
+    /// `None` once the recorder is dropped: the writer then drains what is queued and stops.
+    queue: Option<mpsc::Sender<Chunk>>,
+    writer: Option<std::thread::JoinHandle<()>>,
     written: Arc<AtomicU64>,
     dropped: AtomicU64,
+}
+
+impl Drop for Recorder {
+    /// Lets the writer write and flush every queued line before the process goes on (a graceful
+    /// shutdown drops the recorder after the last connection closed).
+    fn drop(&mut self) {
+        self.queue = None;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
 }
 
 /// Why recording could not start.
@@ -97,7 +110,7 @@ impl Recorder {
         let mut files = Files::new(config.dir.clone(), prefix, config.max_file_bytes, config.max_total_bytes);
         let file = files.open_next().map_err(error)?;
         let output = Output { files, file, size: 0, written: written.clone() };
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("recorder".into())
             .spawn(move || write_chunks(chunks, output))
             .map_err(error)?;
@@ -106,7 +119,8 @@ impl Recorder {
             bodies: config.bodies,
             dir: config.dir,
             started: Instant::now(),
-            queue,
+            queue: Some(queue),
+            writer: Some(writer),
             written,
             dropped: AtomicU64::new(0),
         }))
@@ -136,7 +150,7 @@ impl Recorder {
 
     fn submit(&self, chunk: Chunk) {
         let lines = chunk.lines;
-        if self.queue.try_send(chunk).is_err() {
+        if self.queue.as_ref().is_none_or(|queue| queue.try_send(chunk).is_err()) {
             self.dropped.fetch_add(lines, Ordering::Relaxed);
         }
     }
@@ -576,6 +590,22 @@ mod tests {
         let numbers: Vec<u64> =
             lines.iter().map(|l| l["client_msg_id"].as_str().unwrap()[1..].parse().unwrap()).collect();
         assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "{numbers:?}");
+    }
+
+    #[test]
+    fn dropping_the_recorder_writes_every_queued_line_before_it_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let recorder = Recorder::start(config(dir.path(), false, 1 << 20, 1 << 30), "gw-1").unwrap();
+        let mut conn = ConnectionRecording::new(recorder.clone(), 1);
+        for n in 0..100 {
+            conn.client_frame(&send(n), 80);
+        }
+        conn.closed(None);
+        drop(conn);
+        drop(recorder);
+        let lines = read(dir.path());
+        assert_eq!(lines.len(), 101, "{lines:?}");
+        assert_eq!(lines.last().unwrap()["type"], "close");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
