@@ -327,6 +327,16 @@ pub enum StoreCall {
     },
 }
 
+impl StoreCall {
+    /// The call an append of `batch` is logged (and looked up in a replay) as.
+    pub fn append(batch: &RoomAppend) -> Self {
+        StoreCall::Append {
+            expected_last_seq: batch.expected_last_seq,
+            messages: batch.messages.iter().map(LoggedMessage::of).collect(),
+        }
+    }
+}
+
 /// What the store answered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -600,10 +610,7 @@ fn failed_or<T>(result: &Result<T, StoreError>, ok: impl FnOnce(&T) -> StoreAnsw
 #[async_trait]
 impl HistoryStore for RecordingStore {
     async fn append(&self, batch: RoomAppend) -> Result<(), StoreError> {
-        let call = StoreCall::Append {
-            expected_last_seq: batch.expected_last_seq,
-            messages: batch.messages.iter().map(LoggedMessage::of).collect(),
-        };
+        let call = StoreCall::append(&batch);
         let room = batch.room.clone();
         let result = self.inner.append(batch).await;
         self.record(&room, call, failed_or(&result, |()| StoreAnswer::Appended));

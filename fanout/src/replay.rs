@@ -23,9 +23,7 @@ use uuid::Uuid;
 
 use crate::clock::{Clock, IdSource};
 use crate::config::FanoutConfig;
-use crate::decision_log::{
-    Decided, DecisionHook, LoggedMessage, LoggedSend, Reading, Record, StoreAnswer, StoreCall, LOG_VERSION,
-};
+use crate::decision_log::{Decided, DecisionHook, LoggedSend, Reading, Record, StoreAnswer, StoreCall, LOG_VERSION};
 use crate::Fanout;
 
 /// Why a log cannot be replayed.
@@ -508,10 +506,7 @@ fn wrong_answer(answer: &StoreAnswer) -> StoreError {
 #[async_trait]
 impl HistoryStore for Replay {
     async fn append(&self, batch: RoomAppend) -> Result<(), StoreError> {
-        let call = StoreCall::Append {
-            expected_last_seq: batch.expected_last_seq,
-            messages: batch.messages.iter().map(LoggedMessage::of).collect(),
-        };
+        let call = StoreCall::append(&batch);
         match self.answer(&batch.room, call)? {
             StoreAnswer::Appended => Ok(()),
             StoreAnswer::Failed(e) => Err(e.error()),
