@@ -44,6 +44,9 @@ pub struct Recording {
     /// Recorded sends left out: from a connection without `hello`, or to a room the
     /// connection had not joined (the server refused those too).
     pub skipped_sends: u64,
+    /// Half-written last lines left out: a gateway killed while writing leaves one at the end of
+    /// its newest file.
+    pub cut_lines: u64,
 }
 
 /// Why a recording cannot be replayed.
@@ -125,15 +128,22 @@ impl Recording {
         for path in &files {
             let (source, start_ms) = sortable(path);
             let text = std::fs::read_to_string(path).map_err(read_err(path))?;
+            let last = text.lines().count().saturating_sub(1);
+            let ends_cut = !text.ends_with('\n');
             for (n, raw) in text.lines().enumerate() {
                 if raw.trim().is_empty() {
                     continue;
                 }
-                let line: Line = serde_json::from_str(raw).map_err(|e| ReplayError::Parse {
-                    path: path.clone(),
-                    line: n + 1,
-                    reason: e.to_string(),
-                })?;
+                let line: Line = match serde_json::from_str(raw) {
+                    Ok(line) => line,
+                    Err(_) if n == last && ends_cut => {
+                        out.cut_lines += 1;
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(ReplayError::Parse { path: path.clone(), line: n + 1, reason: e.to_string() })
+                    }
+                };
                 if line.dir != "in" {
                     continue;
                 }
@@ -288,6 +298,16 @@ mod tests {
         assert!(matches!(Recording::load(&dir), Err(ReplayError::Empty { .. })));
         write(&dir, "gw-1-000000.jsonl", &["not json"]);
         assert!(matches!(Recording::load(&dir), Err(ReplayError::Parse { line: 1, .. })));
+        // A gateway killed mid-line: the cut last line is left out, the rest replays.
+        let whole = [
+            r#"{"at_us":1,"conn":1,"dir":"in","type":"hello","user":"a","bytes":1}"#,
+            r#"{"at_us":2,"conn":1,"dir":"in","type":"join","room":"r","bytes":1}"#,
+            r#"{"at_us":3,"conn":1,"dir":"in","type":"send","room":"r","client_msg_id":"c","body_len":1,"bytes":1}"#,
+        ]
+        .join("\n");
+        std::fs::write(dir.join("gw-1-000000.jsonl"), whole + "\n{\"at_us\":4,\"conn\":1,\"di").unwrap();
+        let rec = Recording::load(&dir).unwrap();
+        assert_eq!((rec.sends.len(), rec.cut_lines), (1, 1));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -38,12 +38,13 @@ impl Report {
         if let Some(r) = &cfg.replay {
             let _ = writeln!(
                 o,
-                "replay of {} at {}x: {} recorded sends of {} connections ({} left out: no hello or room not joined)",
+                "replay of {} at {}x: {} recorded sends of {} connections ({} left out: no hello or room not joined; {} half-written last lines)",
                 r.dir.display(),
                 cfg.replay_speed,
                 r.sends.len(),
                 r.users.len(),
-                r.skipped_sends
+                r.skipped_sends,
+                r.cut_lines
             );
         }
         let t = &self.timing;
