@@ -175,6 +175,8 @@ mod tests {
             ts: 0,
             client_msg_id: format!("c-{seq}"),
             trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+            prev: None,
+            digest: None,
         })
     }
 

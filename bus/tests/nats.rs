@@ -79,6 +79,8 @@ async fn a_send_round_trips_through_a_worker_and_the_room_feed_gets_the_delivery
         ts: 1,
         client_msg_id: command.client_msg_id.clone(),
         trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+        prev: None,
+        digest: None,
     };
     let traceparent = send.command.traceparent.clone();
     worker.deliver(Arc::new(stored.clone()), &traceparent).await.expect("deliver");

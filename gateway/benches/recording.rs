@@ -25,6 +25,8 @@ fn message(seq: u64) -> ChatMessage {
         ts: 1_796_000_000_000,
         client_msg_id: format!("c-{seq}"),
         trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+        prev: None,
+        digest: None,
     }
 }
 

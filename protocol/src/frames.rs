@@ -108,6 +108,14 @@ pub struct ChatMessage {
     pub client_msg_id: String,
     /// W3C trace id (32 lowercase hex digits) of the message's trace.
     pub trace_id: String,
+    /// Extension (message chain): the `digest` of the room's message with seq - 1 (64 zeros for
+    /// seq 1); absent on messages stored before the chain existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<String>,
+    /// Extension (message chain): lowercase hex SHA-256 chaining this message to `prev`
+    /// ([`crate::chain::digest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 /// The error codes of the protocol.
@@ -471,6 +479,8 @@ mod tests {
             ts: 5,
             client_msg_id: "c".into(),
             trace_id: "0".repeat(32),
+            prev: None,
+            digest: None,
         };
         let json: serde_json::Value = serde_json::from_str(&ServerFrame::Message(msg.clone()).to_json()).unwrap();
         assert_eq!(json["type"], "message");

@@ -3,10 +3,12 @@
 //! - [`frames`]: every client and server frame, with parsing that turns bad input into the
 //!   protocol's `error` codes instead of failing.
 //! - [`names`]: validation of user, room and client message id names.
+//! - [`chain`]: the message chain extension: digests chaining each room's messages, and checks.
 //! - [`bus`]: what gateways and fanout workers say to each other over the bus.
 //! - [`subjects`]: the NATS subject scheme.
 
 pub mod bus;
+pub mod chain;
 pub mod frames;
 pub mod names;
 pub mod subjects;

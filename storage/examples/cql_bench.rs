@@ -103,6 +103,8 @@ fn message(room: &str, seq: u64) -> ChatMessage {
         ts: 1_700_000_000_000 + seq as i64,
         client_msg_id: Uuid::new_v4().to_string(),
         trace_id: format!("{seq:032x}"),
+        prev: None,
+        digest: None,
     }
 }
 

@@ -324,6 +324,8 @@ mod tests {
                 ts: 1,
                 client_msg_id: "c-1".into(),
                 trace_id: "0".repeat(32),
+                prev: None,
+                digest: None,
             },
             duplicate: false,
         }
