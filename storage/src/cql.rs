@@ -34,7 +34,10 @@ use crate::{HistoryStore, Page, PageQuery, RoomAppend, StoreError, StoreErrorKin
 pub const BUCKET_SIZE: u64 = 1000;
 
 /// Schema files, applied in this order on every connect (all idempotent).
-const MIGRATIONS: &[(&str, &str)] = &[("0001_history.cql", include_str!("../schema/0001_history.cql"))];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_history.cql", include_str!("../schema/0001_history.cql")),
+    ("0002_chain.cql", include_str!("../schema/0002_chain.cql")),
+];
 
 /// Requests in flight at once for one append, or for one batch of dedupe lookups.
 const MAX_INFLIGHT_REQUESTS: usize = 64;
@@ -53,10 +56,11 @@ pub const MAX_CLAIM_BYTES: usize = 256 * 1024;
 const SCHEMA_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Columns of a message row, in the order [`message_from_row`] reads them.
-const MESSAGE_COLUMNS: &str = "seq, id, user, body, ts, client_msg_id, trace_id";
+const MESSAGE_COLUMNS: &str = "seq, id, user, body, ts, client_msg_id, trace_id, prev, digest";
 
-/// A message row as selected with [`MESSAGE_COLUMNS`].
-type MessageRow = (i64, Uuid, String, String, i64, String, String);
+/// A message row as selected with [`MESSAGE_COLUMNS`] (`prev` and `digest` are null in rows
+/// written before the message chain).
+type MessageRow = (i64, Uuid, String, String, i64, String, String, Option<String>, Option<String>);
 
 /// How the keyspace is replicated when `connect` creates it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -281,7 +285,7 @@ impl CqlStore {
             .map_err(|e| unavailable(format_args!("use keyspace {keyspace}"), e))?;
         for (file, text) in MIGRATIONS {
             for statement in schema_statements(text) {
-                run_schema(&session, &statement)
+                apply_schema(&session, &keyspace, &statement)
                     .await
                     .map_err(|e| unavailable(format_args!("apply schema/{file}"), e))?;
             }
@@ -304,6 +308,13 @@ impl CqlStore {
         let pending = serde_json::to_vec(&batch.messages)
             .map_err(|e| StoreError::corrupt(format!("encode pending messages: {e}")))?;
         self.claim(&batch.room, batch.expected_last_seq, batch.messages.len(), pending).await
+    }
+
+    /// Test hook: runs a schema statement in the store's keyspace (to take a keyspace back to an
+    /// older schema).
+    #[doc(hidden)]
+    pub async fn run_schema_statement(&self, cql: &str) -> Result<(), StoreError> {
+        run_schema(&self.session, cql).await.map_err(|e| unavailable(format_args!("run `{cql}`"), e))
     }
 
     /// Test hook: drops the store's keyspace with everything in it.
@@ -367,6 +378,8 @@ impl CqlStore {
                     m.ts,
                     m.client_msg_id.as_str(),
                     m.trace_id.as_str(),
+                    m.prev.as_deref(),
+                    m.digest.as_deref(),
                 );
                 self.session.execute_unpaged(&s.insert_message, values).await
             }
@@ -504,7 +517,7 @@ impl CqlStore {
 impl Statements {
     async fn prepare(session: &Session) -> Result<Self, StoreError> {
         let insert_message =
-            format!("INSERT INTO messages (room, bucket, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)");
+            format!("INSERT INTO messages (room, bucket, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
         let read_message = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ? AND bucket = ? AND seq = ?");
         let read_range =
             format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ? AND bucket = ? AND seq >= ? AND seq <= ?");
@@ -786,6 +799,56 @@ async fn run_schema(session: &Session, cql: &str) -> Result<(), scylla::errors::
     session.query_unpaged(statement, ()).await.map(|_| ())
 }
 
+/// Applies one schema statement idempotently. `CREATE ... IF NOT EXISTS` is idempotent as it is;
+/// an `ALTER TABLE t ADD c type` (which has no portable `IF NOT EXISTS`) runs only when
+/// `system_schema.columns` does not list the column, and when it fails (another process added
+/// the column meanwhile) it is accepted if the column is there now. No error text is read.
+async fn apply_schema(session: &Session, keyspace: &str, cql: &str) -> Result<(), scylla::errors::ExecutionError> {
+    let Some((table, column)) = added_column(cql) else {
+        return run_schema(session, cql).await;
+    };
+    if column_exists(session, keyspace, table, column).await? {
+        return Ok(());
+    }
+    match run_schema(session, cql).await {
+        Ok(()) => Ok(()),
+        Err(e) => match column_exists(session, keyspace, table, column).await {
+            Ok(true) => Ok(()),
+            _ => Err(e),
+        },
+    }
+}
+
+/// The table and column of an `ALTER TABLE <table> ADD <column> <type>` statement.
+fn added_column(cql: &str) -> Option<(&str, &str)> {
+    let words: Vec<&str> = cql.split_whitespace().collect();
+    match words.as_slice() {
+        [alter, table_kw, table, add, column, _type] => (alter.eq_ignore_ascii_case("ALTER")
+            && table_kw.eq_ignore_ascii_case("TABLE")
+            && add.eq_ignore_ascii_case("ADD"))
+        .then_some((*table, *column)),
+        _ => None,
+    }
+}
+
+/// Whether `keyspace.table` has `column`, per `system_schema.columns` (in Cassandra 3+ and
+/// ScyllaDB alike).
+async fn column_exists(
+    session: &Session,
+    keyspace: &str,
+    table: &str,
+    column: &str,
+) -> Result<bool, scylla::errors::ExecutionError> {
+    let mut statement = Statement::new(
+        "SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ? AND column_name = ?",
+    );
+    statement.set_request_timeout(Some(SCHEMA_TIMEOUT));
+    // Unquoted identifiers are stored lowercased.
+    let names = (keyspace.to_lowercase(), table.to_lowercase(), column.to_lowercase());
+    let result = session.query_unpaged(statement, names).await?;
+    Ok(result.into_rows_result().is_ok_and(|rows| rows.rows_num() > 0))
+}
+
 /// The statements of a schema file: `--` comment lines dropped, split at `;`.
 fn schema_statements(text: &str) -> Vec<String> {
     let code: String =
@@ -840,8 +903,9 @@ fn lwt_outcome(result: QueryResult) -> Result<Option<u64>, String> {
 }
 
 fn message_from_row(room: &str, row: MessageRow) -> Result<ChatMessage, StoreError> {
-    let (seq, id, user, body, ts, client_msg_id, trace_id) = row;
-    Ok(ChatMessage { room: room.to_owned(), seq: from_cql_seq(seq)?, id, user, body, ts, client_msg_id, trace_id })
+    let (seq, id, user, body, ts, client_msg_id, trace_id, prev, digest) = row;
+    let seq = from_cql_seq(seq)?;
+    Ok(ChatMessage { room: room.to_owned(), seq, id, user, body, ts, client_msg_id, trace_id, prev, digest })
 }
 
 fn bucket_of(seq: u64) -> Result<i64, StoreError> {
@@ -872,6 +936,8 @@ mod tests {
             ts: 1,
             client_msg_id: format!("c{seq}"),
             trace_id: String::new(),
+            prev: None,
+            digest: None,
         };
         let messages: Vec<ChatMessage> =
             (1..=300).map(|seq| message(seq, "\u{1F600}\u{7}\"".repeat((seq as usize * 37) % 1500))).collect();
@@ -915,13 +981,20 @@ mod tests {
             assert!(!statements.is_empty(), "{file}");
             for statement in statements {
                 let upper = statement.to_uppercase();
-                assert!(upper.contains("IF NOT EXISTS"), "{file}: not idempotent: {statement}");
+                // An added column is checked for before it is added (apply_schema).
+                let idempotent = upper.contains("IF NOT EXISTS") || added_column(&statement).is_some();
+                assert!(idempotent, "{file}: not idempotent: {statement}");
                 for scylla_only in ["USING TIMEOUT", "TABLETS", "CDC"] {
                     assert!(!upper.contains(scylla_only), "{file}: ScyllaDB-only {scylla_only}");
                 }
             }
         }
         assert_eq!(schema_statements(MIGRATIONS[0].1).len(), 4);
+        assert_eq!(
+            schema_statements(MIGRATIONS[1].1).iter().map(|s| added_column(s)).collect::<Vec<_>>(),
+            [Some(("messages", "prev")), Some(("messages", "digest"))]
+        );
+        assert_eq!(added_column("CREATE TABLE IF NOT EXISTS t (a int PRIMARY KEY)"), None);
     }
 
     #[test]

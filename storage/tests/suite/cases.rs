@@ -16,6 +16,8 @@ pub fn message(room: &str, seq: u64, user: &str) -> ChatMessage {
         ts: 1_700_000_000_000 + seq as i64,
         client_msg_id: format!("{user}-{seq}"),
         trace_id: format!("{seq:032x}"),
+        prev: None,
+        digest: None,
     }
 }
 
@@ -58,6 +60,33 @@ pub async fn appends_and_reads_last_seq(store: &dyn HistoryStore) {
     let page = store.page("lobby", PageQuery::newest(50)).await.unwrap();
     assert_eq!(page.messages, [first, second].concat(), "stored exactly as appended");
     assert!(!page.has_more);
+}
+
+/// Chained messages keep `prev` and `digest` through every read; unchained ones (stored before
+/// the chain) come back without them.
+pub async fn chain_fields_round_trip(store: &dyn HistoryStore) {
+    let mut chained = messages("chained", 1, 3);
+    let mut prev = protocol::chain::GENESIS.to_owned();
+    for m in &mut chained {
+        protocol::chain::seal(m, prev);
+        prev = m.digest.clone().unwrap();
+    }
+    let legacy = messages("chained", 4, 4);
+    store.append(RoomAppend { room: "chained".into(), expected_last_seq: 0, messages: chained.clone() }).await.unwrap();
+    store.append(RoomAppend { room: "chained".into(), expected_last_seq: 3, messages: legacy.clone() }).await.unwrap();
+    let all = [chained.clone(), legacy].concat();
+
+    let page = store.page("chained", PageQuery::newest(50)).await.unwrap();
+    assert_eq!(page.messages, all, "stored exactly as appended, chain fields included");
+    assert_eq!(store.page("chained", PageQuery::between(1, 3)).await.unwrap().messages, all[1..2]);
+    assert_eq!(store.get_by_id(chained[2].id).await.unwrap().as_ref(), Some(&chained[2]));
+    assert_eq!(store.find_by_client_msg_id("chained", "ann", "ann-2").await.unwrap().as_ref(), Some(&chained[1]));
+    let found = store.find_by_client_msg_ids("chained", &[("bob", "bob-1"), ("ann", "ann-4")]).await.unwrap();
+    assert_eq!(found, [Some(all[0].clone()), Some(all[3].clone())]);
+    assert!(found[1].as_ref().is_some_and(|m| m.prev.is_none() && m.digest.is_none()));
+    for m in &chained {
+        assert_eq!(protocol::chain::check(m), Ok(()));
+    }
 }
 
 pub async fn conflict_stores_nothing(store: &dyn HistoryStore) {

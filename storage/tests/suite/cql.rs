@@ -68,6 +68,32 @@ async fn reconnect_keeps_history() {
     .await;
 }
 
+/// A keyspace from before the message chain (no `prev`, no `digest` column) gets both columns
+/// on the next connect; its old rows read as unchained and new ones keep their chain fields.
+#[tokio::test]
+async fn a_keyspace_from_before_the_chain_is_migrated() {
+    crate::with_cassandra("prechain", async |store, _| {
+        let old = fill(store, "old", 0, 2, 2).await;
+        store.run_schema_statement("ALTER TABLE messages DROP prev").await.unwrap();
+        store.run_schema_statement("ALTER TABLE messages DROP digest").await.unwrap();
+        let config =
+            CqlConfig { nodes: vec![crate::cql_node()], keyspace: store.keyspace().into(), ..CqlConfig::default() };
+        let migrated = crate::connect(config.clone()).await;
+        let page = migrated.page("old", PageQuery::newest(10)).await.unwrap();
+        assert_eq!(page.messages, old, "old rows read back whole, without chain fields");
+        assert!(page.messages.iter().all(|m| m.prev.is_none() && m.digest.is_none()));
+
+        let mut next = crate::cases::messages("old", 3, 3);
+        protocol::chain::seal(&mut next[0], protocol::chain::GENESIS.to_owned());
+        migrated.append(RoomAppend { room: "old".into(), expected_last_seq: 2, messages: next.clone() }).await.unwrap();
+        assert_eq!(migrated.get_by_id(next[0].id).await.unwrap(), Some(next[0].clone()));
+        // Connecting once more finds both columns and leaves them be.
+        let again = crate::connect(config).await;
+        assert_eq!(again.page("old", PageQuery::newest(10)).await.unwrap().messages, [old, next].concat());
+    })
+    .await;
+}
+
 /// No node answering is `Unavailable`, promptly.
 #[tokio::test]
 async fn unreachable_node_is_unavailable() {

@@ -118,4 +118,5 @@ both_backends!(pages_across_buckets);
 both_backends!(dedupe_lookup);
 both_backends!(get_by_id);
 both_backends!(ping);
+both_backends!(chain_fields_round_trip);
 both_backends!(concurrent_appends_one_wins, two_stores);
