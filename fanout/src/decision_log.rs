@@ -3,7 +3,10 @@
 //!
 //! Recorded: each batch taken off the bus (the sends without their bodies, whose length is
 //! enough: no decision reads a body), each store call the sequencer made and the store's answer,
-//! each clock reading, each message id drawn, and each decision. Recording wraps what the
+//! each clock reading, each message id drawn, and each decision. Messages are logged without
+//! their bodies, so a replay cannot recompute their chain digests: an append is logged without
+//! them (a replay's would differ), while messages the store answered with keep theirs (the head
+//! of a room's chain that the worker read is what its next message chains to). Recording wraps what the
 //! sequencer already uses (the store, the clock, the id source) and hooks where it takes a
 //! batch and decides ([`DecisionHook`]), so the sequencer itself stays as it was.
 //!
@@ -30,8 +33,9 @@ use uuid::Uuid;
 use crate::clock::{Clock, IdSource};
 use crate::config::FanoutConfig;
 
-/// Version of the log format, in its `start` record.
-pub const LOG_VERSION: u32 = 1;
+/// Version of the log format, in its `start` record. Version 2 added the read of a room's chain
+/// head (a `page` store call); a replay still reads version 1 logs.
+pub const LOG_VERSION: u32 = 2;
 
 /// Records the channel to the writer holds by default.
 pub const DEFAULT_CAPACITY: usize = 64 * 1024;
@@ -252,7 +256,7 @@ impl LoggedSend {
 }
 
 /// A stored message as logged: its body by length.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoggedMessage {
     /// Seq.
     pub seq: u64,
@@ -268,6 +272,12 @@ pub struct LoggedMessage {
     pub trace_id: String,
     /// Length of the body in bytes.
     pub body_len: usize,
+    /// Chain: the digest of the message before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<String>,
+    /// Chain: its digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 impl LoggedMessage {
@@ -281,7 +291,14 @@ impl LoggedMessage {
             ts: message.ts,
             trace_id: message.trace_id.clone(),
             body_len: message.body.len(),
+            prev: message.prev.clone(),
+            digest: message.digest.clone(),
         }
+    }
+
+    /// `message` without its body nor its chain fields (which cover the body).
+    pub fn unchained(message: &ChatMessage) -> Self {
+        Self { prev: None, digest: None, ..Self::of(message) }
     }
 
     /// The message again, of `room`, with a stand-in body of the logged length.
@@ -295,6 +312,8 @@ impl LoggedMessage {
             ts: self.ts,
             client_msg_id: self.client_msg_id.clone(),
             trace_id: self.trace_id.clone(),
+            prev: self.prev.clone(),
+            digest: self.digest.clone(),
         }
     }
 }
@@ -322,8 +341,17 @@ pub enum StoreCall {
     Append {
         /// The last seq sequenced from.
         expected_last_seq: u64,
-        /// The messages.
+        /// The messages, without their chain fields.
         messages: Vec<LoggedMessage>,
+    },
+    /// `page`: reading the head of a room's chain.
+    Page {
+        /// Only seqs above this.
+        after: Option<u64>,
+        /// Only seqs below this.
+        before: Option<u64>,
+        /// At most this many.
+        limit: u32,
     },
 }
 
@@ -332,8 +360,13 @@ impl StoreCall {
     pub fn append(batch: &RoomAppend) -> Self {
         StoreCall::Append {
             expected_last_seq: batch.expected_last_seq,
-            messages: batch.messages.iter().map(LoggedMessage::of).collect(),
+            messages: batch.messages.iter().map(LoggedMessage::unchained).collect(),
         }
+    }
+
+    /// The call a page read with `query` is logged as.
+    pub fn page(query: &PageQuery) -> Self {
+        StoreCall::Page { after: query.after, before: query.before, limit: query.limit }
     }
 }
 
@@ -348,6 +381,13 @@ pub enum StoreAnswer {
     Found(Vec<Option<LoggedMessage>>),
     /// The append succeeded.
     Appended,
+    /// A page's messages (with their chain fields, without bodies) and whether more remain.
+    Page {
+        /// The messages.
+        messages: Vec<LoggedMessage>,
+        /// Whether more lie beyond.
+        has_more: bool,
+    },
     /// The call failed.
     Failed(LoggedError),
 }
@@ -657,11 +697,20 @@ impl HistoryStore for RecordingStore {
         result
     }
 
-    // Not used by the sequencer: passed through unrecorded.
     async fn page(&self, room: &str, query: PageQuery) -> Result<Page, StoreError> {
-        self.inner.page(room, query).await
+        let result = self.inner.page(room, query).await;
+        self.record(
+            room,
+            StoreCall::page(&query),
+            failed_or(&result, |page| StoreAnswer::Page {
+                messages: page.messages.iter().map(LoggedMessage::of).collect(),
+                has_more: page.has_more,
+            }),
+        );
+        result
     }
 
+    // Not used by the sequencer: passed through unrecorded.
     async fn get_by_id(&self, id: Uuid) -> Result<Option<ChatMessage>, StoreError> {
         self.inner.get_by_id(id).await
     }

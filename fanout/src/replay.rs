@@ -23,7 +23,9 @@ use uuid::Uuid;
 
 use crate::clock::{Clock, IdSource};
 use crate::config::FanoutConfig;
-use crate::decision_log::{Decided, DecisionHook, LoggedSend, Reading, Record, StoreAnswer, StoreCall, LOG_VERSION};
+use crate::decision_log::{
+    Decided, DecisionHook, LoggedMessage, LoggedSend, Reading, Record, StoreAnswer, StoreCall, LOG_VERSION,
+};
 use crate::Fanout;
 
 /// Why a log cannot be replayed.
@@ -63,6 +65,8 @@ type Key = (u64, String);
 pub struct Log {
     /// The worker that wrote it.
     pub worker: String,
+    /// Its format version.
+    pub version: u32,
     /// Its tuning.
     pub config: FanoutConfig,
     /// Batches, the first being batch 1.
@@ -86,6 +90,7 @@ impl Log {
     pub fn parse(text: &str) -> Result<Self, LogError> {
         let mut log = Log {
             worker: String::new(),
+            version: LOG_VERSION,
             config: FanoutConfig::default(),
             batches: Vec::new(),
             decisions: Vec::new(),
@@ -117,13 +122,16 @@ impl Log {
                     if records != 0 {
                         return Err(LogError::Unreadable { line: number, error: "a second start record".into() });
                     }
-                    if version != LOG_VERSION {
+                    if !(1..=LOG_VERSION).contains(&version) {
                         return Err(LogError::Unreadable {
                             line: number,
-                            error: format!("log format version {version}; this replay reads version {LOG_VERSION}"),
+                            error: format!(
+                                "log format version {version}; this replay reads versions 1 to {LOG_VERSION}"
+                            ),
                         });
                     }
                     log.worker = worker;
+                    log.version = version;
                     log.config = FanoutConfig { max_batch, max_cached_rooms, conflict_retries };
                 }
                 Record::Batch { batch, sends } => {
@@ -278,6 +286,7 @@ pub async fn replay(log: &Log) -> Report {
         replayed: Vec::new(),
         mismatches: Vec::new(),
         ownership: log.ownership.clone().into(),
+        chainless: log.version < 2,
     }));
     let bus = Arc::new(ReplayBus { state: state.clone(), batches: Mutex::new(log.batches.clone().into()) });
     let replay = Replay(state.clone());
@@ -360,6 +369,8 @@ struct State {
     replayed: Vec<(u64, Decided)>,
     mismatches: Vec<String>,
     ownership: VecDeque<(u64, Vec<u32>, Vec<u32>)>,
+    /// A version 1 log, from before the chain: the reads of a room's chain head are not in it.
+    chainless: bool,
 }
 
 impl State {
@@ -550,8 +561,22 @@ impl HistoryStore for Replay {
         }
     }
 
-    async fn page(&self, _room: &str, _query: PageQuery) -> Result<Page, StoreError> {
-        Err(StoreError::unavailable("replay: history is not replayed"))
+    async fn page(&self, room: &str, query: PageQuery) -> Result<Page, StoreError> {
+        if self.state().chainless {
+            // The worker that wrote the log did not read chain heads: answer with unchained
+            // stand-ins, which no decision depends on.
+            let upto = query.before.map_or(u64::MAX, |before| before.saturating_sub(1));
+            let seqs = query.seq_range(upto).0;
+            let messages = seqs.map(|seq| LoggedMessage { seq, ..LoggedMessage::default() }.message(room)).collect();
+            return Ok(Page { messages, has_more: false });
+        }
+        match self.answer(room, StoreCall::page(&query))? {
+            StoreAnswer::Page { messages, has_more } => {
+                Ok(Page { messages: messages.iter().map(|m| m.message(room)).collect(), has_more })
+            }
+            StoreAnswer::Failed(e) => Err(e.error()),
+            other => Err(wrong_answer(&other)),
+        }
     }
 
     async fn get_by_id(&self, _id: Uuid) -> Result<Option<ChatMessage>, StoreError> {
@@ -639,6 +664,10 @@ pub fn describe_call(call: &StoreCall) -> String {
             };
             format!("append {} messages ({seqs}) after last seq {expected_last_seq}", messages.len())
         }
+        StoreCall::Page { after, before, limit } => {
+            let bound = |b: &Option<u64>| b.map_or_else(|| "-".to_owned(), |b| b.to_string());
+            format!("page of at most {limit} between seqs {} and {} (exclusive)", bound(after), bound(before))
+        }
     }
 }
 
@@ -655,6 +684,10 @@ pub fn describe_answer(answer: &StoreAnswer) -> String {
             }
         }
         StoreAnswer::Appended => "appended".into(),
+        StoreAnswer::Page { messages, has_more } => {
+            let chained = messages.iter().filter(|m| m.digest.is_some()).count();
+            format!("{} messages ({chained} chained), more: {has_more}", messages.len())
+        }
         StoreAnswer::Failed(e) => format!("failed ({}): {}", e.kind, e.message),
     }
 }

@@ -7,8 +7,8 @@ use std::time::Instant;
 use bus::{BusError, FanoutBus, PendingSend};
 use futures_util::future::join_all;
 use protocol::bus::{SendCommand, SendOutcome};
-use protocol::{names, ChatMessage};
-use storage::{HistoryStore, RoomAppend, StoreError};
+use protocol::{chain, names, ChatMessage};
+use storage::{HistoryStore, PageQuery, RoomAppend, StoreError};
 use telemetry::journal::Journal;
 use telemetry::logging::HOP_TARGET;
 use telemetry::metrics::Metrics;
@@ -30,6 +30,21 @@ pub struct Fanout {
     /// Told of every batch taken and every decision made (a decision log), when set.
     hook: Option<Arc<dyn DecisionHook>>,
     config: FanoutConfig,
+}
+
+/// The newest message of a room as the worker knows it: its seq and its chain digest, which the
+/// room's next message carries as `prev`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Head {
+    seq: u64,
+    digest: String,
+}
+
+impl Head {
+    /// An empty room: seq 0, chained from the genesis.
+    fn empty() -> Self {
+        Self { seq: 0, digest: chain::GENESIS.to_owned() }
+    }
 }
 
 /// What became of one send of a room group.
@@ -109,7 +124,7 @@ impl Fanout {
     /// finished before returning.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let mut last_seqs: HashMap<String, u64> = HashMap::new();
+        let mut heads: HashMap<String, Head> = HashMap::new();
         loop {
             let batch = tokio::select! {
                 biased;
@@ -123,8 +138,8 @@ impl Fanout {
             if let Some(hook) = &self.hook {
                 hook.batch(&batch);
             }
-            if last_seqs.len() > self.config.max_cached_rooms {
-                last_seqs.clear();
+            if heads.len() > self.config.max_cached_rooms {
+                heads.clear();
             }
             let mut rooms: Vec<(String, Vec<PendingSend>)> = Vec::new();
             let mut index: HashMap<String, usize> = HashMap::new();
@@ -147,41 +162,40 @@ impl Fanout {
             }
             let this = &self;
             let results = join_all(rooms.into_iter().map(|(room, sends)| {
-                let cached = last_seqs.get(&room).copied();
+                let cached = heads.get(&room).cloned();
                 async move {
-                    let last = this.sequence_room(&room, cached, sends).await;
-                    (room, last)
+                    let head = this.sequence_room(&room, cached, sends).await;
+                    (room, head)
                 }
             }))
             .await;
-            for (room, last) in results {
-                match last {
-                    Some(last) => last_seqs.insert(room, last),
-                    None => last_seqs.remove(&room),
+            for (room, head) in results {
+                match head {
+                    Some(head) => heads.insert(room, head),
+                    None => heads.remove(&room),
                 };
             }
         }
         tracing::info!("fanout worker stopped");
     }
 
-    /// Sequences, stores, delivers and answers one room's sends. Returns the room's last seq
-    /// afterwards, or `None` when it is unknown (the store failed).
-    async fn sequence_room(&self, room: &str, cached: Option<u64>, sends: Vec<PendingSend>) -> Option<u64> {
-        let mut known_last = cached;
+    /// Sequences, stores, delivers and answers one room's sends. Returns the room's head (last
+    /// seq and its digest) afterwards, or `None` when it is unknown (the store failed).
+    async fn sequence_room(&self, room: &str, cached: Option<Head>, sends: Vec<PendingSend>) -> Option<Head> {
+        let mut known = cached;
         for attempt in 0..=self.config.conflict_retries {
-            let last = match known_last {
-                Some(last) => last,
-                None => {
-                    match self.timed("last_seq", Concerning::sends(room, &sends), self.store.last_seq(room)).await {
-                        Ok(last) => last,
-                        Err(e) => {
-                            self.fail_all(room, sends, BusError::unavailable(e.to_string())).await;
-                            return None;
-                        }
+            let head = match known.take() {
+                Some(head) => head,
+                None => match self.read_head(room, &sends).await {
+                    Ok(head) => head,
+                    Err(e) => {
+                        self.fail_all(room, sends, BusError::unavailable(e.to_string())).await;
+                        return None;
                     }
-                }
+                },
             };
-            let decisions = match self.decide(room, last, &sends).await {
+            let last = head.seq;
+            let decisions = match self.decide(room, &head, &sends).await {
                 Ok(decisions) => decisions,
                 Err(e) => {
                     self.fail_all(room, sends, BusError::unavailable(e.to_string())).await;
@@ -195,7 +209,10 @@ impl Fanout {
                     _ => None,
                 })
                 .collect();
-            let new_last = last + new.len() as u64;
+            let new_head = match new.last() {
+                Some(newest) => Head { seq: newest.seq, digest: newest.digest.clone().unwrap_or_default() },
+                None => head,
+            };
             // One `fanout.sequence` span per new message, with its `store.append` child open
             // while the (shared) append runs.
             let mut sequence_spans = Vec::with_capacity(new.len());
@@ -247,7 +264,6 @@ impl Fanout {
                         let ceiling = 1u64 << attempt.min(3);
                         let pause = rand::random_range(1..=ceiling);
                         tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
-                        known_last = None;
                         continue;
                     }
                     Err(e) => match self.resolve(&newest, self.latest_deadline(room, &sends)).await {
@@ -258,7 +274,6 @@ impl Fanout {
                             self.decided(room, sends.first().map(|p| &p.command), || DecisionKind::FailedRetry {
                                 attempt,
                             });
-                            known_last = None;
                             continue;
                         }
                         Outcome::Unknown => {
@@ -269,18 +284,43 @@ impl Fanout {
                 }
             }
             self.finish(sends, decisions, sequence_spans).await;
-            return Some(new_last);
+            return Some(new_head);
         }
         self.fail_all(room, sends, BusError::unavailable(format!("room {room}: too many sequencing conflicts"))).await;
         None
     }
 
+    /// Reads the room's head from the store: its last seq, then the digest of the message with
+    /// that seq (both store calls are in a decision log, so a replay reads the same).
+    ///
+    /// A room whose newest message was stored before the chain existed has no digest to chain
+    /// from: its chain starts at the next message, from the digest that message would have had
+    /// with the genesis as `prev` (verifiers skip the unchained message and check from there).
+    async fn read_head(&self, room: &str, sends: &[PendingSend]) -> Result<Head, StoreError> {
+        let concerning = Concerning::sends(room, sends);
+        let last = self.timed("last_seq", concerning, self.store.last_seq(room)).await?;
+        if last == 0 {
+            return Ok(Head::empty());
+        }
+        let page =
+            self.timed("page", concerning, self.store.page(room, PageQuery::between(last - 1, last + 1))).await?;
+        let Some(newest) = page.messages.into_iter().find(|m| m.seq == last) else {
+            return Err(StoreError::corrupt(format!("room {room}: last seq {last} is not readable")));
+        };
+        let digest = match newest.digest {
+            Some(digest) => digest,
+            None => chain::digest(chain::GENESIS, &newest),
+        };
+        Ok(Head { seq: last, digest })
+    }
+
     /// Decides each send's fate: a repeat of a stored message, a repeat within this batch, a
-    /// rejection, or a new message with the next seq.
-    async fn decide(&self, room: &str, last: u64, sends: &[PendingSend]) -> Result<Vec<Decision>, StoreError> {
+    /// rejection, or a new message with the next seq, chained to the one before it.
+    async fn decide(&self, room: &str, head: &Head, sends: &[PendingSend]) -> Result<Vec<Decision>, StoreError> {
         let mut decisions = Vec::with_capacity(sends.len());
         let mut in_batch: HashMap<(&str, &str), usize> = HashMap::new();
-        let mut next_seq = last + 1;
+        let mut next_seq = head.seq + 1;
+        let mut prev = head.digest.clone();
         let keys: Vec<(&str, &str)> =
             sends.iter().map(|p| (p.command.user.as_str(), p.command.client_msg_id.as_str())).collect();
         let mut stored = self
@@ -308,7 +348,7 @@ impl Fanout {
             }
             in_batch.insert((command.user.as_str(), command.client_msg_id.as_str()), i);
             let id = self.ids.next_id(room);
-            decisions.push(Decision::New(ChatMessage {
+            let mut message = ChatMessage {
                 room: room.to_owned(),
                 seq: next_seq,
                 id,
@@ -317,7 +357,12 @@ impl Fanout {
                 ts: self.clock.stamp_ms(room),
                 client_msg_id: command.client_msg_id.clone(),
                 trace_id: telemetry::trace::trace_id_of(&command.traceparent),
-            }));
+                prev: None,
+                digest: None,
+            };
+            chain::seal(&mut message, prev);
+            prev = message.digest.clone().unwrap_or_default();
+            decisions.push(Decision::New(message));
             next_seq += 1;
         }
         Ok(decisions)

@@ -181,22 +181,32 @@ async fn a_real_runs_log_with_a_conflict_and_a_redelivery_replays_to_identical_d
 async fn a_changed_store_answer_is_reported_as_a_divergence_naming_the_decision() {
     let dir = tempfile::tempdir().unwrap();
     let text = a_real_run(dir.path()).await;
-    // After the conflict, the store told worker a that r1's last seq was 3: say 7 instead.
+    // After the conflict, the store told worker a that r1's last seq was 3 (and, reading the
+    // head of the room's chain, gave it seq 3): say 7 instead.
     let mut changed = 0;
     let edited: Vec<String> = text
         .lines()
         .map(|line| {
             let mut record: Record = serde_json::from_str(line).unwrap();
-            if let Record::Store { batch: 2, room, call: StoreCall::LastSeq, answer } = &mut record {
-                if room == "r1" && *answer == StoreAnswer::LastSeq(3) {
-                    *answer = StoreAnswer::LastSeq(7);
-                    changed += 1;
+            if let Record::Store { batch: 2, room, call, answer } = &mut record {
+                match (call, answer) {
+                    (StoreCall::LastSeq, answer) if room == "r1" && *answer == StoreAnswer::LastSeq(3) => {
+                        *answer = StoreAnswer::LastSeq(7);
+                        changed += 1;
+                    }
+                    (StoreCall::Page { .. }, StoreAnswer::Page { messages, .. }) if room == "r1" => {
+                        for m in messages.iter_mut().filter(|m| m.seq == 3) {
+                            m.seq = 7;
+                            changed += 1;
+                        }
+                    }
+                    _ => {}
                 }
             }
             serde_json::to_string(&record).unwrap()
         })
         .collect();
-    assert_eq!(changed, 1, "the log holds the re-read after the conflict:\n{text}");
+    assert_eq!(changed, 2, "the log holds the re-read after the conflict:\n{text}");
 
     let report = replay(&Log::parse(&edited.join("\n")).unwrap()).await;
     assert!(!report.identical());

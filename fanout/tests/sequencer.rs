@@ -14,7 +14,7 @@ use bus::{BusError, BusErrorKind, FanoutBus, PendingSend, Replier};
 use fanout::decision_log::{DecisionKind, DecisionLog};
 use fanout::{Clock, Fanout, FanoutConfig};
 use protocol::bus::{SendCommand, SendOutcome};
-use protocol::ChatMessage;
+use protocol::{chain, ChatMessage};
 use storage::embedded::EmbeddedStore;
 use storage::{HistoryStore, Page, PageQuery, RoomAppend, StoreError};
 use telemetry::journal::Journal;
@@ -136,6 +136,11 @@ fn worker() -> Worker {
 fn worker_logged(log: Option<&DecisionLog>) -> Worker {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(FlakyStore { inner: EmbeddedStore::open(dir.path()).unwrap(), next_append: Mutex::new(None) });
+    worker_over(store, dir, log)
+}
+
+/// A worker over an existing store (kept in `dir`).
+fn worker_over(store: Arc<FlakyStore>, dir: tempfile::TempDir, log: Option<&DecisionLog>) -> Worker {
     let (batches, receiver) = mpsc::unbounded_channel();
     let bus = Arc::new(ScriptedBus { batches: tokio::sync::Mutex::new(receiver), published: Mutex::default() });
     let metrics = Metrics::new();
@@ -201,6 +206,13 @@ impl Worker {
         drop(self.batches);
         self.task.await.unwrap();
     }
+
+    /// Stops the worker and starts a new one over the same store: nothing is cached.
+    async fn restart(self) -> Worker {
+        drop(self.batches);
+        self.task.await.unwrap();
+        worker_over(self.store, self._dir, None)
+    }
 }
 
 fn seq(outcome: &Result<SendOutcome, BusError>) -> u64 {
@@ -235,6 +247,70 @@ async fn a_conflict_with_another_writer_is_resequenced_after_its_messages() {
     assert_eq!(seq(&outcome), 3, "sequenced after the other writer's message");
     assert_eq!(worker.metrics.seq_conflicts.get(), 1);
     assert_eq!(worker.stored("r").await.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2, 3]);
+    worker.stop().await;
+}
+
+/// Every new message chains to the one before it: from the genesis, across batches, across a
+/// restart (the head is read from the store) and after a conflict (the head is read again, so the
+/// retry chains to the other writer's message).
+#[tokio::test]
+async fn messages_are_chained_across_batches_restarts_and_conflicts() {
+    let worker = worker();
+    worker.batch(vec![command("r", "a", soon()), command("r", "b", soon())]).await;
+    worker.send(command("r", "c", soon())).await.unwrap();
+    let worker = worker.restart().await;
+    assert_eq!(seq(&worker.send(command("r", "d", soon())).await), 4);
+    // Another writer takes seq 5, properly chained, behind the worker's back.
+    let stored = worker.stored("r").await;
+    let mut theirs = ChatMessage {
+        seq: 5,
+        id: Uuid::now_v7(),
+        client_msg_id: "theirs".into(),
+        body: "theirs".into(),
+        ..stored[3].clone()
+    };
+    chain::seal(&mut theirs, stored[3].digest.clone().unwrap());
+    worker.store.append(RoomAppend { room: "r".into(), expected_last_seq: 4, messages: vec![theirs] }).await.unwrap();
+    assert_eq!(seq(&worker.send(command("r", "e", soon())).await), 6);
+    assert_eq!(worker.metrics.seq_conflicts.get(), 1, "the retry followed a conflict");
+
+    let stored = worker.stored("r").await;
+    assert_eq!(stored.len(), 6);
+    assert_eq!(stored[0].prev.as_deref(), Some(chain::GENESIS));
+    let mut tracker = chain::ChainTracker::new();
+    for message in &stored {
+        assert!(message.digest.is_some(), "seq {} is chained", message.seq);
+        tracker.observe(message).unwrap_or_else(|e| panic!("stored seq {}: {e}", message.seq));
+    }
+    // What the worker published is what it stored, chain fields included.
+    let published: Vec<ChatMessage> = worker.bus.published.lock().unwrap().iter().map(|m| (**m).clone()).collect();
+    assert_eq!(published, [&stored[3..4], &stored[5..]].concat());
+    worker.stop().await;
+}
+
+/// A room whose newest message was stored before the chain: the next message chains to the
+/// digest that message has with the genesis as `prev`.
+#[tokio::test]
+async fn a_room_from_before_the_chain_starts_its_chain_at_the_next_message() {
+    let worker = worker();
+    let legacy = ChatMessage {
+        room: "old".into(),
+        seq: 1,
+        id: Uuid::now_v7(),
+        user: "bob".into(),
+        body: "from before the chain".into(),
+        ts: 1,
+        client_msg_id: "legacy".into(),
+        trace_id: "0".repeat(32),
+        prev: None,
+        digest: None,
+    };
+    let append = RoomAppend { room: "old".into(), expected_last_seq: 0, messages: vec![legacy.clone()] };
+    worker.store.append(append).await.unwrap();
+    let next = worker.send(command("old", "a", soon())).await.unwrap().message;
+    assert_eq!(next.seq, 2);
+    assert_eq!(next.prev, Some(chain::digest(chain::GENESIS, &legacy)));
+    assert_eq!(chain::check(&next), Ok(()));
     worker.stop().await;
 }
 
@@ -513,6 +589,8 @@ async fn run_history(worker: &Worker, case: usize, events: Vec<Event>) -> Result
                     ts: 1,
                     client_msg_id: client_msg_id.clone(),
                     trace_id: "0".repeat(32),
+                    prev: None,
+                    digest: None,
                 };
                 let append = RoomAppend { room: room.into(), expected_last_seq: last, messages: vec![message] };
                 worker.store.inner.append(append).await.unwrap();
