@@ -136,6 +136,11 @@ pub struct Metrics {
     pub history_cache_hits: IntCounter,
     /// Faults injected, by hop and action.
     pub faults_injected: CounterVec,
+    /// Messages that failed a message-chain check, by `kind` (`altered`: the digest does not
+    /// match the fields; `fork`: `prev` is not the digest of the seq before it as received) and
+    /// `source` (`feed`: from the bus or gap repair; `deliver`: after this gateway's delivery
+    /// stage; `history`: read from the store for a client).
+    pub chain_violations: CounterVec,
     /// Bus operation latency, by operation.
     pub bus_latency: HistogramVec,
     /// Frames waiting in a connection's outbound queue when its writer wakes up.
@@ -214,6 +219,10 @@ const DROP_REASONS: &[&str] = &[
     "unverified_seq",
 ];
 const STORE_OPS: &[&str] = &["append", "last_seq", "find_dedupe", "page", "get_by_id", "find_send"];
+/// Kinds and sources of chain violations (every pair is exported as 0).
+pub const CHAIN_KINDS: &[&str] = &["altered", "fork"];
+/// Where a gateway found a chain violation.
+pub const CHAIN_SOURCES: &[&str] = &["feed", "deliver", "history"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -236,6 +245,11 @@ impl Metrics {
         for (family, values) in known {
             for value in values {
                 family.with_label_values(&[value]);
+            }
+        }
+        for kind in CHAIN_KINDS {
+            for source in CHAIN_SOURCES {
+                metrics.chain_violations.with_label_values(&[kind, source]);
             }
         }
         metrics
@@ -288,6 +302,11 @@ impl Metrics {
                 "chat_faults_injected",
                 "Faults injected, by hop and action.",
                 &["hop", "action"],
+            ),
+            chain_violations: r.counter_vec(
+                "chat_chain_violations",
+                "Messages that failed a message-chain check, by kind (altered, fork) and source (feed, deliver, history).",
+                &["kind", "source"],
             ),
             bus_latency: r.histogram_vec(
                 "chat_bus_seconds",
@@ -367,6 +386,8 @@ mod tests {
     fn known_label_values_are_exported_as_zero_but_faults_are_not() {
         let text = Metrics::new().render();
         assert!(text.contains("chat_drops_total{reason=\"queue_full\"} 0\n"), "{text}");
+        assert!(text.contains("chat_chain_violations_total{kind=\"fork\",source=\"feed\"} 0\n"), "{text}");
+        assert!(text.contains("chat_chain_violations_total{kind=\"altered\",source=\"deliver\"} 0\n"), "{text}");
         assert!(text.contains("chat_store_errors_total{op=\"append\"} 0\n"), "{text}");
         assert!(text.contains("chat_sends_total{outcome=\"unavailable\"} 0\n"), "{text}");
         assert!(!text.contains("fault_drop") && !text.contains("chat_faults_injected_total{"), "{text}");
