@@ -7,6 +7,7 @@
 //! then drains (every connection gets `reconnect` and close 1012) within the grace period.
 
 pub mod auth;
+pub mod chain;
 pub mod config;
 mod connection;
 pub mod history;

@@ -342,6 +342,7 @@ impl Connection {
         let query = PageQuery { before, after, limit: limit.unwrap_or(storage::DEFAULT_PAGE) };
         match self.app.history.page(&room, query).await {
             Ok(page) => {
+                self.app.rooms.chain().check_page(&page.messages);
                 self.write_frame(ServerFrame::History { room, messages: page.messages, has_more: page.has_more, req })
                     .await
             }

@@ -73,7 +73,14 @@ impl Connection {
         let Some(hooked) = self.hooked_writes.as_mut() else {
             return self.write_message(&delivery).await;
         };
+        let given = delivery.clone();
         for write in hooked.writes(delivery).await {
+            // What the hook put in place of the message (not the same delivery) is checked
+            // before it is written: a delivery stage that tampers is caught by its own gateway.
+            // The message as given was checked when the hub forwarded it.
+            if !Arc::ptr_eq(&write, &given) {
+                self.app.rooms.chain().check_delivery(&write.message);
+            }
             self.write_message(&write).await?;
         }
         Ok(())
@@ -119,6 +126,7 @@ impl Connection {
             if page.messages.is_empty() {
                 break;
             }
+            self.app.rooms.chain().check_page(&page.messages);
             for message in page.messages {
                 cursor = message.seq;
                 let delivery = Delivery::new(Arc::new(message));

@@ -12,6 +12,7 @@ use storage::PageQuery;
 
 use super::hub::Hub;
 use super::{Rooms, RECENT};
+use crate::chain::{Previous, Source};
 use crate::outbox::{Delivery, Offer, Outbound};
 
 /// A quiet feed is checked against the store this long after its last message, in case the
@@ -183,11 +184,18 @@ impl Rooms {
         let sequenced_ms = message.ts;
         let delivery = Arc::new(Delivery::traced(message, trace));
         let (mut queued, mut skipped, mut kicked) = (0u32, 0u32, 0u32);
-        {
+        let violation = {
             let mut state = hub.lock();
             if delivery.message.seq <= hub.last_seq() {
                 return;
             }
+            // Checked once per gateway, in seq order (what is forwarded has no gap), before the
+            // members get it; a violation is reported, and the message still delivered.
+            let violation = state.chain.observe(&delivery.message).err().map(|error| {
+                let previous = state.recent.back().filter(|p| p.message.seq + 1 == delivery.message.seq);
+                let previous = previous.map(|p| Previous { id: p.message.id, trace_id: p.message.trace_id.clone() });
+                (error, previous)
+            });
             for member in state.members.values() {
                 match member.outbox.offer(Outbound::Message(delivery.clone())) {
                     Offer::Queued => queued += 1,
@@ -201,6 +209,10 @@ impl Rooms {
             if state.recent.len() > RECENT {
                 state.recent.pop_front();
             }
+            violation
+        };
+        if let Some((error, previous)) = violation {
+            self.chain.report(&delivery.message, &error, Source::Feed, previous);
         }
         let lag = (protocol::now_ms() - sequenced_ms).max(0) as f64 / 1000.0;
         self.metrics.sequence_to_gateway.observe(lag, &delivery.message.trace_id);

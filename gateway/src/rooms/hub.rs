@@ -31,6 +31,8 @@ pub(super) struct HubState {
     pub(super) remote: HashMap<String, RemoteRoster>,
     /// The room's latest messages, consecutive seqs ending at `last_seq`.
     pub(super) recent: VecDeque<Arc<Delivery>>,
+    /// The room's message chain as forwarded: each message is checked against it.
+    pub(super) chain: protocol::chain::RoomChain,
     pub(super) closed: bool,
 }
 

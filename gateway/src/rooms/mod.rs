@@ -24,6 +24,7 @@ use telemetry::journal::Journal;
 use telemetry::metrics::Metrics;
 use tokio::sync::{Notify, OnceCell};
 
+use crate::chain::ChainWatch;
 use crate::config::GatewayConfig;
 use crate::history::HistoryReader;
 use crate::hook::DeliveryHook;
@@ -63,6 +64,7 @@ pub struct Rooms {
     metrics: Metrics,
     journal: Arc<Journal>,
     hook: Option<Arc<dyn DeliveryHook>>,
+    chain: ChainWatch,
     gap_repair: bool,
     roster_interval: Duration,
     roster_wait: Duration,
@@ -83,6 +85,7 @@ impl Rooms {
             gateway_id: config.gateway_id.clone(),
             bus,
             history,
+            chain: ChainWatch::new(&config.gateway_id, metrics.clone(), journal.clone()),
             metrics,
             journal,
             hook,
@@ -91,6 +94,11 @@ impl Rooms {
             roster_wait: ROSTER_WAIT,
             hubs: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Where chain violations are reported.
+    pub fn chain(&self) -> &ChainWatch {
+        &self.chain
     }
 
     fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
@@ -195,6 +203,12 @@ impl Rooms {
         if let Ok(page) = self.history.page(room, PageQuery::newest(RECENT as u32)).await {
             let messages: Vec<_> = page.messages.into_iter().filter(|m| m.seq <= last_seq).collect();
             if messages.last().is_some_and(|m| m.seq == last_seq) {
+                // The recent messages are checked like any history; the newest is where the
+                // room's chain continues.
+                self.chain.check_page(&messages);
+                if let Some(newest) = messages.last() {
+                    let _ = state.chain.observe(newest);
+                }
                 state.recent = messages.into_iter().map(|m| Arc::new(Delivery::new(Arc::new(m)))).collect();
             }
         }

@@ -98,6 +98,7 @@ struct Setup {
     bus: Arc<ScriptedBus>,
     store: Arc<MemoryStore>,
     metrics: Metrics,
+    journal: Arc<Journal>,
 }
 
 fn setup(distributed: bool) -> Setup {
@@ -107,8 +108,8 @@ fn setup(distributed: bool) -> Setup {
     let config = GatewayConfig { gateway_id: "gw-1".into(), ..GatewayConfig::default() };
     let history = HistoryReader::new(store.clone(), metrics.clone());
     let journal = Arc::new(Journal::new("gw-1", 100));
-    let rooms = Rooms::new(&config, bus.clone(), history, metrics.clone(), journal, None);
-    Setup { rooms, bus, store, metrics }
+    let rooms = Rooms::new(&config, bus.clone(), history, metrics.clone(), journal.clone(), None);
+    Setup { rooms, bus, store, metrics, journal }
 }
 
 fn message(room: &str, seq: u64) -> ChatMessage {
@@ -121,6 +122,8 @@ fn message(room: &str, seq: u64) -> ChatMessage {
         ts: protocol::now_ms(),
         client_msg_id: format!("c{seq}"),
         trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+        prev: None,
+        digest: None,
     }
 }
 
@@ -160,6 +163,92 @@ async fn a_seq_that_jumps_is_preceded_by_the_missing_messages_from_the_store() {
     assert_eq!(received(&outbox).0, [1, 2, 3], "in order, no gap, the repeat ignored");
     assert_eq!(s.metrics.gap_repairs.get(), 1);
     assert_eq!(joined.hub.last_seq(), 3);
+}
+
+/// Seqs `1..=n` of `room`, chained from the genesis.
+fn chained(room: &str, n: u64) -> Vec<ChatMessage> {
+    let mut prev = protocol::chain::GENESIS.to_owned();
+    (1..=n)
+        .map(|seq| {
+            let mut m = message(room, seq);
+            protocol::chain::seal(&mut m, prev.clone());
+            prev = m.digest.clone().unwrap();
+            m
+        })
+        .collect()
+}
+
+fn violations(metrics: &Metrics, kind: &str, source: &str) -> u64 {
+    metrics.chain_violations.with_label_values(&[kind, source]).get()
+}
+
+/// A worker that published a forged seq 2 (digest recomputed: it passes the self-check) is
+/// caught at seq 3, which chains to the true seq 2; both messages are still delivered, and the
+/// journeys of both name the violation.
+#[tokio::test(start_paused = true)]
+async fn a_forged_message_is_delivered_and_the_fork_is_reported_at_the_next_one() {
+    let s = setup(false);
+    let outbox = Outbox::new(1, 64, Duration::from_secs(5));
+    s.rooms.join("r", "alice", outbox.clone()).await.unwrap();
+    let truth = chained("r", 3);
+    truth.iter().for_each(|m| s.store.put(m));
+    let mut forged = truth[1].clone();
+    forged.body = "forged".into();
+    protocol::chain::seal(&mut forged, truth[0].digest.clone().unwrap());
+    for m in [&truth[0], &forged, &truth[2]] {
+        s.bus.push("r", FeedItem::Message(Arc::new(m.clone()), None)).await;
+    }
+    settle().await;
+    assert_eq!(received(&outbox).0, [1, 2, 3], "the check observes: everything is delivered");
+    assert_eq!(violations(&s.metrics, "fork", "feed"), 1);
+    assert_eq!(violations(&s.metrics, "altered", "feed"), 0);
+    let hop = |id| s.journal.get(id).unwrap().hops.into_iter().find(|h| h.hop == "chain.violation").unwrap();
+    let at_three = hop(truth[2].id);
+    assert_eq!(at_three.detail["kind"], "fork");
+    assert_eq!(at_three.detail["seq"], 3);
+    assert_eq!(at_three.detail["expected"], forged.digest.clone().unwrap());
+    assert_eq!(at_three.detail["got"], truth[1].digest.clone().unwrap());
+    assert_eq!(at_three.detail["previous_id"], truth[1].id.to_string());
+    assert_eq!(hop(truth[1].id).detail["next_id"], truth[2].id.to_string());
+}
+
+/// A message altered after sequencing (body changed, digest kept) fails its self-check; the
+/// next one still links (it chains to the digest the altered one carries).
+#[tokio::test(start_paused = true)]
+async fn an_altered_message_from_the_bus_is_reported_and_delivered() {
+    let s = setup(false);
+    let outbox = Outbox::new(1, 64, Duration::from_secs(5));
+    s.rooms.join("r", "alice", outbox.clone()).await.unwrap();
+    let mut messages = chained("r", 3);
+    messages.iter().for_each(|m| s.store.put(m));
+    messages[1].body = "altered".into();
+    for m in &messages {
+        s.bus.push("r", FeedItem::Message(Arc::new(m.clone()), None)).await;
+    }
+    settle().await;
+    assert_eq!(received(&outbox).0, [1, 2, 3]);
+    assert_eq!(violations(&s.metrics, "altered", "feed"), 1);
+    assert_eq!(violations(&s.metrics, "fork", "feed"), 0);
+    let journey = s.journal.get(messages[1].id).unwrap();
+    assert!(journey.hops.iter().any(|h| h.hop == "chain.violation" && h.detail["kind"] == "altered"), "{journey:?}");
+}
+
+/// A hub created in a room with history continues the chain from its newest message.
+#[tokio::test(start_paused = true)]
+async fn a_new_hub_links_the_next_message_to_the_rooms_newest() {
+    let s = setup(false);
+    let truth = chained("r", 3);
+    truth[..2].iter().for_each(|m| s.store.put(m));
+    let outbox = Outbox::new(1, 64, Duration::from_secs(5));
+    s.rooms.join("r", "alice", outbox.clone()).await.unwrap();
+    let mut stranger = truth[2].clone();
+    stranger.prev = Some(protocol::chain::GENESIS.to_owned());
+    protocol::chain::seal(&mut stranger, protocol::chain::GENESIS.to_owned());
+    s.store.put(&stranger);
+    s.bus.push("r", FeedItem::Message(Arc::new(stranger), None)).await;
+    settle().await;
+    assert_eq!(received(&outbox).0, [3]);
+    assert_eq!(violations(&s.metrics, "fork", "feed"), 1, "seq 3 does not chain to the stored seq 2");
 }
 
 #[tokio::test(start_paused = true)]
