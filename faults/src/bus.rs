@@ -155,8 +155,8 @@ async fn arrival(injector: &Injector, message: &ChatMessage) -> Option<Hop> {
 // === the worker's side ===
 
 /// A worker's bus under `fanout.sequence` (stall or delay a room's sends before they are
-/// sequenced; the worker takes nothing else meanwhile) and `fanout.publish` (drop, duplicate or
-/// delay the publication of a stored message).
+/// sequenced; the worker takes nothing else meanwhile) and `fanout.publish` (drop, duplicate,
+/// delay or equivocate: publish a forged copy of a stored message).
 pub struct FaultyFanoutBus {
     inner: Arc<dyn FanoutBus>,
     injector: Injector,
@@ -251,9 +251,22 @@ impl FanoutBus for FaultyFanoutBus {
                 tokio::time::sleep(fired.wait()).await;
                 self.inner.deliver(message, traceparent).await
             }
+            FaultAction::Equivocate => self.inner.deliver(Arc::new(forged(&message)), traceparent).await,
             _ => self.inner.deliver(message, traceparent).await,
         }
     }
+}
+
+/// A forged copy of a stored message, as a competent liar makes it: the body rewritten and the
+/// chain digest recomputed over it, so it passes the self-check and claims the true message's
+/// place (same room, seq, id and `prev`).
+fn forged(message: &ChatMessage) -> ChatMessage {
+    let mut lie = message.clone();
+    lie.body = format!("{} (forged by the worker)", lie.body);
+    if let Some(prev) = lie.prev.take() {
+        protocol::chain::seal(&mut lie, prev);
+    }
+    lie
 }
 
 #[cfg(test)]
@@ -342,6 +355,49 @@ mod tests {
         assert_eq!(metrics.faults_injected.with_label_values(&["fanout.sequence", "stall"]).get(), 1);
     }
 
+    /// A chained message of room `r`, seq 1.
+    fn chained() -> Arc<ChatMessage> {
+        let mut message = ChatMessage {
+            room: "r".into(),
+            seq: 1,
+            id: uuid::Uuid::now_v7(),
+            user: "u".into(),
+            body: "the truth".into(),
+            ts: 0,
+            client_msg_id: "a".into(),
+            trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+            prev: None,
+            digest: None,
+        };
+        protocol::chain::seal(&mut message, protocol::chain::GENESIS.to_owned());
+        Arc::new(message)
+    }
+
+    #[tokio::test]
+    async fn an_equivocating_worker_publishes_a_forged_copy_that_passes_the_self_check() {
+        for sealed in [false, true] {
+            let spec = FaultSpec { sealed, ..FaultSpec::new(Hop::FanoutPublish, FaultAction::Equivocate) };
+            let faults = Arc::new(Faults::default());
+            faults.add(spec).unwrap();
+            let (metrics, journal) = (Metrics::new(), Arc::new(Journal::new("w", 100)));
+            let injector = Injector::new(faults, metrics.clone(), journal.clone());
+            let local = Arc::new(LocalBus::new());
+            let mut feed = local.subscribe("r").await.unwrap();
+            let bus = FaultyFanoutBus::new(local.clone(), injector);
+            let truth = chained();
+            bus.deliver(truth.clone(), "").await.unwrap();
+            let Some(FeedItem::Message(published, _)) = feed.items.recv().await else { panic!("nothing published") };
+            assert_eq!((published.seq, published.id, &published.prev), (truth.seq, truth.id, &truth.prev));
+            assert_ne!(published.body, truth.body);
+            assert_ne!(published.digest, truth.digest, "the digest is recomputed over the forged body");
+            assert_eq!(protocol::chain::check(&published), Ok(()), "a competent liar passes the self-check");
+            let marked = journal.get(truth.id).is_some();
+            assert_eq!(marked, !sealed, "sealed: {sealed}");
+            let counted = metrics.faults_injected.with_label_values(&["fanout.publish", "equivocate"]).get();
+            assert_eq!(counted, u64::from(!sealed));
+        }
+    }
+
     #[tokio::test]
     async fn a_cut_gateway_refuses_sends_is_not_ready_and_loses_its_feeds_messages() {
         let (injector, metrics) = injector(FaultSpec::new(Hop::GatewayNats, FaultAction::Cut));
@@ -361,6 +417,8 @@ mod tests {
             ts: 0,
             client_msg_id: "a".into(),
             trace_id: "t".into(),
+            prev: None,
+            digest: None,
         });
         local.deliver(message.clone(), "").await.unwrap();
         let lost = tokio::time::timeout(Duration::from_millis(200), feed.items.recv()).await;

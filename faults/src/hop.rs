@@ -16,8 +16,13 @@ pub enum FaultAction {
     Reorder,
     /// The event waits `delay_ms` first.
     Delay,
-    /// The body is altered before it is written (a lying gateway).
+    /// The body is altered before it is written (a lying gateway; its chain digest is left as
+    /// it was, so the message fails its self-check).
     Rewrite,
+    /// A worker stores the true message but publishes a forged copy: body rewritten and chain
+    /// digest recomputed over it (a competent liar that passes the self-check; the next message
+    /// of the room no longer links to it, and history has the true one).
+    Equivocate,
     /// A worker holds a room's sends for `delay_ms` before sequencing them.
     Stall,
     /// The process acts as if cut off from the bus.
@@ -37,6 +42,7 @@ impl FaultAction {
             Self::Reorder => "reorder",
             Self::Delay => "delay",
             Self::Rewrite => "rewrite",
+            Self::Equivocate => "equivocate",
             Self::Stall => "stall",
             Self::Cut => "cut",
             Self::Disable => "disable",
@@ -53,7 +59,7 @@ impl FaultAction {
 /// | `gateway.feed` | drop, delay | a gateway receiving a room's message from the bus |
 /// | `gateway.gap_repair` | disable | a gateway's gap repair (hub and connections) |
 /// | `gateway.nats` | cut | a gateway's whole bus connection: sends `unavailable`, feeds dropped, not ready |
-/// | `fanout.publish` | drop, duplicate, delay | a worker publishing a stored message to gateways |
+/// | `fanout.publish` | drop, duplicate, delay, equivocate | a worker publishing a stored message to gateways |
 /// | `fanout.sequence` | stall, delay | a worker before sequencing a room's sends (the rest of its batch waits too) |
 /// | `fanout.clock` | skew | a worker stamping `ts` (`delay_ms` ahead; negative: behind) |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -114,7 +120,7 @@ impl Hop {
             Hop::GatewayFeed => &[Drop, Delay],
             Hop::GatewayGapRepair => &[Disable],
             Hop::GatewayNats => &[Cut],
-            Hop::FanoutPublish => &[Drop, Duplicate, Delay],
+            Hop::FanoutPublish => &[Drop, Duplicate, Delay, Equivocate],
             Hop::FanoutSequence => &[Stall, Delay],
             Hop::FanoutClock => &[Skew],
         }
