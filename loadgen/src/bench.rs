@@ -2,8 +2,8 @@
 //!
 //! Builds one room of 100 members, pre-encodes `N / 100` `message` frames exactly as a gateway
 //! sends them, and feeds every frame to every member's [`ClientState::on_text`] — the same code
-//! a live run uses for each delivery (JSON fast path, seq check, record update, latency
-//! histogram). The result is CPU seconds per delivery, scaled to cores per 100k deliveries/s.
+//! a live run uses for each delivery (JSON fast path, seq check, message chain check, record
+//! update, latency histogram). The result is CPU seconds per delivery, scaled to cores per 100k deliveries/s.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,13 +54,14 @@ pub fn bench_audit(deliveries: u64) -> BenchResult {
     let (shared, _) = Shared::prepare(config, Vec::new());
     let shared = Arc::new(shared);
     let records = &shared.records;
+    let mut prev = protocol::chain::GENESIS.to_owned();
     let frames: Vec<String> = (0..records.len() as u32)
         .map(|i| {
             let seq = i as u64 + 1;
             let id = uuid::Uuid::from_u128(0x018f_0000_0000_7000_8000_0000_0000_0000 | seq as u128);
             records.mark_sent(i, 0);
             records.ack(i, parse_id(&id.to_string()), seq, 0);
-            ServerFrame::Message(ChatMessage {
+            let mut message = ChatMessage {
                 room: shared.plan.rooms[0].clone(),
                 seq,
                 id,
@@ -69,8 +70,12 @@ pub fn bench_audit(deliveries: u64) -> BenchResult {
                 ts: protocol::now_ms(),
                 client_msg_id: shared.plan.client_msg_id(i),
                 trace_id: format!("{:032x}", seq * 7919),
-            })
-            .to_json()
+                prev: None,
+                digest: None,
+            };
+            protocol::chain::seal(&mut message, std::mem::take(&mut prev));
+            prev = message.digest.clone().unwrap_or_default();
+            ServerFrame::Message(message).to_json()
         })
         .collect();
     let mut clients: Vec<ClientState> = (0..MEMBERS).map(|c| ClientState::new(shared.clone(), c)).collect();

@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::audit::{check_delivery, parse_id, AckOutcome, Track};
+use crate::audit::{check_chain, check_delivery, parse_id, parse_trace, AckOutcome, Chained, Track};
 use crate::metrics::Lat;
 use crate::replay::RecordedBody;
 use crate::runner::Shared;
@@ -112,8 +112,8 @@ fn encode(frame: &ClientFrame, req: Req) -> String {
     serde_json::to_string(&Tagged { frame, req }).unwrap_or_default()
 }
 
-/// The fields loadgen reads on the hot path, borrowed from the frame text (everything else,
-/// such as the body, is skipped without allocating).
+/// The fields loadgen reads on the hot path, borrowed from the frame text (a field with escapes,
+/// a body with a newline say, is the only one copied); anything else is skipped.
 #[derive(Deserialize)]
 struct Fast<'a> {
     #[serde(rename = "type", borrow)]
@@ -128,6 +128,33 @@ struct Fast<'a> {
     client_msg_id: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     trace_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    user: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    body: Option<Cow<'a, str>>,
+    #[serde(default)]
+    ts: Option<i64>,
+    #[serde(default, borrow)]
+    prev: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    digest: Option<Cow<'a, str>>,
+}
+
+impl Fast<'_> {
+    /// The message chain's evidence of a `message` frame, when it carries a digest.
+    fn chained(&self, room: &str, seq: u64, id: &str) -> Option<Chained> {
+        let digest = self.digest.as_deref()?;
+        let fields = protocol::chain::Fields {
+            room,
+            seq,
+            id: uuid::Uuid::from_bytes(parse_id(id)),
+            user: self.user.as_deref().unwrap_or_default(),
+            ts: self.ts.unwrap_or_default(),
+            client_msg_id: self.client_msg_id.as_deref().unwrap_or_default(),
+            body: self.body.as_deref().unwrap_or_default(),
+        };
+        Some(Chained::of(&fields, self.prev.as_deref(), digest))
+    }
 }
 
 /// Why a connection ended.
@@ -249,6 +276,8 @@ impl ClientState {
         let send = f.client_msg_id.as_deref().and_then(|c| shared.plan.send_index(c));
         let trace = f.trace_id.as_deref().unwrap_or("");
         let (_, latency) = check_delivery(track, &shared.records, send, seq, id, trace, now);
+        let chained = f.chained(room, seq, id);
+        check_chain(track, &shared.records, send, seq, id, parse_trace(trace), chained.as_ref());
         let mut w = shared.metrics.shard(self.idx);
         w.checked += 1;
         if let Some(us) = latency {
@@ -767,6 +796,8 @@ mod tests {
             ts: 1,
             client_msg_id: "lg.3".into(),
             trace_id: "ab".repeat(16),
+            prev: None,
+            digest: None,
         };
         let text = ServerFrame::Message(msg).to_json();
         let f: Fast<'_> = serde_json::from_str(&text).unwrap();

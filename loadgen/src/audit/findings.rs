@@ -24,6 +24,11 @@ pub enum FindingKind {
     RefusedButDelivered,
     /// A send was answered with an error and never delivered (not a failure).
     Rejected,
+    /// A message whose chain digest does not match its fields: altered after sequencing.
+    ChainAltered,
+    /// Two different messages claimed one seq (the next message chains to another version, or
+    /// recipients got different digests).
+    Equivocation,
 }
 
 impl FindingKind {
@@ -43,6 +48,8 @@ impl FindingKind {
             Self::StoredTwice => "stored_twice",
             Self::RefusedButDelivered => "refused_but_delivered",
             Self::Rejected => "rejected",
+            Self::ChainAltered => "chain_altered",
+            Self::Equivocation => "equivocation",
         }
     }
 }
@@ -96,6 +103,10 @@ pub struct FindingCounts {
     pub refused_but_delivered: u64,
     /// Sends answered with an error and never delivered.
     pub rejected: u64,
+    /// Deliveries of a message whose digest does not match its fields.
+    pub chain_altered: u64,
+    /// Deliveries that revealed two versions of one seq.
+    pub equivocations: u64,
 }
 
 /// The audit's verdict with its evidence.
@@ -147,6 +158,8 @@ mod tests {
             FindingKind::StoredTwice,
             FindingKind::RefusedButDelivered,
             FindingKind::Rejected,
+            FindingKind::ChainAltered,
+            FindingKind::Equivocation,
         ];
         for k in all {
             assert_eq!(serde_json::to_value(k).ok(), Some(serde_json::Value::from(k.name())));

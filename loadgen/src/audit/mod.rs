@@ -34,7 +34,11 @@
 //!   was not stored), yet the message was delivered.
 //! - **rejected** (listed, not a failure): the server answered a send with an `error` frame and
 //!   the message never arrived.
+//! - **chain_altered**: a member got a message whose chain digest does not match its fields.
+//! - **equivocation**: members got two versions of one seq (the next message chains to another
+//!   one, or recipients got different digests); see `chain`.
 
+mod chain;
 mod check;
 mod findings;
 mod ids;
@@ -44,6 +48,7 @@ mod sim;
 mod track;
 mod verdict;
 
+pub use chain::{check_chain, ChainHead, Chained};
 pub use check::check_delivery;
 pub use findings::{AuditResult, Finding, FindingCounts, FindingKind};
 pub use ids::{fmt_id, fmt_trace, parse_id, parse_trace};

@@ -50,6 +50,8 @@ pub struct MsgRecord {
     ack: OnceLock<AckInfo>,
     pub(super) seen: OnceLock<Seen>,
     rejected: OnceLock<ErrorCode>,
+    /// The seq and chain digest the first recipient that checked it got.
+    digest: OnceLock<(u64, [u8; 32])>,
 }
 
 impl MsgRecord {
@@ -71,6 +73,15 @@ impl MsgRecord {
     /// The error code the send was answered with.
     pub fn rejected(&self) -> Option<ErrorCode> {
         self.rejected.get().copied()
+    }
+
+    /// The digest the first recipient got for this message as `seq` (`digest` when this is the
+    /// first, or when the first got it as another seq).
+    pub fn first_digest(&self, seq: u64, digest: [u8; 32]) -> [u8; 32] {
+        match self.digest.get_or_init(|| (seq, digest)) {
+            (first_seq, first) if *first_seq == seq => *first,
+            _ => digest,
+        }
     }
 }
 
@@ -123,6 +134,7 @@ impl Records {
                     ack: OnceLock::new(),
                     seen: OnceLock::new(),
                     rejected: OnceLock::new(),
+                    digest: OnceLock::new(),
                 })
                 .collect(),
             measure_start_us: AtomicU64::new(0),

@@ -10,6 +10,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::chain::ChainHead;
 use super::findings::FindingKind;
 
 /// Progress of one track, readable by the drain check from other tasks.
@@ -58,6 +59,9 @@ pub struct TrackEvent {
     pub id: [u8; 16],
     /// Trace id from the frame.
     pub trace: [u8; 16],
+    /// Another message the event is about (for an equivocation found by the chain: the message
+    /// that does not chain to this one); all zero when none.
+    pub other: [u8; 16],
 }
 
 /// One member's view of one room: last seq seen, open holes, and events.
@@ -82,8 +86,10 @@ pub struct Track {
     holes: Vec<(u64, u64)>,
     /// Seqs in `holes`.
     hole_seqs: u64,
-    /// Duplicates and reorders, as they happened.
+    /// Duplicates, reorders and chain failures, as they happened.
     events: Vec<TrackEvent>,
+    /// The newest chained message got (the message chain continues from it).
+    chain_head: Option<ChainHead>,
     /// What the drain check reads.
     progress: Arc<TrackProgress>,
 }
@@ -102,6 +108,7 @@ impl Track {
             holes: Vec::new(),
             hole_seqs: 0,
             events: Vec::new(),
+            chain_head: None,
             progress: Arc::new(TrackProgress::default()),
         }
     }
@@ -200,9 +207,24 @@ impl Track {
         outcome
     }
 
-    /// Writes down a duplicate or reordered delivery.
+    /// Writes down a duplicate, reordered or chain-failing delivery.
     pub fn note(&mut self, kind: FindingKind, seq: u64, id: [u8; 16], trace: [u8; 16]) {
-        self.events.push(TrackEvent { kind, seq, last: self.last, id, trace });
+        self.note_other(kind, seq, id, trace, [0; 16]);
+    }
+
+    /// Writes down an event about message `id` that message `other` revealed.
+    pub fn note_other(&mut self, kind: FindingKind, seq: u64, id: [u8; 16], trace: [u8; 16], other: [u8; 16]) {
+        self.events.push(TrackEvent { kind, seq, last: self.last, id, trace, other });
+    }
+
+    /// The newest chained message got, if the chain is unbroken.
+    pub fn chain_head(&self) -> Option<ChainHead> {
+        self.chain_head
+    }
+
+    /// Moves (or, with `None`, breaks) the chain.
+    pub fn set_chain_head(&mut self, head: Option<ChainHead>) {
+        self.chain_head = head;
     }
 
     /// Closes `seq` inside a hole (splitting it when `seq` is in the middle); false when no hole

@@ -107,10 +107,10 @@ struct Affected {
 }
 
 impl Affected {
-    /// Counts one more member, listing it while there is room.
+    /// Counts one more member, listing it while there is room (once).
     fn add(&mut self, client: u32) {
         self.count += 1;
-        if self.clients.len() < RECIPIENTS_PER_FINDING {
+        if self.clients.len() < RECIPIENTS_PER_FINDING && !self.clients.contains(&client) {
             self.clients.push(client);
         }
     }
@@ -365,8 +365,9 @@ fn gap_findings(losses: &Losses, records: &Records, sends: &SendTally, names: &N
     findings
 }
 
-/// Step 5: duplicates and reorders from every membership (they happened while it was joined),
-/// one finding per (kind, room, seq), described by the first member that met it.
+/// Step 5: duplicates, reorders and chain failures from every membership (they happened while it
+/// was joined), one finding per (kind, room, seq), described by the first member that met it (an
+/// equivocation by the first that names the message revealing it, when one does).
 fn event_findings(tracks: &[&Track], sends: &SendTally, names: &Names<'_>, counts: &mut FindingCounts) -> Vec<Finding> {
     type EventKey = (FindingKind, u32, u64);
     let mut events: BTreeMap<EventKey, (Affected, TrackEvent)> = BTreeMap::new();
@@ -374,9 +375,15 @@ fn event_findings(tracks: &[&Track], sends: &SendTally, names: &Names<'_>, count
         for e in t.events() {
             match e.kind {
                 FindingKind::Duplicate => counts.duplicate_deliveries += 1,
+                FindingKind::ChainAltered => counts.chain_altered += 1,
+                FindingKind::Equivocation => counts.equivocations += 1,
                 _ => counts.reordered_deliveries += 1,
             }
-            events.entry((e.kind, t.room, e.seq)).or_insert_with(|| (Affected::default(), *e)).0.add(t.client);
+            let (who, first) = events.entry((e.kind, t.room, e.seq)).or_insert_with(|| (Affected::default(), *e));
+            who.add(t.client);
+            if first.other == [0; 16] && e.other != [0; 16] {
+                *first = *e;
+            }
         }
     }
     let mut findings = Vec::new();
@@ -393,6 +400,16 @@ fn event_findings(tracks: &[&Track], sends: &SendTally, names: &Names<'_>, count
             recipients: names.users(who),
             detail: match kind {
                 FindingKind::Duplicate => format!("delivered again to {n} members"),
+                FindingKind::ChainAltered => {
+                    format!("{n} deliveries carried a digest its fields do not hash to: altered after sequencing")
+                }
+                FindingKind::Equivocation if e.other != [0; 16] => format!(
+                    "two versions of seq {seq}: the next message (id {}) does not chain to the one delivered; {n} deliveries revealed it",
+                    fmt_id(&e.other)
+                ),
+                FindingKind::Equivocation => {
+                    format!("two versions of seq {seq}: recipients got different digests; {n} deliveries revealed it")
+                }
                 _ => format!("{n} members got it after a higher seq (first seen after seq {})", e.last),
             },
         });
@@ -458,6 +475,8 @@ fn verdict_line(
         (counts.unacked, "unacked send(s)"),
         (counts.stored_twice, "send(s) stored twice"),
         (counts.refused_but_delivered, "send(s) refused but delivered"),
+        (counts.chain_altered, "altered message(s) (chain digest mismatch)"),
+        (counts.equivocations, "equivocation(s) (two versions of a seq)"),
     ];
     let parts: Vec<String> = failing.iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("{n} {what}")).collect();
     if !parts.is_empty() {
@@ -870,11 +889,14 @@ mod tests {
             stored_twice: 6,
             refused_but_delivered: 8,
             rejected: 7,
+            chain_altered: 9,
+            equivocations: 10,
         };
         assert_eq!(
             verdict_line(&all, 10, 10, 10, 1).1,
             "FAILED: 1 missing message(s), 2 duplicate delivery(ies), 3 reordered delivery(ies), 4 seq gap(s), \
-             5 unacked send(s), 6 send(s) stored twice, 8 send(s) refused but delivered"
+             5 unacked send(s), 6 send(s) stored twice, 8 send(s) refused but delivered, \
+             9 altered message(s) (chain digest mismatch), 10 equivocation(s) (two versions of a seq)"
         );
     }
 }
