@@ -95,6 +95,13 @@ impl ChainWatch {
             "expected": error.expected(),
             "got": error.got(),
         });
+        // The worker that published the suspect (for a fork, the message before), when this
+        // process's journal has it (the all-in-one; in a cluster the journey's `fanout.publish`
+        // hop, gathered from the worker, names it).
+        let suspect = previous.as_ref().map_or(message.id, |p| p.id);
+        if let Some(publisher) = self.publisher(suspect) {
+            detail["publisher"] = serde_json::json!(publisher);
+        }
         if let Some(previous) = &previous {
             detail["previous_id"] = serde_json::json!(previous.id);
             let mut before = detail.clone();
@@ -118,5 +125,11 @@ impl ChainWatch {
             message_id = %message.id,
             "message chain violation: {error}"
         );
+    }
+
+    /// The process that recorded the `fanout.publish` hop of message `id` here, if one did.
+    fn publisher(&self, id: Uuid) -> Option<String> {
+        let journey = self.journal.get(id)?;
+        journey.hops.iter().find(|hop| hop.hop == "fanout.publish").map(|hop| hop.process.to_string())
     }
 }
