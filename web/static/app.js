@@ -37,7 +37,7 @@ const els = {
   historyStatus: $('history-status'), emptyState: $('empty-state'), typing: $('typing'),
   composer: $('composer'), input: $('composer-input'), send: $('send'),
   infoDialog: $('info-dialog'), infoList: $('info-list'), infoLink: $('info-link'),
-  toasts: $('toasts'), gapRepairs: $('gap-repairs'),
+  toasts: $('toasts'), gapRepairs: $('gap-repairs'), integrityBanner: $('integrity-banner'),
 };
 
 // ------------------------------------------------------------------ persistence
@@ -117,6 +117,7 @@ function makeRoom(name) {
     scrollTop: null,
     atBottom: true,
     joined: false,
+    integrity: new Set(), // seqs that failed (or sit next to a failure of) the message-chain check
   };
 }
 
@@ -136,6 +137,7 @@ function renderItem(room, item) {
       body: el('p', { class: 'body' }),
       retry: el('button', { class: 'retry', type: 'button', text: 'Retry' }),
       error: el('span', { class: 'send-error' }),
+      integrity: el('p', { class: 'integrity-warning', text: '⚠ this message failed its integrity check' }),
     };
     const p = item.parts;
     p.info.addEventListener('click', () => showInfo(room, item));
@@ -168,6 +170,11 @@ function renderItem(room, item) {
   p.status.textContent = own && item.state ? STATE_TEXT[item.state] : '';
   p.status.hidden = !(own && item.state);
   p.status.className = `status ${item.state || ''}`;
+  // In the DOM only when it applies (a hidden copy would still match text searches).
+  const flagged = room.integrity.has(item.seq);
+  if (flagged && !p.integrity.isConnected) p.body.after(p.integrity);
+  else if (!flagged) p.integrity.remove();
+  li.classList.toggle('integrity-failed', flagged);
   p.retry.hidden = item.state !== 'failed';
   p.error.textContent = item.state === 'failed' && item.error ? `Not sent: ${item.error}` : '';
   p.error.parentElement.hidden = item.state !== 'failed';
@@ -206,6 +213,31 @@ function addStored(room, m) {
   renderItem(room, item);
   placeItem(room, item);
   return true;
+}
+
+/**
+ * A message failed its message-chain check (chat-client.js): say so above the log, naming room
+ * and seq, and mark the message (for a fork, the one before it too: one of the two is not what
+ * was stored). The message stays shown.
+ */
+function onIntegrity(f) {
+  const why = f.kind === 'fork'
+    ? `it does not chain to message #${f.seq - 1} as received, so two versions of #${f.seq - 1} exist`
+    : 'its contents do not match its digest: it was altered after it was stored';
+  const line = el('p', { text: `⚠ Message #${f.seq} in #${f.room} failed its integrity check: ${why}.` });
+  line.dataset.room = f.room;
+  line.dataset.seq = String(f.seq);
+  line.dataset.kind = f.kind;
+  els.integrityBanner.append(line);
+  while (els.integrityBanner.childElementCount > 5) els.integrityBanner.firstElementChild.remove();
+  els.integrityBanner.hidden = false;
+  const room = app.rooms.get(f.room);
+  if (!room) return;
+  for (const seq of f.kind === 'fork' ? [f.seq - 1, f.seq] : [f.seq]) {
+    room.integrity.add(seq);
+    const item = room.bySeq.get(seq);
+    if (item) renderItem(room, item);
+  }
 }
 
 function onAckDelivered(room, ack) {
@@ -554,6 +586,7 @@ function startSession({ user, token }) {
     room.typing.set(u, setTimeout(() => { room.typing.delete(u); if (name === app.active) renderTyping(); }, TYPING_SHOW_MS));
     if (name === app.active) renderTyping();
   });
+  client.on('integrity', onIntegrity);
   client.on('gap-repaired', refreshDebug);
   client.on('duplicate', refreshDebug);
   client.on('error', (e) => {
@@ -581,6 +614,8 @@ function endSession() {
   app.rooms.clear();
   app.active = null;
   els.listSlot.replaceChildren();
+  els.integrityBanner.replaceChildren();
+  els.integrityBanner.hidden = true;
 }
 
 function showSignin(error) {

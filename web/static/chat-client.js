@@ -17,7 +17,12 @@
 //   seq continuity itself, drops duplicates and, on a gap, fetches the missing range with
 //   `history` (`after`/`limit`) before it delivers anything after the gap (counted in `stats`);
 // - `send` is retried (same `client_msg_id`, so the server stores it once) across timeouts,
-//   `unavailable`/`rate_limited` errors and reconnects, until an `ack` or a give-up deadline.
+//   `unavailable`/`rate_limited` errors and reconnects, until an `ack` or a give-up deadline;
+// - checks the message chain (docs/protocol.md, "Message chain") of what it delivers and of the
+//   history pages it returns: a message whose digest does not match its fields (`altered`), or
+//   whose `prev` is not the digest of the seq before it as delivered (`fork`), is reported with an
+//   `integrity` event and kept in `integrityFailures` (the message is still delivered). Needs
+//   `crypto.subtle` (a secure context: https, or localhost); without it nothing is checked.
 //
 // See docs/web-client.md for the whole API.
 
@@ -52,6 +57,38 @@ export const ROOM_RE = /^[A-Za-z0-9_-]{1,64}$/;
 export function defaultUrl(loc = globalThis.location) {
   const scheme = loc.protocol === 'https:' ? 'wss:' : 'ws:';
   return `${scheme}//${loc.host}/ws`;
+}
+
+/** The `prev` of a room's first message. */
+export const CHAIN_GENESIS = '0'.repeat(64);
+
+/**
+ * The chain digest of message `m` chained to `prev`: lowercase hex SHA-256 of
+ * "chat-chain-v1\n" + prev + "\n" + room + "\n" + seq + "\n" + id + "\n" + user + "\n" + ts +
+ * "\n" + client_msg_id + "\n" + body. Resolves with null when `crypto.subtle` is missing.
+ */
+export async function chainDigest(prev, m, subtle = globalThis.crypto?.subtle) {
+  if (!subtle) return null;
+  const input = ['chat-chain-v1', prev, m.room, m.seq, String(m.id).toLowerCase(), m.user, m.ts, m.client_msg_id, m.body].join('\n');
+  const hash = await subtle.digest('SHA-256', new TextEncoder().encode(input));
+  return [...new Uint8Array(hash)].map((b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+/**
+ * Checks one message against the chain head `head` ({ seq, digest, id } of the seq before it
+ * as received, or null): resolves with the failures ({ kind: 'altered'|'fork', expected, got,
+ * previousId? }), empty when it passes or carries no digest.
+ */
+export async function checkChain(m, head, subtle = globalThis.crypto?.subtle) {
+  if (!subtle || typeof m.digest !== 'string') return [];
+  const prev = typeof m.prev === 'string' ? m.prev : '';
+  const failures = [];
+  const expected = await chainDigest(prev, m, subtle);
+  if (expected !== m.digest) failures.push({ kind: 'altered', expected, got: m.digest });
+  if (head && head.seq + 1 === m.seq && head.digest !== prev) {
+    failures.push({ kind: 'fork', expected: head.digest, got: prev, previousId: head.id });
+  }
+  return failures;
 }
 
 /** A fresh client_msg_id (≤ 64 chars). */
@@ -135,7 +172,11 @@ export class ChatClient extends Emitter {
       duplicatesDropped: 0, // message frames whose seq was already delivered
       reconnects: 0, // successful reconnections after a drop
       sendRetries: 0, // resends of a not-yet-acked message
+      integrityFailures: 0, // messages that failed a message-chain check
     };
+    /** Every message-chain failure seen: { room, seq, id, kind, expected, got, previousId?, source }. */
+    this.integrityFailures = [];
+    this._integrityKeys = new Set();
     this._ws = null;
     this._gen = 0;
     this._attempt = 0;
@@ -450,7 +491,14 @@ export class ChatClient extends Emitter {
    * newest; `limit` ≤ 200. Resolves with `{ room, messages, has_more }`. Waits for the connection
    * when offline.
    */
-  history(room, { before, after, limit } = {}) {
+  history(room, opts = {}) {
+    return this._history(room, opts).then((res) => {
+      this._verifyPage(room, res.messages || []);
+      return res;
+    });
+  }
+
+  _history(room, { before, after, limit } = {}) {
     const frame = { type: 'history', room };
     if (before !== undefined && before !== null) frame.before = before;
     if (after !== undefined && after !== null) frame.after = after;
@@ -574,7 +622,47 @@ export class ChatClient extends Emitter {
       r.buffer.delete(m.seq);
       r.lastSeq = m.seq;
       this.emit('message', m);
+      this._verify(r, m);
     }
+  }
+
+  // ---------------------------------------------------------------- message chain
+
+  /**
+   * Checks a delivered message against the room's chain as delivered, after the ones before it
+   * (checks are asynchronous, so they are queued per room).
+   */
+  _verify(r, m) {
+    const subtle = globalThis.crypto?.subtle;
+    if (!subtle) return; // no Web Crypto (an insecure context): nothing to check with
+    r.verifying = (r.verifying || Promise.resolve()).then(async () => {
+      if (typeof m.digest !== 'string') { r.chainHead = null; return; }
+      const failures = await checkChain(m, r.chainHead, subtle);
+      if (!r.chainHead || m.seq > r.chainHead.seq) r.chainHead = { seq: m.seq, digest: m.digest, id: m.id };
+      for (const f of failures) this._integrityFailure({ room: r.name, seq: m.seq, id: m.id, ...f, source: 'live' });
+    }).catch((e) => console.error('chat-client: chain check failed', e));
+  }
+
+  /** Checks a history page: each message, and the links between consecutive ones. */
+  async _verifyPage(room, messages) {
+    const subtle = globalThis.crypto?.subtle;
+    if (!subtle) return;
+    let head = null;
+    for (const m of messages) {
+      const msg = { ...m, room };
+      const failures = await checkChain(msg, head, subtle);
+      for (const f of failures) this._integrityFailure({ room, seq: m.seq, id: m.id, ...f, source: 'history' });
+      head = typeof m.digest === 'string' ? { seq: m.seq, digest: m.digest, id: m.id } : null;
+    }
+  }
+
+  _integrityFailure(failure) {
+    const key = `${failure.room}/${failure.seq}/${failure.kind}`;
+    if (this._integrityKeys.has(key)) return;
+    this._integrityKeys.add(key);
+    this.stats.integrityFailures++;
+    this.integrityFailures.push(failure);
+    this.emit('integrity', failure);
   }
 
   /** After a joined/ack that tells the room has reached `seq`: check it arrives, else repair. */
@@ -601,7 +689,7 @@ export class ChatClient extends Emitter {
         if (r.lastSeq >= target) break;
         const limit = Math.min(200, target - r.lastSeq);
         const before = r.lastSeq;
-        const res = await this.history(r.name, { after: r.lastSeq, limit });
+        const res = await this._history(r.name, { after: r.lastSeq, limit });
         for (const m of res.messages || []) {
           if (m.seq > r.lastSeq && !r.buffer.has(m.seq)) { r.buffer.set(m.seq, { ...m, room: r.name }); fetched++; }
         }

@@ -53,11 +53,15 @@ export async function eventually(fn, { timeout = 15000, interval = 100, message 
   }
 }
 
-/** The real server process: start, SIGKILL, restart on the same port and data dir. */
+/**
+ * The real server process: start, SIGKILL, restart on the same port and data dir. With
+ * `adminToken` it serves the admin API (`POST /admin/faults`, see addFault).
+ */
 export class ChatServer {
-  constructor({ name, jwtSecret } = {}) {
+  constructor({ name, jwtSecret, adminToken } = {}) {
     this.name = name || 'server';
     this.jwtSecret = jwtSecret;
+    this.adminToken = adminToken;
     this.dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'chat-e2e-data-'));
     this.proc = null;
     this.port = null;
@@ -77,6 +81,7 @@ export class ChatServer {
     const log = fs.openSync(this.logFile, 'w');
     const args = ['--listen', `127.0.0.1:${this.port}`, '--data-dir', this.dataDir];
     if (this.jwtSecret) args.push('--jwt-secret', this.jwtSecret);
+    if (this.adminToken) args.push('--admin-token', this.adminToken);
     const proc = spawn(CHAT_BIN, args, {
       stdio: ['ignore', log, log],
       env: { RUST_LOG: 'info', ...process.env },
@@ -100,6 +105,17 @@ export class ChatServer {
       }
       await sleep(100);
     }
+  }
+
+  /** Injects a fault through the admin API (the server must have been given an adminToken). */
+  async addFault(fault) {
+    const res = await fetch(`${this.baseUrl}/admin/faults`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${this.adminToken}`, 'Content-Type': 'application/json' },
+      body: JSON.stringify(fault),
+    });
+    if (res.status !== 201) throw new Error(`POST /admin/faults ${JSON.stringify(fault)}: ${res.status} ${await res.text()}`);
+    return res.json();
   }
 
   logTail(n = 40) {
