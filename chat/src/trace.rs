@@ -42,7 +42,10 @@ pub fn render(journey: &Value) -> String {
             }
             _ => String::new(),
         };
-        let marker = if hop["hop"].as_str().is_some_and(|h| h.starts_with("fault") || h.contains("unrepaired")) {
+        let marker = if hop["hop"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("fault") || h.starts_with("chain.") || h.contains("unrepaired"))
+        {
             "!!"
         } else {
             "  "

@@ -7,6 +7,7 @@ mod support;
 
 mod auth;
 mod bad_input;
+mod chain;
 mod cluster;
 mod connections;
 mod delivery;
