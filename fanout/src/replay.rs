@@ -562,9 +562,20 @@ impl HistoryStore for Replay {
     }
 
     async fn page(&self, room: &str, query: PageQuery) -> Result<Page, StoreError> {
-        if self.state().chainless {
-            // The worker that wrote the log did not read chain heads: answer with unchained
-            // stand-ins, which no decision depends on.
+        // A read of the room's chain head that the log does not hold here (a version 1 log, from
+        // before the chain, or a replay that strayed to another last seq) is answered with
+        // unchained stand-ins: no decision depends on it, so the decisions it leads to can be
+        // shown. In a strayed replay it is a mismatch; the logged call stays next.
+        let (chainless, logged) = {
+            let state = self.state();
+            let next = state.store.get(&(state.batch, room.to_owned())).and_then(VecDeque::front);
+            (state.chainless, next.is_some_and(|(call, _)| matches!(call, StoreCall::Page { .. })))
+        };
+        if chainless || !logged {
+            if !chainless {
+                let call = describe_call(&StoreCall::page(&query));
+                self.mismatch(room, format!("{call} was not logged; answered with an unchained stand-in"));
+            }
             let upto = query.before.map_or(u64::MAX, |before| before.saturating_sub(1));
             let seqs = query.seq_range(upto).0;
             let messages = seqs.map(|seq| LoggedMessage { seq, ..LoggedMessage::default() }.message(room)).collect();
