@@ -102,6 +102,15 @@ pub enum Command {
         #[command(subcommand)]
         what: ReplayCommand,
     },
+    /// The debugging lab: challenges with hidden causes, graded (`chat lab list`).
+    Lab {
+        /// Where the lab keeps its state.
+        #[command(flatten)]
+        args: crate::lab::LabArgs,
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::lab::LabCommand,
+    },
     /// Print the README's configuration table, rendered from these flags.
     #[command(hide = true)]
     ConfigTable,

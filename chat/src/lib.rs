@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod cluster;
 pub mod config_doc;
+pub mod lab;
 pub mod ops;
 pub mod replay;
 pub mod testing;

@@ -50,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Replay { what: ReplayCommand::Worker { log, verbose } }) => {
             std::process::exit(chat::replay::worker(&log, verbose).await)
         }
+        Some(Command::Lab { args, command }) => std::process::exit(chat::lab::main(args, command).await),
         Some(Command::ConfigTable) => {
             print!("{}", chat::config_doc::markdown_table(&Cli::command()));
             Ok(())

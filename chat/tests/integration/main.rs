@@ -14,6 +14,7 @@ mod durability;
 mod exercises;
 mod history;
 mod http;
+mod lab;
 mod limits;
 mod ops_access;
 mod presence;
