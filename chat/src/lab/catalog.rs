@@ -95,6 +95,13 @@ pub enum Mechanism {
     PublishDelay,
     /// One release's gateway waits before writing each message to a connection.
     DeliverDelay,
+    /// Two rooms' locks taken in opposite orders by the worker: a deadlock once both rooms
+    /// are in one batch.
+    LockInversion,
+    /// The worker holds every room's sends for longer than their deadline.
+    SequenceStall,
+    /// The worker publishes each stored message seconds late (and acks after publishing).
+    PublishStall,
 }
 
 /// The planted cause of a round: what an answer is graded against.
@@ -168,6 +175,17 @@ pub const CHALLENGES: &[Challenge] = &[
         asks: &[Field::Process, Field::Hop, Field::Kind],
         variants: &[Mechanism::SequenceDelay, Mechanism::PublishDelay, Mechanism::DeliverDelay],
     },
+    Challenge {
+        name: "stuck-sends",
+        page: "docs/exercises/02-find-the-distributed-deadlock.md",
+        symptom: "every send in every room hangs, then fails with unavailable",
+        story: "Since a few seconds after start, sends in every room hang and end in `unavailable`. \
+                The process is up, /readyz says ready, the CPU is idle. Is it a deadlock? Find the hop \
+                where sends get stuck and the kind of stop (`deadlock`, `stall` or `delay`).",
+        topology: Topology::AllInOne,
+        asks: &[Field::Hop, Field::Kind],
+        variants: &[Mechanism::LockInversion, Mechanism::SequenceStall, Mechanism::PublishStall],
+    },
 ];
 
 /// The challenge called `name`.
@@ -210,6 +228,9 @@ impl Mechanism {
             Mechanism::SequenceDelay => "sequence-delay",
             Mechanism::PublishDelay => "publish-delay",
             Mechanism::DeliverDelay => "deliver-delay",
+            Mechanism::LockInversion => "lock-inversion",
+            Mechanism::SequenceStall => "sequence-stall",
+            Mechanism::PublishStall => "publish-stall",
         }
     }
 
@@ -225,6 +246,10 @@ impl Mechanism {
         };
         let drop_in_room = |hop: &str| at(sealed(hop, "drop", json!({"room": room, "probability": 0.25, "seed": 7})));
         let delay = |hop: &str| at(sealed(hop, "delay", json!({"delay_ms": 40})));
+        let other_room = {
+            let n: u32 = room.rsplit('r').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            format!("{PREFIX}-r{}", (n + 1 + n % 3) % ROOMS)
+        };
         let (cause, plants, evidence) = match self {
             Mechanism::DeliverDrop => (
                 cause("gateway.deliver", "drop", Some(&room)),
@@ -276,6 +301,37 @@ impl Mechanism {
                      the other releases. The time is spent after the gateway queued the message, \
                      writing it to each connection."
                 ),
+            ),
+            Mechanism::LockInversion => (
+                cause("fanout.sequence", "deadlock", Some(&room)),
+                vec![
+                    at(sealed("fanout.lock", "cross_lock", json!({"room": room, "with_room": other_room}))),
+                    at(sealed("fanout.lock", "cross_lock", json!({"room": other_room, "with_room": room}))),
+                ],
+                format!(
+                    "chat debug waits shows a cycle: `sequence {room}` holds room-lock:{room} and waits \
+                     for room-lock:{other_room}, which `sequence {other_room}` holds while it waits for \
+                     room-lock:{room}. Both rooms were in one batch; the worker waits for the whole batch, \
+                     so nothing else is sequenced either. Every send's journey ends at gateway.receive, \
+                     chat_sequenced_total stops, and the gateway's sends wait for room-sequencer:R."
+                ),
+            ),
+            Mechanism::SequenceStall => (
+                cause("fanout.sequence", "stall", None),
+                vec![at(sealed("fanout.sequence", "stall", json!({"delay_ms": 8000})))],
+                "Sends' journeys end at gateway.receive (later fanout.expired: the worker took them \
+                 after their deadline); chat_sequenced_total stops. chat debug waits lists the gateway's \
+                 sends waiting for room-sequencer:R, held by no operation: no cycle, nothing held. \
+                 The worker is not stuck on a lock or the store; it is not taking the sends."
+                    .to_owned(),
+            ),
+            Mechanism::PublishStall => (
+                cause("fanout.publish", "delay", None),
+                vec![at(sealed("fanout.publish", "delay", json!({"delay_ms": 2500})))],
+                "The first sends are acked, seconds late; then they time out. Their journeys show \
+                 store.append followed by fanout.publish 2.5 s later. chat debug waits lists `sequence R` \
+                 holding room-sequencer:R and waiting for bus.deliver: a chain, no cycle."
+                    .to_owned(),
             ),
         };
         Planted { variant: self.name().to_owned(), cause, plants, evidence }

@@ -286,3 +286,68 @@ fn lab_usage_errors_exit_2() {
         assert!(listed.contains(challenge.name), "{listed}");
     }
 }
+
+// === stuck-sends ===
+
+/// `chat debug waits` against `urls`: its exit status and output.
+fn debug_waits(urls: &[&String], min_ms: u32) -> (i32, String) {
+    let joined: Vec<&str> = urls.iter().map(|u| u.as_str()).collect();
+    let output = Command::new(env!("CARGO_BIN_EXE_chat"))
+        .args(["debug", "waits", "--min-ms", &min_ms.to_string(), "--url", &joined.join(",")])
+        .output()
+        .expect("running chat debug waits");
+    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// What a player concludes for stuck-sends: a cycle in `chat debug waits` is a deadlock (the
+/// sequencing operations in it); without one, a sequencing that waits on the bus is a late
+/// publish (its journeys, when any send gets through, show it too), and none at all is a worker
+/// that does not take the sends.
+fn solve_stuck_sends(round: &Round) -> Vec<(&'static str, String)> {
+    let urls: Vec<&String> = round.urls.values().collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut waits = debug_waits(&urls, 1000);
+    while waits.0 == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        waits = debug_waits(&urls, 1000);
+    }
+    let (code, table) = waits;
+    assert!(table.contains("send lab-r"), "sends wait for their worker: {table}");
+    if code == 1 {
+        assert!(table.contains("CYCLE") && table.contains("room-lock:"), "{table}");
+        return vec![("--hop", "fanout.sequence".into()), ("--kind", "deadlock".into())];
+    }
+    assert_eq!(code, 0, "{table}");
+    assert!(table.contains("no cycle"), "{table}");
+    let report = loadgen_run(urls[0], 3, &round.dir.join("run.json"));
+    let unanswered =
+        report["errors"]["unavailable"].as_u64().unwrap_or(0) + report["audit"]["unacked"].as_u64().unwrap_or(0);
+    assert!(
+        unanswered > 0 || report["throughput"]["acked"].as_u64() < report["throughput"]["sent"].as_u64(),
+        "sends fail: {:#}",
+        report["audit"]
+    );
+    let (_, now) = debug_waits(&urls, 0);
+    let publishing = now.lines().any(|l| l.contains(" sequence lab-r") && l.trim_end().ends_with("bus.deliver"));
+    let sequencing = now.lines().any(|l| l.contains(" sequence lab-r"));
+    if publishing {
+        vec![("--hop", "fanout.publish".into()), ("--kind", "delay".into())]
+    } else {
+        assert!(!sequencing, "neither publishing nor idle: {now}");
+        vec![("--hop", "fanout.sequence".into()), ("--kind", "stall".into())]
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lab_stuck_sends_only_the_deadlock_shows_a_cycle() {
+    for mechanism in [Mechanism::LockInversion, Mechanism::SequenceStall, Mechanism::PublishStall] {
+        let round = Round::start("stuck-sends", seed_for("stuck-sends", mechanism));
+        let answer = solve_stuck_sends(&round);
+        round.assert_unmarked(&[]).await;
+        let (code, out) = round.answer(&[("--hop", "gateway.deliver"), ("--kind", "drop")]);
+        assert_eq!((code, out.starts_with("wrong")), (1, true), "{out}");
+        let (code, out) = round.answer(&borrowed(&answer));
+        assert_eq!(code, 0, "{mechanism:?}: {answer:?}: {out}");
+        round.stop();
+    }
+}
