@@ -360,6 +360,18 @@ mod tests {
     }
 
     #[test]
+    fn every_challenge_has_its_page_and_every_mechanism_its_solution() {
+        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for challenge in CHALLENGES {
+            assert!(docs.join(challenge.page).is_file(), "{}", challenge.page);
+            for mechanism in challenge.variants {
+                let solution = format!("docs/exercises/solutions/{}.md", mechanism.name());
+                assert!(docs.join(&solution).is_file(), "{solution}");
+            }
+        }
+    }
+
+    #[test]
     fn a_seed_always_draws_the_same_cause_and_seeds_reach_every_variant() {
         for challenge in CHALLENGES {
             assert_eq!(challenge.draw(42), challenge.draw(42));

@@ -280,6 +280,8 @@ fn reveal(dir: &LabDir) -> anyhow::Result<i32> {
     println!("evidence");
     println!("{}", textwrap(&planted.evidence));
     println!();
+    println!("solution: docs/exercises/solutions/{}.md", planted.variant);
+    println!();
     println!("planted (sealed faults, not listed by GET /admin/faults)");
     for plant in &planted.plants {
         println!("  {}: {}", plant.process, plant.fault);
