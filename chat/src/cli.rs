@@ -96,15 +96,50 @@ pub enum Command {
         #[arg(long, env = "CHAT_ADMIN_TOKEN", value_name = "T", hide_env_values = true)]
         admin_token: Option<String>,
     },
+    /// Tools that read the processes' debug endpoints.
+    Debug {
+        /// What to look at.
+        #[command(subcommand)]
+        what: DebugCommand,
+    },
     /// Replay a recording offline.
     Replay {
         /// What to replay.
         #[command(subcommand)]
         what: ReplayCommand,
     },
+    /// The debugging lab: challenges with hidden causes, graded (`chat lab list`).
+    Lab {
+        /// Where the lab keeps its state.
+        #[command(flatten)]
+        args: crate::lab::LabArgs,
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::lab::LabCommand,
+    },
     /// Print the README's configuration table, rendered from these flags.
     #[command(hide = true)]
     ConfigTable,
+}
+
+/// What `chat debug` looks at.
+#[derive(Subcommand, Debug)]
+pub enum DebugCommand {
+    /// What every process's operations wait on and hold (`/debug/waits`), as one wait-for graph;
+    /// prints its cycles (deadlocks). Exit status: 0 no cycle, 1 a cycle, 2 a process did not
+    /// answer.
+    Waits {
+        /// Base URL of each process (gateways, workers, the all-in-one server), comma-separated
+        /// or repeated.
+        #[arg(long, required = true, value_delimiter = ',')]
+        url: Vec<String>,
+        /// The processes' admin token, needed by a gateway with client auth on.
+        #[arg(long, env = "CHAT_ADMIN_TOKEN", value_name = "T", hide_env_values = true)]
+        admin_token: Option<String>,
+        /// Only waits at least this many milliseconds old.
+        #[arg(long, default_value_t = 0)]
+        min_ms: u64,
+    },
 }
 
 /// What `chat replay` replays.

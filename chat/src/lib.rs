@@ -6,10 +6,12 @@
 pub mod cli;
 pub mod cluster;
 pub mod config_doc;
+pub mod lab;
 pub mod ops;
 pub mod replay;
 pub mod testing;
 pub mod trace;
+pub mod waits;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -60,7 +62,8 @@ pub async fn all_in_one_logged(
     let decision_log = cluster::start_decision_log(decision_log, &config.gateway_id, &fanout_config).await?;
     let mut worker =
         Fanout::new(store.clone(), faults.fanout_bus(bus.clone()), journal.clone(), metrics.clone(), fanout_config)
-            .with_clock(faults.clock());
+            .with_clock(faults.clock())
+            .with_room_hook(faults.room_hook());
     if let Some((log, _)) = &decision_log {
         worker = worker.with_decision_log(log);
     }

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use chat::cli::{Cli, Command, CommonArgs, ReplayCommand};
+use chat::cli::{Cli, Command, CommonArgs, DebugCommand, ReplayCommand};
 use clap::{CommandFactory, Parser};
 
 #[tokio::main]
@@ -50,6 +50,16 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Replay { what: ReplayCommand::Worker { log, verbose } }) => {
             std::process::exit(chat::replay::worker(&log, verbose).await)
         }
+        Some(Command::Debug { what: DebugCommand::Waits { url, admin_token, min_ms } }) => {
+            match chat::waits::print(&url, admin_token.as_deref(), min_ms).await {
+                Ok(code) => std::process::exit(code),
+                Err(e) => {
+                    eprintln!("chat debug waits: {e:#}");
+                    std::process::exit(2)
+                }
+            }
+        }
+        Some(Command::Lab { args, command }) => std::process::exit(chat::lab::main(args, command).await),
         Some(Command::ConfigTable) => {
             print!("{}", chat::config_doc::markdown_table(&Cli::command()));
             Ok(())

@@ -37,6 +37,7 @@ pub async fn serve(
         metrics: ops.metrics.clone(),
         ready: vec![ReadyCheck::bus(ops.bus.clone()), ReadyCheck::store(ops.store.clone())],
         journeys: ops.journal.clone(),
+        journal: ops.journal.clone(),
     };
     let router = gateway::ops::router(state).merge(admin_routes);
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await

@@ -14,8 +14,10 @@ mod clock;
 mod config;
 pub mod decision_log;
 pub mod replay;
+mod room_hook;
 mod sequencer;
 
 pub use clock::{Clock, IdSource, SystemClock, V7Ids};
 pub use config::FanoutConfig;
+pub use room_hook::{Entered, RoomHook};
 pub use sequencer::Fanout;

@@ -18,6 +18,7 @@ use uuid::Uuid;
 use crate::clock::{Clock, IdSource, SystemClock, V7Ids};
 use crate::config::FanoutConfig;
 use crate::decision_log::{Decided, DecisionHook, DecisionKind, DecisionLog};
+use crate::room_hook::RoomHook;
 
 /// A fanout worker.
 pub struct Fanout {
@@ -29,6 +30,8 @@ pub struct Fanout {
     ids: Arc<dyn IdSource>,
     /// Told of every batch taken and every decision made (a decision log), when set.
     hook: Option<Arc<dyn DecisionHook>>,
+    /// Entered around each room's sequencing, when set.
+    room_hook: Option<Arc<dyn RoomHook>>,
     config: FanoutConfig,
 }
 
@@ -68,7 +71,17 @@ impl Fanout {
         metrics: Metrics,
         config: FanoutConfig,
     ) -> Self {
-        Self { store, bus, journal, metrics, clock: Arc::new(SystemClock), ids: Arc::new(V7Ids), hook: None, config }
+        Self {
+            store,
+            bus,
+            journal,
+            metrics,
+            clock: Arc::new(SystemClock),
+            ids: Arc::new(V7Ids),
+            hook: None,
+            room_hook: None,
+            config,
+        }
     }
 
     /// The same worker stamping `ts` from `clock`.
@@ -86,6 +99,12 @@ impl Fanout {
     /// The same worker telling `hook` of each batch it takes and each decision it makes.
     pub fn with_hook(mut self, hook: Arc<dyn DecisionHook>) -> Self {
         self.hook = Some(hook);
+        self
+    }
+
+    /// The same worker entering `hook` around each room's sequencing.
+    pub fn with_room_hook(mut self, hook: Option<Arc<dyn RoomHook>>) -> Self {
+        self.room_hook = hook;
         self
     }
 
@@ -182,6 +201,10 @@ impl Fanout {
     /// Sequences, stores, delivers and answers one room's sends. Returns the room's head (last
     /// seq and its digest) afterwards, or `None` when it is unknown (the store failed).
     async fn sequence_room(&self, room: &str, cached: Option<Head>, sends: Vec<PendingSend>) -> Option<Head> {
+        let _entered = match &self.room_hook {
+            Some(hook) => hook.enter(room).await,
+            None => None,
+        };
         let mut known = cached;
         for attempt in 0..=self.config.conflict_retries {
             let head = match known.take() {
@@ -462,7 +485,14 @@ impl Fanout {
 
     /// Publishes a stored message to the gateways.
     async fn publish(&self, message: &Arc<ChatMessage>, traceparent: &str) -> Result<(), BusError> {
+        let _waiting = self.waiting(&message.room, "bus.deliver");
         self.bus.deliver(message.clone(), traceparent).await
+    }
+
+    /// Lists in `/debug/waits` that the sequencing of `room` (which holds the room's
+    /// sequencer: its gateways' sends wait for it) waits for `what`, until dropped.
+    fn waiting(&self, room: &str, what: &str) -> telemetry::waits::Waiting {
+        self.journal.waits().begin(format!("sequence {room}"), vec![format!("room-sequencer:{room}")], what)
     }
 
     /// Runs a store operation for the messages `concerning` names, timing it and logging its
@@ -474,7 +504,9 @@ impl Fanout {
         f: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let started = Instant::now();
+        let waiting = self.waiting(concerning.room, op);
         let result = f.await;
+        drop(waiting);
         self.metrics.store_latency.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());
         if let Err(e) = &result {
             if !e.is_conflict() {

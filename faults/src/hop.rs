@@ -31,6 +31,9 @@ pub enum FaultAction {
     Disable,
     /// A worker's clock runs `delay_ms` off.
     Skew,
+    /// A worker sequencing the fault's room also locks `with_room` (a lock-order inversion:
+    /// two such faults the other way round deadlock the worker).
+    CrossLock,
 }
 
 impl FaultAction {
@@ -47,6 +50,7 @@ impl FaultAction {
             Self::Cut => "cut",
             Self::Disable => "disable",
             Self::Skew => "skew",
+            Self::CrossLock => "cross_lock",
         }
     }
 }
@@ -62,6 +66,7 @@ impl FaultAction {
 /// | `fanout.publish` | drop, duplicate, delay, equivocate | a worker publishing a stored message to gateways |
 /// | `fanout.sequence` | stall, delay | a worker before sequencing a room's sends (the rest of its batch waits too) |
 /// | `fanout.clock` | skew | a worker stamping `ts` (`delay_ms` ahead; negative: behind) |
+/// | `fanout.lock` | cross_lock | a worker sequencing `room` also locks `with_room`, holding its own |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Hop {
     /// A gateway writing a message to one connection.
@@ -85,11 +90,14 @@ pub enum Hop {
     /// A worker's clock stamping `ts`.
     #[serde(rename = "fanout.clock")]
     FanoutClock,
+    /// A worker's room locks while it sequences.
+    #[serde(rename = "fanout.lock")]
+    FanoutLock,
 }
 
 impl Hop {
     /// Every hop.
-    pub const ALL: [Hop; 7] = [
+    pub const ALL: [Hop; 8] = [
         Hop::GatewayDeliver,
         Hop::GatewayFeed,
         Hop::GatewayGapRepair,
@@ -97,6 +105,7 @@ impl Hop {
         Hop::FanoutPublish,
         Hop::FanoutSequence,
         Hop::FanoutClock,
+        Hop::FanoutLock,
     ];
 
     /// The hop's name, as in the API, journeys and the `hop` metric label.
@@ -109,6 +118,7 @@ impl Hop {
             Hop::FanoutPublish => "fanout.publish",
             Hop::FanoutSequence => "fanout.sequence",
             Hop::FanoutClock => "fanout.clock",
+            Hop::FanoutLock => "fanout.lock",
         }
     }
 
@@ -123,6 +133,7 @@ impl Hop {
             Hop::FanoutPublish => &[Drop, Duplicate, Delay, Equivocate],
             Hop::FanoutSequence => &[Stall, Delay],
             Hop::FanoutClock => &[Skew],
+            Hop::FanoutLock => &[CrossLock],
         }
     }
 }

@@ -68,6 +68,11 @@ impl FaultLayer {
         }
     }
 
+    /// The room hook a worker enters around each room's sequencing, when faults are on.
+    pub fn room_hook(&self) -> Option<Arc<dyn fanout::RoomHook>> {
+        self.injector.as_ref().map(|injector| Arc::new(crate::lock::CrossLocks::new(injector.clone())) as _)
+    }
+
     /// The `/admin/faults` routes.
     pub fn routes<S: Clone + Send + Sync + 'static>(&self) -> Router<S> {
         crate::admin::router(self.faults.clone(), self.token.clone())

@@ -9,7 +9,8 @@
 //! - [`bus::FaultyFanoutBus`] over a worker's bus: `fanout.sequence` and `fanout.publish`;
 //! - [`clock::SkewedClock`] over a worker's clock: `fanout.clock`;
 //! - [`deliver::FaultyDelivery`], the gateway's delivery hook: `gateway.deliver` and
-//!   `gateway.gap_repair`.
+//!   `gateway.gap_repair`;
+//! - [`CrossLocks`], a worker's room hook: `fanout.lock` (room locks taken out of order).
 //!
 //! A [`FaultLayer`] wires them into one process; its [`Injector`] leaves the marks of every
 //! fault that fires: a `fault.injected` hop in the message's journey, `chat_faults_injected_total`, a log
@@ -21,10 +22,12 @@ pub mod clock;
 pub mod deliver;
 mod hop;
 mod layer;
+mod lock;
 mod marks;
 mod registry;
 
 pub use hop::{FaultAction, Hop};
 pub use layer::FaultLayer;
+pub use lock::CrossLocks;
 pub use marks::Injector;
 pub use registry::{ActiveFault, FaultError, FaultSpec, Faults, Fired};

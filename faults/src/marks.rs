@@ -29,6 +29,11 @@ impl Injector {
         &self.faults
     }
 
+    /// What this process's operations wait on (`/debug/waits`).
+    pub(crate) fn waits(&self) -> &telemetry::waits::Waits {
+        self.journal.waits()
+    }
+
     /// This process's name in journeys.
     pub(crate) fn process(&self) -> &str {
         self.journal.process()

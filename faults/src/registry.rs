@@ -39,12 +39,25 @@ pub struct FaultSpec {
     /// it. For the debugging lab.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sealed: bool,
+    /// For `cross_lock`: the room whose lock is also taken (required there, refused elsewhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub with_room: Option<String>,
 }
 
 impl FaultSpec {
     /// A fault at `hop` doing `action` every time, in every room.
     pub fn new(hop: Hop, action: FaultAction) -> Self {
-        Self { hop, action, probability: 1.0, seed: 0, room: None, count: None, delay_ms: None, sealed: false }
+        Self {
+            hop,
+            action,
+            probability: 1.0,
+            seed: 0,
+            room: None,
+            count: None,
+            delay_ms: None,
+            sealed: false,
+            with_room: None,
+        }
     }
 
     /// `delay_ms`, or 1000.
@@ -111,6 +124,9 @@ pub enum FaultError {
     /// Probability outside 0..=1.
     #[error("probability must be between 0 and 1")]
     BadProbability,
+    /// `with_room` missing on `cross_lock`, or given on another action.
+    #[error("with_room is required by cross_lock and only by it")]
+    WithRoom,
 }
 
 /// The faults in force in this process.
@@ -138,6 +154,9 @@ impl Faults {
         }
         if !(0.0..=1.0).contains(&spec.probability) {
             return Err(FaultError::BadProbability);
+        }
+        if spec.with_room.is_some() != (spec.action == FaultAction::CrossLock) {
+            return Err(FaultError::WithRoom);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let rng = SmallRng::seed_from_u64(spec.seed);
@@ -203,6 +222,18 @@ impl Faults {
             }
         }
         None
+    }
+
+    /// The room a `fanout.lock` fault makes sequencing `room` also lock, if one fires.
+    pub fn cross_lock(&self, room: &str) -> Option<(Fired, String)> {
+        let fired = self.decide(Hop::FanoutLock, room)?;
+        let entries = self.lock();
+        let with_room = entries
+            .iter()
+            .map(|entry| &entry.fault.spec)
+            .find(|spec| spec.hop == Hop::FanoutLock && spec.room.as_deref().is_none_or(|r| r == room))
+            .and_then(|spec| spec.with_room.clone())?;
+        Some((fired, with_room))
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<Entry>> {

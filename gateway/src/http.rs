@@ -157,6 +157,7 @@ fn ops(app: &AppState) -> OpsState {
             ReadyCheck::store(app.history.store()),
         ],
         journeys: Arc::new(ClusterJourneys { journal: app.journal.clone(), bus: app.bus.journeys.clone(), history }),
+        journal: app.journal.clone(),
     }
 }
 

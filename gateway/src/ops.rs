@@ -85,6 +85,8 @@ pub struct OpsState {
     pub ready: Vec<ReadyCheck>,
     /// Where `/debug/messages/{id}` looks.
     pub journeys: Arc<dyn JourneySource>,
+    /// This process's own journal: its name and what `/debug/waits` lists.
+    pub journal: Arc<Journal>,
 }
 
 type CheckFn = dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync;
@@ -209,6 +211,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(ops: OpsState) -> Router<S> {
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .route("/debug/messages/{id}", get(journey))
+        .route("/debug/waits", get(waits))
         .with_state(Arc::new(ops))
 }
 
@@ -235,6 +238,26 @@ async fn metrics(State(ops): State<Arc<OpsState>>, headers: HeaderMap) -> Respon
         return refusal;
     }
     ([(header::CONTENT_TYPE, telemetry::metrics::CONTENT_TYPE)], ops.metrics.render()).into_response()
+}
+
+/// `?min_ms=`: only waits at least this old (default 0).
+#[derive(serde::Deserialize)]
+struct WaitsQuery {
+    #[serde(default)]
+    min_ms: u64,
+}
+
+/// `/debug/waits`: this process's operations in progress, what each holds and waits for.
+async fn waits(
+    State(ops): State<Arc<OpsState>>,
+    axum::extract::Query(query): axum::extract::Query<WaitsQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refusal) = ops.access.refusal(&headers) {
+        return refusal;
+    }
+    let waits = ops.journal.waits().snapshot(query.min_ms);
+    Json(serde_json::json!({"process": ops.journal.process(), "waits": waits})).into_response()
 }
 
 async fn journey(State(ops): State<Arc<OpsState>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
@@ -266,7 +289,13 @@ mod tests {
 
     fn ops(ready: Vec<ReadyCheck>) -> (Arc<OpsState>, Arc<Journal>) {
         let journal = Arc::new(Journal::new("test", 16));
-        let ops = OpsState { access: OpsAccess::Open, metrics: Metrics::new(), ready, journeys: journal.clone() };
+        let ops = OpsState {
+            access: OpsAccess::Open,
+            metrics: Metrics::new(),
+            ready,
+            journeys: journal.clone(),
+            journal: journal.clone(),
+        };
         (Arc::new(ops), journal)
     }
 
@@ -316,7 +345,8 @@ mod tests {
         journal.record(id, "trace-1", "fanout.sequence", json!({}));
         let failing = vec![ReadyCheck::new("store", || async { Err("node 10.0.0.7 refused") })];
         let access = OpsAccess::for_process(true, Some("admin-secret"));
-        let ops = Arc::new(OpsState { access, metrics: Metrics::new(), ready: failing, journeys: journal });
+        let ops =
+            Arc::new(OpsState { access, metrics: Metrics::new(), ready: failing, journeys: journal.clone(), journal });
 
         let (status, text) = body(metrics(State(ops.clone()), HeaderMap::new()).await).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");

@@ -252,6 +252,10 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Prefix of user and room names; unique per run by default so runs never share rooms.
     pub prefix: String,
+    /// Prefix of room names when it differs from `prefix`: the run joins rooms another run
+    /// (or real users) use, as users of its own (`--room-prefix`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room_prefix: Option<String>,
     /// Per-client queue of scheduled sends waiting for the socket; beyond it a send is dropped
     /// locally and counted as `loadgen_backlog` (a sign loadgen itself is the bottleneck).
     pub queue: usize,
@@ -300,6 +304,7 @@ impl Default for Config {
             drain: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
             prefix: "lg".to_string(),
+            room_prefix: None,
             queue: 1024,
             max_findings: 100,
             progress: false,
@@ -359,6 +364,11 @@ impl Config {
                 "--prefix",
                 "use at most 52 characters from A-Z a-z 0-9 _ - (it starts room and user names)",
             ));
+        }
+        if let Some(rooms) = &self.room_prefix {
+            if rooms.len() + 12 > protocol::names::MAX_NAME_LEN || !protocol::names::is_valid_room(rooms) {
+                errors.push(invalid("--room-prefix", "use at most 52 characters from A-Z a-z 0-9 _ -"));
+            }
         }
         if self.queue == 0 {
             errors.push(invalid("--queue", "must be at least 1"));
@@ -498,6 +508,12 @@ pub struct Cli {
     #[arg(long, env = "LOADGEN_PREFIX")]
     pub prefix: Option<String>,
 
+    /// Prefix of room names only (`ROOMS-r3`), so the run joins rooms others use while its
+    /// users and client message ids stay its own (from --prefix). Example: --room-prefix lab
+    /// [default: --prefix]
+    #[arg(long, env = "LOADGEN_ROOM_PREFIX")]
+    pub room_prefix: Option<String>,
+
     /// Per-client queue of scheduled sends waiting for the socket; overflow is counted as
     /// `loadgen_backlog`. Example: --queue 4096 [default: 1024]
     #[arg(long, env = "LOADGEN_QUEUE")]
@@ -621,6 +637,7 @@ impl Cli {
             drain,
             connect_timeout: self.connect_timeout.unwrap_or(d.connect_timeout),
             prefix: self.prefix.unwrap_or_else(|| format!("lg{:06x}", random_u64() & 0xff_ffff)),
+            room_prefix: self.room_prefix,
             queue: self.queue.unwrap_or(d.queue),
             max_findings: self.max_findings.unwrap_or(d.max_findings),
             progress: match self.progress {

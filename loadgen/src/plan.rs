@@ -97,6 +97,12 @@ impl Plan {
         format!("{}-u{client}", self.prefix)
     }
 
+    /// Names the rooms `ROOMS-r<i>` instead of after the run's prefix (`--room-prefix`).
+    pub fn name_rooms(&mut self, rooms: &str) {
+        self.rooms = (0..self.rooms.len()).map(|i| format!("{rooms}-r{i}")).collect();
+        self.room_names = self.rooms.iter().enumerate().map(|(i, name)| (name.clone(), i as u32)).collect();
+    }
+
     /// The room number of a room name of this run, if it is one.
     pub fn room_index(&self, name: &str) -> Option<u32> {
         if !self.room_names.is_empty() {
@@ -181,6 +187,17 @@ pub fn zipf_sizes(total: u64, rooms: usize, s: f64, cap: u64) -> Vec<u64> {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn a_room_prefix_names_the_rooms_and_leaves_users_and_sends_to_the_run() {
+        let mut plan = Plan::build("me", 4, 2, 1, RoomDist::Uniform, &mut StdRng::seed_from_u64(1));
+        plan.name_rooms("lab");
+        assert_eq!(plan.rooms, ["lab-r0", "lab-r1"]);
+        assert_eq!(plan.room_index("lab-r1"), Some(1));
+        assert_eq!(plan.room_index("me-r1"), None);
+        assert_eq!(plan.user(3), "me-u3");
+        assert_eq!(plan.client_msg_id(7), "me.7");
+    }
 
     #[test]
     fn zipf_sizes_follow_the_law_and_add_up() {

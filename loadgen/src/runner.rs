@@ -76,7 +76,7 @@ impl Shared {
             // A replay: the recording's users, rooms and sends; nothing else is scheduled.
             Some(recording) => (recording.plan(&config.prefix), recording.schedule(config.replay_speed), Vec::new()),
             None => {
-                let plan = Plan::build(
+                let mut plan = Plan::build(
                     &config.prefix,
                     config.clients,
                     config.rooms,
@@ -84,6 +84,9 @@ impl Shared {
                     config.room_dist,
                     &mut rng,
                 );
+                if let Some(rooms) = &config.room_prefix {
+                    plan.name_rooms(rooms);
+                }
                 let sends = build_sends(&config.phases, &plan, &mut rng);
                 let total = config.measure_duration();
                 let mut events = build_history(config.history_rate, total, &plan, &mut rng);

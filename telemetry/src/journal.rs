@@ -55,6 +55,7 @@ pub struct Journal {
     process: Arc<str>,
     capacity: usize,
     inner: Mutex<Inner>,
+    waits: crate::waits::Waits,
 }
 
 fn now_us() -> i64 {
@@ -64,7 +65,17 @@ fn now_us() -> i64 {
 impl Journal {
     /// A recorder for `process` keeping at most `capacity` journeys.
     pub fn new(process: impl Into<String>, capacity: usize) -> Self {
-        Self { process: Arc::from(process.into()), capacity: capacity.max(1), inner: Mutex::default() }
+        Self {
+            process: Arc::from(process.into()),
+            capacity: capacity.max(1),
+            inner: Mutex::default(),
+            waits: crate::waits::Waits::default(),
+        }
+    }
+
+    /// What this process's operations wait on now (`/debug/waits`).
+    pub fn waits(&self) -> &crate::waits::Waits {
+        &self.waits
     }
 
     /// This process's name as it appears in hops.

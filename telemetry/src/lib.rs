@@ -9,3 +9,4 @@ pub mod journal;
 pub mod logging;
 pub mod metrics;
 pub mod trace;
+pub mod waits;

@@ -1,4 +1,4 @@
-//! The debugging exercises of docs/exercises/: each page's set-up, run as written, produces the
+//! The walkthroughs of docs/exercises/solutions/ (the lab's mechanisms reproduced by hand): each page's set-up, run as written, produces the
 //! fault the page describes, and the message journey names the hop responsible.
 //!
 //! The faults are not copied here: every `curl … -X POST http://127.0.0.1:PORT/admin/faults …
@@ -35,7 +35,7 @@ struct FaultStep {
 }
 
 fn page_path(page: &str) -> PathBuf {
-    testkit::workspace_root().join("docs/exercises").join(page)
+    testkit::workspace_root().join("docs/exercises/solutions").join(format!("walkthrough-{page}"))
 }
 
 /// The fault steps of a page, in order.

@@ -15,6 +15,7 @@ mod durability;
 mod exercises;
 mod history;
 mod http;
+mod lab;
 mod limits;
 mod ops_access;
 mod presence;

@@ -264,10 +264,14 @@ impl Connection {
         // send this gateway calls `unavailable` was really not stored.
         let wait = self.app.config.submit_timeout + SUBMIT_MARGIN;
         let submitted_trace = trace_id.clone();
+        let waits = self.app.journal.waits().clone();
         in_flight.push(Box::pin(async move {
             let room = command.room.clone();
             let client_msg_id = command.client_msg_id.clone();
             let user = command.user.clone();
+            // Listed in `/debug/waits` while the worker has not answered.
+            let _waiting =
+                waits.begin(format!("send {room} {client_msg_id}"), Vec::new(), format!("room-sequencer:{room}"));
             let submitted = tracing::Instrument::instrument(bus.submit(command), span);
             let outcome = match tokio::time::timeout(wait, submitted).await {
                 Ok(outcome) => outcome,

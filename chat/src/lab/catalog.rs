@@ -1,0 +1,383 @@
+//! The challenges of the debugging lab and the causes each can plant.
+//!
+//! A challenge is a symptom players are told about; a *variant* is one cause that produces it
+//! (a mechanism at a hop, in a room or a process). `chat lab start` draws one variant, and the
+//! room or process it strikes, from the round's seed, so several teams given the same seed play
+//! the same round. Causes are planted as sealed faults (see `faults::FaultSpec::sealed`) or as
+//! a bad configuration: either way they leave only the evidence a real defect would.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// Rooms the lab's traffic uses: `lab-r0` .. `lab-r7`.
+pub const ROOMS: u32 = 8;
+/// Prefix of the lab traffic's users and rooms.
+pub const PREFIX: &str = "lab";
+
+/// A field an answer gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Field {
+    /// The process at fault (a process id as in `welcome.gateway` and journeys).
+    Process,
+    /// The hop where it goes wrong (`gateway.deliver`, `fanout.publish`, ...).
+    Hop,
+    /// The mechanism (`drop`, `delay`, ...).
+    Kind,
+    /// The room it strikes.
+    Room,
+}
+
+impl Field {
+    /// The answer flag's name.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Field::Process => "--process",
+            Field::Hop => "--hop",
+            Field::Kind => "--kind",
+            Field::Room => "--room",
+        }
+    }
+}
+
+/// Processes a round runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// One all-in-one `chat` process named `chat`.
+    AllInOne,
+    /// Three all-in-one processes, three "releases" of the same build with different
+    /// configuration profiles: `release-a`, `release-b`, `release-c`.
+    Releases,
+}
+
+impl Topology {
+    /// The processes' ids, in port order.
+    pub fn processes(self) -> &'static [&'static str] {
+        match self {
+            Topology::AllInOne => &["chat"],
+            Topology::Releases => &["release-a", "release-b", "release-c"],
+        }
+    }
+}
+
+/// One challenge.
+#[derive(Debug)]
+pub struct Challenge {
+    /// Its name on the command line.
+    pub name: &'static str,
+    /// Its page in docs/exercises/.
+    pub page: &'static str,
+    /// The one-line symptom `chat lab list` shows.
+    pub symptom: &'static str,
+    /// What players are told when a round starts (the symptom at length; never the cause).
+    pub story: &'static str,
+    /// The processes it runs.
+    pub topology: Topology,
+    /// The fields an answer must give.
+    pub asks: &'static [Field],
+    /// The mechanisms it can plant; each strikes a room or a process drawn with it, so the
+    /// pool of variants is mechanisms × rooms (or processes).
+    pub variants: &'static [Mechanism],
+}
+
+/// A way to produce a challenge's symptom.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mechanism {
+    /// Deliveries of one room lost while being written to one connection.
+    DeliverDrop,
+    /// One room's messages lost between the worker and the gateway, and gap repair off.
+    PublishDropUnrepaired,
+    /// One release's worker waits before sequencing each batch.
+    SequenceDelay,
+    /// One release's worker waits before publishing each stored message.
+    PublishDelay,
+    /// One release's gateway waits before writing each message to a connection.
+    DeliverDelay,
+    /// Two rooms' locks taken in opposite orders by the worker: a deadlock once both rooms
+    /// are in one batch.
+    LockInversion,
+    /// The worker holds every room's sends for longer than their deadline.
+    SequenceStall,
+    /// The worker publishes each stored message seconds late (and acks after publishing).
+    PublishStall,
+}
+
+/// The planted cause of a round: what an answer is graded against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cause {
+    /// The process at fault.
+    pub process: String,
+    /// Where.
+    pub hop: String,
+    /// What.
+    pub kind: String,
+    /// The room it strikes, when it strikes one.
+    pub room: Option<String>,
+}
+
+impl Cause {
+    /// The cause's value for `field`.
+    pub fn get(&self, field: Field) -> Option<&str> {
+        match field {
+            Field::Process => Some(&self.process),
+            Field::Hop => Some(&self.hop),
+            Field::Kind => Some(&self.kind),
+            Field::Room => self.room.as_deref(),
+        }
+    }
+}
+
+/// A fault to plant in one process (`POST /admin/faults`, sealed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plant {
+    /// The process.
+    pub process: String,
+    /// The fault's JSON.
+    pub fault: Value,
+}
+
+/// What a seed drew for a challenge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Planted {
+    /// The mechanism's name (for `reveal`).
+    pub variant: String,
+    /// The cause.
+    pub cause: Cause,
+    /// The faults planted.
+    pub plants: Vec<Plant>,
+    /// Where the evidence is, for `reveal`.
+    pub evidence: String,
+}
+
+/// Every challenge.
+pub const CHALLENGES: &[Challenge] = &[
+    Challenge {
+        name: "missing-message",
+        page: "docs/exercises/01-trace-the-missing-message.md",
+        symptom: "some members of one room miss some messages; nothing else is wrong",
+        story: "Users of one of the busy rooms (lab-r0 .. lab-r7) report that a message now and then never \
+                reaches them, while the sender got an ack. Everyone else is happy. Find the room, the hop \
+                where the messages are lost, and how.",
+        topology: Topology::AllInOne,
+        asks: &[Field::Hop, Field::Kind, Field::Room],
+        variants: &[Mechanism::DeliverDrop, Mechanism::PublishDropUnrepaired],
+    },
+    Challenge {
+        name: "performance-regression",
+        page: "docs/exercises/03-diagnose-the-performance-regression.md",
+        symptom: "one of three releases is slower; which one, and where does the time go?",
+        story: "Three releases of the server run side by side (release-a, release-b, release-c), each with \
+                its own traffic. Since the last deploy, one of them is slower for its users. Nothing is \
+                lost and nothing fails. Find the slow release and the hop that takes the extra time.",
+        topology: Topology::Releases,
+        asks: &[Field::Process, Field::Hop, Field::Kind],
+        variants: &[Mechanism::SequenceDelay, Mechanism::PublishDelay, Mechanism::DeliverDelay],
+    },
+    Challenge {
+        name: "stuck-sends",
+        page: "docs/exercises/02-find-the-distributed-deadlock.md",
+        symptom: "every send in every room hangs, then fails with unavailable",
+        story: "Since a few seconds after start, sends in every room hang and end in `unavailable`. \
+                The process is up, /readyz says ready, the CPU is idle. Is it a deadlock? Find the hop \
+                where sends get stuck and the kind of stop (`deadlock`, `stall` or `delay`).",
+        topology: Topology::AllInOne,
+        asks: &[Field::Hop, Field::Kind],
+        variants: &[Mechanism::LockInversion, Mechanism::SequenceStall, Mechanism::PublishStall],
+    },
+];
+
+/// The challenge called `name`.
+pub fn challenge(name: &str) -> Option<&'static Challenge> {
+    CHALLENGES.iter().find(|c| c.name == name)
+}
+
+/// The names of every challenge, for error messages.
+pub fn names() -> String {
+    CHALLENGES.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
+}
+
+impl Challenge {
+    /// The cause `seed` draws: a variant, and the room or process it strikes.
+    pub fn draw(&self, seed: u64) -> Planted {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mechanism = self.variants[rng.random_range(0..self.variants.len())];
+        let room = format!("{PREFIX}-r{}", rng.random_range(0..ROOMS));
+        let processes = self.topology.processes();
+        let process = processes[rng.random_range(0..processes.len())].to_owned();
+        mechanism.plant(process, room)
+    }
+}
+
+/// A sealed fault's JSON.
+fn sealed(hop: &str, action: &str, extra: Value) -> Value {
+    let mut fault = json!({"hop": hop, "action": action, "sealed": true});
+    if let (Some(fault), Some(extra)) = (fault.as_object_mut(), extra.as_object()) {
+        fault.extend(extra.clone());
+    }
+    fault
+}
+
+impl Mechanism {
+    /// The mechanism's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mechanism::DeliverDrop => "deliver-drop",
+            Mechanism::PublishDropUnrepaired => "publish-drop-unrepaired",
+            Mechanism::SequenceDelay => "sequence-delay",
+            Mechanism::PublishDelay => "publish-delay",
+            Mechanism::DeliverDelay => "deliver-delay",
+            Mechanism::LockInversion => "lock-inversion",
+            Mechanism::SequenceStall => "sequence-stall",
+            Mechanism::PublishStall => "publish-stall",
+        }
+    }
+
+    /// The faults that plant it in `process` (and `room`, for the mechanisms that strike one).
+    fn plant(self, process: String, room: String) -> Planted {
+        let at = |fault: Value| Plant { process: process.clone(), fault };
+        let no_repair = || at(sealed("gateway.gap_repair", "disable", json!({})));
+        let cause = |hop: &str, kind: &str, room: Option<&str>| Cause {
+            process: process.clone(),
+            hop: hop.into(),
+            kind: kind.into(),
+            room: room.map(str::to_owned),
+        };
+        let drop_in_room = |hop: &str| at(sealed(hop, "drop", json!({"room": room, "probability": 0.25, "seed": 7})));
+        let delay = |hop: &str| at(sealed(hop, "delay", json!({"delay_ms": 40})));
+        let other_room = {
+            let n: u32 = room.rsplit('r').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            format!("{PREFIX}-r{}", (n + 1 + n % 3) % ROOMS)
+        };
+        let (cause, plants, evidence) = match self {
+            Mechanism::DeliverDrop => (
+                cause("gateway.deliver", "drop", Some(&room)),
+                vec![drop_in_room("gateway.deliver")],
+                format!(
+                    "A loadgen run names the missing deliveries, all in {room}: a message is missing for \
+                     some members only. Its journey (chat trace ID) ends with gateway.fanout whose \
+                     `connections` counts every member, so the gateway queued it for all of them; it was \
+                     lost after that, writing to the socket (gateway.deliver). No gap repair runs: the \
+                     connection's own seqs have no hole the feed could see."
+                ),
+            ),
+            Mechanism::PublishDropUnrepaired => (
+                cause("fanout.publish", "drop", Some(&room)),
+                vec![drop_in_room("fanout.publish"), no_repair()],
+                format!(
+                    "Every member of {room} misses the same messages. Their journeys end at \
+                     fanout.publish: stored and published, but no gateway.fanout hop, so the gateway \
+                     never had them; the next message's journey has gateway.gap_unrepaired naming the \
+                     missing seqs (gap repair is off), and chat_gap_repairs_total stays 0. The worker's \
+                     publish is where they vanished: the chat_deliveries_total rate is below \
+                     chat_sequenced_total times the members."
+                ),
+            ),
+            Mechanism::SequenceDelay => (
+                cause("fanout.sequence", "delay", None),
+                vec![delay("fanout.sequence")],
+                format!(
+                    "loadgen against each release (loadgen compare) shows {process} slower in send→ack and \
+                     in delivery. Its journeys show the time between gateway.receive and \
+                     fanout.sequence (about 40 ms), the other hops as quick as on the other releases."
+                ),
+            ),
+            Mechanism::PublishDelay => (
+                cause("fanout.publish", "delay", None),
+                vec![delay("fanout.publish")],
+                format!(
+                    "loadgen against each release shows {process} slower in send→ack and in delivery. Its \
+                     journeys show the time between store.append and fanout.publish (about 40 ms): the \
+                     worker publishes late, and acks after publishing."
+                ),
+            ),
+            Mechanism::DeliverDelay => (
+                cause("gateway.deliver", "delay", None),
+                vec![delay("gateway.deliver")],
+                format!(
+                    "loadgen against each release shows {process} slower in delivery only: send→ack is \
+                     as fast as elsewhere, and the journeys' hops up to gateway.fanout are as quick as on \
+                     the other releases. The time is spent after the gateway queued the message, \
+                     writing it to each connection."
+                ),
+            ),
+            Mechanism::LockInversion => (
+                cause("fanout.sequence", "deadlock", Some(&room)),
+                vec![
+                    at(sealed("fanout.lock", "cross_lock", json!({"room": room, "with_room": other_room}))),
+                    at(sealed("fanout.lock", "cross_lock", json!({"room": other_room, "with_room": room}))),
+                ],
+                format!(
+                    "chat debug waits shows a cycle: `sequence {room}` holds room-lock:{room} and waits \
+                     for room-lock:{other_room}, which `sequence {other_room}` holds while it waits for \
+                     room-lock:{room}. Both rooms were in one batch; the worker waits for the whole batch, \
+                     so nothing else is sequenced either. Every send's journey ends at gateway.receive, \
+                     chat_sequenced_total stops, and the gateway's sends wait for room-sequencer:R."
+                ),
+            ),
+            Mechanism::SequenceStall => (
+                cause("fanout.sequence", "stall", None),
+                vec![at(sealed("fanout.sequence", "stall", json!({"delay_ms": 8000})))],
+                "Sends' journeys end at gateway.receive (later fanout.expired: the worker took them \
+                 after their deadline); chat_sequenced_total stops. chat debug waits lists the gateway's \
+                 sends waiting for room-sequencer:R, held by no operation: no cycle, nothing held. \
+                 The worker is not stuck on a lock or the store; it is not taking the sends."
+                    .to_owned(),
+            ),
+            Mechanism::PublishStall => (
+                cause("fanout.publish", "delay", None),
+                vec![at(sealed("fanout.publish", "delay", json!({"delay_ms": 2500})))],
+                "The first sends are acked, seconds late; then they time out. Their journeys show \
+                 store.append followed by fanout.publish 2.5 s later. chat debug waits lists `sequence R` \
+                 holding room-sequencer:R and waiting for bus.deliver: a chain, no cycle."
+                    .to_owned(),
+            ),
+        };
+        Planted { variant: self.name().to_owned(), cause, plants, evidence }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_challenge_has_three_variants_and_asks_what_its_causes_name() {
+        for challenge in CHALLENGES {
+            let causes: std::collections::BTreeSet<String> =
+                (0..200).map(|s| format!("{:?}", challenge.draw(s).cause)).collect();
+            assert!(causes.len() >= 3, "{}: {causes:?}", challenge.name);
+            for seed in 0..50 {
+                let planted = challenge.draw(seed);
+                for field in challenge.asks {
+                    assert!(planted.cause.get(*field).is_some(), "{} seed {seed}: {field:?}", challenge.name);
+                }
+                assert!(planted.plants.iter().all(|p| p.fault["sealed"] == true));
+                assert!(challenge.topology.processes().contains(&planted.cause.process.as_str()));
+            }
+        }
+    }
+
+    #[test]
+    fn every_challenge_has_its_page_and_every_mechanism_its_solution() {
+        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for challenge in CHALLENGES {
+            assert!(docs.join(challenge.page).is_file(), "{}", challenge.page);
+            for mechanism in challenge.variants {
+                let solution = format!("docs/exercises/solutions/{}.md", mechanism.name());
+                assert!(docs.join(&solution).is_file(), "{solution}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_seed_always_draws_the_same_cause_and_seeds_reach_every_variant() {
+        for challenge in CHALLENGES {
+            assert_eq!(challenge.draw(42), challenge.draw(42));
+            let drawn: std::collections::BTreeSet<String> = (0..200).map(|s| challenge.draw(s).variant).collect();
+            // Every mechanism is drawn.
+            assert_eq!(drawn.len(), challenge.variants.len(), "{}", challenge.name);
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Starting and stopping a round's processes: the chat processes its challenge needs, a
+//! background `loadgen` per process, and the planted faults.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::catalog::{Plant, Topology, PREFIX, ROOMS};
+use super::round::Started;
+
+/// Each chat process's id and base URL (`http://127.0.0.1:PORT`).
+pub type Urls = Vec<(String, String)>;
+
+/// How long a process may take to answer `/readyz`.
+const READY_WITHIN: Duration = Duration::from_secs(30);
+/// How long a process may take to exit after SIGTERM before it is killed.
+const EXIT_WITHIN: Duration = Duration::from_secs(10);
+
+/// Where a round's programs are and where it listens.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// The `chat` binary.
+    pub chat: PathBuf,
+    /// The `loadgen` binary.
+    pub loadgen: PathBuf,
+    /// Port of the first process; the others follow.
+    pub base_port: u16,
+    /// The round's directory (data, logs).
+    pub dir: PathBuf,
+    /// The admin token of the processes.
+    pub admin_token: String,
+    /// OTLP endpoint the processes export spans to, if any.
+    pub otlp_endpoint: Option<String>,
+}
+
+impl Launch {
+    /// The binaries beside this one (`cargo build --release -p chat -p loadgen` puts them
+    /// together), unless `loadgen` is given.
+    pub fn binaries(loadgen: Option<PathBuf>) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let chat = std::env::current_exe().context("finding the chat binary")?;
+        let loadgen = loadgen.unwrap_or_else(|| chat.with_file_name("loadgen"));
+        if !loadgen.is_file() {
+            bail!(
+                "{} not found: build it beside chat (cargo build --release -p chat -p loadgen) or pass --loadgen",
+                loadgen.display()
+            );
+        }
+        Ok((chat, loadgen))
+    }
+
+    /// Starts the chat processes of `topology`; returns them and their ids and base URLs.
+    pub fn start_chat(&self, topology: Topology) -> anyhow::Result<(Vec<Started>, Urls)> {
+        let ports: Vec<u16> = (0..topology.processes().len()).map(|i| self.base_port + i as u16).collect();
+        for port in &ports {
+            if std::net::TcpListener::bind(("127.0.0.1", *port)).is_err() {
+                bail!("port {port} is taken (another round, or `chat` running?): pick others with --port");
+            }
+        }
+        let mut started = Vec::new();
+        let mut urls = Vec::new();
+        for (name, port) in topology.processes().iter().zip(ports) {
+            let data = self.dir.join("data").join(name);
+            std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+            let mut command = Command::new(&self.chat);
+            command
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--data-dir")
+                .arg(&data)
+                .arg("--gateway-id")
+                .arg(name)
+                .env("CHAT_ADMIN_TOKEN", &self.admin_token)
+                // The lab's traffic comes from one address and sends quickly.
+                .env("CHAT_MAX_CONNECTIONS_PER_IP", "0")
+                .env("OTEL_RESOURCE_ATTRIBUTES", format!("service.instance.id={name}"));
+            if let Some(endpoint) = &self.otlp_endpoint {
+                command.env("CHAT_OTLP_ENDPOINT", endpoint);
+            }
+            started.push(self.spawn(name, command)?);
+            urls.push((name.to_string(), format!("http://127.0.0.1:{port}")));
+        }
+        Ok((started, urls))
+    }
+
+    /// Starts a background `loadgen` against each process: 24 clients in the lab's rooms, 30
+    /// sends a second, for `hours`.
+    pub fn start_traffic(&self, urls: &[(String, String)], seed: u64) -> anyhow::Result<Vec<Started>> {
+        let mut started = Vec::new();
+        for (name, url) in urls {
+            let mut command = Command::new(&self.loadgen);
+            command
+                .arg("--url")
+                .arg(format!("{}/ws", url.replacen("http://", "ws://", 1)))
+                .args(["--clients", "24", "--rooms", &ROOMS.to_string(), "--rate", "30", "--duration", "4h"])
+                .args(["--prefix", PREFIX, "--seed", &seed.to_string(), "--progress", "never"])
+                .args(["--journeys", "0"]);
+            started.push(self.spawn(&format!("loadgen-{name}"), command)?);
+        }
+        Ok(started)
+    }
+
+    /// Starts `command` in a process group of its own (so a terminal's Ctrl-C does not reach
+    /// it), output to `logs/NAME.log`.
+    fn spawn(&self, name: &str, mut command: Command) -> anyhow::Result<Started> {
+        use std::os::unix::process::CommandExt;
+        let logs = self.dir.join("logs");
+        std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+        let log_path = logs.join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let program = command.get_program().to_owned();
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {}", Path::new(&program).display()))?;
+        let program = Path::new(&program).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        Ok(Started { name: name.to_owned(), pid: child.id(), program })
+    }
+}
+
+/// Waits until every process answers `/readyz` with 200 (and is the one started: a process
+/// that exited, say because its port was taken, fails the wait).
+pub async fn wait_ready(urls: &[(String, String)], processes: &[Started]) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + READY_WITHIN;
+    for (name, url) in urls {
+        loop {
+            if let Some(exited) = processes.iter().find(|p| p.name == *name && !alive(p)) {
+                bail!("{} exited at start (is {url} taken?); see its log in the lab directory", exited.name);
+            }
+            let ready = client.get(format!("{url}/readyz")).send().await.is_ok_and(|r| r.status().is_success());
+            if ready {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{name} ({url}) not ready within {READY_WITHIN:?}; see its log in the lab directory");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Plants each fault in its process through `POST /admin/faults`.
+pub async fn plant(plants: &[Plant], urls: &[(String, String)], admin_token: &str) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    for plant in plants {
+        let Some((_, url)) = urls.iter().find(|(name, _)| *name == plant.process) else {
+            bail!("no process {} in this round", plant.process);
+        };
+        let response = client
+            .post(format!("{url}/admin/faults"))
+            .bearer_auth(admin_token)
+            .json(&plant.fault)
+            .send()
+            .await
+            .with_context(|| format!("planting in {}", plant.process))?;
+        let status = response.status();
+        if !status.is_success() {
+            bail!("planting in {}: {status}: {}", plant.process, response.text().await.unwrap_or_default());
+        }
+    }
+    Ok(())
+}
+
+/// Whether `process` is still running (and is still the program it was: pids are reused).
+pub fn alive(process: &Started) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", process.pid)) else { return false };
+    // A zombie has exited; only its parent's wait is missing.
+    let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+    if state == Some('Z') {
+        return false;
+    }
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", process.pid)).unwrap_or_default();
+    let program = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+    Path::new(std::ffi::OsStr::new(std::str::from_utf8(program).unwrap_or_default()))
+        .file_name()
+        .is_some_and(|name| name.to_string_lossy() == process.program)
+}
+
+/// Stops the processes: SIGTERM (a graceful shutdown), then SIGKILL for any still running
+/// after [`EXIT_WITHIN`]. Returns the names of those that had to be killed.
+pub async fn stop(processes: &[Started]) -> Vec<String> {
+    let signal = |process: &Started, signal: Signal| {
+        if alive(process) {
+            if let Ok(pid) = i32::try_from(process.pid) {
+                let _ = kill(Pid::from_raw(pid), signal);
+            }
+        }
+    };
+    // Traffic first, so the servers' shutdown is not a storm of reconnects.
+    let (traffic, servers): (Vec<&Started>, Vec<&Started>) = processes.iter().partition(|p| p.program != "chat");
+    let mut killed = Vec::new();
+    for group in [traffic, servers] {
+        for process in &group {
+            signal(process, Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + EXIT_WITHIN;
+        while group.iter().any(|p| alive(p)) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for process in group.iter().filter(|p| alive(p)) {
+            signal(process, Signal::SIGKILL);
+            killed.push(process.name.clone());
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while processes.iter().any(alive) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    killed
+}

@@ -1,0 +1,353 @@
+//! The debugging lab, `chat lab`, as players use it: for every challenge and every mechanism
+//! it can plant, a round started with a fixed seed shows the symptom, leaves no fault marks
+//! (no `fault.injected` hop, no fault metric, nothing listed by `GET /admin/faults`), and a
+//! solver that reads only what a player can (loadgen's audit and report, journeys, metrics)
+//! finds the cause, which `chat lab answer` grades correct; a wrong answer grades wrong, a
+//! missing field is a usage error, and `chat lab stop` leaves no process and no port behind.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use chat::lab::catalog::{self, Mechanism};
+use serde_json::Value;
+
+use crate::support::*;
+
+/// Runs `chat lab ARGS` with the lab directory `dir`; returns the exit status and stdout.
+fn lab(dir: &Path, args: &[&str]) -> (i32, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_chat"))
+        .arg("lab")
+        .args(args)
+        .env("CHAT_LAB_DIR", dir)
+        .env_remove("CHAT_ADMIN_TOKEN")
+        .output()
+        .expect("running chat lab");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    (output.status.code().unwrap_or(-1), format!("{stdout}{stderr}"))
+}
+
+/// The loadgen binary beside chat, built when missing (`cargo test -p chat` alone does not).
+fn loadgen_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_chat")).with_file_name("loadgen");
+    if !path.is_file() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "loadgen", "--bin", "loadgen"])
+            .current_dir(testkit::workspace_root())
+            .status()
+            .expect("cargo build -p loadgen");
+        assert!(status.success(), "building loadgen");
+    }
+    path
+}
+
+/// A port with the next two free too (a releases round takes three).
+fn free_ports() -> u16 {
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if port < 60_000 && (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", port + i)).is_ok()) {
+            return port;
+        }
+    }
+}
+
+/// A seed that makes `challenge` plant `mechanism` (the test covers every mechanism; the
+/// solver never sees what was drawn).
+fn seed_for(challenge: &str, mechanism: Mechanism) -> u64 {
+    let challenge = catalog::challenge(challenge).unwrap();
+    (0..1000).find(|&seed| challenge.draw(seed).variant == mechanism.name()).unwrap()
+}
+
+/// A round being played.
+struct Round {
+    dir: PathBuf,
+    /// Process id → base URL, as `start` printed them.
+    urls: BTreeMap<String, String>,
+    challenge: String,
+}
+
+impl Round {
+    fn start(challenge: &str, seed: u64) -> Round {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let loadgen = loadgen_binary();
+        let port = free_ports().to_string();
+        let seed = seed.to_string();
+        let args = ["start", challenge, "--seed", &seed, "--team", "testers", "--port", &port];
+        let (code, out) = lab(&dir, &[&args[..], &["--loadgen", loadgen.to_str().unwrap()]].concat());
+        assert_eq!(code, 0, "{out}");
+        let urls = out
+            .lines()
+            .filter_map(|line| {
+                let mut words = line.split_whitespace();
+                let (name, url) = (words.next()?, words.next()?);
+                url.starts_with("http://").then(|| (name.to_owned(), url.to_owned()))
+            })
+            .collect();
+        Round { dir, urls, challenge: challenge.to_owned() }
+    }
+
+    fn answer(&self, fields: &[(&str, &str)]) -> (i32, String) {
+        let mut args = vec!["answer", &self.challenge];
+        for (flag, value) in fields {
+            args.push(flag);
+            args.push(value);
+        }
+        lab(&self.dir, &args)
+    }
+
+    /// The round's state, read only for what a player is not given: the admin token (to show
+    /// that `GET /admin/faults` lists nothing) and the pids (to show that stop leaves none).
+    fn state(&self) -> Value {
+        serde_json::from_slice(&std::fs::read(self.dir.join("round.json")).unwrap()).unwrap()
+    }
+
+    /// Nothing in any process names a fault: no listed fault, no fault metric, no
+    /// `fault.injected` hop in the journeys of `ids`.
+    async fn assert_unmarked(&self, ids: &[String]) {
+        let token = self.state()["admin_token"].as_str().unwrap().to_owned();
+        for url in self.urls.values() {
+            let headers = [("Authorization", format!("Bearer {token}"))];
+            let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let (status, listed) = request("GET", &format!("{url}/admin/faults"), &headers, "").await;
+            assert_eq!(status, 200);
+            assert_eq!(serde_json::from_str::<Value>(&listed).unwrap()["faults"], serde_json::json!([]), "{url}");
+            let (_, metrics) = get(&format!("{url}/metrics")).await;
+            let marked: Vec<&str> =
+                metrics.lines().filter(|l| l.starts_with("chat_faults_injected") && !l.ends_with(" 0")).collect();
+            assert!(marked.is_empty(), "{url}: {marked:?}");
+            for id in ids {
+                let (_, journey) = get_json(&format!("{url}/debug/messages/{id}")).await;
+                let hops = journey["hops"].as_array().cloned().unwrap_or_default();
+                assert!(hops.iter().all(|h| h["hop"] != "fault.injected"), "{journey:#}");
+            }
+        }
+    }
+
+    /// Stops the round and checks that no process of it runs and no port is held.
+    fn stop(self) {
+        let pids: Vec<u64> =
+            self.state()["processes"].as_array().unwrap().iter().map(|p| p["pid"].as_u64().unwrap()).collect();
+        let (code, out) = lab(&self.dir, &["stop"]);
+        assert_eq!(code, 0, "{out}");
+        for pid in pids {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+            assert!(stat.is_empty() || state == Some('Z'), "pid {pid} still runs: {stat}");
+        }
+        for url in self.urls.values() {
+            let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+            assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "{url} still bound");
+        }
+        assert!(!self.dir.join("round.json").exists());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A player's audited loadgen run against `url` in the lab's rooms; returns its JSON report.
+fn loadgen_run(url: &str, seconds: u32, report: &Path) -> Value {
+    let ws = format!("{}/ws", url.replacen("http://", "ws://", 1));
+    let status = Command::new(loadgen_binary())
+        .args(["--url", &ws, "--clients", "16", "--rooms", "8", "--rate", "40", "--prefix", "lab"])
+        .args(["--duration", &format!("{seconds}s"), "--progress", "never", "--journeys", "150"])
+        .arg("--report")
+        .arg(report)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("running loadgen");
+    assert!(status.code().is_some_and(|c| c <= 1), "loadgen could not run: {status}");
+    serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap()
+}
+
+/// An answer's fields as `answer` takes them.
+fn borrowed<'a>(answer: &'a [(&'static str, String)]) -> Vec<(&'a str, &'a str)> {
+    answer.iter().map(|(flag, value)| (*flag, value.as_str())).collect()
+}
+
+// === missing-message ===
+
+/// What a player concludes for missing-message: the room from the audit, and the hop from the
+/// journey of a missing message (queued to every member by the gateway: lost writing to the
+/// socket; never reached the gateway: lost at the worker's publish).
+async fn solve_missing_message(round: &Round) -> (Vec<(&'static str, String)>, Vec<String>) {
+    let url = &round.urls["chat"];
+    let report = loadgen_run(url, 6, &round.dir.join("run.json"));
+    let missing: Vec<&Value> =
+        report["audit"]["findings"].as_array().unwrap().iter().filter(|f| f["kind"] == "missing").collect();
+    assert!(!missing.is_empty(), "the symptom: messages missing: {:#}", report["audit"]);
+    let rooms: std::collections::BTreeSet<&str> = missing.iter().map(|f| f["room"].as_str().unwrap()).collect();
+    assert_eq!(rooms.len(), 1, "one room: {rooms:?}");
+    let ids: Vec<String> = missing.iter().map(|f| f["id"].as_str().unwrap().to_owned()).collect();
+    let (_, journey) = get_json(&format!("{url}/debug/messages/{}", ids[0])).await;
+    let hops: Vec<&str> = journey["hops"].as_array().unwrap().iter().map(|h| h["hop"].as_str().unwrap()).collect();
+    assert!(hops.contains(&"store.append") && hops.contains(&"fanout.publish"), "{journey:#}");
+    let hop = if hops.contains(&"gateway.fanout") { "gateway.deliver" } else { "fanout.publish" };
+    let room = rooms.into_iter().next().unwrap().to_owned();
+    (vec![("--hop", hop.to_owned()), ("--kind", "drop".to_owned()), ("--room", room)], ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lab_missing_message_every_mechanism_is_found_from_evidence() {
+    for mechanism in [Mechanism::DeliverDrop, Mechanism::PublishDropUnrepaired] {
+        let round = Round::start("missing-message", seed_for("missing-message", mechanism));
+        let (answer, ids) = solve_missing_message(&round).await;
+        round.assert_unmarked(&ids).await;
+        // A missing field is a usage error and is not scored; a wrong room is partly right.
+        let (code, out) = round.answer(&borrowed(&answer[..2]));
+        assert_eq!(code, 2, "{out}");
+        let mut wrong_room = answer.clone();
+        wrong_room[2].1 = "lab-r99".into();
+        let (code, out) = round.answer(&borrowed(&wrong_room));
+        assert_eq!((code, out.starts_with("partly")), (1, true), "{mechanism:?}: {out}");
+        let (code, out) = round.answer(&borrowed(&answer));
+        assert_eq!(code, 0, "{mechanism:?}: {answer:?}: {out}");
+        assert!(out.starts_with("correct") && out.contains("attempt 2"), "{out}");
+        let (code, revealed) = lab(&round.dir, &["reveal"]);
+        assert!(code == 0 && revealed.contains(mechanism.name()), "{revealed}");
+        let (_, board) = lab(&round.dir, &["scoreboard"]);
+        assert!(board.lines().any(|l| l.starts_with("testers") && l.contains("correct")), "{board}");
+        round.stop();
+    }
+}
+
+// === performance-regression ===
+
+/// What a player concludes for performance-regression: the release whose deliveries are
+/// slowest; then, from its journeys' hop timings against the other releases', where the time
+/// goes: the hop pair that is slower by a fixed amount (and if none up to the gateway's fan-out
+/// is, but deliveries are, it is the write to the connections).
+fn solve_performance_regression(round: &Round) -> Vec<(&'static str, String)> {
+    let reports: BTreeMap<&String, Value> = round
+        .urls
+        .iter()
+        .map(|(name, url)| (name, loadgen_run(url, 4, &round.dir.join(format!("{name}.json")))))
+        .collect();
+    let p50 = |report: &Value, lat: &str| report["latency_ms"][lat]["p50"].as_f64().unwrap();
+    let (slow, slow_report) =
+        reports.iter().max_by(|a, b| p50(a.1, "send_to_delivery").total_cmp(&p50(b.1, "send_to_delivery"))).unwrap();
+    let median_of = |report: &Value, pair: &str| -> f64 {
+        let pairs = report["samples"]["hops"]["pairs"].as_array().unwrap();
+        let mut us: Vec<u64> = pairs
+            .iter()
+            .find(|p| p["hop"] == pair)
+            .map(|p| p["us"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect())
+            .unwrap_or_default();
+        us.sort_unstable();
+        us.get(us.len() / 2).copied().unwrap_or(0) as f64 / 1000.0
+    };
+    let others: Vec<&Value> = reports.iter().filter(|(n, _)| n != &slow).map(|(_, r)| r).collect();
+    let excess = |pair: &str| {
+        let usual = others.iter().map(|r| median_of(r, pair)).fold(0.0, f64::max);
+        median_of(slow_report, pair) - usual
+    };
+    let sequence = excess("gateway.receive→fanout.sequence");
+    let publish = excess("store.append→fanout.publish");
+    // A worker that publishes late also sequences late (sends queue behind it), so a slow
+    // publish explains a slow sequence, not the other way round.
+    let hop = if publish > 15.0 {
+        "fanout.publish"
+    } else if sequence > 15.0 {
+        "fanout.sequence"
+    } else {
+        // Nothing up to the fan-out is slower; the sender's ack is not either.
+        let ack_excess =
+            p50(slow_report, "send_to_ack") - others.iter().map(|r| p50(r, "send_to_ack")).fold(0.0, f64::max);
+        assert!(ack_excess < 15.0, "slow acks but no slow hop: {sequence} {publish} {ack_excess}");
+        "gateway.deliver"
+    };
+    vec![("--process", (*slow).clone()), ("--hop", hop.to_owned()), ("--kind", "delay".to_owned())]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lab_performance_regression_every_mechanism_is_found_by_comparison() {
+    for mechanism in [Mechanism::SequenceDelay, Mechanism::PublishDelay, Mechanism::DeliverDelay] {
+        let round = Round::start("performance-regression", seed_for("performance-regression", mechanism));
+        assert_eq!(round.urls.len(), 3, "three releases: {:?}", round.urls);
+        let answer = solve_performance_regression(&round);
+        round.assert_unmarked(&[]).await;
+        let (code, out) = round.answer(&[("--process", "release-x"), ("--hop", "store.append"), ("--kind", "drop")]);
+        assert_eq!((code, out.starts_with("wrong")), (1, true), "{out}");
+        let (code, out) = round.answer(&borrowed(&answer));
+        assert_eq!(code, 0, "{mechanism:?}: {answer:?}: {out}");
+        round.stop();
+    }
+}
+
+#[test]
+fn lab_usage_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(lab(dir.path(), &["start", "no-such-challenge"]).0, 2);
+    assert_eq!(lab(dir.path(), &["answer", "missing-message", "--hop", "x", "--kind", "y", "--room", "z"]).0, 2);
+    assert_eq!(lab(dir.path(), &["reveal"]).0, 2);
+    assert_eq!(lab(dir.path(), &["frobnicate"]).0, 2);
+    let (code, listed) = lab(dir.path(), &["list"]);
+    assert_eq!(code, 0);
+    for challenge in catalog::CHALLENGES {
+        assert!(listed.contains(challenge.name), "{listed}");
+    }
+}
+
+// === stuck-sends ===
+
+/// `chat debug waits` against `urls`: its exit status and output.
+fn debug_waits(urls: &[&String], min_ms: u32) -> (i32, String) {
+    let joined: Vec<&str> = urls.iter().map(|u| u.as_str()).collect();
+    let output = Command::new(env!("CARGO_BIN_EXE_chat"))
+        .args(["debug", "waits", "--min-ms", &min_ms.to_string(), "--url", &joined.join(",")])
+        .output()
+        .expect("running chat debug waits");
+    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// What a player concludes for stuck-sends: a cycle in `chat debug waits` is a deadlock (the
+/// sequencing operations in it); without one, a sequencing that waits on the bus is a late
+/// publish (its journeys, when any send gets through, show it too), and none at all is a worker
+/// that does not take the sends.
+fn solve_stuck_sends(round: &Round) -> Vec<(&'static str, String)> {
+    let urls: Vec<&String> = round.urls.values().collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut waits = debug_waits(&urls, 1000);
+    while waits.0 == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        waits = debug_waits(&urls, 1000);
+    }
+    let (code, table) = waits;
+    assert!(table.contains("send lab-r"), "sends wait for their worker: {table}");
+    if code == 1 {
+        assert!(table.contains("CYCLE") && table.contains("room-lock:"), "{table}");
+        return vec![("--hop", "fanout.sequence".into()), ("--kind", "deadlock".into())];
+    }
+    assert_eq!(code, 0, "{table}");
+    assert!(table.contains("no cycle"), "{table}");
+    let report = loadgen_run(urls[0], 3, &round.dir.join("run.json"));
+    let unanswered =
+        report["errors"]["unavailable"].as_u64().unwrap_or(0) + report["audit"]["unacked"].as_u64().unwrap_or(0);
+    assert!(
+        unanswered > 0 || report["throughput"]["acked"].as_u64() < report["throughput"]["sent"].as_u64(),
+        "sends fail: {:#}",
+        report["audit"]
+    );
+    let (_, now) = debug_waits(&urls, 0);
+    let publishing = now.lines().any(|l| l.contains(" sequence lab-r") && l.trim_end().ends_with("bus.deliver"));
+    let sequencing = now.lines().any(|l| l.contains(" sequence lab-r"));
+    if publishing {
+        vec![("--hop", "fanout.publish".into()), ("--kind", "delay".into())]
+    } else {
+        assert!(!sequencing, "neither publishing nor idle: {now}");
+        vec![("--hop", "fanout.sequence".into()), ("--kind", "stall".into())]
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lab_stuck_sends_only_the_deadlock_shows_a_cycle() {
+    for mechanism in [Mechanism::LockInversion, Mechanism::SequenceStall, Mechanism::PublishStall] {
+        let round = Round::start("stuck-sends", seed_for("stuck-sends", mechanism));
+        let answer = solve_stuck_sends(&round);
+        round.assert_unmarked(&[]).await;
+        let (code, out) = round.answer(&[("--hop", "gateway.deliver"), ("--kind", "drop")]);
+        assert_eq!((code, out.starts_with("wrong")), (1, true), "{out}");
+        let (code, out) = round.answer(&borrowed(&answer));
+        assert_eq!(code, 0, "{mechanism:?}: {answer:?}: {out}");
+        round.stop();
+    }
+}
