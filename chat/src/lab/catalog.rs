@@ -50,6 +50,9 @@ pub enum Topology {
     /// Three all-in-one processes, three "releases" of the same build with different
     /// configuration profiles: `release-a`, `release-b`, `release-c`.
     Releases,
+    /// The local cluster of `deploy/local/up`: gateways `gw-1` (8081) and `gw-2` (8082),
+    /// workers `fanout-1` (9091) and `fanout-2` (9092), on NATS and a CQL store.
+    Cluster,
 }
 
 impl Topology {
@@ -58,8 +61,27 @@ impl Topology {
         match self {
             Topology::AllInOne => &["chat"],
             Topology::Releases => &["release-a", "release-b", "release-c"],
+            Topology::Cluster => &["gw-1", "gw-2", "fanout-1", "fanout-2"],
         }
     }
+
+    /// The processes that can play `role` (every process of a topology without separate
+    /// gateways and workers).
+    fn candidates(self, role: Role) -> Vec<&'static str> {
+        let prefix = match (self, role) {
+            (Topology::Cluster, Role::Gateway) => "gw-",
+            (Topology::Cluster, Role::Worker) => "fanout-",
+            _ => "",
+        };
+        self.processes().iter().copied().filter(|p| p.starts_with(prefix)).collect()
+    }
+}
+
+/// What a mechanism strikes: a gateway or a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Gateway,
+    Worker,
 }
 
 /// One challenge.
@@ -102,6 +124,14 @@ pub enum Mechanism {
     SequenceStall,
     /// The worker publishes each stored message seconds late (and acks after publishing).
     PublishStall,
+    /// One gateway loses its bus connection: its users cannot send and receive nothing live.
+    NatsCut,
+    /// One gateway receives rooms' messages from the bus seconds late.
+    FeedDelay,
+    /// Now and then one worker holds a batch past the bus's redelivery timeout.
+    WorkerStall,
+    /// Now and then one worker publishes a stored message past the redelivery timeout.
+    WorkerPublishDelay,
 }
 
 /// The planted cause of a round: what an answer is graded against.
@@ -186,6 +216,30 @@ pub const CHALLENGES: &[Challenge] = &[
         asks: &[Field::Hop, Field::Kind],
         variants: &[Mechanism::LockInversion, Mechanism::SequenceStall, Mechanism::PublishStall],
     },
+    Challenge {
+        name: "partitioned-gateway",
+        page: "docs/exercises/06-the-partitioned-gateway.md",
+        symptom: "on the cluster, some users cannot send or get messages late; the others are fine",
+        story: "The cluster runs two gateways behind a load balancer. About half of the users complain: \
+                some cannot send (their sends fail with `unavailable`), or get everyone's messages \
+                seconds late. The other half see nothing wrong. Find the process at fault, the hop and \
+                what happens there.",
+        topology: Topology::Cluster,
+        asks: &[Field::Process, Field::Hop, Field::Kind],
+        variants: &[Mechanism::NatsCut, Mechanism::FeedDelay],
+    },
+    Challenge {
+        name: "duplicate-after-stall",
+        page: "docs/exercises/07-the-duplicate-after-a-worker-stall.md",
+        symptom: "on the cluster, now and then a send takes 4-5 s to be acked, and the bus delivers it twice",
+        story: "Now and then a send on the cluster takes four or five seconds to be acked, and \
+                chat_send_redeliveries_total creeps up: the bus delivered some sends to a worker twice. \
+                Nobody saw a duplicate message, but the on-call engineer wants to know whether anything \
+                was stored twice, and which worker stalls where.",
+        topology: Topology::Cluster,
+        asks: &[Field::Process, Field::Hop, Field::Kind],
+        variants: &[Mechanism::WorkerStall, Mechanism::WorkerPublishDelay],
+    },
 ];
 
 /// The challenge called `name`.
@@ -204,7 +258,7 @@ impl Challenge {
         let mut rng = StdRng::seed_from_u64(seed);
         let mechanism = self.variants[rng.random_range(0..self.variants.len())];
         let room = format!("{PREFIX}-r{}", rng.random_range(0..ROOMS));
-        let processes = self.topology.processes();
+        let processes = self.topology.candidates(mechanism.role());
         let process = processes[rng.random_range(0..processes.len())].to_owned();
         mechanism.plant(process, room)
     }
@@ -231,6 +285,20 @@ impl Mechanism {
             Mechanism::LockInversion => "lock-inversion",
             Mechanism::SequenceStall => "sequence-stall",
             Mechanism::PublishStall => "publish-stall",
+            Mechanism::NatsCut => "nats-cut",
+            Mechanism::FeedDelay => "feed-delay",
+            Mechanism::WorkerStall => "worker-stall",
+            Mechanism::WorkerPublishDelay => "worker-publish-delay",
+        }
+    }
+
+    /// Whether it strikes a gateway or a worker.
+    fn role(self) -> Role {
+        match self {
+            Mechanism::DeliverDrop | Mechanism::DeliverDelay | Mechanism::NatsCut | Mechanism::FeedDelay => {
+                Role::Gateway
+            }
+            _ => Role::Worker,
         }
     }
 
@@ -332,6 +400,47 @@ impl Mechanism {
                  store.append followed by fanout.publish 2.5 s later. chat debug waits lists `sequence R` \
                  holding room-sequencer:R and waiting for bus.deliver: a chain, no cycle."
                     .to_owned(),
+            ),
+            Mechanism::NatsCut => (
+                cause("gateway.nats", "cut", None),
+                vec![at(sealed("gateway.nats", "cut", json!({})))],
+                format!(
+                    "Only users connected to {process} are hit: their sends fail with `unavailable` \
+                     (\"not connected to NATS\" in {process}'s log and in its /readyz, which answers \
+                     503 with `bus: not connected to NATS`), and they receive nothing live. The other \
+                     gateway is ready and its users' messages flow; the workers are fine."
+                ),
+            ),
+            Mechanism::FeedDelay => (
+                cause("gateway.feed", "delay", None),
+                vec![at(sealed("gateway.feed", "delay", json!({"delay_ms": 3000})))],
+                format!(
+                    "Users on {process} receive every message about 3 s late, whoever sent it; their \
+                     own sends are acked at once. Journeys: fanout.publish on time, then {process}'s \
+                     gateway.fanout 3 s later while the other gateway's follows within milliseconds; \
+                     chat_sequence_to_gateway_seconds on {process} sits at 3 s."
+                ),
+            ),
+            Mechanism::WorkerStall => (
+                cause("fanout.sequence", "stall", None),
+                vec![at(sealed("fanout.sequence", "stall", json!({"delay_ms": 4500, "probability": 0.05, "seed": 3})))],
+                format!(
+                    "Slow sends' journeys show fanout.redelivered (the bus redelivered after its 4 s \
+                     ack wait), then fanout.sequence about 4.5 s after gateway.receive, on {process}; \
+                     chat_send_redeliveries_total grows on {process} only. Nothing is stored twice: one \
+                     store.append per message, and the redelivered copy is found by its client message id \
+                     (fanout.duplicate) or taken as one send."
+                ),
+            ),
+            Mechanism::WorkerPublishDelay => (
+                cause("fanout.publish", "delay", None),
+                vec![at(sealed("fanout.publish", "delay", json!({"delay_ms": 4500, "probability": 0.05, "seed": 3})))],
+                format!(
+                    "Slow sends' journeys show store.append on time and fanout.publish about 4.5 s later \
+                     on {process}: the message was stored, but the worker acks the bus only after \
+                     publishing, so the bus redelivered the send (chat_send_redeliveries_total on \
+                     {process}); the redelivery found the stored message (fanout.duplicate): stored once."
+                ),
             ),
         };
         Planted { variant: self.name().to_owned(), cause, plants, evidence }

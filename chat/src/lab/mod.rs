@@ -155,6 +155,7 @@ async fn start(
         otlp_endpoint,
     };
     let (mut processes, urls) = launch.start_chat(challenge.topology)?;
+    let cluster_dir = (challenge.topology == catalog::Topology::Cluster).then(|| launch.cluster_dir());
     let mut round = Round {
         challenge: challenge.name.to_owned(),
         seed,
@@ -166,6 +167,7 @@ async fn start(
         urls: urls.clone(),
         admin_token: launch.admin_token.clone(),
         processes: processes.clone(),
+        cluster_dir: cluster_dir.clone(),
     };
     // Saved at once, so `stop` finds the processes even if what follows fails.
     dir.save(&round)?;
@@ -177,6 +179,9 @@ async fn start(
     match prepared.await {
         Ok(traffic) => processes.extend(traffic),
         Err(e) => {
+            if let Some(dir) = &cluster_dir {
+                let _ = topology::stop_cluster(dir);
+            }
             topology::stop(&processes).await;
             dir.clear()?;
             return Err(e);
@@ -197,10 +202,9 @@ async fn start(
     }
     println!("logs       {}", round_dir.join("logs").display());
     println!(
-        "traffic    loadgen clients in rooms {}-r0 .. {}-r{}",
-        catalog::PREFIX,
-        catalog::PREFIX,
-        catalog::ROOMS - 1
+        "traffic    loadgen clients in rooms {p}-r0 .. {p}-r{} (join them with loadgen --room-prefix {p})",
+        catalog::ROOMS - 1,
+        p = catalog::PREFIX,
     );
     println!();
     let flags: Vec<&str> = challenge.asks.iter().map(|f| f.flag()).collect();
@@ -294,7 +298,13 @@ async fn stop(dir: &LabDir) -> anyhow::Result<i32> {
         println!("no round is running");
         return Ok(EXIT_CORRECT);
     };
-    let killed = topology::stop(&round.processes).await;
+    // Traffic first, so the servers' shutdown is not a storm of reconnects.
+    let traffic: Vec<_> = round.processes.iter().filter(|p| p.program == "loadgen").cloned().collect();
+    let mut killed = topology::stop(&traffic).await;
+    if let Some(dir) = &round.cluster_dir {
+        topology::stop_cluster(dir)?;
+    }
+    killed.extend(topology::stop(&round.processes).await);
     let left: Vec<&str> = round.processes.iter().filter(|p| topology::alive(p)).map(|p| p.name.as_str()).collect();
     if !left.is_empty() {
         anyhow::bail!("still running after SIGKILL: {}", left.join(", "));

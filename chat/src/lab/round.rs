@@ -43,6 +43,9 @@ pub struct Round {
     pub admin_token: String,
     /// The processes to stop.
     pub processes: Vec<Started>,
+    /// A cluster's state directory, stopped with `deploy/local/down` (cluster rounds only).
+    #[serde(default)]
+    pub cluster_dir: Option<std::path::PathBuf>,
 }
 
 /// How an answer compares with the cause.

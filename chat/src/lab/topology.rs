@@ -54,6 +54,9 @@ impl Launch {
 
     /// Starts the chat processes of `topology`; returns them and their ids and base URLs.
     pub fn start_chat(&self, topology: Topology) -> anyhow::Result<(Vec<Started>, Urls)> {
+        if topology == Topology::Cluster {
+            return self.start_cluster();
+        }
         let ports: Vec<u16> = (0..topology.processes().len()).map(|i| self.base_port + i as u16).collect();
         for port in &ports {
             if std::net::TcpListener::bind(("127.0.0.1", *port)).is_err() {
@@ -86,17 +89,65 @@ impl Launch {
         Ok((started, urls))
     }
 
+    /// The cluster's state directory (`CHAT_LOCAL_DIR` of `deploy/local/up`).
+    pub fn cluster_dir(&self) -> PathBuf {
+        self.dir.join("cluster")
+    }
+
+    /// Starts the local cluster with `deploy/local/up` (NATS, two workers, two gateways; a CQL
+    /// store of its own unless `CHAT_LOCAL_CQL_NODES` names one) in a keyspace of its own.
+    fn start_cluster(&self) -> anyhow::Result<(Vec<Started>, Urls)> {
+        let ports = [("gw-1", 8081), ("gw-2", 8082), ("fanout-1", 9091), ("fanout-2", 9092)];
+        for port in ports.iter().map(|(_, port)| *port).chain([4222]) {
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+                bail!("port {port} is taken (a cluster running? deploy/local/down stops it)");
+            }
+        }
+        let up = deploy_script("local/up")?;
+        let dir = self.cluster_dir();
+        let mut command = Command::new(&up);
+        command
+            .env("CHAT_LOCAL_DIR", &dir)
+            .env("CHAT_BIN", &self.chat)
+            .env("CHAT_ADMIN_TOKEN", &self.admin_token)
+            .env("CHAT_CQL_KEYSPACE", format!("lab_{}", &self.admin_token[..12]))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        if let Some(endpoint) = &self.otlp_endpoint {
+            command.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
+        }
+        let output = command.output().with_context(|| format!("running {}", up.display()))?;
+        let pids = cluster_processes(&dir);
+        if !output.status.success() {
+            let _ = stop_cluster(&dir);
+            bail!("{} failed: {}", up.display(), String::from_utf8_lossy(&output.stderr).trim());
+        }
+        let urls = ports.iter().map(|(name, port)| (name.to_string(), format!("http://127.0.0.1:{port}"))).collect();
+        Ok((pids, urls))
+    }
+
     /// Starts a background `loadgen` against each process: 24 clients in the lab's rooms, 30
     /// sends a second, for `hours`.
     pub fn start_traffic(&self, urls: &[(String, String)], seed: u64) -> anyhow::Result<Vec<Started>> {
         let mut started = Vec::new();
-        for (name, url) in urls {
+        // On a cluster one run spans the gateways, so rooms have members on both.
+        let gateways: Vec<(String, String)> =
+            urls.iter().filter(|(name, _)| name.starts_with("gw-")).cloned().collect();
+        let targets: Vec<(String, String)> = if gateways.is_empty() {
+            urls.to_vec()
+        } else {
+            let joined = gateways.iter().map(|(_, url)| url.clone()).collect::<Vec<_>>().join(",");
+            vec![("cluster".to_owned(), joined)]
+        };
+        for (name, url) in &targets {
+            let ws: Vec<String> = url.split(',').map(|u| format!("{}/ws", u.replacen("http://", "ws://", 1))).collect();
             let mut command = Command::new(&self.loadgen);
             command
                 .arg("--url")
-                .arg(format!("{}/ws", url.replacen("http://", "ws://", 1)))
+                .arg(ws.join(","))
                 .args(["--clients", "24", "--rooms", &ROOMS.to_string(), "--rate", "30", "--duration", "4h"])
-                .args(["--prefix", PREFIX, "--seed", &seed.to_string(), "--progress", "never"])
+                .args(["--prefix", &format!("{PREFIX}bg"), "--room-prefix", PREFIX])
+                .args(["--seed", &seed.to_string(), "--progress", "never"])
                 .args(["--journeys", "0"]);
             started.push(self.spawn(&format!("loadgen-{name}"), command)?);
         }
@@ -122,6 +173,49 @@ impl Launch {
         let program = Path::new(&program).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         Ok(Started { name: name.to_owned(), pid: child.id(), program })
     }
+}
+
+/// A script under the repository's `deploy/`, found from `CHAT_LAB_REPO` or upwards from the
+/// chat binary (`target/release/chat` lies two levels below the repository).
+fn deploy_script(name: &str) -> anyhow::Result<PathBuf> {
+    let roots: Vec<PathBuf> = match std::env::var_os("CHAT_LAB_REPO") {
+        Some(root) => vec![PathBuf::from(root)],
+        None => std::env::current_exe()?.ancestors().map(Path::to_path_buf).collect(),
+    };
+    roots
+        .iter()
+        .map(|root| root.join("deploy").join(name))
+        .find(|script| script.is_file())
+        .with_context(|| format!("deploy/{name} not found above the chat binary; set CHAT_LAB_REPO to the repository"))
+}
+
+/// The processes `deploy/local/up` started in `dir`, from its pid files.
+fn cluster_processes(dir: &Path) -> Vec<Started> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut started: Vec<Started> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let path = entry.path();
+            let name = path.file_name()?.to_str()?.strip_suffix(".pid")?.to_owned();
+            let pid: u32 = std::fs::read_to_string(&path).ok()?.trim().parse().ok()?;
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let program = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+            let program = Path::new(std::str::from_utf8(program).unwrap_or_default()).file_name()?.to_str()?.to_owned();
+            Some(Started { name, pid, program })
+        })
+        .collect();
+    started.sort_by(|a, b| a.name.cmp(&b.name));
+    started
+}
+
+/// Stops the cluster in `dir` with `deploy/local/down`.
+pub fn stop_cluster(dir: &Path) -> anyhow::Result<()> {
+    let down = deploy_script("local/down")?;
+    let output = Command::new(&down).env("CHAT_LOCAL_DIR", dir).stdin(Stdio::null()).output()?;
+    if !output.status.success() {
+        bail!("{} failed: {}", down.display(), String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(())
 }
 
 /// Waits until every process answers `/readyz` with 200 (and is the one started: a process
@@ -195,7 +289,7 @@ pub async fn stop(processes: &[Started]) -> Vec<String> {
         }
     };
     // Traffic first, so the servers' shutdown is not a storm of reconnects.
-    let (traffic, servers): (Vec<&Started>, Vec<&Started>) = processes.iter().partition(|p| p.program != "chat");
+    let (traffic, servers): (Vec<&Started>, Vec<&Started>) = processes.iter().partition(|p| p.program == "loadgen");
     let mut killed = Vec::new();
     for group in [traffic, servers] {
         for process in &group {

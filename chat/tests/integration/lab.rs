@@ -59,12 +59,24 @@ fn seed_for(challenge: &str, mechanism: Mechanism) -> u64 {
     (0..1000).find(|&seed| challenge.draw(seed).variant == mechanism.name()).unwrap()
 }
 
-/// A round being played.
+/// One lab test at a time: their solvers measure timings, and a cluster round takes fixed ports.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A round being played; stopped when dropped (a failing test leaves nothing running).
 struct Round {
     dir: PathBuf,
     /// Process id → base URL, as `start` printed them.
     urls: BTreeMap<String, String>,
     challenge: String,
+}
+
+impl Drop for Round {
+    fn drop(&mut self) {
+        if self.dir.join("round.json").exists() {
+            let (code, out) = lab(&self.dir, &["stop"]);
+            eprintln!("lab round left running, stopped: {code} {out}");
+        }
+    }
 }
 
 impl Round {
@@ -148,7 +160,7 @@ impl Round {
 fn loadgen_run(url: &str, seconds: u32, report: &Path) -> Value {
     let ws = format!("{}/ws", url.replacen("http://", "ws://", 1));
     let status = Command::new(loadgen_binary())
-        .args(["--url", &ws, "--clients", "16", "--rooms", "8", "--rate", "40", "--prefix", "lab"])
+        .args(["--url", &ws, "--clients", "16", "--rooms", "8", "--rate", "40", "--room-prefix", "lab"])
         .args(["--duration", &format!("{seconds}s"), "--progress", "never", "--journeys", "150"])
         .arg("--report")
         .arg(report)
@@ -188,6 +200,7 @@ async fn solve_missing_message(round: &Round) -> (Vec<(&'static str, String)>, V
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lab_missing_message_every_mechanism_is_found_from_evidence() {
+    let _one = ONE_AT_A_TIME.lock().await;
     for mechanism in [Mechanism::DeliverDrop, Mechanism::PublishDropUnrepaired] {
         let round = Round::start("missing-message", seed_for("missing-message", mechanism));
         let (answer, ids) = solve_missing_message(&round).await;
@@ -260,6 +273,7 @@ fn solve_performance_regression(round: &Round) -> Vec<(&'static str, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lab_performance_regression_every_mechanism_is_found_by_comparison() {
+    let _one = ONE_AT_A_TIME.lock().await;
     for mechanism in [Mechanism::SequenceDelay, Mechanism::PublishDelay, Mechanism::DeliverDelay] {
         let round = Round::start("performance-regression", seed_for("performance-regression", mechanism));
         assert_eq!(round.urls.len(), 3, "three releases: {:?}", round.urls);
@@ -340,6 +354,7 @@ fn solve_stuck_sends(round: &Round) -> Vec<(&'static str, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lab_stuck_sends_only_the_deadlock_shows_a_cycle() {
+    let _one = ONE_AT_A_TIME.lock().await;
     for mechanism in [Mechanism::LockInversion, Mechanism::SequenceStall, Mechanism::PublishStall] {
         let round = Round::start("stuck-sends", seed_for("stuck-sends", mechanism));
         let answer = solve_stuck_sends(&round);
@@ -348,6 +363,157 @@ async fn lab_stuck_sends_only_the_deadlock_shows_a_cycle() {
         assert_eq!((code, out.starts_with("wrong")), (1, true), "{out}");
         let (code, out) = round.answer(&borrowed(&answer));
         assert_eq!(code, 0, "{mechanism:?}: {answer:?}: {out}");
+        round.stop();
+    }
+}
+
+// === the cluster challenges ===
+
+/// A cluster round on the shared test CQL node (no Cassandra of its own).
+fn start_cluster_round(challenge: &str, seed: u64) -> Round {
+    let cql = testkit::cassandra();
+    let dir = tempfile::tempdir().unwrap().keep();
+    let loadgen = loadgen_binary();
+    let seed = seed.to_string();
+    let output = Command::new(env!("CARGO_BIN_EXE_chat"))
+        .args(["lab", "start", challenge, "--seed", &seed, "--team", "testers", "--loadgen"])
+        .arg(&loadgen)
+        .env("CHAT_LAB_DIR", &dir)
+        .env("CHAT_LOCAL_CQL_NODES", cql)
+        .env_remove("CHAT_ADMIN_TOKEN")
+        .output()
+        .expect("running chat lab start");
+    let out = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{out}");
+    let urls = out
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let (name, url) = (words.next()?, words.next()?);
+            url.starts_with("http://").then(|| (name.to_owned(), url.to_owned()))
+        })
+        .collect();
+    Round { dir, urls, challenge: challenge.to_owned() }
+}
+
+/// The value of a metric line `name` (summed over its label sets) in `/metrics` of `url`.
+async fn metric_sum(url: &str, name: &str) -> f64 {
+    let (_, text) = get(&format!("{url}/metrics")).await;
+    text.lines()
+        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// partitioned-gateway: a gateway that is not ready names itself (and why); otherwise the
+/// gateway whose messages arrive from the bus seconds after they were sequenced.
+async fn solve_partitioned_gateway(round: &Round) -> Vec<(&'static str, String)> {
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    for gateway in ["gw-1", "gw-2"] {
+        let (status, why) = get(&format!("{}/readyz", round.urls[gateway])).await;
+        if status == 503 {
+            assert!(why.contains("not connected to NATS"), "{why}");
+            return vec![("--process", gateway.into()), ("--hop", "gateway.nats".into()), ("--kind", "cut".into())];
+        }
+    }
+    let mut lag = Vec::new();
+    for gateway in ["gw-1", "gw-2"] {
+        let url = &round.urls[gateway];
+        let sum = metric_sum(url, "chat_sequence_to_gateway_seconds_sum").await;
+        let count = metric_sum(url, "chat_sequence_to_gateway_seconds_count").await;
+        assert!(count > 0.0, "{gateway} forwarded messages");
+        lag.push((sum / count, gateway));
+    }
+    lag.sort_by(|a, b| b.0.total_cmp(&a.0));
+    assert!(lag[0].0 > 1.0 && lag[1].0 < 0.5, "one gateway receives late: {lag:?}");
+    vec![("--process", lag[0].1.into()), ("--hop", "gateway.feed".into()), ("--kind", "delay".into())]
+}
+
+/// duplicate-after-stall: the worker whose bus redelivers sends; then, from journeys of the
+/// slow sends, whether it held them before sequencing or published them late.
+async fn solve_duplicate_after_stall(round: &Round) -> Vec<(&'static str, String)> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    let worker = loop {
+        let mut redelivering = Vec::new();
+        for worker in ["fanout-1", "fanout-2"] {
+            if metric_sum(&round.urls[worker], "chat_send_redeliveries_total").await > 0.0 {
+                redelivering.push(worker);
+            }
+        }
+        if let [worker] = redelivering[..] {
+            break worker;
+        }
+        assert!(redelivering.len() < 2, "both workers redelivered");
+        assert!(std::time::Instant::now() < deadline, "no redelivery within 40 s");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    // Every journey of a player's run, to find the slow ones.
+    let ws = format!("{}/ws,{}/ws", round.urls["gw-1"], round.urls["gw-2"]).replace("http://", "ws://");
+    let report_path = round.dir.join("run.json");
+    let status = Command::new(loadgen_binary())
+        .args(["--url", &ws, "--clients", "16", "--rooms", "8", "--rate", "20", "--room-prefix", "lab"])
+        .args(["--duration", "12s", "--progress", "never", "--journeys", "1000", "--report"])
+        .arg(&report_path)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.code().is_some_and(|c| c <= 1), "{status}");
+    let report: Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    let slowest = |pair: &str| -> u64 {
+        let pairs = report["samples"]["hops"]["pairs"].as_array().unwrap();
+        pairs
+            .iter()
+            .filter(|p| p["hop"] == pair)
+            .flat_map(|p| p["us"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()))
+            .max()
+            .unwrap_or(0)
+    };
+    // A publish seconds after the store: the gateway may even have repaired the message from
+    // the store first, so look at every hop pair that ends in the publish.
+    let late_publish = report["samples"]["hops"]["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["hop"].as_str().unwrap().ends_with("→fanout.publish"))
+        .any(|p| p["us"].as_array().unwrap().iter().any(|v| v.as_u64().unwrap() > 1_500_000));
+    let hop = if late_publish { "fanout.publish" } else { "fanout.sequence" };
+    let kind = if hop == "fanout.publish" { "delay" } else { "stall" };
+    if hop == "fanout.sequence" {
+        let held = [
+            "gateway.receive→fanout.sequence",
+            "gateway.receive→fanout.redelivered",
+            "fanout.redelivered→fanout.sequence",
+        ]
+        .iter()
+        .map(|p| slowest(p))
+        .max()
+        .unwrap_or(0);
+        assert!(held > 3_000_000, "a send held before sequencing: {:#}", report["samples"]["hops"]);
+    }
+    // Nothing was stored twice: the audit passed (no stored_twice finding).
+    assert_eq!(report["audit"]["counts"]["stored_twice"].as_u64().unwrap_or(0), 0, "{:#}", report["audit"]);
+    vec![("--process", worker.into()), ("--hop", hop.into()), ("--kind", kind.into())]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lab_cluster_challenges_every_mechanism_is_found_from_evidence() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let rounds = [
+        ("partitioned-gateway", Mechanism::NatsCut),
+        ("partitioned-gateway", Mechanism::FeedDelay),
+        ("duplicate-after-stall", Mechanism::WorkerStall),
+        ("duplicate-after-stall", Mechanism::WorkerPublishDelay),
+    ];
+    for (challenge, mechanism) in rounds {
+        let round = start_cluster_round(challenge, seed_for(challenge, mechanism));
+        assert_eq!(round.urls.len(), 4, "{:?}", round.urls);
+        let answer = match challenge {
+            "partitioned-gateway" => solve_partitioned_gateway(&round).await,
+            _ => solve_duplicate_after_stall(&round).await,
+        };
+        round.assert_unmarked(&[]).await;
+        let (code, out) = round.answer(&borrowed(&answer));
+        assert_eq!(code, 0, "{challenge} {mechanism:?}: {answer:?}: {out}");
         round.stop();
     }
 }
