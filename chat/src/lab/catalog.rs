@@ -132,6 +132,12 @@ pub enum Mechanism {
     WorkerStall,
     /// Now and then one worker publishes a stored message past the redelivery timeout.
     WorkerPublishDelay,
+    /// One gateway rewrites some bodies as it writes them to connections.
+    GatewayRewrite,
+    /// One worker stores the true message but publishes a forged copy (digest recomputed).
+    WorkerEquivocate,
+    /// One worker stamps `ts` 90 s in the past.
+    ClockSkew,
 }
 
 /// The planted cause of a round: what an answer is graded against.
@@ -217,6 +223,18 @@ pub const CHALLENGES: &[Challenge] = &[
         variants: &[Mechanism::LockInversion, Mechanism::SequenceStall, Mechanism::PublishStall],
     },
     Challenge {
+        name: "byzantine",
+        page: "docs/exercises/04-debug-the-byzantine-failure.md",
+        symptom: "on the cluster, some users see messages others never sent, or at impossible times",
+        story: "Two users of the same room compare screens and disagree: one sees a message with words \
+                the sender swears she never typed, or a message stamped a minute and a half before the \
+                one it answers. Nothing is lost, nothing fails. One process of the cluster lies. Which \
+                one, at which hop, and how?",
+        topology: Topology::Cluster,
+        asks: &[Field::Process, Field::Hop, Field::Kind],
+        variants: &[Mechanism::GatewayRewrite, Mechanism::WorkerEquivocate, Mechanism::ClockSkew],
+    },
+    Challenge {
         name: "partitioned-gateway",
         page: "docs/exercises/06-the-partitioned-gateway.md",
         symptom: "on the cluster, some users cannot send or get messages late; the others are fine",
@@ -289,15 +307,20 @@ impl Mechanism {
             Mechanism::FeedDelay => "feed-delay",
             Mechanism::WorkerStall => "worker-stall",
             Mechanism::WorkerPublishDelay => "worker-publish-delay",
+            Mechanism::GatewayRewrite => "gateway-rewrite",
+            Mechanism::WorkerEquivocate => "worker-equivocate",
+            Mechanism::ClockSkew => "clock-skew",
         }
     }
 
     /// Whether it strikes a gateway or a worker.
     fn role(self) -> Role {
         match self {
-            Mechanism::DeliverDrop | Mechanism::DeliverDelay | Mechanism::NatsCut | Mechanism::FeedDelay => {
-                Role::Gateway
-            }
+            Mechanism::DeliverDrop
+            | Mechanism::DeliverDelay
+            | Mechanism::NatsCut
+            | Mechanism::FeedDelay
+            | Mechanism::GatewayRewrite => Role::Gateway,
             _ => Role::Worker,
         }
     }
@@ -440,6 +463,39 @@ impl Mechanism {
                      on {process}: the message was stored, but the worker acks the bus only after \
                      publishing, so the bus redelivered the send (chat_send_redeliveries_total on \
                      {process}); the redelivery found the stored message (fanout.duplicate): stored once."
+                ),
+            ),
+            Mechanism::GatewayRewrite => (
+                cause("gateway.deliver", "rewrite", None),
+                vec![at(sealed("gateway.deliver", "rewrite", json!({"probability": 0.3, "seed": 4})))],
+                format!(
+                    "Messages fail the chain's self-check where they are written: \
+                     chat_chain_violations_total{{kind=\"altered\",source=\"deliver\"}} on {process} \
+                     only, a chain.violation hop (source deliver, gateway {process}) in their journeys, \
+                     loadgen's chain_altered findings for receivers on {process}. The stored message \
+                     (history) and what receivers on the other gateway got agree with each other."
+                ),
+            ),
+            Mechanism::WorkerEquivocate => (
+                cause("fanout.publish", "equivocate", None),
+                vec![at(sealed("fanout.publish", "equivocate", json!({"probability": 0.3, "seed": 4})))],
+                format!(
+                    "Both gateways report forks: chat_chain_violations_total{{kind=\"fork\",source=\"feed\"}} \
+                     and chain.violation hops on two consecutive messages (the next one's `prev` is not \
+                     the digest of the one they forwarded). The live copy passes its self-check (its \
+                     digest was recomputed) but differs from history: the store has the true body. The \
+                     forged messages' journeys name {process} in fanout.sequence and fanout.publish; \
+                     loadgen's equivocation findings name the message ids."
+                ),
+            ),
+            Mechanism::ClockSkew => (
+                cause("fanout.clock", "skew", None),
+                vec![at(sealed("fanout.clock", "skew", json!({"delay_ms": -90000})))],
+                format!(
+                    "The chain holds (the worker signs its own lie into the digest), so no violation is \
+                     counted. But the `ts` of every message {process} sequenced is about 90 s before \
+                     the time its journey records for fanout.sequence (`at_us`), and the gateways' \
+                     chat_sequence_to_gateway_seconds (measured from `ts`) shows 90 s for its messages."
                 ),
             ),
         };

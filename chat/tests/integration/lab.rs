@@ -28,18 +28,21 @@ fn lab(dir: &Path, args: &[&str]) -> (i32, String) {
     (output.status.code().unwrap_or(-1), format!("{stdout}{stderr}"))
 }
 
-/// The loadgen binary beside chat, built when missing (`cargo test -p chat` alone does not).
+/// The loadgen binary beside chat, brought up to date once per test run (`cargo test -p chat`
+/// builds only loadgen's library, and a stale binary would audit by older rules).
 fn loadgen_binary() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_chat")).with_file_name("loadgen");
-    if !path.is_file() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "loadgen", "--bin", "loadgen"])
-            .current_dir(testkit::workspace_root())
-            .status()
-            .expect("cargo build -p loadgen");
-        assert!(status.success(), "building loadgen");
-    }
-    path
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "-p", "loadgen", "--bin", "loadgen"])
+                .current_dir(testkit::workspace_root())
+                .status()
+                .expect("cargo build -p loadgen");
+            assert!(status.success(), "building loadgen");
+            Path::new(env!("CARGO_BIN_EXE_chat")).with_file_name("loadgen")
+        })
+        .clone()
 }
 
 /// A port with the next two free too (a releases round takes three).
@@ -495,6 +498,76 @@ async fn solve_duplicate_after_stall(round: &Round) -> Vec<(&'static str, String
     vec![("--process", worker.into()), ("--hop", hop.into()), ("--kind", kind.into())]
 }
 
+/// The value of the metric line `series` (name and labels exactly as exposed) of `url`.
+async fn metric_value(url: &str, series: &str) -> f64 {
+    let (_, text) = get(&format!("{url}/metrics")).await;
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
+}
+
+/// byzantine: a gateway whose own writes fail the chain's self-check is the one rewriting; forks
+/// seen by the gateways come from the worker that sequenced and published the forged message;
+/// with the chain intact, a worker whose messages' `ts` disagrees with its own journey hops is
+/// lying about the time.
+async fn solve_byzantine(round: &Round) -> Vec<(&'static str, String)> {
+    let ws = format!("{}/ws,{}/ws", round.urls["gw-1"], round.urls["gw-2"]).replace("http://", "ws://");
+    let report_path = round.dir.join("run.json");
+    let status = Command::new(loadgen_binary())
+        .args(["--url", &ws, "--clients", "16", "--rooms", "8", "--rate", "30", "--room-prefix", "lab"])
+        .args(["--duration", "5s", "--progress", "never", "--journeys", "0", "--report"])
+        .arg(&report_path)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.code().is_some_and(|c| c <= 1), "{status}");
+    let report: Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    let findings = report["audit"]["findings"].as_array().unwrap().clone();
+    for gateway in ["gw-1", "gw-2"] {
+        let altered =
+            metric_value(&round.urls[gateway], "chat_chain_violations_total{kind=\"altered\",source=\"deliver\"}")
+                .await;
+        if altered > 0.0 {
+            assert!(findings.iter().any(|f| f["kind"] == "chain_altered"), "the auditor caught it too");
+            return vec![
+                ("--process", gateway.into()),
+                ("--hop", "gateway.deliver".into()),
+                ("--kind", "rewrite".into()),
+            ];
+        }
+    }
+    if let Some(fork) = findings.iter().find(|f| f["kind"] == "equivocation") {
+        let forks = metric_value(&round.urls["gw-1"], "chat_chain_violations_total{kind=\"fork\",source=\"feed\"}")
+            .await
+            + metric_value(&round.urls["gw-2"], "chat_chain_violations_total{kind=\"fork\",source=\"feed\"}").await;
+        assert!(forks > 0.0, "the gateways saw the fork");
+        let id = fork["id"].as_str().unwrap();
+        let (_, journey) = get_json(&format!("{}/debug/messages/{id}", round.urls["gw-1"])).await;
+        let hops = journey["hops"].as_array().unwrap();
+        let worker =
+            hops.iter().find(|h| h["hop"] == "fanout.publish").expect("published")["process"].as_str().unwrap();
+        return vec![("--process", worker.into()), ("--hop", "fanout.publish".into()), ("--kind", "equivocate".into())];
+    }
+    assert!(findings.iter().all(|f| f["kind"] != "chain_altered"), "{findings:#?}");
+    // The chain is intact: compare each stored message's ts with its sequencing in the journey.
+    let mut skewed = std::collections::BTreeSet::new();
+    for room in (0..8).map(|i| format!("lab-r{i}")) {
+        let history = whole_history(&round.urls["gw-1"], &room).await;
+        for message in history.iter().rev().take(5) {
+            let (_, journey) =
+                get_json(&format!("{}/debug/messages/{}", round.urls["gw-1"], message["id"].as_str().unwrap())).await;
+            let Some(sequenced) = journey["hops"].as_array().unwrap().iter().find(|h| h["hop"] == "fanout.sequence")
+            else {
+                continue;
+            };
+            let off_ms = sequenced["at_us"].as_i64().unwrap() / 1000 - message["ts"].as_i64().unwrap();
+            if off_ms.abs() > 30_000 {
+                skewed.insert(sequenced["process"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    assert_eq!(skewed.len(), 1, "one worker's clock lies: {skewed:?}");
+    vec![("--process", skewed.pop_first().unwrap()), ("--hop", "fanout.clock".into()), ("--kind", "skew".into())]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lab_cluster_challenges_every_mechanism_is_found_from_evidence() {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -503,12 +576,16 @@ async fn lab_cluster_challenges_every_mechanism_is_found_from_evidence() {
         ("partitioned-gateway", Mechanism::FeedDelay),
         ("duplicate-after-stall", Mechanism::WorkerStall),
         ("duplicate-after-stall", Mechanism::WorkerPublishDelay),
+        ("byzantine", Mechanism::GatewayRewrite),
+        ("byzantine", Mechanism::WorkerEquivocate),
+        ("byzantine", Mechanism::ClockSkew),
     ];
     for (challenge, mechanism) in rounds {
         let round = start_cluster_round(challenge, seed_for(challenge, mechanism));
         assert_eq!(round.urls.len(), 4, "{:?}", round.urls);
         let answer = match challenge {
             "partitioned-gateway" => solve_partitioned_gateway(&round).await,
+            "byzantine" => solve_byzantine(&round).await,
             _ => solve_duplicate_after_stall(&round).await,
         };
         round.assert_unmarked(&[]).await;
