@@ -161,11 +161,24 @@ impl Round {
 
 /// A player's audited loadgen run against `url` in the lab's rooms; returns its JSON report.
 fn loadgen_run(url: &str, seconds: u32, report: &Path) -> Value {
-    let ws = format!("{}/ws", url.replacen("http://", "ws://", 1));
+    player_run(&[url], Run { seconds, rate: 40, journeys: 150 }, report)
+}
+
+/// How long, how fast, and how many journeys a player's run samples.
+struct Run {
+    seconds: u32,
+    rate: u32,
+    journeys: u32,
+}
+
+/// A player's audited loadgen run over the gateways at `urls` (base URLs) in the lab's rooms;
+/// returns its JSON report.
+fn player_run(urls: &[&str], run: Run, report: &Path) -> Value {
+    let ws: Vec<String> = urls.iter().map(|u| format!("{}/ws", u.replacen("http://", "ws://", 1))).collect();
     let status = Command::new(loadgen_binary())
-        .args(["--url", &ws, "--clients", "16", "--rooms", "8", "--rate", "40", "--room-prefix", "lab"])
-        .args(["--duration", &format!("{seconds}s"), "--progress", "never", "--journeys", "150"])
-        .arg("--report")
+        .args(["--url", &ws.join(","), "--clients", "16", "--rooms", "8", "--room-prefix", "lab"])
+        .args(["--rate", &run.rate.to_string(), "--duration", &format!("{}s", run.seconds)])
+        .args(["--journeys", &run.journeys.to_string(), "--progress", "never", "--report"])
         .arg(report)
         .stdout(std::process::Stdio::null())
         .status()
@@ -451,17 +464,8 @@ async fn solve_duplicate_after_stall(round: &Round) -> Vec<(&'static str, String
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     };
     // Every journey of a player's run, to find the slow ones.
-    let ws = format!("{}/ws,{}/ws", round.urls["gw-1"], round.urls["gw-2"]).replace("http://", "ws://");
-    let report_path = round.dir.join("run.json");
-    let status = Command::new(loadgen_binary())
-        .args(["--url", &ws, "--clients", "16", "--rooms", "8", "--rate", "20", "--room-prefix", "lab"])
-        .args(["--duration", "12s", "--progress", "never", "--journeys", "1000", "--report"])
-        .arg(&report_path)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.code().is_some_and(|c| c <= 1), "{status}");
-    let report: Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    let gateways = [round.urls["gw-1"].as_str(), round.urls["gw-2"].as_str()];
+    let report = player_run(&gateways, Run { seconds: 12, rate: 20, journeys: 1000 }, &round.dir.join("run.json"));
     let slowest = |pair: &str| -> u64 {
         let pairs = report["samples"]["hops"]["pairs"].as_array().unwrap();
         pairs
@@ -509,17 +513,8 @@ async fn metric_value(url: &str, series: &str) -> f64 {
 /// with the chain intact, a worker whose messages' `ts` disagrees with its own journey hops is
 /// lying about the time.
 async fn solve_byzantine(round: &Round) -> Vec<(&'static str, String)> {
-    let ws = format!("{}/ws,{}/ws", round.urls["gw-1"], round.urls["gw-2"]).replace("http://", "ws://");
-    let report_path = round.dir.join("run.json");
-    let status = Command::new(loadgen_binary())
-        .args(["--url", &ws, "--clients", "16", "--rooms", "8", "--rate", "30", "--room-prefix", "lab"])
-        .args(["--duration", "5s", "--progress", "never", "--journeys", "0", "--report"])
-        .arg(&report_path)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.code().is_some_and(|c| c <= 1), "{status}");
-    let report: Value = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    let gateways = [round.urls["gw-1"].as_str(), round.urls["gw-2"].as_str()];
+    let report = player_run(&gateways, Run { seconds: 5, rate: 30, journeys: 0 }, &round.dir.join("run.json"));
     let findings = report["audit"]["findings"].as_array().unwrap().clone();
     for gateway in ["gw-1", "gw-2"] {
         let altered =
