@@ -584,6 +584,8 @@ async fn lab_cluster_challenges_every_mechanism_is_found_from_evidence() {
             _ => solve_duplicate_after_stall(&round).await,
         };
         round.assert_unmarked(&[]).await;
+        let (code, out) = round.answer(&[("--process", "gw-9"), ("--hop", "store.append"), ("--kind", "drop")]);
+        assert_eq!((code, out.starts_with("wrong")), (1, true), "{out}");
         let (code, out) = round.answer(&borrowed(&answer));
         assert_eq!(code, 0, "{challenge} {mechanism:?}: {answer:?}: {out}");
         round.stop();

@@ -131,13 +131,14 @@ impl Rooms {
     /// not yet published, or in NATS), so one check only notes the store's newest seq in
     /// `noted`; the next check, a second later, repairs whatever up to `noted` has still not
     /// arrived. After a bus outage (`after_outage`) everything stored is known to be lost
-    /// and is repaired at once. Returns whether to check again.
+    /// and is repaired at once. Returns whether to check again: yes while the store does not
+    /// answer (a quiet room gets no other chance to notice what it missed meanwhile).
     async fn check_tail(&self, hub: &Hub, noted: &mut u64, after_outage: bool) -> bool {
         let stored = match self.history.last_seq(&hub.room).await {
             Ok(stored) => stored,
             Err(e) => {
-                tracing::debug!(room = %hub.room, error = %e, "tail check failed");
-                return false;
+                tracing::debug!(room = %hub.room, error = %e, "tail check failed; checking again");
+                return true;
             }
         };
         let forwarded = hub.last_seq();

@@ -57,6 +57,8 @@ impl RoomBus for ScriptedBus {
 #[derive(Default)]
 struct MemoryStore {
     rooms: Mutex<HashMap<String, Vec<ChatMessage>>>,
+    /// While set, reads fail as an unreachable store's do.
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl MemoryStore {
@@ -72,12 +74,18 @@ impl HistoryStore for MemoryStore {
         Ok(())
     }
     async fn last_seq(&self, room: &str) -> Result<u64, StoreError> {
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StoreError::unavailable("read last seq: timed out"));
+        }
         Ok(self.rooms.lock().unwrap().get(room).and_then(|m| m.last()).map_or(0, |m| m.seq))
     }
     async fn find_by_client_msg_id(&self, _: &str, _: &str, _: &str) -> Result<Option<ChatMessage>, StoreError> {
         Ok(None)
     }
     async fn page(&self, room: &str, query: PageQuery) -> Result<Page, StoreError> {
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StoreError::unavailable("read page: timed out"));
+        }
         let rooms = self.rooms.lock().unwrap();
         let all = rooms.get(room).cloned().unwrap_or_default();
         let (range, has_more) = query.seq_range(all.last().map_or(0, |m| m.seq));
@@ -272,6 +280,30 @@ async fn a_quiet_room_repairs_a_lost_last_message_only_on_the_second_check() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(received(&outbox).0, [2]);
     assert_eq!(s.metrics.gap_repairs.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quiet_room_keeps_checking_while_the_store_fails_and_repairs_when_it_answers() {
+    use std::sync::atomic::Ordering;
+    let s = setup(false);
+    let outbox = Outbox::new(1, 64, Duration::from_secs(5));
+    s.rooms.join("r", "alice", outbox.clone()).await.unwrap();
+    let first = message("r", 1);
+    s.store.put(&first);
+    s.bus.push("r", FeedItem::Message(Arc::new(first), None)).await;
+    settle().await;
+    assert_eq!(received(&outbox).0, [1]);
+    // Seqs 2..=4 are stored but never published, and the store stops answering reads (a node
+    // killed): the checks fail for a while; no new message comes to wake the room up.
+    s.store.failing.store(true, Ordering::Relaxed);
+    for seq in 2..=4 {
+        s.store.put(&message("r", seq));
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(received(&outbox).0, Vec::<u64>::new());
+    s.store.failing.store(false, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(received(&outbox).0, [2, 3, 4], "repaired once the store answers");
 }
 
 #[tokio::test(start_paused = true)]
