@@ -263,19 +263,19 @@ pub async fn plant(plants: &[Plant], urls: &[(String, String)], admin_token: &st
     Ok(())
 }
 
-/// Whether `process` is still running (and is still the program it was: pids are reused).
+/// Whether `process` is still running (and is still the program it was: pids are reused). A
+/// process being torn down after SIGKILL has no command line any more but still runs: its
+/// name in `/proc/PID/stat` (first 15 bytes of the program's) tells it apart from a reused pid.
 pub fn alive(process: &Started) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", process.pid)) else { return false };
+    let Some((head, rest)) = stat.rsplit_once(") ") else { return false };
     // A zombie has exited; only its parent's wait is missing.
-    let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
-    if state == Some('Z') {
+    if rest.starts_with('Z') {
         return false;
     }
-    let cmdline = std::fs::read(format!("/proc/{}/cmdline", process.pid)).unwrap_or_default();
-    let program = cmdline.split(|b| *b == 0).next().unwrap_or_default();
-    Path::new(std::ffi::OsStr::new(std::str::from_utf8(program).unwrap_or_default()))
-        .file_name()
-        .is_some_and(|name| name.to_string_lossy() == process.program)
+    let comm = head.split_once(" (").map(|(_, comm)| comm).unwrap_or_default();
+    let short: String = process.program.chars().take(15).collect();
+    comm == short
 }
 
 /// Stops the processes: SIGTERM (a graceful shutdown), then SIGKILL for any still running
@@ -304,7 +304,7 @@ pub async fn stop(processes: &[Started]) -> Vec<String> {
             killed.push(process.name.clone());
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(5);
     while processes.iter().any(alive) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
