@@ -65,6 +65,17 @@ fn seed_for(challenge: &str, mechanism: Mechanism) -> u64 {
 /// One lab test at a time: their solvers measure timings, and a cluster round takes fixed ports.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The `NAME http://...` lines `chat lab start` printed, as process id → base URL.
+fn printed_urls(out: &str) -> BTreeMap<String, String> {
+    out.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let (name, url) = (words.next()?, words.next()?);
+            url.starts_with("http://").then(|| (name.to_owned(), url.to_owned()))
+        })
+        .collect()
+}
+
 /// A round being played; stopped when dropped (a failing test leaves nothing running).
 struct Round {
     dir: PathBuf,
@@ -91,14 +102,7 @@ impl Round {
         let args = ["start", challenge, "--seed", &seed, "--team", "testers", "--port", &port];
         let (code, out) = lab(&dir, &[&args[..], &["--loadgen", loadgen.to_str().unwrap()]].concat());
         assert_eq!(code, 0, "{out}");
-        let urls = out
-            .lines()
-            .filter_map(|line| {
-                let mut words = line.split_whitespace();
-                let (name, url) = (words.next()?, words.next()?);
-                url.starts_with("http://").then(|| (name.to_owned(), url.to_owned()))
-            })
-            .collect();
+        let urls = printed_urls(&out);
         Round { dir, urls, challenge: challenge.to_owned() }
     }
 
@@ -401,14 +405,7 @@ fn start_cluster_round(challenge: &str, seed: u64) -> Round {
         .expect("running chat lab start");
     let out = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{out}");
-    let urls = out
-        .lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            let (name, url) = (words.next()?, words.next()?);
-            url.starts_with("http://").then(|| (name.to_owned(), url.to_owned()))
-        })
-        .collect();
+    let urls = printed_urls(&out);
     Round { dir, urls, challenge: challenge.to_owned() }
 }
 
