@@ -118,6 +118,14 @@ async fn forward_feed(mut feed: RoomFeed, items: mpsc::Sender<FeedItem>, injecto
                 None => return,
             },
         };
+        if matches!(item, FeedItem::Resumed) && not_resubscribed(&injector, &feed.room) {
+            // The hub hears the reconnect and checks the store once; then the room's real
+            // subscription is dropped while the hub still believes it is subscribed.
+            drop(feed);
+            let _ = items.send(FeedItem::Resumed).await;
+            items.closed().await;
+            return;
+        }
         if let FeedItem::Message(message, _) = &item {
             match arrival(&injector, message).await {
                 None => {}
@@ -131,6 +139,17 @@ async fn forward_feed(mut feed: RoomFeed, items: mpsc::Sender<FeedItem>, injecto
             return;
         }
     }
+}
+
+/// Whether a `gateway.resubscribe` fault fires for `room` at a bus reconnect (counted, and
+/// logged unless sealed).
+fn not_resubscribed(injector: &Injector, room: &str) -> bool {
+    let Some(fired) = injector.decide(Hop::GatewayResubscribe, room) else { return false };
+    injector.count(&fired);
+    if !fired.sealed {
+        tracing::warn!(%room, "injected fault: the room's subscription is not restored after the bus reconnect");
+    }
+    true
 }
 
 /// Whether a message reaches the gateway (after any delay): `None` when it does, else the hop
@@ -396,6 +415,47 @@ mod tests {
             let counted = metrics.faults_injected.with_label_values(&["fanout.publish", "equivocate"]).get();
             assert_eq!(counted, u64::from(!sealed));
         }
+    }
+
+    /// A room feed fed by hand: what the bus would hand the gateway.
+    struct HandFed(StdMutex<Option<mpsc::Receiver<FeedItem>>>);
+    #[async_trait]
+    impl RoomBus for HandFed {
+        async fn subscribe(&self, room: &str) -> Result<RoomFeed, BusError> {
+            let items = self.0.lock().unwrap().take().expect("subscribed once");
+            Ok(RoomFeed { room: room.to_owned(), items })
+        }
+        async fn publish_event(&self, _room: &str, _event: RoomEvent) -> Result<(), BusError> {
+            Ok(())
+        }
+        fn is_distributed(&self) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test]
+    async fn a_subscription_not_restored_after_a_reconnect_is_dropped_while_the_feed_stays_open() {
+        let spec = FaultSpec {
+            room: Some("r".into()),
+            sealed: true,
+            ..FaultSpec::new(Hop::GatewayResubscribe, FaultAction::Drop)
+        };
+        let (injector, metrics) = injector(spec);
+        let (bus_side, items) = mpsc::channel(8);
+        let local = Arc::new(LocalBus::new());
+        let gateway = GatewayBus { rooms: Arc::new(HandFed(StdMutex::new(Some(items)))), ..GatewayBus::of(local) };
+        let bus = faulty_gateway_bus(gateway, &injector);
+        let mut feed = bus.rooms.subscribe("r").await.unwrap();
+        bus_side.send(FeedItem::Message(chained(), None)).await.unwrap();
+        assert!(matches!(feed.items.recv().await, Some(FeedItem::Message(m, _)) if m.seq == 1));
+        bus_side.send(FeedItem::Resumed).await.unwrap();
+        assert!(matches!(feed.items.recv().await, Some(FeedItem::Resumed)), "the hub hears the reconnect");
+        tokio::time::timeout(Duration::from_secs(2), bus_side.closed())
+            .await
+            .expect("the real subscription is dropped");
+        let nothing = tokio::time::timeout(Duration::from_millis(200), feed.items.recv()).await;
+        assert!(nothing.is_err(), "the gateway's feed stays open and silent: {nothing:?}");
+        assert_eq!(metrics.faults_injected.with_label_values(&["gateway.resubscribe", "drop"]).get(), 0, "sealed");
     }
 
     #[tokio::test]

@@ -1,11 +1,12 @@
-//! `gateway.deliver` and `gateway.gap_repair`: the gateway's delivery hook, deciding per
-//! connection what is written for each live message, and whether gaps are repaired.
+//! `gateway.deliver`, `gateway.gap_repair` and `gateway.outbox`: the gateway's delivery hook,
+//! deciding per connection what is written for each live message, whether gaps are repaired,
+//! and how a connection's queue treats a slow consumer.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use gateway::hook::{ConnectionWrites, DeliveryHook};
+use gateway::hook::{ConnectionWrites, DeliveryHook, QueuePolicy};
 use gateway::outbox::Delivery;
 use uuid::Uuid;
 
@@ -26,7 +27,16 @@ impl FaultyDelivery {
 
 impl DeliveryHook for FaultyDelivery {
     fn connection(&self, session: Uuid) -> Box<dyn ConnectionWrites> {
-        Box::new(FaultyWrites { injector: self.injector.clone(), session, held: HashMap::new() })
+        // A `gateway.outbox` drop applies to the connections opened while it is armed, for
+        // their whole life (as a configuration would).
+        let drops_when_full =
+            self.injector.faults.armed(Hop::GatewayOutbox).inspect(|fired| self.injector.count(fired));
+        Box::new(FaultyWrites {
+            injector: self.injector.clone(),
+            session,
+            held: HashMap::new(),
+            drops_when_full: drops_when_full.is_some(),
+        })
     }
 
     fn repairs_gaps(&self) -> bool {
@@ -40,6 +50,8 @@ struct FaultyWrites {
     session: Uuid,
     /// Held back by a `reorder`, per room, until the room's next message is written.
     held: HashMap<String, Arc<Delivery>>,
+    /// Under `gateway.outbox` drop: a queue of one frame, and nothing skipped is caught up.
+    drops_when_full: bool,
 }
 
 #[async_trait]
@@ -71,6 +83,13 @@ impl ConnectionWrites for FaultyWrites {
             }
             // Not offered at this hop (refused when the fault is added).
             _ => vec![delivery],
+        }
+    }
+
+    fn queue_policy(&self, configured: QueuePolicy) -> QueuePolicy {
+        match self.drops_when_full {
+            true => QueuePolicy { capacity: 1, catch_up: false },
+            false => configured,
         }
     }
 }
@@ -144,6 +163,17 @@ mod tests {
         let id = message.message.id;
         assert!(written(&mut writes, message).await.is_empty());
         assert!(journal.get(id).is_none());
+    }
+
+    #[test]
+    fn connections_opened_under_an_outbox_drop_get_one_slot_and_no_catch_up() {
+        let configured = QueuePolicy { capacity: 1024, catch_up: true };
+        let spec = FaultSpec { sealed: true, ..FaultSpec::new(Hop::GatewayOutbox, FaultAction::Drop) };
+        let (before, hook, _) = setup(spec);
+        assert_eq!(before.queue_policy(configured), QueuePolicy { capacity: 1, catch_up: false });
+        hook.injector.faults.clear(true);
+        assert_eq!(before.queue_policy(configured).capacity, 1, "for the connection's whole life");
+        assert_eq!(hook.connection(Uuid::now_v7()).queue_policy(configured), configured);
     }
 
     #[test]

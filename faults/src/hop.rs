@@ -62,6 +62,8 @@ impl FaultAction {
 /// | `gateway.deliver` | drop, duplicate, reorder, delay, rewrite | a gateway writing a message to one connection |
 /// | `gateway.feed` | drop, delay | a gateway receiving a room's message from the bus |
 /// | `gateway.gap_repair` | disable | a gateway's gap repair (hub and connections) |
+/// | `gateway.resubscribe` | drop | a gateway restoring a room's subscription after a bus reconnect: not restored |
+/// | `gateway.outbox` | drop | connections opened while armed: a queue of one frame, and what a full queue skips is dropped, never caught up from the store (a slow-consumer policy set to drop) |
 /// | `gateway.nats` | cut | a gateway's whole bus connection: sends `unavailable`, feeds dropped, not ready |
 /// | `fanout.publish` | drop, duplicate, delay, equivocate | a worker publishing a stored message to gateways |
 /// | `fanout.sequence` | stall, delay | a worker before sequencing a room's sends (the rest of its batch waits too) |
@@ -78,6 +80,12 @@ pub enum Hop {
     /// A gateway's gap repair.
     #[serde(rename = "gateway.gap_repair")]
     GatewayGapRepair,
+    /// A gateway restoring a room's subscription after a bus reconnect.
+    #[serde(rename = "gateway.resubscribe")]
+    GatewayResubscribe,
+    /// A gateway's slow-consumer policy for the connections it opens.
+    #[serde(rename = "gateway.outbox")]
+    GatewayOutbox,
     /// A gateway's whole bus connection.
     #[serde(rename = "gateway.nats")]
     GatewayNats,
@@ -97,10 +105,12 @@ pub enum Hop {
 
 impl Hop {
     /// Every hop.
-    pub const ALL: [Hop; 8] = [
+    pub const ALL: [Hop; 10] = [
         Hop::GatewayDeliver,
         Hop::GatewayFeed,
         Hop::GatewayGapRepair,
+        Hop::GatewayResubscribe,
+        Hop::GatewayOutbox,
         Hop::GatewayNats,
         Hop::FanoutPublish,
         Hop::FanoutSequence,
@@ -114,6 +124,8 @@ impl Hop {
             Hop::GatewayDeliver => "gateway.deliver",
             Hop::GatewayFeed => "gateway.feed",
             Hop::GatewayGapRepair => "gateway.gap_repair",
+            Hop::GatewayResubscribe => "gateway.resubscribe",
+            Hop::GatewayOutbox => "gateway.outbox",
             Hop::GatewayNats => "gateway.nats",
             Hop::FanoutPublish => "fanout.publish",
             Hop::FanoutSequence => "fanout.sequence",
@@ -129,6 +141,7 @@ impl Hop {
             Hop::GatewayDeliver => &[Drop, Duplicate, Reorder, Delay, Rewrite],
             Hop::GatewayFeed => &[Drop, Delay],
             Hop::GatewayGapRepair => &[Disable],
+            Hop::GatewayResubscribe | Hop::GatewayOutbox => &[Drop],
             Hop::GatewayNats => &[Cut],
             Hop::FanoutPublish => &[Drop, Duplicate, Delay, Equivocate],
             Hop::FanoutSequence => &[Stall, Delay],

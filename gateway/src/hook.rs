@@ -23,4 +23,19 @@ pub trait DeliveryHook: Send + Sync + 'static {
 pub trait ConnectionWrites: Send {
     /// What to write in place of `delivery`, in order (nothing, it, it twice, an earlier one...).
     async fn writes(&mut self, delivery: Arc<Delivery>) -> Vec<Arc<Delivery>>;
+
+    /// The slow-consumer policy of this connection, given the configured one.
+    fn queue_policy(&self, configured: QueuePolicy) -> QueuePolicy {
+        configured
+    }
+}
+
+/// How a connection's outbound queue treats a client that reads slower than its rooms speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuePolicy {
+    /// Frames the queue holds; what does not fit is skipped.
+    pub capacity: usize,
+    /// Whether skipped messages (and any gap in what the connection was written) are caught up
+    /// from the store. The product always does.
+    pub catch_up: bool,
 }

@@ -102,6 +102,9 @@ pub struct Challenge {
     /// The mechanisms it can plant; each strikes a room or a process drawn with it, so the
     /// pool of variants is mechanisms × rooms (or processes).
     pub variants: &'static [Mechanism],
+    /// Whether the round restarts NATS once its traffic flows (a cluster's routine
+    /// maintenance, told in the story).
+    pub restarts_bus: bool,
 }
 
 /// A way to produce a challenge's symptom.
@@ -138,6 +141,11 @@ pub enum Mechanism {
     WorkerEquivocate,
     /// One worker stamps `ts` 90 s in the past.
     ClockSkew,
+    /// After a bus reconnect, one gateway does not restore its subscription to one room.
+    ResubscribeLost,
+    /// One gateway's slow-consumer policy is misconfigured: a connection queue of one frame,
+    /// and what a full queue skips is dropped instead of caught up from the store.
+    SlowConsumerDrop,
 }
 
 /// The planted cause of a round: what an answer is graded against.
@@ -199,6 +207,7 @@ pub const CHALLENGES: &[Challenge] = &[
         topology: Topology::AllInOne,
         asks: &[Field::Hop, Field::Kind, Field::Room],
         variants: &[Mechanism::DeliverDrop, Mechanism::PublishDropUnrepaired],
+        restarts_bus: false,
     },
     Challenge {
         name: "performance-regression",
@@ -210,6 +219,7 @@ pub const CHALLENGES: &[Challenge] = &[
         topology: Topology::Releases,
         asks: &[Field::Process, Field::Hop, Field::Kind],
         variants: &[Mechanism::SequenceDelay, Mechanism::PublishDelay, Mechanism::DeliverDelay],
+        restarts_bus: false,
     },
     Challenge {
         name: "stuck-sends",
@@ -221,6 +231,7 @@ pub const CHALLENGES: &[Challenge] = &[
         topology: Topology::AllInOne,
         asks: &[Field::Hop, Field::Kind],
         variants: &[Mechanism::LockInversion, Mechanism::SequenceStall, Mechanism::PublishStall],
+        restarts_bus: false,
     },
     Challenge {
         name: "byzantine",
@@ -233,6 +244,7 @@ pub const CHALLENGES: &[Challenge] = &[
         topology: Topology::Cluster,
         asks: &[Field::Process, Field::Hop, Field::Kind],
         variants: &[Mechanism::GatewayRewrite, Mechanism::WorkerEquivocate, Mechanism::ClockSkew],
+        restarts_bus: false,
     },
     Challenge {
         name: "partitioned-gateway",
@@ -245,6 +257,7 @@ pub const CHALLENGES: &[Challenge] = &[
         topology: Topology::Cluster,
         asks: &[Field::Process, Field::Hop, Field::Kind],
         variants: &[Mechanism::NatsCut, Mechanism::FeedDelay],
+        restarts_bus: false,
     },
     Challenge {
         name: "duplicate-after-stall",
@@ -257,6 +270,21 @@ pub const CHALLENGES: &[Challenge] = &[
         topology: Topology::Cluster,
         asks: &[Field::Process, Field::Hop, Field::Kind],
         variants: &[Mechanism::WorkerStall, Mechanism::WorkerPublishDelay],
+        restarts_bus: false,
+    },
+    Challenge {
+        name: "lost-after-maintenance",
+        page: "docs/exercises/08-lost-after-maintenance.md",
+        symptom: "on the cluster, since NATS was restarted, some users miss messages that were acked",
+        story: "The cluster's NATS server was restarted for maintenance a moment ago (this round did it: \
+                see the bus's log). Every process reconnected and /readyz says ready everywhere. Since \
+                then some users miss messages: the sender got an ack, others in the room saw the \
+                message, they never did. Find the process that loses them and the hop where they are \
+                lost.",
+        topology: Topology::Cluster,
+        asks: &[Field::Process, Field::Hop],
+        variants: &[Mechanism::ResubscribeLost, Mechanism::SlowConsumerDrop, Mechanism::DeliverDrop],
+        restarts_bus: true,
     },
 ];
 
@@ -310,6 +338,8 @@ impl Mechanism {
             Mechanism::GatewayRewrite => "gateway-rewrite",
             Mechanism::WorkerEquivocate => "worker-equivocate",
             Mechanism::ClockSkew => "clock-skew",
+            Mechanism::ResubscribeLost => "resubscribe-lost",
+            Mechanism::SlowConsumerDrop => "slow-consumer-drop",
         }
     }
 
@@ -320,7 +350,9 @@ impl Mechanism {
             | Mechanism::DeliverDelay
             | Mechanism::NatsCut
             | Mechanism::FeedDelay
-            | Mechanism::GatewayRewrite => Role::Gateway,
+            | Mechanism::GatewayRewrite
+            | Mechanism::ResubscribeLost
+            | Mechanism::SlowConsumerDrop => Role::Gateway,
             _ => Role::Worker,
         }
     }
@@ -496,6 +528,35 @@ impl Mechanism {
                      counted. But the `ts` of every message {process} sequenced is about 90 s before \
                      the time its journey records for fanout.sequence (`at_us`), and the gateways' \
                      chat_sequence_to_gateway_seconds (measured from `ts`) shows 90 s for its messages."
+                ),
+            ),
+            Mechanism::ResubscribeLost => (
+                cause("gateway.resubscribe", "drop", Some(&room)),
+                vec![at(sealed("gateway.resubscribe", "drop", json!({"room": room})))],
+                format!(
+                    "Only members of {room} connected to {process} miss messages, and they miss every \
+                     one sent since the bus restart (a loadgen run over both gateways shows it). A \
+                     missing message's journey has gateway.fanout on the other gateway only: {process} \
+                     never received it, though its log shows the NATS reconnect and its /readyz is fine. \
+                     The bus says why: {bus}/connz?subs=1 lists {process}'s connection without \
+                     chat.deliver.{room}, while it has every other room's subscription. After the \
+                     reconnect the subscription was not restored; the room's hub still believes it \
+                     follows the room.",
+                    bus = super::topology::BUS_MONITOR,
+                ),
+            ),
+            Mechanism::SlowConsumerDrop => (
+                cause("gateway.outbox", "drop", None),
+                vec![at(sealed("gateway.outbox", "drop", json!({})))],
+                format!(
+                    "Members connected to {process} miss messages now and then, in every room; members \
+                     on the other gateway miss nothing. The missing messages' journeys have \
+                     gateway.fanout on {process} with `deferred_queue_full` (the connection's queue was \
+                     full, so the message was skipped for it) and \
+                     chat_drops_total{{reason=\"queue_full\"}} grows on {process}, yet \
+                     chat_drops_total{{reason=\"resynced_from_store\"}} stays 0 there: the skipped \
+                     messages are never caught up from the store, and queues fill at once (a queue of \
+                     one frame). The slow-consumer policy is set to drop."
                 ),
             ),
         };

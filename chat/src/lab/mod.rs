@@ -177,6 +177,31 @@ async fn start(
         launch.start_traffic(&urls, seed)
     };
     match prepared.await {
+        Ok(traffic) if challenge.restarts_bus => {
+            processes.extend(traffic);
+            // The story's maintenance: once the traffic flows, NATS restarts.
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            let restarted = async {
+                let dir = cluster_dir.as_deref().context("only a cluster has a bus to restart")?;
+                let cluster = topology::restart_bus(dir).await?;
+                topology::wait_ready(&urls, &cluster).await?;
+                anyhow::Ok(cluster)
+            };
+            match restarted.await {
+                Ok(cluster) => {
+                    processes.retain(|p| p.program == "loadgen");
+                    processes.extend(cluster);
+                }
+                Err(e) => {
+                    if let Some(dir) = &cluster_dir {
+                        let _ = topology::stop_cluster(dir);
+                    }
+                    topology::stop(&processes).await;
+                    dir.clear()?;
+                    return Err(e.context("restarting NATS"));
+                }
+            }
+        }
         Ok(traffic) => processes.extend(traffic),
         Err(e) => {
             if let Some(dir) = &cluster_dir {
@@ -198,6 +223,12 @@ async fn start(
         println!(
             "{name:<10} {url}  (WebSocket {}/ws, metrics {url}/metrics, journeys {url}/debug/messages/ID)",
             url.replacen("http", "ws", 1)
+        );
+    }
+    if cluster_dir.is_some() {
+        println!(
+            "bus        {}  (NATS monitoring: /connz?subs=1 lists each process's subscriptions)",
+            topology::BUS_MONITOR
         );
     }
     println!("logs       {}", round_dir.join("logs").display());

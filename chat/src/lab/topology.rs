@@ -126,8 +126,8 @@ impl Launch {
         Ok((pids, urls))
     }
 
-    /// Starts a background `loadgen` against each process: 24 clients in the lab's rooms, 30
-    /// sends a second, for `hours`.
+    /// Starts a background `loadgen` against each process (one spanning the gateways, on a
+    /// cluster): 24 clients in three of the lab's rooms each, 30 sends a second, for hours.
     pub fn start_traffic(&self, urls: &[(String, String)], seed: u64) -> anyhow::Result<Vec<Started>> {
         let mut started = Vec::new();
         // On a cluster one run spans the gateways, so rooms have members on both.
@@ -145,7 +145,10 @@ impl Launch {
             command
                 .arg("--url")
                 .arg(ws.join(","))
-                .args(["--clients", "24", "--rooms", &ROOMS.to_string(), "--rate", "30", "--duration", "4h"])
+                // Three rooms each: with one, client i's room (i mod 8) and gateway (i mod 2)
+                // would line up, and no room would have members on both gateways.
+                .args(["--clients", "24", "--rooms", &ROOMS.to_string(), "--rooms-per-client", "3"])
+                .args(["--rate", "30", "--duration", "4h"])
                 .args(["--prefix", &format!("{PREFIX}bg"), "--room-prefix", PREFIX])
                 .args(["--seed", &seed.to_string(), "--progress", "never"])
                 .args(["--journeys", "0"]);
@@ -206,6 +209,47 @@ fn cluster_processes(dir: &Path) -> Vec<Started> {
         .collect();
     started.sort_by(|a, b| a.name.cmp(&b.name));
     started
+}
+
+/// The cluster's NATS monitoring URL (`deploy/local/up` serves it on the client port + 4000):
+/// `/connz?subs=1` lists each process's connection and subscriptions.
+pub const BUS_MONITOR: &str = "http://127.0.0.1:8222";
+
+/// Restarts the cluster's NATS server in `dir` as an operator would for maintenance: SIGTERM,
+/// then the same command line again (JetStream keeps its streams on disk). Every process
+/// reconnects. Returns the cluster's processes, the new server among them.
+pub async fn restart_bus(dir: &Path) -> anyhow::Result<Vec<Started>> {
+    use std::os::unix::process::CommandExt;
+    let pid_file = dir.join("nats.pid");
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .with_context(|| format!("reading {}", pid_file.display()))?
+        .trim()
+        .parse()
+        .with_context(|| format!("parsing {}", pid_file.display()))?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).context("reading NATS's command line")?;
+    let argv: Vec<String> =
+        cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    let Some((program, args)) = argv.split_first() else { bail!("NATS (pid {pid}) has no command line") };
+    let server = cluster_processes(dir).into_iter().find(|p| p.pid == pid).context("NATS is not running")?;
+    // SIGTERM, and SIGKILL if it lingers: either way it is gone after this.
+    stop(std::slice::from_ref(&server)).await;
+    let log_path = dir.join("logs").join("nats.log");
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("restarting {program}"))?;
+    std::fs::write(&pid_file, format!("{}\n", child.id()))
+        .with_context(|| format!("writing {}", pid_file.display()))?;
+    Ok(cluster_processes(dir))
 }
 
 /// Stops the cluster in `dir` with `deploy/local/down`.

@@ -65,13 +65,14 @@ fn seed_for(challenge: &str, mechanism: Mechanism) -> u64 {
 /// One lab test at a time: their solvers measure timings, and a cluster round takes fixed ports.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The `NAME http://...` lines `chat lab start` printed, as process id → base URL.
+/// The `NAME http://...` lines `chat lab start` printed, as process id → base URL (the
+/// cluster's `bus` monitoring line left out: it is not a chat process).
 fn printed_urls(out: &str) -> BTreeMap<String, String> {
     out.lines()
         .filter_map(|line| {
             let mut words = line.split_whitespace();
             let (name, url) = (words.next()?, words.next()?);
-            url.starts_with("http://").then(|| (name.to_owned(), url.to_owned()))
+            (url.starts_with("http://") && name != "bus").then(|| (name.to_owned(), url.to_owned()))
         })
         .collect()
 }
@@ -175,12 +176,17 @@ struct Run {
     journeys: u32,
 }
 
+/// Rooms each of a player's clients joins: with three, every room has members on both
+/// gateways of a cluster (client i connects to gateway i mod 2).
+const ROOMS_PER_CLIENT: &str = "3";
+
 /// A player's audited loadgen run over the gateways at `urls` (base URLs) in the lab's rooms;
 /// returns its JSON report.
 fn player_run(urls: &[&str], run: Run, report: &Path) -> Value {
     let ws: Vec<String> = urls.iter().map(|u| format!("{}/ws", u.replacen("http://", "ws://", 1))).collect();
     let status = Command::new(loadgen_binary())
         .args(["--url", &ws.join(","), "--clients", "16", "--rooms", "8", "--room-prefix", "lab"])
+        .args(["--rooms-per-client", ROOMS_PER_CLIENT])
         .args(["--rate", &run.rate.to_string(), "--duration", &format!("{}s", run.seconds)])
         .args(["--journeys", &run.journeys.to_string(), "--progress", "never", "--report"])
         .arg(report)
@@ -558,6 +564,68 @@ async fn solve_byzantine(round: &Round) -> Vec<(&'static str, String)> {
     }
     assert_eq!(skewed.len(), 1, "one worker's clock lies: {skewed:?}");
     vec![("--process", skewed.pop_first().unwrap()), ("--hop", "fanout.clock".into()), ("--kind", "skew".into())]
+}
+
+/// lost-after-maintenance: a gateway whose queues skip deliveries that are never caught up has
+/// the slow-consumer policy wrong; otherwise the receivers who miss messages are on one gateway:
+/// if the bus shows that gateway without the room's subscription, it was not restored after the
+/// reconnect, else the messages were lost writing to the sockets.
+async fn solve_lost_after_maintenance(round: &Round) -> Vec<(&'static str, String)> {
+    let gateways = [round.urls["gw-1"].as_str(), round.urls["gw-2"].as_str()];
+    let report = player_run(&gateways, Run { seconds: 8, rate: 40, journeys: 0 }, &round.dir.join("run.json"));
+    let missing: Vec<Value> =
+        report["audit"]["findings"].as_array().unwrap().iter().filter(|f| f["kind"] == "missing").cloned().collect();
+    assert!(!missing.is_empty(), "the symptom: messages missing: {:#}", report["audit"]);
+    for gateway in ["gw-1", "gw-2"] {
+        let url = &round.urls[gateway];
+        let skipped = metric_value(url, "chat_drops_total{reason=\"queue_full\"}").await;
+        let caught_up = metric_value(url, "chat_drops_total{reason=\"resynced_from_store\"}").await;
+        if skipped > 0.0 && caught_up == 0.0 {
+            return vec![("--process", gateway.into()), ("--hop", "gateway.outbox".into())];
+        }
+    }
+    // The gateways of the receivers who miss messages (the player's client i is on gw-(i mod 2 + 1)).
+    let on: std::collections::BTreeSet<String> = missing
+        .iter()
+        .flat_map(|f| f["recipients"].as_array().unwrap().clone())
+        .map(|user| {
+            let client: u32 = user.as_str().unwrap().rsplit('u').next().unwrap().parse().unwrap();
+            format!("gw-{}", client % 2 + 1)
+        })
+        .collect();
+    assert_eq!(on.len(), 1, "receivers on one gateway miss messages: {on:?} {missing:#?}");
+    let gateway = on.into_iter().next().unwrap();
+    let rooms: std::collections::BTreeSet<&str> = missing.iter().map(|f| f["room"].as_str().unwrap()).collect();
+    assert_eq!(rooms.len(), 1, "in one room: {rooms:?}");
+    let room = rooms.into_iter().next().unwrap();
+    let (_, connz) = get_json("http://127.0.0.1:8222/connz?subs=1").await;
+    let connection = connz["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == gateway.as_str())
+        .unwrap_or_else(|| panic!("{gateway} is connected to the bus: {connz:#}"));
+    let subscribed = connection["subscriptions_list"]
+        .as_array()
+        .is_some_and(|subs| subs.iter().any(|s| s.as_str() == Some(&format!("chat.deliver.{room}"))));
+    let hop = if subscribed { "gateway.deliver" } else { "gateway.resubscribe" };
+    vec![("--process", gateway), ("--hop", hop.into())]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lab_lost_after_maintenance_every_mechanism_is_found_from_evidence() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let challenge = "lost-after-maintenance";
+    for mechanism in [Mechanism::ResubscribeLost, Mechanism::SlowConsumerDrop, Mechanism::DeliverDrop] {
+        let round = start_cluster_round(challenge, seed_for(challenge, mechanism));
+        let answer = solve_lost_after_maintenance(&round).await;
+        round.assert_unmarked(&[]).await;
+        let (code, out) = round.answer(&[("--process", "fanout-1"), ("--hop", "fanout.publish")]);
+        assert_eq!((code, out.starts_with("wrong")), (1, true), "{out}");
+        let (code, out) = round.answer(&borrowed(&answer));
+        assert_eq!(code, 0, "{mechanism:?}: {answer:?}: {out}");
+        round.stop();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,7 +30,7 @@ mod handlers;
 mod writer;
 
 use crate::auth::Identity;
-use crate::hook::ConnectionWrites;
+use crate::hook::{ConnectionWrites, QueuePolicy};
 use crate::outbox::Outbox;
 use crate::recorder::ConnectionRecording;
 use crate::rooms::Hub;
@@ -87,6 +87,8 @@ struct Connection {
     sink: SplitSink<WebSocket, Message>,
     /// The delivery hook's interceptor for this connection (none in the product).
     hooked_writes: Option<Box<dyn ConnectionWrites>>,
+    /// Whether skipped deliveries and gaps are caught up from the store (always, in the product).
+    catches_up: bool,
     /// This connection's place among its user's connections, from `hello` on.
     user_slot: Option<crate::slots::Slot<String>>,
     deliveries: u64,
@@ -98,13 +100,16 @@ struct Connection {
 pub async fn serve(socket: WebSocket, app: Arc<AppState>, query_token: Option<String>) {
     let id = app.next_connection_id();
     let limits = &app.config.limits;
-    let outbox = Outbox::new(id, limits.outbound_queue, limits.slow_consumer_timeout);
+    let session = Uuid::now_v7();
+    let hooked_writes = app.delivery_hook.as_ref().map(|hook| hook.connection(session));
+    let configured = QueuePolicy { capacity: limits.outbound_queue, catch_up: true };
+    let queue_policy = hooked_writes.as_ref().map_or(configured, |hooked| hooked.queue_policy(configured));
+    let outbox = Outbox::new(id, queue_policy.capacity, limits.slow_consumer_timeout);
     let rate = NonZeroU32::new(limits.send_rate_per_sec).unwrap_or(NonZeroU32::MIN);
     let burst = NonZeroU32::new(limits.send_burst).unwrap_or(rate);
     let control_rate = NonZeroU32::new(limits.control_rate_per_sec).unwrap_or(NonZeroU32::MIN);
     let control_burst = NonZeroU32::new(limits.control_burst).unwrap_or(control_rate);
     let (sink, stream) = socket.split();
-    let session = Uuid::now_v7();
     let mut connection = Connection {
         id,
         session,
@@ -115,7 +120,8 @@ pub async fn serve(socket: WebSocket, app: Arc<AppState>, query_token: Option<St
         limiter: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
         control_limiter: RateLimiter::direct(Quota::per_second(control_rate).allow_burst(control_burst)),
         sink,
-        hooked_writes: app.delivery_hook.as_ref().map(|hook| hook.connection(session)),
+        hooked_writes,
+        catches_up: queue_policy.catch_up,
         user_slot: None,
         deliveries: 0,
         recording: app.recorder.clone().map(|recorder| ConnectionRecording::new(recorder, id)),

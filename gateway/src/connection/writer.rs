@@ -35,7 +35,7 @@ impl Connection {
         for item in batch {
             self.write_outbound(item).await?;
         }
-        if !more && self.outbox.is_empty() && self.outbox.take_resync() {
+        if !more && self.outbox.is_empty() && self.outbox.take_resync() && self.catches_up {
             self.resync().await?;
         }
         Ok(())
@@ -57,7 +57,7 @@ impl Connection {
                 if seq <= cursor {
                     return Ok(());
                 }
-                if seq > cursor + 1 && self.app.repairs_gaps() {
+                if seq > cursor + 1 && self.catches_up && self.app.repairs_gaps() {
                     self.replay(&room.clone(), cursor, seq - 1).await?;
                 }
                 self.deliver(delivery).await
