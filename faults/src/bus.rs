@@ -175,7 +175,8 @@ async fn arrival(injector: &Injector, message: &ChatMessage) -> Option<Hop> {
 
 /// A worker's bus under `fanout.sequence` (stall or delay a room's sends before they are
 /// sequenced; the worker takes nothing else meanwhile) and `fanout.publish` (drop, duplicate,
-/// delay or equivocate: publish a forged copy of a stored message).
+/// delay, equivocate: publish a forged copy of a stored message, or forge_seq: publish it under
+/// the next seq).
 pub struct FaultyFanoutBus {
     inner: Arc<dyn FanoutBus>,
     injector: Injector,
@@ -271,6 +272,11 @@ impl FanoutBus for FaultyFanoutBus {
                 self.inner.deliver(message, traceparent).await
             }
             FaultAction::Equivocate => self.inner.deliver(Arc::new(forged(&message)), traceparent).await,
+            FaultAction::ForgeSeq => {
+                let mut lie = (*message).clone();
+                lie.seq += 1;
+                self.inner.deliver(Arc::new(lie), traceparent).await
+            }
             _ => self.inner.deliver(message, traceparent).await,
         }
     }
@@ -456,6 +462,23 @@ mod tests {
         let nothing = tokio::time::timeout(Duration::from_millis(200), feed.items.recv()).await;
         assert!(nothing.is_err(), "the gateway's feed stays open and silent: {nothing:?}");
         assert_eq!(metrics.faults_injected.with_label_values(&["gateway.resubscribe", "drop"]).get(), 0, "sealed");
+    }
+
+    #[tokio::test]
+    async fn a_forged_seq_is_published_under_the_next_seq_and_fails_the_self_check() {
+        let spec = FaultSpec { sealed: true, ..FaultSpec::new(Hop::FanoutPublish, FaultAction::ForgeSeq) };
+        let (injector, metrics) = injector(spec);
+        let local = Arc::new(LocalBus::new());
+        let mut feed = local.subscribe("r").await.unwrap();
+        let bus = FaultyFanoutBus::new(local.clone(), injector);
+        let truth = chained();
+        bus.deliver(truth.clone(), "").await.unwrap();
+        let Some(FeedItem::Message(published, _)) = feed.items.recv().await else { panic!("nothing published") };
+        assert_eq!((published.seq, published.id, &published.body), (truth.seq + 1, truth.id, &truth.body));
+        assert_eq!(published.digest, truth.digest, "the digest is left as it was");
+        let caught = protocol::chain::check(&published).unwrap_err();
+        assert_eq!(caught.kind(), protocol::chain::ViolationKind::Altered);
+        assert_eq!(metrics.faults_injected.with_label_values(&["fanout.publish", "forge_seq"]).get(), 0, "sealed");
     }
 
     #[tokio::test]

@@ -23,6 +23,10 @@ pub enum FaultAction {
     /// digest recomputed over it (a competent liar that passes the self-check; the next message
     /// of the room no longer links to it, and history has the true one).
     Equivocate,
+    /// A worker publishes a stored message under the next seq, its digest left as it was (a
+    /// forged seq: the message fails its self-check, shows twice, and the room's true next
+    /// message is taken for a repeat).
+    ForgeSeq,
     /// A worker holds a room's sends for `delay_ms` before sequencing them.
     Stall,
     /// The process acts as if cut off from the bus.
@@ -46,6 +50,7 @@ impl FaultAction {
             Self::Delay => "delay",
             Self::Rewrite => "rewrite",
             Self::Equivocate => "equivocate",
+            Self::ForgeSeq => "forge_seq",
             Self::Stall => "stall",
             Self::Cut => "cut",
             Self::Disable => "disable",
@@ -65,7 +70,7 @@ impl FaultAction {
 /// | `gateway.resubscribe` | drop | a gateway restoring a room's subscription after a bus reconnect: not restored |
 /// | `gateway.outbox` | drop | connections opened while armed: a queue of one frame, and what a full queue skips is dropped, never caught up from the store (a slow-consumer policy set to drop) |
 /// | `gateway.nats` | cut | a gateway's whole bus connection: sends `unavailable`, feeds dropped, not ready |
-/// | `fanout.publish` | drop, duplicate, delay, equivocate | a worker publishing a stored message to gateways |
+/// | `fanout.publish` | drop, duplicate, delay, equivocate, forge_seq | a worker publishing a stored message to gateways |
 /// | `fanout.sequence` | stall, delay | a worker before sequencing a room's sends (the rest of its batch waits too) |
 /// | `fanout.clock` | skew | a worker stamping `ts` (`delay_ms` ahead; negative: behind) |
 /// | `fanout.lock` | cross_lock | a worker sequencing `room` also locks `with_room`, holding its own |
@@ -143,7 +148,7 @@ impl Hop {
             Hop::GatewayGapRepair => &[Disable],
             Hop::GatewayResubscribe | Hop::GatewayOutbox => &[Drop],
             Hop::GatewayNats => &[Cut],
-            Hop::FanoutPublish => &[Drop, Duplicate, Delay, Equivocate],
+            Hop::FanoutPublish => &[Drop, Duplicate, Delay, Equivocate, ForgeSeq],
             Hop::FanoutSequence => &[Stall, Delay],
             Hop::FanoutClock => &[Skew],
             Hop::FanoutLock => &[CrossLock],

@@ -85,6 +85,8 @@ impl ChainWatch {
     /// Counts, journals and logs one violation. For a fork, `previous` (the message the gateway
     /// holds at seq - 1) gets a `chain.violation` hop too, since one of the two lies.
     pub fn report(&self, message: &ChatMessage, error: &ChainError, source: Source, previous: Option<Previous>) {
+        // Only a fork implicates the message before: an altered message fails on its own.
+        let previous = previous.filter(|_| error.kind() == protocol::chain::ViolationKind::Fork);
         let kind = error.kind().as_str();
         self.metrics.chain_violations.with_label_values(&[kind, source.as_str()]).inc();
         let mut detail = serde_json::json!({

@@ -141,6 +141,8 @@ pub enum Mechanism {
     WorkerEquivocate,
     /// One worker stamps `ts` 90 s in the past.
     ClockSkew,
+    /// One worker publishes some stored messages under the next seq (digest untouched).
+    SeqForge,
     /// After a bus reconnect, one gateway does not restore its subscription to one room.
     ResubscribeLost,
     /// One gateway's slow-consumer policy is misconfigured: a connection queue of one frame,
@@ -237,13 +239,14 @@ pub const CHALLENGES: &[Challenge] = &[
         name: "byzantine",
         page: "docs/exercises/04-debug-the-byzantine-failure.md",
         symptom: "on the cluster, some users see messages others never sent, or at impossible times",
-        story: "Two users of the same room compare screens and disagree: one sees a message with words \
+        story: "Users of the same room compare screens and disagree: one sees a message with words \
                 the sender swears she never typed, or a message stamped a minute and a half before the \
-                one it answers. Nothing is lost, nothing fails. One process of the cluster lies. Which \
-                one, at which hop, and how?",
+                one it answers, or one message twice where the history shows another. Sends are \
+                acked, no process fails. One process of the cluster lies. Which one, at which hop, \
+                and how?",
         topology: Topology::Cluster,
         asks: &[Field::Process, Field::Hop, Field::Kind],
-        variants: &[Mechanism::GatewayRewrite, Mechanism::WorkerEquivocate, Mechanism::ClockSkew],
+        variants: &[Mechanism::GatewayRewrite, Mechanism::WorkerEquivocate, Mechanism::ClockSkew, Mechanism::SeqForge],
         restarts_bus: false,
     },
     Challenge {
@@ -338,6 +341,7 @@ impl Mechanism {
             Mechanism::GatewayRewrite => "gateway-rewrite",
             Mechanism::WorkerEquivocate => "worker-equivocate",
             Mechanism::ClockSkew => "clock-skew",
+            Mechanism::SeqForge => "seq-forge",
             Mechanism::ResubscribeLost => "resubscribe-lost",
             Mechanism::SlowConsumerDrop => "slow-consumer-drop",
         }
@@ -528,6 +532,21 @@ impl Mechanism {
                      counted. But the `ts` of every message {process} sequenced is about 90 s before \
                      the time its journey records for fanout.sequence (`at_us`), and the gateways' \
                      chat_sequence_to_gateway_seconds (measured from `ts`) shows 90 s for its messages."
+                ),
+            ),
+            Mechanism::SeqForge => (
+                cause("fanout.publish", "forge_seq", None),
+                vec![at(sealed("fanout.publish", "forge_seq", json!({"probability": 0.1, "seed": 4})))],
+                format!(
+                    "Both gateways count chat_chain_violations_total{{kind=\"altered\",source=\"feed\"}}: \
+                     messages arrive from the bus failing their self-check, so the lie is upstream of \
+                     the gateways. A flagged message's journey names {process} in fanout.sequence and \
+                     fanout.publish, and its chain.violation hop gives the seq it arrived with: one more \
+                     than the seq the store (history) has for the same id. Its body is the sender's. \
+                     The damage follows: the gateways repair the seq the lie skipped from the store \
+                     (the message shows twice, at its true seq and the forged one) and take the room's \
+                     true next message for a repeat (chat_drops_total{{reason=\"feed_duplicate\"}}): \
+                     loadgen reports it missing, and chain_altered for the forged copy."
                 ),
             ),
             Mechanism::ResubscribeLost => (

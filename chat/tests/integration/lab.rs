@@ -425,27 +425,32 @@ async fn metric_sum(url: &str, name: &str) -> f64 {
 }
 
 /// partitioned-gateway: a gateway that is not ready names itself (and why); otherwise the
-/// gateway whose messages arrive from the bus seconds after they were sequenced.
+/// gateway whose messages arrive from the bus seconds after they were sequenced (watched until
+/// its traffic shows it: a late feed is seen only once messages have come through it).
 async fn solve_partitioned_gateway(round: &Round) -> Vec<(&'static str, String)> {
-    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
-    for gateway in ["gw-1", "gw-2"] {
-        let (status, why) = get(&format!("{}/readyz", round.urls[gateway])).await;
-        if status == 503 {
-            assert!(why.contains("not connected to NATS"), "{why}");
-            return vec![("--process", gateway.into()), ("--hop", "gateway.nats".into()), ("--kind", "cut".into())];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        for gateway in ["gw-1", "gw-2"] {
+            let (status, why) = get(&format!("{}/readyz", round.urls[gateway])).await;
+            if status == 503 {
+                assert!(why.contains("not connected to NATS"), "{why}");
+                return vec![("--process", gateway.into()), ("--hop", "gateway.nats".into()), ("--kind", "cut".into())];
+            }
         }
+        let mut lag = Vec::new();
+        for gateway in ["gw-1", "gw-2"] {
+            let url = &round.urls[gateway];
+            let sum = metric_sum(url, "chat_sequence_to_gateway_seconds_sum").await;
+            let count = metric_sum(url, "chat_sequence_to_gateway_seconds_count").await;
+            lag.push((sum / count.max(1.0), gateway));
+        }
+        lag.sort_by(|a, b| b.0.total_cmp(&a.0));
+        if lag[0].0 > 1.0 && lag[1].0 < 0.5 {
+            return vec![("--process", lag[0].1.into()), ("--hop", "gateway.feed".into()), ("--kind", "delay".into())];
+        }
+        assert!(std::time::Instant::now() < deadline, "no gateway is cut or late: {lag:?}");
     }
-    let mut lag = Vec::new();
-    for gateway in ["gw-1", "gw-2"] {
-        let url = &round.urls[gateway];
-        let sum = metric_sum(url, "chat_sequence_to_gateway_seconds_sum").await;
-        let count = metric_sum(url, "chat_sequence_to_gateway_seconds_count").await;
-        assert!(count > 0.0, "{gateway} forwarded messages");
-        lag.push((sum / count, gateway));
-    }
-    lag.sort_by(|a, b| b.0.total_cmp(&a.0));
-    assert!(lag[0].0 > 1.0 && lag[1].0 < 0.5, "one gateway receives late: {lag:?}");
-    vec![("--process", lag[0].1.into()), ("--hop", "gateway.feed".into()), ("--kind", "delay".into())]
 }
 
 /// duplicate-after-stall: the worker whose bus redelivers sends; then, from journeys of the
@@ -478,13 +483,17 @@ async fn solve_duplicate_after_stall(round: &Round) -> Vec<(&'static str, String
             .max()
             .unwrap_or(0)
     };
-    // A publish seconds after the store: the gateway may even have repaired the message from
-    // the store first, so look at every hop pair that ends in the publish.
+    // A publish seconds after the store: the gateway may have repaired the message from the
+    // store, or the bus redelivered it, before the publish; so look at every hop pair that ends
+    // in the publish or starts at the store (nothing else waits seconds after the store).
     let late_publish = report["samples"]["hops"]["pairs"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|p| p["hop"].as_str().unwrap().ends_with("→fanout.publish"))
+        .filter(|p| {
+            let pair = p["hop"].as_str().unwrap();
+            pair.ends_with("→fanout.publish") || pair.starts_with("store.append→")
+        })
         .any(|p| p["us"].as_array().unwrap().iter().any(|v| v.as_u64().unwrap() > 1_500_000));
     let hop = if late_publish { "fanout.publish" } else { "fanout.sequence" };
     let kind = if hop == "fanout.publish" { "delay" } else { "stall" };
@@ -531,6 +540,34 @@ async fn solve_byzantine(round: &Round) -> Vec<(&'static str, String)> {
                 ("--kind", "rewrite".into()),
             ];
         }
+    }
+    let mut altered_on_feed = 0.0;
+    for gateway in ["gw-1", "gw-2"] {
+        let series = "chat_chain_violations_total{kind=\"altered\",source=\"feed\"}";
+        altered_on_feed += metric_value(&round.urls[gateway], series).await;
+    }
+    if altered_on_feed > 0.0 {
+        // Altered before any gateway had it: what differs from the stored message, and who
+        // published it?
+        let finding = findings.iter().find(|f| f["kind"] == "chain_altered").expect("the auditor caught it too");
+        let (id, room) = (finding["id"].as_str().unwrap(), finding["room"].as_str().unwrap());
+        let (_, journey) = get_json(&format!("{}/debug/messages/{id}", round.urls["gw-1"])).await;
+        let hops = journey["hops"].as_array().unwrap();
+        let arrived = hops
+            .iter()
+            .find(|h| {
+                let detail = &h["detail"];
+                h["hop"] == "chain.violation" && detail["source"] == "feed" && detail["kind"] == "altered"
+            })
+            .unwrap_or_else(|| panic!("{journey:#}"))["detail"]["seq"]
+            .as_u64()
+            .unwrap();
+        let history = whole_history(&round.urls["gw-1"], room).await;
+        let stored = history.iter().find(|m| m["id"] == id).expect("stored")["seq"].as_u64().unwrap();
+        assert_eq!(arrived, stored + 1, "it arrived under another seq than the one stored: {journey:#}");
+        let worker =
+            hops.iter().find(|h| h["hop"] == "fanout.publish").expect("published")["process"].as_str().unwrap();
+        return vec![("--process", worker.into()), ("--hop", "fanout.publish".into()), ("--kind", "forge_seq".into())];
     }
     if let Some(fork) = findings.iter().find(|f| f["kind"] == "equivocation") {
         let forks = metric_value(&round.urls["gw-1"], "chat_chain_violations_total{kind=\"fork\",source=\"feed\"}")
@@ -639,6 +676,7 @@ async fn lab_cluster_challenges_every_mechanism_is_found_from_evidence() {
         ("byzantine", Mechanism::GatewayRewrite),
         ("byzantine", Mechanism::WorkerEquivocate),
         ("byzantine", Mechanism::ClockSkew),
+        ("byzantine", Mechanism::SeqForge),
     ];
     for (challenge, mechanism) in rounds {
         let round = start_cluster_round(challenge, seed_for(challenge, mechanism));

@@ -239,6 +239,9 @@ async fn an_altered_message_from_the_bus_is_reported_and_delivered() {
     assert_eq!(violations(&s.metrics, "fork", "feed"), 0);
     let journey = s.journal.get(messages[1].id).unwrap();
     assert!(journey.hops.iter().any(|h| h.hop == "chain.violation" && h.detail["kind"] == "altered"), "{journey:?}");
+    // Only a fork implicates the message before; an altered message fails on its own.
+    let before = s.journal.get(messages[0].id).map(|j| j.hops).unwrap_or_default();
+    assert!(before.iter().all(|h| h.hop != "chain.violation"), "{before:?}");
 }
 
 /// A hub created in a room with history continues the chain from its newest message.
