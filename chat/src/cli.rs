@@ -326,6 +326,10 @@ pub struct WorkerArgs {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub ack_wait_ms: u64,
+    /// Seconds a worker may spend warming the store up (a send's operations in a room of its
+    /// own, until they are quick) before it takes sends and says it is ready; 0 skips it.
+    #[arg(long, env = "CHAT_WARM_UP_SECS", value_name = "S", default_value_t = 45)]
+    pub warm_up_secs: u64,
     /// The worker's decision log.
     #[command(flatten)]
     pub decision_log: DecisionLogArgs,
@@ -344,6 +348,7 @@ impl WorkerArgs {
             journal_capacity,
             fanout: FanoutConfig { max_batch: self.max_batch, ..FanoutConfig::default() },
             ack_wait: Duration::from_millis(self.ack_wait_ms),
+            warm_up: Duration::from_secs(self.warm_up_secs),
             decision_log: self.decision_log.path.clone().filter(|p| !p.as_os_str().is_empty()),
         }
     }

@@ -79,6 +79,8 @@ pub struct WorkerConfig {
     /// How long the worker may hold a send before JetStream redelivers it to another worker
     /// (set when a partition's consumer is created).
     pub ack_wait: Duration,
+    /// Longest warm-up of the store before taking sends (zero: none).
+    pub warm_up: Duration,
     /// Where to write the worker's decision log, if anywhere.
     pub decision_log: Option<std::path::PathBuf>,
 }
@@ -142,14 +144,18 @@ pub async fn fanout(
     admin_token: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let WorkerConfig { id: worker_id, journal_capacity, fanout: fanout_config, ack_wait, decision_log } = worker;
+    let WorkerConfig { id: worker_id, journal_capacity, fanout: fanout_config, ack_wait, warm_up, decision_log } =
+        worker;
     let decision_log = start_decision_log(decision_log.as_deref(), &worker_id, &fanout_config).await?;
     let metrics = Metrics::new();
     let mut nats = backends.nats_config(&worker_id);
     nats.ack_wait = ack_wait;
     let bus = NatsBus::connect(nats, metrics.clone()).await.context("NATS")?;
-    bus.start_worker().await.context("joining the fanout workers")?;
     let store = connect_store(&backends).await?;
+    // Before taking sends (and before /readyz answers): a store node that just started would
+    // time most of them out.
+    warm_store(store.as_ref(), &worker_id, warm_up).await;
+    bus.start_worker().await.context("joining the fanout workers")?;
     let journal = Arc::new(Journal::new(worker_id.clone(), journal_capacity));
     bus.serve_journal(journal.clone()).await.context("serving journeys")?;
     let faults = FaultLayer::new(admin_token, metrics.clone(), journal.clone());
@@ -195,6 +201,23 @@ pub async fn fanout(
     let _ = stop_tx.send(true);
     close_decision_log(decision_log).await?;
     ops.await.context("ops server task")?.context("ops server")
+}
+
+/// Warms the store up with the operations of a send in the worker's own room, for at most
+/// `budget` (see `storage::warm`).
+async fn warm_store(store: &dyn storage::HistoryStore, worker_id: &str, budget: Duration) {
+    if budget.is_zero() {
+        return;
+    }
+    let until = storage::warm::WarmUp { budget, ..Default::default() };
+    let room = storage::warm::room_of(worker_id);
+    let warmed = storage::warm::warm_up(store, &room, until).await;
+    let (rounds, failed, took_ms) = (warmed.rounds, warmed.failed, warmed.took.as_millis() as u64);
+    if warmed.warm {
+        tracing::info!(rounds, failed, took_ms, "store warmed up");
+    } else {
+        tracing::warn!(rounds, failed, took_ms, "store still slow after the warm-up budget; taking sends anyway");
+    }
 }
 
 /// Starts writing a worker's decision log at `path`, if one is asked for.

@@ -301,7 +301,7 @@ impl Default for Config {
             seed: 1,
             source_ips: Vec::new(),
             reconnect: None,
-            drain: Duration::from_secs(5),
+            drain: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(10),
             prefix: "lg".to_string(),
             room_prefix: None,
@@ -493,8 +493,11 @@ pub struct Cli {
     #[arg(long, env = "LOADGEN_HTML")]
     pub html: Option<PathBuf>,
 
-    /// Wait this long after the last scheduled send for acks and deliveries.
-    /// Example: --drain 10s [default: 5s]
+    /// Wait up to this long after the last scheduled send for acks and deliveries (the drain
+    /// ends as soon as everything is answered and delivered). The default covers the server's
+    /// answer bound (a refused send is answered within about 12 s, docs/protocol.md), so a send
+    /// still being answered is not reported as unacked.
+    /// Example: --drain 10s [default: 15s]
     #[arg(long, env = "LOADGEN_DRAIN", value_parser = parse_duration)]
     pub drain: Option<Duration>,
 

@@ -9,6 +9,7 @@
 
 pub mod cql;
 pub mod embedded;
+pub mod warm;
 
 use async_trait::async_trait;
 use protocol::ChatMessage;

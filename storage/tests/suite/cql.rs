@@ -243,3 +243,22 @@ async fn a_node_with_authentication_and_tls_admits_only_a_verified_login() {
     let not_pem = tempfile::NamedTempFile::new().unwrap();
     refused(config(Some(("cassandra", "cassandra")), Some(not_pem.path().to_owned())), "holds no certificate").await;
 }
+
+/// A warm-up runs a send's operations in rooms of its own until they are quick, and leaves
+/// nothing in any client room (its rooms' names hold a dot, which client rooms cannot).
+#[tokio::test]
+async fn a_warm_up_works_in_its_own_rooms_until_the_store_is_quick() {
+    crate::with_cassandra("warm_up", async |store, _| {
+        use storage::warm::{room_of, warm_up, WarmUp};
+        let until =
+            WarmUp { quick_rounds: 5, concurrency: 4, quick: Duration::from_secs(2), budget: Duration::from_secs(60) };
+        let warmed = warm_up(store, &room_of("fanout-1"), until).await;
+        assert!(warmed.warm, "{warmed:?}");
+        for i in 0..4 {
+            let room = format!(".warmup.fanout-1.{i}");
+            assert_eq!(store.last_seq(&room).await.unwrap(), u64::from(warmed.rounds), "{room}");
+        }
+        assert!(!protocol::names::is_valid_room(".warmup.fanout-1.0"), "no client can join it");
+    })
+    .await;
+}
