@@ -56,6 +56,8 @@ const PUBLISH_ID_BASE: u32 = 1 << 31;
 const CONNECT_ID: u32 = 1;
 /// Centrifugo's error codes for a bad or expired token (they mean: do not retry as is).
 const UNAUTHORIZED_CODES: [u32; 2] = [101, 109];
+/// The WebSocket close code Centrifugo answers a `connect` with a token it cannot verify.
+const INVALID_TOKEN_CLOSE: u16 = 3500;
 
 // === wire: commands ===
 
@@ -514,6 +516,9 @@ async fn connect(shared: &Shared, idx: u32, shift: usize) -> Result<Conn, &'stat
                         _ => {}
                     }
                 }
+            }
+            Some(Ok(Message::Close(Some(frame)))) if u16::from(frame.code) == INVALID_TOKEN_CLOSE => {
+                return Err("unauthorized")
             }
             Some(Ok(Message::Close(_))) | None => return Err("closed_before_connect_reply"),
             Some(Err(_)) => return Err("read_error"),
