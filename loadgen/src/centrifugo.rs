@@ -458,8 +458,12 @@ impl Client {
         let len = crate::schedule::body_len(i, cfg.body.min, cfg.body.max, cfg.seed);
         let start = (crate::schedule::mix(i as u64 ^ cfg.seed) as usize) % (shared.body_pool.len() - len + 1);
         let client_msg_id = shared.plan.client_msg_id(i);
-        let data = Payload { c: Some(Cow::Borrowed(client_msg_id.as_str())), b: Cow::Borrowed(&shared.body_pool[start..start + len]) };
-        let text = encode(PUBLISH_ID_BASE + i, Request::Publish { channel: &shared.plan.rooms[rec.room as usize], data });
+        let data = Payload {
+            c: Some(Cow::Borrowed(client_msg_id.as_str())),
+            b: Cow::Borrowed(&shared.body_pool[start..start + len]),
+        };
+        let text =
+            encode(PUBLISH_ID_BASE + i, Request::Publish { channel: &shared.plan.rooms[rec.room as usize], data });
         let now = shared.clock.now_us();
         if shared.records.mark_sent(i, now) {
             let mut w = shared.metrics.shard(self.idx);
@@ -510,7 +514,11 @@ async fn connect(shared: &Shared, idx: u32, shift: usize) -> Result<Conn, &'stat
                     match item {
                         Ok(Incoming::Reply { id: CONNECT_ID, result: Ok(()) }) => break 'wait,
                         Ok(Incoming::Reply { id: CONNECT_ID, result: Err((code, _)) }) => {
-                            return Err(if UNAUTHORIZED_CODES.contains(&code) { "unauthorized" } else { "connect_rejected" })
+                            return Err(if UNAUTHORIZED_CODES.contains(&code) {
+                                "unauthorized"
+                            } else {
+                                "connect_rejected"
+                            })
                         }
                         Ok(Incoming::Disconnect) => return Err("closed_before_connect_reply"),
                         _ => {}
