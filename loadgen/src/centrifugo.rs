@@ -771,6 +771,7 @@ fn cap(mut clients: Vec<u32>) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schedule::PlannedSend;
 
     #[test]
     fn commands_are_one_field_named_after_the_method() {
@@ -833,5 +834,48 @@ mod tests {
         assert_eq!(decode_line(r#"{"push":{"channel":"a","join":{"info":{}}}}"#), Ok(Incoming::Other));
         assert!(decode_line("not json").is_err());
         assert_eq!(decode_frame("{}\r\n").collect::<Vec<_>>(), vec![Ok(Incoming::Ping)]);
+    }
+
+    /// Room 0 with clients 0, 1 and 2 (2 subscribed only after the sends), four sends from
+    /// client 0: 0 and 1 acked, 2 never answered, 3 rejected.
+    fn verdict_of(got: [&[u32]; 2], duplicates: &[u32]) -> AuditResult {
+        let users = (0..3).map(|c| format!("t-u{c}")).collect();
+        let plan = Plan::explicit("t", users, vec!["t-r0".into()], vec![vec![0]; 3]);
+        let sends: Vec<PlannedSend> = (0..4).map(|i| PlannedSend { at_us: i * 1000, client: 0, room: 0 }).collect();
+        let records = Records::new(&sends, 1);
+        for i in 0..4u32 {
+            records.mark_sent(i, 100 + i as u64);
+        }
+        records.ack(0, [0; 16], 1, 500);
+        records.ack(1, [0; 16], 2, 600);
+        records.reject(3, ErrorCode::Forbidden);
+        let member = |client: u32, since_us: u64, got: &[u32], duplicates: &[u32]| Member {
+            room: 0,
+            client,
+            since_us: Some(since_us),
+            got: got.iter().copied().collect(),
+            duplicates: duplicates.to_vec(),
+        };
+        let members = [member(0, 10, got[0], duplicates), member(1, 10, got[1], &[]), member(2, 5_000, &[], &[])];
+        finalize(&records, &members, &plan, 0, 10)
+    }
+
+    #[test]
+    fn the_verdict_counts_missing_duplicate_and_unanswered_publishes() {
+        let clean = verdict_of([&[0, 1], &[0, 1]], &[]);
+        assert!(!clean.passed, "send 2 was never answered: {}", clean.verdict);
+        assert_eq!((clean.sent, clean.acked, clean.members_audited), (4, 2, 3));
+        assert_eq!((clean.expected_deliveries, clean.delivered), (4, 4), "client 2 subscribed after the sends");
+        assert_eq!((clean.counts.unacked, clean.counts.rejected), (1, 1));
+
+        let faulty = verdict_of([&[0, 1], &[0]], &[0, 0]);
+        assert_eq!((faulty.counts.missing_messages, faulty.counts.missing_deliveries), (1, 1));
+        assert_eq!(faulty.counts.duplicate_deliveries, 2);
+        assert_eq!(faulty.delivered, 3);
+        let missing: Vec<_> = faulty.findings.iter().filter(|f| f.kind == FindingKind::Missing).collect();
+        assert_eq!(missing.len(), 1);
+        assert_eq!(missing[0].client_msg_id.as_deref(), Some("t.1"));
+        assert_eq!(missing[0].recipients, vec!["t-u1".to_string()]);
+        assert!(faulty.verdict.starts_with("FAILED: 1 missing message(s), 2 duplicate delivery(ies), 1 unacked"));
     }
 }

@@ -619,8 +619,10 @@ impl Cli {
         let d = Config::default();
         let sc = scenario.as_ref();
         let pick = |cli: Option<f64>, sc: Option<f64>, d: f64| cli.or(sc).unwrap_or(d);
-        // Defaults of chat protocol features are off for Centrifugo (given values are refused).
-        let chat_only = |d: f64| if self.protocol == Protocol::Chat { d } else { 0.0 };
+        // History reads and journeys are chat protocol features: off by default for Centrifugo
+        // (given values are refused by `validate`).
+        let chat = self.protocol == Protocol::Chat;
+        let (history_default, journeys_default) = if chat { (d.history_rate, d.journeys) } else { (0.0, 0) };
 
         let room_dist = match (self.room_dist, sc.and_then(|s| s.room_dist.as_deref())) {
             (Some(r), _) => r,
@@ -683,7 +685,7 @@ impl Cli {
             phases,
             ramp: pick(self.ramp, sc.and_then(|s| s.ramp), d.ramp),
             body,
-            history_rate: pick(self.history_rate, sc.and_then(|s| s.history_rate), chat_only(d.history_rate)),
+            history_rate: pick(self.history_rate, sc.and_then(|s| s.history_rate), history_default),
             token_secret: self.token_secret,
             seed,
             source_ips: self.source_ips.unwrap_or_default(),
@@ -704,7 +706,7 @@ impl Cli {
                     .clone()
                     .unwrap_or_else(|| self.scenario.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
             }),
-            journeys: self.journeys.unwrap_or(chat_only(d.journeys as f64) as usize),
+            journeys: self.journeys.unwrap_or(journeys_default),
             admin_token: self.admin_token,
             replay: None,
             replay_speed: self.replay_speed.unwrap_or(d.replay_speed),
@@ -882,6 +884,18 @@ mod tests {
         .unwrap();
         let errors = cli.into_config(false).unwrap_err();
         assert_eq!(errors.len(), 3, "{errors:?}");
+    }
+
+    #[test]
+    fn centrifugo_turns_chat_features_off_and_refuses_them_when_given() {
+        let cli = Cli::try_parse_from(["loadgen", "--protocol", "centrifugo", "--prefix", "t1"]).unwrap();
+        let c = cli.into_config(false).unwrap();
+        assert_eq!((c.protocol, c.history_rate, c.journeys), (Protocol::Centrifugo, 0.0, 0));
+        let cli =
+            Cli::try_parse_from(["loadgen", "--protocol", "centrifugo", "--history-rate", "2", "--journeys", "10"])
+                .unwrap();
+        let errors = cli.into_config(false).unwrap_err();
+        assert_eq!(errors.len(), 2, "{errors:?}");
     }
 
     #[test]
