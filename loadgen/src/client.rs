@@ -33,10 +33,11 @@ use crate::replay::RecordedBody;
 use crate::runner::Shared;
 use crate::schedule::Action;
 
-type Ws = WebSocketStream<TcpStream>;
+/// A client's WebSocket.
+pub(crate) type Ws = WebSocketStream<TcpStream>;
 
 /// Connection attempts before a client is reported as failed to the ramp (it keeps trying).
-const INITIAL_ATTEMPTS: u32 = 3;
+pub(crate) const INITIAL_ATTEMPTS: u32 = 3;
 /// Longest pause between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -98,6 +99,9 @@ pub struct Ready {
 pub struct ClientOutcome {
     /// One per room of the client.
     pub tracks: Vec<Track>,
+    /// With `--protocol centrifugo`: one per room of the client, the sends it got (the audit's
+    /// evidence there, as pushes carry no seq); empty for the chat protocol.
+    pub centrifugo: Vec<crate::centrifugo::Member>,
 }
 
 /// A `client frame + req` on the wire: the protocol crate's frame with the request tag beside it.
@@ -497,9 +501,15 @@ impl ClientState {
     }
 
     fn backoff(&mut self, attempt: u32) -> Duration {
-        let base = Duration::from_millis(100).saturating_mul(1 << attempt.min(6)).min(MAX_BACKOFF);
-        base.mul_f64(0.5 + self.rng.random::<f64>() * 0.5)
+        backoff(&mut self.rng, attempt)
     }
+}
+
+/// The pause before reconnect attempt `attempt`: doubling from 100 ms up to [`MAX_BACKOFF`],
+/// jittered down by up to half.
+pub(crate) fn backoff(rng: &mut StdRng, attempt: u32) -> Duration {
+    let base = Duration::from_millis(100).saturating_mul(1 << attempt.min(6)).min(MAX_BACKOFF);
+    base.mul_f64(0.5 + rng.random::<f64>() * 0.5)
 }
 
 /// Runs a client until [`Cmd::Stop`]; reports [`Ready`] once.
@@ -625,7 +635,7 @@ pub async fn run_client(
     if !st.ready_reported {
         let _ = ready_tx.send(Ready { ok: false }).await;
     }
-    ClientOutcome { tracks: st.tracks }
+    ClientOutcome { tracks: st.tracks, centrifugo: Vec::new() }
 }
 
 fn mark_lost(st: &mut ClientState, shared: &Shared) {
@@ -635,32 +645,10 @@ fn mark_lost(st: &mut ClientState, shared: &Shared) {
     }
 }
 
-/// TCP connect (bound to a source address when configured), WebSocket handshake, `hello` →
-/// `welcome`. Errors are short codes counted in the report.
-/// Client `idx` uses gateway `(idx + shift) % n`: spread round-robin, and moved on to the next
-/// gateway after each lost connection or failed attempt (a draining gateway refuses new ones).
+/// TCP connect, WebSocket handshake, `hello` → `welcome`. Errors are short codes counted in
+/// the report.
 async fn connect(shared: &Shared, idx: u32, shift: usize) -> Result<Conn, &'static str> {
-    let targets = &shared.targets;
-    let (target, addrs) = &targets[(idx as usize + shift) % targets.len()];
-    let ips = &shared.config.source_ips;
-    let source = (!ips.is_empty()).then(|| ips[idx as usize % ips.len()]);
-    let addr = pick_addr(addrs, source).ok_or("no_address")?;
-    let stream = match source {
-        Some(ip) => {
-            let socket = match ip {
-                IpAddr::V4(_) => TcpSocket::new_v4(),
-                IpAddr::V6(_) => TcpSocket::new_v6(),
-            }
-            .map_err(|_| "socket_failed")?;
-            socket.bind(SocketAddr::new(ip, 0)).map_err(|_| "bind_failed")?;
-            socket.connect(addr).await.map_err(connect_code)?
-        }
-        None => TcpStream::connect(addr).await.map_err(connect_code)?,
-    };
-    let _ = stream.set_nodelay(true);
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(target.url.as_str(), stream, Some(ws_config()))
-        .await
-        .map_err(|_| "handshake_failed")?;
+    let mut ws = dial(shared, idx, shift).await?;
     let user = shared.plan.user(idx);
     let hello = match &shared.config.token_secret {
         Some(secret) => ClientFrame::Hello { user: None, token: Some(mint_token(shared, idx, &user, secret)?) },
@@ -684,6 +672,35 @@ async fn connect(shared: &Shared, idx: u32, shift: usize) -> Result<Conn, &'stat
     let (tx, rx) = mpsc::channel(shared.config.queue.max(shared.plan.client_rooms[idx as usize].len() + 1));
     let writer = tokio::spawn(write_loop(sink, rx));
     Ok(Conn { stream, tx, writer })
+}
+
+/// TCP connect (bound to a source address when configured) and WebSocket handshake, the part
+/// of connecting every protocol shares.
+/// Client `idx` uses gateway `(idx + shift) % n`: spread round-robin, and moved on to the next
+/// gateway after each lost connection or failed attempt (a draining gateway refuses new ones).
+pub(crate) async fn dial(shared: &Shared, idx: u32, shift: usize) -> Result<Ws, &'static str> {
+    let targets = &shared.targets;
+    let (target, addrs) = &targets[(idx as usize + shift) % targets.len()];
+    let ips = &shared.config.source_ips;
+    let source = (!ips.is_empty()).then(|| ips[idx as usize % ips.len()]);
+    let addr = pick_addr(addrs, source).ok_or("no_address")?;
+    let stream = match source {
+        Some(ip) => {
+            let socket = match ip {
+                IpAddr::V4(_) => TcpSocket::new_v4(),
+                IpAddr::V6(_) => TcpSocket::new_v6(),
+            }
+            .map_err(|_| "socket_failed")?;
+            socket.bind(SocketAddr::new(ip, 0)).map_err(|_| "bind_failed")?;
+            socket.connect(addr).await.map_err(connect_code)?
+        }
+        None => TcpStream::connect(addr).await.map_err(connect_code)?,
+    };
+    let _ = stream.set_nodelay(true);
+    let (ws, _) = tokio_tungstenite::client_async_with_config(target.url.as_str(), stream, Some(ws_config()))
+        .await
+        .map_err(|_| "handshake_failed")?;
+    Ok(ws)
 }
 
 /// Small buffers: tungstenite zero-fills its whole read buffer before every read (128 KiB by
@@ -720,7 +737,8 @@ struct Claims<'a> {
     rooms: Vec<&'a str>,
 }
 
-fn mint_token(shared: &Shared, idx: u32, user: &str, secret: &str) -> Result<String, &'static str> {
+/// A JWT (HS256) for client `idx` as `user`, valid for a day.
+pub(crate) fn mint_token(shared: &Shared, idx: u32, user: &str, secret: &str) -> Result<String, &'static str> {
     let now = (protocol::now_ms() / 1000) as u64;
     let rooms =
         shared.plan.client_rooms[idx as usize].iter().map(|&r| shared.plan.rooms[r as usize].as_str()).collect();
@@ -735,7 +753,7 @@ fn mint_token(shared: &Shared, idx: u32, user: &str, secret: &str) -> Result<Str
 
 /// Feeds queued frames to the socket, flushing when the queue runs dry; a closed channel sends
 /// a close frame.
-async fn write_loop(mut sink: SplitSink<Ws, Message>, mut rx: mpsc::Receiver<Message>) {
+pub(crate) async fn write_loop(mut sink: SplitSink<Ws, Message>, mut rx: mpsc::Receiver<Message>) {
     while let Some(msg) = rx.recv().await {
         if sink.feed(msg).await.is_err() {
             return;

@@ -176,6 +176,19 @@ pub enum ProgressMode {
     Never,
 }
 
+/// Which server protocol the clients speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// Chat protocol v1 (docs/protocol.md): `hello`, `join`, `send`, audited by seq.
+    #[default]
+    Chat,
+    /// Centrifugo's client protocol v2 in JSON (`connect`, `subscribe`, `publish`, `push.pub`),
+    /// for comparisons (deploy/bench/vs-centrifugo); a room is a channel. Deliveries are
+    /// audited by count per member (missing, duplicate), not by order: see [`crate::centrifugo`].
+    Centrifugo,
+}
+
 /// Serializes durations as seconds (a float) in reports.
 pub(crate) mod secs {
     use std::time::Duration;
@@ -219,6 +232,8 @@ pub struct ReconnectPlan {
 pub struct Config {
     /// Gateway WebSocket URLs (`ws://host:port/ws`); clients are spread round-robin.
     pub urls: Vec<String>,
+    /// The protocol the clients speak.
+    pub protocol: Protocol,
     /// Number of simulated clients (one WebSocket connection each).
     pub clients: u32,
     /// Number of rooms.
@@ -289,6 +304,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             urls: vec![DEFAULT_URL.to_string()],
+            protocol: Protocol::Chat,
             clients: 100,
             rooms: 10,
             rooms_per_client: 1,
@@ -384,6 +400,9 @@ impl Config {
         if !(self.replay_speed.is_finite() && self.replay_speed > 0.0) {
             errors.push(invalid("--replay-speed", "must be a positive number, e.g. 2 for twice the recorded pace"));
         }
+        if self.protocol == Protocol::Centrifugo {
+            errors.extend(self.centrifugo_conflicts());
+        }
         let scheduled: f64 = self.phases.iter().map(|p| p.rate * p.duration.as_secs_f64()).sum();
         if scheduled > u32::MAX as f64 / 2.0 {
             errors.push(invalid("--rate/--duration", "more than 2^31 sends in one run"));
@@ -393,6 +412,32 @@ impl Config {
         } else {
             Err(errors)
         }
+    }
+
+    /// What `--protocol centrifugo` cannot do: history reads, resumed reconnects, replays and
+    /// journeys are chat protocol features.
+    fn centrifugo_conflicts(&self) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        let why = "is a chat protocol feature; --protocol centrifugo cannot use it";
+        if self.history_rate > 0.0 {
+            errors.push(invalid("--history-rate", format!("{why} (use --history-rate 0)")));
+        }
+        if self.reconnect.as_ref().is_some_and(|r| r.resume) {
+            errors.push(invalid("reconnect.resume", format!("{why} (Centrifugo without history cannot resume)")));
+        }
+        if self.replay.is_some() {
+            errors.push(invalid("--replay", why.to_string()));
+        }
+        if self.journeys > 0 {
+            errors.push(invalid("--journeys", format!("{why} (use --journeys 0)")));
+        }
+        if self.rooms_per_client >= crate::centrifugo::MAX_SUBSCRIPTIONS {
+            errors.push(invalid(
+                "--rooms-per-client",
+                format!("at most {} with --protocol centrifugo", crate::centrifugo::MAX_SUBSCRIPTIONS - 1),
+            ));
+        }
+        errors
     }
 
     /// Total length of the measured phase.
@@ -423,6 +468,12 @@ pub struct Cli {
     /// Example: --url ws://127.0.0.1:8080/ws --url ws://127.0.0.1:8081/ws [default: ws://127.0.0.1:8080/ws]
     #[arg(long = "url", env = "LOADGEN_URL", value_delimiter = ',')]
     pub urls: Vec<String>,
+
+    /// Protocol the clients speak: `chat` (protocol v1) or `centrifugo` (Centrifugo's client
+    /// protocol v2, JSON, at ws://HOST:PORT/connection/websocket; no history reads or journeys,
+    /// deliveries audited by count, not order). Example: --protocol centrifugo [default: chat]
+    #[arg(long, env = "LOADGEN_PROTOCOL", value_enum, default_value_t = Protocol::Chat)]
+    pub protocol: Protocol,
 
     /// Number of simulated clients, one WebSocket each. Example: --clients 1000 [default: 100]
     #[arg(long, env = "LOADGEN_CLIENTS")]
@@ -571,6 +622,10 @@ impl Cli {
         let d = Config::default();
         let sc = scenario.as_ref();
         let pick = |cli: Option<f64>, sc: Option<f64>, d: f64| cli.or(sc).unwrap_or(d);
+        // History reads and journeys are chat protocol features: off by default for Centrifugo
+        // (given values are refused by `validate`).
+        let chat = self.protocol == Protocol::Chat;
+        let (history_default, journeys_default) = if chat { (d.history_rate, d.journeys) } else { (0.0, 0) };
 
         let room_dist = match (self.room_dist, sc.and_then(|s| s.room_dist.as_deref())) {
             (Some(r), _) => r,
@@ -622,6 +677,7 @@ impl Cli {
         let seed = self.seed.or(sc.and_then(|s| s.seed)).unwrap_or_else(random_u64);
         let config = Config {
             urls: if self.urls.is_empty() { d.urls.clone() } else { self.urls },
+            protocol: self.protocol,
             clients: self.clients.or(sc.and_then(|s| s.clients)).unwrap_or(d.clients),
             rooms: self.rooms.or(sc.and_then(|s| s.rooms)).unwrap_or(d.rooms),
             rooms_per_client: self
@@ -632,7 +688,7 @@ impl Cli {
             phases,
             ramp: pick(self.ramp, sc.and_then(|s| s.ramp), d.ramp),
             body,
-            history_rate: pick(self.history_rate, sc.and_then(|s| s.history_rate), d.history_rate),
+            history_rate: pick(self.history_rate, sc.and_then(|s| s.history_rate), history_default),
             token_secret: self.token_secret,
             seed,
             source_ips: self.source_ips.unwrap_or_default(),
@@ -653,7 +709,7 @@ impl Cli {
                     .clone()
                     .unwrap_or_else(|| self.scenario.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
             }),
-            journeys: self.journeys.unwrap_or(d.journeys),
+            journeys: self.journeys.unwrap_or(journeys_default),
             admin_token: self.admin_token,
             replay: None,
             replay_speed: self.replay_speed.unwrap_or(d.replay_speed),
@@ -831,6 +887,18 @@ mod tests {
         .unwrap();
         let errors = cli.into_config(false).unwrap_err();
         assert_eq!(errors.len(), 3, "{errors:?}");
+    }
+
+    #[test]
+    fn centrifugo_turns_chat_features_off_and_refuses_them_when_given() {
+        let cli = Cli::try_parse_from(["loadgen", "--protocol", "centrifugo", "--prefix", "t1"]).unwrap();
+        let c = cli.into_config(false).unwrap();
+        assert_eq!((c.protocol, c.history_rate, c.journeys), (Protocol::Centrifugo, 0.0, 0));
+        let cli =
+            Cli::try_parse_from(["loadgen", "--protocol", "centrifugo", "--history-rate", "2", "--journeys", "10"])
+                .unwrap();
+        let errors = cli.into_config(false).unwrap_err();
+        assert_eq!(errors.len(), 2, "{errors:?}");
     }
 
     #[test]

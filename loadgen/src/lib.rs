@@ -12,6 +12,7 @@
 //! - [`plan`]: users, rooms, who is in which room (uniform or zipf sizes).
 //! - [`schedule`]: the open-loop schedule of sends, history reads and disconnects.
 //! - [`client`]: one simulated client and its connection.
+//! - [`centrifugo`]: the same client speaking Centrifugo's protocol (`--protocol centrifugo`).
 //! - [`audit`]: the per-message records, per-member tracks and the verdict.
 //! - [`metrics`]: HDR histograms and the once-a-second timeline.
 //! - [`report`]: JSON, the summary table, and HTML with inline SVG plots.
@@ -25,6 +26,7 @@
 pub mod audit;
 pub mod bench;
 pub mod capacity;
+pub mod centrifugo;
 pub mod client;
 pub mod compare;
 pub mod config;

@@ -11,8 +11,9 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::mpsc;
 
 use crate::audit::{finalize, Records, Track, TrackProgress};
-use crate::client::{run_client, ClientState, Cmd, Ready, Target};
-use crate::config::{Config, ConfigError};
+use crate::centrifugo;
+use crate::client::{run_client, ClientOutcome, ClientState, Cmd, Ready, Target};
+use crate::config::{Config, ConfigError, Protocol};
 use crate::metrics::{process_cpu_seconds, Clock, Collector, Metrics};
 use crate::plan::Plan;
 use crate::progress::Progress;
@@ -65,6 +66,8 @@ pub struct Shared {
     pub targets: Vec<(Target, Vec<SocketAddr>)>,
     /// Random ASCII letters that bodies are sliced from.
     pub body_pool: String,
+    /// `--protocol centrifugo`: the synthetic seq of each room's next ack.
+    pub ack_ordinals: crate::centrifugo::AckOrdinals,
 }
 
 impl Shared {
@@ -101,8 +104,17 @@ impl Shared {
         let pool_len = (config.body.max * 2).max(16 * 1024);
         let body_pool = (0..pool_len).map(|_| rng.random_range(b'a'..=b'z') as char).collect();
         let shards = std::thread::available_parallelism().map_or(4, |n| n.get() * 4);
-        let shared =
-            Self { config, clock: Clock::new(), plan, records, metrics: Metrics::new(shards), targets, body_pool };
+        let ack_ordinals = crate::centrifugo::AckOrdinals::new(plan.rooms.len());
+        let shared = Self {
+            config,
+            clock: Clock::new(),
+            plan,
+            records,
+            metrics: Metrics::new(shards),
+            targets,
+            body_pool,
+            ack_ordinals,
+        };
         (shared, events)
     }
 }
@@ -162,11 +174,21 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> Re
     let ramp_start = shared.clock.now_us();
     let (mut ok, mut failed) = (0usize, 0usize);
     for i in 0..cfg.clients {
-        let st = ClientState::new(shared.clone(), i);
-        progresses.extend(st.tracks().iter().map(|t| (t.room, t.progress())));
         let (tx, rx) = mpsc::channel(cfg.queue);
         cmd_txs.push(tx);
-        handles.push(tokio::spawn(run_client(st, rx, ready_tx.clone())));
+        let handle = match cfg.protocol {
+            Protocol::Chat => {
+                let st = ClientState::new(shared.clone(), i);
+                progresses.extend(st.tracks().iter().map(|t| (t.room, t.progress())));
+                tokio::spawn(run_client(st, rx, ready_tx.clone()))
+            }
+            Protocol::Centrifugo => {
+                let st = centrifugo::Client::new(shared.clone(), i);
+                progresses.extend(st.progress());
+                tokio::spawn(centrifugo::run_client(st, rx, ready_tx.clone()))
+            }
+        };
+        handles.push(handle);
         if cfg.ramp > 0.0 {
             let due = ramp_start + ((i + 1) as f64 * 1e6 / cfg.ramp) as u64;
             let sleep = tokio::time::sleep_until(shared.clock.instant(due).into());
@@ -280,7 +302,7 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> Re
     let drain_end = shared.clock.now_us();
 
     // === stop and audit ===
-    let tracks = stop_clients(cmd_txs, handles).await;
+    let outcomes = stop_clients(cmd_txs, handles).await;
     ticker.abort();
     let cpu_end = process_cpu_seconds();
     let mut collector = match Arc::try_unwrap(collector) {
@@ -289,9 +311,17 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> Re
     };
     collector.collect(&shared.metrics, shared.clock.now_us() as f64 / 1e6);
     progress.finish();
-    let refs: Vec<&Track> = tracks.iter().collect();
-    let audit =
-        finalize(&shared.records, &refs, &shared.plan, shared.metrics.stray.load(Ordering::Relaxed), cfg.max_findings);
+    let stray = shared.metrics.stray.load(Ordering::Relaxed);
+    let audit = match cfg.protocol {
+        Protocol::Chat => {
+            let refs: Vec<&Track> = outcomes.iter().flat_map(|o| &o.tracks).collect();
+            finalize(&shared.records, &refs, &shared.plan, stray, cfg.max_findings)
+        }
+        Protocol::Centrifugo => {
+            let members: Vec<centrifugo::Member> = outcomes.into_iter().flat_map(|o| o.centrifugo).collect();
+            centrifugo::finalize(&shared.records, &members, &shared.plan, stray, cfg.max_findings)
+        }
+    };
     let facts = RunFacts {
         started_unix_ms,
         ramp_start_us: ramp_start,
@@ -334,25 +364,25 @@ fn drained(shared: &Shared, progresses: &[(u32, Arc<TrackProgress>)], cmd_txs: &
     })
 }
 
-/// Tells every client to stop and collects their tracks; a client that does not finish within
+/// Tells every client to stop and collects their outcomes; a client that does not finish within
 /// five seconds is aborted and its tracks are lost (counted as not audited).
 async fn stop_clients(
     cmd_txs: Vec<mpsc::Sender<Cmd>>,
-    handles: Vec<tokio::task::JoinHandle<crate::client::ClientOutcome>>,
-) -> Vec<Track> {
+    handles: Vec<tokio::task::JoinHandle<ClientOutcome>>,
+) -> Vec<ClientOutcome> {
     for tx in cmd_txs {
         // When the queue is full the Stop is lost, but dropping the sender closes the channel,
         // which the client also takes as a stop once it has worked through the queue.
         let _ = tx.try_send(Cmd::Stop);
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let mut tracks = Vec::new();
+    let mut outcomes = Vec::new();
     for mut h in handles {
         match tokio::time::timeout_at(deadline, &mut h).await {
-            Ok(Ok(outcome)) => tracks.extend(outcome.tracks),
+            Ok(Ok(outcome)) => outcomes.push(outcome),
             Ok(Err(_)) => {}
             Err(_) => h.abort(),
         }
     }
-    tracks
+    outcomes
 }

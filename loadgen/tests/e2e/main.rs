@@ -9,6 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod capacity;
+mod centrifugo;
 mod compare;
 mod replay;
 mod support;
