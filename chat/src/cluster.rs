@@ -213,10 +213,17 @@ async fn warm_store(store: &dyn storage::HistoryStore, worker_id: &str, budget: 
     let room = storage::warm::room_of(worker_id);
     let warmed = storage::warm::warm_up(store, &room, until).await;
     let (rounds, failed, took_ms) = (warmed.rounds, warmed.failed, warmed.took.as_millis() as u64);
+    let median_ms = warmed.median.as_secs_f64() * 1000.0;
     if warmed.warm {
-        tracing::info!(rounds, failed, took_ms, "store warmed up");
+        tracing::info!(rounds, failed, took_ms, median_ms, "store warmed up");
     } else {
-        tracing::warn!(rounds, failed, took_ms, "store still slow after the warm-up budget; taking sends anyway");
+        tracing::warn!(
+            rounds,
+            failed,
+            took_ms,
+            median_ms,
+            "store still slow after the warm-up budget; taking sends anyway"
+        );
     }
 }
 

@@ -300,6 +300,17 @@ impl Fanout {
                             continue;
                         }
                         Outcome::Unknown => {
+                            // The gateways answer these from the store later (a send found
+                            // there is acked), so what landed must still reach them.
+                            let unsettled = decisions
+                                .iter()
+                                .zip(&sends)
+                                .filter_map(|(decision, pending)| match decision {
+                                    Decision::New(m) => Some((m.clone(), pending.command.traceparent.clone())),
+                                    _ => None,
+                                })
+                                .collect();
+                            self.settle_later(unsettled);
                             self.fail_all(room, sends, BusError::unavailable(e.to_string())).await;
                             return None;
                         }
@@ -483,6 +494,44 @@ impl Fanout {
         }
     }
 
+    /// Keeps asking the store, in the background, whether an append whose outcome stayed
+    /// unknown past its sends' deadline landed, and publishes what did. Without this a stored
+    /// message (which the gateway acks once it finds it in the store) would reach members only
+    /// when a later message of the room revealed the gap: in a room that then fell quiet, never.
+    fn settle_later(&self, unsettled: Vec<(ChatMessage, String)>) {
+        let (store, bus, journal) = (self.store.clone(), self.bus.clone(), self.journal.clone());
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let mut landed = Vec::new();
+            for (message, traceparent) in unsettled {
+                loop {
+                    tokio::time::sleep(RESOLVE_PAUSE).await;
+                    match store.find_by_client_msg_id(&message.room, &message.user, &message.client_msg_id).await {
+                        Ok(Some(stored)) if stored.id == message.id => {
+                            landed.push((message, traceparent));
+                            break;
+                        }
+                        Ok(_) => break,
+                        Err(_) if started.elapsed() < SETTLE_WITHIN => continue,
+                        Err(e) => {
+                            tracing::warn!(room = %message.room, message_id = %message.id, trace_id = %message.trace_id, error = %e, "gave up learning whether an append landed; a later message of the room repairs it if it did");
+                            return;
+                        }
+                    }
+                }
+            }
+            for (message, traceparent) in landed {
+                tracing::info!(room = %message.room, seq = message.seq, message_id = %message.id, trace_id = %message.trace_id, "an append whose outcome was unknown had landed; published late");
+                let published = bus.deliver(Arc::new(message.clone()), &traceparent).await;
+                let detail = match &published {
+                    Ok(()) => serde_json::json!({"late": true}),
+                    Err(e) => serde_json::json!({"late": true, "error": e.to_string()}),
+                };
+                journal.record(message.id, &message.trace_id, "fanout.publish", detail);
+            }
+        });
+    }
+
     /// Publishes a stored message to the gateways.
     async fn publish(&self, message: &Arc<ChatMessage>, traceparent: &str) -> Result<(), BusError> {
         let _waiting = self.waiting(&message.room, "bus.deliver");
@@ -590,6 +639,8 @@ enum Outcome {
 
 /// Pause between attempts to learn a failed append's fate.
 const RESOLVE_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+/// How long a worker keeps asking whether an append whose outcome stayed unknown landed.
+const SETTLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Why a command is not acceptable, re-checked here because the bus may carry anything.
 fn invalid(command: &SendCommand) -> Option<String> {

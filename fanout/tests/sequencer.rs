@@ -65,11 +65,24 @@ enum Failure {
     /// Only the first message stored (a store appending in chunks that failed after the first),
     /// and the answer is an error.
     FirstOnlyApplied,
+    /// Stored, the answer lost, and every read fails from then on until `reads_down` is cleared
+    /// (a store that times everything out, as a node that just started does).
+    AppliedThenDown,
 }
 
 struct FlakyStore {
     inner: EmbeddedStore,
     next_append: Mutex<Option<Failure>>,
+    reads_down: std::sync::atomic::AtomicBool,
+}
+
+impl FlakyStore {
+    fn reads(&self) -> Result<(), StoreError> {
+        match self.reads_down.load(std::sync::atomic::Ordering::SeqCst) {
+            true => Err(StoreError::unavailable("read timed out")),
+            false => Ok(()),
+        }
+    }
 }
 
 #[async_trait]
@@ -86,6 +99,11 @@ impl HistoryStore for FlakyStore {
             Some(Failure::Conflict) => {
                 Err(StoreError::conflict(&batch.room, batch.expected_last_seq, batch.expected_last_seq + 1))
             }
+            Some(Failure::AppliedThenDown) => {
+                self.inner.append(batch).await?;
+                self.reads_down.store(true, std::sync::atomic::Ordering::SeqCst);
+                Err(StoreError::unavailable("append timed out"))
+            }
             Some(Failure::FirstOnlyApplied) => {
                 let first = RoomAppend { messages: batch.messages[..1].to_vec(), ..batch };
                 self.inner.append(first).await?;
@@ -94,9 +112,11 @@ impl HistoryStore for FlakyStore {
         }
     }
     async fn last_seq(&self, room: &str) -> Result<u64, StoreError> {
+        self.reads()?;
         self.inner.last_seq(room).await
     }
     async fn find_by_client_msg_id(&self, room: &str, user: &str, id: &str) -> Result<Option<ChatMessage>, StoreError> {
+        self.reads()?;
         self.inner.find_by_client_msg_id(room, user, id).await
     }
     async fn page(&self, room: &str, query: PageQuery) -> Result<Page, StoreError> {
@@ -135,7 +155,11 @@ fn worker() -> Worker {
 /// A worker writing its decisions to `log`, when given.
 fn worker_logged(log: Option<&DecisionLog>) -> Worker {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(FlakyStore { inner: EmbeddedStore::open(dir.path()).unwrap(), next_append: Mutex::new(None) });
+    let store = Arc::new(FlakyStore {
+        inner: EmbeddedStore::open(dir.path()).unwrap(),
+        next_append: Mutex::new(None),
+        reads_down: Default::default(),
+    });
     worker_over(store, dir, log)
 }
 
@@ -338,6 +362,29 @@ async fn an_append_that_landed_without_an_answer_is_acked_once() {
     worker.stop().await;
 }
 
+/// An append that landed while the store stopped answering until the sends' deadline: the
+/// sends are answered unavailable (their gateway acks them once it finds them in the store),
+/// and once the store answers again the worker publishes what landed, so members get it even
+/// if the room says nothing more.
+#[tokio::test]
+async fn an_append_whose_outcome_stayed_unknown_is_published_once_the_store_tells() {
+    let worker = worker();
+    *worker.store.next_append.lock().unwrap() = Some(Failure::AppliedThenDown);
+    let outcome = worker.send(command("r", "a", protocol::now_ms() + 600)).await;
+    assert_eq!(outcome.unwrap_err().kind(), BusErrorKind::Unavailable);
+    assert!(worker.bus.published.lock().unwrap().is_empty(), "nothing published while it is unknown");
+    worker.store.reads_down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while worker.bus.published.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let published: Vec<(u64, String)> =
+        worker.bus.published.lock().unwrap().iter().map(|m| (m.seq, m.client_msg_id.clone())).collect();
+    assert_eq!(published, [(1, "a".to_owned())], "published once it was known to have landed");
+    assert_eq!(worker.stored("r").await.len(), 1);
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn an_append_that_did_not_land_is_sequenced_again() {
     let worker = worker();
@@ -521,6 +568,7 @@ impl std::fmt::Debug for Failure {
             Failure::NotApplied => "NotApplied",
             Failure::Conflict => "Conflict",
             Failure::FirstOnlyApplied => "FirstOnlyApplied",
+            Failure::AppliedThenDown => "AppliedThenDown",
         })
     }
 }

@@ -2,10 +2,9 @@
 //! started on a free port with a temporary config (HS256 tokens, publish and subscribe allowed
 //! in channels without a namespace, history off), killed on drop.
 //!
-//! Ignored by default: Centrifugo is a Go binary the workspace does not build. Build it once with
-//! `deploy/tools/centrifugo` (it prints the path), then
-//! `cargo test -p loadgen --test e2e centrifugo -- --ignored`; `CENTRIFUGO=PATH` overrides the
-//! cached binary's path.
+//! Centrifugo is a Go binary the workspace does not build: deploy/test-all builds it once per
+//! machine with `deploy/tools/centrifugo` (which prints the path) and passes it as `CENTRIFUGO`.
+//! Without it these tests fail, saying so.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -103,7 +102,6 @@ fn config(server: &Centrifugo, prefix: &str) -> Config {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Centrifugo: build it with deploy/tools/centrifugo, then run with --ignored"]
 async fn centrifugo_run_delivers_every_publish_to_every_subscriber() {
     let server = centrifugo().await;
     let report = run(config(&server, "cf")).await;
@@ -119,7 +117,6 @@ async fn centrifugo_run_delivers_every_publish_to_every_subscriber() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Centrifugo: build it with deploy/tools/centrifugo, then run with --ignored"]
 async fn centrifugo_refuses_a_token_of_another_secret() {
     let server = centrifugo().await;
     let config =

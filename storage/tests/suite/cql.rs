@@ -251,7 +251,7 @@ async fn a_warm_up_works_in_its_own_rooms_until_the_store_is_quick() {
     crate::with_cassandra("warm_up", async |store, _| {
         use storage::warm::{room_of, warm_up, WarmUp};
         let until =
-            WarmUp { quick_rounds: 5, concurrency: 4, quick: Duration::from_secs(2), budget: Duration::from_secs(60) };
+            WarmUp { window: 5, concurrency: 4, quick: Duration::from_secs(2), budget: Duration::from_secs(60) };
         let warmed = warm_up(store, &room_of("fanout-1"), until).await;
         assert!(warmed.warm, "{warmed:?}");
         for i in 0..4 {
