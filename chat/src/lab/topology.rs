@@ -127,7 +127,8 @@ impl Launch {
     }
 
     /// Starts a background `loadgen` against each process (one spanning the gateways, on a
-    /// cluster): 24 clients in three of the lab's rooms each, 30 sends a second, for hours.
+    /// cluster): 24 clients in the lab's rooms (three each on a cluster), 30 sends a second, for
+    /// hours.
     pub fn start_traffic(&self, urls: &[(String, String)], seed: u64) -> anyhow::Result<Vec<Started>> {
         let mut started = Vec::new();
         // On a cluster one run spans the gateways, so rooms have members on both.
@@ -139,15 +140,17 @@ impl Launch {
             let joined = gateways.iter().map(|(_, url)| url.clone()).collect::<Vec<_>>().join(",");
             vec![("cluster".to_owned(), joined)]
         };
+        let rooms_per_client = if gateways.is_empty() { "1" } else { "3" };
         for (name, url) in &targets {
             let ws: Vec<String> = url.split(',').map(|u| format!("{}/ws", u.replacen("http://", "ws://", 1))).collect();
             let mut command = Command::new(&self.loadgen);
             command
                 .arg("--url")
                 .arg(ws.join(","))
-                // Three rooms each: with one, client i's room (i mod 8) and gateway (i mod 2)
-                // would line up, and no room would have members on both gateways.
-                .args(["--clients", "24", "--rooms", &ROOMS.to_string(), "--rooms-per-client", "3"])
+                // On a cluster, three rooms each: with one, client i's room (i mod 8) and gateway
+                // (i mod 2) would line up, and no room would have members on both gateways.
+                // Elsewhere one: a connection's acks share its writes with its deliveries.
+                .args(["--clients", "24", "--rooms", &ROOMS.to_string(), "--rooms-per-client", rooms_per_client])
                 .args(["--rate", "30", "--duration", "4h"])
                 .args(["--prefix", &format!("{PREFIX}bg"), "--room-prefix", PREFIX])
                 .args(["--seed", &seed.to_string(), "--progress", "never"])

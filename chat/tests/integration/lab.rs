@@ -176,9 +176,16 @@ struct Run {
     journeys: u32,
 }
 
-/// Rooms each of a player's clients joins: with three, every room has members on both
-/// gateways of a cluster (client i connects to gateway i mod 2).
-const ROOMS_PER_CLIENT: &str = "3";
+/// Rooms each of a player's clients joins over several gateways: with three, every room has
+/// members on both gateways of a cluster (client i connects to gateway i mod 2). Over one
+/// process, one room each, as the round's own traffic.
+fn rooms_per_client(urls: &[&str]) -> &'static str {
+    if urls.len() > 1 {
+        "3"
+    } else {
+        "1"
+    }
+}
 
 /// A player's audited loadgen run over the gateways at `urls` (base URLs) in the lab's rooms;
 /// returns its JSON report.
@@ -186,7 +193,7 @@ fn player_run(urls: &[&str], run: Run, report: &Path) -> Value {
     let ws: Vec<String> = urls.iter().map(|u| format!("{}/ws", u.replacen("http://", "ws://", 1))).collect();
     let status = Command::new(loadgen_binary())
         .args(["--url", &ws.join(","), "--clients", "16", "--rooms", "8", "--room-prefix", "lab"])
-        .args(["--rooms-per-client", ROOMS_PER_CLIENT])
+        .args(["--rooms-per-client", rooms_per_client(urls)])
         .args(["--rate", &run.rate.to_string(), "--duration", &format!("{}s", run.seconds)])
         .args(["--journeys", &run.journeys.to_string(), "--progress", "never", "--report"])
         .arg(report)
