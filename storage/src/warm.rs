@@ -36,7 +36,7 @@ pub struct WarmUp {
 
 impl Default for WarmUp {
     fn default() -> Self {
-        Self { window: 20, concurrency: 8, quick: Duration::from_millis(20), budget: Duration::from_secs(45) }
+        Self { window: 20, concurrency: 8, quick: Duration::from_millis(20), budget: Duration::from_secs(30) }
     }
 }
 

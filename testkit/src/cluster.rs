@@ -6,6 +6,11 @@ use std::time::Duration;
 
 use crate::{cassandra, unique_keyspace, ChatProcess, NatsCluster, NatsNodeAt, NatsServer, Netns};
 
+/// A worker's store warm-up in tests: the shared test store is warm already, and a 3-node
+/// ring's transactions never settle below the product's threshold, so at most 5 s (readiness
+/// is awaited for 30 s).
+const WARM_UP: [&str; 2] = ["--warm-up-secs", "5"];
+
 /// How a [`Cluster`] is started; from [`Cluster::builder`].
 #[derive(Debug, Clone)]
 pub struct ClusterBuilder {
@@ -330,6 +335,7 @@ impl Cluster {
     pub async fn add_worker(&mut self) -> usize {
         let index = self.workers.len();
         let mut args = vec!["fanout".to_owned(), "--worker-id".into(), self.worker_id(index)];
+        args.extend(WARM_UP.iter().map(|a| a.to_string()));
         args.extend(self.common_args(&self.nats.urls()));
         args.extend(self.options.worker_args.iter().cloned());
         let process = self.spawn(&args).await;
@@ -357,6 +363,7 @@ impl Cluster {
     pub async fn add_worker_in(&mut self, netns: &Netns, link: usize, nats_url: &str, cql: &str) -> usize {
         let index = self.workers.len();
         let mut args = vec!["fanout".to_owned(), "--worker-id".into(), self.worker_id(index)];
+        args.extend(WARM_UP.iter().map(|a| a.to_string()));
         args.extend(self.args_in(netns, link, nats_url, cql));
         args.extend(self.options.worker_args.iter().cloned());
         let process = self.spawn_in(Some(netns.name()), &args).await;
