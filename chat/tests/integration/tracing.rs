@@ -66,12 +66,17 @@ async fn spans_of_every_hop_share_the_message_trace_across_two_processes() {
     let backends = vec!["--nats".to_owned(), nats.url(), "--cql".into(), cql, "--keyspace".into(), keyspace];
     let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", collector.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")];
     let binary = Path::new(env!("CARGO_BIN_EXE_chat"));
-    let mut fanout_args = vec!["fanout".to_owned(), "--listen".into(), "127.0.0.1:0".into()];
+    // The worker takes sends only once it has warmed the store up (at most 5 s here, on the
+    // shared test node); `/readyz` says when.
+    let mut fanout_args =
+        vec!["fanout".to_owned(), "--listen".into(), "127.0.0.1:0".into(), "--warm-up-secs".into(), "5".into()];
     fanout_args.extend(backends.clone());
-    let _fanout = ChatProcess::start(binary, &fanout_args, &env).await;
+    let fanout = ChatProcess::start(binary, &fanout_args, &env).await;
+    fanout.wait_ready().await;
     let mut gateway_args = vec!["gateway".to_owned(), "--listen".into(), "127.0.0.1:0".into()];
     gateway_args.extend(backends);
     let gateway = ChatProcess::start(binary, &gateway_args, &env).await;
+    gateway.wait_ready().await;
 
     let mut alice = Client::login(&gateway.ws_url(), "alice").await;
     alice.join("traced").await;
