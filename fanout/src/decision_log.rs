@@ -407,6 +407,7 @@ impl LoggedError {
             StoreErrorKind::Conflict => "conflict",
             StoreErrorKind::Corrupt => "corrupt",
             StoreErrorKind::Config => "config",
+            StoreErrorKind::Fenced => "fenced",
             _ => "unavailable",
         };
         Self { kind: kind.into(), message: e.to_string() }
@@ -418,6 +419,7 @@ impl LoggedError {
             "conflict" => StoreErrorKind::Conflict,
             "corrupt" => StoreErrorKind::Corrupt,
             "config" => StoreErrorKind::Config,
+            "fenced" => StoreErrorKind::Fenced,
             _ => StoreErrorKind::Unavailable,
         };
         let prefix = format!("{kind}: ");

@@ -8,7 +8,7 @@ use bus::{BusError, FanoutBus, PendingSend};
 use futures_util::future::join_all;
 use protocol::bus::{SendCommand, SendOutcome};
 use protocol::{chain, names, ChatMessage};
-use storage::{HistoryStore, PageQuery, RoomAppend, StoreError};
+use storage::{HistoryStore, PageQuery, RoomAppend, StoreError, StoreErrorKind};
 use telemetry::journal::Journal;
 use telemetry::logging::HOP_TARGET;
 use telemetry::metrics::Metrics;
@@ -262,7 +262,10 @@ impl Fanout {
                 drop(store_spans);
                 match appended {
                     Ok(()) => {}
-                    Err(conflict) if conflict.is_conflict() => {
+                    // Fenced off: another worker took the room's partition, and nothing of the
+                    // append was committed. Sequencing again takes the partition back (after the
+                    // store's grace), or finds what the other worker stored.
+                    Err(conflict) if conflict.is_conflict() || conflict.kind() == StoreErrorKind::Fenced => {
                         self.metrics.seq_conflicts.inc();
                         // The messages' ids are drawn again on the retry: their sends' trace ids
                         // are what stays.

@@ -1,16 +1,21 @@
 //! The CQL store: history in ScyllaDB (tested on Apache Cassandra 5) through the `scylla` driver.
 //!
-//! Sequencing is fenced by a lightweight transaction on the room's `room_state` row, which also
-//! records the appended messages as `pending` (a write-ahead record). Only after the transaction
-//! is applied are the message, dedupe and id rows written, with plain idempotent writes; the
-//! newest message's row goes last and marks the append complete. A writer that dies in between
-//! leaves the record behind, and [`HistoryStore::last_seq`] (and [`HistoryStore::page`]) finish
-//! the writes before answering. The schema lives in `storage/schema/*.cql`; see
-//! docs/storage.md for the design.
+//! Appends are plain writes, fenced by owner epochs (docs/architecture.md, "Sequencing on the
+//! cluster"): a writer takes the fence of a room's partition once, with a lightweight
+//! transaction that raises the fence's epoch, and waits out the grace of the writer before it;
+//! every write it makes then carries a timestamp derived from its epoch, so a write of an older
+//! epoch always loses. An append writes the message, dedupe and id rows, reads that the epoch is
+//! still its own, and commits by writing the room's `last_seq`; it answers success only when the
+//! commit completed within the fence window of that read. Rows above a room's `last_seq` were never
+//! committed: lookups check a row against the committed seqs and the row it points at.
+//!
+//! Rooms last written before epochs (by a transaction that also kept a `pending` record of its
+//! messages) are completed by [`HistoryStore::last_seq`] and [`HistoryStore::page`] as before.
+//! The schema lives in `storage/schema/*.cql`; see docs/storage.md.
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::future::BoxFuture;
@@ -28,6 +33,7 @@ use uuid::Uuid;
 
 pub use scylla::statement::{Consistency, SerialConsistency};
 
+use crate::fence::{fence_of, Fences, Known};
 use crate::{HistoryStore, Page, PageQuery, RoomAppend, StoreError, StoreErrorKind};
 
 /// Consecutive seqs per `messages` partition: `bucket = seq / BUCKET_SIZE`.
@@ -37,20 +43,21 @@ pub const BUCKET_SIZE: u64 = 1000;
 const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_history.cql", include_str!("../schema/0001_history.cql")),
     ("0002_chain.cql", include_str!("../schema/0002_chain.cql")),
+    ("0003_fence.cql", include_str!("../schema/0003_fence.cql")),
 ];
 
 /// Requests in flight at once for one append, or for one batch of dedupe lookups.
 const MAX_INFLIGHT_REQUESTS: usize = 64;
 
-/// Most bytes of pending record (the JSON of the messages) one fencing transaction carries; a
-/// bigger append is claimed in chunks of at most this much (a single message larger than this
-/// goes alone). What bounds a single-partition transaction is the request frame
-/// (`native_transport_max_frame_size`, 16 MiB) and the mutation (`max_mutation_size`, half the
-/// 32 MiB commit log segment); `batch_size_fail_threshold` (50 KiB) applies to `BATCH`
-/// statements, which the store does not use. 256 KiB keeps the `pending` cell far below those and
-/// ScyllaDB's 1 MB large-cell warning, while a worker's usual batch (up to 1024 messages of a
-/// few hundred bytes) still takes one transaction.
-pub const MAX_CLAIM_BYTES: usize = 256 * 1024;
+/// An append succeeds only when its commit completed within this long of the read that found
+/// its epoch current, or when a read after the commit still finds it current.
+const FENCE_WINDOW: Duration = Duration::from_millis(400);
+/// How long a writer waits after taking a fence from another before it writes: longer than
+/// [`FENCE_WINDOW`], so every commit the writer before it could still call a success has landed.
+const FENCE_GRACE: Duration = Duration::from_millis(1000);
+
+/// Transactions tried to take a fence before giving up (each loses only to another taker).
+const TAKE_ATTEMPTS: usize = 5;
 
 /// Client-side timeout of schema statements, which are slower than reads and writes.
 const SCHEMA_TIMEOUT: Duration = Duration::from_secs(60);
@@ -181,10 +188,13 @@ impl Default for CqlConfig {
 
 /// The prepared statements of the store.
 struct Statements {
-    /// First append to a room: `INSERT ... IF NOT EXISTS`.
-    claim_first: PreparedStatement,
-    /// Later appends: `UPDATE ... IF last_seq = ?`.
-    claim_next: PreparedStatement,
+    /// Taking a fence the first time: `INSERT ... IF NOT EXISTS` with epoch 1.
+    take_first: PreparedStatement,
+    /// Taking it from the epoch before: `UPDATE ... IF epoch = ?`.
+    take_next: PreparedStatement,
+    read_epoch: PreparedStatement,
+    /// The commit of an append: the room's `last_seq`, stamped.
+    commit: PreparedStatement,
     read_state: PreparedStatement,
     read_last_seq: PreparedStatement,
     insert_message: PreparedStatement,
@@ -203,6 +213,9 @@ pub struct CqlStore {
     session: Session,
     keyspace: String,
     statements: Statements,
+    fences: Fences,
+    /// Who takes fences (kept in `fence_epochs.owner`, for operators): process id and a nonce.
+    owner: String,
 }
 
 /// One of the plain writes that complete an append.
@@ -292,7 +305,8 @@ impl CqlStore {
         }
         let statements = Statements::prepare(&session).await?;
         tracing::info!(%nodes, %keyspace, "CQL history store ready");
-        Ok(Self { session, keyspace, statements })
+        let owner = format!("pid{}-{}", std::process::id(), &Uuid::new_v4().simple().to_string()[..8]);
+        Ok(Self { session, keyspace, statements, fences: Fences::default(), owner })
     }
 
     /// The keyspace the store uses.
@@ -300,14 +314,12 @@ impl CqlStore {
         &self.keyspace
     }
 
-    /// Test hook: runs only the fencing transaction of an append (as a writer that dies right
-    /// after it would), leaving the messages as the pending record.
+    /// Test hook: writes a batch's rows as a writer of an older epoch would and stops before
+    /// its commit (as a writer fenced off, or dying, there does).
     #[doc(hidden)]
-    pub async fn claim_only(&self, batch: RoomAppend) -> Result<(), StoreError> {
+    pub async fn write_uncommitted(&self, batch: RoomAppend) -> Result<(), StoreError> {
         check_consecutive(&batch)?;
-        let pending = serde_json::to_vec(&batch.messages)
-            .map_err(|e| StoreError::corrupt(format!("encode pending messages: {e}")))?;
-        self.claim(&batch.room, batch.expected_last_seq, batch.messages.len(), pending).await
+        self.write_rows(&batch.messages, 0).await
     }
 
     /// Test hook: runs a schema statement in the store's keyspace (to take a keyspace back to an
@@ -325,45 +337,93 @@ impl CqlStore {
             .map_err(|e| unavailable(format_args!("drop keyspace {}", self.keyspace), e))
     }
 
-    /// The fencing lightweight transaction: sets the room's last seq to `expected + count` and
-    /// records `pending` (the JSON of those `count` messages) if the last seq is still `expected`.
-    async fn claim(&self, room: &str, expected: u64, count: usize, pending: Vec<u8>) -> Result<(), StoreError> {
-        let new_last = to_cql_seq(expected + count as u64)?;
-        let result = if expected == 0 {
-            self.session.execute_unpaged(&self.statements.claim_first, (room, new_last, pending)).await
-        } else {
-            let values = (new_last, pending, room, to_cql_seq(expected)?);
-            self.session.execute_unpaged(&self.statements.claim_next, values).await
-        };
-        let result = result
-            .map_err(|e| unavailable(format_args!("room {room}: claim seqs after {expected} (outcome unknown)"), e))?;
-        match lwt_outcome(result).map_err(|e| StoreError::corrupt(format!("room {room}: {e}")))? {
-            None => Ok(()),
-            Some(actual) => Err(StoreError::conflict(room, expected, actual)),
+    /// The epoch this store holds on `fence`, taking the fence first when it holds none: one
+    /// transaction raises the epoch, then the store waits out the grace (when a writer held the
+    /// fence before it) so every commit that writer could still answer as a success has landed.
+    async fn holding(&self, fence: &str) -> Result<u64, StoreError> {
+        let slot = self.fences.lease(fence);
+        if let Some(epoch) = slot.epoch() {
+            return Ok(epoch);
         }
+        let _taking = slot.taking.lock().await;
+        if let Some(epoch) = slot.epoch() {
+            return Ok(epoch);
+        }
+        let epoch = self.take(fence).await?;
+        if epoch > 1 {
+            tokio::time::sleep(FENCE_GRACE).await;
+        }
+        tracing::info!(fence, epoch, owner = %self.owner, "fence taken");
+        slot.hold(epoch);
+        Ok(epoch)
     }
 
-    /// Writes the message, dedupe and id rows of claimed messages, idempotently. The newest
-    /// message's row is written last, after everything else succeeded: its presence means the
-    /// whole batch is readable.
-    async fn materialize(&self, messages: &[ChatMessage]) -> Result<(), StoreError> {
-        let Some((newest, older)) = messages.split_last() else {
-            return Ok(());
-        };
-        let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> = Vec::with_capacity(messages.len() * 3);
-        for message in older {
-            for write in [Write::Message(message), Write::Dedupe(message), Write::Id(message)] {
-                writes.push(Box::pin(self.write(write)));
+    /// Raises `fence`'s epoch by one with a lightweight transaction; the new epoch.
+    async fn take(&self, fence: &str) -> Result<u64, StoreError> {
+        let failed = |e| unavailable(format_args!("take fence {fence}"), e);
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.take_first, (fence, self.owner.as_str()))
+            .await
+            .map_err(failed)?;
+        let mut current =
+            match lwt_outcome(result, "epoch").map_err(|e| StoreError::corrupt(format!("{fence}: {e}")))? {
+                None => return Ok(1),
+                Some(current) => current,
+            };
+        for _ in 0..TAKE_ATTEMPTS {
+            let next = current + 1;
+            if next > crate::fence::MAX_EPOCH {
+                return Err(StoreError::corrupt(format!("{fence}: epoch {current} is the last one")));
+            }
+            let values = (to_cql_seq(next)?, self.owner.as_str(), fence, to_cql_seq(current)?);
+            let result = self.session.execute_unpaged(&self.statements.take_next, values).await.map_err(failed)?;
+            match lwt_outcome(result, "epoch").map_err(|e| StoreError::corrupt(format!("{fence}: {e}")))? {
+                None => return Ok(next),
+                Some(moved) => current = moved,
             }
         }
-        writes.push(Box::pin(self.write(Write::Dedupe(newest))));
-        writes.push(Box::pin(self.write(Write::Id(newest))));
-        // Collected first: a closure held across the await would trip async_trait's Send check.
-        futures_util::stream::iter(writes).buffer_unordered(MAX_INFLIGHT_REQUESTS).try_collect::<()>().await?;
-        self.write(Write::Message(newest)).await
+        Err(StoreError::fenced(format!("{fence}: other writers kept taking it ({TAKE_ATTEMPTS} attempts)")))
     }
 
-    async fn write(&self, write: Write<'_>) -> Result<(), StoreError> {
+    /// The fence's epoch as stored now (0 when nobody ever took it).
+    async fn current_epoch(&self, fence: &str) -> Result<u64, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.read_epoch, (fence,))
+            .await
+            .map_err(|e| unavailable(format_args!("read the epoch of {fence}"), e))?;
+        let row = rows(result, fence)?
+            .maybe_first_row::<(Option<i64>,)>()
+            .map_err(|e| StoreError::corrupt(format!("{fence}: epoch row: {e}")))?;
+        from_cql_seq(row.and_then(|(epoch,)| epoch).unwrap_or(0))
+    }
+
+    /// Writes the message, dedupe and id rows of `messages`, stamped for `epoch` (rows of a room
+    /// before epochs, completed from a pending record, use epoch 0).
+    async fn write_rows(&self, messages: &[ChatMessage], epoch: u64) -> Result<(), StoreError> {
+        let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> = Vec::with_capacity(messages.len() * 3);
+        for message in messages {
+            for write in [Write::Message(message), Write::Dedupe(message), Write::Id(message)] {
+                let stamp = self.fences.stamp(epoch)?;
+                writes.push(Box::pin(self.write(write, stamp)));
+            }
+        }
+        // Collected first: a closure held across the await would trip async_trait's Send check.
+        futures_util::stream::iter(writes).buffer_unordered(MAX_INFLIGHT_REQUESTS).try_collect::<()>().await
+    }
+
+    /// The commit of an append: the room's last seq, stamped for `epoch`.
+    async fn commit(&self, room: &str, last_seq: u64, epoch: u64) -> Result<(), StoreError> {
+        let values = (self.fences.stamp(epoch)?, to_cql_seq(last_seq)?, room);
+        self.session
+            .execute_unpaged(&self.statements.commit, values)
+            .await
+            .map(|_| ())
+            .map_err(|e| unavailable(format_args!("room {room}: commit last seq {last_seq} (outcome unknown)"), e))
+    }
+
+    async fn write(&self, write: Write<'_>, stamp: i64) -> Result<(), StoreError> {
         let s = &self.statements;
         let result = match write {
             Write::Message(m) => {
@@ -380,15 +440,16 @@ impl CqlStore {
                     m.trace_id.as_str(),
                     m.prev.as_deref(),
                     m.digest.as_deref(),
+                    stamp,
                 );
                 self.session.execute_unpaged(&s.insert_message, values).await
             }
             Write::Dedupe(m) => {
-                let values = (m.room.as_str(), m.user.as_str(), m.client_msg_id.as_str(), to_cql_seq(m.seq)?);
+                let values = (m.room.as_str(), m.user.as_str(), m.client_msg_id.as_str(), to_cql_seq(m.seq)?, stamp);
                 self.session.execute_unpaged(&s.insert_dedupe, values).await
             }
             Write::Id(m) => {
-                let values = (m.id, m.room.as_str(), to_cql_seq(m.seq)?);
+                let values = (m.id, m.room.as_str(), to_cql_seq(m.seq)?, stamp);
                 self.session.execute_unpaged(&s.insert_id, values).await
             }
         };
@@ -437,15 +498,16 @@ impl CqlStore {
         from_cql_seq(row.and_then(|(seq,)| seq).unwrap_or(0))
     }
 
-    /// The room's last seq, after making sure its pending record is written out.
+    /// The room's last seq, after making sure the pending record of a room last written before
+    /// epochs is written out.
     async fn settled_last_seq(&self, room: &str) -> Result<u64, StoreError> {
         let (last_seq, pending) = self.read_state(room).await?;
         if let Some(newest) = pending.last() {
             if !self.message_exists(room, newest.seq).await? {
-                // Either its writer died between the claim and the rows, or it is still writing
-                // them right now; the rows are idempotent either way.
+                // Its writer died between its transaction and the rows (writers since epochs
+                // leave no pending record); the rows are idempotent.
                 tracing::debug!(room, seq = newest.seq, "writing the rows of a claimed append");
-                self.materialize(&pending).await?;
+                self.write_rows(&pending, 0).await?;
             }
         }
         Ok(last_seq)
@@ -474,16 +536,45 @@ impl CqlStore {
         row.map(|row| message_from_row(room, row)).transpose()
     }
 
-    /// A message that an index row (dedupe or id) points at. The index row may come from an
-    /// append still in progress or interrupted: then the room is settled and the read retried.
-    async fn read_indexed(&self, room: &str, seq: u64) -> Result<ChatMessage, StoreError> {
-        if let Some(message) = self.read_message(room, seq).await? {
-            return Ok(message);
+    /// The committed message an index row (dedupe or id) points at, if `is_it` says the row at
+    /// that seq is the one indexed. An index row may come from an append never committed (its
+    /// writer fenced off or dead before its commit, its seq since reused by the room's owner): then
+    /// the seq lies above the room's last seq, or holds another message, and the answer is `None`.
+    /// `last_seq` holds the room's last seq once read (shared by a batch of lookups).
+    async fn read_indexed(
+        &self,
+        room: &str,
+        seq: u64,
+        last_seq: &tokio::sync::OnceCell<u64>,
+        is_it: impl Fn(&ChatMessage) -> bool + Send,
+    ) -> Result<Option<ChatMessage>, StoreError> {
+        let last_seq = *last_seq.get_or_try_init(|| self.settled_last_seq(room)).await?;
+        if seq > last_seq {
+            return Ok(None);
         }
-        self.settled_last_seq(room).await?;
-        self.read_message(room, seq)
-            .await?
-            .ok_or_else(|| StoreError::corrupt(format!("room {room}: seq {seq} is indexed but not stored")))
+        Ok(self.read_message(room, seq).await?.filter(|message| is_it(message)))
+    }
+
+    /// The message stored by `user` with `client_msg_id` (`last_seq` as in
+    /// [`read_indexed`](Self::read_indexed)).
+    async fn lookup(
+        &self,
+        room: &str,
+        user: &str,
+        client_msg_id: &str,
+        last_seq: &tokio::sync::OnceCell<u64>,
+    ) -> Result<Option<ChatMessage>, StoreError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.statements.read_dedupe, (room, user, client_msg_id))
+            .await
+            .map_err(|e| unavailable(format_args!("room {room}: read dedupe entry"), e))?;
+        let row = rows(result, room)?
+            .maybe_first_row::<(i64,)>()
+            .map_err(|e| StoreError::corrupt(format!("room {room}: dedupe row: {e}")))?;
+        let Some((seq,)) = row else { return Ok(None) };
+        let is_it = |m: &ChatMessage| m.user == user && m.client_msg_id == client_msg_id;
+        self.read_indexed(room, from_cql_seq(seq)?, last_seq, is_it).await
     }
 
     /// Messages `first..=last` of a room, one query per bucket, concurrently.
@@ -517,21 +608,28 @@ impl CqlStore {
 impl Statements {
     async fn prepare(session: &Session) -> Result<Self, StoreError> {
         let insert_message =
-            format!("INSERT INTO messages (room, bucket, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+            format!("INSERT INTO messages (room, bucket, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?");
         let read_message = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ? AND bucket = ? AND seq = ?");
         let read_range =
             format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ? AND bucket = ? AND seq >= ? AND seq <= ?");
         Ok(Self {
-            claim_first: prepare(
+            take_first: prepare(
                 session,
-                "INSERT INTO room_state (room, last_seq, pending) VALUES (?, ?, ?) IF NOT EXISTS",
+                "INSERT INTO fence_epochs (fence, epoch, owner) VALUES (?, 1, ?) IF NOT EXISTS",
                 false,
             )
             .await?,
-            claim_next: prepare(
+            take_next: prepare(
                 session,
-                "UPDATE room_state SET last_seq = ?, pending = ? WHERE room = ? IF last_seq = ?",
+                "UPDATE fence_epochs SET epoch = ?, owner = ? WHERE fence = ? IF epoch = ?",
                 false,
+            )
+            .await?,
+            read_epoch: prepare(session, "SELECT epoch FROM fence_epochs WHERE fence = ?", true).await?,
+            commit: prepare(
+                session,
+                "UPDATE room_state USING TIMESTAMP ? SET last_seq = ?, pending = null WHERE room = ?",
+                true,
             )
             .await?,
             read_state: prepare(session, "SELECT last_seq, pending FROM room_state WHERE room = ?", true).await?,
@@ -539,11 +637,16 @@ impl Statements {
             insert_message: prepare(session, &insert_message, true).await?,
             insert_dedupe: prepare(
                 session,
-                "INSERT INTO dedupe (room, user, client_msg_id, seq) VALUES (?, ?, ?, ?)",
+                "INSERT INTO dedupe (room, user, client_msg_id, seq) VALUES (?, ?, ?, ?) USING TIMESTAMP ?",
                 true,
             )
             .await?,
-            insert_id: prepare(session, "INSERT INTO message_ids (id, room, seq) VALUES (?, ?, ?)", true).await?,
+            insert_id: prepare(
+                session,
+                "INSERT INTO message_ids (id, room, seq) VALUES (?, ?, ?) USING TIMESTAMP ?",
+                true,
+            )
+            .await?,
             message_exists: prepare(
                 session,
                 "SELECT seq FROM messages WHERE room = ? AND bucket = ? AND seq = ?",
@@ -577,27 +680,55 @@ impl HistoryStore for CqlStore {
         }
         check_consecutive(&batch)?;
         let room = batch.room.as_str();
-        // Chunk by chunk: each is claimed (fenced on the previous chunk's last seq) and written
-        // out before the next is claimed, so the pending record only ever holds the newest
-        // chunk, as `last_seq` expects.
-        let mut expected = batch.expected_last_seq;
-        for (i, (messages, pending)) in claim_chunks(&batch.messages, MAX_CLAIM_BYTES)?.into_iter().enumerate() {
-            let claimed = self.claim(room, expected, messages.len(), pending).await;
-            if let Err(e) = claimed {
-                if i > 0 {
-                    tracing::warn!(room, stored_up_to = expected, error = %e, "append stopped after a chunk");
-                }
-                return Err(e);
-            }
-            let last = expected + messages.len() as u64;
-            self.materialize(messages).await.map_err(|e| {
-                StoreError::unavailable(format!(
-                    "room {room}: seqs {}..={last} are claimed but not all written ({e}); last_seq completes them",
-                    expected + 1,
-                ))
-            })?;
-            expected = last;
+        let fence = fence_of(room);
+        // This store's appends to one room go one at a time: under one epoch nobody else writes
+        // the room, so what the last one left is the room's last seq.
+        let slot = self.fences.room(room);
+        let mut known = slot.lock().await;
+        let epoch = self.holding(&fence).await?;
+        let last_seq = match *known {
+            Some(Known { epoch: e, last_seq }) if e == epoch => last_seq,
+            _ => self.settled_last_seq(room).await?,
+        };
+        *known = Some(Known { epoch, last_seq });
+        if last_seq != batch.expected_last_seq {
+            return Err(StoreError::conflict(room, batch.expected_last_seq, last_seq));
         }
+        let new_last = last_seq + batch.messages.len() as u64;
+        // Rows and the epoch check at once: the rows are invisible until the commit, and the
+        // commit waits for both.
+        let checked_at = Instant::now();
+        let (written, current) =
+            futures_util::join!(self.write_rows(&batch.messages, epoch), self.current_epoch(&fence));
+        let current = current?;
+        if current != epoch {
+            *known = None;
+            self.fences.lease(&fence).fenced_off(epoch);
+            tracing::warn!(room, fence, epoch, current, "fenced off: another writer took the room's partition");
+            return Err(StoreError::fenced(format!(
+                "room {room}: {fence} moved from epoch {epoch} to {current}; seqs after {last_seq} not committed"
+            )));
+        }
+        written
+            .map_err(|e| StoreError::unavailable(format!("room {room}: seqs after {last_seq} not committed: {e}")))?;
+        if let Err(e) = self.commit(room, new_last, epoch).await {
+            *known = None;
+            return Err(e);
+        }
+        let took = checked_at.elapsed();
+        if took > FENCE_WINDOW {
+            // The commit may have landed after a writer that took the fence meanwhile read the
+            // room; only a still current epoch says it did not.
+            *known = None;
+            if self.current_epoch(&fence).await? != epoch {
+                self.fences.lease(&fence).fenced_off(epoch);
+                return Err(StoreError::unavailable(format!(
+                    "room {room}: commit of seqs up to {new_last} took {took:?}, and {fence} moved meanwhile \
+                     (outcome unknown)"
+                )));
+            }
+        }
+        *known = Some(Known { epoch, last_seq: new_last });
         Ok(())
     }
 
@@ -611,16 +742,7 @@ impl HistoryStore for CqlStore {
         user: &str,
         client_msg_id: &str,
     ) -> Result<Option<ChatMessage>, StoreError> {
-        let result = self
-            .session
-            .execute_unpaged(&self.statements.read_dedupe, (room, user, client_msg_id))
-            .await
-            .map_err(|e| unavailable(format_args!("room {room}: read dedupe entry"), e))?;
-        let row = rows(result, room)?
-            .maybe_first_row::<(i64,)>()
-            .map_err(|e| StoreError::corrupt(format!("room {room}: dedupe row: {e}")))?;
-        let Some((seq,)) = row else { return Ok(None) };
-        self.read_indexed(room, from_cql_seq(seq)?).await.map(Some)
+        self.lookup(room, user, client_msg_id, &tokio::sync::OnceCell::new()).await
     }
 
     async fn find_by_client_msg_ids(
@@ -628,8 +750,10 @@ impl HistoryStore for CqlStore {
         room: &str,
         keys: &[(&str, &str)],
     ) -> Result<Vec<Option<ChatMessage>>, StoreError> {
-        // A batch may hold hundreds of one room's sends: bounded, in order.
-        let lookups: Vec<_> = keys.iter().map(|(user, id)| self.find_by_client_msg_id(room, user, id)).collect();
+        // At most one read of the room's last seq for the whole batch (none when no send is a
+        // repeat); a batch may hold hundreds of one room's sends: bounded, in order.
+        let last_seq = tokio::sync::OnceCell::new();
+        let lookups: Vec<_> = keys.iter().map(|(user, id)| self.lookup(room, user, id, &last_seq)).collect();
         futures_util::stream::iter(lookups).buffered(MAX_INFLIGHT_REQUESTS).try_collect().await
     }
 
@@ -643,9 +767,10 @@ impl HistoryStore for CqlStore {
         let want = (last - first + 1) as usize;
         let mut messages = self.read_range(room, first, last).await?;
         if messages.len() != want {
-            // The newest append may be interrupted or still in flight: finish it, read again.
+            // A room last written before epochs may have an interrupted append: finish it, read
+            // again.
             let (_, pending) = self.read_state(room).await?;
-            self.materialize(&pending).await?;
+            self.write_rows(&pending, 0).await?;
             messages = self.read_range(room, first, last).await?;
         }
         if messages.len() != want {
@@ -669,7 +794,7 @@ impl HistoryStore for CqlStore {
         let Some((room, seq)) = row else {
             return Ok(None);
         };
-        self.read_indexed(&room, from_cql_seq(seq)?).await.map(Some)
+        self.read_indexed(&room, from_cql_seq(seq)?, &tokio::sync::OnceCell::new(), |m| m.id == id).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -752,33 +877,6 @@ fn check_consecutive(batch: &RoomAppend) -> Result<(), StoreError> {
         }
     }
     Ok(())
-}
-
-/// Consecutive messages of an append claimed by one transaction, with their pending record.
-type ClaimChunk<'a> = (&'a [ChatMessage], Vec<u8>);
-
-/// Splits `messages` into consecutive chunks whose pending record (a JSON array of the chunk's
-/// messages, returned with it) is at most `max_bytes`, or holds a single message.
-fn claim_chunks(messages: &[ChatMessage], max_bytes: usize) -> Result<Vec<ClaimChunk<'_>>, StoreError> {
-    let mut chunks = Vec::new();
-    let (mut start, mut pending) = (0, Vec::new());
-    for (i, message) in messages.iter().enumerate() {
-        let json = serde_json::to_vec(message)
-            .map_err(|e| StoreError::corrupt(format!("encode pending message of seq {}: {e}", message.seq)))?;
-        // `[` or `,` before it, `]` after it.
-        if i > start && pending.len() + 1 + json.len() + 1 > max_bytes {
-            pending.push(b']');
-            chunks.push((&messages[start..i], std::mem::take(&mut pending)));
-            start = i;
-        }
-        pending.push(if i == start { b'[' } else { b',' });
-        pending.extend_from_slice(&json);
-    }
-    if start < messages.len() {
-        pending.push(b']');
-        chunks.push((&messages[start..], pending));
-    }
-    Ok(chunks)
 }
 
 fn unavailable(context: impl Display, e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
@@ -878,13 +976,13 @@ fn rows(result: QueryResult, room: &str) -> Result<scylla::response::query_resul
     result.into_rows_result().map_err(|e| StoreError::corrupt(format!("room {room}: expected rows: {e}")))
 }
 
-/// The outcome of a lightweight transaction: `None` when applied, else the room's actual last
-/// seq (0 when the row does not exist).
-fn lwt_outcome(result: QueryResult) -> Result<Option<u64>, String> {
+/// The outcome of a lightweight transaction: `None` when applied, else the current value of
+/// `column` (0 when the row does not exist).
+fn lwt_outcome(result: QueryResult, column: &str) -> Result<Option<u64>, String> {
     let rows = result.into_rows_result().map_err(|e| format!("transaction result: {e}"))?;
     let specs = rows.column_specs();
     let applied_at = specs.get_by_name("[applied]").map(|(i, _)| i).ok_or("no [applied] column")?;
-    let last_seq_at = specs.get_by_name("last_seq").map(|(i, _)| i);
+    let column_at = specs.get_by_name(column).map(|(i, _)| i);
     let row = rows
         .maybe_first_row::<Row>()
         .map_err(|e| format!("transaction result: {e}"))?
@@ -894,9 +992,9 @@ fn lwt_outcome(result: QueryResult) -> Result<Option<u64>, String> {
         Some(Some(CqlValue::Boolean(false))) => {}
         other => return Err(format!("transaction result: [applied] is {other:?}")),
     }
-    let actual = match last_seq_at.and_then(|i| row.columns.get(i)) {
-        Some(Some(CqlValue::BigInt(seq))) => u64::try_from(*seq).map_err(|e| e.to_string())?,
-        Some(Some(other)) => return Err(format!("transaction result: last_seq is {other:?}")),
+    let actual = match column_at.and_then(|i| row.columns.get(i)) {
+        Some(Some(CqlValue::BigInt(value))) => u64::try_from(*value).map_err(|e| e.to_string())?,
+        Some(Some(other)) => return Err(format!("transaction result: {column} is {other:?}")),
         Some(None) | None => 0,
     };
     Ok(Some(actual))
@@ -924,42 +1022,6 @@ fn from_cql_seq(seq: i64) -> Result<u64, StoreError> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn claim_chunks_are_bounded_ordered_and_decode_to_their_messages() {
-        let message = |seq: u64, body: String| ChatMessage {
-            room: "r".into(),
-            seq,
-            id: Uuid::now_v7(),
-            user: "u".into(),
-            body,
-            ts: 1,
-            client_msg_id: format!("c{seq}"),
-            trace_id: String::new(),
-            prev: None,
-            digest: None,
-        };
-        let messages: Vec<ChatMessage> =
-            (1..=300).map(|seq| message(seq, "\u{1F600}\u{7}\"".repeat((seq as usize * 37) % 1500))).collect();
-        let max = 64 * 1024;
-        let chunks = claim_chunks(&messages, max).unwrap();
-        assert!(chunks.len() > 10, "{} chunks", chunks.len());
-        let mut rejoined = Vec::new();
-        for (chunk, pending) in &chunks {
-            assert!(!chunk.is_empty());
-            assert!(pending.len() <= max, "{} bytes", pending.len());
-            assert_eq!(pending, &serde_json::to_vec(chunk).unwrap(), "the pending record is the chunk's JSON");
-            rejoined.extend_from_slice(chunk);
-        }
-        assert_eq!(rejoined, messages);
-
-        // One message over the bound goes alone; small batches stay one chunk; none is empty.
-        let huge = vec![message(1, "x".repeat(100)), message(2, "y".repeat(max)), message(3, "z".into())];
-        let sizes: Vec<usize> = claim_chunks(&huge, max).unwrap().iter().map(|(c, _)| c.len()).collect();
-        assert_eq!(sizes, [1, 1, 1]);
-        assert_eq!(claim_chunks(&messages[..5], max).unwrap().len(), 1);
-        assert!(claim_chunks(&[], max).unwrap().is_empty());
-    }
 
     #[test]
     fn every_schema_file_is_applied_in_order() {

@@ -5,10 +5,12 @@
 //!
 //! The store is also where sequencing is fenced: [`HistoryStore::append`] only succeeds when
 //! the room's last seq is still the one the writer expected, so two writers can never give two
-//! messages the same seq.
+//! messages the same seq. (The CQL store fences by the writer's lease on the room's partition,
+//! see [`cql`]; the embedded store by its one writer.)
 
 pub mod cql;
 pub mod embedded;
+mod fence;
 pub mod warm;
 
 use async_trait::async_trait;
@@ -33,6 +35,10 @@ pub enum StoreErrorKind {
     Corrupt,
     /// The store was configured wrongly (a bad replication setting, say); retrying will not help.
     Config,
+    /// Another writer took the room's partition (this one was fenced off): nothing of the append
+    /// was committed. Like a conflict, reload the room and sequence again: the next append takes
+    /// the partition back, after the store's grace.
+    Fenced,
 }
 
 impl std::fmt::Display for StoreErrorKind {
@@ -42,6 +48,7 @@ impl std::fmt::Display for StoreErrorKind {
             Self::Unavailable => "store unavailable",
             Self::Corrupt => "corrupt record",
             Self::Config => "bad store configuration",
+            Self::Fenced => "fenced off",
         })
     }
 }
@@ -96,6 +103,11 @@ impl StoreError {
     /// For a conflict, the last seq the writer expected and the one the store holds.
     pub fn conflict_seqs(&self) -> Option<(u64, u64)> {
         self.seqs
+    }
+
+    /// Another writer holds the room's partition: nothing of the append was committed.
+    pub fn fenced(context: impl Into<String>) -> Self {
+        Self::new(StoreErrorKind::Fenced, context)
     }
 
     /// Whether another writer moved the room first.
@@ -201,16 +213,13 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// entries, if the room's last seq still equals `expected_last_seq`; otherwise fails with a
     /// [`StoreErrorKind::Conflict`] error and stores nothing.
     ///
-    /// A backend may store a big batch in chunks of consecutive messages, each fenced on the
-    /// last seq the previous one left (the CQL store does, above
-    /// [`cql::MAX_CLAIM_BYTES`] of messages). An error after the first chunk (a conflict with a writer
-    /// that took the room meanwhile, or the store failing) leaves a prefix of the batch stored, each of those messages findable by
-    /// its client message id once [`last_seq`](Self::last_seq) returned; seqs stay gapless. So
-    /// whether a batch was stored is known by its last message.
+    /// Whether a batch was stored is known by its last message: the batch commits as a whole
+    /// (both stores), and a message whose seq is above the room's last seq was never committed,
+    /// whatever rows a failed writer left (lookups do not find it).
     ///
-    /// After a [`StoreErrorKind::Unavailable`] error the outcome is unknown (some or all of the
-    /// seqs may have been taken): call [`last_seq`](Self::last_seq) before appending to the room
-    /// again, which also completes an append that was cut off halfway.
+    /// After a [`StoreErrorKind::Unavailable`] error the outcome is unknown: call
+    /// [`last_seq`](Self::last_seq) before appending to the room again. After
+    /// [`StoreErrorKind::Fenced`] nothing was committed, and another writer owns the room.
     async fn append(&self, batch: RoomAppend) -> Result<(), StoreError>;
 
     /// The room's newest seq, 0 for an empty room.

@@ -1,5 +1,5 @@
-//! Cases only the CQL store has: an append cut off between its fencing transaction and its
-//! writes, and connecting.
+//! Cases only the CQL store has: fencing by owner epochs, rows a fenced-off writer left behind,
+//! a room left mid-append before epochs, and connecting.
 
 use std::time::Duration;
 
@@ -8,48 +8,112 @@ use storage::{HistoryStore, PageQuery, RoomAppend, StoreErrorKind};
 
 use crate::cases::{fill, messages};
 
-/// A writer that dies right after its transaction leaves only the pending record; the next
-/// `last_seq` (from another session) must finish the append before answering.
-#[tokio::test]
-async fn last_seq_completes_an_interrupted_append() {
-    crate::with_cassandra("interrupted_last_seq", async |dead_writer, survivor| {
-        fill(dead_writer, "crash", 0, 5, 5).await;
-        let lost = messages("crash", 6, 8);
-        let append = RoomAppend { room: "crash".into(), expected_last_seq: 5, messages: lost.clone() };
-        dead_writer.claim_only(append).await.unwrap();
-        // Before recovery nothing of it is indexed: the writes never happened.
-        assert_eq!(survivor.get_by_id(lost[0].id).await.unwrap(), None);
+/// Stores a room state as a writer from before epochs left it, cut off between its transaction
+/// and its rows: `last_seq` and the `pending` record of the messages it never wrote.
+async fn leave_legacy_claim(store: &CqlStore, room: &str, last_seq: u64, pending: &[protocol::ChatMessage]) {
+    let json = serde_json::to_vec(pending).unwrap();
+    let hex: String = json.iter().map(|b| format!("{b:02x}")).collect();
+    let cql = format!("INSERT INTO room_state (room, last_seq, pending) VALUES ('{room}', {last_seq}, 0x{hex})");
+    store.run_schema_statement(&cql).await.unwrap();
+}
 
-        assert_eq!(survivor.last_seq("crash").await.unwrap(), 8);
+/// A writer from before epochs that died right after its transaction left only the pending
+/// record; the next `last_seq` (from another session) finishes the append before answering, and
+/// the room goes on under epochs.
+#[tokio::test]
+async fn last_seq_completes_an_append_interrupted_before_epochs() {
+    crate::with_cassandra("interrupted_last_seq", async |writer, survivor| {
+        // (The messages before them would be rows of their own; the record is what matters.)
+        let lost = messages("crash", 1, 3);
+        leave_legacy_claim(writer, "crash", 3, &lost).await;
+        assert_eq!(survivor.get_by_id(lost[0].id).await.unwrap(), None, "nothing indexed before recovery");
+
+        assert_eq!(survivor.last_seq("crash").await.unwrap(), 3);
         for m in &lost {
             let found = survivor.find_by_client_msg_id("crash", &m.user, &m.client_msg_id).await.unwrap();
             assert_eq!(found.as_ref(), Some(m), "dedupe entry of seq {}", m.seq);
             assert_eq!(survivor.get_by_id(m.id).await.unwrap().as_ref(), Some(m));
         }
         let page = survivor.page("crash", PageQuery::newest(50)).await.unwrap();
-        assert_eq!(page.messages.len(), 8);
-        assert_eq!(&page.messages[5..], lost.as_slice());
-
-        // The room goes on from there, and the stale writer is fenced off.
-        let next = RoomAppend { room: "crash".into(), expected_last_seq: 8, messages: messages("crash", 9, 9) };
+        assert_eq!(page.messages, lost);
+        let next = RoomAppend { room: "crash".into(), expected_last_seq: 3, messages: messages("crash", 4, 4) };
         survivor.append(next).await.unwrap();
-        let stale = RoomAppend { room: "crash".into(), expected_last_seq: 5, messages: messages("crash", 6, 6) };
-        let rejected = dead_writer.append(stale).await;
-        assert_eq!(rejected.err().and_then(|e| e.conflict_seqs()), Some((5, 9)));
+        assert_eq!(writer.last_seq("crash").await.unwrap(), 4);
     })
     .await;
 }
 
-/// A page over an interrupted append finishes it too, instead of returning a short page.
+/// A page over an append interrupted before epochs finishes it too, instead of a short page.
 #[tokio::test]
-async fn page_completes_an_interrupted_append() {
-    crate::with_cassandra("interrupted_page", async |dead_writer, reader| {
+async fn page_completes_an_append_interrupted_before_epochs() {
+    crate::with_cassandra("interrupted_page", async |writer, reader| {
         let lost = messages("crash", 1, 3);
-        let append = RoomAppend { room: "crash".into(), expected_last_seq: 0, messages: lost.clone() };
-        dead_writer.claim_only(append).await.unwrap();
+        leave_legacy_claim(writer, "crash", 3, &lost).await;
         let page = reader.page("crash", PageQuery::newest(50)).await.unwrap();
         assert_eq!(page.messages, lost);
         assert_eq!(reader.get_by_id(lost[2].id).await.unwrap().as_ref(), Some(&lost[2]));
+    })
+    .await;
+}
+
+/// Rows a writer wrote without committing them (fenced off, or dead, before its commit) are
+/// invisible: not in the room's last seq, not found by client id or id, and the room's owner
+/// writes its own messages over those seqs.
+#[tokio::test]
+async fn rows_never_committed_are_invisible_and_overwritten() {
+    crate::with_cassandra("uncommitted", async |owner, zombie| {
+        fill(owner, "r", 0, 2, 2).await;
+        let orphans = messages("r", 3, 4);
+        let uncommitted = RoomAppend { room: "r".into(), expected_last_seq: 2, messages: orphans.clone() };
+        zombie.write_uncommitted(uncommitted).await.unwrap();
+        assert_eq!(owner.last_seq("r").await.unwrap(), 2);
+        for m in &orphans {
+            assert_eq!(owner.find_by_client_msg_id("r", &m.user, &m.client_msg_id).await.unwrap(), None);
+            assert_eq!(owner.get_by_id(m.id).await.unwrap(), None);
+        }
+        let found = owner.find_by_client_msg_ids("r", &[(&orphans[0].user, &orphans[0].client_msg_id)]).await;
+        assert_eq!(found.unwrap(), vec![None]);
+
+        // The owner's seq 3 replaces the orphan: the orphan's dedupe entry still points at seq 3,
+        // and is not taken for it.
+        let mut mine = messages("r", 3, 3);
+        mine[0].client_msg_id = "mine-3".into();
+        owner.append(RoomAppend { room: "r".into(), expected_last_seq: 2, messages: mine.clone() }).await.unwrap();
+        assert_eq!(owner.page("r", PageQuery::newest(50)).await.unwrap().messages[2], mine[0]);
+        assert_eq!(owner.find_by_client_msg_id("r", &orphans[0].user, &orphans[0].client_msg_id).await.unwrap(), None);
+        assert_eq!(owner.get_by_id(orphans[0].id).await.unwrap(), None);
+        assert_eq!(owner.get_by_id(mine[0].id).await.unwrap().as_ref(), Some(&mine[0]));
+    })
+    .await;
+}
+
+/// Two writers of one partition: the one that takes the fence later fences the other off. The
+/// fenced-off writer's append is refused as `Fenced` and commits nothing (its rows are invisible
+/// and the new owner's messages win); its next append takes the fence back, and then the other
+/// one is fenced off in turn.
+#[tokio::test]
+async fn a_writer_fenced_off_commits_nothing_and_takes_the_fence_back_to_go_on() {
+    crate::with_cassandra("fenced", async |old, new| {
+        fill(old, "r", 0, 3, 3).await;
+        // `new` takes the partition (it waits out the grace first) and goes on from seq 3.
+        fill(new, "r", 3, 2, 2).await;
+        let mut stale = messages("r", 4, 4);
+        stale[0].client_msg_id = "stale-4".into();
+        stale[0].id = uuid::Uuid::now_v7();
+        let refused = old.append(RoomAppend { room: "r".into(), expected_last_seq: 3, messages: stale.clone() }).await;
+        assert_eq!(refused.as_ref().err().map(|e| e.kind()), Some(StoreErrorKind::Fenced), "{refused:?}");
+        assert_eq!(new.last_seq("r").await.unwrap(), 5);
+        assert_eq!(old.find_by_client_msg_id("r", &stale[0].user, &stale[0].client_msg_id).await.unwrap(), None);
+        assert_eq!(new.get_by_id(stale[0].id).await.unwrap(), None);
+        assert_ne!(new.page("r", PageQuery::newest(50)).await.unwrap().messages[3].id, stale[0].id);
+
+        // Sequencing again from the stored state: `old` takes the partition back.
+        fill(old, "r", 5, 1, 1).await;
+        let late =
+            new.append(RoomAppend { room: "r".into(), expected_last_seq: 5, messages: messages("r", 6, 6) }).await;
+        assert_eq!(late.err().map(|e| e.kind()), Some(StoreErrorKind::Fenced));
+        let page = new.page("r", PageQuery::newest(50)).await.unwrap();
+        assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
     })
     .await;
 }
@@ -152,7 +216,7 @@ async fn multi_datacenter_replication_needs_the_local_datacenter() {
 }
 
 /// The largest append a worker makes (1024 sends of one room) of the largest bodies (4000
-/// characters: four-byte ones, and control characters the pending record escapes to six bytes)
+/// characters: four-byte ones, and control characters JSON escapes to six bytes)
 /// is about 20 MB, beyond the 16 MiB a single mutation may have: it is stored completely and in
 /// order all the same, every message findable by its client id and its id, and fenced as ever.
 #[tokio::test]
@@ -183,7 +247,7 @@ async fn a_batch_of_large_messages_is_stored_completely() {
         // The room goes on after it, fenced as ever.
         let stale = RoomAppend { room: "big".into(), expected_last_seq: 3, messages: messages("big", 4, 4) };
         assert_eq!(store.append(stale).await.err().and_then(|e| e.conflict_seqs()), Some((3, 1027)));
-        fill(other, "big", 1027, 2, 2).await;
+        fill(store, "big", 1027, 2, 2).await;
     })
     .await;
 }

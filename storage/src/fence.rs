@@ -1,0 +1,168 @@
+//! The bookkeeping behind the CQL store's fencing (docs/architecture.md, "Sequencing on the
+//! cluster"): which fences this writer holds and at which epoch, what it knows of each room's last
+//! seq under that epoch, and the write timestamps that make a write of an older epoch always lose.
+//!
+//! Nothing here talks to the database; [`crate::cql`] takes and checks epochs there.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::StoreError;
+
+/// Every stamped write's timestamp is at least this (2^51 µs is the year 2041): above the
+/// server-side timestamps of rows written before epochs, so a stamped write always wins over them.
+const STAMP_BASE: u64 = 1 << 51;
+/// An epoch's stamps are `STAMP_BASE + epoch << EPOCH_SHIFT + n`, `n` counting this writer's
+/// writes (2^40 of them per epoch).
+const EPOCH_SHIFT: u32 = 40;
+/// The largest epoch whose stamps still fit a CQL timestamp (a signed 64-bit count).
+pub const MAX_EPOCH: u64 = (1 << 22) - 1;
+/// Rooms remembered before the idle ones are forgotten (forgetting costs one read later).
+const MAX_ROOMS: usize = 100_000;
+
+/// The fence a room belongs to: its partition of the send stream (`p<N>`, the unit a fanout
+/// worker owns), or, for a private room (a name starting with `.`, which clients cannot use,
+/// such as a worker's warm-up rooms), the room itself.
+pub fn fence_of(room: &str) -> String {
+    if room.starts_with('.') {
+        room.to_owned()
+    } else {
+        format!("p{}", protocol::subjects::partition(room))
+    }
+}
+
+/// One fence's lease (the epoch this writer holds, if any) and the lock that makes taking it
+/// single-flight.
+#[derive(Default)]
+pub struct LeaseSlot {
+    epoch: Mutex<Option<u64>>,
+    /// Held while the fence is being taken, so one transaction takes it for all rooms.
+    pub taking: tokio::sync::Mutex<()>,
+}
+
+impl LeaseSlot {
+    /// The epoch held, if any.
+    pub fn epoch(&self) -> Option<u64> {
+        *lock(&self.epoch)
+    }
+
+    /// Now holding `epoch`.
+    pub fn hold(&self, epoch: u64) {
+        *lock(&self.epoch) = Some(epoch);
+    }
+
+    /// Another writer took the fence from `epoch`: drop it, unless it was already dropped or
+    /// taken again.
+    pub fn fenced_off(&self, epoch: u64) {
+        let mut held = lock(&self.epoch);
+        if *held == Some(epoch) {
+            *held = None;
+        }
+    }
+}
+
+/// A room's last seq as this writer left it under `epoch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Known {
+    /// The epoch it was written (or read) under.
+    pub epoch: u64,
+    /// The room's last seq.
+    pub last_seq: u64,
+}
+
+/// One room: what is known of it, behind a lock that keeps this writer's appends to the room one
+/// at a time.
+pub type RoomSlot = Arc<tokio::sync::Mutex<Option<Known>>>;
+
+/// Leases, rooms and stamps of one store.
+#[derive(Default)]
+pub struct Fences {
+    leases: Mutex<HashMap<String, Arc<LeaseSlot>>>,
+    rooms: Mutex<HashMap<String, RoomSlot>>,
+    writes: AtomicU64,
+}
+
+impl Fences {
+    /// The slot of `fence`.
+    pub fn lease(&self, fence: &str) -> Arc<LeaseSlot> {
+        lock(&self.leases).entry(fence.to_owned()).or_default().clone()
+    }
+
+    /// The slot of `room`. Past [`MAX_ROOMS`], rooms nobody is appending to are forgotten.
+    pub fn room(&self, room: &str) -> RoomSlot {
+        let mut rooms = lock(&self.rooms);
+        if rooms.len() >= MAX_ROOMS && !rooms.contains_key(room) {
+            rooms.retain(|_, slot| Arc::strong_count(slot) > 1);
+        }
+        rooms.entry(room.to_owned()).or_default().clone()
+    }
+
+    /// The timestamp of this writer's next write under `epoch`: above every stamp of a lower
+    /// epoch and above this writer's earlier stamps of the same epoch.
+    pub fn stamp(&self, epoch: u64) -> Result<i64, StoreError> {
+        let n = self.writes.fetch_add(1, Ordering::Relaxed);
+        if epoch > MAX_EPOCH || n >= 1 << EPOCH_SHIFT {
+            return Err(StoreError::unavailable(format!("write stamp out of range (epoch {epoch}, write {n})")));
+        }
+        i64::try_from(STAMP_BASE + (epoch << EPOCH_SHIFT) + n)
+            .map_err(|_| StoreError::unavailable(format!("write stamp of epoch {epoch} exceeds a CQL timestamp")))
+    }
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (plain values only).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_later_epoch_always_stamps_higher_and_one_epoch_stamps_increase() {
+        let old = Fences::default();
+        let new = Fences::default();
+        let stale: Vec<i64> = (0..1000).map(|_| old.stamp(7).unwrap()).collect();
+        let first_of_next = new.stamp(8).unwrap();
+        assert!(stale.iter().all(|s| *s < first_of_next));
+        assert!(stale.windows(2).all(|w| w[0] < w[1]));
+        // Above the server clock's microseconds (rows from before epochs) and valid at the top.
+        let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros();
+        assert!(i128::from(new.stamp(1).unwrap()) > now_us as i128);
+        assert!(new.stamp(MAX_EPOCH).unwrap() > 0);
+        assert!(new.stamp(MAX_EPOCH + 1).is_err());
+    }
+
+    #[test]
+    fn rooms_share_their_partitions_fence_and_private_rooms_have_their_own() {
+        let room = "general";
+        assert_eq!(fence_of(room), format!("p{}", protocol::subjects::partition(room)));
+        assert_eq!(fence_of(".warmup.w1.3"), ".warmup.w1.3");
+    }
+
+    #[test]
+    fn a_fenced_off_lease_is_dropped_only_for_the_epoch_held() {
+        let slot = LeaseSlot::default();
+        slot.hold(3);
+        slot.fenced_off(2); // an older epoch (a stale failure): not the one held
+        assert_eq!(slot.epoch(), Some(3));
+        slot.fenced_off(3);
+        assert_eq!(slot.epoch(), None);
+        slot.hold(5);
+        assert_eq!(slot.epoch(), Some(5));
+    }
+
+    #[tokio::test]
+    async fn idle_rooms_are_forgotten_past_the_bound_and_busy_ones_kept() {
+        let fences = Fences::default();
+        let busy = fences.room("busy");
+        *busy.lock().await = Some(Known { epoch: 1, last_seq: 9 });
+        for i in 0..MAX_ROOMS {
+            drop(fences.room(&format!("idle{i}")));
+        }
+        assert!(lock(&fences.rooms).len() < 10);
+        assert_eq!(*fences.room("busy").lock().await, Some(Known { epoch: 1, last_seq: 9 }));
+    }
+}
