@@ -136,6 +136,32 @@ pub async fn gateway(
     gateway::run(listener, config, deps, shutdown).await.context("serving HTTP")
 }
 
+/// How long a worker's partitions must stay its own before it takes their fences: a starting
+/// worker owns every partition until it hears the others (heartbeats every second).
+const OWNERSHIP_SETTLE: Duration = Duration::from_secs(3);
+
+/// Takes the store fences of the partitions this worker owns once ownership has settled, so the
+/// first send of a partition that moved here does not wait out the store's grace. Ends when the
+/// bus is dropped.
+fn hold_owned_fences(store: Arc<CqlStore>, mut owned: tokio::sync::watch::Receiver<Vec<u32>>) {
+    tokio::spawn(async move {
+        while owned.changed().await.is_ok() {
+            tokio::time::sleep(OWNERSHIP_SETTLE).await;
+            let partitions = owned.borrow_and_update().clone();
+            let mut taking = tokio::task::JoinSet::new();
+            for partition in partitions {
+                let store = store.clone();
+                taking.spawn(async move { (partition, store.hold_partition(partition).await) });
+            }
+            while let Some(Ok((partition, taken))) = taking.join_next().await {
+                if let Err(e) = taken {
+                    tracing::warn!(partition, error = %e, "could not take the partition's store fence yet");
+                }
+            }
+        }
+    });
+}
+
 /// Runs a fanout worker until `shutdown`, serving health, readiness and metrics on `listener`.
 pub async fn fanout(
     listener: TcpListener,
@@ -156,6 +182,7 @@ pub async fn fanout(
     // time most of them out.
     warm_store(store.as_ref(), &worker_id, warm_up).await;
     bus.start_worker().await.context("joining the fanout workers")?;
+    hold_owned_fences(store.clone(), bus.owned_partitions());
     let journal = Arc::new(Journal::new(worker_id.clone(), journal_capacity));
     bus.serve_journal(journal.clone()).await.context("serving journeys")?;
     let faults = FaultLayer::new(admin_token, metrics.clone(), journal.clone());

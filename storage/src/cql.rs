@@ -49,9 +49,13 @@ const MIGRATIONS: &[(&str, &str)] = &[
 /// Requests in flight at once for one append, or for one batch of dedupe lookups.
 const MAX_INFLIGHT_REQUESTS: usize = 64;
 
-/// An append succeeds only when its commit completed within this long of the read that found
-/// its epoch current, or when a read after the commit still finds it current.
+/// An append succeeds only when its commit completed within this long of the start of a read
+/// that found its epoch current, or when a read after the commit still finds it current.
 const FENCE_WINDOW: Duration = Duration::from_millis(400);
+/// An append commits on a confirmation of its epoch (a read of it) started at most this long
+/// ago, so its commit has the rest of [`FENCE_WINDOW`] to complete; appends of one fence share a
+/// confirmation this fresh.
+const FENCE_FRESH: Duration = Duration::from_millis(100);
 /// How long a writer waits after taking a fence from another before it writes: longer than
 /// [`FENCE_WINDOW`], so every commit the writer before it could still call a success has landed.
 const FENCE_GRACE: Duration = Duration::from_millis(1000);
@@ -314,6 +318,13 @@ impl CqlStore {
         &self.keyspace
     }
 
+    /// Takes the fence of a partition of the send stream now, if this store does not hold it
+    /// (a worker that was just given the partition calls it, so its first send does not wait out
+    /// the grace); returns the epoch held.
+    pub async fn hold_partition(&self, partition: u32) -> Result<u64, StoreError> {
+        self.holding(&format!("p{partition}")).await
+    }
+
     /// Test hook: writes a batch's rows as a writer of an older epoch would and stops before
     /// its commit (as a writer fenced off, or dying, there does).
     #[doc(hidden)]
@@ -384,6 +395,31 @@ impl CqlStore {
             }
         }
         Err(StoreError::fenced(format!("{fence}: other writers kept taking it ({TAKE_ATTEMPTS} attempts)")))
+    }
+
+    /// That `epoch` is still the fence's current one, as of a read started at the returned
+    /// instant, or the epoch it moved to. A read started less than [`FENCE_FRESH`] ago answers
+    /// for every append of the fence (one read at a time per fence), so under load appends share
+    /// their epoch reads.
+    async fn confirm(&self, fence: &str, epoch: u64) -> Result<Result<Instant, u64>, StoreError> {
+        let slot = self.fences.lease(fence);
+        let fresh = |slot: &crate::fence::LeaseSlot| {
+            slot.confirmed(epoch).filter(|at| at.elapsed() < FENCE_FRESH).map(Ok::<Instant, u64>)
+        };
+        if let Some(confirmed) = fresh(&slot) {
+            return Ok(confirmed);
+        }
+        let _reading = slot.confirming.lock().await;
+        if let Some(confirmed) = fresh(&slot) {
+            return Ok(confirmed);
+        }
+        let started = Instant::now();
+        let current = self.current_epoch(fence).await?;
+        if current != epoch {
+            return Ok(Err(current));
+        }
+        slot.confirm(epoch, started);
+        Ok(Ok(started))
     }
 
     /// The fence's epoch as stored now (0 when nobody ever took it).
@@ -697,20 +733,27 @@ impl HistoryStore for CqlStore {
         let new_last = last_seq + batch.messages.len() as u64;
         // Rows and the epoch check at once: the rows are invisible until the commit, and the
         // commit waits for both.
-        let checked_at = Instant::now();
-        let (written, current) =
-            futures_util::join!(self.write_rows(&batch.messages, epoch), self.current_epoch(&fence));
-        let current = current?;
-        if current != epoch {
-            *known = None;
-            self.fences.lease(&fence).fenced_off(epoch);
-            tracing::warn!(room, fence, epoch, current, "fenced off: another writer took the room's partition");
-            return Err(StoreError::fenced(format!(
-                "room {room}: {fence} moved from epoch {epoch} to {current}; seqs after {last_seq} not committed"
-            )));
-        }
+        let (written, confirmed) =
+            futures_util::join!(self.write_rows(&batch.messages, epoch), self.confirm(&fence, epoch));
         written
             .map_err(|e| StoreError::unavailable(format!("room {room}: seqs after {last_seq} not committed: {e}")))?;
+        // The rows may have taken long (or this process was paused): commit only on a fresh
+        // confirmation.
+        let confirmed = match confirmed? {
+            Ok(at) if at.elapsed() > FENCE_FRESH => self.confirm(&fence, epoch).await?,
+            other => other,
+        };
+        let checked_at = match confirmed {
+            Ok(at) => at,
+            Err(current) => {
+                *known = None;
+                self.fences.lease(&fence).fenced_off(epoch);
+                tracing::warn!(room, fence, epoch, current, "fenced off: another writer took the room's partition");
+                return Err(StoreError::fenced(format!(
+                    "room {room}: {fence} moved from epoch {epoch} to {current}; seqs after {last_seq} not committed"
+                )));
+            }
+        };
         if let Err(e) = self.commit(room, new_last, epoch).await {
             *known = None;
             return Err(e);

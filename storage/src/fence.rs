@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use crate::StoreError;
 
@@ -37,6 +38,10 @@ pub fn fence_of(room: &str) -> String {
 #[derive(Default)]
 pub struct LeaseSlot {
     epoch: Mutex<Option<u64>>,
+    /// The latest read that found the held epoch current: the epoch, and when the read started.
+    confirmed: Mutex<Option<(u64, Instant)>>,
+    /// Held while the epoch is being read, so one read confirms it for all rooms.
+    pub confirming: tokio::sync::Mutex<()>,
     /// Held while the fence is being taken, so one transaction takes it for all rooms.
     pub taking: tokio::sync::Mutex<()>,
 }
@@ -50,6 +55,19 @@ impl LeaseSlot {
     /// Now holding `epoch`.
     pub fn hold(&self, epoch: u64) {
         *lock(&self.epoch) = Some(epoch);
+    }
+
+    /// When the latest read that found `epoch` current started, if it did.
+    pub fn confirmed(&self, epoch: u64) -> Option<Instant> {
+        lock(&self.confirmed).filter(|(e, _)| *e == epoch).map(|(_, at)| at)
+    }
+
+    /// A read started at `at` found `epoch` current (an older read is not kept over a newer one).
+    pub fn confirm(&self, epoch: u64, at: Instant) {
+        let mut confirmed = lock(&self.confirmed);
+        if confirmed.is_none_or(|(e, before)| e != epoch || before < at) {
+            *confirmed = Some((epoch, at));
+        }
     }
 
     /// Another writer took the fence from `epoch`: drop it, unless it was already dropped or
@@ -152,6 +170,19 @@ mod tests {
         assert_eq!(slot.epoch(), None);
         slot.hold(5);
         assert_eq!(slot.epoch(), Some(5));
+    }
+
+    #[test]
+    fn a_confirmation_answers_for_its_epoch_only_and_the_newest_read_is_kept() {
+        let slot = LeaseSlot::default();
+        let (earlier, later) = (Instant::now(), Instant::now() + std::time::Duration::from_millis(5));
+        slot.confirm(4, later);
+        slot.confirm(4, earlier); // a slower read that started before: not kept
+        assert_eq!(slot.confirmed(4), Some(later));
+        assert_eq!(slot.confirmed(3), None);
+        slot.confirm(5, earlier); // another epoch replaces it
+        assert_eq!(slot.confirmed(4), None);
+        assert_eq!(slot.confirmed(5), Some(earlier));
     }
 
     #[tokio::test]
