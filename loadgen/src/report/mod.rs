@@ -37,6 +37,7 @@ mod tests {
             rooms: 1,
             phases: vec![crate::schedule::Phase { duration: Duration::from_secs(1), rate: 4.0 }],
             prefix: "rep".into(),
+            drain: Duration::from_secs(5),
             ..Config::default()
         };
         let (shared, _) = crate::runner::Shared::prepare(config, Vec::new());
