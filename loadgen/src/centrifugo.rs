@@ -758,7 +758,7 @@ pub fn finalize(records: &Records, members: &[Member], plan: &Plan, stray: u64, 
         acked,
         not_sent,
         members_audited,
-        members_excluded: (members.len() as u64).saturating_sub(members_audited),
+        members_excluded: plan.memberships().saturating_sub(members_audited),
         members_expecting_none: by_room
             .iter()
             .zip(&latest_acked)

@@ -63,7 +63,7 @@ pub fn finalize(
         acked: sends.acked,
         not_sent: sends.not_sent,
         members_audited: audited.members,
-        members_excluded: (tracks.len() as u64).saturating_sub(audited.members),
+        members_excluded: plan.memberships().saturating_sub(audited.members),
         members_expecting_none,
         expected_deliveries,
         delivered: expected_deliveries.saturating_sub(counts.missing_deliveries),
@@ -713,6 +713,9 @@ mod tests {
         // A member not joined at the end is not audited.
         sim.tracks[0].abandon();
         let r = sim.audit();
+        assert_eq!((r.members_audited, r.members_excluded), (1, 1));
+        // Nor is one whose client never handed its track over (it did not stop in time).
+        let r = finalize(&sim.records, &[&sim.tracks[1]], &sim.plan, 0, 100);
         assert_eq!((r.members_audited, r.members_excluded), (1, 1));
     }
 
