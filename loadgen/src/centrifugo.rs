@@ -658,6 +658,9 @@ pub fn finalize(records: &Records, members: &[Member], plan: &Plan, stray: u64, 
     let mut counts = FindingCounts::default();
     let mut findings = Vec::new();
     let (mut sent, mut acked, mut not_sent, mut expected) = (0u64, 0u64, 0u64, 0u64);
+    // Per room, when its latest acked publish was written: members subscribed before it
+    // expected at least one.
+    let mut latest_acked: Vec<Option<u64>> = vec![None; plan.rooms.len()];
     let finding = |kind, i: u32, room: u32, count: u64, who: Vec<u32>, detail: String| Finding {
         kind,
         room: plan.rooms.get(room as usize).cloned().unwrap_or_default(),
@@ -689,6 +692,9 @@ pub fn finalize(records: &Records, members: &[Member], plan: &Plan, stray: u64, 
             continue;
         }
         acked += 1;
+        if let Some(latest) = latest_acked.get_mut(r.room as usize) {
+            *latest = (*latest).max(Some(sent_us));
+        }
         let expecting = by_room.get(r.room as usize).map(Vec::as_slice).unwrap_or_default();
         let expecting: Vec<&&Member> = expecting.iter().filter(|m| m.since_us.is_some_and(|s| s < sent_us)).collect();
         expected += expecting.len() as u64;
@@ -752,7 +758,12 @@ pub fn finalize(records: &Records, members: &[Member], plan: &Plan, stray: u64, 
         acked,
         not_sent,
         members_audited,
-        members_excluded: (members.len() as u64).saturating_sub(members_audited),
+        members_excluded: plan.memberships().saturating_sub(members_audited),
+        members_expecting_none: by_room
+            .iter()
+            .zip(&latest_acked)
+            .map(|(list, latest)| list.iter().filter(|m| latest.is_none_or(|l| m.since_us >= Some(l))).count() as u64)
+            .sum(),
         expected_deliveries: expected,
         delivered: expected.saturating_sub(counts.missing_deliveries),
         stray_deliveries: stray,
@@ -865,6 +876,7 @@ mod tests {
         let clean = verdict_of([&[0, 1], &[0, 1]], &[]);
         assert!(!clean.passed, "send 2 was never answered: {}", clean.verdict);
         assert_eq!((clean.sent, clean.acked, clean.members_audited), (4, 2, 3));
+        assert_eq!(clean.members_expecting_none, 1, "client 2 subscribed after every acked publish");
         assert_eq!((clean.expected_deliveries, clean.delivered), (4, 4), "client 2 subscribed after the sends");
         assert_eq!((clean.counts.unacked, clean.counts.rejected), (1, 1));
 

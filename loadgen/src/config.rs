@@ -164,6 +164,18 @@ pub fn parse_source_ips(text: &str) -> Result<Vec<IpAddr>, String> {
     Ok(out)
 }
 
+/// The addresses of one `--source-ips` value. A type of its own: clap reads an `Option<Vec<_>>`
+/// field as a repeated flag of single addresses, and panicked on the list this parser returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceIps(pub Vec<IpAddr>);
+
+impl SourceIps {
+    /// Parses a `--source-ips` value (see [`parse_source_ips`]).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        parse_source_ips(text).map(Self)
+    }
+}
+
 /// What to do with the live progress line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
 pub enum ProgressMode {
@@ -527,8 +539,8 @@ pub struct Cli {
 
     /// Local addresses to bind client sockets to, round-robin (each gives ~28k ports on
     /// loopback). Example: --source-ips 127.0.0.1-127.0.0.8
-    #[arg(long, env = "LOADGEN_SOURCE_IPS", value_parser = parse_source_ips)]
-    pub source_ips: Option<Vec<IpAddr>>,
+    #[arg(long, env = "LOADGEN_SOURCE_IPS", value_parser = SourceIps::parse)]
+    pub source_ips: Option<SourceIps>,
 
     /// Scenario file (TOML); flags given on the command line override its values.
     /// Example: --scenario loadgen/scenarios/burst.toml
@@ -691,7 +703,7 @@ impl Cli {
             history_rate: pick(self.history_rate, sc.and_then(|s| s.history_rate), history_default),
             token_secret: self.token_secret,
             seed,
-            source_ips: self.source_ips.unwrap_or_default(),
+            source_ips: self.source_ips.map(|ips| ips.0).unwrap_or_default(),
             reconnect,
             drain,
             connect_timeout: self.connect_timeout.unwrap_or(d.connect_timeout),
@@ -864,11 +876,14 @@ mod tests {
             "ws://a:1/ws,ws://b:2/ws",
             "--prefix",
             "t1",
+            "--source-ips",
+            "127.0.1.1-127.0.1.3",
         ])
         .unwrap();
         let c = cli.into_config(false).unwrap();
         assert_eq!(c.clients, 7);
         assert_eq!(c.urls.len(), 2);
+        assert_eq!(c.source_ips, parse_source_ips("127.0.1.1,127.0.1.2,127.0.1.3").unwrap());
         assert_eq!(c.phases, vec![Phase { duration: Duration::from_secs(2), rate: 3.0 }]);
         assert_eq!(c.seed, 9);
         assert!(!c.progress);

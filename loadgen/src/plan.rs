@@ -89,6 +89,11 @@ impl Plan {
         Self { prefix: prefix.to_string(), rooms, client_rooms, room_sizes, users, room_names }
     }
 
+    /// Memberships in all (client, room) pairs.
+    pub fn memberships(&self) -> u64 {
+        self.client_rooms.iter().map(|rooms| rooms.len() as u64).sum()
+    }
+
     /// The user name of client `i`.
     pub fn user(&self, client: u32) -> String {
         if let Some(name) = self.users.get(client as usize) {

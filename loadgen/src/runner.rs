@@ -223,7 +223,7 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> Re
     let cpu_measure_start = process_cpu_seconds();
 
     if ok == 0 {
-        drop(stop_clients(cmd_txs, handles).await);
+        drop(stop_clients(&shared, cmd_txs, handles).await);
         ticker.abort();
         progress.finish();
         let errors = shared.metrics.errors();
@@ -302,7 +302,7 @@ pub async fn run_until(config: Config, shutdown: impl Future<Output = ()>) -> Re
     let drain_end = shared.clock.now_us();
 
     // === stop and audit ===
-    let outcomes = stop_clients(cmd_txs, handles).await;
+    let outcomes = stop_clients(&shared, cmd_txs, handles).await;
     ticker.abort();
     let cpu_end = process_cpu_seconds();
     let mut collector = match Arc::try_unwrap(collector) {
@@ -367,6 +367,7 @@ fn drained(shared: &Shared, progresses: &[(u32, Arc<TrackProgress>)], cmd_txs: &
 /// Tells every client to stop and collects their outcomes; a client that does not finish within
 /// five seconds is aborted and its tracks are lost (counted as not audited).
 async fn stop_clients(
+    shared: &Shared,
     cmd_txs: Vec<mpsc::Sender<Cmd>>,
     handles: Vec<tokio::task::JoinHandle<ClientOutcome>>,
 ) -> Vec<ClientOutcome> {
@@ -375,14 +376,25 @@ async fn stop_clients(
         // which the client also takes as a stop once it has worked through the queue.
         let _ = tx.try_send(Cmd::Stop);
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + stop_grace(handles.len());
     let mut outcomes = Vec::new();
-    for mut h in handles {
+    for (i, mut h) in handles.into_iter().enumerate() {
         match tokio::time::timeout_at(deadline, &mut h).await {
             Ok(Ok(outcome)) => outcomes.push(outcome),
-            Ok(Err(_)) => {}
-            Err(_) => h.abort(),
+            Ok(Err(_)) => shared.metrics.error(i as u32, "client_panicked"),
+            Err(_) => {
+                // Its memberships are left out of the audit (counted as excluded), and said so.
+                h.abort();
+                shared.metrics.error(i as u32, "stop_timeout");
+            }
         }
     }
     outcomes
+}
+
+/// How long stopping `clients` clients may take: each closes its socket and hands its tracks
+/// over, which on a loaded machine (tens of thousands of clients, every core busy) takes more
+/// than the 5 s that suit a small run.
+fn stop_grace(clients: usize) -> Duration {
+    Duration::from_secs(5) + Duration::from_millis(clients as u64)
 }

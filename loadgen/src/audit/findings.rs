@@ -127,8 +127,12 @@ pub struct AuditResult {
     pub not_sent: u64,
     /// Memberships joined at the end, whose deliveries were audited.
     pub members_audited: u64,
-    /// Memberships not joined at the end (connect or join failed, or dropped for good).
+    /// Memberships of the plan not joined at the end (connect or join failed, dropped for good,
+    /// or the client did not stop in time: error `stop_timeout`).
     pub members_excluded: u64,
+    /// Audited memberships that expected no message: no acked send to their room was written
+    /// after they joined (a run that means every member to receive wants 0 here).
+    pub members_expecting_none: u64,
     /// (acked message, expected member) pairs.
     pub expected_deliveries: u64,
     /// Of those, delivered.

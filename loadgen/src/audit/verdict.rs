@@ -42,6 +42,7 @@ pub fn finalize(
 
     let audited = AuditedMembers::of(tracks, rooms);
     let expected_deliveries = audited.expected_deliveries(records);
+    let members_expecting_none = audited.expecting_none(records);
 
     let losses = Losses::find(records, tracks, &sends);
     counts.gap_seqs += losses.gap_seqs;
@@ -62,7 +63,8 @@ pub fn finalize(
         acked: sends.acked,
         not_sent: sends.not_sent,
         members_audited: audited.members,
-        members_excluded: (tracks.len() as u64).saturating_sub(audited.members),
+        members_excluded: plan.memberships().saturating_sub(audited.members),
+        members_expecting_none,
         expected_deliveries,
         delivered: expected_deliveries.saturating_sub(counts.missing_deliveries),
         stray_deliveries,
@@ -268,6 +270,22 @@ impl AuditedMembers {
     /// (acked message, expecting member) pairs in all.
     fn expected_deliveries(&self, records: &Records) -> u64 {
         records.recs.iter().filter(|r| r.ack().is_some()).map(|r| self.expecting(r)).sum()
+    }
+
+    /// Audited members that expected no acked message at all: their room had none written
+    /// after they joined. The members that did expect one are those expecting the room's
+    /// latest-written acked message.
+    fn expecting_none(&self, records: &Records) -> u64 {
+        let mut latest: Vec<Option<&MsgRecord>> = vec![None; self.since_by_room.len()];
+        for r in records.recs.iter().filter(|r| r.ack().is_some()) {
+            if let Some(slot) = latest.get_mut(r.room as usize) {
+                if slot.is_none_or(|l| l.sent_us() < r.sent_us()) {
+                    *slot = Some(r);
+                }
+            }
+        }
+        let expecting_some: u64 = latest.into_iter().flatten().map(|r| self.expecting(r)).sum();
+        self.members - expecting_some
     }
 }
 
@@ -517,6 +535,36 @@ mod tests {
     }
 
     #[test]
+    fn members_of_rooms_with_no_message_after_their_join_expected_none() {
+        // Two rooms of two: room 0 gets sends 0 and 1, room 1 none; client 2 joins room 0 after
+        // send 0 was written and before send 1, client 3 after both.
+        let users = (0..4).map(|c| format!("t-u{c}")).collect();
+        let plan =
+            Plan::explicit("t", users, vec!["t-r0".into(), "t-r1".into()], vec![vec![0], vec![1], vec![0], vec![0]]);
+        let sends: Vec<PlannedSend> = (0..2).map(|i| PlannedSend { at_us: 1000 * i, client: 0, room: 0 }).collect();
+        let records = Records::new(&sends, 2);
+        let mut tracks: Vec<Track> = [(0, 0), (1, 1), (0, 2), (0, 3)].map(|(room, c)| Track::new(room, c)).into();
+        for (t, at) in tracks.iter_mut().zip([50, 50, 500, 5000]) {
+            t.joined(0, at, false);
+        }
+        for i in 0..2u32 {
+            records.mark_sent(i, 100 + 1000 * u64::from(i));
+            assert_eq!(records.ack(i, parse_id(&id_of(u64::from(i) + 1)), u64::from(i) + 1, 0), AckOutcome::First);
+        }
+        let refs: Vec<&Track> = tracks.iter().collect();
+        let r = finalize(&records, &refs, &plan, 0, 100);
+        assert_eq!(r.members_audited, 4);
+        // Client 1 (room 1, no sends) and client 3 (joined after the last send) expected none.
+        assert_eq!(r.members_expecting_none, 2);
+        assert_eq!(r.expected_deliveries, 3);
+
+        let mut sim = Sim::new(5, 3);
+        let log = sim.clean_log(3);
+        sim.run(&log);
+        assert_eq!(sim.audit().members_expecting_none, 0);
+    }
+
+    #[test]
     fn dropped_delivery_is_named_by_id() {
         let mut sim = Sim::new(3, 10);
         let mut log = sim.clean_log(10);
@@ -665,6 +713,9 @@ mod tests {
         // A member not joined at the end is not audited.
         sim.tracks[0].abandon();
         let r = sim.audit();
+        assert_eq!((r.members_audited, r.members_excluded), (1, 1));
+        // Nor is one whose client never handed its track over (it did not stop in time).
+        let r = finalize(&sim.records, &[&sim.tracks[1]], &sim.plan, 0, 100);
         assert_eq!((r.members_audited, r.members_excluded), (1, 1));
     }
 

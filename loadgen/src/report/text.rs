@@ -162,6 +162,13 @@ impl Report {
             c.rejected,
             a.stray_deliveries
         );
+        if a.scheduled > 0 && a.members_expecting_none > 0 {
+            let _ = writeln!(
+                o,
+                "  {} of the audited members expected no message (no acked send to their room after they joined)",
+                a.members_expecting_none
+            );
+        }
         if a.findings.is_empty() {
             return;
         }
