@@ -424,15 +424,21 @@ impl CqlStore {
 
     /// The fence's epoch as stored now (0 when nobody ever took it).
     async fn current_epoch(&self, fence: &str) -> Result<u64, StoreError> {
+        self.read_counter(&self.statements.read_epoch, fence, "epoch").await
+    }
+
+    /// The one bigint column `statement` selects for `key` (0 when there is no row or value):
+    /// a room's last seq, a fence's epoch.
+    async fn read_counter(&self, statement: &PreparedStatement, key: &str, what: &str) -> Result<u64, StoreError> {
         let result = self
             .session
-            .execute_unpaged(&self.statements.read_epoch, (fence,))
+            .execute_unpaged(statement, (key,))
             .await
-            .map_err(|e| unavailable(format_args!("read the epoch of {fence}"), e))?;
-        let row = rows(result, fence)?
+            .map_err(|e| unavailable(format_args!("{key}: read {what}"), e))?;
+        let row = rows(result, key)?
             .maybe_first_row::<(Option<i64>,)>()
-            .map_err(|e| StoreError::corrupt(format!("{fence}: epoch row: {e}")))?;
-        from_cql_seq(row.and_then(|(epoch,)| epoch).unwrap_or(0))
+            .map_err(|e| StoreError::corrupt(format!("{key}: {what} row: {e}")))?;
+        from_cql_seq(row.and_then(|(value,)| value).unwrap_or(0))
     }
 
     /// Writes the message, dedupe and id rows of `messages`, stamped for `epoch` (rows of a room
@@ -523,15 +529,7 @@ impl CqlStore {
 
     /// The room's last seq as stored (without the pending record, which a page rarely needs).
     async fn read_last_seq(&self, room: &str) -> Result<u64, StoreError> {
-        let result = self
-            .session
-            .execute_unpaged(&self.statements.read_last_seq, (room,))
-            .await
-            .map_err(|e| unavailable(format_args!("room {room}: read last seq"), e))?;
-        let row = rows(result, room)?
-            .maybe_first_row::<(Option<i64>,)>()
-            .map_err(|e| StoreError::corrupt(format!("room {room}: state row: {e}")))?;
-        from_cql_seq(row.and_then(|(seq,)| seq).unwrap_or(0))
+        self.read_counter(&self.statements.read_last_seq, room, "last seq").await
     }
 
     /// The room's last seq, after making sure the pending record of a room last written before
