@@ -136,16 +136,17 @@ pub async fn gateway(
     gateway::run(listener, config, deps, shutdown).await.context("serving HTTP")
 }
 
-/// How long a worker's partitions must stay its own before it takes their fences: a starting
-/// worker owns every partition until it hears the others (heartbeats every second).
+/// How long a worker's partitions must stay its own before it takes their fences: while
+/// workers come and go ownership can move back and forth (a worker heard late, or silent for a
+/// moment), and the previous owner may still be finishing the sends it pulled.
 const OWNERSHIP_SETTLE: Duration = Duration::from_secs(3);
 
-/// Takes the store fences of the partitions this worker owns once ownership has settled, so the
-/// first send of a partition that moved here does not wait out the store's grace. Ends when the
-/// bus is dropped.
+/// Takes the store fences of the partitions this worker owns (now, and after every change) once
+/// ownership has settled, so the first send of a partition that moved here does not wait out
+/// the store's grace. Ends when the bus is dropped.
 fn hold_owned_fences(store: Arc<CqlStore>, mut owned: tokio::sync::watch::Receiver<Vec<u32>>) {
     tokio::spawn(async move {
-        while owned.changed().await.is_ok() {
+        loop {
             tokio::time::sleep(OWNERSHIP_SETTLE).await;
             let partitions = owned.borrow_and_update().clone();
             let mut taking = tokio::task::JoinSet::new();
@@ -157,6 +158,9 @@ fn hold_owned_fences(store: Arc<CqlStore>, mut owned: tokio::sync::watch::Receiv
                 if let Err(e) = taken {
                     tracing::warn!(partition, error = %e, "could not take the partition's store fence yet");
                 }
+            }
+            if owned.changed().await.is_err() {
+                break;
             }
         }
     });

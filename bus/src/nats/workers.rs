@@ -24,6 +24,10 @@ const LEGACY_CONSUMER: &str = "fanout";
 const WORKER_SILENCE: Duration = Duration::from_secs(3);
 /// How often a worker announces itself.
 const WORKER_HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long a joining worker listens before it takes any partition: one heartbeat round and a
+/// margin, so it knows the live workers. Taking at once would mean taking every partition
+/// and handing most back a moment later, two workers pulling each meanwhile.
+const JOIN_LISTEN: Duration = Duration::from_millis(1500);
 
 /// Durable consumer of a partition: `fanout-p<N>`.
 fn consumer_name(partition: u32) -> String {
@@ -75,6 +79,9 @@ impl NatsBus {
     /// goes silent its partitions move within a few seconds, and its unacked sends are
     /// redelivered to the new owner after `ack_wait`. During a change two workers may briefly
     /// pull the same partition: the store's fenced append keeps seqs right.
+    ///
+    /// Returns once this worker has listened for [`JOIN_LISTEN`] and taken its partitions, so
+    /// a worker that says it is ready pulls its settled share.
     pub async fn start_worker(self: &Arc<Self>) -> Result<(), BusError> {
         let (tx, rx) = mpsc::channel(4 * 1024);
         *self.sends.lock().await = Some(rx);
@@ -86,6 +93,9 @@ impl NatsBus {
         let mut heard =
             self.client.subscribe(subjects::WORKERS).await.map_err(|e| unavailable("subscribe to workers", e))?;
         let bus = self.clone();
+        let (settled_tx, settled) = tokio::sync::oneshot::channel();
+        let mut settled_tx = Some(settled_tx);
+        let listening_until = Instant::now() + JOIN_LISTEN;
         tokio::spawn(async move {
             let mut membership = Membership::new(bus.config.name.clone());
             let mut pullers: HashMap<u32, tokio::task::JoinHandle<()>> = HashMap::new();
@@ -103,7 +113,11 @@ impl NatsBus {
                         }
                         None => break,
                     },
+                    () = tokio::time::sleep_until(listening_until), if settled_tx.is_some() => {}
                     () = tx.closed() => break,
+                }
+                if Instant::now() < listening_until {
+                    continue;
                 }
                 let owned = membership.owned(Instant::now());
                 pullers.retain(|partition, task| {
@@ -130,11 +144,15 @@ impl NatsBus {
                     }
                     changed
                 });
+                if let Some(settled) = settled_tx.take() {
+                    let _ = settled.send(());
+                }
             }
             for (_, task) in pullers {
                 task.abort();
             }
         });
+        settled.await.map_err(|_| BusError::unavailable("the workers' membership ended before this worker joined"))?;
         Ok(())
     }
 

@@ -694,7 +694,11 @@ async fn ex06_the_partitioned_gateway() {
     assert_eq!(bob.messages(1).await[0]["body"], "before");
 
     apply(&steps, |port| page_port(&lab, port)).await;
-    // (a) gw-2 is not ready, refuses bob's send at once, and delivers alice's message late.
+    // (a) gw-2 delivers alice's message late, is not ready, and refuses bob's send at once.
+    // Alice sends first: only the quiet-room check that "before" armed (1 s after it) can
+    // notice "during" on the cut gateway, so it must be stored by then.
+    let ack = alice.say("ex6", "a1", "during").await;
+    let acked = Instant::now();
     let (status, why) = get(&format!("{}/readyz", lab.gateway_url(1))).await;
     assert_eq!(status, 503, "{why}");
     assert!(why.contains("cut off"), "{why}");
@@ -702,8 +706,6 @@ async fn ex06_the_partitioned_gateway() {
     bob.send(json!({"type": "send", "room": "ex6", "client_msg_id": "b1", "body": "hello?"})).await;
     let refused = answer(&mut bob, "b1", Duration::from_secs(2)).await.expect("an immediate answer");
     assert_eq!(refused["code"], "unavailable", "{refused}");
-    let ack = alice.say("ex6", "a1", "during").await;
-    let acked = Instant::now();
     let late = messages_until(&mut bob, "ex6", 2, Duration::from_secs(5)).await;
     assert_eq!(late.last().map(|m| &m["body"]), Some(&json!("during")), "bob gets alice's message in the end");
     assert!(acked.elapsed() >= Duration::from_millis(500), "…late: {:?} after the ack", acked.elapsed());
