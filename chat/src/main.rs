@@ -8,6 +8,12 @@ use anyhow::Context;
 use chat::cli::{Cli, Command, CommonArgs, DebugCommand, ReplayCommand};
 use clap::{CommandFactory, Parser};
 
+/// mimalloc instead of glibc's allocator: a send allocates and frees many small buffers (frames,
+/// messages, journal entries), and glibc's malloc and free took 18 % of a send's CPU
+/// (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
