@@ -43,6 +43,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::audit::{AuditResult, Finding, FindingCounts, FindingKind, Records, Track, TrackProgress};
 use crate::client::{backoff, dial, mint_token, write_loop, ClientOutcome, Cmd, Ready, Ws, INITIAL_ATTEMPTS};
 use crate::metrics::Lat;
+use crate::outgoing::{note_written, ScheduledSends};
 use crate::plan::Plan;
 use crate::runner::Shared;
 use crate::schedule::Action;
@@ -416,62 +417,8 @@ impl Client {
         self.subscribes_outstanding = self.subscribes_outstanding.saturating_sub(1);
         if self.subscribes_outstanding == 0 {
             self.ready = true;
-            self.flush_queue(tx);
+            self.flush_backlog(tx);
         }
-    }
-
-    /// Publishes a scheduled send now, or queues it when offline or the writer is full.
-    fn send(&mut self, i: u32, tx: Option<&mpsc::Sender<Message>>) {
-        match tx {
-            Some(tx) if self.ready && self.queue.is_empty() => {
-                if !self.write_publish(i, tx) {
-                    self.enqueue(i);
-                }
-            }
-            _ => self.enqueue(i),
-        }
-    }
-
-    fn enqueue(&mut self, i: u32) {
-        if self.queue.len() >= self.shared.config.queue {
-            self.shared.metrics.error(self.idx, "loadgen_backlog");
-        } else {
-            self.queue.push_back(i);
-        }
-    }
-
-    fn flush_queue(&mut self, tx: &mpsc::Sender<Message>) {
-        while let Some(&i) = self.queue.front() {
-            if !self.write_publish(i, tx) {
-                break;
-            }
-            self.queue.pop_front();
-        }
-    }
-
-    /// Writes the `publish` of send `i` if the writer has room; false when it is full.
-    fn write_publish(&mut self, i: u32, tx: &mpsc::Sender<Message>) -> bool {
-        let Ok(permit) = tx.try_reserve() else { return false };
-        let shared = &*self.shared;
-        let Some(rec) = shared.records.get(i) else { return true };
-        let cfg = &shared.config;
-        let len = crate::schedule::body_len(i, cfg.body.min, cfg.body.max, cfg.seed);
-        let start = (crate::schedule::mix(i as u64 ^ cfg.seed) as usize) % (shared.body_pool.len() - len + 1);
-        let client_msg_id = shared.plan.client_msg_id(i);
-        let data = Payload {
-            c: Some(Cow::Borrowed(client_msg_id.as_str())),
-            b: Cow::Borrowed(&shared.body_pool[start..start + len]),
-        };
-        let text =
-            encode(PUBLISH_ID_BASE + i, Request::Publish { channel: &shared.plan.rooms[rec.room as usize], data });
-        let now = shared.clock.now_us();
-        if shared.records.mark_sent(i, now) {
-            let mut w = shared.metrics.shard(self.idx);
-            w.sent += 1;
-            w.record(Lat::Lag, now.saturating_sub(shared.records.scheduled_at(rec)));
-        }
-        permit.send(Message::text(text));
-        true
     }
 
     /// The connection is gone: memberships end (there is no history to resume from).
@@ -613,7 +560,7 @@ pub async fn run_client(mut st: Client, mut cmds: mpsc::Receiver<Cmd>, ready_tx:
                 },
                 permit = conn.tx.reserve(), if st.ready && !st.queue.is_empty() => {
                     drop(permit);
-                    st.flush_queue(&conn.tx);
+                    st.flush_backlog(&conn.tx);
                 }
                 cmd = cmds.recv() => match cmd {
                     Some(Cmd::Act(Action::Send(i))) => st.send(i, Some(&conn.tx)),
@@ -777,6 +724,44 @@ pub fn finalize(records: &Records, members: &[Member], plan: &Plan, stray: u64, 
 fn cap(mut clients: Vec<u32>) -> Vec<u32> {
     clients.truncate(10);
     clients
+}
+
+impl ScheduledSends for Client {
+    fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    fn idx(&self) -> u32 {
+        self.idx
+    }
+
+    fn ready(&self) -> bool {
+        self.ready
+    }
+
+    fn backlog(&mut self) -> &mut std::collections::VecDeque<u32> {
+        &mut self.queue
+    }
+
+    /// Writes the `publish` of send `i`.
+    fn write_one(&mut self, i: u32, tx: &mpsc::Sender<Message>) -> bool {
+        let Ok(permit) = tx.try_reserve() else { return false };
+        let shared = &*self.shared;
+        let Some(rec) = shared.records.get(i) else { return true };
+        let cfg = &shared.config;
+        let len = crate::schedule::body_len(i, cfg.body.min, cfg.body.max, cfg.seed);
+        let start = (crate::schedule::mix(i as u64 ^ cfg.seed) as usize) % (shared.body_pool.len() - len + 1);
+        let client_msg_id = shared.plan.client_msg_id(i);
+        let data = Payload {
+            c: Some(Cow::Borrowed(client_msg_id.as_str())),
+            b: Cow::Borrowed(&shared.body_pool[start..start + len]),
+        };
+        let text =
+            encode(PUBLISH_ID_BASE + i, Request::Publish { channel: &shared.plan.rooms[rec.room as usize], data });
+        note_written(shared, self.idx, i, rec);
+        permit.send(Message::text(text));
+        true
+    }
 }
 
 #[cfg(test)]

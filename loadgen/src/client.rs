@@ -29,6 +29,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::audit::{check_chain, check_delivery, parse_id, parse_trace, AckOutcome, Chained, Track};
 use crate::metrics::Lat;
+use crate::outgoing::{note_written, ScheduledSends};
 use crate::replay::RecordedBody;
 use crate::runner::Shared;
 use crate::schedule::Action;
@@ -379,72 +380,8 @@ impl ClientState {
             self.queue.push_front(i);
         }
         if let Some(tx) = tx {
-            self.flush_queue(tx);
+            self.flush_backlog(tx);
         }
-    }
-
-    /// Sends a scheduled message now, or queues it when offline or the writer is full.
-    fn send(&mut self, i: u32, tx: Option<&mpsc::Sender<Message>>) {
-        match tx {
-            Some(tx) if self.ready && self.queue.is_empty() => {
-                if !self.write_send(i, tx) {
-                    self.enqueue(i);
-                }
-            }
-            _ => self.enqueue(i),
-        }
-    }
-
-    fn enqueue(&mut self, i: u32) {
-        if self.queue.len() >= self.shared.config.queue {
-            self.shared.metrics.error(self.idx, "loadgen_backlog");
-        } else {
-            self.queue.push_back(i);
-        }
-    }
-
-    fn flush_queue(&mut self, tx: &mpsc::Sender<Message>) {
-        while let Some(&i) = self.queue.front() {
-            if !self.write_send(i, tx) {
-                break;
-            }
-            self.queue.pop_front();
-        }
-    }
-
-    /// Writes send `i` if the writer has room; false when it is full.
-    fn write_send(&mut self, i: u32, tx: &mpsc::Sender<Message>) -> bool {
-        let Ok(permit) = tx.try_reserve() else { return false };
-        let shared = &*self.shared;
-        let Some(rec) = shared.records.get(i) else { return true };
-        let cfg = &shared.config;
-        let recorded = cfg.replay.as_ref().and_then(|r| r.bodies.get(i as usize));
-        let body = match recorded {
-            Some(RecordedBody::Text(text)) => text.clone(),
-            _ => {
-                let len = match recorded {
-                    Some(RecordedBody::Len(n)) => (*n).min(shared.body_pool.len()),
-                    _ => crate::schedule::body_len(i, cfg.body.min, cfg.body.max, cfg.seed),
-                };
-                let start = (crate::schedule::mix(i as u64 ^ cfg.seed) as usize) % (shared.body_pool.len() - len + 1);
-                shared.body_pool[start..start + len].to_string()
-            }
-        };
-        let frame = ClientFrame::Send {
-            room: shared.plan.rooms[rec.room as usize].clone(),
-            client_msg_id: shared.plan.client_msg_id(i),
-            body,
-            traceparent: None,
-        };
-        let now = shared.clock.now_us();
-        if shared.records.mark_sent(i, now) {
-            let mut w = shared.metrics.shard(self.idx);
-            w.sent += 1;
-            w.record(Lat::Lag, now.saturating_sub(shared.records.scheduled_at(rec)));
-        }
-        permit.send(Message::text(encode(&frame, Req::Int(i as i64))));
-        self.pending.push_back(i);
-        true
     }
 
     fn history(&mut self, room: u32, tx: Option<&mpsc::Sender<Message>>) {
@@ -593,7 +530,7 @@ pub async fn run_client(
                 },
                 permit = conn.tx.reserve(), if st.ready && !st.queue.is_empty() => {
                     drop(permit);
-                    st.flush_queue(&conn.tx);
+                    st.flush_backlog(&conn.tx);
                 }
                 cmd = cmds.recv() => match cmd {
                     Some(Cmd::Act(Action::Send(i))) => st.send(i, Some(&conn.tx)),
@@ -768,6 +705,54 @@ pub(crate) async fn write_loop(mut sink: SplitSink<Ws, Message>, mut rx: mpsc::R
         }
     }
     let _ = sink.close().await;
+}
+
+impl ScheduledSends for ClientState {
+    fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    fn idx(&self) -> u32 {
+        self.idx
+    }
+
+    fn ready(&self) -> bool {
+        self.ready
+    }
+
+    fn backlog(&mut self) -> &mut VecDeque<u32> {
+        &mut self.queue
+    }
+
+    /// Writes the `send` frame of send `i` (remembered as pending until answered).
+    fn write_one(&mut self, i: u32, tx: &mpsc::Sender<Message>) -> bool {
+        let Ok(permit) = tx.try_reserve() else { return false };
+        let shared = &*self.shared;
+        let Some(rec) = shared.records.get(i) else { return true };
+        let cfg = &shared.config;
+        let recorded = cfg.replay.as_ref().and_then(|r| r.bodies.get(i as usize));
+        let body = match recorded {
+            Some(RecordedBody::Text(text)) => text.clone(),
+            _ => {
+                let len = match recorded {
+                    Some(RecordedBody::Len(n)) => (*n).min(shared.body_pool.len()),
+                    _ => crate::schedule::body_len(i, cfg.body.min, cfg.body.max, cfg.seed),
+                };
+                let start = (crate::schedule::mix(i as u64 ^ cfg.seed) as usize) % (shared.body_pool.len() - len + 1);
+                shared.body_pool[start..start + len].to_string()
+            }
+        };
+        let frame = ClientFrame::Send {
+            room: shared.plan.rooms[rec.room as usize].clone(),
+            client_msg_id: shared.plan.client_msg_id(i),
+            body,
+            traceparent: None,
+        };
+        note_written(shared, self.idx, i, rec);
+        permit.send(Message::text(encode(&frame, Req::Int(i as i64))));
+        self.pending.push_back(i);
+        true
+    }
 }
 
 #[cfg(test)]

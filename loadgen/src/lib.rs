@@ -32,6 +32,7 @@ pub mod compare;
 pub mod config;
 pub mod journeys;
 pub mod metrics;
+mod outgoing;
 pub mod plan;
 pub mod progress;
 pub mod replay;
