@@ -171,8 +171,15 @@ pub struct NatsBus {
     connects: Arc<tokio::sync::watch::Sender<u64>>,
     /// The partitions this worker pulls, in order (empty on a gateway).
     owned: tokio::sync::watch::Sender<Vec<u32>>,
+    /// Decides whether each of this worker's heartbeats is published (set by a fault layer;
+    /// without one, every heartbeat is).
+    heartbeat_gate: std::sync::OnceLock<HeartbeatGate>,
     metrics: Metrics,
 }
+
+/// Asked before each heartbeat a worker publishes: `false` loses that heartbeat (the seam of the
+/// `fanout.heartbeat` fault).
+pub type HeartbeatGate = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// How often the connection pings its server; after 3 unanswered pings it reconnects to
 /// another (so a partitioned NATS node is left within about 6 s, not async-nats's 2 minutes).
@@ -262,6 +269,7 @@ impl NatsBus {
             sends: tokio::sync::Mutex::new(None),
             connects,
             owned: tokio::sync::watch::Sender::new(Vec::new()),
+            heartbeat_gate: std::sync::OnceLock::new(),
             metrics,
         });
         bus.listen_for_replies().await?;

@@ -190,6 +190,9 @@ pub async fn fanout(
     let journal = Arc::new(Journal::new(worker_id.clone(), journal_capacity));
     bus.serve_journal(journal.clone()).await.context("serving journeys")?;
     let faults = FaultLayer::new(admin_token, metrics.clone(), journal.clone());
+    if let Some(gate) = faults.heartbeat_gate() {
+        bus.gate_heartbeats(gate);
+    }
     let mut worker =
         Fanout::new(store.clone(), faults.fanout_bus(bus.clone()), journal.clone(), metrics.clone(), fanout_config)
             .with_clock(faults.clock())

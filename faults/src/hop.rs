@@ -74,6 +74,7 @@ impl FaultAction {
 /// | `fanout.sequence` | stall, delay | a worker before sequencing a room's sends (the rest of its batch waits too) |
 /// | `fanout.clock` | skew | a worker stamping `ts` (`delay_ms` ahead; negative: behind) |
 /// | `fanout.lock` | cross_lock | a worker sequencing `room` also locks `with_room`, holding its own |
+/// | `fanout.heartbeat` | drop | a worker's heartbeat on `chat.workers` (each second) is not published; no `room` |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Hop {
     /// A gateway writing a message to one connection.
@@ -106,11 +107,14 @@ pub enum Hop {
     /// A worker's room locks while it sequences.
     #[serde(rename = "fanout.lock")]
     FanoutLock,
+    /// A worker announcing itself to the other workers.
+    #[serde(rename = "fanout.heartbeat")]
+    FanoutHeartbeat,
 }
 
 impl Hop {
     /// Every hop.
-    pub const ALL: [Hop; 10] = [
+    pub const ALL: [Hop; 11] = [
         Hop::GatewayDeliver,
         Hop::GatewayFeed,
         Hop::GatewayGapRepair,
@@ -121,6 +125,7 @@ impl Hop {
         Hop::FanoutSequence,
         Hop::FanoutClock,
         Hop::FanoutLock,
+        Hop::FanoutHeartbeat,
     ];
 
     /// The hop's name, as in the API, journeys and the `hop` metric label.
@@ -136,6 +141,7 @@ impl Hop {
             Hop::FanoutSequence => "fanout.sequence",
             Hop::FanoutClock => "fanout.clock",
             Hop::FanoutLock => "fanout.lock",
+            Hop::FanoutHeartbeat => "fanout.heartbeat",
         }
     }
 
@@ -152,7 +158,15 @@ impl Hop {
             Hop::FanoutSequence => &[Stall, Delay],
             Hop::FanoutClock => &[Skew],
             Hop::FanoutLock => &[CrossLock],
+            Hop::FanoutHeartbeat => &[Drop],
         }
+    }
+}
+
+impl Hop {
+    /// Whether a fault here can be limited to one room (a heartbeat is no room's).
+    pub fn has_rooms(self) -> bool {
+        self != Hop::FanoutHeartbeat
     }
 }
 

@@ -14,6 +14,7 @@ use crate::clock::SkewedClock;
 use crate::deliver::FaultyDelivery;
 use crate::marks::Injector;
 use crate::registry::Faults;
+use crate::Hop;
 
 /// The fault layer of one process. With an admin token, its decorators wrap the bus, the
 /// clock and the gateway's deliveries, and its routes serve `/admin/faults`; without one,
@@ -73,8 +74,47 @@ impl FaultLayer {
         self.injector.as_ref().map(|injector| Arc::new(crate::lock::CrossLocks::new(injector.clone())) as _)
     }
 
+    /// The gate a worker asks before each heartbeat (`fanout.heartbeat`), when faults are on.
+    pub fn heartbeat_gate(&self) -> Option<bus::nats::HeartbeatGate> {
+        let injector = self.injector.clone()?;
+        Some(Arc::new(move || match injector.decide(Hop::FanoutHeartbeat, "") {
+            Some(fired) => {
+                injector.count(&fired);
+                false
+            }
+            None => true,
+        }))
+    }
+
     /// The `/admin/faults` routes.
     pub fn routes<S: Clone + Send + Sync + 'static>(&self) -> Router<S> {
         crate::admin::router(self.faults.clone(), self.token.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{FaultAction, FaultSpec};
+
+    fn layer(token: Option<&str>) -> (FaultLayer, Metrics) {
+        let metrics = Metrics::new();
+        let layer = FaultLayer::new(token.map(str::to_owned), metrics.clone(), Arc::new(Journal::new("w", 10)));
+        (layer, metrics)
+    }
+
+    #[test]
+    fn heartbeats_pass_until_a_drop_fires_and_a_sealed_drop_is_not_counted() {
+        assert!(layer(None).0.heartbeat_gate().is_none(), "no admin token, no seam");
+        for sealed in [false, true] {
+            let (layer, metrics) = layer(Some("t"));
+            let gate = layer.heartbeat_gate().unwrap();
+            assert!(gate());
+            let spec = FaultSpec { count: Some(2), sealed, ..FaultSpec::new(Hop::FanoutHeartbeat, FaultAction::Drop) };
+            layer.faults().add(spec).unwrap();
+            assert_eq!([gate(), gate(), gate()], [false, false, true]);
+            let counted = metrics.faults_injected.with_label_values(&["fanout.heartbeat", "drop"]).get();
+            assert_eq!(counted, if sealed { 0 } else { 2 });
+        }
     }
 }

@@ -127,6 +127,9 @@ pub enum FaultError {
     /// `with_room` missing on `cross_lock`, or given on another action.
     #[error("with_room is required by cross_lock and only by it")]
     WithRoom,
+    /// `room` given at a hop whose events belong to no room.
+    #[error("hop {0} takes no room: its events belong to none")]
+    NoRooms(Hop),
 }
 
 /// The faults in force in this process.
@@ -157,6 +160,9 @@ impl Faults {
         }
         if spec.with_room.is_some() != (spec.action == FaultAction::CrossLock) {
             return Err(FaultError::WithRoom);
+        }
+        if spec.room.is_some() && !spec.hop.has_rooms() {
+            return Err(FaultError::NoRooms(spec.hop));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let rng = SmallRng::seed_from_u64(spec.seed);
@@ -283,6 +289,9 @@ mod tests {
         let stall_at_deliver = FaultSpec::new(Hop::GatewayDeliver, FaultAction::Stall);
         assert!(matches!(faults.add(stall_at_deliver), Err(FaultError::UnsupportedAction { .. })));
         assert!(matches!(faults.add(drop_fault(1.5, 0, None)), Err(FaultError::BadProbability)));
+        let heartbeat_in_a_room =
+            FaultSpec { room: Some("a".into()), ..FaultSpec::new(Hop::FanoutHeartbeat, FaultAction::Drop) };
+        assert!(matches!(faults.add(heartbeat_in_a_room), Err(FaultError::NoRooms(Hop::FanoutHeartbeat))));
         assert!(!faults.is_active());
     }
 

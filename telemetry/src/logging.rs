@@ -58,7 +58,11 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>, service: &str) -> Re
     let hops_off = format!("{HOP_TARGET}=off").parse().map_err(|e| TracingError(format!("log filter: {e}")))?;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")).add_directive(hops_off);
     let fmt = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
+        // Colours only on a terminal: a log file or a collector gets plain text to grep.
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .boxed(),
         LogFormat::Json => {
             tracing_subscriber::fmt::layer().json().with_current_span(true).with_writer(std::io::stderr).boxed()
         }

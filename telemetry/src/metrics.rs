@@ -130,6 +130,10 @@ pub struct Metrics {
     pub send_redeliveries: IntCounter,
     /// Sends per fanout batch.
     pub fanout_batch: Histogram,
+    /// Partitions of the send stream this worker pulls now (cluster only).
+    pub partitions_owned: IntGauge,
+    /// Fanout workers this worker counts as live now, itself included (cluster only).
+    pub workers_live: IntGauge,
     /// History reads answered by joining an identical read already in flight.
     pub history_coalesced: IntCounter,
     /// Replays and gap fills answered from a room's recent messages in memory.
@@ -293,6 +297,16 @@ impl Metrics {
                 "chat_fanout_batch_size",
                 "Sends per fanout batch.",
                 &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+            ),
+            partitions_owned: r.add(
+                "chat_partitions_owned",
+                "Partitions of the send stream this worker pulls.",
+                IntGauge::default(),
+            ),
+            workers_live: r.add(
+                "chat_workers_live",
+                "Fanout workers this worker counts as live, itself included.",
+                IntGauge::default(),
             ),
             history_coalesced: r
                 .counter("chat_history_coalesced", "History reads that joined an identical read in flight."),

@@ -15,7 +15,7 @@ use protocol::subjects;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{unavailable, NatsBus};
+use super::{unavailable, HeartbeatGate, NatsBus};
 use crate::{BusError, PendingSend};
 
 /// The single consumer of every send used before partitions.
@@ -56,15 +56,30 @@ impl Membership {
         Self { me, heard: HashMap::new() }
     }
 
-    /// `worker` announced itself at `at`.
+    /// `worker` announced itself at `at` (logged when it was not live before: partitions move
+    /// to it).
     fn heard(&mut self, worker: &str, at: Instant) {
-        self.heard.insert(worker.to_owned(), at);
+        if self.heard.insert(worker.to_owned(), at).is_none() && worker != self.me {
+            tracing::info!(worker = %self.me, peer = %worker, "worker heard; partitions move to it");
+        }
+    }
+
+    /// The live workers, this one included, after [`owned`](Self::owned).
+    fn live(&self) -> usize {
+        self.heard.len()
     }
 
     /// The partitions this worker owns at `now`: workers silent for [`WORKER_SILENCE`] are
-    /// forgotten, and this worker is always live.
+    /// forgotten (logged: their partitions move), and this worker is always live.
     fn owned(&mut self, now: Instant) -> Vec<u32> {
-        self.heard.retain(|_, seen| now.duration_since(*seen) < WORKER_SILENCE);
+        let me = &self.me;
+        self.heard.retain(|worker, seen| {
+            let live = now.duration_since(*seen) < WORKER_SILENCE;
+            if !live && worker != me {
+                tracing::info!(worker = %me, peer = %worker, silent_for = ?WORKER_SILENCE, "worker silent; its partitions move");
+            }
+            live
+        });
         self.heard.insert(self.me.clone(), now);
         (0..subjects::PARTITIONS)
             .filter(|partition| owner(*partition, self.heard.keys().map(String::as_str)) == Some(self.me.as_str()))
@@ -103,7 +118,9 @@ impl NatsBus {
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        let _ = bus.client.publish(subjects::WORKERS, bus.config.name.clone().into()).await;
+                        if bus.heartbeat_gate.get().is_none_or(|pass| pass()) {
+                            let _ = bus.client.publish(subjects::WORKERS, bus.config.name.clone().into()).await;
+                        }
                     }
                     announced = heard.next() => match announced {
                         Some(message) => {
@@ -120,6 +137,7 @@ impl NatsBus {
                     continue;
                 }
                 let owned = membership.owned(Instant::now());
+                bus.metrics.workers_live.set(membership.live() as i64);
                 pullers.retain(|partition, task| {
                     let keep = owned.contains(partition) && !task.is_finished();
                     if !keep {
@@ -137,6 +155,7 @@ impl NatsBus {
                 }
                 let mut pulled: Vec<u32> = pullers.keys().copied().collect();
                 pulled.sort_unstable();
+                bus.metrics.partitions_owned.set(pulled.len() as i64);
                 bus.owned.send_if_modified(|owned| {
                     let changed = *owned != pulled;
                     if changed {
@@ -154,6 +173,12 @@ impl NatsBus {
         });
         settled.await.map_err(|_| BusError::unavailable("the workers' membership ended before this worker joined"))?;
         Ok(())
+    }
+
+    /// Lets `gate` decide whether each heartbeat of this worker is published (a fault layer's
+    /// seam; the first gate set stays).
+    pub fn gate_heartbeats(&self, gate: HeartbeatGate) {
+        let _ = self.heartbeat_gate.set(gate);
     }
 
     /// The partitions this worker pulls, in order, as they change (empty until

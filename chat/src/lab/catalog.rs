@@ -148,6 +148,9 @@ pub enum Mechanism {
     /// One gateway's slow-consumer policy is misconfigured: a connection queue of one frame,
     /// and what a full queue skips is dropped instead of caught up from the store.
     SlowConsumerDrop,
+    /// Most of one worker's heartbeats are lost: the other worker keeps forgetting it and
+    /// taking its partitions while it still pulls them, so the two fence each other off.
+    OwnershipFlap,
 }
 
 /// The planted cause of a round: what an answer is graded against.
@@ -289,6 +292,20 @@ pub const CHALLENGES: &[Challenge] = &[
         variants: &[Mechanism::ResubscribeLost, Mechanism::SlowConsumerDrop, Mechanism::DeliverDrop],
         restarts_bus: true,
     },
+    Challenge {
+        name: "refused-sends",
+        page: "docs/exercises/09-refused-sends.md",
+        symptom: "on the cluster, sends hang for seconds in waves, and some fail with unavailable",
+        story: "Users of the cluster say their messages go missing now and then: a message hangs on \
+                'sending' for seconds, then fails with `unavailable`, or gets through late. It comes in \
+                waves, in any room; between waves all is well. No process restarted, /readyz says ready \
+                everywhere, NATS and the store are healthy. Find the process at fault, the hop where \
+                it goes wrong and what happens there.",
+        topology: Topology::Cluster,
+        asks: &[Field::Process, Field::Hop, Field::Kind],
+        variants: &[Mechanism::OwnershipFlap, Mechanism::WorkerStall],
+        restarts_bus: false,
+    },
 ];
 
 /// The challenge called `name`.
@@ -344,6 +361,7 @@ impl Mechanism {
             Mechanism::SeqForge => "seq-forge",
             Mechanism::ResubscribeLost => "resubscribe-lost",
             Mechanism::SlowConsumerDrop => "slow-consumer-drop",
+            Mechanism::OwnershipFlap => "ownership-flap",
         }
     }
 
@@ -377,6 +395,7 @@ impl Mechanism {
             let n: u32 = room.rsplit('r').next().and_then(|n| n.parse().ok()).unwrap_or(0);
             format!("{PREFIX}-r{}", (n + 1 + n % 3) % ROOMS)
         };
+        let other_worker = if process == "fanout-1" { "fanout-2" } else { "fanout-1" };
         let (cause, plants, evidence) = match self {
             Mechanism::DeliverDrop => (
                 cause("gateway.deliver", "drop", Some(&room)),
@@ -576,6 +595,24 @@ impl Mechanism {
                      chat_drops_total{{reason=\"resynced_from_store\"}} stays 0 there: the skipped \
                      messages are never caught up from the store, and queues fill at once (a queue of \
                      one frame). The slow-consumer policy is set to drop."
+                ),
+            ),
+            Mechanism::OwnershipFlap => (
+                cause("fanout.heartbeat", "drop", None),
+                vec![at(sealed("fanout.heartbeat", "drop", json!({"probability": 0.7, "seed": 5})))],
+                format!(
+                    "The waves are {other_worker}'s view of the workers flapping: its chat_workers_live \
+                     drops from 2 to 1 and back every few seconds while {process}'s stays at 2, and \
+                     {other_worker}'s log says why, naming the peer each time: `worker silent; its \
+                     partitions move` (peer {process}), then `worker heard` a moment later. While \
+                     {other_worker} has forgotten {process} it pulls {process}'s partitions too \
+                     (sum(chat_partitions_owned) is 24, not 16), so both append to the same rooms and fence \
+                     each other off: `fence taken` with rising epochs alternating in both logs, \
+                     chat_seq_conflicts_total and chat_send_redeliveries_total climbing on both, and a \
+                     batch stuck behind a fence's 1 s grace holds every room in it. {process} is the \
+                     one whose heartbeats do not reach the others (it never logs a peer silent); \
+                     {other_worker} only reacts to the silence. No seq was assigned twice and nothing acked was lost: the \
+                     fences held; what users lost are the sends refused while the workers fought."
                 ),
             ),
         };

@@ -231,7 +231,14 @@ async fn start(
             topology::BUS_MONITOR
         );
     }
-    println!("logs       {}", round_dir.join("logs").display());
+    match &cluster_dir {
+        Some(dir) => println!(
+            "logs       {}  (the cluster's processes; the round's traffic: {})",
+            dir.join("logs").display(),
+            round_dir.join("logs").display()
+        ),
+        None => println!("logs       {}", round_dir.join("logs").display()),
+    }
     println!(
         "traffic    loadgen clients in rooms {p}-r0 .. {p}-r{} (join them with loadgen --room-prefix {p})",
         catalog::ROOMS - 1,

@@ -77,11 +77,19 @@ fn printed_urls(out: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The processes' log directory `chat lab start` printed (its `logs` line).
+fn printed_logs(out: &str) -> PathBuf {
+    let line = out.lines().find(|line| line.starts_with("logs ")).expect("a logs line");
+    PathBuf::from(line.split_whitespace().nth(1).unwrap())
+}
+
 /// A round being played; stopped when dropped (a failing test leaves nothing running).
 struct Round {
     dir: PathBuf,
     /// Process id → base URL, as `start` printed them.
     urls: BTreeMap<String, String>,
+    /// The processes' logs, as `start` printed them.
+    logs: PathBuf,
     challenge: String,
 }
 
@@ -103,8 +111,8 @@ impl Round {
         let args = ["start", challenge, "--seed", &seed, "--team", "testers", "--port", &port];
         let (code, out) = lab(&dir, &[&args[..], &["--loadgen", loadgen.to_str().unwrap()]].concat());
         assert_eq!(code, 0, "{out}");
-        let urls = printed_urls(&out);
-        Round { dir, urls, challenge: challenge.to_owned() }
+        let (urls, logs) = (printed_urls(&out), printed_logs(&out));
+        Round { dir, urls, logs, challenge: challenge.to_owned() }
     }
 
     fn answer(&self, fields: &[(&str, &str)]) -> (i32, String) {
@@ -418,8 +426,8 @@ fn start_cluster_round(challenge: &str, seed: u64) -> Round {
         .expect("running chat lab start");
     let out = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{out}");
-    let urls = printed_urls(&out);
-    Round { dir, urls, challenge: challenge.to_owned() }
+    let (urls, logs) = (printed_urls(&out), printed_logs(&out));
+    Round { dir, urls, logs, challenge: challenge.to_owned() }
 }
 
 /// The value of a metric line `name` (summed over its label sets) in `/metrics` of `url`.
@@ -666,6 +674,67 @@ async fn lab_lost_after_maintenance_every_mechanism_is_found_from_evidence() {
         round.assert_unmarked(&[]).await;
         let (code, out) = round.answer(&[("--process", "fanout-1"), ("--hop", "fanout.publish")]);
         assert_eq!((code, out.starts_with("wrong")), (1, true), "{out}");
+        let (code, out) = round.answer(&borrowed(&answer));
+        assert_eq!(code, 0, "{mechanism:?}: {answer:?}: {out}");
+        round.stop();
+    }
+}
+
+/// refused-sends: first the symptom (a player's sends hang for seconds or are refused), while
+/// both workers' view of the live workers is watched. A worker whose view drops while the
+/// other's does not has stopped hearing that other one, and its log names whom: the named
+/// worker's heartbeats are lost. With both views steady, the worker whose bus redelivers holds
+/// sends (as in duplicate-after-stall).
+async fn solve_refused_sends(round: &Round) -> Vec<(&'static str, String)> {
+    let gateways = [round.urls["gw-1"].clone(), round.urls["gw-2"].clone()];
+    let report_path = round.dir.join("symptom.json");
+    let run = tokio::task::spawn_blocking(move || {
+        let gateways = [gateways[0].as_str(), gateways[1].as_str()];
+        player_run(&gateways, Run { seconds: 15, rate: 20, journeys: 0 }, &report_path)
+    });
+    let mut lowest: BTreeMap<&str, f64> = BTreeMap::new();
+    while !run.is_finished() {
+        for worker in ["fanout-1", "fanout-2"] {
+            let live = metric_value(&round.urls[worker], "chat_workers_live").await;
+            let seen = lowest.entry(worker).or_insert(live);
+            *seen = seen.min(live);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let report = run.await.unwrap();
+    let refused = report["errors"]["unavailable"].as_u64().unwrap_or(0);
+    let slowest_ack = report["latency_ms"]["send_to_ack"]["max"].as_f64().unwrap();
+    assert!(refused > 0 || slowest_ack > 2000.0, "the symptom: {refused} refused, slowest ack {slowest_ack} ms");
+    assert!(lowest.values().all(|live| *live >= 1.0), "each worker counts itself: {lowest:?}");
+    let flapping: Vec<&str> = lowest.iter().filter(|(_, live)| **live < 2.0).map(|(w, _)| *w).collect();
+    match flapping[..] {
+        [] => solve_duplicate_after_stall(round).await,
+        [view] => {
+            let log = std::fs::read_to_string(round.logs.join(format!("{view}.log"))).unwrap();
+            let silent: std::collections::BTreeSet<&str> = log
+                .lines()
+                .filter(|line| line.contains("worker silent"))
+                .filter_map(|line| line.split("peer=").nth(1)?.split_whitespace().next())
+                .collect();
+            assert_eq!(silent.len(), 1, "{view}'s log names one silent peer: {silent:?}");
+            let peer = silent.into_iter().next().unwrap().to_owned();
+            assert_ne!(peer, view);
+            vec![("--process", peer), ("--hop", "fanout.heartbeat".into()), ("--kind", "drop".into())]
+        }
+        _ => panic!("both workers lost sight of each other: {lowest:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lab_refused_sends_every_mechanism_is_found_from_evidence() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let challenge = "refused-sends";
+    for mechanism in [Mechanism::OwnershipFlap, Mechanism::WorkerStall] {
+        let round = start_cluster_round(challenge, seed_for(challenge, mechanism));
+        let answer = solve_refused_sends(&round).await;
+        round.assert_unmarked(&[]).await;
+        let (code, out) = round.answer(&[("--process", "gw-1"), ("--hop", "fanout.heartbeat"), ("--kind", "drop")]);
+        assert_eq!(code, 1, "{out}");
         let (code, out) = round.answer(&borrowed(&answer));
         assert_eq!(code, 0, "{mechanism:?}: {answer:?}: {out}");
         round.stop();
