@@ -19,6 +19,8 @@
 //!   the Cassandra node, in a keyspace of their own, all killed on drop.
 //! - [`Relay`] (`relay`): a loopback TCP relay that a test cuts and restores, to partition one
 //!   process from a service while everything else keeps talking to it.
+//! - [`Jaeger`] (`jaeger`): a real Jaeger on dynamic ports (OTLP over HTTP in, its query API
+//!   out, spans kept in memory), killed on drop.
 //! - [`metric`] and [`metric_or_zero`] (`metrics`): a sample's value in a `/metrics` text, failing
 //!   loudly (with the similar names present) when it is missing.
 //!
@@ -33,6 +35,7 @@ use std::time::Duration;
 mod cassandra;
 mod cassandra_ring;
 mod cluster;
+mod jaeger;
 mod metrics;
 mod nats;
 mod nats_cluster;
@@ -44,6 +47,7 @@ mod relay;
 pub use cassandra::{cassandra, unique_keyspace, DedicatedCassandra};
 pub use cassandra_ring::{cassandra_ring, kill_ring_node, restart_ring_node};
 pub use cluster::{Cluster, ClusterBuilder};
+pub use jaeger::Jaeger;
 pub use metrics::{metric, metric_or_zero};
 pub use nats::NatsServer;
 pub use nats_cluster::{NatsCluster, NatsNodeAt};

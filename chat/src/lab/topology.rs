@@ -81,7 +81,7 @@ impl Launch {
                 .env("CHAT_MAX_CONNECTIONS_PER_IP", "0")
                 .env("OTEL_RESOURCE_ATTRIBUTES", format!("service.instance.id={name}"));
             if let Some(endpoint) = &self.otlp_endpoint {
-                command.env("CHAT_OTLP_ENDPOINT", endpoint);
+                command.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
             }
             started.push(self.spawn(name, command)?);
             urls.push((name.to_string(), format!("http://127.0.0.1:{port}")));

@@ -104,12 +104,17 @@ impl Drop for Round {
 
 impl Round {
     fn start(challenge: &str, seed: u64) -> Round {
+        Self::start_with(challenge, seed, &[])
+    }
+
+    /// A round started with `extra` arguments to `chat lab start`.
+    fn start_with(challenge: &str, seed: u64, extra: &[&str]) -> Round {
         let dir = tempfile::tempdir().unwrap().keep();
         let loadgen = loadgen_binary();
         let port = free_ports().to_string();
         let seed = seed.to_string();
         let args = ["start", challenge, "--seed", &seed, "--team", "testers", "--port", &port];
-        let (code, out) = lab(&dir, &[&args[..], &["--loadgen", loadgen.to_str().unwrap()]].concat());
+        let (code, out) = lab(&dir, &[&args[..], &["--loadgen", loadgen.to_str().unwrap()], extra].concat());
         assert_eq!(code, 0, "{out}");
         let (urls, logs) = (printed_urls(&out), printed_logs(&out));
         Round { dir, urls, logs, challenge: challenge.to_owned() }
@@ -322,6 +327,123 @@ async fn lab_performance_regression_every_mechanism_is_found_by_comparison() {
         round.assert_unmarked(&[]).await;
         let (code, out) = round.answer(&[("--process", "release-x"), ("--hop", "store.append"), ("--kind", "drop")]);
         assert_eq!((code, out.starts_with("wrong")), (1, true), "{out}");
+        let (code, out) = round.answer(&borrowed(&answer));
+        assert_eq!(code, 0, "{mechanism:?}: {answer:?}: {out}");
+        round.stop();
+    }
+}
+
+/// Spans of one trace from Jaeger's API, by operation: (process's `service.instance.id`, start
+/// and end in µs).
+type TraceSpans = BTreeMap<String, Vec<(String, u64, u64)>>;
+
+/// Every trace of service `chat` that Jaeger holds since `since_us` (µs since the epoch), each
+/// as its spans by operation. Panics if any span or process carries a tag about faults.
+async fn traces_from_jaeger(api: &str, since_us: u128) -> Vec<TraceSpans> {
+    let url = format!("{api}/traces?service=chat&start={since_us}&limit=2000");
+    let (status, body) = get_json(&url).await;
+    assert_eq!(status, 200, "{body}");
+    let mut traces = Vec::new();
+    for trace in body["data"].as_array().unwrap() {
+        let instance = |process: &Value| -> String {
+            let tags = process["tags"].as_array().unwrap();
+            let id = tags.iter().find(|t| t["key"] == "service.instance.id").expect("instance id");
+            id["value"].as_str().unwrap().to_owned()
+        };
+        let processes: BTreeMap<&str, String> =
+            trace["processes"].as_object().unwrap().iter().map(|(id, p)| (id.as_str(), instance(p))).collect();
+        let mut spans = TraceSpans::new();
+        for span in trace["spans"].as_array().unwrap() {
+            let keys = span["tags"].as_array().unwrap().iter().map(|t| t["key"].as_str().unwrap());
+            let process_keys = trace["processes"].as_object().unwrap().values().flat_map(|p| {
+                p["tags"].as_array().unwrap().iter().map(|t| t["key"].as_str().unwrap().to_owned()).collect::<Vec<_>>()
+            });
+            let marked: Vec<String> =
+                keys.map(str::to_owned).chain(process_keys).filter(|k| k.contains("fault")).collect();
+            assert!(marked.is_empty(), "a span names a fault: {marked:?} in {span:#}");
+            let start = span["startTime"].as_u64().unwrap();
+            let process = processes[span["processID"].as_str().unwrap()].clone();
+            let operation = span["operationName"].as_str().unwrap().to_owned();
+            spans.entry(operation).or_default().push((process, start, start + span["duration"].as_u64().unwrap()));
+        }
+        traces.push(spans);
+    }
+    traces
+}
+
+/// performance-regression from traces alone: per release (a span's process), the median of
+/// three stretches of each send's trace: `gateway.receive` to `fanout.sequence` (waiting to be
+/// sequenced), the end of `store.append` to the end of `fanout.publish` (stored, not yet
+/// published), and `gateway.deliver` to the end of its last `ws.write` (written to the
+/// connections). The release with stretches slower than on every other release, by more than
+/// 15 ms, is the slow one; a late publish also makes sends wait to be sequenced (they queue
+/// behind it), so a slow publish explains a slow sequence, not the other way round.
+async fn solve_performance_regression_from_traces(api: &str, since_us: u128) -> Vec<(&'static str, String)> {
+    let traces = traces_from_jaeger(api, since_us).await;
+    let mut stretches: BTreeMap<(String, &str), Vec<u64>> = BTreeMap::new();
+    for spans in &traces {
+        let first = |op: &str| spans.get(op).and_then(|s| s.iter().min_by_key(|(_, start, _)| *start)).cloned();
+        let (Some(receive), Some(sequence), Some(append), Some(publish), Some(deliver)) = (
+            first("gateway.receive"),
+            first("fanout.sequence"),
+            first("store.append"),
+            first("fanout.publish"),
+            first("gateway.deliver"),
+        ) else {
+            continue;
+        };
+        let Some(written) = spans.get("ws.write").and_then(|w| w.iter().map(|(_, _, end)| *end).max()) else {
+            continue;
+        };
+        let release = receive.0.clone();
+        let mut add = |hop, us: u64| stretches.entry((release.clone(), hop)).or_default().push(us);
+        add("fanout.sequence", sequence.1.saturating_sub(receive.1));
+        add("fanout.publish", publish.2.saturating_sub(append.2));
+        add("gateway.deliver", written.saturating_sub(deliver.1));
+    }
+    let median = |us: &Vec<u64>| {
+        let mut sorted = us.clone();
+        sorted.sort_unstable();
+        sorted[sorted.len() / 2] as f64 / 1000.0
+    };
+    let releases: std::collections::BTreeSet<&String> = stretches.keys().map(|(r, _)| r).collect();
+    assert_eq!(releases.len(), 3, "traces of three releases in Jaeger: {releases:?}");
+    let mut slower = Vec::new();
+    for ((release, hop), us) in &stretches {
+        assert!(us.len() >= 20, "{release} {hop}: only {} traces", us.len());
+        let others = stretches
+            .iter()
+            .filter(|((r, h), _)| r != release && h == hop)
+            .map(|(_, us)| median(us))
+            .fold(0.0, f64::max);
+        if median(us) - others > 15.0 {
+            slower.push((release.clone(), *hop));
+        }
+    }
+    let slow: std::collections::BTreeSet<&String> = slower.iter().map(|(release, _)| release).collect();
+    assert_eq!(slow.len(), 1, "one release is slower: {slower:?}");
+    let release = slow.into_iter().next().unwrap().clone();
+    let hop = ["fanout.publish", "fanout.sequence", "gateway.deliver"]
+        .into_iter()
+        .find(|hop| slower.iter().any(|(_, h)| h == hop))
+        .unwrap();
+    vec![("--process", release), ("--hop", hop.to_owned()), ("--kind", "delay".to_owned())]
+}
+
+/// The same challenge with its spans exported to a real Jaeger: the solver reads only Jaeger's
+/// HTTP API (traces, and that no span names a fault).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lab_performance_regression_every_mechanism_is_found_from_traces_in_jaeger() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let jaeger = testkit::Jaeger::start().await;
+    let otlp = jaeger.otlp_endpoint();
+    for mechanism in [Mechanism::SequenceDelay, Mechanism::PublishDelay, Mechanism::DeliverDelay] {
+        let since_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros();
+        let seed = seed_for("performance-regression", mechanism);
+        let round = Round::start_with("performance-regression", seed, &["--otlp-endpoint", &otlp]);
+        // The releases' own traffic, for a while: spans are exported in batches every few seconds.
+        tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+        let answer = solve_performance_regression_from_traces(&jaeger.api(), since_us).await;
         let (code, out) = round.answer(&borrowed(&answer));
         assert_eq!(code, 0, "{mechanism:?}: {answer:?}: {out}");
         round.stop();
