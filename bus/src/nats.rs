@@ -23,6 +23,7 @@
 mod feeds;
 mod ids;
 mod journeys;
+mod locks;
 mod sends;
 mod workers;
 
@@ -39,7 +40,9 @@ use telemetry::metrics::Metrics;
 use tokio::sync::mpsc;
 
 use crate::{BusError, BusHealth, FanoutBus, JourneyBus, PendingSend, RoomBus, RoomFeed, SendBus};
+pub use locks::{SharedLockGuard, SharedLocks};
 use sends::Waiters;
+pub use workers::owner as partition_owner;
 
 /// Header carrying the W3C trace context.
 const TRACEPARENT: &str = "traceparent";

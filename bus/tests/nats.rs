@@ -229,3 +229,20 @@ async fn a_server_with_nkey_users_admits_only_the_bus_with_the_seed() {
         assert!(why.to_string().contains("not connected"), "{why}");
     }
 }
+
+#[tokio::test]
+async fn a_shared_lock_is_held_by_one_process_at_a_time_and_freed_when_dropped() {
+    let nats = testkit::NatsServer::start().await;
+    let (one, two) = (connect(&nats.url(), "fanout-1").await, connect(&nats.url(), "fanout-2").await);
+    let (one, two) = (one.shared_locks(), two.shared_locks());
+    let held = one.try_lock("room-lock.a").await.expect("NATS").expect("free at first");
+    assert!(two.try_lock("room-lock.a").await.expect("NATS").is_none(), "held by the other process");
+    assert!(two.try_lock("room-lock.b").await.expect("NATS").is_some(), "another lock is free");
+    let waiting = tokio::spawn(async move { two.lock("room-lock.a").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "waits while the lock is held");
+    drop(held);
+    let taken = tokio::time::timeout(WAIT, waiting).await.expect("taken once released").expect("task");
+    assert!(one.try_lock("room-lock.a").await.expect("NATS").is_none(), "now the other process holds it");
+    drop(taken);
+}

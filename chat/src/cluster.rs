@@ -196,7 +196,7 @@ pub async fn fanout(
     let mut worker =
         Fanout::new(store.clone(), faults.fanout_bus(bus.clone()), journal.clone(), metrics.clone(), fanout_config)
             .with_clock(faults.clock())
-            .with_room_hook(faults.room_hook());
+            .with_room_hook(faults.room_hook(Arc::new(bus.shared_locks())));
     if let Some((log, _)) = &decision_log {
         worker = worker.with_decision_log(log);
         let (log, mut owned) = (log.clone(), bus.owned_partitions());

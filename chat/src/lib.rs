@@ -63,7 +63,7 @@ pub async fn all_in_one_logged(
     let mut worker =
         Fanout::new(store.clone(), faults.fanout_bus(bus.clone()), journal.clone(), metrics.clone(), fanout_config)
             .with_clock(faults.clock())
-            .with_room_hook(faults.room_hook());
+            .with_room_hook(faults.room_hook(Arc::new(faults::LocalLocks::default())));
     if let Some((log, _)) = &decision_log {
         worker = worker.with_decision_log(log);
     }

@@ -12,6 +12,7 @@ use telemetry::metrics::Metrics;
 use crate::bus::{faulty_gateway_bus, FaultyFanoutBus};
 use crate::clock::SkewedClock;
 use crate::deliver::FaultyDelivery;
+use crate::lock::LockTable;
 use crate::marks::Injector;
 use crate::registry::Faults;
 use crate::Hop;
@@ -69,9 +70,11 @@ impl FaultLayer {
         }
     }
 
-    /// The room hook a worker enters around each room's sequencing, when faults are on.
-    pub fn room_hook(&self) -> Option<Arc<dyn fanout::RoomHook>> {
-        self.injector.as_ref().map(|injector| Arc::new(crate::lock::CrossLocks::new(injector.clone())) as _)
+    /// The room hook a worker enters around each room's sequencing, when faults are on; its
+    /// room locks live in `locks` (this process's memory for one worker, a table shared on NATS
+    /// for several).
+    pub fn room_hook(&self, locks: Arc<dyn LockTable>) -> Option<Arc<dyn fanout::RoomHook>> {
+        self.injector.as_ref().map(|injector| Arc::new(crate::lock::CrossLocks::new(injector.clone(), locks)) as _)
     }
 
     /// The gate a worker asks before each heartbeat (`fanout.heartbeat`), when faults are on.

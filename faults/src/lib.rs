@@ -28,6 +28,6 @@ mod registry;
 
 pub use hop::{FaultAction, Hop};
 pub use layer::FaultLayer;
-pub use lock::CrossLocks;
+pub use lock::{CrossLocks, HeldLock, LocalLocks, LockTable};
 pub use marks::Injector;
 pub use registry::{ActiveFault, FaultError, FaultSpec, Faults, Fired};

@@ -1,8 +1,11 @@
 //! [`CrossLocks`]: the worker's room hook under `fanout.lock` faults. Each room has a lock its
 //! sequencing holds; a `cross_lock` fault makes sequencing its room also take `with_room`'s
-//! lock after a moment of work, still holding its own. Two such faults the other way round, with
-//! both rooms in one batch, are a lock-order inversion: each waits for the lock the other holds,
-//! for ever. Every wait is listed in `/debug/waits`, as a real lock's would be.
+//! lock after a moment of work, still holding its own. Two such faults the other way round are a
+//! lock-order inversion: each waits for the lock the other holds, for ever. Where the locks live
+//! is a [`LockTable`]: this process's memory ([`LocalLocks`]: both rooms must be in one batch of
+//! one worker), or a table every worker shares ([`bus::nats::SharedLocks`]: two workers, each
+//! sequencing one of the rooms, deadlock each other). Every wait is listed in `/debug/waits`, as a
+//! real lock's would be.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,31 +21,77 @@ use crate::marks::Injector;
 /// meanwhile, so the two rooms soon meet in one batch.
 const WORK_UNDER_LOCK: Duration = Duration::from_millis(200);
 
+/// A lock held; released when dropped.
+pub type HeldLock = Box<dyn std::any::Any + Send + Sync>;
+
+/// Where room locks live.
+#[async_trait]
+pub trait LockTable: Send + Sync + 'static {
+    /// Takes `room`'s lock if it is free.
+    async fn try_lock(&self, room: &str) -> Option<HeldLock>;
+    /// Takes `room`'s lock, waiting for as long as it is held.
+    async fn lock(&self, room: &str) -> HeldLock;
+}
+
+/// Room locks in this process's memory.
+#[derive(Default)]
+pub struct LocalLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl LocalLocks {
+    fn lock_of(&self, room: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        locks.entry(room.to_owned()).or_default().clone()
+    }
+}
+
+#[async_trait]
+impl LockTable for LocalLocks {
+    async fn try_lock(&self, room: &str) -> Option<HeldLock> {
+        self.lock_of(room).try_lock_owned().ok().map(|guard| Box::new(guard) as HeldLock)
+    }
+
+    async fn lock(&self, room: &str) -> HeldLock {
+        Box::new(self.lock_of(room).lock_owned().await)
+    }
+}
+
+/// Room locks every worker on one NATS shares (`room-lock.ROOM` keys of its lock bucket).
+#[async_trait]
+impl LockTable for bus::nats::SharedLocks {
+    async fn try_lock(&self, room: &str) -> Option<HeldLock> {
+        match bus::nats::SharedLocks::try_lock(self, &format!("room-lock.{room}")).await {
+            Ok(held) => held.map(|guard| Box::new(guard) as HeldLock),
+            Err(e) => {
+                tracing::warn!(room, error = %e, "cannot take a room lock yet");
+                None
+            }
+        }
+    }
+
+    async fn lock(&self, room: &str) -> HeldLock {
+        Box::new(bus::nats::SharedLocks::lock(self, &format!("room-lock.{room}")).await)
+    }
+}
+
 /// Room locks taken as `fanout.lock` faults say.
 pub struct CrossLocks {
     injector: Injector,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    table: Arc<dyn LockTable>,
 }
 
 impl CrossLocks {
-    /// Room locks under the injector's faults.
-    pub fn new(injector: Injector) -> Self {
-        Self { injector, locks: Mutex::default() }
-    }
-
-    fn lock_of(&self, room: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        locks.entry(room.to_owned()).or_default().clone()
+    /// Room locks in `table` under the injector's faults.
+    pub fn new(injector: Injector, table: Arc<dyn LockTable>) -> Self {
+        Self { injector, table }
     }
 
     /// Takes `room`'s lock for `operation` (holding `holding`), listed as a wait meanwhile.
-    async fn take(&self, operation: &str, holding: Vec<String>, room: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = self.lock_of(room);
-        if let Ok(guard) = lock.clone().try_lock_owned() {
-            return guard;
+    async fn take(&self, operation: &str, holding: Vec<String>, room: &str) -> HeldLock {
+        if let Some(held) = self.table.try_lock(room).await {
+            return held;
         }
         let _waiting = self.injector.waits().begin(operation, holding, format!("room-lock:{room}"));
-        lock.lock_owned().await
+        self.table.lock(room).await
     }
 }
 
@@ -86,7 +135,8 @@ mod tests {
         faults.add(cross("a", "b")).unwrap();
         faults.add(cross("b", "a")).unwrap();
         let journal = Arc::new(Journal::new("w", 10));
-        let locks = CrossLocks::new(Injector::new(faults, Metrics::new(), journal.clone()));
+        let locks =
+            CrossLocks::new(Injector::new(faults, Metrics::new(), journal.clone()), Arc::new(LocalLocks::default()));
         let both = async { tokio::join!(locks.enter("a"), locks.enter("b")) };
         assert!(tokio::time::timeout(Duration::from_secs(1), both).await.is_err(), "deadlocked");
         // Dropped mid-wait: the waits are gone with the futures.
@@ -99,7 +149,10 @@ mod tests {
         faults.add(cross("a", "b")).unwrap();
         faults.add(cross("b", "a")).unwrap();
         let journal = Arc::new(Journal::new("w", 10));
-        let locks = Arc::new(CrossLocks::new(Injector::new(faults, Metrics::new(), journal.clone())));
+        let locks = Arc::new(CrossLocks::new(
+            Injector::new(faults, Metrics::new(), journal.clone()),
+            Arc::new(LocalLocks::default()),
+        ));
         for room in ["a", "b"] {
             let locks = locks.clone();
             tokio::spawn(async move {
@@ -123,7 +176,10 @@ mod tests {
     async fn a_room_without_a_fault_takes_no_lock() {
         let faults = Arc::new(Faults::default());
         faults.add(cross("a", "b")).unwrap();
-        let locks = CrossLocks::new(Injector::new(faults, Metrics::new(), Arc::new(Journal::new("w", 10))));
+        let locks = CrossLocks::new(
+            Injector::new(faults, Metrics::new(), Arc::new(Journal::new("w", 10))),
+            Arc::new(LocalLocks::default()),
+        );
         assert!(locks.enter("c").await.is_none());
         // `a` alone takes both and goes on.
         assert!(locks.enter("a").await.is_some());

@@ -36,7 +36,7 @@ fn consumer_name(partition: u32) -> String {
 
 /// The worker among `workers` that owns `partition`: the highest rendezvous score (a hash of
 /// worker and partition), whatever order the workers come in; `None` without workers.
-fn owner<'a>(partition: u32, workers: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn owner<'a>(partition: u32, workers: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     workers
         .into_iter()
         .map(|worker| (crc32fast::hash(format!("{worker}/{partition}").as_bytes()), worker))

@@ -229,11 +229,12 @@ pub const CHALLENGES: &[Challenge] = &[
     Challenge {
         name: "stuck-sends",
         page: "docs/exercises/02-find-the-distributed-deadlock.md",
-        symptom: "every send in every room hangs, then fails with unavailable",
-        story: "Since a few seconds after start, sends in every room hang and end in `unavailable`. \
-                The process is up, /readyz says ready, the CPU is idle. Is it a deadlock? Find the hop \
-                where sends get stuck and the kind of stop (`deadlock`, `stall` or `delay`).",
-        topology: Topology::AllInOne,
+        symptom: "on the cluster, every send in every room hangs, then fails with unavailable",
+        story: "Since a few seconds after start, sends in every room of the cluster hang and end in \
+                `unavailable`. Every process is up, /readyz says ready everywhere, the CPUs are idle. Is \
+                it a deadlock? Find the hop where sends get stuck and the kind of stop (`deadlock`, \
+                `stall` or `delay`).",
+        topology: Topology::Cluster,
         asks: &[Field::Hop, Field::Kind],
         variants: &[Mechanism::LockInversion, Mechanism::SequenceStall, Mechanism::PublishStall],
         restarts_bus: false,
@@ -326,7 +327,7 @@ impl Challenge {
         let room = format!("{PREFIX}-r{}", rng.random_range(0..ROOMS));
         let processes = self.topology.candidates(mechanism.role());
         let process = processes[rng.random_range(0..processes.len())].to_owned();
-        mechanism.plant(process, room)
+        mechanism.plant(process, room, &self.topology.candidates(Role::Worker))
     }
 }
 
@@ -379,8 +380,9 @@ impl Mechanism {
         }
     }
 
-    /// The faults that plant it in `process` (and `room`, for the mechanisms that strike one).
-    fn plant(self, process: String, room: String) -> Planted {
+    /// The faults that plant it in `process` (and `room`, for the mechanisms that strike one);
+    /// the mechanisms that stop every room plant it in every one of the topology's `workers`.
+    fn plant(self, process: String, room: String, workers: &[&str]) -> Planted {
         let at = |fault: Value| Plant { process: process.clone(), fault };
         let no_repair = || at(sealed("gateway.gap_repair", "disable", json!({})));
         let cause = |hop: &str, kind: &str, room: Option<&str>| Cause {
@@ -391,9 +393,19 @@ impl Mechanism {
         };
         let drop_in_room = |hop: &str| at(sealed(hop, "drop", json!({"room": room, "probability": 0.25, "seed": 7})));
         let delay = |hop: &str| at(sealed(hop, "delay", json!({"delay_ms": 40})));
+        let at_every_worker =
+            |fault: Value| workers.iter().map(|w| Plant { process: (*w).to_owned(), fault: fault.clone() }).collect();
+        // The room whose lock sequencing `room` also takes: with several workers, one that
+        // another worker sequences (its partition's owner differs), so the cycle spans two
+        // processes.
         let other_room = {
             let n: u32 = room.rsplit('r').next().and_then(|n| n.parse().ok()).unwrap_or(0);
-            format!("{PREFIX}-r{}", (n + 1 + n % 3) % ROOMS)
+            let sequencer =
+                |room: &str| bus::nats::partition_owner(protocol::subjects::partition(room), workers.iter().copied());
+            (1..ROOMS)
+                .map(|k| format!("{PREFIX}-r{}", (n + k + n % 3) % ROOMS))
+                .find(|other| workers.len() < 2 || sequencer(other) != sequencer(&room))
+                .unwrap_or_else(|| format!("{PREFIX}-r{}", (n + 1) % ROOMS))
         };
         let other_worker = if process == "fanout-1" { "fanout-2" } else { "fanout-1" };
         let (cause, plants, evidence) = match self {
@@ -450,21 +462,27 @@ impl Mechanism {
             ),
             Mechanism::LockInversion => (
                 cause("fanout.sequence", "deadlock", Some(&room)),
-                vec![
-                    at(sealed("fanout.lock", "cross_lock", json!({"room": room, "with_room": other_room}))),
-                    at(sealed("fanout.lock", "cross_lock", json!({"room": other_room, "with_room": room}))),
-                ],
+                [
+                    sealed("fanout.lock", "cross_lock", json!({"room": room, "with_room": other_room})),
+                    sealed("fanout.lock", "cross_lock", json!({"room": other_room, "with_room": room})),
+                ]
+                .into_iter()
+                .flat_map(at_every_worker)
+                .collect(),
                 format!(
-                    "chat debug waits shows a cycle: `sequence {room}` holds room-lock:{room} and waits \
-                     for room-lock:{other_room}, which `sequence {other_room}` holds while it waits for \
-                     room-lock:{room}. Both rooms were in one batch; the worker waits for the whole batch, \
-                     so nothing else is sequenced either. Every send's journey ends at gateway.receive, \
-                     chat_sequenced_total stops, and the gateway's sends wait for room-sequencer:R."
+                    "chat debug waits over every process shows a cycle across the two workers: the \
+                     worker sequencing {room} (`sequence {room}`) holds room-lock:{room} and waits for \
+                     room-lock:{other_room}, which the other worker's `sequence {other_room}` holds while \
+                     it waits for room-lock:{room}. The room locks are shared by the workers (a lock \
+                     bucket on NATS), and each worker waits for its whole batch, so neither sequences \
+                     anything else either. Every send's journey ends at gateway.receive, \
+                     chat_sequenced_total stops on both workers, and the gateways' sends wait for \
+                     room-sequencer:R."
                 ),
             ),
             Mechanism::SequenceStall => (
                 cause("fanout.sequence", "stall", None),
-                vec![at(sealed("fanout.sequence", "stall", json!({"delay_ms": 8000})))],
+                at_every_worker(sealed("fanout.sequence", "stall", json!({"delay_ms": 8000}))),
                 "Sends' journeys end at gateway.receive (later fanout.expired: the worker took them \
                  after their deadline); chat_sequenced_total stops. chat debug waits lists the gateway's \
                  sends waiting for room-sequencer:R, held by no operation: no cycle, nothing held. \
@@ -473,7 +491,7 @@ impl Mechanism {
             ),
             Mechanism::PublishStall => (
                 cause("fanout.publish", "delay", None),
-                vec![at(sealed("fanout.publish", "delay", json!({"delay_ms": 2500})))],
+                at_every_worker(sealed("fanout.publish", "delay", json!({"delay_ms": 2500}))),
                 "The first sends are acked, seconds late; then they time out. Their journeys show \
                  store.append followed by fanout.publish 2.5 s later. chat debug waits lists `sequence R` \
                  holding room-sequencer:R and waiting for bus.deliver: a chain, no cycle."
@@ -650,6 +668,27 @@ mod tests {
                 let solution = format!("docs/exercises/solutions/{}.md", mechanism.name());
                 assert!(docs.join(&solution).is_file(), "{solution}");
             }
+        }
+    }
+
+    #[test]
+    fn the_cluster_deadlock_spans_two_workers() {
+        let stuck = challenge("stuck-sends").unwrap();
+        let workers = ["fanout-1", "fanout-2"];
+        let sequencer = |room: &str| bus::nats::partition_owner(protocol::subjects::partition(room), workers);
+        for seed in 0..100 {
+            let planted = stuck.draw(seed);
+            if planted.variant != Mechanism::LockInversion.name() {
+                continue;
+            }
+            let rooms: std::collections::BTreeSet<&str> =
+                planted.plants.iter().filter_map(|p| p.fault["room"].as_str()).collect();
+            let rooms: Vec<&str> = rooms.into_iter().collect();
+            assert_eq!(rooms.len(), 2, "{planted:?}");
+            assert_ne!(sequencer(rooms[0]), sequencer(rooms[1]), "seed {seed}: {rooms:?}");
+            let planted_in: std::collections::BTreeSet<&str> =
+                planted.plants.iter().map(|p| p.process.as_str()).collect();
+            assert_eq!(planted_in.into_iter().collect::<Vec<_>>(), workers);
         }
     }
 

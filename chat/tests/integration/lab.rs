@@ -476,10 +476,10 @@ fn debug_waits(urls: &[&String], min_ms: u32) -> (i32, String) {
     (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// What a player concludes for stuck-sends: a cycle in `chat debug waits` is a deadlock (the
-/// sequencing operations in it); without one, a sequencing that waits on the bus is a late
-/// publish (its journeys, when any send gets through, show it too), and none at all is a worker
-/// that does not take the sends.
+/// What a player concludes for stuck-sends: a cycle in `chat debug waits` over every process is
+/// a deadlock (the sequencing operations in it; here it must span both workers); without one, a
+/// sequencing that waits on the bus is a late publish (its journeys, when any send gets through,
+/// show it too), and none at all is a worker that does not take the sends.
 fn solve_stuck_sends(round: &Round) -> Vec<(&'static str, String)> {
     let urls: Vec<&String> = round.urls.values().collect();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -492,11 +492,19 @@ fn solve_stuck_sends(round: &Round) -> Vec<(&'static str, String)> {
     assert!(table.contains("send lab-r"), "sends wait for their worker: {table}");
     if code == 1 {
         assert!(table.contains("CYCLE") && table.contains("room-lock:"), "{table}");
+        let cycle = table.split("CYCLE").nth(1).unwrap();
+        let in_cycle: std::collections::BTreeSet<&str> = cycle
+            .lines()
+            .filter(|line| !line.trim().starts_with("waits for"))
+            .filter_map(|line| line.trim().split_once(": sequence ").map(|(process, _)| process))
+            .collect();
+        assert_eq!(in_cycle.into_iter().collect::<Vec<_>>(), ["fanout-1", "fanout-2"], "{table}");
         return vec![("--hop", "fanout.sequence".into()), ("--kind", "deadlock".into())];
     }
     assert_eq!(code, 0, "{table}");
     assert!(table.contains("no cycle"), "{table}");
-    let report = loadgen_run(urls[0], 3, &round.dir.join("run.json"));
+    let gateways = [round.urls["gw-1"].as_str(), round.urls["gw-2"].as_str()];
+    let report = player_run(&gateways, Run { seconds: 3, rate: 40, journeys: 150 }, &round.dir.join("run.json"));
     let unanswered =
         report["errors"]["unavailable"].as_u64().unwrap_or(0) + report["audit"]["unacked"].as_u64().unwrap_or(0);
     assert!(
@@ -519,7 +527,7 @@ fn solve_stuck_sends(round: &Round) -> Vec<(&'static str, String)> {
 async fn lab_stuck_sends_only_the_deadlock_shows_a_cycle() {
     let _one = ONE_AT_A_TIME.lock().await;
     for mechanism in [Mechanism::LockInversion, Mechanism::SequenceStall, Mechanism::PublishStall] {
-        let round = Round::start("stuck-sends", seed_for("stuck-sends", mechanism));
+        let round = start_cluster_round("stuck-sends", seed_for("stuck-sends", mechanism));
         let answer = solve_stuck_sends(&round);
         round.assert_unmarked(&[]).await;
         let (code, out) = round.answer(&[("--hop", "gateway.deliver"), ("--kind", "drop")]);
