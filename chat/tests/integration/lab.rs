@@ -1,8 +1,9 @@
 //! The debugging lab, `chat lab`, as players use it: for every challenge and every mechanism
 //! it can plant, a round started with a fixed seed shows the symptom, leaves no fault marks
-//! (no `fault.injected` hop, no fault metric, nothing listed by `GET /admin/faults`), and a
-//! solver that reads only what a player can (loadgen's audit and report, journeys, metrics)
-//! finds the cause, which `chat lab answer` grades correct; a wrong answer grades wrong, a
+//! (no `fault.injected` hop, no fault metric, nothing listed by `GET /admin/faults`, no span tag
+//! about faults in the traces its processes export to a real Jaeger), and a solver that reads
+//! only what a player can (loadgen's audit and report, journeys, metrics, logs, traces) finds
+//! the cause, which `chat lab answer` grades correct; a wrong answer grades wrong, a
 //! missing field is a usage error, and `chat lab stop` leaves no process and no port behind.
 
 use std::collections::BTreeMap;
@@ -90,6 +91,9 @@ struct Round {
     urls: BTreeMap<String, String>,
     /// The processes' logs, as `start` printed them.
     logs: PathBuf,
+    /// The Jaeger the round's processes export spans to, and when the round started (µs since
+    /// the epoch).
+    traces: (String, u128),
     challenge: String,
 }
 
@@ -102,22 +106,27 @@ impl Drop for Round {
     }
 }
 
-impl Round {
-    fn start(challenge: &str, seed: u64) -> Round {
-        Self::start_with(challenge, seed, &[])
-    }
+/// Now, in µs since the epoch (Jaeger's time).
+fn now_us() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros()
+}
 
-    /// A round started with `extra` arguments to `chat lab start`.
-    fn start_with(challenge: &str, seed: u64, extra: &[&str]) -> Round {
+impl Round {
+    /// A round of `challenge` with `seed` (on 127.0.0.1 from free ports), its spans exported to
+    /// `jaeger`.
+    fn start(challenge: &str, seed: u64, jaeger: &testkit::Jaeger) -> Round {
+        let since = now_us();
         let dir = tempfile::tempdir().unwrap().keep();
         let loadgen = loadgen_binary();
         let port = free_ports().to_string();
         let seed = seed.to_string();
         let args = ["start", challenge, "--seed", &seed, "--team", "testers", "--port", &port];
-        let (code, out) = lab(&dir, &[&args[..], &["--loadgen", loadgen.to_str().unwrap()], extra].concat());
+        let otlp = jaeger.otlp_endpoint();
+        let extra = ["--loadgen", loadgen.to_str().unwrap(), "--otlp-endpoint", &otlp];
+        let (code, out) = lab(&dir, &[&args[..], &extra].concat());
         assert_eq!(code, 0, "{out}");
         let (urls, logs) = (printed_urls(&out), printed_logs(&out));
-        Round { dir, urls, logs, challenge: challenge.to_owned() }
+        Round { dir, urls, logs, traces: (jaeger.api(), since), challenge: challenge.to_owned() }
     }
 
     fn answer(&self, fields: &[(&str, &str)]) -> (i32, String) {
@@ -136,8 +145,22 @@ impl Round {
     }
 
     /// Nothing in any process names a fault: no listed fault, no fault metric, no
-    /// `fault.injected` hop in the journeys of `ids`.
+    /// `fault.injected` hop in the journeys of `ids`, no span tag in the round's traces.
     async fn assert_unmarked(&self, ids: &[String]) {
+        let (api, since) = &self.traces;
+        // Spans are exported in batches every few seconds.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let mut traced = 0;
+            for service in ["chat", "chat-gateway", "chat-fanout"] {
+                traced += traces_from_jaeger(api, service, *since).await.len();
+            }
+            if traced > 0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no trace of the round in Jaeger");
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
         let token = self.state()["admin_token"].as_str().unwrap().to_owned();
         for url in self.urls.values() {
             let headers = [("Authorization", format!("Bearer {token}"))];
@@ -247,8 +270,9 @@ async fn solve_missing_message(round: &Round) -> (Vec<(&'static str, String)>, V
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lab_missing_message_every_mechanism_is_found_from_evidence() {
     let _one = ONE_AT_A_TIME.lock().await;
+    let jaeger = testkit::Jaeger::start().await;
     for mechanism in [Mechanism::DeliverDrop, Mechanism::PublishDropUnrepaired] {
-        let round = Round::start("missing-message", seed_for("missing-message", mechanism));
+        let round = Round::start("missing-message", seed_for("missing-message", mechanism), &jaeger);
         let (answer, ids) = solve_missing_message(&round).await;
         round.assert_unmarked(&ids).await;
         // A missing field is a usage error and is not scored; a wrong room is partly right.
@@ -320,8 +344,9 @@ fn solve_performance_regression(round: &Round) -> Vec<(&'static str, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lab_performance_regression_every_mechanism_is_found_by_comparison() {
     let _one = ONE_AT_A_TIME.lock().await;
+    let jaeger = testkit::Jaeger::start().await;
     for mechanism in [Mechanism::SequenceDelay, Mechanism::PublishDelay, Mechanism::DeliverDelay] {
-        let round = Round::start("performance-regression", seed_for("performance-regression", mechanism));
+        let round = Round::start("performance-regression", seed_for("performance-regression", mechanism), &jaeger);
         assert_eq!(round.urls.len(), 3, "three releases: {:?}", round.urls);
         let answer = solve_performance_regression(&round);
         round.assert_unmarked(&[]).await;
@@ -337,10 +362,10 @@ async fn lab_performance_regression_every_mechanism_is_found_by_comparison() {
 /// and end in µs).
 type TraceSpans = BTreeMap<String, Vec<(String, u64, u64)>>;
 
-/// Every trace of service `chat` that Jaeger holds since `since_us` (µs since the epoch), each
-/// as its spans by operation. Panics if any span or process carries a tag about faults.
-async fn traces_from_jaeger(api: &str, since_us: u128) -> Vec<TraceSpans> {
-    let url = format!("{api}/traces?service=chat&start={since_us}&limit=2000");
+/// Every trace of `service` that Jaeger holds since `since_us` (µs since the epoch), each as its
+/// spans by operation. Panics if any span or process carries a tag about faults.
+async fn traces_from_jaeger(api: &str, service: &str, since_us: u128) -> Vec<TraceSpans> {
+    let url = format!("{api}/traces?service={service}&start={since_us}&limit=2000");
     let (status, body) = get_json(&url).await;
     assert_eq!(status, 200, "{body}");
     let mut traces = Vec::new();
@@ -379,7 +404,7 @@ async fn traces_from_jaeger(api: &str, since_us: u128) -> Vec<TraceSpans> {
 /// 15 ms, is the slow one; a late publish also makes sends wait to be sequenced (they queue
 /// behind it), so a slow publish explains a slow sequence, not the other way round.
 async fn solve_performance_regression_from_traces(api: &str, since_us: u128) -> Vec<(&'static str, String)> {
-    let traces = traces_from_jaeger(api, since_us).await;
+    let traces = traces_from_jaeger(api, "chat", since_us).await;
     let mut stretches: BTreeMap<(String, &str), Vec<u64>> = BTreeMap::new();
     for spans in &traces {
         let first = |op: &str| spans.get(op).and_then(|s| s.iter().min_by_key(|(_, start, _)| *start)).cloned();
@@ -436,14 +461,11 @@ async fn solve_performance_regression_from_traces(api: &str, since_us: u128) -> 
 async fn lab_performance_regression_every_mechanism_is_found_from_traces_in_jaeger() {
     let _one = ONE_AT_A_TIME.lock().await;
     let jaeger = testkit::Jaeger::start().await;
-    let otlp = jaeger.otlp_endpoint();
     for mechanism in [Mechanism::SequenceDelay, Mechanism::PublishDelay, Mechanism::DeliverDelay] {
-        let since_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros();
-        let seed = seed_for("performance-regression", mechanism);
-        let round = Round::start_with("performance-regression", seed, &["--otlp-endpoint", &otlp]);
+        let round = Round::start("performance-regression", seed_for("performance-regression", mechanism), &jaeger);
         // The releases' own traffic, for a while: spans are exported in batches every few seconds.
         tokio::time::sleep(std::time::Duration::from_secs(12)).await;
-        let answer = solve_performance_regression_from_traces(&jaeger.api(), since_us).await;
+        let answer = solve_performance_regression_from_traces(&round.traces.0, round.traces.1).await;
         let (code, out) = round.answer(&borrowed(&answer));
         assert_eq!(code, 0, "{mechanism:?}: {answer:?}: {out}");
         round.stop();
@@ -526,8 +548,9 @@ fn solve_stuck_sends(round: &Round) -> Vec<(&'static str, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lab_stuck_sends_only_the_deadlock_shows_a_cycle() {
     let _one = ONE_AT_A_TIME.lock().await;
+    let jaeger = testkit::Jaeger::start().await;
     for mechanism in [Mechanism::LockInversion, Mechanism::SequenceStall, Mechanism::PublishStall] {
-        let round = start_cluster_round("stuck-sends", seed_for("stuck-sends", mechanism));
+        let round = start_cluster_round("stuck-sends", seed_for("stuck-sends", mechanism), &jaeger);
         let answer = solve_stuck_sends(&round);
         round.assert_unmarked(&[]).await;
         let (code, out) = round.answer(&[("--hop", "gateway.deliver"), ("--kind", "drop")]);
@@ -541,7 +564,8 @@ async fn lab_stuck_sends_only_the_deadlock_shows_a_cycle() {
 // === the cluster challenges ===
 
 /// A cluster round on the shared test CQL node (no Cassandra of its own).
-fn start_cluster_round(challenge: &str, seed: u64) -> Round {
+fn start_cluster_round(challenge: &str, seed: u64, jaeger: &testkit::Jaeger) -> Round {
+    let since = now_us();
     let cql = testkit::cassandra();
     let dir = tempfile::tempdir().unwrap().keep();
     let loadgen = loadgen_binary();
@@ -549,6 +573,7 @@ fn start_cluster_round(challenge: &str, seed: u64) -> Round {
     let output = Command::new(env!("CARGO_BIN_EXE_chat"))
         .args(["lab", "start", challenge, "--seed", &seed, "--team", "testers", "--loadgen"])
         .arg(&loadgen)
+        .args(["--otlp-endpoint", &jaeger.otlp_endpoint()])
         .env("CHAT_LAB_DIR", &dir)
         .env("CHAT_LOCAL_CQL_NODES", cql)
         .env_remove("CHAT_ADMIN_TOKEN")
@@ -557,7 +582,7 @@ fn start_cluster_round(challenge: &str, seed: u64) -> Round {
     let out = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{out}");
     let (urls, logs) = (printed_urls(&out), printed_logs(&out));
-    Round { dir, urls, logs, challenge: challenge.to_owned() }
+    Round { dir, urls, logs, traces: (jaeger.api(), since), challenge: challenge.to_owned() }
 }
 
 /// The value of a metric line `name` (summed over its label sets) in `/metrics` of `url`.
@@ -797,9 +822,10 @@ async fn solve_lost_after_maintenance(round: &Round) -> Vec<(&'static str, Strin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lab_lost_after_maintenance_every_mechanism_is_found_from_evidence() {
     let _one = ONE_AT_A_TIME.lock().await;
+    let jaeger = testkit::Jaeger::start().await;
     let challenge = "lost-after-maintenance";
     for mechanism in [Mechanism::ResubscribeLost, Mechanism::SlowConsumerDrop, Mechanism::DeliverDrop] {
-        let round = start_cluster_round(challenge, seed_for(challenge, mechanism));
+        let round = start_cluster_round(challenge, seed_for(challenge, mechanism), &jaeger);
         let answer = solve_lost_after_maintenance(&round).await;
         round.assert_unmarked(&[]).await;
         let (code, out) = round.answer(&[("--process", "fanout-1"), ("--hop", "fanout.publish")]);
@@ -858,9 +884,10 @@ async fn solve_refused_sends(round: &Round) -> Vec<(&'static str, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lab_refused_sends_every_mechanism_is_found_from_evidence() {
     let _one = ONE_AT_A_TIME.lock().await;
+    let jaeger = testkit::Jaeger::start().await;
     let challenge = "refused-sends";
     for mechanism in [Mechanism::OwnershipFlap, Mechanism::WorkerStall] {
-        let round = start_cluster_round(challenge, seed_for(challenge, mechanism));
+        let round = start_cluster_round(challenge, seed_for(challenge, mechanism), &jaeger);
         let answer = solve_refused_sends(&round).await;
         round.assert_unmarked(&[]).await;
         let (code, out) = round.answer(&[("--process", "gw-1"), ("--hop", "fanout.heartbeat"), ("--kind", "drop")]);
@@ -874,6 +901,7 @@ async fn lab_refused_sends_every_mechanism_is_found_from_evidence() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lab_cluster_challenges_every_mechanism_is_found_from_evidence() {
     let _one = ONE_AT_A_TIME.lock().await;
+    let jaeger = testkit::Jaeger::start().await;
     let rounds = [
         ("partitioned-gateway", Mechanism::NatsCut),
         ("partitioned-gateway", Mechanism::FeedDelay),
@@ -885,7 +913,7 @@ async fn lab_cluster_challenges_every_mechanism_is_found_from_evidence() {
         ("byzantine", Mechanism::SeqForge),
     ];
     for (challenge, mechanism) in rounds {
-        let round = start_cluster_round(challenge, seed_for(challenge, mechanism));
+        let round = start_cluster_round(challenge, seed_for(challenge, mechanism), &jaeger);
         assert_eq!(round.urls.len(), 4, "{:?}", round.urls);
         let answer = match challenge {
             "partitioned-gateway" => solve_partitioned_gateway(&round).await,
