@@ -1,10 +1,7 @@
 //! A real Jaeger (v2, all-in-one, in-memory store) receiving OTLP spans, with its HTTP query API.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
-
-use crate::START_TIMEOUT;
 
 /// A running Jaeger on dynamic loopback ports, killed on drop: OTLP over HTTP in
 /// ([`otlp_endpoint`](Jaeger::otlp_endpoint)), its query API out ([`api`](Jaeger::api)).
@@ -89,7 +86,7 @@ impl Jaeger {
         // Ports are picked by binding :0 and letting go; a start that loses one to another
         // process is retried on fresh ones.
         for _ in 0..3 {
-            let (otlp_port, query_port, query_grpc_port) = (free_port(), free_port(), free_port());
+            let (otlp_port, query_port, query_grpc_port) = (crate::free_port(), crate::free_port(), crate::free_port());
             std::fs::write(&config_path, config(otlp_port, query_port, query_grpc_port)).expect("write jaeger.yaml");
             let log = std::fs::File::create(&log_path).expect("create jaeger.log");
             let mut child = std::process::Command::new(&binary)
@@ -99,13 +96,15 @@ impl Jaeger {
                 .stderr(log)
                 .spawn()
                 .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()));
-            match wait_ready(&mut child, query_port, &log_path).await {
+            match crate::wait_answering(&mut child, &format!("http://127.0.0.1:{query_port}/api/services"), &log_path)
+                .await
+            {
                 Ok(()) => return Jaeger { child, otlp_port, query_port, _dir: dir },
                 Err(log) => {
                     let _ = child.kill();
                     let _ = child.wait();
                     if !log.contains("address already in use") {
-                        panic!("jaeger did not become ready; its log:\n{log}");
+                        panic!("jaeger did not become ready: {log}");
                     }
                 }
             }
@@ -129,30 +128,4 @@ impl Drop for Jaeger {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Waits for the query API's `/api/services`; on failure returns why, with the log.
-async fn wait_ready(child: &mut std::process::Child, query_port: u16, log: &Path) -> Result<(), String> {
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("HTTP client");
-    let deadline = Instant::now() + START_TIMEOUT;
-    let services = format!("http://127.0.0.1:{query_port}/api/services");
-    let log = || std::fs::read_to_string(log).unwrap_or_default();
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("jaeger exited with {status}\n{}", log()));
-        }
-        if let Ok(response) = http.get(&services).send().await {
-            if response.status().is_success() {
-                return Ok(());
-            }
-        }
-        if Instant::now() > deadline {
-            return Err(format!("no answer from {services} within {START_TIMEOUT:?}\n{}", log()));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind 127.0.0.1:0").port()
 }

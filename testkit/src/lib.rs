@@ -59,6 +59,33 @@ pub use relay::Relay;
 /// How long a service may take to come up before the test fails.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// A port free on the host's loopback right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind 127.0.0.1:0").port()
+}
+
+/// Waits until `url` answers 2xx, for at most [`START_TIMEOUT`]; on failure (the child exited, or
+/// time ran out) returns why, with the child's `log`.
+async fn wait_answering(child: &mut std::process::Child, url: &str, log: &Path) -> Result<(), String> {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("HTTP client");
+    let deadline = std::time::Instant::now() + START_TIMEOUT;
+    let log = || std::fs::read_to_string(log).unwrap_or_default();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited with {status}\n{}", log()));
+        }
+        if let Ok(response) = http.get(url).send().await {
+            if response.status().is_success() {
+                return Ok(());
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("{url} did not answer within {START_TIMEOUT:?}\n{}", log()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The workspace root (where `deploy/` lives).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("testkit lives in the workspace").to_owned()

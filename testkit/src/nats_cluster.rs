@@ -64,22 +64,16 @@ fn current_nats_binary() -> PathBuf {
         .clone()
 }
 
-/// A port free on the host's loopback right now (a node in a namespace has ports of its own,
-/// so any port is free there).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
-}
-
 impl NatsCluster {
     /// Starts a cluster of `nodes.len()` servers and waits until JetStream is ready on all.
     pub async fn start(nodes: &[NatsNodeAt]) -> NatsCluster {
         let dir = tempfile::Builder::new().prefix("chat-nats-cluster-").tempdir().expect("temp dir");
-        let route_ports: Vec<u16> = nodes.iter().map(|_| free_port()).collect();
+        let route_ports: Vec<u16> = nodes.iter().map(|_| crate::free_port()).collect();
         let routes: Vec<String> =
             nodes.iter().zip(&route_ports).map(|(at, port)| format!("\"nats://{}:{port}\"", at.ip)).collect();
         let mut cluster = NatsCluster { nodes: Vec::new(), dir };
         for (index, at) in nodes.iter().enumerate() {
-            let (client_port, monitor_port) = (free_port(), free_port());
+            let (client_port, monitor_port) = (crate::free_port(), crate::free_port());
             let store = cluster.dir.path().join(format!("n{}", index + 1));
             let config = cluster.dir.path().join(format!("n{}.conf", index + 1));
             let text = format!(

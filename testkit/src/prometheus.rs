@@ -1,10 +1,8 @@
 //! A real `prometheus` scraping test processes, and `promtool`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
-
-use crate::START_TIMEOUT;
+use std::time::Duration;
 
 /// A running `prometheus` scraping chat processes every second, killed on drop.
 ///
@@ -51,7 +49,7 @@ impl Prometheus {
         // between, so a start that fails on the address is retried on a fresh port.
         let log_path = dir.path().join("prometheus.log");
         for _ in 0..3 {
-            let port = free_port();
+            let port = crate::free_port();
             let log = std::fs::File::create(&log_path).expect("create prometheus.log");
             let mut child = std::process::Command::new(&binary)
                 .arg(format!("--config.file={}", config.display()))
@@ -62,13 +60,13 @@ impl Prometheus {
                 .stderr(log)
                 .spawn()
                 .unwrap_or_else(|e| panic!("spawn {binary}: {e}"));
-            match wait_ready(&mut child, &http, port, &log_path).await {
+            match crate::wait_answering(&mut child, &format!("http://127.0.0.1:{port}/-/ready"), &log_path).await {
                 Ok(()) => return Prometheus { child, port, dir, http },
                 Err(log) => {
                     let _ = child.kill();
                     let _ = child.wait();
                     if !log.contains("address already in use") {
-                        panic!("prometheus did not become ready; its log:\n{log}");
+                        panic!("prometheus did not become ready: {log}");
                     }
                 }
             }
@@ -134,32 +132,6 @@ impl Drop for Prometheus {
     }
 }
 
-/// Waits for Prometheus's `/-/ready`; on failure returns why, with its log.
-async fn wait_ready(
-    child: &mut std::process::Child,
-    http: &reqwest::Client,
-    port: u16,
-    log: &Path,
-) -> Result<(), String> {
-    let deadline = Instant::now() + START_TIMEOUT;
-    let ready = format!("http://127.0.0.1:{port}/-/ready");
-    let log = || std::fs::read_to_string(log).unwrap_or_default();
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("prometheus exited with {status}\n{}", log()));
-        }
-        if let Ok(response) = http.get(&ready).send().await {
-            if response.status().is_success() {
-                return Ok(());
-            }
-        }
-        if Instant::now() > deadline {
-            return Err(format!("{ready} not ready after {START_TIMEOUT:?}\n{}", log()));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn prometheus_config(targets: &[String], rule_files: &[PathBuf]) -> String {
     let quoted = |items: Vec<String>| items.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
     let rules = quoted(rule_files.iter().map(|p| p.display().to_string()).collect());
@@ -167,8 +139,4 @@ fn prometheus_config(targets: &[String], rule_files: &[PathBuf]) -> String {
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\nrule_files: [{rules}]\nscrape_configs:\n  - job_name: chat\n    metrics_path: /metrics\n    static_configs:\n      - targets: [{}]\n",
         quoted(targets.to_vec())
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind 127.0.0.1:0").port()
 }
