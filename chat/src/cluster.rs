@@ -184,7 +184,10 @@ pub async fn fanout(
     let store = connect_store(&backends).await?;
     // Before taking sends (and before /readyz answers): a store node that just started would
     // time most of them out.
-    warm_store(store.as_ref(), &worker_id, warm_up).await;
+    let watching = crate::store_watch::Watching::with_budget(warm_up);
+    crate::store_watch::warm(store.as_ref(), &worker_id, watching.warm_up, &metrics).await;
+    // ... and again after every outage, before /readyz says ready again.
+    let store_watch = crate::store_watch::StoreWatch::spawn(store.clone(), &worker_id, watching, metrics.clone());
     bus.start_worker().await.context("joining the fanout workers")?;
     hold_owned_fences(store.clone(), bus.owned_partitions());
     let journal = Arc::new(Journal::new(worker_id.clone(), journal_capacity));
@@ -212,12 +215,13 @@ pub async fn fanout(
         });
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let ops = crate::ops::serve(listener, crate::ops::Ops { bus, store, metrics, journal }, faults.routes(), {
-        let mut stop = stop_rx.clone();
-        async move {
-            let _ = stop.wait_for(|s| *s).await;
-        }
-    });
+    let ops =
+        crate::ops::serve(listener, crate::ops::Ops { bus, store, metrics, journal, store_watch }, faults.routes(), {
+            let mut stop = stop_rx.clone();
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }
+        });
     let ops = tokio::spawn(ops);
     let mut stop = stop_rx;
     tracing::info!(worker = %worker_id, "fanout worker running");
@@ -235,30 +239,6 @@ pub async fn fanout(
     let _ = stop_tx.send(true);
     close_decision_log(decision_log).await?;
     ops.await.context("ops server task")?.context("ops server")
-}
-
-/// Warms the store up with the operations of a send in the worker's own room, for at most
-/// `budget` (see `storage::warm`).
-async fn warm_store(store: &dyn storage::HistoryStore, worker_id: &str, budget: Duration) {
-    if budget.is_zero() {
-        return;
-    }
-    let until = storage::warm::WarmUp { budget, ..Default::default() };
-    let room = storage::warm::room_of(worker_id);
-    let warmed = storage::warm::warm_up(store, &room, until).await;
-    let (rounds, failed, took_ms) = (warmed.rounds, warmed.failed, warmed.took.as_millis() as u64);
-    let median_ms = warmed.median.as_secs_f64() * 1000.0;
-    if warmed.warm {
-        tracing::info!(rounds, failed, took_ms, median_ms, "store warmed up");
-    } else {
-        tracing::warn!(
-            rounds,
-            failed,
-            took_ms,
-            median_ms,
-            "store still slow after the warm-up budget; taking sends anyway"
-        );
-    }
 }
 
 /// Starts writing a worker's decision log at `path`, if one is asked for.

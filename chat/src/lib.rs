@@ -9,6 +9,7 @@ pub mod config_doc;
 pub mod lab;
 pub mod ops;
 pub mod replay;
+pub mod store_watch;
 pub mod testing;
 pub mod trace;
 pub mod waits;

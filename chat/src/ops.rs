@@ -1,5 +1,5 @@
 //! The fanout worker's small HTTP surface: the shared ops endpoints ([`gateway::ops`]:
-//! `/healthz`, `/readyz` over its bus and store, `/metrics`, its own journeys at
+//! `/healthz`, `/readyz` over its bus, its store and the store's warmth, `/metrics`, its own journeys at
 //! `/debug/messages/{id}`) and the admin routes it is given (fault injection).
 
 use std::sync::Arc;
@@ -22,6 +22,8 @@ pub struct Ops {
     pub metrics: Metrics,
     /// Journeys to expose.
     pub journal: Arc<Journal>,
+    /// The watch on the store (not ready while it is down or warming up again).
+    pub store_watch: crate::store_watch::StoreWatch,
 }
 
 /// Serves the ops endpoints and `admin_routes` until `shutdown`.
@@ -35,7 +37,11 @@ pub async fn serve(
     let state = OpsState {
         access: OpsAccess::Open,
         metrics: ops.metrics.clone(),
-        ready: vec![ReadyCheck::bus(ops.bus.clone()), ReadyCheck::store(ops.store.clone())],
+        ready: vec![
+            ReadyCheck::bus(ops.bus.clone()),
+            ReadyCheck::store(ops.store.clone()),
+            ops.store_watch.ready_check(),
+        ],
         journeys: ops.journal.clone(),
         journal: ops.journal.clone(),
     };

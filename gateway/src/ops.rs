@@ -108,6 +108,11 @@ impl ReadyCheck {
         Self { name, check: Box::new(move || check().map(|result| result.map_err(|e| e.to_string())).boxed()) }
     }
 
+    /// Runs the check once: `Err` says why it fails.
+    pub async fn run(&self) -> Result<(), String> {
+        (self.check)().await
+    }
+
     /// `bus`: passes while the bus answers.
     pub fn bus(health: Arc<dyn bus::BusHealth>) -> Self {
         Self::new("bus", move || {
@@ -216,7 +221,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(ops: OpsState) -> Router<S> {
 }
 
 async fn ready(State(ops): State<Arc<OpsState>>, headers: HeaderMap) -> Response {
-    let results = join_all(ops.ready.iter().map(|check| (check.check)())).await;
+    let results = join_all(ops.ready.iter().map(ReadyCheck::run)).await;
     let why: String = ops
         .ready
         .iter()

@@ -134,6 +134,9 @@ pub struct Metrics {
     pub partitions_owned: IntGauge,
     /// Fanout workers this worker counts as live now, itself included (cluster only).
     pub workers_live: IntGauge,
+    /// 1 while this worker warms its store up (at start, and after the store came back from an
+    /// outage), else 0 (cluster only).
+    pub store_warming: IntGauge,
     /// History reads answered by joining an identical read already in flight.
     pub history_coalesced: IntCounter,
     /// Replays and gap fills answered from a room's recent messages in memory.
@@ -306,6 +309,11 @@ impl Metrics {
             workers_live: r.add(
                 "chat_workers_live",
                 "Fanout workers this worker counts as live, itself included.",
+                IntGauge::default(),
+            ),
+            store_warming: r.add(
+                "chat_store_warming",
+                "1 while this worker warms its store up (at start, after an outage).",
                 IntGauge::default(),
             ),
             history_coalesced: r
