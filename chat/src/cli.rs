@@ -327,7 +327,8 @@ pub struct WorkerArgs {
     )]
     pub ack_wait_ms: u64,
     /// Seconds a worker may spend warming the store up (a send's operations in a room of its
-    /// own, until they are quick) before it takes sends and says it is ready; 0 skips it.
+    /// own, until they are quick) before it takes sends and says it is ready, and again after
+    /// the store comes back from an outage; 0 skips it.
     #[arg(long, env = "CHAT_WARM_UP_SECS", value_name = "S", default_value_t = 30)]
     pub warm_up_secs: u64,
     /// The worker's decision log.
