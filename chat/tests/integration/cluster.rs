@@ -252,7 +252,7 @@ fn ack_trace(journey: &Value) -> Value {
 }
 
 #[tokio::test]
-async fn the_store_briefly_unreachable_sends_fail_cleanly_and_the_system_recovers() {
+async fn the_store_briefly_unreachable_sends_fail_cleanly_the_worker_warms_it_again_and_the_system_recovers() {
     // A node of its own, so freezing it disturbs no other test.
     let node = tokio::task::spawn_blocking(|| testkit::DedicatedCassandra::start("test-cassandra-outage", 9342, 7342))
         .await
@@ -285,7 +285,26 @@ async fn the_store_briefly_unreachable_sends_fail_cleanly_and_the_system_recover
         }
     };
     assert_eq!(answer["code"], "unavailable", "{answer}");
+    // The worker counts the store as down by now (3 pings failed), and says why it is not ready.
+    let worker = cluster.worker_url(0);
+    let (status, why) = get(&format!("{worker}/readyz")).await;
+    assert_eq!(status, 503, "{why}");
+    assert!(why.contains("store-warm: the store stopped answering"), "{why}");
     node.thaw();
+    // Back, the store is warmed up again before the worker says ready: seen as a not-ready
+    // `store-warm: warming` (a warm-up round of a debug build takes tens of ms, and a window
+    // is 20 rounds), then ready.
+    let (mut seen_warming, deadline) = (false, Instant::now() + Duration::from_secs(30));
+    loop {
+        let (status, why) = get(&format!("{worker}/readyz")).await;
+        seen_warming |= why.contains("store-warm: warming the store up again");
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the worker is still not ready 30 s after the store came back: {why}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(seen_warming, "the worker said ready without warming the store up again");
     cluster.gateway(0).wait_ready().await;
     // The client retries with the same client_msg_id: exactly one message, whatever happened.
     let (retried, _) = send_until_acked(&mut writer, "o", "during").await;
