@@ -373,17 +373,40 @@ impl Connection {
     }
 }
 
+/// How often the gateway asks the store about a send whose answer never came before it gives
+/// up, and the pause after a failed ask: an overloaded store times a read out now and then, and
+/// `unavailable` promises "not stored", so one failed read is not enough to say it.
+const STORE_ASKS: u32 = 3;
+const STORE_ASK_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The outcome of a send whose answer never came (a worker stored it and its answer was lost on
 /// the bus, or nobody stored it): the store says which. Past the send's deadline and the margin
-/// no worker will store it any more, so "not found" means not stored.
+/// no worker will store it any more, so "not found" means not stored. A store that fails is
+/// asked again, up to [`STORE_ASKS`] times.
 async fn outcome_from_store(
     history: &crate::history::HistoryReader,
     room: &str,
     user: &str,
     client_msg_id: &str,
 ) -> Result<SendOutcome, bus::BusError> {
-    match history.find_send(room, user, client_msg_id).await {
-        Ok(Some(message)) => {
+    let mut asked = 1;
+    let found = loop {
+        match history.find_send(room, user, client_msg_id).await {
+            Ok(found) => break found,
+            Err(e) if asked >= STORE_ASKS => {
+                return Err(
+                    bus::BusError::unavailable("no answer from fanout in time; the store cannot tell").with_source(e)
+                )
+            }
+            Err(e) => {
+                tracing::debug!(room, client_msg_id, asked, error = %e, "the store cannot tell yet; asking again");
+                asked += 1;
+                tokio::time::sleep(STORE_ASK_PAUSE).await;
+            }
+        }
+    };
+    match found {
+        Some(message) => {
             tracing::info!(
                 room,
                 client_msg_id,
@@ -394,9 +417,96 @@ async fn outcome_from_store(
             );
             Ok(SendOutcome { message, duplicate: false })
         }
-        Ok(None) => Err(bus::BusError::unavailable("no answer from fanout in time; not stored")),
-        Err(e) => {
-            Err(bus::BusError::unavailable("no answer from fanout in time; the store cannot tell").with_source(e))
+        None => Err(bus::BusError::unavailable("no answer from fanout in time; not stored")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+    use protocol::ChatMessage;
+    use storage::{HistoryStore, Page, PageQuery, RoomAppend, StoreError};
+    use telemetry::metrics::Metrics;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::history::HistoryReader;
+
+    /// A store whose dedupe lookups time out `failures` times, then find `stored` (if any).
+    struct Overloaded {
+        failures: u32,
+        asked: AtomicU32,
+        stored: Option<ChatMessage>,
+    }
+
+    #[async_trait]
+    impl HistoryStore for Overloaded {
+        async fn append(&self, _: RoomAppend) -> Result<(), StoreError> {
+            unreachable!("a gateway never appends")
         }
+        async fn last_seq(&self, _: &str) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+        async fn find_by_client_msg_id(&self, _: &str, _: &str, _: &str) -> Result<Option<ChatMessage>, StoreError> {
+            if self.asked.fetch_add(1, Ordering::SeqCst) < self.failures {
+                return Err(StoreError::unavailable("read dedupe entry: timed out"));
+            }
+            Ok(self.stored.clone())
+        }
+        async fn page(&self, _: &str, _: PageQuery) -> Result<Page, StoreError> {
+            Ok(Page { messages: Vec::new(), has_more: false })
+        }
+        async fn get_by_id(&self, _: Uuid) -> Result<Option<ChatMessage>, StoreError> {
+            Ok(None)
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    fn message() -> ChatMessage {
+        ChatMessage {
+            room: "r".into(),
+            seq: 2,
+            id: Uuid::now_v7(),
+            user: "alice".into(),
+            body: "hi".into(),
+            ts: 1,
+            client_msg_id: "c-1".into(),
+            trace_id: String::new(),
+            prev: None,
+            digest: None,
+        }
+    }
+
+    async fn ask(store: Overloaded) -> (Result<SendOutcome, bus::BusError>, u32) {
+        let store = Arc::new(store);
+        let history = HistoryReader::new(store.clone(), Metrics::new());
+        let outcome = outcome_from_store(&history, "r", "alice", "c-1").await;
+        (outcome, store.asked.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stored_send_is_acked_though_the_store_timed_out_the_first_asks() {
+        let stored = message();
+        let (outcome, asked) =
+            ask(Overloaded { failures: STORE_ASKS - 1, asked: AtomicU32::new(0), stored: Some(stored.clone()) }).await;
+        assert_eq!((outcome.unwrap().message.id, asked), (stored.id, STORE_ASKS));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unavailable_only_when_the_store_says_not_stored_or_cannot_tell_after_every_ask() {
+        let (outcome, asked) = ask(Overloaded { failures: 0, asked: AtomicU32::new(0), stored: None }).await;
+        assert_eq!(asked, 1);
+        assert!(outcome.unwrap_err().message().contains("not stored"));
+        let (outcome, asked) =
+            ask(Overloaded { failures: u32::MAX, asked: AtomicU32::new(0), stored: Some(message()) }).await;
+        assert_eq!(asked, STORE_ASKS);
+        assert!(outcome.unwrap_err().message().contains("cannot tell"));
     }
 }
