@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gateway::ops::ReadyCheck;
-use storage::warm::{WarmUp, Warmed};
+use storage::warm::WarmUp;
 use storage::HistoryStore;
 use telemetry::metrics::Metrics;
 use tokio::sync::watch;
@@ -69,10 +69,10 @@ impl StoreWatch {
     /// in the warm-up room of `process`.
     pub fn spawn(store: Arc<dyn HistoryStore>, process: &str, watching: Watching, metrics: Metrics) -> Self {
         let (state_tx, state) = watch::channel(StoreState::Up);
-        let room = storage::warm::room_of(process);
+        let process = process.to_owned();
         tokio::spawn(async move {
             tokio::select! {
-                () = watch_store(store.as_ref(), &room, watching, &metrics, &state_tx) => {}
+                () = watch_store(store.as_ref(), &process, watching, &metrics, &state_tx) => {}
                 () = state_tx.closed() => {}
             }
         });
@@ -104,9 +104,9 @@ impl StoreWatch {
 
 /// Warms `store` up in the warm-up room of `process` (see `storage::warm`), with the gauge
 /// `chat_store_warming` at 1 meanwhile, and logs how it went. A zero budget warms nothing.
-pub async fn warm(store: &dyn HistoryStore, process: &str, until: WarmUp, metrics: &Metrics) -> Option<Warmed> {
+pub async fn warm(store: &dyn HistoryStore, process: &str, until: WarmUp, metrics: &Metrics) {
     if until.budget.is_zero() {
-        return None;
+        return;
     }
     metrics.store_warming.set(1);
     let warmed = storage::warm::warm_up(store, &storage::warm::room_of(process), until).await;
@@ -124,19 +124,17 @@ pub async fn warm(store: &dyn HistoryStore, process: &str, until: WarmUp, metric
             "store still slow after the warm-up budget; taking sends anyway"
         );
     }
-    Some(warmed)
 }
 
-/// Pings `store` every `watching.every` forever, moving `state` through down and warming as
-/// described in the module docs.
+/// Pings `store` every `watching.every` forever, moving `state` through down and warming (in
+/// the warm-up room of `process`) as described in the module docs.
 async fn watch_store(
     store: &dyn HistoryStore,
-    room: &str,
+    process: &str,
     watching: Watching,
     metrics: &Metrics,
     state: &watch::Sender<StoreState>,
 ) {
-    let process = room.trim_start_matches(".warmup.");
     let mut ticks = tokio::time::interval(watching.every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failed_in_a_row = 0u32;
