@@ -88,7 +88,7 @@ impl RoomBus for LocalBus {
         let feeds = rooms.entry(room.to_owned()).or_default();
         feeds.retain(|feed| !feed.is_closed());
         feeds.push(feed);
-        Ok(RoomFeed { room: room.to_owned(), items })
+        Ok(RoomFeed::from_channel(room, items))
     }
 
     async fn publish_event(&self, room: &str, event: RoomEvent) -> Result<(), BusError> {
@@ -145,11 +145,16 @@ impl FanoutBus for LocalBus {
 mod tests {
     use std::time::Duration;
 
+    use futures_util::{FutureExt, StreamExt};
     use protocol::frames::PresenceState;
-    use tokio::sync::mpsc::error::TryRecvError;
 
     use super::*;
     use crate::BusErrorKind;
+
+    /// The feed's next item if one is already waiting.
+    fn queued(feed: &mut RoomFeed) -> Option<FeedItem> {
+        feed.items.next().now_or_never().flatten()
+    }
 
     const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
@@ -282,21 +287,21 @@ mod tests {
         within("delivery", bus.deliver(delivered_elsewhere.clone(), TRACEPARENT)).await.unwrap();
 
         for feed in [&mut here, &mut also_here] {
-            match feed.items.try_recv() {
-                Ok(FeedItem::Message(message, traceparent)) => {
+            match queued(feed) {
+                Some(FeedItem::Message(message, traceparent)) => {
                     assert_eq!(message, delivered);
                     assert_eq!(traceparent.as_deref(), Some(TRACEPARENT));
                 }
                 other => panic!("expected the delivery, got {other:?}"),
             }
-            assert!(matches!(feed.items.try_recv(), Ok(FeedItem::Event(event)) if event == typing("bob")));
-            assert!(matches!(feed.items.try_recv(), Err(TryRecvError::Empty)));
+            assert!(matches!(queued(feed), Some(FeedItem::Event(event)) if event == typing("bob")));
+            assert!(queued(feed).is_none());
         }
-        assert!(matches!(elsewhere.items.try_recv(), Ok(FeedItem::Event(event)) if event == typing("carol")));
+        assert!(matches!(queued(&mut elsewhere), Some(FeedItem::Event(event)) if event == typing("carol")));
         assert!(
-            matches!(elsewhere.items.try_recv(), Ok(FeedItem::Message(message, _)) if message == delivered_elsewhere)
+            matches!(queued(&mut elsewhere), Some(FeedItem::Message(message, _)) if message == delivered_elsewhere)
         );
-        assert!(matches!(elsewhere.items.try_recv(), Err(TryRecvError::Empty)));
+        assert!(queued(&mut elsewhere).is_none());
     }
 
     #[tokio::test(start_paused = true)]
@@ -307,7 +312,7 @@ mod tests {
         drop(gone);
         within("delivery", bus.deliver(message("general", 1), TRACEPARENT)).await.unwrap();
         assert_eq!(bus.rooms.lock().unwrap()["general"].len(), 1, "the dropped feed is still subscribed");
-        assert!(matches!(stays.items.try_recv(), Ok(FeedItem::Message(..))));
+        assert!(matches!(queued(&mut stays), Some(FeedItem::Message(..))));
 
         drop(stays);
         let presence = RoomEvent::Presence { user: "bob".into(), state: PresenceState::Offline, gateway: "g".into() };
@@ -331,7 +336,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(!deliverer.is_finished(), "a delivery went past a full feed");
         for seq in 1..=last {
-            match within("a delivery", feed.items.recv()).await {
+            match within("a delivery", feed.items.next()).await {
                 Some(FeedItem::Message(message, _)) => assert_eq!(message.seq, seq),
                 other => panic!("expected message {seq}, got {other:?}"),
             }

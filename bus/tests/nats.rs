@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bus::nats::{NatsAuth, NatsBus, NatsConfig};
-use bus::{BusHealth, FanoutBus, FeedItem, RoomBus, RoomFeed, SendBus};
+use bus::{BusHealth, FanoutBus, FeedItem, JourneyBus, RoomBus, RoomFeed, SendBus};
+use futures_util::StreamExt;
 use protocol::bus::{RoomEvent, SendCommand, SendOutcome};
 use protocol::ChatMessage;
 use telemetry::metrics::Metrics;
@@ -30,7 +31,7 @@ async fn connect(url: &str, name: &str) -> Arc<NatsBus> {
 /// `Connected` event can arrive after the feed started following it.
 async fn next_item(feed: &mut RoomFeed) -> FeedItem {
     loop {
-        match tokio::time::timeout(WAIT, feed.items.recv()).await {
+        match tokio::time::timeout(WAIT, feed.items.next()).await {
             Ok(Some(FeedItem::Resumed)) => continue,
             Ok(Some(item)) => return item,
             Ok(None) => panic!("feed of {} closed", feed.room),
@@ -105,6 +106,53 @@ async fn a_send_round_trips_through_a_worker_and_the_room_feed_gets_the_delivery
         FeedItem::Event(event) => assert_eq!(event, typing),
         other => panic!("expected the room's event, got {other:?}"),
     }
+}
+
+/// A gateway follows a room with one subscription to `chat.*.<room>`. For a room called
+/// `query` that wildcard also matches the journey queries every process publishes
+/// (`chat.journal.query`): the feed passes on its room's deliveries and events only.
+#[tokio::test]
+async fn a_room_feed_passes_on_its_own_rooms_deliveries_and_events_only() {
+    let nats = testkit::NatsServer::start().await;
+    let gateway = connect(&nats.url(), "gateway-q").await;
+    let worker = connect(&nats.url(), "fanout-q").await;
+    let mut feed = gateway.subscribe("query").await.expect("subscribe");
+
+    // A journey query: published on `chat.journal.query`, which the room's wildcard matches.
+    let _ = gateway.remote_journeys(uuid::Uuid::now_v7()).await;
+    gateway.publish_event("query-2", RoomEvent::Typing { user: "carol".into() }).await.expect("publish elsewhere");
+    let mut stored = ChatMessage {
+        room: "query".into(),
+        seq: 1,
+        id: uuid::Uuid::now_v7(),
+        user: "alice".into(),
+        body: "hello".into(),
+        ts: 1,
+        client_msg_id: "c-1".into(),
+        trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+        prev: None,
+        digest: None,
+    };
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    stored.room = "queryx".into();
+    worker.deliver(Arc::new(stored.clone()), traceparent).await.expect("deliver elsewhere");
+    stored.room = "query".into();
+    worker.deliver(Arc::new(stored.clone()), traceparent).await.expect("deliver");
+    let typing = RoomEvent::Typing { user: "bob".into() };
+    gateway.publish_event("query", typing.clone()).await.expect("publish");
+
+    // Two publishers on two connections: the two may arrive in either order.
+    let (mut delivered, mut told) = (false, false);
+    for _ in 0..2 {
+        match next_item(&mut feed).await {
+            FeedItem::Message(message, _) if *message == stored => delivered = true,
+            FeedItem::Event(event) if event == typing => told = true,
+            other => panic!("expected the room's delivery and event, got {other:?}"),
+        }
+    }
+    assert!(delivered && told, "delivered {delivered}, event {told}");
+    let more = tokio::time::timeout(Duration::from_millis(300), next_item(&mut feed)).await;
+    assert!(more.is_err(), "the feed passed on something not its room's: {more:?}");
 }
 
 /// A server that demands credentials: a bus with them gets ready, one without never does (and

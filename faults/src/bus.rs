@@ -6,16 +6,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bus::{BusError, BusHealth, FanoutBus, FeedItem, GatewayBus, PendingSend, RoomBus, RoomFeed, SendBus};
+use futures_util::StreamExt;
 use protocol::bus::{RoomEvent, SendCommand, SendOutcome};
 use protocol::ChatMessage;
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::marks::Injector;
 use crate::{FaultAction, Hop};
-
-/// Items buffered between a room's real feed and the feed a faulty gateway bus hands out.
-const FEED_BUFFER: usize = 1024;
 
 // === the gateway's side ===
 
@@ -59,10 +57,12 @@ struct FaultyRooms {
 #[async_trait]
 impl RoomBus for FaultyRooms {
     async fn subscribe(&self, room: &str) -> Result<RoomFeed, BusError> {
-        let inner = self.inner.subscribe(room).await?;
-        let (items, outer) = mpsc::channel(FEED_BUFFER);
-        tokio::spawn(forward_feed(inner, items, self.injector.clone()));
-        Ok(RoomFeed { room: room.to_owned(), items: outer })
+        let faulty = FaultyFeed::new(self.inner.subscribe(room).await?, self.injector.clone());
+        let items = futures_util::stream::unfold(faulty, |mut faulty| async move {
+            let item = faulty.next_item().await?;
+            Some((item, faulty))
+        });
+        Ok(RoomFeed { room: room.to_owned(), items: Box::pin(items) })
     }
 
     async fn publish_event(&self, room: &str, event: RoomEvent) -> Result<(), BusError> {
@@ -95,48 +95,55 @@ impl BusHealth for FaultyHealth {
 /// How often a feed that lost messages to a cut checks whether the cut is over.
 const CUT_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Moves a room's feed items to the gateway, losing or delaying messages as faults say, until
-/// either side goes away. When a cut that lost messages ends, the feed says
-/// [`FeedItem::Resumed`], as a real NATS connection coming back does, so the hub looks in the
-/// store for what it missed.
-async fn forward_feed(mut feed: RoomFeed, items: mpsc::Sender<FeedItem>, injector: Injector) {
-    let mut poll = tokio::time::interval(CUT_POLL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut lost_to_cut = false;
-    loop {
-        let item = tokio::select! {
-            () = items.closed() => return,
-            _ = poll.tick(), if lost_to_cut => {
-                if injector.faults.armed(Hop::GatewayNats).is_some() {
+/// A room's feed as the gateway sees it under faults: messages lost or delayed as faults say.
+/// When a cut that lost messages ends, the feed says [`FeedItem::Resumed`], as a real NATS
+/// connection coming back does, so the hub looks in the store for what it missed. A stream over
+/// the real feed, not a task: faults are on wherever an admin token is set, and a gateway follows
+/// thousands of rooms.
+struct FaultyFeed {
+    /// The room's real feed; `None` once a `gateway.resubscribe` fault dropped it.
+    feed: Option<RoomFeed>,
+    room: String,
+    injector: Injector,
+    poll: tokio::time::Interval,
+    lost_to_cut: bool,
+}
+
+impl FaultyFeed {
+    fn new(feed: RoomFeed, injector: Injector) -> Self {
+        let mut poll = tokio::time::interval(CUT_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self { room: feed.room.clone(), feed: Some(feed), injector, poll, lost_to_cut: false }
+    }
+
+    /// The next item that reaches the gateway; `None` when the real feed ended. After a
+    /// `gateway.resubscribe` fault it never yields again, as a subscription that is gone.
+    async fn next_item(&mut self) -> Option<FeedItem> {
+        loop {
+            let Some(feed) = self.feed.as_mut() else { return std::future::pending().await };
+            let item = tokio::select! {
+                _ = self.poll.tick(), if self.lost_to_cut => {
+                    if self.injector.faults.armed(Hop::GatewayNats).is_some() {
+                        continue;
+                    }
+                    self.lost_to_cut = false;
+                    FeedItem::Resumed
+                }
+                item = feed.items.next() => item?,
+            };
+            if matches!(item, FeedItem::Resumed) && not_resubscribed(&self.injector, &self.room) {
+                // The hub hears the reconnect and checks the store once; then the room's real
+                // subscription is dropped while the hub still believes it is subscribed.
+                self.feed = None;
+                return Some(FeedItem::Resumed);
+            }
+            if let FeedItem::Message(message, _) = &item {
+                if let Some(lost_at) = arrival(&self.injector, message).await {
+                    self.lost_to_cut |= lost_at == Hop::GatewayNats;
                     continue;
                 }
-                lost_to_cut = false;
-                FeedItem::Resumed
             }
-            item = feed.items.recv() => match item {
-                Some(item) => item,
-                None => return,
-            },
-        };
-        if matches!(item, FeedItem::Resumed) && not_resubscribed(&injector, &feed.room) {
-            // The hub hears the reconnect and checks the store once; then the room's real
-            // subscription is dropped while the hub still believes it is subscribed.
-            drop(feed);
-            let _ = items.send(FeedItem::Resumed).await;
-            items.closed().await;
-            return;
-        }
-        if let FeedItem::Message(message, _) = &item {
-            match arrival(&injector, message).await {
-                None => {}
-                Some(lost_at) => {
-                    lost_to_cut |= lost_at == Hop::GatewayNats;
-                    continue;
-                }
-            }
-        }
-        if items.send(item).await.is_err() {
-            return;
+            return Some(item);
         }
     }
 }
@@ -303,6 +310,7 @@ mod tests {
     use bus::{BusErrorKind, Replier};
     use telemetry::journal::Journal;
     use telemetry::metrics::Metrics;
+    use tokio::sync::mpsc;
 
     use super::*;
     use crate::{FaultSpec, Faults};
@@ -411,7 +419,7 @@ mod tests {
             let bus = FaultyFanoutBus::new(local.clone(), injector);
             let truth = chained();
             bus.deliver(truth.clone(), "").await.unwrap();
-            let Some(FeedItem::Message(published, _)) = feed.items.recv().await else { panic!("nothing published") };
+            let Some(FeedItem::Message(published, _)) = feed.items.next().await else { panic!("nothing published") };
             assert_eq!((published.seq, published.id, &published.prev), (truth.seq, truth.id, &truth.prev));
             assert_ne!(published.body, truth.body);
             assert_ne!(published.digest, truth.digest, "the digest is recomputed over the forged body");
@@ -429,7 +437,7 @@ mod tests {
     impl RoomBus for HandFed {
         async fn subscribe(&self, room: &str) -> Result<RoomFeed, BusError> {
             let items = self.0.lock().unwrap().take().expect("subscribed once");
-            Ok(RoomFeed { room: room.to_owned(), items })
+            Ok(RoomFeed::from_channel(room, items))
         }
         async fn publish_event(&self, _room: &str, _event: RoomEvent) -> Result<(), BusError> {
             Ok(())
@@ -453,13 +461,13 @@ mod tests {
         let bus = faulty_gateway_bus(gateway, &injector);
         let mut feed = bus.rooms.subscribe("r").await.unwrap();
         bus_side.send(FeedItem::Message(chained(), None)).await.unwrap();
-        assert!(matches!(feed.items.recv().await, Some(FeedItem::Message(m, _)) if m.seq == 1));
+        assert!(matches!(feed.items.next().await, Some(FeedItem::Message(m, _)) if m.seq == 1));
         bus_side.send(FeedItem::Resumed).await.unwrap();
-        assert!(matches!(feed.items.recv().await, Some(FeedItem::Resumed)), "the hub hears the reconnect");
+        assert!(matches!(feed.items.next().await, Some(FeedItem::Resumed)), "the hub hears the reconnect");
         tokio::time::timeout(Duration::from_secs(2), bus_side.closed())
             .await
             .expect("the real subscription is dropped");
-        let nothing = tokio::time::timeout(Duration::from_millis(200), feed.items.recv()).await;
+        let nothing = tokio::time::timeout(Duration::from_millis(200), feed.items.next()).await;
         assert!(nothing.is_err(), "the gateway's feed stays open and silent: {nothing:?}");
         assert_eq!(metrics.faults_injected.with_label_values(&["gateway.resubscribe", "drop"]).get(), 0, "sealed");
     }
@@ -473,7 +481,7 @@ mod tests {
         let bus = FaultyFanoutBus::new(local.clone(), injector);
         let truth = chained();
         bus.deliver(truth.clone(), "").await.unwrap();
-        let Some(FeedItem::Message(published, _)) = feed.items.recv().await else { panic!("nothing published") };
+        let Some(FeedItem::Message(published, _)) = feed.items.next().await else { panic!("nothing published") };
         assert_eq!((published.seq, published.id, &published.body), (truth.seq + 1, truth.id, &truth.body));
         assert_eq!(published.digest, truth.digest, "the digest is left as it was");
         let caught = protocol::chain::check(&published).unwrap_err();
@@ -504,7 +512,7 @@ mod tests {
             digest: None,
         });
         local.deliver(message.clone(), "").await.unwrap();
-        let lost = tokio::time::timeout(Duration::from_millis(200), feed.items.recv()).await;
+        let lost = tokio::time::timeout(Duration::from_millis(200), feed.items.next()).await;
         assert!(lost.is_err(), "the message never reaches the cut gateway");
         assert_eq!(metrics.faults_injected.with_label_values(&["gateway.nats", "cut"]).get(), 2);
 
@@ -512,10 +520,10 @@ mod tests {
         // messages again.
         injector.faults().clear(true);
         assert!(bus.health.ready().await.is_ok());
-        let resumed = tokio::time::timeout(Duration::from_secs(2), feed.items.recv()).await.unwrap();
+        let resumed = tokio::time::timeout(Duration::from_secs(2), feed.items.next()).await.unwrap();
         assert!(matches!(resumed, Some(FeedItem::Resumed)), "{resumed:?}");
         local.deliver(message, "").await.unwrap();
-        let arrived = tokio::time::timeout(Duration::from_secs(2), feed.items.recv()).await.unwrap();
+        let arrived = tokio::time::timeout(Duration::from_secs(2), feed.items.next()).await.unwrap();
         assert!(matches!(arrived, Some(FeedItem::Message(m, _)) if m.seq == 1));
     }
 }

@@ -161,7 +161,8 @@ impl Default for Limits {
             slow_consumer_timeout: Duration::from_secs(Self::DEFAULT_SLOW_CONSUMER_SECS),
             hello_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(30),
-            ws_read_buffer_bytes: 1024,
+            // A send with a 64-byte body is about 150 bytes, a `hello` with a token 300-500.
+            ws_read_buffer_bytes: 512,
             ws_write_buffer_bytes: 16 * 1024,
         }
     }

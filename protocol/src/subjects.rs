@@ -31,9 +31,22 @@ pub const WORKERS: &str = "chat.workers";
 /// Wildcard matching every room's sends.
 pub const SEND_ALL: &str = "chat.send.>";
 
+/// The second token of [`deliver`] subjects.
+pub const DELIVER_KIND: &str = "deliver";
+
+/// The second token of [`events`] subjects.
+pub const EVENTS_KIND: &str = "events";
+
 /// Core NATS subject where fanout publishes a room's sequenced messages to gateways.
 pub fn deliver(room: &str) -> String {
-    format!("chat.deliver.{room}")
+    format!("chat.{DELIVER_KIND}.{room}")
+}
+
+/// Wildcard a gateway follows a room with: [`deliver`] and [`events`] in one subscription. It
+/// also matches any other `chat.<kind>.<room>` subject (`chat.journal.query` for a room called
+/// `query`), so a follower looks at the kind.
+pub fn room_feed(room: &str) -> String {
+    format!("chat.*.{room}")
 }
 
 /// Core NATS subject where every process answers journey queries (payload: a message id)
@@ -42,5 +55,5 @@ pub const JOURNAL_QUERY: &str = "chat.journal.query";
 
 /// Core NATS subject for a room's presence and typing events between gateways.
 pub fn events(room: &str) -> String {
-    format!("chat.events.{room}")
+    format!("chat.{EVENTS_KIND}.{room}")
 }

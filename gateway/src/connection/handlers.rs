@@ -277,15 +277,13 @@ impl Connection {
                 Ok(outcome) => outcome,
                 Err(_) => outcome_from_store(&history, &room, &user, &client_msg_id).await,
             };
-            (req, room, client_msg_id, submitted_trace, started, outcome)
+            Box::new((req, room, client_msg_id, submitted_trace, started, outcome))
         }));
         Ok(())
     }
 
-    pub(super) async fn on_submitted(
-        &mut self,
-        (req, room, client_msg_id, trace_id, started, outcome): SubmitResult,
-    ) -> Result<(), End> {
+    pub(super) async fn on_submitted(&mut self, submitted: Box<SubmitResult>) -> Result<(), End> {
+        let (req, room, client_msg_id, trace_id, started, outcome) = *submitted;
         let metrics = &self.app.metrics;
         match outcome {
             Ok(SendOutcome { message, duplicate }) => {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bus::FeedItem;
+use futures_util::StreamExt;
 use protocol::ChatMessage;
 use storage::PageQuery;
 
@@ -30,7 +31,9 @@ fn resume_spread(room: &str) -> Duration {
 }
 
 impl Rooms {
-    /// The hub's feed task.
+    /// The hub's feed task. It lives as long as the room has members here, so what it awaits
+    /// beyond the feed itself (a message, a tail check, a roster) runs boxed, allocated only
+    /// while it runs: a gateway holds one such task per room it serves.
     pub(super) async fn follow(self: Arc<Self>, hub: Arc<Hub>, mut feed: bus::RoomFeed) {
         let mut roster = tokio::time::interval(self.roster_interval);
         roster.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -43,26 +46,26 @@ impl Rooms {
             let item = tokio::select! {
                 () = hub.stop.notified() => break,
                 () = &mut tail, if tail_armed => {
-                    tail_armed = self.check_tail(&hub, &mut tail_noted, std::mem::take(&mut after_outage)).await;
+                    tail_armed = Box::pin(self.check_tail(&hub, &mut tail_noted, std::mem::take(&mut after_outage))).await;
                     if tail_armed {
                         tail.as_mut().reset(tokio::time::Instant::now() + TAIL_CHECK);
                     }
                     continue;
                 }
-                item = feed.items.recv() => item,
+                item = feed.items.next() => item,
                 () = hub.roster_due.notified() => {
-                    self.publish_roster(&hub).await;
+                    Box::pin(self.publish_roster(&hub)).await;
                     continue;
                 }
                 _ = roster.tick(), if self.bus.is_distributed() => {
-                    self.publish_roster(&hub).await;
+                    Box::pin(self.publish_roster(&hub)).await;
                     self.expire_rosters(&hub);
                     continue;
                 }
             };
             match item {
                 Some(FeedItem::Message(message, traceparent)) => {
-                    self.on_message(&hub, message, traceparent.as_deref()).await;
+                    Box::pin(self.on_message(&hub, message, traceparent.as_deref())).await;
                     if self.gap_repair_on() {
                         tail.as_mut().reset(tokio::time::Instant::now() + TAIL_CHECK);
                         tail_armed = true;
