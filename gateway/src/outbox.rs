@@ -89,8 +89,8 @@ pub struct Outbox {
     /// Milliseconds since the epoch when the queue was first found full; 0 when it is not.
     full_since_ms: AtomicI64,
     resync: AtomicBool,
+    /// Set once the queue stayed full too long; `ready` wakes the connection to see it.
     kicked: AtomicBool,
-    kick: Notify,
     slow_consumer_timeout: Duration,
 }
 
@@ -118,7 +118,6 @@ impl Outbox {
             full_since_ms: AtomicI64::new(0),
             resync: AtomicBool::new(false),
             kicked: AtomicBool::new(false),
-            kick: Notify::new(),
             slow_consumer_timeout,
         })
     }
@@ -155,7 +154,7 @@ impl Outbox {
                 if now - since >= self.slow_consumer_timeout.as_millis() as i64
                     && !self.kicked.swap(true, Ordering::AcqRel)
                 {
-                    self.kick.notify_one();
+                    self.ready.notify_one();
                     return Offer::Kicked;
                 }
                 Offer::Skipped
@@ -170,9 +169,10 @@ impl Outbox {
         self.resync.swap(false, Ordering::AcqRel)
     }
 
-    /// Resolves once the connection has been kicked for staying full too long.
-    pub async fn kicked(&self) {
-        self.kick.notified().await;
+    /// Whether the connection has been kicked for staying full too long (checked when `ready`
+    /// resolves: one wake-up for both, so an idle connection waits on one `Notify`, not two).
+    pub fn is_kicked(&self) -> bool {
+        self.kicked.load(Ordering::Acquire)
     }
 
     /// Makes the next `ready` resolve at once (the writer left frames for its next round).

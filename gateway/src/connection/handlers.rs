@@ -125,7 +125,7 @@ impl Connection {
             req,
         };
         tracing::debug!(conn = self.id, user = %identity.user, "hello");
-        self.identity = Some(identity);
+        self.identity = Some(Box::new(identity));
         self.write_frame(welcome).await
     }
 
