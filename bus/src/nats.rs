@@ -9,7 +9,8 @@
 //!   redelivered to another worker, and the store's dedupe makes the retry harmless.
 //! - Deliveries: core NATS `chat.deliver.<room>`, one message per room per gateway; gateways
 //!   subscribe only for rooms with local members and repair gaps from the store.
-//! - Presence and typing: core NATS `chat.events.<room>`.
+//! - Presence and typing: core NATS `chat.events.<room>`. A gateway follows a room's deliveries
+//!   and events with one subscription, `chat.*.<room>`.
 //!
 //! The W3C `traceparent` rides in NATS headers. Works with nats-server 2.9 and later: only
 //! APIs 2.9 supports are used (singular `filter_subject`, no KV bucket creation).

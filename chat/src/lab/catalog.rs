@@ -595,7 +595,7 @@ impl Mechanism {
                      missing message's journey has gateway.fanout on the other gateway only: {process} \
                      never received it, though its log shows the NATS reconnect and its /readyz is fine. \
                      The bus says why: {bus}/connz?subs=1 lists {process}'s connection without \
-                     chat.deliver.{room}, while it has every other room's subscription. After the \
+                     chat.*.{room}, while it has every other room's subscription. After the \
                      reconnect the subscription was not restored; the room's hub still believes it \
                      follows the room.",
                     bus = super::topology::BUS_MONITOR,
