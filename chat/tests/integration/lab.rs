@@ -804,7 +804,7 @@ async fn solve_lost_after_maintenance(round: &Round) -> Vec<(&'static str, Strin
         .unwrap_or_else(|| panic!("{gateway} is connected to the bus: {connz:#}"));
     let subscribed = connection["subscriptions_list"]
         .as_array()
-        .is_some_and(|subs| subs.iter().any(|s| s.as_str() == Some(&protocol::subjects::room_feed(&room))));
+        .is_some_and(|subs| subs.iter().any(|s| s.as_str() == Some(&protocol::subjects::room_feed(room))));
     let hop = if subscribed { "gateway.deliver" } else { "gateway.resubscribe" };
     vec![("--process", gateway), ("--hop", hop.into())]
 }
