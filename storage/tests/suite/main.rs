@@ -1,4 +1,4 @@
-//! The `HistoryStore` test suite: every case in [`cases`] runs against the embedded redb store
+//! The `HistoryStore` test suite: every case in [`cases`] runs against the embedded (fjall) store
 //! and against Cassandra (one fresh keyspace per test, dropped afterwards); [`cql`] holds the
 //! cases only the CQL store has (an interrupted append, connecting).
 //!
