@@ -1,6 +1,6 @@
 //! Message history behind one trait, [`HistoryStore`], with two backends:
 //!
-//! - [`embedded::EmbeddedStore`]: a single redb file, for the one-process setup;
+//! - [`embedded::EmbeddedStore`]: a fjall database in one directory, for the one-process setup;
 //! - [`cql::CqlStore`]: ScyllaDB (tested on Apache Cassandra), for the distributed setup.
 //!
 //! The store is also where sequencing is fenced: [`HistoryStore::append`] only succeeds when

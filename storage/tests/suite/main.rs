@@ -78,7 +78,7 @@ where
 
 /// Declares a case of [`cases`] for both backends: `case::embedded` and `case::cassandra`.
 /// With `two_stores`, the body gets a second store on the same data (for the embedded store,
-/// the same one: a redb file has one owner).
+/// the same one: its directory has one owner).
 macro_rules! both_backends {
     ($case:ident) => {
         mod $case {
