@@ -199,14 +199,18 @@ function addStored(room, m) {
     return false;
   }
   let item = m.user === app.me && m.client_msg_id ? room.byCmid.get(m.client_msg_id) : null;
+  // The sender's own message, not acked yet: it keeps the words she typed, as it does when the
+  // ack comes first (a copy altered on the way is flagged by the integrity check, not shown).
+  let typed = null;
   if (item && item.seq == null) {
+    typed = item.body;
     item.el.remove();
   } else {
     item = { user: m.user, clientMsgId: m.client_msg_id };
     if (m.user === app.me && m.client_msg_id) room.byCmid.set(m.client_msg_id, item);
   }
   Object.assign(item, {
-    seq: m.seq, id: m.id, user: m.user, body: m.body, ts: m.ts, traceId: m.trace_id,
+    seq: m.seq, id: m.id, user: m.user, body: typed ?? m.body, ts: m.ts, traceId: m.trace_id,
     state: m.user === app.me ? 'stored' : null, error: null,
   });
   room.bySeq.set(m.seq, item);
