@@ -41,6 +41,11 @@ pub struct Cli {
     /// Directory of the embedded store.
     #[arg(long, env = "CHAT_DATA_DIR", value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
+    /// How long the embedded store may hold a commit, while sends keep coming, so that more
+    /// of them share its fsync (microseconds; 0 commits each at once: lower latency, more CPU
+    /// per send).
+    #[arg(long, env = "CHAT_COMMIT_WINDOW_US", value_name = "US", default_value_t = storage::embedded::DEFAULT_COMMIT_WINDOW_US)]
+    pub commit_window_us: u64,
     /// Gateway settings.
     #[command(flatten)]
     pub gateway: GatewayArgs,

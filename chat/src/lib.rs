@@ -23,7 +23,7 @@ use bus::GatewayBus;
 use fanout::{Fanout, FanoutConfig};
 use faults::FaultLayer;
 use gateway::{GatewayConfig, GatewayDeps};
-use storage::embedded::EmbeddedStore;
+use storage::embedded::{EmbeddedOptions, EmbeddedStore};
 use telemetry::journal::Journal;
 use telemetry::metrics::Metrics;
 use tokio::net::TcpListener;
@@ -40,20 +40,23 @@ pub async fn all_in_one(
     journal_capacity: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    all_in_one_logged(listener, data_dir, config, journal_capacity, None, shutdown).await
+    all_in_one_logged(listener, data_dir, EmbeddedOptions::default(), config, journal_capacity, None, shutdown).await
 }
 
-/// [`all_in_one`] with its fanout worker writing a decision log to `decision_log`.
+/// [`all_in_one`] with the store's options given and its fanout worker writing a decision log
+/// to `decision_log`.
 pub async fn all_in_one_logged(
     listener: TcpListener,
     data_dir: &Path,
+    store_options: EmbeddedOptions,
     config: GatewayConfig,
     journal_capacity: usize,
     decision_log: Option<&Path>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let store = Arc::new(
-        EmbeddedStore::open(data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?,
+        EmbeddedStore::open_with(data_dir, store_options)
+            .with_context(|| format!("opening the store in {}", data_dir.display()))?,
     );
     let bus = Arc::new(LocalBus::new());
     let metrics = Metrics::new();

@@ -3,10 +3,12 @@
 //! The flags are in [`chat::cli`].
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::Context;
 use chat::cli::{Cli, Command, CommonArgs, DebugCommand, ReplayCommand};
 use clap::{CommandFactory, Parser};
+use storage::embedded::EmbeddedOptions;
 
 /// mimalloc instead of glibc's allocator: a send allocates and frees many small buffers (frames,
 /// messages, journal entries), and glibc's malloc and free took 18 % of a send's CPU
@@ -29,6 +31,7 @@ async fn main() -> anyhow::Result<()> {
             chat::all_in_one_logged(
                 listener,
                 &cli.data_dir,
+                EmbeddedOptions { commit_window: Duration::from_micros(cli.commit_window_us) },
                 config,
                 capacity,
                 decision_log.as_deref(),
