@@ -43,8 +43,14 @@ pub struct Cli {
     pub data_dir: PathBuf,
     /// How long the embedded store may hold a commit, while sends keep coming, so that more
     /// of them share its fsync (microseconds; 0 commits each at once: lower latency, more CPU
-    /// per send).
-    #[arg(long, env = "CHAT_COMMIT_WINDOW_US", value_name = "US", default_value_t = storage::embedded::DEFAULT_COMMIT_WINDOW_US)]
+    /// per send; at most 100000).
+    #[arg(
+        long,
+        env = "CHAT_COMMIT_WINDOW_US",
+        value_name = "US",
+        default_value_t = storage::embedded::DEFAULT_COMMIT_WINDOW_US,
+        value_parser = clap::value_parser!(u64).range(0..=storage::embedded::MAX_COMMIT_WINDOW_US)
+    )]
     pub commit_window_us: u64,
     /// Gateway settings.
     #[command(flatten)]
@@ -676,6 +682,10 @@ mod tests {
     fn defaults_are_the_configuration_defaults() {
         let cli = Cli::try_parse_from(["chat"]).unwrap();
         assert_eq!(cli.listen, DEFAULT_LISTEN);
+        assert_eq!(
+            storage::embedded::EmbeddedOptions::default().commit_window,
+            Duration::from_micros(cli.commit_window_us)
+        );
         let config = cli.gateway.config();
         let (limits, defaults) = (&config.limits, gateway::Limits::default());
         assert_eq!(
@@ -741,6 +751,9 @@ mod tests {
         assert_eq!((worker.fanout.max_batch, worker.ack_wait), (64, Duration::from_secs(9)));
         assert!(Cli::try_parse_from(["chat", "fanout", "--max-batch", "0"]).is_err());
         assert!(Cli::try_parse_from(["chat", "--roster-interval-ms", "10"]).is_err());
+        assert!(Cli::try_parse_from(["chat", "--commit-window-us", "100001"]).is_err());
+        assert!(Cli::try_parse_from(["chat", "--commit-window-us", "-1"]).is_err());
+        assert_eq!(Cli::try_parse_from(["chat", "--commit-window-us", "0"]).unwrap().commit_window_us, 0);
     }
 
     #[test]

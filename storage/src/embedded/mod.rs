@@ -3,7 +3,8 @@
 //!
 //! Appends go to a single writer thread that commits everything queued in one atomic batch,
 //! so under load many messages share one journal write and one fsync (group commit), while a
-//! lone message is still durable before its caller hears back. A log-structured store writes
+//! lone message is still durable before its caller hears back. While sends keep coming, a
+//! commit may be held up to a short window so that more share it ([`pacer`]). A log-structured store writes
 //! each message once, to the journal; the B-tree store before it (redb) rewrote a 4 KiB page
 //! of each table a message touched, about three times the CPU per message (docs/benchmarks.md).
 //!
@@ -34,8 +35,16 @@ use crate::{HistoryStore, Page, PageQuery, RoomAppend, StoreError};
 
 /// Most appends committed in one batch.
 const MAX_GROUP: usize = 1024;
+/// Memory for recently read blocks.
+const CACHE_BYTES: u64 = 16 * 1024 * 1024;
+/// One keyspace's memtable is flushed to a table at this size.
+const MEMTABLE_BYTES: u64 = 16 * 1024 * 1024;
+
 /// Default of [`EmbeddedOptions::commit_window`], in microseconds.
 pub const DEFAULT_COMMIT_WINDOW_US: u64 = 1_500;
+/// Longest commit window allowed, in microseconds: a longer hold would add more to every
+/// send's ack than any fsync saves.
+pub const MAX_COMMIT_WINDOW_US: u64 = 100_000;
 
 /// How the embedded store trades a send's latency for CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,10 +60,6 @@ impl Default for EmbeddedOptions {
         Self { commit_window: Duration::from_micros(DEFAULT_COMMIT_WINDOW_US) }
     }
 }
-/// Memory for recently read blocks.
-const CACHE_BYTES: u64 = 16 * 1024 * 1024;
-/// One keyspace's memtable is flushed to a table at this size.
-const MEMTABLE_BYTES: u64 = 16 * 1024 * 1024;
 
 type AppendReply = oneshot::Sender<Result<(), StoreError>>;
 
