@@ -492,6 +492,17 @@ pub struct GatewayArgs {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub header_read_timeout_ms: u64,
+    /// Sends of this gateway process awaiting their answer at once; more are answered
+    /// `unavailable` at once, unpublished, so a client may retry them at once (load shedding:
+    /// an overload refuses the excess quickly instead of queueing every send past its deadline);
+    /// 0 is no cap.
+    #[arg(
+        long,
+        env = "CHAT_MAX_SENDS_IN_FLIGHT",
+        value_name = "N",
+        default_value_t = Limits::DEFAULT_MAX_SENDS_IN_FLIGHT
+    )]
+    pub max_sends_in_flight: usize,
     /// Sustained sends (and typing signals) per second per connection; `rate_limited` beyond.
     #[arg(long, env = "CHAT_SEND_RATE", value_name = "N", default_value_t = Limits::DEFAULT_SEND_RATE_PER_SEC)]
     pub send_rate: u32,
@@ -641,6 +652,7 @@ impl GatewayArgs {
                 max_pending_connections: self.max_pending_connections,
                 max_connections_per_ip: self.max_connections_per_ip,
                 max_connections_per_user: self.max_connections_per_user,
+                max_sends_in_flight: self.max_sends_in_flight,
                 header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
                 send_rate_per_sec: self.send_rate,
                 send_burst: self.send_burst,

@@ -91,6 +91,9 @@ pub struct Limits {
     pub control_burst: u32,
     /// Sends of one connection waiting for their ack at once; reading pauses beyond it.
     pub max_in_flight_sends: usize,
+    /// Sends of the whole process waiting for their answer at once; more are answered
+    /// `unavailable` at once, unpublished (load shedding). 0: no cap.
+    pub max_sends_in_flight: usize,
     /// Frames queued for one connection. When full, deliveries to it are skipped and later
     /// recovered from the store; see `slow_consumer_timeout`.
     pub outbound_queue: usize,
@@ -135,6 +138,10 @@ impl Limits {
     /// Default `control_burst` (`--control-burst`): a client rejoining its rooms after a
     /// reconnect (at most `max_rooms_per_connection`) and reading a page of each.
     pub const DEFAULT_CONTROL_BURST: u32 = 200;
+    /// Default `max_sends_in_flight` (`--max-sends-in-flight`). Measured on the local cluster
+    /// (docs/benchmarks.md): 1,024 shed a fifth of 4,000 sends/s, which the cluster serves in
+    /// full; 4,096 serves them and, under 8,000/s, still answers every send within its deadline.
+    pub const DEFAULT_MAX_SENDS_IN_FLIGHT: usize = 4_096;
     /// Default `outbound_queue` (`--outbound-queue`).
     pub const DEFAULT_OUTBOUND_QUEUE: usize = 1_024;
     /// Default `slow_consumer_timeout`, in seconds (`--slow-consumer-secs`).
@@ -157,6 +164,7 @@ impl Default for Limits {
             control_rate_per_sec: Self::DEFAULT_CONTROL_RATE_PER_SEC,
             control_burst: Self::DEFAULT_CONTROL_BURST,
             max_in_flight_sends: 64,
+            max_sends_in_flight: Self::DEFAULT_MAX_SENDS_IN_FLIGHT,
             outbound_queue: Self::DEFAULT_OUTBOUND_QUEUE,
             slow_consumer_timeout: Duration::from_secs(Self::DEFAULT_SLOW_CONSUMER_SECS),
             hello_timeout: Duration::from_secs(10),

@@ -6,6 +6,7 @@
 //! The caller binds the listener and owns shutdown: [`run`] serves until `shutdown` resolves,
 //! then drains (every connection gets `reconnect` and close 1012) within the grace period.
 
+pub mod admission;
 pub mod auth;
 pub mod chain;
 pub mod config;

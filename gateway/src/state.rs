@@ -8,6 +8,7 @@ use telemetry::journal::Journal;
 use telemetry::metrics::Metrics;
 use tokio::sync::{mpsc, watch, Semaphore};
 
+use crate::admission::SendAdmission;
 use crate::auth::Verifier;
 use crate::config::GatewayConfig;
 use crate::history::HistoryReader;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub verifier: Option<Verifier>,
     /// Permits for open connections.
     pub connection_permits: Arc<Semaphore>,
+    /// Places for sends awaiting their answer (load shedding).
+    pub sends: SendAdmission,
     /// Connections per user, taken at `hello`.
     pub(crate) user_connections: crate::slots::Counts<String>,
     draining: watch::Receiver<bool>,
@@ -60,6 +63,7 @@ impl AppState {
     ) -> Self {
         let verifier = config.jwt_secret.as_deref().map(Verifier::new);
         let connection_permits = Arc::new(Semaphore::new(config.limits.max_connections));
+        let sends = SendAdmission::new(config.limits.max_sends_in_flight, metrics.sends_in_flight.clone());
         Self {
             config,
             bus,
@@ -71,6 +75,7 @@ impl AppState {
             recorder,
             verifier,
             connection_permits,
+            sends,
             user_connections: crate::slots::Counts::default(),
             draining,
             next_connection: AtomicU64::new(1),

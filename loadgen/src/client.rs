@@ -337,7 +337,13 @@ impl ClientState {
                 match req {
                     Some(Req::Int(i)) => {
                         let i = u32::try_from(i).ok()?;
-                        self.shared.records.reject(i, code);
+                        if self.shared.records.reject(i, code) {
+                            let shared = &*self.shared;
+                            if let Some(rec) = shared.records.get(i) {
+                                let refused_after = now.saturating_sub(shared.records.scheduled_at(rec));
+                                shared.metrics.shard(self.idx).record(Lat::Refusal, refused_after);
+                            }
+                        }
                         self.answered(i);
                     }
                     Some(Req::Str(tag)) if tag.starts_with('j') => {

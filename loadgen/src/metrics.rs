@@ -64,15 +64,17 @@ pub enum Lat {
     Reconnect,
     /// Scheduled send instant → written by loadgen (loadgen's own lag).
     Lag,
+    /// Scheduled send instant → the `error` refusing it (`unavailable`, `rate_limited`, ...).
+    Refusal,
 }
 
 /// Number of [`Lat`] kinds.
-pub const LAT_KINDS: usize = 7;
+pub const LAT_KINDS: usize = 8;
 
 impl Lat {
     /// Every kind, in index order.
     pub const ALL: [Lat; LAT_KINDS] =
-        [Lat::Connect, Lat::Join, Lat::Ack, Lat::E2e, Lat::History, Lat::Reconnect, Lat::Lag];
+        [Lat::Connect, Lat::Join, Lat::Ack, Lat::E2e, Lat::History, Lat::Reconnect, Lat::Lag, Lat::Refusal];
 
     /// The name used in reports.
     pub fn name(self) -> &'static str {
@@ -84,6 +86,7 @@ impl Lat {
             Lat::History => "history",
             Lat::Reconnect => "reconnect",
             Lat::Lag => "schedule_lag",
+            Lat::Refusal => "send_to_refusal",
         }
     }
 }

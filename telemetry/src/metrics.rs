@@ -105,6 +105,8 @@ pub struct Metrics {
     pub joins: IntCounter,
     /// Sends by outcome: `acked`, `duplicate`, `unavailable`, `rejected`.
     pub sends: CounterVec,
+    /// Sends this gateway has handed on and not yet answered (capped by `--max-sends-in-flight`).
+    pub sends_in_flight: IntGauge,
     /// `message` frames written to connections.
     pub deliveries: IntCounter,
     /// Deliveries or frames not delivered, by reason.
@@ -224,6 +226,7 @@ const DROP_REASONS: &[&str] = &[
     "rate_limited",
     "feed_duplicate",
     "unverified_seq",
+    "overloaded",
 ];
 const STORE_OPS: &[&str] = &["append", "last_seq", "find_dedupe", "page", "get_by_id", "find_send"];
 /// Kinds and sources of chain violations (every pair is exported as 0).
@@ -276,6 +279,11 @@ impl Metrics {
             errors_sent: r.counter_vec("chat_errors_sent", "Error frames sent, by code.", &["code"]),
             joins: r.counter("chat_joins", "Successful joins."),
             sends: r.counter_vec("chat_sends", "Sends by outcome.", &["outcome"]),
+            sends_in_flight: r.add(
+                "chat_sends_in_flight",
+                "Sends this gateway has handed on and not yet answered.",
+                IntGauge::default(),
+            ),
             deliveries: r.counter("chat_deliveries", "Message frames written to connections."),
             drops: r.counter_vec("chat_drops", "Frames or deliveries not delivered, by reason.", &["reason"]),
             gap_repairs: r.counter("chat_gap_repairs", "Gaps in a room feed filled from the store."),

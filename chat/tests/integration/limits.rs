@@ -191,3 +191,92 @@ async fn one_user_holds_at_most_its_share_of_connections() {
     }
     server.shutdown().await.unwrap();
 }
+
+/// A server admitting `max_sends_in_flight` sends at once, with `stall` (a `fanout.sequence`
+/// fault) armed.
+async fn stalled_server(max_sends_in_flight: usize, stall: serde_json::Value) -> chat::testing::RunningServer {
+    const TOKEN: &str = "shed-test-admin-token";
+    let mut options = options(|l| l.max_sends_in_flight = max_sends_in_flight);
+    options.gateway.admin_token = Some(TOKEN.into());
+    let server = server_with(options).await;
+    let bearer = format!("Bearer {TOKEN}");
+    let headers = [("Authorization", bearer.as_str()), ("Content-Type", "application/json")];
+    let url = format!("{}/admin/faults", server.http_url);
+    let (status, body) = request("POST", &url, &headers, &stall.to_string()).await;
+    assert_eq!(status, 201, "{body}");
+    server
+}
+
+/// Past the process's cap of sends awaiting an answer, a send is answered `unavailable` at once
+/// (shed, not queued), counted as `overloaded`; once answers come back, sends are taken again.
+#[tokio::test]
+async fn sends_past_the_in_flight_cap_are_shed_at_once_and_taken_again_after() {
+    let stall = json!({"hop": "fanout.sequence", "action": "stall", "room": "slow", "delay_ms": 2_000, "count": 1});
+    let server = stalled_server(2, stall).await;
+    let base = server.http_url.clone();
+
+    let mut a = Client::login(&server.ws_url, "a").await;
+    a.join("slow").await;
+    for i in 0..3 {
+        a.send(json!({"type": "send", "room": "slow", "client_msg_id": format!("c-{i}"), "body": "x", "req": i})).await;
+    }
+    // The third is over the cap while the worker holds the first two: refused long before the
+    // stall ends.
+    let shed = a.next_within(Duration::from_millis(1_500)).await;
+    assert_eq!(shed["type"], "error", "{shed}");
+    assert_eq!(shed["code"], "unavailable", "{shed}");
+    assert_eq!(shed["req"], 2, "{shed}");
+    assert!(shed["message"].as_str().unwrap_or_default().contains("overloaded"), "{shed}");
+    let (mut acked, started) = (Vec::new(), std::time::Instant::now());
+    while acked.len() < 2 && started.elapsed() < Duration::from_secs(10) {
+        let frame = a.next().await;
+        if frame["type"] == "ack" {
+            acked.push(frame["client_msg_id"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    acked.sort();
+    assert_eq!(acked, ["c-0", "c-1"], "the admitted sends are stored");
+    // Places are given back: the shed send, retried with its id, is taken.
+    a.say("slow", "c-2", "x").await;
+    assert_eq!(whole_history(&base, "slow").await.len(), 3);
+    let (_, metrics) = get(&format!("{base}/metrics")).await;
+    assert!(metrics.contains(r#"chat_drops_total{reason="overloaded"} 1"#), "{metrics}");
+    assert!(metrics.contains("chat_sends_in_flight 0"), "{metrics}");
+    server.shutdown().await.unwrap();
+}
+
+/// loadgen against a gateway that admits one send at a time while the worker holds the first:
+/// every other send is refused at once (its send→refusal time is far below the hold), none of
+/// them is stored, and the audit passes.
+#[tokio::test]
+async fn shed_sends_are_refused_quickly_and_never_stored_under_loadgen() {
+    let stall = json!({"hop": "fanout.sequence", "action": "stall", "delay_ms": 3_000, "count": 1});
+    let server = stalled_server(1, stall).await;
+
+    let config = loadgen::Config {
+        urls: vec![server.ws_url.clone()],
+        clients: 4,
+        rooms: 1,
+        rooms_per_client: 1,
+        phases: vec![loadgen::schedule::Phase { duration: Duration::from_secs(2), rate: 20.0 }],
+        ramp: 0.0,
+        history_rate: 0.0,
+        seed: 11,
+        drain: Duration::from_secs(5),
+        prefix: "shed".into(),
+        progress: false,
+        ..loadgen::Config::default()
+    };
+    let report = tokio::time::timeout(Duration::from_secs(60), loadgen::run(config))
+        .await
+        .expect("loadgen finished in time")
+        .expect("loadgen carried out");
+    let shed = report.errors.get("unavailable").copied().unwrap_or(0);
+    assert!(shed > 10, "most sends were shed while the worker held the first: {}", report.summary());
+    let refusals = &report.latency_ms["send_to_refusal"];
+    assert_eq!(refusals.count, shed, "every refusal is timed");
+    assert!(refusals.max < 1_500.0, "refused at once, not after the 3 s hold: {refusals:?}");
+    assert!(report.passed, "nothing refused was stored or delivered: {}", report.summary());
+    assert_eq!(report.audit.counts.refused_but_delivered, 0);
+    server.shutdown().await.unwrap();
+}

@@ -257,6 +257,26 @@ impl Connection {
             "gateway.receive",
             serde_json::json!({"gateway": self.app.config.gateway_id, "session": self.session}),
         );
+        // Over the process's cap of sends awaiting an answer: refused now, unpublished, so
+        // surely not stored, rather than queued behind the others past its deadline.
+        let Some(admitted) = self.app.sends.try_admit() else {
+            self.app.metrics.drops.with_label_values(&["overloaded"]).inc();
+            self.app.metrics.sends.with_label_values(&["unavailable"]).inc();
+            self.app.journal.record_send(
+                &command.dedupe_key(),
+                &trace_id,
+                "gateway.shed",
+                serde_json::json!({"gateway": self.app.config.gateway_id, "max_sends_in_flight": self.app.config.limits.max_sends_in_flight}),
+            );
+            tracing::debug!(room = %command.room, client_msg_id = %command.client_msg_id, trace_id = %trace_id, "send shed: too many sends in flight");
+            return self
+                .error(
+                    ErrorCode::Unavailable,
+                    "the server is overloaded; the message was not accepted; retry with the same client_msg_id",
+                    req,
+                )
+                .await;
+        };
         let bus = self.app.bus.sends.clone();
         let history = self.app.history.clone();
         let started = Instant::now();
@@ -277,6 +297,7 @@ impl Connection {
                 Ok(outcome) => outcome,
                 Err(_) => outcome_from_store(&history, &room, &user, &client_msg_id).await,
             };
+            drop(admitted);
             Box::new((req, room, client_msg_id, submitted_trace, started, outcome))
         }));
         Ok(())

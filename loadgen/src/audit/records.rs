@@ -217,12 +217,13 @@ impl Records {
     }
 
     /// Records that send `i` was answered with an error frame.
-    pub fn reject(&self, i: u32, code: ErrorCode) {
-        if let Some(r) = self.get(i) {
-            if r.rejected.set(code).is_ok() && r.ack.get().is_none() {
-                self.answered.fetch_add(1, Ordering::Relaxed);
-            }
+    pub fn reject(&self, i: u32, code: ErrorCode) -> bool {
+        let Some(r) = self.get(i) else { return false };
+        let first = r.rejected.set(code).is_ok() && r.ack.get().is_none();
+        if first {
+            self.answered.fetch_add(1, Ordering::Relaxed);
         }
+        first
     }
 
     /// Sends written so far.
