@@ -205,6 +205,12 @@ impl Fanout {
             Some(hook) => hook.enter(room).await,
             None => None,
         };
+        // Sends already past their deadline are answered first, without a store read: a worker
+        // that is behind then catches up at the cost of a clock reading per send.
+        let sends = self.answer_expired(room, sends).await;
+        if sends.is_empty() {
+            return cached;
+        }
         let mut known = cached;
         for attempt in 0..=self.config.conflict_retries {
             let head = match known.take() {
@@ -325,6 +331,33 @@ impl Fanout {
         }
         self.fail_all(room, sends, BusError::unavailable(format!("room {room}: too many sequencing conflicts"))).await;
         None
+    }
+
+    /// Answers `unavailable` to every valid send of `sends` past its deadline (by one clock
+    /// reading) and returns the others. Invalid sends stay, to be rejected with their reason.
+    async fn answer_expired(&self, room: &str, sends: Vec<PendingSend>) -> Vec<PendingSend> {
+        let now = self.clock.now_ms(room);
+        let (expired, live): (Vec<PendingSend>, Vec<PendingSend>) = sends.into_iter().partition(|pending| {
+            let command = &pending.command;
+            command.deadline_ms != 0 && now > command.deadline_ms && invalid(command).is_none()
+        });
+        for pending in expired {
+            self.decided(room, Some(&pending.command), || DecisionKind::Expired);
+            let outcome = self.expired(&pending.command);
+            pending.reply.reply(outcome).await;
+        }
+        live
+    }
+
+    /// Records that `command` expired before it could be stored, and its answer.
+    fn expired(&self, command: &SendCommand) -> Result<SendOutcome, BusError> {
+        self.journal.record_send(
+            &command.dedupe_key(),
+            &telemetry::trace::trace_id_of(&command.traceparent),
+            "fanout.expired",
+            serde_json::json!({}),
+        );
+        Err(BusError::unavailable("send expired before it could be stored"))
     }
 
     /// Reads the room's head from the store: its last seq, then the digest of the message with
@@ -458,15 +491,7 @@ impl Fanout {
                     Ok(SendOutcome { message, duplicate: true })
                 }
                 Decision::Rejected(reason) => Err(BusError::rejected(reason)),
-                Decision::Expired => {
-                    self.journal.record_send(
-                        &dedupe_key,
-                        &telemetry::trace::trace_id_of(&command.traceparent),
-                        "fanout.expired",
-                        serde_json::json!({}),
-                    );
-                    Err(BusError::unavailable("send expired before it could be stored"))
-                }
+                Decision::Expired => self.expired(command),
             };
             pending.reply.reply(outcome).await;
         }

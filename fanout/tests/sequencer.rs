@@ -350,6 +350,24 @@ async fn an_expired_send_is_answered_unavailable_and_not_stored() {
     worker.stop().await;
 }
 
+/// A worker behind its queue answers the sends already past their deadline without asking the
+/// store (here a store whose reads all fail): the answer says the send expired.
+#[tokio::test]
+async fn sends_past_their_deadline_are_answered_without_a_store_read() {
+    let worker = worker();
+    worker.store.reads_down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let late = protocol::now_ms() - 1;
+    let outcomes = worker.batch(vec![command("r", "late-1", late), command("r", "late-2", late)]).await;
+    for outcome in &outcomes {
+        let refused = outcome.as_ref().expect_err("expired");
+        assert_eq!(refused.kind(), BusErrorKind::Unavailable);
+        assert!(refused.message().contains("expired"), "answered from the clock, not the store: {refused}");
+    }
+    worker.store.reads_down.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(worker.stored("r").await.is_empty());
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn an_append_that_landed_without_an_answer_is_acked_once() {
     let worker = worker();
