@@ -41,7 +41,7 @@ const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 const MEMTABLE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Default of [`EmbeddedOptions::commit_window`], in microseconds.
-pub const DEFAULT_COMMIT_WINDOW_US: u64 = 1_500;
+pub const DEFAULT_COMMIT_WINDOW_US: u64 = 3_000;
 /// Longest commit window allowed, in microseconds: a longer hold would add more to every
 /// send's ack than any fsync saves.
 pub const MAX_COMMIT_WINDOW_US: u64 = 100_000;

@@ -4,8 +4,9 @@
 //! An fsync costs the same CPU for one message as for fifty (on a virtual disk, most of it is
 //! the doorbell to the host). At 2,000 sends/s each fsync used to carry about one send. The
 //! pacer lets commits start at most once per window, but only holds a commit when the recent
-//! rate of appends says at least one more will join it meanwhile: a lone send, or sends at a
-//! few hundred per second, are committed at once and pay nothing.
+//! rate of appends says at least one more will join it meanwhile: a lone send, or sends below
+//! one per window (about 330 per second with the default 3 ms), are committed at once and pay
+//! nothing.
 
 use std::time::{Duration, Instant};
 
