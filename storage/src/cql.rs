@@ -26,6 +26,7 @@ use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::policies::load_balancing::DefaultPolicy;
 use scylla::response::query_result::QueryResult;
+use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::Statement;
 use scylla::value::{CqlValue, Row};
@@ -204,6 +205,8 @@ struct Statements {
     insert_message: PreparedStatement,
     insert_dedupe: PreparedStatement,
     insert_id: PreparedStatement,
+    /// The three inserts above as one unlogged batch: a message's rows in one request.
+    insert_rows: Batch,
     message_exists: PreparedStatement,
     read_message: PreparedStatement,
     read_range: PreparedStatement,
@@ -222,13 +225,10 @@ pub struct CqlStore {
     owner: String,
 }
 
-/// One of the plain writes that complete an append.
-#[derive(Clone, Copy)]
-enum Write<'a> {
-    Message(&'a ChatMessage),
-    Dedupe(&'a ChatMessage),
-    Id(&'a ChatMessage),
-}
+/// Largest body whose rows are written as one batch. Cassandra logs batches over 5 KiB
+/// (`batch_size_warn_threshold`) and refuses those over 50 KiB; a larger body's rows go as three
+/// requests.
+const BATCHED_BODY_BYTES: usize = 4 * 1024;
 
 // === impl CqlStore ===
 
@@ -442,14 +442,13 @@ impl CqlStore {
     }
 
     /// Writes the message, dedupe and id rows of `messages`, stamped for `epoch` (rows of a room
-    /// before epochs, completed from a pending record, use epoch 0).
+    /// before epochs, completed from a pending record, use epoch 0): one unlogged batch per
+    /// message, so a message's three rows cost the store one request, not three.
     async fn write_rows(&self, messages: &[ChatMessage], epoch: u64) -> Result<(), StoreError> {
-        let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> = Vec::with_capacity(messages.len() * 3);
+        let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> = Vec::with_capacity(messages.len());
         for message in messages {
-            for write in [Write::Message(message), Write::Dedupe(message), Write::Id(message)] {
-                let stamp = self.fences.stamp(epoch)?;
-                writes.push(Box::pin(self.write(write, stamp)));
-            }
+            let stamps = [self.fences.stamp(epoch)?, self.fences.stamp(epoch)?, self.fences.stamp(epoch)?];
+            writes.push(Box::pin(self.write_message_rows(message, stamps)));
         }
         // Collected first: a closure held across the await would trip async_trait's Send check.
         futures_util::stream::iter(writes).buffer_unordered(MAX_INFLIGHT_REQUESTS).try_collect::<()>().await
@@ -465,44 +464,37 @@ impl CqlStore {
             .map_err(|e| unavailable(format_args!("room {room}: commit last seq {last_seq} (outcome unknown)"), e))
     }
 
-    async fn write(&self, write: Write<'_>, stamp: i64) -> Result<(), StoreError> {
+    /// Writes one message's rows (message, dedupe entry, id entry), each with its own stamp.
+    async fn write_message_rows(&self, m: &ChatMessage, stamps: [i64; 3]) -> Result<(), StoreError> {
+        let seq = to_cql_seq(m.seq)?;
+        let message = (
+            m.room.as_str(),
+            bucket_of(m.seq)?,
+            seq,
+            m.id,
+            m.user.as_str(),
+            m.body.as_str(),
+            m.ts,
+            m.client_msg_id.as_str(),
+            m.trace_id.as_str(),
+            m.prev.as_deref(),
+            m.digest.as_deref(),
+            stamps[0],
+        );
+        let dedupe = (m.room.as_str(), m.user.as_str(), m.client_msg_id.as_str(), seq, stamps[1]);
+        let id = (m.id, m.room.as_str(), seq, stamps[2]);
         let s = &self.statements;
-        let result = match write {
-            Write::Message(m) => {
-                let seq = to_cql_seq(m.seq)?;
-                let values = (
-                    m.room.as_str(),
-                    bucket_of(m.seq)?,
-                    seq,
-                    m.id,
-                    m.user.as_str(),
-                    m.body.as_str(),
-                    m.ts,
-                    m.client_msg_id.as_str(),
-                    m.trace_id.as_str(),
-                    m.prev.as_deref(),
-                    m.digest.as_deref(),
-                    stamp,
-                );
-                self.session.execute_unpaged(&s.insert_message, values).await
-            }
-            Write::Dedupe(m) => {
-                let values = (m.room.as_str(), m.user.as_str(), m.client_msg_id.as_str(), to_cql_seq(m.seq)?, stamp);
-                self.session.execute_unpaged(&s.insert_dedupe, values).await
-            }
-            Write::Id(m) => {
-                let values = (m.id, m.room.as_str(), to_cql_seq(m.seq)?, stamp);
-                self.session.execute_unpaged(&s.insert_id, values).await
-            }
+        let written = if m.body.len() <= BATCHED_BODY_BYTES {
+            self.session.batch(&s.insert_rows, (message, dedupe, id)).await.map(|_| ())
+        } else {
+            futures_util::try_join!(
+                self.session.execute_unpaged(&s.insert_message, message),
+                self.session.execute_unpaged(&s.insert_dedupe, dedupe),
+                self.session.execute_unpaged(&s.insert_id, id),
+            )
+            .map(|_| ())
         };
-        result.map(|_| ()).map_err(|e| {
-            let (what, m) = match write {
-                Write::Message(m) => ("message", m),
-                Write::Dedupe(m) => ("dedupe entry", m),
-                Write::Id(m) => ("id entry", m),
-            };
-            unavailable(format_args!("room {}: write {what} of seq {}", m.room, m.seq), e)
-        })
+        written.map_err(|e| unavailable(format_args!("room {}: write the rows of seq {}", m.room, m.seq), e))
     }
 
     /// The room's last seq and its pending record (decoded), as stored.
@@ -646,6 +638,16 @@ impl Statements {
         let read_message = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ? AND bucket = ? AND seq = ?");
         let read_range =
             format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ? AND bucket = ? AND seq >= ? AND seq <= ?");
+        let insert_message = prepare(session, &insert_message, true).await?;
+        let insert_dedupe = prepare(
+            session,
+            "INSERT INTO dedupe (room, user, client_msg_id, seq) VALUES (?, ?, ?, ?) USING TIMESTAMP ?",
+            true,
+        )
+        .await?;
+        let insert_id =
+            prepare(session, "INSERT INTO message_ids (id, room, seq) VALUES (?, ?, ?) USING TIMESTAMP ?", true)
+                .await?;
         Ok(Self {
             take_first: prepare(
                 session,
@@ -668,19 +670,17 @@ impl Statements {
             .await?,
             read_state: prepare(session, "SELECT last_seq, pending FROM room_state WHERE room = ?", true).await?,
             read_last_seq: prepare(session, "SELECT last_seq FROM room_state WHERE room = ?", true).await?,
-            insert_message: prepare(session, &insert_message, true).await?,
-            insert_dedupe: prepare(
-                session,
-                "INSERT INTO dedupe (room, user, client_msg_id, seq) VALUES (?, ?, ?, ?) USING TIMESTAMP ?",
-                true,
-            )
-            .await?,
-            insert_id: prepare(
-                session,
-                "INSERT INTO message_ids (id, room, seq) VALUES (?, ?, ?) USING TIMESTAMP ?",
-                true,
-            )
-            .await?,
+            insert_rows: {
+                let mut rows = Batch::new(BatchType::Unlogged);
+                for insert in [&insert_message, &insert_dedupe, &insert_id] {
+                    rows.append_statement(insert.clone());
+                }
+                rows.set_is_idempotent(true);
+                rows
+            },
+            insert_message,
+            insert_dedupe,
+            insert_id,
             message_exists: prepare(
                 session,
                 "SELECT seq FROM messages WHERE room = ? AND bucket = ? AND seq = ?",
