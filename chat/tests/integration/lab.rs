@@ -332,10 +332,14 @@ fn solve_performance_regression(round: &Round) -> Vec<(&'static str, String)> {
     } else if sequence > 15.0 {
         "fanout.sequence"
     } else {
-        // Nothing up to the fan-out is slower; the sender's ack is not either.
-        let ack_excess =
-            p50(slow_report, "send_to_ack") - others.iter().map(|r| p50(r, "send_to_ack")).fold(0.0, f64::max);
-        assert!(ack_excess < 15.0, "slow acks but no slow hop: {sequence} {publish} {ack_excess}");
+        // Nothing up to the fan-out is slower, and the sender's ack far less than deliveries: it
+        // is slowed only when it queues behind a delayed delivery on its own connection.
+        let excess_of = |lat: &str| p50(slow_report, lat) - others.iter().map(|r| p50(r, lat)).fold(0.0, f64::max);
+        let (ack_excess, delivery_excess) = (excess_of("send_to_ack"), excess_of("send_to_delivery"));
+        assert!(
+            ack_excess < delivery_excess / 2.0,
+            "slow acks but no slow hop: {sequence} {publish} {ack_excess} (deliveries {delivery_excess})"
+        );
         "gateway.deliver"
     };
     vec![("--process", (*slow).clone()), ("--hop", hop.to_owned()), ("--kind", "delay".to_owned())]
@@ -769,7 +773,7 @@ async fn solve_byzantine(round: &Round) -> Vec<(&'static str, String)> {
 /// reconnect, else the messages were lost writing to the sockets.
 async fn solve_lost_after_maintenance(round: &Round) -> Vec<(&'static str, String)> {
     let gateways = [round.urls["gw-1"].as_str(), round.urls["gw-2"].as_str()];
-    let report = player_run(&gateways, Run { seconds: 8, rate: 40, journeys: 0 }, &round.dir.join("run.json"));
+    let report = player_run(&gateways, Run { seconds: 8, rate: 80, journeys: 0 }, &round.dir.join("run.json"));
     // A message some members never got: `missing` when it was one of this run's acked sends, a
     // `gap` when it was someone else's (the room's earlier traffic) and later seqs came.
     let missing: Vec<Value> = report["audit"]["findings"]
