@@ -190,7 +190,10 @@ impl Connection {
     async fn run(&mut self, mut stream: SplitStream<WebSocket>) -> End {
         let app = self.app.clone();
         let limits = &app.config.limits;
-        let mut shutdown = self.app.shutdown_signal();
+        // One future for the connection's life: made afresh on every turn of the loop, it would
+        // join and leave the gateway-wide list of the signal's waiters each time.
+        let drain = draining(self.app.shutdown_signal());
+        tokio::pin!(drain);
         let mut in_flight: InFlight = FuturesUnordered::new();
         // Before `hello`: the hello timeout. After it: when the token expires (auth on), or
         // never. One timer serves both, so an idle connection carries only one.
@@ -204,7 +207,7 @@ impl Connection {
         let outbox = self.outbox.clone();
         loop {
             let step = tokio::select! {
-                () = draining(&mut shutdown) => Box::pin(self.say_draining()).await,
+                () = &mut drain => Box::pin(self.say_draining()).await,
                 frame = stream.next(), if in_flight.len() < limits.max_in_flight_sends => {
                     last_heard = Instant::now();
                     match frame {
@@ -271,7 +274,7 @@ fn instant_at_unix_secs(secs: u64) -> tokio::time::Instant {
 }
 
 /// Resolves once the gateway drains.
-async fn draining(signal: &mut tokio::sync::watch::Receiver<bool>) {
+async fn draining(mut signal: tokio::sync::watch::Receiver<bool>) {
     // An error means the gateway is gone altogether: drain as well.
     let _ = signal.wait_for(|draining| *draining).await;
 }

@@ -35,6 +35,9 @@ use crate::{HistoryStore, Page, PageQuery, RoomAppend, StoreError};
 
 /// Most appends committed in one batch.
 const MAX_GROUP: usize = 1024;
+/// Most rooms whose last seq the writer thread remembers; past it, it forgets them all and
+/// reads each room's again on its next append.
+const REMEMBERED_ROOMS: usize = 65_536;
 /// Memory for recently read blocks.
 const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 /// One keyspace's memtable is flushed to a table at this size.
@@ -177,6 +180,7 @@ fn message_at(messages: &Keyspace, key: &[u8]) -> Result<Option<ChatMessage>, St
 /// The writer thread: wait as the pacer says, drain what is queued, commit it in one batch,
 /// answer each caller.
 fn write_loop(tables: &Tables, mut queue: mpsc::Receiver<(RoomAppend, AppendReply)>, mut pacer: CommitPacer) {
+    let mut last_seqs = LastSeqs::default();
     while let Some(first) = queue.blocking_recv() {
         let hold = pacer.hold(Instant::now());
         if !hold.is_zero() {
@@ -190,7 +194,7 @@ fn write_loop(tables: &Tables, mut queue: mpsc::Receiver<(RoomAppend, AppendRepl
             }
         }
         pacer.started(Instant::now(), group.len());
-        match commit_group(tables, &group) {
+        match commit_group(tables, &mut last_seqs, &group) {
             Ok(results) => {
                 for ((_, reply), result) in group.into_iter().zip(results) {
                     let _ = reply.send(result);
@@ -206,11 +210,44 @@ fn write_loop(tables: &Tables, mut queue: mpsc::Receiver<(RoomAppend, AppendRepl
     }
 }
 
+/// The last seq of each room the writer thread has written or read, so that checking an
+/// append's expectation costs no read. The writer thread is the store's only writer, so what
+/// it remembers stays true.
+#[derive(Default)]
+struct LastSeqs {
+    committed: HashMap<String, u64>,
+}
+
+impl LastSeqs {
+    /// The room's last seq: remembered, or read from the store (and then remembered).
+    fn get(&mut self, messages: &Keyspace, room: &str) -> Result<u64, StoreError> {
+        if let Some(&seq) = self.committed.get(room) {
+            return Ok(seq);
+        }
+        let seq = last_seq_in(messages, room)?;
+        self.remember(room, seq);
+        Ok(seq)
+    }
+
+    fn remember(&mut self, room: &str, seq: u64) {
+        if self.committed.len() >= REMEMBERED_ROOMS && !self.committed.contains_key(room) {
+            self.committed.clear();
+        }
+        match self.committed.get_mut(room) {
+            Some(known) => *known = seq,
+            None => {
+                self.committed.insert(room.to_owned(), seq);
+            }
+        }
+    }
+}
+
 /// Writes every append whose expectation holds, in one atomic batch made durable before this
 /// returns; returns each one's result. Fails as a whole only when the batch fails, in which
-/// case nothing was stored.
+/// case nothing was stored and `committed` is as it was.
 fn commit_group(
     tables: &Tables,
+    committed: &mut LastSeqs,
     group: &[(RoomAppend, AppendReply)],
 ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
     let mut batch = tables.db.batch().durability(Some(PersistMode::SyncAll));
@@ -220,7 +257,7 @@ fn commit_group(
     for (append, _) in group {
         let actual = match last_seqs.get(append.room.as_str()) {
             Some(&seq) => seq,
-            None => last_seq_in(&tables.messages, &append.room)?,
+            None => committed.get(&tables.messages, &append.room)?,
         };
         if actual != append.expected_last_seq {
             results.push(Err(StoreError::conflict(&append.room, append.expected_last_seq, actual)));
@@ -240,6 +277,9 @@ fn commit_group(
         results.push(Ok(()));
     }
     batch.commit().map_err(unavailable)?;
+    for (room, seq) in last_seqs {
+        committed.remember(room, seq);
+    }
     Ok(results)
 }
 
@@ -313,5 +353,24 @@ impl HistoryStore for EmbeddedStore {
             return Err(StoreError::unavailable("writer thread stopped"));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_writer_remembers_a_bounded_number_of_rooms() {
+        let mut last_seqs = LastSeqs::default();
+        for room in 0..REMEMBERED_ROOMS {
+            last_seqs.remember(&format!("room-{room}"), 7);
+        }
+        last_seqs.remember("room-0", 8);
+        assert_eq!(last_seqs.committed.len(), REMEMBERED_ROOMS, "a known room is updated in place");
+        assert_eq!(last_seqs.committed.get("room-0"), Some(&8));
+        last_seqs.remember("one-more", 1);
+        assert_eq!(last_seqs.committed.len(), 1, "a new room past the bound starts the memory afresh");
+        assert_eq!(last_seqs.committed.get("one-more"), Some(&1));
     }
 }
