@@ -179,13 +179,25 @@ fn message_at(messages: &Keyspace, key: &[u8]) -> Result<Option<ChatMessage>, St
 
 /// The writer thread: wait as the pacer says, drain what is queued, commit it in one batch,
 /// answer each caller.
+///
+/// While appends keep coming it waits out the window before it looks at the queue, so the
+/// appends queued meanwhile do not wake it: one wake-up per commit, not two.
 fn write_loop(tables: &Tables, mut queue: mpsc::Receiver<(RoomAppend, AppendReply)>, mut pacer: CommitPacer) {
+    use mpsc::error::TryRecvError;
     let mut last_seqs = LastSeqs::default();
-    while let Some(first) = queue.blocking_recv() {
+    loop {
         let hold = pacer.hold(Instant::now());
         if !hold.is_zero() {
             std::thread::sleep(hold);
         }
+        let first = match queue.try_recv() {
+            Ok(first) => first,
+            Err(TryRecvError::Empty) => match queue.blocking_recv() {
+                Some(first) => first,
+                None => return,
+            },
+            Err(TryRecvError::Disconnected) => return,
+        };
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
             match queue.try_recv() {

@@ -29,7 +29,8 @@ impl CommitPacer {
         Self { window, last_start: None, rate: 0.0 }
     }
 
-    /// How long to hold the next commit, now that an append is queued.
+    /// How long to hold the next commit: the rest of the window, if appends are expected
+    /// meanwhile (whether one is queued yet or not).
     pub(super) fn hold(&self, now: Instant) -> Duration {
         let Some(last_start) = self.last_start else { return Duration::ZERO };
         let remaining = self.window.saturating_sub(now.saturating_duration_since(last_start));
