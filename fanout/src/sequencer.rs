@@ -164,10 +164,9 @@ impl Fanout {
             let mut index: HashMap<String, usize> = HashMap::new();
             for pending in batch {
                 if pending.delivery > 1 {
-                    let trace_id = telemetry::trace::trace_id_of(&pending.command.traceparent);
                     self.journal.record_send(
                         &pending.command.dedupe_key(),
-                        &trace_id,
+                        pending.command.trace_id(),
                         "fanout.redelivered",
                         serde_json::json!({"delivery": pending.delivery, "worker": self.journal.process()}),
                     );
@@ -351,12 +350,7 @@ impl Fanout {
 
     /// Records that `command` expired before it could be stored, and its answer.
     fn expired(&self, command: &SendCommand) -> Result<SendOutcome, BusError> {
-        self.journal.record_send(
-            &command.dedupe_key(),
-            &telemetry::trace::trace_id_of(&command.traceparent),
-            "fanout.expired",
-            serde_json::json!({}),
-        );
+        self.journal.record_send(&command.dedupe_key(), command.trace_id(), "fanout.expired", serde_json::json!({}));
         Err(BusError::unavailable("send expired before it could be stored"))
     }
 
@@ -426,7 +420,7 @@ impl Fanout {
                 body: command.body.clone(),
                 ts: self.clock.stamp_ms(room),
                 client_msg_id: command.client_msg_id.clone(),
-                trace_id: telemetry::trace::trace_id_of(&command.traceparent),
+                trace_id: command.trace_id().to_owned(),
                 prev: None,
                 digest: None,
             };
@@ -454,7 +448,8 @@ impl Fanout {
                 Decision::New(message) => {
                     let sequence_span = sequence_spans.next().unwrap_or_else(tracing::Span::none);
                     let span = tracing::info_span!(target: HOP_TARGET, parent: &sequence_span, "fanout.publish", room = %message.room, seq = message.seq);
-                    let traceparent = telemetry::trace::traceparent_of(&span, &command.traceparent);
+                    let traceparent =
+                        telemetry::trace::span_traceparent(&span).unwrap_or_else(|| command.traceparent.clone());
                     self.metrics.sequenced.inc();
                     tracing::debug!(room = %message.room, seq = message.seq, message_id = %message.id, trace_id = %message.trace_id, "sequenced");
                     self.journal.link(&dedupe_key, message.id);

@@ -40,8 +40,7 @@ impl SendBus for FaultySends {
     async fn submit(&self, command: SendCommand) -> Result<SendOutcome, BusError> {
         if let Some(fired) = self.injector.decide(Hop::GatewayNats, &command.room) {
             self.injector.count(&fired);
-            let trace_id = telemetry::trace::trace_id_of(&command.traceparent);
-            self.injector.mark_send(&fired, &command.dedupe_key(), &trace_id, serde_json::json!({}));
+            self.injector.mark_send(&fired, &command.dedupe_key(), command.trace_id(), serde_json::json!({}));
             return Err(BusError::unavailable("not connected to NATS"));
         }
         self.inner.submit(command).await
@@ -232,9 +231,8 @@ impl FaultyFanoutBus {
                     "injected fault: worker holds a send of a stalled room"
                 );
             }
-            let trace_id = telemetry::trace::trace_id_of(&command.traceparent);
             let detail = serde_json::json!({"millis": fired.millis, "worker": self.injector.process()});
-            self.injector.mark_send(fired, &command.dedupe_key(), &trace_id, detail);
+            self.injector.mark_send(fired, &command.dedupe_key(), command.trace_id(), detail);
         }
         Some((held, hold))
     }

@@ -48,21 +48,12 @@ pub fn trace_id(context: &Context) -> String {
     context.span().span_context().trace_id().to_string()
 }
 
-/// The trace id inside a `traceparent` value, or 32 zeros when it is not valid.
-pub fn trace_id_of(traceparent: &str) -> String {
-    parse_traceparent(traceparent).map(|c| trace_id(&c)).unwrap_or_else(|| "0".repeat(32))
-}
-
-/// The `traceparent` of a span: its own context when the OpenTelemetry layer records it,
-/// otherwise `fallback` (so the message's trace id is kept either way).
-pub fn traceparent_of(span: &tracing::Span, fallback: &str) -> String {
+/// The `traceparent` of a span's own context, when the OpenTelemetry layer records it (a
+/// message keeps the one it carried when it does not).
+pub fn span_traceparent(span: &tracing::Span) -> Option<String> {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     let context = span.context();
-    if context.span().span_context().is_valid() {
-        to_traceparent(&context)
-    } else {
-        fallback.to_owned()
-    }
+    context.span().span_context().is_valid().then(|| to_traceparent(&context))
 }
 
 /// Makes `span` a child of `parent` (a message's context) for the OpenTelemetry layer.
@@ -81,7 +72,7 @@ mod tests {
         let context = message_context(None);
         let header = to_traceparent(&context);
         assert!(header.starts_with("00-"), "{header}");
-        assert_eq!(trace_id_of(&header), trace_id(&context));
+        assert_eq!(parse_traceparent(&header).map(|parsed| trace_id(&parsed)), Some(trace_id(&context)));
         assert_eq!(trace_id(&context).len(), 32);
     }
 

@@ -160,7 +160,9 @@ impl NatsBus {
         let _guard = WaiterGuard { waiters: &self.waiters, subject: reply_subject.clone() };
         let span = tracing::info_span!(target: telemetry::logging::HOP_TARGET, "bus.publish", subject = %subjects::send(&command.room));
         let mut command = command;
-        command.traceparent = telemetry::trace::traceparent_of(&span, &command.traceparent);
+        if let Some(traceparent) = telemetry::trace::span_traceparent(&span) {
+            command.traceparent = traceparent;
+        }
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", token.as_str());
         headers.insert(REPLY_HEADER, reply_subject.as_str());
@@ -233,7 +235,9 @@ impl NatsBus {
                 }
                 let span = tracing::info_span!(target: telemetry::logging::HOP_TARGET, "fanout.consume", room = %command.room, delivery);
                 telemetry::trace::set_parent(&span, telemetry::trace::message_context(Some(&command.traceparent)));
-                command.traceparent = telemetry::trace::traceparent_of(&span, &command.traceparent);
+                if let Some(traceparent) = telemetry::trace::span_traceparent(&span) {
+                    command.traceparent = traceparent;
+                }
                 Some(PendingSend {
                     command,
                     delivery,

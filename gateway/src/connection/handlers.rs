@@ -240,7 +240,8 @@ impl Connection {
         let context = telemetry::trace::message_context(traceparent.as_deref());
         let span = tracing::info_span!(target: telemetry::logging::HOP_TARGET, "gateway.receive", room = %room, client_msg_id = %client_msg_id, user = %identity.user);
         telemetry::trace::set_parent(&span, context.clone());
-        let traceparent = telemetry::trace::traceparent_of(&span, &telemetry::trace::to_traceparent(&context));
+        let traceparent =
+            telemetry::trace::span_traceparent(&span).unwrap_or_else(|| telemetry::trace::to_traceparent(&context));
         let command = SendCommand {
             room,
             user: identity.user.clone(),
@@ -250,7 +251,7 @@ impl Connection {
             gateway: self.app.config.gateway_id.clone(),
             deadline_ms: protocol::now_ms() + self.app.config.submit_timeout.as_millis() as i64,
         };
-        let trace_id = telemetry::trace::trace_id_of(&command.traceparent);
+        let trace_id = command.trace_id().to_owned();
         self.app.journal.record_send(
             &command.dedupe_key(),
             &trace_id,
