@@ -2,7 +2,11 @@
 //! the delivery hook, replays of stored messages, and errors; a client that does not drain its
 //! socket in time is closed as a slow consumer.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
 
 use axum::extract::ws::{Message, Utf8Bytes};
 use futures_util::SinkExt;
@@ -171,9 +175,9 @@ impl Connection {
     /// timeout is closed.
     pub(super) async fn write(&mut self, text: Utf8Bytes) -> Result<(), End> {
         let limit = self.app.config.limits.slow_consumer_timeout;
-        match tokio::time::timeout(limit, self.sink.feed(Message::Text(text))).await {
-            Ok(written) => written.map_err(|_| End::Gone),
-            Err(_) => Err(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer: socket not drained in time")),
+        match within(limit, self.sink.feed(Message::Text(text))).await {
+            Some(written) => written.map_err(|_| End::Gone),
+            None => Err(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer: socket not drained in time")),
         }
     }
 
@@ -186,9 +190,9 @@ impl Connection {
             self.deliveries = 0;
         }
         let limit = self.app.config.limits.slow_consumer_timeout;
-        match tokio::time::timeout(limit, self.sink.flush()).await {
-            Ok(flushed) => flushed.map_err(|_| End::Gone),
-            Err(_) => Err(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer: socket not drained in time")),
+        match within(limit, self.sink.flush()).await {
+            Some(flushed) => flushed.map_err(|_| End::Gone),
+            None => Err(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer: socket not drained in time")),
         }
     }
 
@@ -201,5 +205,33 @@ impl Connection {
 
     pub(super) fn count_frame(&self, kind: &str) {
         self.app.metrics.frames_received.with_label_values(&[kind]).inc();
+    }
+}
+
+/// `future`'s output, or `None` if it is not done within `limit`. Most writes and flushes are
+/// done on their first poll; only those that are not start a timer (boxed: it is rare, and
+/// held inline it would grow every connection's future).
+async fn within<F: Future + Unpin>(limit: Duration, mut future: F) -> Option<F::Output> {
+    let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut future).poll(cx))).await;
+    match first {
+        Poll::Ready(output) => Some(output),
+        Poll::Pending => Box::pin(tokio::time::timeout(limit, future)).await.ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn within_gives_what_finishes_in_time_and_none_for_what_does_not() {
+        assert_eq!(within(Duration::from_secs(5), std::future::ready(7)).await, Some(7));
+        let later = Box::pin(async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            8
+        });
+        assert_eq!(within(Duration::from_secs(5), later).await, Some(8), "pending at first, done in time");
+        let never = std::future::pending::<()>();
+        assert_eq!(within(Duration::from_millis(20), never).await, None);
     }
 }
