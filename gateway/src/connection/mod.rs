@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::{FuturesUnordered, SplitSink, SplitStream};
+use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use protocol::bus::SendOutcome;
@@ -86,7 +86,10 @@ struct Connection {
     limiter: DefaultDirectRateLimiter,
     /// For `join`, `leave` and `history`.
     control_limiter: DefaultDirectRateLimiter,
-    sink: SplitSink<WebSocket, Message>,
+    /// The socket, read and written by this one task. Not split in two halves: those share
+    /// it through a lock that every read and every write would take. Boxed, so the
+    /// connection's future stays small (see the test below).
+    socket: Box<WebSocket>,
     /// The delivery hook's interceptor for this connection (none in the product).
     hooked_writes: Option<Box<dyn ConnectionWrites>>,
     /// Whether skipped deliveries and gaps are caught up from the store (always, in the product).
@@ -119,7 +122,6 @@ pub fn serve(
     let burst = NonZeroU32::new(limits.send_burst).unwrap_or(rate);
     let control_rate = NonZeroU32::new(limits.control_rate_per_sec).unwrap_or(NonZeroU32::MIN);
     let control_burst = NonZeroU32::new(limits.control_burst).unwrap_or(control_rate);
-    let (sink, stream) = socket.split();
     let mut connection = Connection {
         id,
         session,
@@ -129,7 +131,7 @@ pub fn serve(
         outbox,
         limiter: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
         control_limiter: RateLimiter::direct(Quota::per_second(control_rate).allow_burst(control_burst)),
-        sink,
+        socket: Box::new(socket),
         hooked_writes,
         catches_up: queue_policy.catch_up,
         user_slot: None,
@@ -142,13 +144,13 @@ pub fn serve(
     if let Some(recording) = connection.recording.as_mut() {
         recording.opened(session);
     }
-    connection.live(stream)
+    connection.live()
 }
 
 impl Connection {
     /// Runs the connection's loop until it ends, then closes the socket and leaves every room.
-    async fn live(mut self, stream: SplitStream<WebSocket>) {
-        let end = self.run(stream).await;
+    async fn live(mut self) {
+        let end = self.run().await;
         self.outbox.close();
         if let Some(recording) = self.recording.as_mut() {
             recording.closed(if let End::Close(code, _) = end { Some(code) } else { None });
@@ -158,8 +160,8 @@ impl Connection {
             let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
             // A client that does not read cannot hold the task: give the close a moment, then drop.
             let close = async {
-                let _ = self.sink.send(Message::Close(Some(frame))).await;
-                let _ = self.sink.close().await;
+                let _ = self.socket.send(Message::Close(Some(frame))).await;
+                let _ = self.socket.close().await;
             };
             let _ = tokio::time::timeout(CLOSE_GRACE, close).await;
         }
@@ -187,7 +189,7 @@ impl Connection {
     /// The connection's loop. It lives as long as the connection, so its own state is kept
     /// small: the handlers of each event run as boxed futures, allocated only while they run
     /// (an idle connection then costs a few KiB, not the size of the deepest handler).
-    async fn run(&mut self, mut stream: SplitStream<WebSocket>) -> End {
+    async fn run(&mut self) -> End {
         let app = self.app.clone();
         let limits = &app.config.limits;
         // One future for the connection's life: made afresh on every turn of the loop, it would
@@ -208,7 +210,7 @@ impl Connection {
         loop {
             let step = tokio::select! {
                 () = &mut drain => Box::pin(self.say_draining()).await,
-                frame = stream.next(), if in_flight.len() < limits.max_in_flight_sends => {
+                frame = self.socket.next(), if in_flight.len() < limits.max_in_flight_sends => {
                     last_heard = Instant::now();
                     match frame {
                         None => Err(End::Gone),
@@ -216,7 +218,19 @@ impl Connection {
                         Some(Ok(message)) => Box::pin(self.on_client_message(message, &mut in_flight)).await,
                     }
                 }
-                Some(done) = in_flight.next(), if !in_flight.is_empty() => Box::pin(self.on_submitted(done)).await,
+                Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                    let answered = Box::pin(self.on_submitted(done)).await;
+                    // The message an ack announces usually reaches this connection's queue a
+                    // moment after the ack (the room's hub forwards it): let the hub run first,
+                    // so that one write to the socket carries both.
+                    if outbox.is_empty() {
+                        tokio::task::yield_now().await;
+                    }
+                    match answered {
+                        Ok(()) if !outbox.is_empty() && !outbox.is_kicked() => Box::pin(self.on_outbound()).await,
+                        answered => answered,
+                    }
+                }
                 () = outbox.ready() => match outbox.is_kicked() {
                     true => Err(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer: outbound queue stayed full")),
                     false => Box::pin(self.on_outbound()).await,
@@ -226,7 +240,7 @@ impl Connection {
                     if last_heard.elapsed() > limits.ping_interval * 3 {
                         Err(End::Close(CLOSE_POLICY, "no traffic from client"))
                     } else {
-                        self.sink.feed(Message::Ping(Default::default())).await.map_err(|_| End::Gone)
+                        self.socket.feed(Message::Ping(Default::default())).await.map_err(|_| End::Gone)
                     }
                 }
             };

@@ -175,7 +175,7 @@ impl Connection {
     /// timeout is closed.
     pub(super) async fn write(&mut self, text: Utf8Bytes) -> Result<(), End> {
         let limit = self.app.config.limits.slow_consumer_timeout;
-        match within(limit, self.sink.feed(Message::Text(text))).await {
+        match within(limit, self.socket.feed(Message::Text(text))).await {
             Some(written) => written.map_err(|_| End::Gone),
             None => Err(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer: socket not drained in time")),
         }
@@ -190,7 +190,7 @@ impl Connection {
             self.deliveries = 0;
         }
         let limit = self.app.config.limits.slow_consumer_timeout;
-        match within(limit, self.sink.flush()).await {
+        match within(limit, self.socket.flush()).await {
             Some(flushed) => flushed.map_err(|_| End::Gone),
             None => Err(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer: socket not drained in time")),
         }
