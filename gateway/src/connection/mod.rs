@@ -222,12 +222,16 @@ impl Connection {
                     let answered = Box::pin(self.on_submitted(done)).await;
                     // The message an ack announces usually reaches this connection's queue a
                     // moment after the ack (the room's hub forwards it): let the hub run first,
-                    // so that one write to the socket carries both.
-                    if outbox.is_empty() {
+                    // so that one write to the socket carries both. Not through a delivery
+                    // hook, which may hold deliveries: an ack never waits behind one.
+                    let coalesce = self.hooked_writes.is_none();
+                    if coalesce && outbox.is_empty() {
                         tokio::task::yield_now().await;
                     }
                     match answered {
-                        Ok(()) if !outbox.is_empty() && !outbox.is_kicked() => Box::pin(self.on_outbound()).await,
+                        Ok(()) if coalesce && !outbox.is_empty() && !outbox.is_kicked() => {
+                            Box::pin(self.on_outbound()).await
+                        }
                         answered => answered,
                     }
                 }
