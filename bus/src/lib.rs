@@ -47,12 +47,13 @@ pub struct BusError {
     kind: BusErrorKind,
     message: String,
     source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+    untried: bool,
 }
 
 impl BusError {
     /// An error of `kind` with `message`.
     pub fn new(kind: BusErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), source: None }
+        Self { kind, message: message.into(), source: None, untried: false }
     }
 
     /// The same error caused by `source`.
@@ -64,6 +65,12 @@ impl BusError {
     /// The bus cannot take the request now: `message` says why.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(BusErrorKind::Unavailable, message)
+    }
+
+    /// The send expired before its worker tried to store it: unavailable, and
+    /// [`untried`](Self::untried).
+    pub fn expired(message: impl Into<String>) -> Self {
+        Self { untried: true, ..Self::unavailable(message) }
     }
 
     /// The sequencer refused the send; `reason` is shown to the client.
@@ -79,6 +86,12 @@ impl BusError {
     /// What kind of failure this is.
     pub fn kind(&self) -> BusErrorKind {
         self.kind
+    }
+
+    /// Whether the worker refused the send without ever trying to store it, so nothing of it
+    /// can land later (unlike a store failure, whose write may still apply).
+    pub fn untried(&self) -> bool {
+        self.untried
     }
 
     /// The message without the kind or the source (for a rejection: the reason to show).

@@ -58,7 +58,9 @@ pub struct NatsConfig {
     /// Replicas of the send stream (1 locally, 3 in a NATS cluster).
     pub stream_replicas: usize,
     /// How long a worker may hold a send before JetStream gives it to another worker; set when
-    /// a partition's durable consumer is created (an existing consumer keeps its own).
+    /// a partition's durable consumer is created (an existing consumer keeps its own). Longer
+    /// than a send's deadline (5 s) by default, so a redelivered copy is always past its deadline
+    /// and a worker's refusal of a first copy it never tried to store is final.
     pub ack_wait: Duration,
     /// Sends a worker may hold unacked at once.
     pub max_ack_pending: i64,
@@ -141,7 +143,7 @@ impl NatsConfig {
     /// Default `stream_replicas` (`--stream-replicas`).
     pub const DEFAULT_STREAM_REPLICAS: u8 = 1;
     /// Default `ack_wait`, in milliseconds (`chat fanout --ack-wait-ms`).
-    pub const DEFAULT_ACK_WAIT_MS: u64 = 4_000;
+    pub const DEFAULT_ACK_WAIT_MS: u64 = 8_000;
     /// Default `max_ack_pending`.
     pub const DEFAULT_MAX_ACK_PENDING: i64 = 20_000;
 
@@ -168,7 +170,7 @@ pub struct NatsBus {
     waiters: Waiters,
     reply_prefix: String,
     /// Sends pulled from the partitions this worker owns (fanout side).
-    sends: tokio::sync::Mutex<Option<mpsc::Receiver<jetstream::Message>>>,
+    sends: tokio::sync::Mutex<Option<mpsc::Receiver<sends::Pulled>>>,
     /// Counts the connection's (re)connects; room feeds turn a change into [`FeedItem::Resumed`].
     ///
     /// [`FeedItem::Resumed`]: crate::FeedItem::Resumed

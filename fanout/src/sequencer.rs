@@ -211,6 +211,9 @@ impl Fanout {
             return cached;
         }
         let mut known = cached;
+        // Whether an earlier attempt appended some of these sends and failed: a send that then
+        // expires may still have been written by it, so its refusal is not `untried`.
+        let mut appended_before = false;
         for attempt in 0..=self.config.conflict_retries {
             let head = match known.take() {
                 Some(head) => head,
@@ -295,6 +298,7 @@ impl Fanout {
                         let ceiling = 1u64 << attempt.min(3);
                         let pause = rand::random_range(1..=ceiling);
                         tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                        appended_before = true;
                         continue;
                     }
                     Err(e) => match self.resolve(&newest, self.latest_deadline(room, &sends)).await {
@@ -305,6 +309,7 @@ impl Fanout {
                             self.decided(room, sends.first().map(|p| &p.command), || DecisionKind::FailedRetry {
                                 attempt,
                             });
+                            appended_before = true;
                             continue;
                         }
                         Outcome::Unknown => {
@@ -325,7 +330,7 @@ impl Fanout {
                     },
                 }
             }
-            self.finish(sends, decisions, sequence_spans).await;
+            self.finish(sends, decisions, sequence_spans, appended_before).await;
             return Some(new_head);
         }
         self.fail_all(room, sends, BusError::unavailable(format!("room {room}: too many sequencing conflicts"))).await;
@@ -342,16 +347,18 @@ impl Fanout {
         });
         for pending in expired {
             self.decided(room, Some(&pending.command), || DecisionKind::Expired);
-            let outcome = self.expired(&pending.command);
+            let outcome = self.expired(&pending.command, true);
             pending.reply.reply(outcome).await;
         }
         live
     }
 
-    /// Records that `command` expired before it could be stored, and its answer.
-    fn expired(&self, command: &SendCommand) -> Result<SendOutcome, BusError> {
+    /// Records that `command` expired before it could be stored, and its answer: `untried`
+    /// when no append of this worker ever held it.
+    fn expired(&self, command: &SendCommand, untried: bool) -> Result<SendOutcome, BusError> {
         self.journal.record_send(&command.dedupe_key(), command.trace_id(), "fanout.expired", serde_json::json!({}));
-        Err(BusError::unavailable("send expired before it could be stored"))
+        let reason = "send expired before it could be stored";
+        Err(if untried { BusError::expired(reason) } else { BusError::unavailable(reason) })
     }
 
     /// Reads the room's head from the store: its last seq, then the digest of the message with
@@ -433,7 +440,13 @@ impl Fanout {
     }
 
     /// After a successful append: record, deliver new messages in seq order, answer senders.
-    async fn finish(&self, sends: Vec<PendingSend>, decisions: Vec<Decision>, sequence_spans: Vec<tracing::Span>) {
+    async fn finish(
+        &self,
+        sends: Vec<PendingSend>,
+        decisions: Vec<Decision>,
+        sequence_spans: Vec<tracing::Span>,
+        appended_before: bool,
+    ) {
         let mut sequence_spans = sequence_spans.into_iter();
         for (pending, decision) in sends.into_iter().zip(decisions) {
             let command = &pending.command;
@@ -486,7 +499,7 @@ impl Fanout {
                     Ok(SendOutcome { message, duplicate: true })
                 }
                 Decision::Rejected(reason) => Err(BusError::rejected(reason)),
-                Decision::Expired => self.expired(command),
+                Decision::Expired => self.expired(command, !appended_before),
             };
             pending.reply.reply(outcome).await;
         }

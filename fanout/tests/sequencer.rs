@@ -54,12 +54,14 @@ impl Replier for Answer {
 // === a store that fails on demand ===
 
 /// How the next append fails.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Failure {
     /// Stored, but the answer is lost (a timed-out write that landed).
     AppliedButUnanswered,
     /// Not stored, and the answer is an error.
     NotApplied,
+    /// Not stored, and the answer is an error after this pause (a write that timed out late).
+    SlowNotApplied(std::time::Duration),
     /// Not stored: the store says another writer holds the seqs (whether or not one does).
     Conflict,
     /// Only the first message stored (a store appending in chunks that failed after the first),
@@ -96,6 +98,10 @@ impl HistoryStore for FlakyStore {
                 Err(StoreError::unavailable("append timed out"))
             }
             Some(Failure::NotApplied) => Err(StoreError::unavailable("append timed out")),
+            Some(Failure::SlowNotApplied(pause)) => {
+                tokio::time::sleep(pause).await;
+                Err(StoreError::unavailable("append timed out"))
+            }
             Some(Failure::Conflict) => {
                 Err(StoreError::conflict(&batch.room, batch.expected_last_seq, batch.expected_last_seq + 1))
             }
@@ -362,6 +368,7 @@ async fn sends_past_their_deadline_are_answered_without_a_store_read() {
         let refused = outcome.as_ref().expect_err("expired");
         assert_eq!(refused.kind(), BusErrorKind::Unavailable);
         assert!(refused.message().contains("expired"), "answered from the clock, not the store: {refused}");
+        assert!(refused.untried(), "nothing of it was written: {refused}");
     }
     worker.store.reads_down.store(false, std::sync::atomic::Ordering::SeqCst);
     assert!(worker.stored("r").await.is_empty());
@@ -400,6 +407,20 @@ async fn an_append_whose_outcome_stayed_unknown_is_published_once_the_store_tell
         worker.bus.published.lock().unwrap().iter().map(|m| (m.seq, m.client_msg_id.clone())).collect();
     assert_eq!(published, [(1, "a".to_owned())], "published once it was known to have landed");
     assert_eq!(worker.stored("r").await.len(), 1);
+    worker.stop().await;
+}
+
+/// A send that expires while its append fails was in a write that might still land (as far as
+/// the worker can tell): its refusal is not `untried`, so the gateway will ask the store.
+#[tokio::test]
+async fn a_send_that_expired_after_a_failed_append_is_not_refused_as_untried() {
+    let worker = worker();
+    *worker.store.next_append.lock().unwrap() = Some(Failure::SlowNotApplied(std::time::Duration::from_millis(400)));
+    let outcome = worker.send(command("r", "a", protocol::now_ms() + 200)).await;
+    let refused = outcome.expect_err("expired during the failed append");
+    assert!(refused.message().contains("expired"), "{refused}");
+    assert!(!refused.untried(), "it was in an append: {refused}");
+    assert!(worker.stored("r").await.is_empty());
     worker.stop().await;
 }
 
@@ -577,18 +598,6 @@ enum Event {
     Fail(Failure),
     /// Another writer appends a message to this room behind the worker's back.
     Foreign(usize),
-}
-
-impl std::fmt::Debug for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Failure::AppliedButUnanswered => "AppliedButUnanswered",
-            Failure::NotApplied => "NotApplied",
-            Failure::Conflict => "Conflict",
-            Failure::FirstOnlyApplied => "FirstOnlyApplied",
-            Failure::AppliedThenDown => "AppliedThenDown",
-        })
-    }
 }
 
 fn spec() -> impl Strategy<Value = Spec> {

@@ -83,10 +83,16 @@ pub enum SendReply {
         /// Why.
         reason: String,
     },
-    /// Not stored because a backend failed; the client may retry.
+    /// Not stored because a backend failed or the send expired; the client may retry.
     Unavailable {
         /// Why.
         reason: String,
+        /// True when no copy of the send can be stored any more: the worker wrote nothing of
+        /// it, and the bus cannot hand it to another worker before its deadline. The gateway
+        /// then answers at once instead of waiting out the deadline's margin. Absent (false)
+        /// from workers that predate it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        settled: bool,
     },
 }
 
@@ -126,6 +132,22 @@ pub enum RoomEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_settled_refusal_says_so_and_an_unsettled_one_reads_as_before() {
+        let settled = SendReply::Unavailable { reason: "expired".into(), settled: true };
+        let json = serde_json::to_string(&settled).unwrap();
+        assert_eq!(json, r#"{"result":"unavailable","reason":"expired","settled":true}"#);
+        assert_eq!(serde_json::from_str::<SendReply>(&json).unwrap(), settled);
+        let unsettled = SendReply::Unavailable { reason: "store down".into(), settled: false };
+        let json = serde_json::to_string(&unsettled).unwrap();
+        assert_eq!(json, r#"{"result":"unavailable","reason":"store down"}"#, "older gateways read it unchanged");
+        assert_eq!(
+            serde_json::from_str::<SendReply>(&json).unwrap(),
+            unsettled,
+            "older workers' refusals are unsettled"
+        );
+    }
 
     #[test]
     fn the_trace_id_of_a_traceparent_is_borrowed_from_it() {

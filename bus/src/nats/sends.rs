@@ -36,25 +36,49 @@ pub(super) fn reply_prefix(name: &str) -> String {
     format!("chat.reply.{name}")
 }
 
+/// A send pulled from a partition, with its consumer's ack wait (the server's setting, which
+/// an existing consumer keeps whatever this worker was told).
+pub(super) struct Pulled {
+    /// The JetStream message.
+    pub message: jetstream::Message,
+    /// After how long JetStream hands an unacked message out again.
+    pub ack_wait: std::time::Duration,
+}
+
+/// How far the clocks of gateways, workers and NATS servers may disagree for a refusal to be
+/// [settled](settled_refusal).
+const CLOCK_ALLOWANCE_MS: i64 = 1_000;
+
+/// Whether a worker's refusal of a send settles it: no copy of the send can be stored any more.
+/// That holds when the worker never tried to store its copy (`untried`), its copy was the first
+/// delivery, and JetStream cannot deliver the send again before its deadline: a redelivery comes
+/// `ack_wait` after a delivery, which is after the publish, and a worker stores nothing past a
+/// send's deadline. Redeliveries before the deadline need `ack_wait` shorter than the time from
+/// publish to deadline (with [`CLOCK_ALLOWANCE_MS`] for clocks that disagree).
+fn settled_refusal(untried: bool, delivery: u64, published_ms: i64, ack_wait_ms: i64, deadline_ms: i64) -> bool {
+    untried && delivery == 1 && deadline_ms != 0 && published_ms + ack_wait_ms >= deadline_ms + CLOCK_ALLOWANCE_MS
+}
+
 /// What a submit returns for a worker's answer.
 fn outcome_of(reply: SendReply) -> Result<SendOutcome, BusError> {
     match reply {
         SendReply::Stored(outcome) => Ok(outcome),
         SendReply::Rejected { reason } => Err(BusError::rejected(reason)),
-        SendReply::Unavailable { reason } => Err(BusError::unavailable(reason)),
+        SendReply::Unavailable { reason, .. } => Err(BusError::unavailable(reason)),
     }
 }
 
-/// The final answer among the workers' answers to one send. `Stored` and `Rejected` are final.
-/// `Unavailable` speaks only for the copy that worker held: JetStream may have redelivered the
-/// send to another worker (after `ack_wait`) that stores it before the deadline. So the wait
-/// goes on after it; the caller's wait past the deadline ends it, and the gateway then asks the
-/// store. `command` names the send in the log.
+/// The final answer among the workers' answers to one send. `Stored`, `Rejected` and a
+/// settled `Unavailable` are final. An unsettled `Unavailable` speaks only for the copy that
+/// worker held: JetStream may have redelivered the send to another worker (after `ack_wait`)
+/// that stores it before the deadline, or the worker's failed write may still land. So the
+/// wait goes on after it; the caller's wait past the deadline ends it, and the gateway then
+/// asks the store. `command` names the send in the log.
 async fn final_reply(replies: &mut mpsc::Receiver<SendReply>, command: &SendCommand) -> Result<SendOutcome, BusError> {
     let mut refused = None;
     while let Some(reply) = replies.recv().await {
         match reply {
-            SendReply::Unavailable { reason } => {
+            SendReply::Unavailable { reason, settled: false } => {
                 tracing::debug!(
                     room = %command.room,
                     trace_id = %command.trace_id(),
@@ -71,8 +95,9 @@ async fn final_reply(replies: &mut mpsc::Receiver<SendReply>, command: &SendComm
 }
 
 /// What a worker answers for an outcome, and how it acks the JetStream message: a stored send
-/// is acked; a refused or failed one is terminated (never redelivered).
-fn reply_for(outcome: Result<SendOutcome, BusError>) -> (SendReply, AckKind) {
+/// is acked; a refused or failed one is terminated (never redelivered). `settled` says whether
+/// a refusal settles the send ([`settled_refusal`], given the error's `untried`).
+fn reply_for(outcome: Result<SendOutcome, BusError>, settled: impl FnOnce(bool) -> bool) -> (SendReply, AckKind) {
     match outcome {
         Ok(outcome) => (SendReply::Stored(outcome), AckKind::Ack),
         Err(e) if e.kind() == BusErrorKind::Rejected => {
@@ -80,7 +105,7 @@ fn reply_for(outcome: Result<SendOutcome, BusError>) -> (SendReply, AckKind) {
         }
         // Not stored and the gateway tells the client so: drop the send for good, the
         // client retries with the same client_msg_id.
-        Err(e) => (SendReply::Unavailable { reason: e.to_string() }, AckKind::Term),
+        Err(e) => (SendReply::Unavailable { reason: e.to_string(), settled: settled(e.untried()) }, AckKind::Term),
     }
 }
 
@@ -218,11 +243,17 @@ impl NatsBus {
 
     /// Turns a pulled JetStream message into a send for the worker; an undecodable one is
     /// terminated and skipped.
-    pub(super) fn pending(&self, message: jetstream::Message) -> Option<PendingSend> {
+    pub(super) fn pending(&self, pulled: Pulled) -> Option<PendingSend> {
+        let Pulled { message, ack_wait } = pulled;
         let reply_subject = message.headers.as_ref().and_then(|h| h.get(REPLY_HEADER)).map(|v| v.as_str().to_owned());
         match serde_json::from_slice::<SendCommand>(&message.payload) {
             Ok(mut command) => {
-                let delivery = delivery_number(message.info().ok().map(|info| info.delivered));
+                let info = message.info().ok();
+                let delivery = delivery_number(info.as_ref().map(|info| info.delivered));
+                // Far in the past when the message has no JetStream info: its refusals never settle.
+                let published_ms = info
+                    .as_ref()
+                    .map_or(i64::MIN / 2, |info| (info.published.unix_timestamp_nanos() / 1_000_000) as i64);
                 if delivery > 1 {
                     self.metrics.send_redeliveries.inc();
                     tracing::info!(
@@ -238,10 +269,16 @@ impl NatsBus {
                 if let Some(traceparent) = telemetry::trace::span_traceparent(&span) {
                     command.traceparent = traceparent;
                 }
+                let settles = Settles {
+                    delivery,
+                    published_ms,
+                    ack_wait_ms: i64::try_from(ack_wait.as_millis()).unwrap_or(i64::MAX / 2),
+                    deadline_ms: command.deadline_ms,
+                };
                 Some(PendingSend {
                     command,
                     delivery,
-                    reply: Box::new(NatsReplier { client: self.client.clone(), message, reply_subject }),
+                    reply: Box::new(NatsReplier { client: self.client.clone(), message, reply_subject, settles }),
                 })
             }
             Err(e) => {
@@ -262,17 +299,28 @@ impl NatsBus {
     }
 }
 
+/// What decides whether a refusal of one pulled send settles it ([`settled_refusal`]).
+struct Settles {
+    delivery: u64,
+    published_ms: i64,
+    ack_wait_ms: i64,
+    deadline_ms: i64,
+}
+
 /// Answers one JetStream send.
 struct NatsReplier {
     client: async_nats::Client,
     message: jetstream::Message,
     reply_subject: Option<String>,
+    settles: Settles,
 }
 
 #[async_trait]
 impl Replier for NatsReplier {
     async fn reply(self: Box<Self>, outcome: Result<SendOutcome, BusError>) {
-        let (reply, ack) = reply_for(outcome);
+        let Settles { delivery, published_ms, ack_wait_ms, deadline_ms } = self.settles;
+        let (reply, ack) =
+            reply_for(outcome, |untried| settled_refusal(untried, delivery, published_ms, ack_wait_ms, deadline_ms));
         if let Some(subject) = self.reply_subject {
             if let Ok(payload) = serde_json::to_vec(&reply) {
                 if let Err(e) = self.client.publish(subject, payload.into()).await {
@@ -354,7 +402,7 @@ mod tests {
 
     #[test]
     fn a_stored_send_is_acked_and_returned_to_the_submitter() {
-        let (reply, ack) = reply_for(Ok(outcome()));
+        let (reply, ack) = reply_for(Ok(outcome()), |_| true);
         assert!(matches!(ack, AckKind::Ack), "{ack:?}");
         assert_eq!(reply, SendReply::Stored(outcome()));
         assert_eq!(outcome_of(reply).unwrap(), outcome());
@@ -362,7 +410,7 @@ mod tests {
 
     #[test]
     fn a_rejection_is_terminated_and_reaches_the_submitter_with_its_reason_alone() {
-        let (reply, ack) = reply_for(Err(BusError::rejected("body too long")));
+        let (reply, ack) = reply_for(Err(BusError::rejected("body too long")), |_| true);
         assert!(matches!(ack, AckKind::Term), "{ack:?}");
         assert_eq!(reply, SendReply::Rejected { reason: "body too long".into() });
         let error = outcome_of(reply).unwrap_err();
@@ -372,16 +420,60 @@ mod tests {
 
     #[test]
     fn a_failure_is_terminated_and_reaches_the_submitter_as_unavailable() {
-        let (reply, ack) = reply_for(Err(BusError::unavailable("store down")));
+        let (reply, ack) = reply_for(Err(BusError::unavailable("store down")), |untried| untried);
         assert!(matches!(ack, AckKind::Term), "{ack:?}");
-        assert_eq!(reply, SendReply::Unavailable { reason: "bus unavailable: store down".into() });
+        assert_eq!(reply, SendReply::Unavailable { reason: "bus unavailable: store down".into(), settled: false });
         assert_eq!(outcome_of(reply).unwrap_err().kind(), BusErrorKind::Unavailable);
+    }
+
+    #[test]
+    fn an_untried_refusal_settles_only_where_the_rule_says_so() {
+        let (reply, _) = reply_for(Err(BusError::expired("expired")), |untried| untried);
+        assert_eq!(reply, SendReply::Unavailable { reason: "bus unavailable: expired".into(), settled: true });
+        let (reply, _) = reply_for(Err(BusError::expired("expired")), |_| false);
+        assert_eq!(reply, SendReply::Unavailable { reason: "bus unavailable: expired".into(), settled: false });
+    }
+
+    /// A send published at 1,000 ms with a deadline 5 s later.
+    const PUBLISHED: i64 = 1_000;
+    const DEADLINE: i64 = 6_000;
+
+    #[test]
+    fn an_untried_first_delivery_settles_when_no_redelivery_can_come_before_the_deadline() {
+        assert!(settled_refusal(true, 1, PUBLISHED, 8_000, DEADLINE));
+        // Exactly the clock allowance past the deadline.
+        assert!(settled_refusal(true, 1, PUBLISHED, 6_000, DEADLINE));
+    }
+
+    #[test]
+    fn a_refusal_does_not_settle_while_another_copy_may_be_stored() {
+        // A redelivery may come before the deadline (the old 4 s ack wait), or within the
+        // clocks' allowance of it.
+        assert!(!settled_refusal(true, 1, PUBLISHED, 4_000, DEADLINE));
+        assert!(!settled_refusal(true, 1, PUBLISHED, 5_999, DEADLINE));
+        // A redelivered copy: the first may still be stored by its worker.
+        assert!(!settled_refusal(true, 2, PUBLISHED, 8_000, DEADLINE));
+        // A write was tried: it may still land.
+        assert!(!settled_refusal(false, 1, PUBLISHED, 8_000, DEADLINE));
+        // No deadline, or no JetStream info.
+        assert!(!settled_refusal(true, 1, PUBLISHED, 8_000, 0));
+        assert!(!settled_refusal(true, 1, i64::MIN / 2, 8_000, DEADLINE));
+    }
+
+    #[tokio::test]
+    async fn a_settled_refusal_is_final() {
+        let (tx, mut rx) = mpsc::channel(REPLIES_PER_SEND);
+        tx.try_send(SendReply::Unavailable { reason: "expired".into(), settled: true }).unwrap();
+        let answered =
+            tokio::time::timeout(std::time::Duration::from_millis(50), final_reply(&mut rx, &command())).await;
+        let error = answered.expect("answered without waiting for more").unwrap_err();
+        assert_eq!((error.kind(), error.message()), (BusErrorKind::Unavailable, "expired"));
     }
 
     #[tokio::test]
     async fn a_copy_refused_is_not_final_another_copy_stored_is() {
         let (tx, mut rx) = mpsc::channel(REPLIES_PER_SEND);
-        tx.try_send(SendReply::Unavailable { reason: "past its deadline".into() }).unwrap();
+        tx.try_send(SendReply::Unavailable { reason: "past its deadline".into(), settled: false }).unwrap();
         tx.try_send(SendReply::Stored(outcome())).unwrap();
         assert_eq!(final_reply(&mut rx, &command()).await.unwrap(), outcome());
     }
@@ -389,7 +481,7 @@ mod tests {
     #[tokio::test]
     async fn only_refusals_wait_for_more_until_the_channel_closes() {
         let (tx, mut rx) = mpsc::channel(REPLIES_PER_SEND);
-        tx.try_send(SendReply::Unavailable { reason: "past its deadline".into() }).unwrap();
+        tx.try_send(SendReply::Unavailable { reason: "past its deadline".into(), settled: false }).unwrap();
         let waiting =
             tokio::time::timeout(std::time::Duration::from_millis(50), final_reply(&mut rx, &command())).await;
         assert!(waiting.is_err(), "a refusal alone is not final");

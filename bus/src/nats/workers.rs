@@ -9,12 +9,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream::consumer;
 use futures_util::StreamExt;
 use protocol::subjects;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::sends::Pulled;
 use super::{unavailable, HeartbeatGate, NatsBus};
 use crate::{BusError, PendingSend};
 
@@ -189,16 +190,16 @@ impl NatsBus {
 
     /// Pulls one partition's sends into the worker's queue until aborted, reopening the pull
     /// with backoff when NATS goes away.
-    async fn pull_partition(&self, partition: u32, into: mpsc::Sender<jetstream::Message>) {
+    async fn pull_partition(&self, partition: u32, into: mpsc::Sender<Pulled>) {
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.open_partition(partition).await {
-                Ok(mut messages) => {
+                Ok((mut messages, ack_wait)) => {
                     backoff = Duration::from_millis(100);
                     while let Some(message) = messages.next().await {
                         match message {
                             Ok(message) => {
-                                if into.send(message).await.is_err() {
+                                if into.send(Pulled { message, ack_wait }).await.is_err() {
                                     return;
                                 }
                             }
@@ -216,8 +217,10 @@ impl NatsBus {
         }
     }
 
-    /// Opens a pull on a partition's durable consumer, creating the consumer if needed.
-    async fn open_partition(&self, partition: u32) -> Result<consumer::pull::Stream, BusError> {
+    /// Opens a pull on a partition's durable consumer, creating the consumer if needed, and
+    /// returns it with the consumer's ack wait (an existing consumer keeps the one it was
+    /// created with).
+    async fn open_partition(&self, partition: u32) -> Result<(consumer::pull::Stream, Duration), BusError> {
         let stream = self.ensure_stream().await?;
         let name = consumer_name(partition);
         let consumer: consumer::PullConsumer = stream
@@ -234,13 +237,15 @@ impl NatsBus {
             )
             .await
             .map_err(|e| unavailable("create consumer", e))?;
-        consumer
+        let ack_wait = consumer.cached_info().config.ack_wait;
+        let messages = consumer
             .stream()
             .max_messages_per_batch(256)
             .heartbeat(Duration::from_secs(5))
             .messages()
             .await
-            .map_err(|e| unavailable("pull sends", e))
+            .map_err(|e| unavailable("pull sends", e))?;
+        Ok((messages, ack_wait))
     }
 
     /// The next batch of pulled sends ([`FanoutBus::next_batch`]); `None` on a process that

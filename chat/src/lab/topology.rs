@@ -17,6 +17,11 @@ pub type Urls = Vec<(String, String)>;
 
 /// How long a process may take to answer `/readyz`.
 const READY_WITHIN: Duration = Duration::from_secs(30);
+/// The cluster workers' ack wait in the lab, in milliseconds: 4 s, shorter than a send's 5 s
+/// deadline, so a stalled worker's sends are redelivered while they can still be stored, which
+/// is what the stall challenges are about. (With the default, 8 s, every redelivered copy is
+/// already past its deadline.)
+const LAB_ACK_WAIT_MS: &str = "4000";
 /// How long a process may take to exit after SIGTERM before it is killed.
 const EXIT_WITHIN: Duration = Duration::from_secs(10);
 
@@ -111,6 +116,7 @@ impl Launch {
             .env("CHAT_BIN", &self.chat)
             .env("CHAT_ADMIN_TOKEN", &self.admin_token)
             .env("CHAT_CQL_KEYSPACE", format!("lab_{}", &self.admin_token[..12]))
+            .env("CHAT_ACK_WAIT_MS", LAB_ACK_WAIT_MS)
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         if let Some(endpoint) = &self.otlp_endpoint {

@@ -22,13 +22,6 @@ async fn server_with_faults() -> RunningServer {
     server_with(options).await
 }
 
-async fn add_fault(base: &str, fault: Value) {
-    let bearer = format!("Bearer {TOKEN}");
-    let headers = [("Authorization", bearer.as_str()), ("Content-Type", "application/json")];
-    let (status, body) = request("POST", &format!("{base}/admin/faults"), &headers, &fault.to_string()).await;
-    assert_eq!(status, 201, "{fault}: {body}");
-}
-
 /// Six members of one room, ten sends a second for two seconds, audited.
 async fn audited_load(server: &RunningServer, prefix: &str) -> Report {
     let config = Config {
@@ -77,7 +70,7 @@ async fn a_tampering_gateway_is_caught_by_its_own_check_and_by_the_auditor() {
     let base = server.http_url.clone();
     let zero = metric_value(&base, "chat_chain_violations_total{kind=\"altered\",source=\"deliver\"}").await;
     assert_eq!(zero, 0.0, "exported before the first violation");
-    add_fault(&base, json!({"hop": "gateway.deliver", "action": "rewrite", "count": 1})).await;
+    arm_fault(&base, TOKEN, &json!({"hop": "gateway.deliver", "action": "rewrite", "count": 1})).await;
 
     let report = audited_load(&server, "chrw").await;
     assert!(!report.passed, "an altered delivery fails the audit: {}", report.summary());
@@ -105,7 +98,7 @@ async fn a_tampering_gateway_is_caught_by_its_own_check_and_by_the_auditor() {
 async fn an_equivocating_worker_is_caught_by_the_gateway_and_by_the_auditor() {
     let server = server_with_faults().await;
     let base = server.http_url.clone();
-    add_fault(&base, json!({"hop": "fanout.publish", "action": "equivocate", "count": 1})).await;
+    arm_fault(&base, TOKEN, &json!({"hop": "fanout.publish", "action": "equivocate", "count": 1})).await;
 
     let report = audited_load(&server, "cheq").await;
     assert!(!report.passed, "an equivocation fails the audit: {}", report.summary());

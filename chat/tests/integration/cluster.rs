@@ -376,3 +376,33 @@ async fn a_gateway_cut_from_nats_delivers_what_it_missed_once_it_is_back() {
         get_json(&format!("{}/debug/messages/{}", cut_off.http_url(), ack["id"].as_str().unwrap())).await;
     assert!(journey.to_string().contains("gateway.gap_repair"), "the journey shows the repair: {journey}");
 }
+
+/// A send that expires in a worker's hands (the worker holds its batch past the send's 5 s
+/// deadline) is refused as soon as the worker gets to it, not after the gateway's 6 s margin:
+/// the worker never tried to store it, and JetStream (8 s ack wait by default) could not hand it
+/// to another worker before its deadline. It is not stored; its retry is.
+#[tokio::test]
+async fn a_send_expired_in_a_stalled_worker_is_refused_when_the_worker_gets_to_it_and_not_stored() {
+    const TOKEN: &str = "expiry-admin-token-0123";
+    let cluster = Cluster::builder(binary()).gateways(1).workers(1).admin_token(TOKEN).start().await;
+    let fault =
+        json!({"hop": "fanout.sequence", "action": "stall", "probability": 1, "seed": 7, "delay_ms": 6500, "count": 1});
+    arm_fault(&cluster.worker_url(0), TOKEN, &fault).await;
+
+    let mut alice = Client::login(&cluster.gateway_ws(0), "alice").await;
+    alice.join("expiry").await;
+    let sent = Instant::now();
+    alice.send(json!({"type": "send", "room": "expiry", "client_msg_id": "m0", "body": "held"})).await;
+    let refusal = alice.next_within(Duration::from_secs(20)).await;
+    let waited = sent.elapsed();
+    assert_eq!((refusal["type"].as_str(), refusal["code"].as_str()), (Some("error"), Some("unavailable")), "{refusal}");
+    assert!(
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(10),
+        "refused when the worker got to it (6.5 s), not after the deadline and margin (11 s): {waited:?}"
+    );
+    assert!(whole_history(&cluster.gateway_url(0), "expiry").await.is_empty(), "the refused send is not stored");
+
+    let retry = alice.say("expiry", "m0", "held").await;
+    assert_eq!(retry["seq"], 1, "{retry}");
+    assert_eq!(whole_history(&cluster.gateway_url(0), "expiry").await.len(), 1);
+}

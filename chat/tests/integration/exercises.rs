@@ -92,13 +92,26 @@ async fn all_in_one(configure: impl FnOnce(&mut TestServerOptions)) -> RunningSe
     server_with(options).await
 }
 
-/// The local cluster of `deploy/local/up` in miniature: gateways `gw-1…` and workers
-/// `fanout-1…` as `chat` processes with the admin API on, on a real nats-server and the shared
-/// Cassandra node.
-async fn start_lab(gateways: usize, workers: usize) -> Cluster {
+/// The workers' ack wait a page starts its cluster with: the `CHAT_ACK_WAIT_MS=N` of its
+/// `deploy/local/up` line.
+fn page_ack_wait_ms(page: &str) -> String {
+    let path = page_path(page);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let up = text.lines().map(str::trim).find(|line| line.ends_with("deploy/local/up") && line.starts_with("CHAT_"));
+    let up = up.unwrap_or_else(|| panic!("{page}: no `... deploy/local/up` set-up line"));
+    let ack_wait = up.split_whitespace().find_map(|word| word.strip_prefix("CHAT_ACK_WAIT_MS="));
+    ack_wait.unwrap_or_else(|| panic!("{page}: its set-up line names no CHAT_ACK_WAIT_MS: {up}")).to_owned()
+}
+
+/// The local cluster of `deploy/local/up` in miniature, as `page` starts it: gateways `gw-1…`
+/// and workers `fanout-1…` as `chat` processes with the admin API on and the page's ack wait,
+/// on a real nats-server and the shared Cassandra node.
+async fn start_lab(page: &str, gateways: usize, workers: usize) -> Cluster {
     Cluster::builder(env!("CARGO_BIN_EXE_chat"))
         .gateways(gateways)
         .workers(workers)
+        .worker_arg("--ack-wait-ms")
+        .worker_arg(page_ack_wait_ms(page))
         .admin_token(TOKEN)
         .keyspace_prefix("exercise")
         .start()
@@ -317,7 +330,7 @@ async fn ex02_find_the_distributed_deadlock() {
     // faults, so that the send that finally gets through is stored by the worker that recorded
     // the stalls and the journey shows them (with two, that depends on which worker stores the
     // retry: see the page's caveat).
-    let lab = start_lab(1, 1).await;
+    let lab = start_lab("02-find-the-distributed-deadlock.md", 1, 1).await;
     let (gateway, worker) = (lab.gateway_url(0), lab.worker_url(0));
     apply(&steps, |_| worker.clone()).await;
 
@@ -491,7 +504,7 @@ async fn ex03_diagnose_the_performance_regression() {
 async fn ex04_debug_the_byzantine_failure() {
     let steps = fault_steps("04-debug-the-byzantine-failure.md");
     assert_eq!(steps.iter().map(|s| s.port).collect::<Vec<_>>(), [8082, 9091]);
-    let lab = start_lab(2, 2).await;
+    let lab = start_lab("04-debug-the-byzantine-failure.md", 2, 2).await;
     apply(&steps, |port| page_port(&lab, port)).await;
     let (mut alice, _) = login(&lab.gateway_ws(0), "alice").await;
     alice.join("ex4").await;
@@ -685,7 +698,7 @@ async fn ex05_the_slow_consumer() {
 async fn ex06_the_partitioned_gateway() {
     let steps = fault_steps("06-the-partitioned-gateway.md");
     assert_eq!(steps.iter().map(|s| s.port).collect::<Vec<_>>(), [8082]);
-    let lab = start_lab(2, 2).await;
+    let lab = start_lab("06-the-partitioned-gateway.md", 2, 2).await;
     let (mut alice, _) = login(&lab.gateway_ws(0), "alice").await;
     alice.join("ex6").await;
     let (mut bob, _) = login(&lab.gateway_ws(1), "bob").await;
@@ -754,7 +767,7 @@ async fn ex06_the_partitioned_gateway() {
 async fn ex07_the_duplicate_after_a_worker_stall() {
     let steps = fault_steps("07-the-duplicate-after-a-worker-stall.md");
     assert_eq!(steps.iter().map(|s| s.port).collect::<Vec<_>>(), [9091]);
-    let lab = start_lab(1, 2).await;
+    let lab = start_lab("07-the-duplicate-after-a-worker-stall.md", 1, 2).await;
     apply(&steps, |port| page_port(&lab, port)).await;
     let (mut alice, _) = login(&lab.gateway_ws(0), "alice").await;
     alice.join("ex7").await;

@@ -58,11 +58,7 @@ async fn a_stalled_workers_decision_log_replays_identically_and_an_edit_diverges
     // The worker holds its first batch 1.5 s: JetStream redelivers it after 1 s.
     let fault =
         json!({"hop": "fanout.sequence", "action": "stall", "probability": 1, "seed": 7, "delay_ms": 1500, "count": 1});
-    let headers = [("Authorization", format!("Bearer {TOKEN}")), ("Content-Type", "application/json".into())];
-    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let (status, body) =
-        request("POST", &format!("{}/admin/faults", lab.worker_url(0)), &headers, &fault.to_string()).await;
-    assert_eq!(status, 201, "{body}");
+    arm_fault(&lab.worker_url(0), TOKEN, &fault).await;
 
     let mut alice = Client::connect(&lab.gateway_ws(0)).await;
     alice.send(json!({"type": "hello", "user": "alice"})).await;

@@ -186,3 +186,12 @@ pub async fn whole_history(base: &str, room: &str) -> Vec<Value> {
         }
     }
 }
+
+/// Arms `fault` on a process's admin API (`POST {base}/admin/faults` with `token`); fails the
+/// test unless it is created.
+pub async fn arm_fault(base: &str, token: &str, fault: &Value) {
+    let headers = [("Authorization", format!("Bearer {token}")), ("Content-Type", "application/json".into())];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (status, body) = request("POST", &format!("{base}/admin/faults"), &headers, &fault.to_string()).await;
+    assert_eq!(status, 201, "{body}");
+}

@@ -172,8 +172,8 @@ async fn a_frozen_partition_owner_resumed_after_its_partitions_moved_assigns_no_
         tokio::time::sleep(FAULT_AT).await;
         cluster.worker(0).signal("-STOP");
         // Ownership moves after 3 s without its heartbeat; JetStream redelivers its unacked
-        // sends after ack_wait (4 s). Resume it well after both, with its batches still in hand.
-        tokio::time::sleep(Duration::from_secs(8)).await;
+        // sends after ack_wait (8 s). Resume it after both, with its batches still in hand.
+        tokio::time::sleep(Duration::from_secs(10)).await;
         cluster.worker(0).signal("-CONT");
     })
     .await;
