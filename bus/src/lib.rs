@@ -222,6 +222,10 @@ pub trait Replier: Send + Sync {
     /// Reports the outcome to the gateway that submitted it (and, on a durable bus, marks the
     /// send as done so it is not redelivered).
     async fn reply(self: Box<Self>, outcome: Result<SendOutcome, BusError>);
+
+    /// Gives the send back unanswered, for another worker to take (its worker is leaving).
+    /// By default it is dropped: a durable bus redelivers it after its ack wait.
+    async fn release(self: Box<Self>) {}
 }
 
 /// The fanout worker's view of the bus.
@@ -234,4 +238,9 @@ pub trait FanoutBus: Send + Sync + 'static {
     /// Publishes a stored message to every gateway following its room, with the W3C
     /// `traceparent` of the message's trace.
     async fn deliver(&self, message: Arc<ChatMessage>, traceparent: &str) -> Result<(), BusError>;
+
+    /// Stops taking sends and gives back those taken from the bus but not yet handed out in a
+    /// batch, so another worker takes them at once (a worker leaving on shutdown, once its last
+    /// batch is answered). By default nothing is held back.
+    async fn leave(&self) {}
 }

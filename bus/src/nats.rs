@@ -355,6 +355,10 @@ impl FanoutBus for NatsBus {
     async fn deliver(&self, message: Arc<ChatMessage>, traceparent: &str) -> Result<(), BusError> {
         self.publish_delivery(message, traceparent).await
     }
+
+    async fn leave(&self) {
+        self.leave_workers().await
+    }
 }
 
 #[cfg(test)]

@@ -196,10 +196,10 @@ pub async fn fanout(
     if let Some(gate) = faults.heartbeat_gate() {
         bus.gate_heartbeats(gate);
     }
-    let mut worker =
-        Fanout::new(store.clone(), faults.fanout_bus(bus.clone()), journal.clone(), metrics.clone(), fanout_config)
-            .with_clock(faults.clock())
-            .with_room_hook(faults.room_hook(Arc::new(bus.shared_locks())));
+    let fanout_bus = faults.fanout_bus(bus.clone());
+    let mut worker = Fanout::new(store.clone(), fanout_bus.clone(), journal.clone(), metrics.clone(), fanout_config)
+        .with_clock(faults.clock())
+        .with_room_hook(faults.room_hook(Arc::new(bus.shared_locks())));
     if let Some((log, _)) = &decision_log {
         worker = worker.with_decision_log(log);
         let (log, mut owned) = (log.clone(), bus.owned_partitions());
@@ -236,6 +236,8 @@ pub async fn fanout(
             run.await;
         }
     }
+    // The batch in hand is answered; what is queued behind it goes to the next owner.
+    fanout_bus.leave().await;
     let _ = stop_tx.send(true);
     close_decision_log(decision_log).await?;
     ops.await.context("ops server task")?.context("ops server")

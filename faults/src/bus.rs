@@ -285,6 +285,16 @@ impl FanoutBus for FaultyFanoutBus {
             _ => self.inner.deliver(message, traceparent).await,
         }
     }
+
+    /// The sends a stall holds go back too: the worker never started on them.
+    async fn leave(&self) {
+        if let Some((held, _)) = self.stalled.lock().await.take() {
+            for pending in held {
+                pending.reply.release().await;
+            }
+        }
+        self.inner.leave().await;
+    }
 }
 
 /// A forged copy of a stored message, as a competent liar makes it: the body rewritten and the

@@ -28,6 +28,10 @@ pub fn send_partition(partition: u32) -> String {
 /// decides who owns which partition.
 pub const WORKERS: &str = "chat.workers";
 
+/// Core NATS subject where a fanout worker says it is leaving (stopped on purpose), so the
+/// others take its partitions at once instead of after its heartbeats fall silent.
+pub const WORKERS_LEFT: &str = "chat.workers.left";
+
 /// Wildcard matching every room's sends.
 pub const SEND_ALL: &str = "chat.send.>";
 

@@ -347,6 +347,10 @@ impl Replier for NatsReplier {
             );
         }
     }
+
+    async fn release(self: Box<Self>) {
+        super::workers::hand_back(&self.message).await;
+    }
 }
 
 /// The ids of the send a worker answers, for a failure's log line: read again from its

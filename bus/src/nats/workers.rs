@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer;
+use async_nats::jetstream::{self, consumer, AckKind};
 use futures_util::StreamExt;
 use protocol::subjects;
 use tokio::sync::mpsc;
@@ -25,6 +25,9 @@ const LEGACY_CONSUMER: &str = "fanout";
 const WORKER_SILENCE: Duration = Duration::from_secs(3);
 /// How often a worker announces itself.
 const WORKER_HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long a send a leaving worker hands back waits before JetStream offers it again: time for
+/// the leaving worker's pulls to end and the new owner's to begin.
+const HAND_BACK_DELAY: Duration = Duration::from_millis(250);
 /// How long a joining worker listens before it takes any partition: one heartbeat round and a
 /// margin, so it knows the live workers. Taking at once would mean taking every partition
 /// and handing most back a moment later, two workers pulling each meanwhile.
@@ -62,6 +65,13 @@ impl Membership {
     fn heard(&mut self, worker: &str, at: Instant) {
         if self.heard.insert(worker.to_owned(), at).is_none() && worker != self.me {
             tracing::info!(worker = %self.me, peer = %worker, "worker heard; partitions move to it");
+        }
+    }
+
+    /// `worker` said it is leaving: its partitions move now (logged).
+    fn left(&mut self, worker: &str) {
+        if worker != self.me && self.heard.remove(worker).is_some() {
+            tracing::info!(worker = %self.me, peer = %worker, "worker left; its partitions move");
         }
     }
 
@@ -108,6 +118,11 @@ impl NatsBus {
         }
         let mut heard =
             self.client.subscribe(subjects::WORKERS).await.map_err(|e| unavailable("subscribe to workers", e))?;
+        let mut left = self
+            .client
+            .subscribe(subjects::WORKERS_LEFT)
+            .await
+            .map_err(|e| unavailable("subscribe to departing workers", e))?;
         let bus = self.clone();
         let (settled_tx, settled) = tokio::sync::oneshot::channel();
         let mut settled_tx = Some(settled_tx);
@@ -131,8 +146,19 @@ impl NatsBus {
                         }
                         None => break,
                     },
+                    Some(message) = left.next() => {
+                        if let Ok(name) = std::str::from_utf8(&message.payload) {
+                            membership.left(name);
+                        }
+                    }
                     () = tokio::time::sleep_until(listening_until), if settled_tx.is_some() => {}
-                    () = tx.closed() => break,
+                    () = tx.closed() => {
+                        // Leaving (see `leave`): after this worker's last heartbeat, on the
+                        // same connection, so no peer hears it again afterwards.
+                        let _ = bus.client.publish(subjects::WORKERS_LEFT, bus.config.name.clone().into()).await;
+                        let _ = bus.client.flush().await;
+                        break;
+                    }
                 }
                 if Instant::now() < listening_until {
                     continue;
@@ -176,6 +202,25 @@ impl NatsBus {
         Ok(())
     }
 
+    /// Stops this worker taking sends and hands back those it pulled but did not take, so the
+    /// next owner of their partitions stores them before their deadline rather than JetStream
+    /// redelivering them after `ack_wait`, past it. Its peers hear that it left and take its
+    /// partitions at once ([`FanoutBus::leave`]).
+    ///
+    /// [`FanoutBus::leave`]: crate::FanoutBus::leave
+    pub(super) async fn leave_workers(&self) {
+        let Some(mut queued) = self.sends.lock().await.take() else { return };
+        // Ends the membership task (it announces the departure and stops the pulls).
+        queued.close();
+        let mut handed_back = 0usize;
+        while let Some(pulled) = queued.recv().await {
+            hand_back(&pulled.message).await;
+            handed_back += 1;
+        }
+        let _ = self.client.flush().await;
+        tracing::info!(worker = %self.config.name, handed_back, "left the fanout workers; queued sends handed back");
+    }
+
     /// Lets `gate` decide whether each heartbeat of this worker is published (a fault layer's
     /// seam; the first gate set stays).
     pub fn gate_heartbeats(&self, gate: HeartbeatGate) {
@@ -199,7 +244,9 @@ impl NatsBus {
                     while let Some(message) = messages.next().await {
                         match message {
                             Ok(message) => {
-                                if into.send(Pulled { message, ack_wait }).await.is_err() {
+                                if let Err(unsent) = into.send(Pulled { message, ack_wait }).await {
+                                    // The worker is leaving: the next owner takes it.
+                                    hand_back(&unsent.0.message).await;
                                     return;
                                 }
                             }
@@ -238,6 +285,16 @@ impl NatsBus {
             .await
             .map_err(|e| unavailable("create consumer", e))?;
         let ack_wait = consumer.cached_info().config.ack_wait;
+        if ack_wait != self.config.ack_wait {
+            tracing::warn!(
+                consumer = name.as_str(),
+                ack_wait_ms = ack_wait.as_millis() as u64,
+                configured_ms = self.config.ack_wait.as_millis() as u64,
+                "this partition's consumer keeps the ack wait it was created with, not the configured one \
+                 (edit or delete the consumer to adopt it); refusals of expired sends settle only when the \
+                 ack wait outlasts their deadline"
+            );
+        }
         let messages = consumer
             .stream()
             .max_messages_per_batch(256)
@@ -268,6 +325,14 @@ impl NatsBus {
                 return Some(batch);
             }
         }
+    }
+}
+
+/// Gives a pulled send back to JetStream, to be offered again after [`HAND_BACK_DELAY`] (best
+/// effort: failing that, JetStream redelivers it after `ack_wait`).
+pub(super) async fn hand_back(message: &jetstream::Message) {
+    if let Err(e) = message.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await {
+        tracing::warn!(subject = %message.subject, error = %e, "could not hand a send back; it is redelivered after ack_wait");
     }
 }
 
@@ -415,6 +480,18 @@ mod tests {
 
         let silent = start + WORKER_SILENCE;
         assert_eq!(membership.owned(silent).into_iter().collect::<BTreeSet<_>>(), all, "still counted after silence");
+    }
+
+    #[test]
+    fn a_worker_that_says_it_left_is_forgotten_at_once_and_this_one_never_is() {
+        let start = Instant::now();
+        let mut membership = Membership::new("fanout-a".into());
+        membership.heard("fanout-b", start);
+        assert!(membership.owned(start).len() < subjects::PARTITIONS as usize);
+        membership.left("fanout-a");
+        membership.left("fanout-b");
+        assert_eq!(membership.owned(start), (0..subjects::PARTITIONS).collect::<Vec<_>>(), "fanout-b's moved at once");
+        assert_eq!(membership.live(), 1);
     }
 
     #[test]

@@ -406,3 +406,56 @@ async fn a_send_expired_in_a_stalled_worker_is_refused_when_the_worker_gets_to_i
     assert_eq!(retry["seq"], 1, "{retry}");
     assert_eq!(whole_history(&cluster.gateway_url(0), "expiry").await.len(), 1);
 }
+
+/// A worker stopped (SIGTERM) with sends queued behind the batch in hand answers that batch,
+/// hands the queued sends back to JetStream and says it is leaving, so the other worker takes
+/// its partitions at once and stores them before their deadline. Without the hand-back they
+/// would be redelivered only after the 8 s ack wait, past their deadline, and refused.
+#[tokio::test]
+async fn a_worker_stopped_with_sends_queued_hands_them_to_the_next_owner_in_time() {
+    const TOKEN: &str = "leave-admin-token-0123";
+    let mut cluster = Cluster::builder(binary()).gateways(1).workers(2).admin_token(TOKEN).start().await;
+    // Worker 0's first room batch is held 1.5 s: what it pulls meanwhile queues behind it.
+    let fault =
+        json!({"hop": "fanout.sequence", "action": "stall", "probability": 1, "seed": 7, "delay_ms": 1500, "count": 1});
+    arm_fault(&cluster.worker_url(0), TOKEN, &fault).await;
+    let mut alice = Client::login(&cluster.gateway_ws(0), "alice").await;
+    // Sixteen rooms: some in partitions of each worker.
+    let rooms: Vec<String> = (0..16).map(|i| format!("leave-{i}")).collect();
+    for room in &rooms {
+        alice.join(room).await;
+    }
+    let started = Instant::now();
+    for wave in 0..2 {
+        for room in &rooms {
+            alice.send(json!({"type": "send", "room": room, "client_msg_id": format!("w{wave}"), "body": "x"})).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let answers = async {
+        let mut acked = HashSet::new();
+        while acked.len() < 2 * rooms.len() {
+            let frame = alice.next_within(Duration::from_secs(20)).await;
+            if frame["type"] == "message" || frame["type"] == "presence" {
+                continue;
+            }
+            assert_eq!(frame["type"], "ack", "every send is stored: {frame}");
+            acked.insert((
+                frame["room"].as_str().unwrap().to_owned(),
+                frame["client_msg_id"].as_str().unwrap().to_owned(),
+            ));
+        }
+        started.elapsed()
+    };
+    let (stopped, answered_after) = tokio::join!(cluster.terminate_worker(0, Duration::from_secs(20)), answers);
+    assert!(stopped, "the worker stops on SIGTERM");
+    assert!(
+        answered_after < Duration::from_secs(5),
+        "every send stored within its deadline, none left for a redelivery after the ack wait: {answered_after:?}"
+    );
+    for room in &rooms {
+        let stored = whole_history(&cluster.gateway_url(0), room).await;
+        let ids: Vec<&str> = stored.iter().map(|m| m["client_msg_id"].as_str().unwrap()).collect();
+        assert_eq!(ids.len(), 2, "{room}: each send stored once: {ids:?}");
+    }
+}
