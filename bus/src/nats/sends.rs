@@ -46,17 +46,35 @@ pub(super) struct Pulled {
 }
 
 /// How far the clocks of gateways, workers and NATS servers may disagree for a refusal to be
-/// [settled](settled_refusal).
+/// [settled](Settles::refusal).
 const CLOCK_ALLOWANCE_MS: i64 = 1_000;
 
-/// Whether a worker's refusal of a send settles it: no copy of the send can be stored any more.
-/// That holds when the worker never tried to store its copy (`untried`), its copy was the first
-/// delivery, and JetStream cannot deliver the send again before its deadline: a redelivery comes
-/// `ack_wait` after a delivery, which is after the publish, and a worker stores nothing past a
-/// send's deadline. Redeliveries before the deadline need `ack_wait` shorter than the time from
-/// publish to deadline (with [`CLOCK_ALLOWANCE_MS`] for clocks that disagree).
-fn settled_refusal(untried: bool, delivery: u64, published_ms: i64, ack_wait_ms: i64, deadline_ms: i64) -> bool {
-    untried && delivery == 1 && deadline_ms != 0 && published_ms + ack_wait_ms >= deadline_ms + CLOCK_ALLOWANCE_MS
+/// What decides whether a worker's refusal of one pulled send settles it.
+#[derive(Debug, Clone, Copy)]
+struct Settles {
+    /// Which delivery of the send the worker holds.
+    delivery: u64,
+    /// When JetStream stored the send (its clock).
+    published_ms: i64,
+    /// The consumer's ack wait.
+    ack_wait_ms: i64,
+    /// The send's deadline (the gateway's clock; 0 for none).
+    deadline_ms: i64,
+}
+
+impl Settles {
+    /// Whether a refusal settles the send: no copy of it can be stored any more. That holds when
+    /// the worker never tried to store its copy (`untried`), its copy was the first delivery, and
+    /// JetStream cannot deliver the send again before its deadline: a redelivery comes `ack_wait`
+    /// after a delivery, which is after the publish, and a worker stores nothing past a send's
+    /// deadline. Redeliveries before the deadline need `ack_wait` shorter than the time from
+    /// publish to deadline (with [`CLOCK_ALLOWANCE_MS`] for clocks that disagree).
+    fn refusal(&self, untried: bool) -> bool {
+        untried
+            && self.delivery == 1
+            && self.deadline_ms != 0
+            && self.published_ms + self.ack_wait_ms >= self.deadline_ms + CLOCK_ALLOWANCE_MS
+    }
 }
 
 /// What a submit returns for a worker's answer.
@@ -96,7 +114,7 @@ async fn final_reply(replies: &mut mpsc::Receiver<SendReply>, command: &SendComm
 
 /// What a worker answers for an outcome, and how it acks the JetStream message: a stored send
 /// is acked; a refused or failed one is terminated (never redelivered). `settled` says whether
-/// a refusal settles the send ([`settled_refusal`], given the error's `untried`).
+/// a refusal settles the send ([`Settles::refusal`], given the error's `untried`).
 fn reply_for(outcome: Result<SendOutcome, BusError>, settled: impl FnOnce(bool) -> bool) -> (SendReply, AckKind) {
     match outcome {
         Ok(outcome) => (SendReply::Stored(outcome), AckKind::Ack),
@@ -299,14 +317,6 @@ impl NatsBus {
     }
 }
 
-/// What decides whether a refusal of one pulled send settles it ([`settled_refusal`]).
-struct Settles {
-    delivery: u64,
-    published_ms: i64,
-    ack_wait_ms: i64,
-    deadline_ms: i64,
-}
-
 /// Answers one JetStream send.
 struct NatsReplier {
     client: async_nats::Client,
@@ -318,9 +328,8 @@ struct NatsReplier {
 #[async_trait]
 impl Replier for NatsReplier {
     async fn reply(self: Box<Self>, outcome: Result<SendOutcome, BusError>) {
-        let Settles { delivery, published_ms, ack_wait_ms, deadline_ms } = self.settles;
-        let (reply, ack) =
-            reply_for(outcome, |untried| settled_refusal(untried, delivery, published_ms, ack_wait_ms, deadline_ms));
+        let settles = self.settles;
+        let (reply, ack) = reply_for(outcome, |untried| settles.refusal(untried));
         if let Some(subject) = self.reply_subject {
             if let Ok(payload) = serde_json::to_vec(&reply) {
                 if let Err(e) = self.client.publish(subject, payload.into()).await {
@@ -441,6 +450,11 @@ mod tests {
     /// A send published at 1,000 ms with a deadline 5 s later.
     const PUBLISHED: i64 = 1_000;
     const DEADLINE: i64 = 6_000;
+
+    /// Whether an `untried` refusal of `delivery` settles, as `Settles::refusal` decides.
+    fn settled_refusal(untried: bool, delivery: u64, published_ms: i64, ack_wait_ms: i64, deadline_ms: i64) -> bool {
+        Settles { delivery, published_ms, ack_wait_ms, deadline_ms }.refusal(untried)
+    }
 
     #[test]
     fn an_untried_first_delivery_settles_when_no_redelivery_can_come_before_the_deadline() {
