@@ -35,6 +35,7 @@ use uuid::Uuid;
 pub use scylla::statement::{Consistency, SerialConsistency};
 
 use crate::fence::{fence_of, Fences, Known};
+use crate::rows::{batch_chunks, MessageRows, RowValues, BATCHED_BODY_BYTES, MESSAGES_PER_BATCH};
 use crate::{HistoryStore, Page, PageQuery, RoomAppend, StoreError, StoreErrorKind};
 
 /// Consecutive seqs per `messages` partition: `bucket = seq / BUCKET_SIZE`.
@@ -205,8 +206,9 @@ struct Statements {
     insert_message: PreparedStatement,
     insert_dedupe: PreparedStatement,
     insert_id: PreparedStatement,
-    /// The three inserts above as one unlogged batch: a message's rows in one request.
-    insert_rows: Batch,
+    /// The three inserts above for 1..=[`MESSAGES_PER_BATCH`] messages as one unlogged batch
+    /// each (`insert_rows[k - 1]` holds k messages' rows): a few messages' rows in one request.
+    insert_rows: Vec<Batch>,
     message_exists: PreparedStatement,
     read_message: PreparedStatement,
     read_range: PreparedStatement,
@@ -224,11 +226,6 @@ pub struct CqlStore {
     /// Who takes fences (kept in `fence_epochs.owner`, for operators): process id and a nonce.
     owner: String,
 }
-
-/// Largest body whose rows are written as one batch. Cassandra logs batches over 5 KiB
-/// (`batch_size_warn_threshold`) and refuses those over 50 KiB; a larger body's rows go as three
-/// requests.
-const BATCHED_BODY_BYTES: usize = 4 * 1024;
 
 // === impl CqlStore ===
 
@@ -442,16 +439,43 @@ impl CqlStore {
     }
 
     /// Writes the message, dedupe and id rows of `messages`, stamped for `epoch` (rows of a room
-    /// before epochs, completed from a pending record, use epoch 0): one unlogged batch per
-    /// message, so a message's three rows cost the store one request, not three.
+    /// before epochs, completed from a pending record, use epoch 0): up to
+    /// [`MESSAGES_PER_BATCH`] messages' rows as one unlogged batch, so an append of a few small
+    /// messages costs the store one request.
     async fn write_rows(&self, messages: &[ChatMessage], epoch: u64) -> Result<(), StoreError> {
-        let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> = Vec::with_capacity(messages.len());
-        for message in messages {
-            let stamps = [self.fences.stamp(epoch)?, self.fences.stamp(epoch)?, self.fences.stamp(epoch)?];
-            writes.push(Box::pin(self.write_message_rows(message, stamps)));
+        let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> = Vec::new();
+        for chunk in batch_chunks(messages) {
+            let mut rows = Vec::with_capacity(chunk.len());
+            for message in chunk {
+                let stamps = [self.fences.stamp(epoch)?, self.fences.stamp(epoch)?, self.fences.stamp(epoch)?];
+                rows.push(MessageRows::of(message, stamps)?);
+            }
+            writes.push(Box::pin(self.write_chunk(rows)));
         }
         // Collected first: a closure held across the await would trip async_trait's Send check.
         futures_util::stream::iter(writes).buffer_unordered(MAX_INFLIGHT_REQUESTS).try_collect::<()>().await
+    }
+
+    /// Writes the rows of a few messages: one batch request, or three requests for a message
+    /// too large to batch.
+    async fn write_chunk(&self, rows: Vec<MessageRows<'_>>) -> Result<(), StoreError> {
+        let (Some(first), Some(last)) = (rows.first(), rows.last()) else { return Ok(()) };
+        let what = format!("room {}: write the rows of seqs {}..={}", first.room(), first.seq(), last.seq());
+        let s = &self.statements;
+        let written = match rows.as_slice() {
+            [one] if one.body_len() > BATCHED_BODY_BYTES => futures_util::try_join!(
+                self.session.execute_unpaged(&s.insert_message, one.message),
+                self.session.execute_unpaged(&s.insert_dedupe, one.dedupe),
+                self.session.execute_unpaged(&s.insert_id, one.id),
+            )
+            .map(|_| ()),
+            _ => {
+                let batch = &s.insert_rows[rows.len() - 1];
+                let values: Vec<RowValues<'_>> = rows.iter().flat_map(MessageRows::values).collect();
+                self.session.batch(batch, values).await.map(|_| ())
+            }
+        };
+        written.map_err(|e| unavailable(what, e))
     }
 
     /// The commit of an append: the room's last seq, stamped for `epoch`.
@@ -462,39 +486,6 @@ impl CqlStore {
             .await
             .map(|_| ())
             .map_err(|e| unavailable(format_args!("room {room}: commit last seq {last_seq} (outcome unknown)"), e))
-    }
-
-    /// Writes one message's rows (message, dedupe entry, id entry), each with its own stamp.
-    async fn write_message_rows(&self, m: &ChatMessage, stamps: [i64; 3]) -> Result<(), StoreError> {
-        let seq = to_cql_seq(m.seq)?;
-        let message = (
-            m.room.as_str(),
-            bucket_of(m.seq)?,
-            seq,
-            m.id,
-            m.user.as_str(),
-            m.body.as_str(),
-            m.ts,
-            m.client_msg_id.as_str(),
-            m.trace_id.as_str(),
-            m.prev.as_deref(),
-            m.digest.as_deref(),
-            stamps[0],
-        );
-        let dedupe = (m.room.as_str(), m.user.as_str(), m.client_msg_id.as_str(), seq, stamps[1]);
-        let id = (m.id, m.room.as_str(), seq, stamps[2]);
-        let s = &self.statements;
-        let written = if m.body.len() <= BATCHED_BODY_BYTES {
-            self.session.batch(&s.insert_rows, (message, dedupe, id)).await.map(|_| ())
-        } else {
-            futures_util::try_join!(
-                self.session.execute_unpaged(&s.insert_message, message),
-                self.session.execute_unpaged(&s.insert_dedupe, dedupe),
-                self.session.execute_unpaged(&s.insert_id, id),
-            )
-            .map(|_| ())
-        };
-        written.map_err(|e| unavailable(format_args!("room {}: write the rows of seq {}", m.room, m.seq), e))
     }
 
     /// The room's last seq and its pending record (decoded), as stored.
@@ -670,14 +661,18 @@ impl Statements {
             .await?,
             read_state: prepare(session, "SELECT last_seq, pending FROM room_state WHERE room = ?", true).await?,
             read_last_seq: prepare(session, "SELECT last_seq FROM room_state WHERE room = ?", true).await?,
-            insert_rows: {
-                let mut rows = Batch::new(BatchType::Unlogged);
-                for insert in [&insert_message, &insert_dedupe, &insert_id] {
-                    rows.append_statement(insert.clone());
-                }
-                rows.set_is_idempotent(true);
-                rows
-            },
+            insert_rows: (1..=MESSAGES_PER_BATCH)
+                .map(|messages| {
+                    let mut rows = Batch::new(BatchType::Unlogged);
+                    for _ in 0..messages {
+                        for insert in [&insert_message, &insert_dedupe, &insert_id] {
+                            rows.append_statement(insert.clone());
+                        }
+                    }
+                    rows.set_is_idempotent(true);
+                    rows
+                })
+                .collect(),
             insert_message,
             insert_dedupe,
             insert_id,
@@ -1047,11 +1042,11 @@ fn message_from_row(room: &str, row: MessageRow) -> Result<ChatMessage, StoreErr
     Ok(ChatMessage { room: room.to_owned(), seq, id, user, body, ts, client_msg_id, trace_id, prev, digest })
 }
 
-fn bucket_of(seq: u64) -> Result<i64, StoreError> {
+pub(crate) fn bucket_of(seq: u64) -> Result<i64, StoreError> {
     to_cql_seq(seq / BUCKET_SIZE)
 }
 
-fn to_cql_seq(seq: u64) -> Result<i64, StoreError> {
+pub(crate) fn to_cql_seq(seq: u64) -> Result<i64, StoreError> {
     i64::try_from(seq).map_err(|_| StoreError::corrupt(format!("seq {seq} exceeds CQL bigint")))
 }
 

@@ -11,6 +11,7 @@
 pub mod cql;
 pub mod embedded;
 mod fence;
+mod rows;
 pub mod warm;
 
 use async_trait::async_trait;
