@@ -460,7 +460,7 @@ impl CqlStore {
     /// too large to batch.
     async fn write_chunk(&self, rows: Vec<MessageRows<'_>>) -> Result<(), StoreError> {
         let (Some(first), Some(last)) = (rows.first(), rows.last()) else { return Ok(()) };
-        let what = format!("room {}: write the rows of seqs {}..={}", first.room(), first.seq(), last.seq());
+        let (room, seqs) = (first.room(), (first.seq(), last.seq()));
         let s = &self.statements;
         let written = match rows.as_slice() {
             [one] if one.body_len() > BATCHED_BODY_BYTES => futures_util::try_join!(
@@ -475,7 +475,7 @@ impl CqlStore {
                 self.session.batch(batch, values).await.map(|_| ())
             }
         };
-        written.map_err(|e| unavailable(what, e))
+        written.map_err(|e| unavailable(format_args!("room {room}: write the rows of seqs {}..={}", seqs.0, seqs.1), e))
     }
 
     /// The commit of an append: the room's last seq, stamped for `epoch`.
