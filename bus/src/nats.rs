@@ -171,6 +171,9 @@ pub struct NatsBus {
     reply_prefix: String,
     /// Sends pulled from the partitions this worker owns (fanout side).
     sends: tokio::sync::Mutex<Option<mpsc::Receiver<sends::Pulled>>>,
+    /// The worker's membership task (fanout side): it ends once it has announced that this
+    /// worker leaves and stopped the pulls, which [`leave`](crate::FanoutBus::leave) awaits.
+    membership: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Counts the connection's (re)connects; room feeds turn a change into [`FeedItem::Resumed`].
     ///
     /// [`FeedItem::Resumed`]: crate::FeedItem::Resumed
@@ -273,6 +276,7 @@ impl NatsBus {
             waiters: Arc::default(),
             reply_prefix,
             sends: tokio::sync::Mutex::new(None),
+            membership: tokio::sync::Mutex::new(None),
             connects,
             owned: tokio::sync::watch::Sender::new(Vec::new()),
             heartbeat_gate: std::sync::OnceLock::new(),

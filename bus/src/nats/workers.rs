@@ -28,6 +28,8 @@ const WORKER_HEARTBEAT: Duration = Duration::from_secs(1);
 /// How long a send a leaving worker hands back waits before JetStream offers it again: time for
 /// the leaving worker's pulls to end and the new owner's to begin.
 const HAND_BACK_DELAY: Duration = Duration::from_millis(250);
+/// How long a leaving worker waits for its departure to be announced before it goes anyway.
+const LEAVE_ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a joining worker listens before it takes any partition: one heartbeat round and a
 /// margin, so it knows the live workers. Taking at once would mean taking every partition
 /// and handing most back a moment later, two workers pulling each meanwhile.
@@ -127,7 +129,7 @@ impl NatsBus {
         let (settled_tx, settled) = tokio::sync::oneshot::channel();
         let mut settled_tx = Some(settled_tx);
         let listening_until = Instant::now() + JOIN_LISTEN;
-        tokio::spawn(async move {
+        let membership = tokio::spawn(async move {
             let mut membership = Membership::new(bus.config.name.clone());
             let mut pullers: HashMap<u32, tokio::task::JoinHandle<()>> = HashMap::new();
             let mut tick = tokio::time::interval(WORKER_HEARTBEAT);
@@ -153,8 +155,13 @@ impl NatsBus {
                     }
                     () = tokio::time::sleep_until(listening_until), if settled_tx.is_some() => {}
                     () = tx.closed() => {
-                        // Leaving (see `leave`): after this worker's last heartbeat, on the
-                        // same connection, so no peer hears it again afterwards.
+                        // Leaving (see `leave`): the pulls stop first, so what the stream
+                        // offers from now waits for the next owner; then the departure goes
+                        // out after this worker's last heartbeat, on the same connection, so
+                        // no peer hears it again afterwards.
+                        for task in pullers.values() {
+                            task.abort();
+                        }
                         let _ = bus.client.publish(subjects::WORKERS_LEFT, bus.config.name.clone().into()).await;
                         let _ = bus.client.flush().await;
                         break;
@@ -198,6 +205,7 @@ impl NatsBus {
                 task.abort();
             }
         });
+        *self.membership.lock().await = Some(membership);
         settled.await.map_err(|_| BusError::unavailable("the workers' membership ended before this worker joined"))?;
         Ok(())
     }
@@ -208,17 +216,33 @@ impl NatsBus {
     /// partitions at once ([`FanoutBus::leave`]).
     ///
     /// [`FanoutBus::leave`]: crate::FanoutBus::leave
+    ///
+    /// Returns once the departure is announced, or after [`LEAVE_ANNOUNCE_TIMEOUT`]: a process
+    /// that exits sooner may take its announcement with it, and its peers would then wait out
+    /// [`WORKER_SILENCE`] before taking its partitions.
     pub(super) async fn leave_workers(&self) {
         let Some(mut queued) = self.sends.lock().await.take() else { return };
-        // Ends the membership task (it announces the departure and stops the pulls).
+        // Ends the membership task: it announces the departure and stops the pulls.
         queued.close();
         let mut handed_back = 0usize;
         while let Some(pulled) = queued.recv().await {
             hand_back(&pulled.message).await;
             handed_back += 1;
         }
+        let announced = match self.membership.lock().await.take() {
+            Some(membership) => tokio::time::timeout(LEAVE_ANNOUNCE_TIMEOUT, membership).await.is_ok(),
+            None => false,
+        };
         let _ = self.client.flush().await;
-        tracing::info!(worker = %self.config.name, handed_back, "left the fanout workers; queued sends handed back");
+        if announced {
+            tracing::info!(worker = %self.config.name, handed_back, "left the fanout workers; queued sends handed back");
+        } else {
+            tracing::warn!(
+                worker = %self.config.name,
+                handed_back,
+                "left the fanout workers without announcing it in time; peers take its partitions once it is silent"
+            );
+        }
     }
 
     /// Lets `gate` decide whether each heartbeat of this worker is published (a fault layer's
