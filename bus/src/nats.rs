@@ -180,6 +180,9 @@ pub struct NatsBus {
     connects: Arc<tokio::sync::watch::Sender<u64>>,
     /// The partitions this worker pulls, in order (empty on a gateway).
     owned: tokio::sync::watch::Sender<Vec<u32>>,
+    /// The workers a gateway hears and the owner of each partition (empty until
+    /// [`follow_workers`](Self::follow_workers), and on a worker).
+    workers: tokio::sync::watch::Sender<Arc<workers::WorkersView>>,
     /// Decides whether each of this worker's heartbeats is published (set by a fault layer;
     /// without one, every heartbeat is).
     heartbeat_gate: std::sync::OnceLock<HeartbeatGate>,
@@ -279,6 +282,7 @@ impl NatsBus {
             membership: tokio::sync::Mutex::new(None),
             connects,
             owned: tokio::sync::watch::Sender::new(Vec::new()),
+            workers: tokio::sync::watch::Sender::new(Arc::default()),
             heartbeat_gate: std::sync::OnceLock::new(),
             metrics,
         });

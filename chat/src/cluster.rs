@@ -131,23 +131,26 @@ pub async fn gateway(
     let store = connect_store(&backends).await?;
     let journal = Arc::new(Journal::new(config.gateway_id.clone(), journal_capacity));
     bus.serve_journal(journal.clone()).await.context("serving journeys")?;
+    bus.follow_workers().await.context("following the fanout workers")?;
     let faults = FaultLayer::new(config.admin_token.clone(), metrics.clone(), journal.clone());
     let deps = faults.wire_gateway(GatewayDeps::new(GatewayBus::of(bus), store, metrics, journal));
     gateway::run(listener, config, deps, shutdown).await.context("serving HTTP")
 }
 
-/// How long a worker's partitions must stay its own before it takes their fences: while
-/// workers come and go ownership can move back and forth (a worker heard late, or silent for a
-/// moment), and the previous owner may still be finishing the sends it pulled.
+/// How long a joining worker waits before it takes the fences of the partitions it was given:
+/// their previous owners are alive and may still be finishing the sends they pulled.
 const OWNERSHIP_SETTLE: Duration = Duration::from_secs(3);
 
-/// Takes the store fences of the partitions this worker owns (now, and after every change) once
-/// ownership has settled, so the first send of a partition that moved here does not wait out
-/// the store's grace. Ends when the bus is dropped.
+/// Takes the store fences of the partitions this worker owns, so the first send of a partition
+/// that moved here does not wait out the store's grace. At join, once ownership has settled;
+/// after that at once, for every partition gained: a running worker gains partitions only
+/// from a worker that left or went silent, which finishes nothing, and the copies of its
+/// pending sends that gateways publish are due within their deadline. The fences are taken
+/// together, so their graces overlap. Ends when the bus is dropped.
 fn hold_owned_fences(store: Arc<CqlStore>, mut owned: tokio::sync::watch::Receiver<Vec<u32>>) {
     tokio::spawn(async move {
+        tokio::time::sleep(OWNERSHIP_SETTLE).await;
         loop {
-            tokio::time::sleep(OWNERSHIP_SETTLE).await;
             let partitions = owned.borrow_and_update().clone();
             let mut taking = tokio::task::JoinSet::new();
             for partition in partitions {

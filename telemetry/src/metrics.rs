@@ -130,6 +130,9 @@ pub struct Metrics {
     pub seq_conflicts: IntCounter,
     /// Sends the bus handed to a worker again (held past the ack deadline, or a worker died).
     pub send_redeliveries: IntCounter,
+    /// Copies of a send a gateway published again for a partition's new owner, because the
+    /// worker that owned the partition when the send was published went silent or left.
+    pub send_copies: IntCounter,
     /// Sends per fanout batch.
     pub fanout_batch: Histogram,
     /// Partitions of the send stream this worker pulls now (cluster only).
@@ -303,6 +306,10 @@ impl Metrics {
             send_redeliveries: r.counter(
                 "chat_send_redeliveries",
                 "Sends handed to a worker again by JetStream (ack deadline passed, or a worker died).",
+            ),
+            send_copies: r.counter(
+                "chat_send_copies",
+                "Sends published again by a gateway for a new owner, the worker holding them being gone.",
             ),
             fanout_batch: r.histogram(
                 "chat_fanout_batch_size",

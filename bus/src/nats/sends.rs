@@ -17,6 +17,7 @@ use protocol::subjects;
 use tokio::sync::mpsc;
 
 use super::ids::Named;
+use super::workers::WorkersView;
 use super::{unavailable, NatsBus, TRACEPARENT};
 use crate::{BusError, BusErrorKind, PendingSend, Replier};
 
@@ -86,17 +87,26 @@ fn outcome_of(reply: SendReply) -> Result<SendOutcome, BusError> {
     }
 }
 
-/// The final answer among the workers' answers to one send. `Stored`, `Rejected` and a
-/// settled `Unavailable` are final. An unsettled `Unavailable` speaks only for the copy that
-/// worker held: JetStream may have redelivered the send to another worker (after `ack_wait`)
-/// that stores it before the deadline, or the worker's failed write may still land. So the
-/// wait goes on after it; the caller's wait past the deadline ends it, and the gateway then
-/// asks the store. `command` names the send in the log.
-async fn final_reply(replies: &mut mpsc::Receiver<SendReply>, command: &SendCommand) -> Result<SendOutcome, BusError> {
-    let mut refused = None;
-    while let Some(reply) = replies.recv().await {
+/// The workers' answers to one send, judged as they come. `Stored`, `Rejected` and a settled
+/// `Unavailable` are final. An unsettled `Unavailable` speaks only for the copy that worker held:
+/// JetStream may have redelivered the send to another worker (after `ack_wait`) that stores it
+/// before the deadline, or the worker's failed write may still land. So the wait goes on after
+/// it; the caller's wait past the deadline ends it, and the gateway then asks the store. Once
+/// the gateway has published a second copy of the send ([`copy_for`]), no refusal settles it:
+/// the other copy may still be stored.
+#[derive(Debug, Default)]
+struct Answers {
+    /// The last refusal, for the error when no final answer comes.
+    refused: Option<String>,
+    /// Whether more than one copy of the send was published.
+    copied: bool,
+}
+
+impl Answers {
+    /// The final answer, if `reply` is one. `command` names the send in the log.
+    fn judge(&mut self, reply: SendReply, command: &SendCommand) -> Option<Result<SendOutcome, BusError>> {
         match reply {
-            SendReply::Unavailable { reason, settled: false } => {
+            SendReply::Unavailable { reason, settled } if !settled || self.copied => {
                 tracing::debug!(
                     room = %command.room,
                     trace_id = %command.trace_id(),
@@ -104,12 +114,43 @@ async fn final_reply(replies: &mut mpsc::Receiver<SendReply>, command: &SendComm
                     reason,
                     "a worker did not store its copy of the send; awaiting another answer"
                 );
-                refused = Some(reason);
+                self.refused = Some(reason);
+                None
             }
-            answer => return outcome_of(answer),
+            answer => Some(outcome_of(answer)),
         }
     }
-    Err(BusError::unavailable(refused.unwrap_or_else(|| "reply channel closed".into())))
+
+    /// What the send gets when the answers end without a final one.
+    fn ended(self) -> Result<SendOutcome, BusError> {
+        Err(BusError::unavailable(self.refused.unwrap_or_else(|| "reply channel closed".into())))
+    }
+}
+
+/// At most this many copies of one send are published after the first.
+const MAX_COPIES: u32 = 2;
+
+/// A copy is published only while at least this long is left before the send's deadline: the
+/// new owner needs time to pull it and store it.
+const COPY_MARGIN_MS: i64 = 250;
+
+/// The worker a new copy of a send should go to, if one should be published now: the worker
+/// `holder` that owned the send's `partition` when it was last published is gone from `view`
+/// (silent or left), another worker owns the partition, fewer than [`MAX_COPIES`] copies were
+/// made, and the deadline is not close. The first copy would otherwise come back only after
+/// JetStream's ack wait, past the deadline.
+fn copy_for(
+    holder: Option<&str>,
+    view: &WorkersView,
+    partition: u32,
+    copies: u32,
+    now_ms: i64,
+    deadline_ms: i64,
+) -> Option<String> {
+    let gone = holder?;
+    let next = view.owner_of(partition)?;
+    let time_left = deadline_ms == 0 || now_ms + COPY_MARGIN_MS < deadline_ms;
+    (!view.is_live(gone) && copies < MAX_COPIES && time_left).then(|| next.to_owned())
 }
 
 /// What a worker answers for an outcome, and how it acks the JetStream message: a stored send
@@ -142,6 +183,23 @@ const REPUBLISH_PAUSE: std::time::Duration = std::time::Duration::from_millis(25
 fn publish_outcome_unknown(e: &jetstream::context::PublishError) -> bool {
     use jetstream::context::PublishErrorKind as Kind;
     matches!(e.kind(), Kind::TimedOut | Kind::BrokenPipe)
+}
+
+/// A send as published to JetStream, kept to publish a copy of it.
+struct Published {
+    subject: String,
+    headers: HeaderMap,
+    payload: bytes::Bytes,
+    /// The first copy's `Nats-Msg-Id`.
+    token: String,
+}
+
+impl Published {
+    /// Turns this into copy number `n` (from 1 after the first): a message id of its own, so
+    /// JetStream's duplicate window does not drop it; same reply subject and payload.
+    fn copy(&mut self, n: u32) {
+        self.headers.insert("Nats-Msg-Id", format!("{}.copy{n}", self.token).as_str());
+    }
 }
 
 /// Removes a waiter when its submit ends, answered or not.
@@ -254,9 +312,92 @@ impl NatsBus {
         tracing::Instrument::instrument(stored, span).await?;
         self.metrics.bus_latency.with_label_values(&["jetstream_publish"]).observe(started.elapsed().as_secs_f64());
         let replied = std::time::Instant::now();
-        let reply = final_reply(&mut rx, &command).await;
+        let first = Published { subject, headers, payload, token };
+        let reply = self.final_answer(&mut rx, &command, first).await;
         self.metrics.bus_latency.with_label_values(&["worker_reply"]).observe(replied.elapsed().as_secs_f64());
         reply
+    }
+
+    /// Waits for the final answer to a published send ([`Answers`]). When the worker that owned
+    /// the send's partition at publish time goes silent or leaves before answering, the send is
+    /// published again under a new JetStream message id ([`copy_for`]), so the partition's new
+    /// owner takes it before the deadline. Which copies get stored does not matter: the
+    /// sequencer's dedupe by `client_msg_id`, under the partition's fence, keeps one message.
+    async fn final_answer(
+        &self,
+        replies: &mut mpsc::Receiver<SendReply>,
+        command: &SendCommand,
+        mut published: Published,
+    ) -> Result<SendOutcome, BusError> {
+        let mut answers = Answers::default();
+        let mut workers = self.workers_view();
+        let partition = subjects::partition(&command.room);
+        let mut holder = workers.borrow_and_update().owner_of(partition).map(str::to_owned);
+        let mut copies = 0;
+        let mut following = true;
+        loop {
+            tokio::select! {
+                reply = replies.recv() => match reply {
+                    Some(reply) => {
+                        if let Some(answer) = answers.judge(reply, command) {
+                            return answer;
+                        }
+                    }
+                    None => return answers.ended(),
+                },
+                changed = workers.changed(), if following => {
+                    if changed.is_err() {
+                        following = false;
+                        continue;
+                    }
+                    let view = workers.borrow_and_update().clone();
+                    let Some(holder_now) = holder.clone() else {
+                        // Published before this gateway heard any worker: the first owner it
+                        // hears is the best guess of who holds the send.
+                        holder = view.owner_of(partition).map(str::to_owned);
+                        continue;
+                    };
+                    let Some(next) =
+                        copy_for(Some(&holder_now), &view, partition, copies, protocol::now_ms(), command.deadline_ms)
+                    else {
+                        continue;
+                    };
+                    copies += 1;
+                    answers.copied = true;
+                    self.metrics.send_copies.inc();
+                    tracing::info!(
+                        room = %command.room,
+                        trace_id = %command.trace_id(),
+                        client_msg_id = command.client_msg_id.as_str(),
+                        gone = holder_now.as_str(),
+                        next = next.as_str(),
+                        copy = copies,
+                        "the worker holding the send is gone; published a copy for the partition's new owner"
+                    );
+                    published.copy(copies);
+                    if let Err(e) = self.publish_once(&published).await {
+                        tracing::warn!(
+                            room = %command.room,
+                            trace_id = %command.trace_id(),
+                            error = %e,
+                            "copy of the send not published; awaiting the first copy's answer"
+                        );
+                    }
+                    holder = Some(next);
+                }
+            }
+        }
+    }
+
+    /// Publishes a send to JetStream once and waits for the stream's acknowledgement.
+    async fn publish_once(&self, published: &Published) -> Result<(), BusError> {
+        let ack = self
+            .js
+            .publish_with_headers(published.subject.clone(), published.headers.clone(), published.payload.clone())
+            .await
+            .map_err(|e| unavailable("publish a copy of the send", e))?;
+        ack.await.map_err(|e| unavailable("copy of the send not stored in JetStream", e))?;
+        Ok(())
     }
 
     /// Turns a pulled JetStream message into a send for the worker; an undecodable one is
@@ -478,43 +619,69 @@ mod tests {
         assert!(!settled_refusal(true, 1, i64::MIN / 2, 8_000, DEADLINE));
     }
 
-    #[tokio::test]
-    async fn a_settled_refusal_is_final() {
-        let (tx, mut rx) = mpsc::channel(REPLIES_PER_SEND);
-        tx.try_send(SendReply::Unavailable { reason: "expired".into(), settled: true }).unwrap();
-        let answered =
-            tokio::time::timeout(std::time::Duration::from_millis(50), final_reply(&mut rx, &command())).await;
-        let error = answered.expect("answered without waiting for more").unwrap_err();
+    #[test]
+    fn a_settled_refusal_is_final() {
+        let mut answers = Answers::default();
+        let answer = answers.judge(SendReply::Unavailable { reason: "expired".into(), settled: true }, &command());
+        let error = answer.expect("final").unwrap_err();
         assert_eq!((error.kind(), error.message()), (BusErrorKind::Unavailable, "expired"));
     }
 
-    #[tokio::test]
-    async fn a_copy_refused_is_not_final_another_copy_stored_is() {
-        let (tx, mut rx) = mpsc::channel(REPLIES_PER_SEND);
-        tx.try_send(SendReply::Unavailable { reason: "past its deadline".into(), settled: false }).unwrap();
-        tx.try_send(SendReply::Stored(outcome())).unwrap();
-        assert_eq!(final_reply(&mut rx, &command()).await.unwrap(), outcome());
+    #[test]
+    fn a_copy_refused_is_not_final_another_copy_stored_is() {
+        let mut answers = Answers::default();
+        let refusal = SendReply::Unavailable { reason: "past its deadline".into(), settled: false };
+        assert!(answers.judge(refusal, &command()).is_none());
+        assert_eq!(answers.judge(SendReply::Stored(outcome()), &command()).unwrap().unwrap(), outcome());
     }
 
-    #[tokio::test]
-    async fn only_refusals_wait_for_more_until_the_channel_closes() {
-        let (tx, mut rx) = mpsc::channel(REPLIES_PER_SEND);
-        tx.try_send(SendReply::Unavailable { reason: "past its deadline".into(), settled: false }).unwrap();
-        let waiting =
-            tokio::time::timeout(std::time::Duration::from_millis(50), final_reply(&mut rx, &command())).await;
-        assert!(waiting.is_err(), "a refusal alone is not final");
-        drop(tx);
-        let error = final_reply(&mut rx, &command()).await.unwrap_err();
-        assert_eq!(error.kind(), BusErrorKind::Unavailable);
+    #[test]
+    fn once_the_send_was_copied_no_refusal_settles_it() {
+        let mut answers = Answers { copied: true, ..Answers::default() };
+        let settled = SendReply::Unavailable { reason: "expired in the queue".into(), settled: true };
+        assert!(answers.judge(settled, &command()).is_none(), "the other copy may still be stored");
+        let error = answers.ended().unwrap_err();
+        assert_eq!((error.kind(), error.message()), (BusErrorKind::Unavailable, "expired in the queue"));
     }
 
-    #[tokio::test]
-    async fn no_answer_at_all_is_unavailable() {
-        let (tx, mut rx) = mpsc::channel::<SendReply>(REPLIES_PER_SEND);
-        drop(tx);
-        let error = final_reply(&mut rx, &command()).await.unwrap_err();
+    #[test]
+    fn a_rejection_is_final_whatever_the_copies() {
+        let mut answers = Answers { copied: true, ..Answers::default() };
+        let answer = answers.judge(SendReply::Rejected { reason: "body too long".into() }, &command());
+        assert_eq!(answer.unwrap().unwrap_err().kind(), BusErrorKind::Rejected);
+    }
+
+    #[test]
+    fn no_answer_at_all_is_unavailable() {
+        let error = Answers::default().ended().unwrap_err();
         assert_eq!(error.kind(), BusErrorKind::Unavailable);
         assert_eq!(error.message(), "reply channel closed");
+    }
+
+    fn view(live: &[&str]) -> WorkersView {
+        let mut membership = super::super::workers::Membership::observer("gw-1".into());
+        let now = tokio::time::Instant::now();
+        for worker in live {
+            membership.heard(worker, now);
+        }
+        membership.view(now)
+    }
+
+    #[test]
+    fn a_copy_goes_to_the_new_owner_only_when_the_holder_is_gone() {
+        let both = view(&["fanout-1", "fanout-2"]);
+        let partition = (0..subjects::PARTITIONS).find(|p| both.owner_of(*p) == Some("fanout-1")).unwrap();
+        let after = view(&["fanout-2"]);
+        let deadline = 10_000;
+        assert_eq!(copy_for(Some("fanout-1"), &after, partition, 0, 5_000, deadline).as_deref(), Some("fanout-2"));
+        // The holder is still live (it only lost the partition to a newcomer): it answers.
+        let joined = view(&["fanout-1", "fanout-2", "fanout-3"]);
+        assert_eq!(copy_for(Some("fanout-1"), &joined, partition, 0, 5_000, deadline), None);
+        // Nobody to take it, no known holder, too many copies, or too close to the deadline.
+        assert_eq!(copy_for(Some("fanout-1"), &view(&[]), partition, 0, 5_000, deadline), None);
+        assert_eq!(copy_for(None, &after, partition, 0, 5_000, deadline), None);
+        assert_eq!(copy_for(Some("fanout-1"), &after, partition, MAX_COPIES, 5_000, deadline), None);
+        assert_eq!(copy_for(Some("fanout-1"), &after, partition, 0, deadline - COPY_MARGIN_MS, deadline), None);
     }
 
     #[test]

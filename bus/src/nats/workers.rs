@@ -25,6 +25,9 @@ const LEGACY_CONSUMER: &str = "fanout";
 const WORKER_SILENCE: Duration = Duration::from_secs(3);
 /// How often a worker announces itself.
 const WORKER_HEARTBEAT: Duration = Duration::from_secs(1);
+/// How often a process looks for workers gone silent: a dead worker's partitions move within
+/// [`WORKER_SILENCE`] and this of its last heartbeat.
+pub(super) const SILENCE_CHECK: Duration = Duration::from_millis(250);
 /// How long a send a leaving worker hands back waits before JetStream offers it again: time for
 /// the leaving worker's pulls to end and the new owner's to begin.
 const HAND_BACK_DELAY: Duration = Duration::from_millis(250);
@@ -50,29 +53,37 @@ pub fn owner<'a>(partition: u32, workers: impl IntoIterator<Item = &'a str>) -> 
         .map(|(_, worker)| worker)
 }
 
-/// The workers one worker has heard announce themselves, and when it last heard each.
-struct Membership {
+/// The workers one process has heard announce themselves, and when it last heard each: a
+/// worker's own membership, or a gateway following the workers ([`Membership::observer`]).
+pub(super) struct Membership {
     me: String,
+    /// A gateway's view: it is never a worker itself and logs nothing (its workers do).
+    observer: bool,
     heard: HashMap<String, Instant>,
 }
 
 impl Membership {
-    /// Only `me` so far.
+    /// Worker `me`'s membership: only `me` so far.
     fn new(me: String) -> Self {
-        Self { me, heard: HashMap::new() }
+        Self { me, observer: false, heard: HashMap::new() }
+    }
+
+    /// The view of process `me`, which follows the workers without being one.
+    pub(super) fn observer(me: String) -> Self {
+        Self { me, observer: true, heard: HashMap::new() }
     }
 
     /// `worker` announced itself at `at` (logged when it was not live before: partitions move
     /// to it).
-    fn heard(&mut self, worker: &str, at: Instant) {
-        if self.heard.insert(worker.to_owned(), at).is_none() && worker != self.me {
+    pub(super) fn heard(&mut self, worker: &str, at: Instant) {
+        if self.heard.insert(worker.to_owned(), at).is_none() && worker != self.me && !self.observer {
             tracing::info!(worker = %self.me, peer = %worker, "worker heard; partitions move to it");
         }
     }
 
     /// `worker` said it is leaving: its partitions move now (logged).
-    fn left(&mut self, worker: &str) {
-        if worker != self.me && self.heard.remove(worker).is_some() {
+    pub(super) fn left(&mut self, worker: &str) {
+        if worker != self.me && self.heard.remove(worker).is_some() && !self.observer {
             tracing::info!(worker = %self.me, peer = %worker, "worker left; its partitions move");
         }
     }
@@ -82,21 +93,60 @@ impl Membership {
         self.heard.len()
     }
 
-    /// The partitions this worker owns at `now`: workers silent for [`WORKER_SILENCE`] are
-    /// forgotten (logged: their partitions move), and this worker is always live.
-    fn owned(&mut self, now: Instant) -> Vec<u32> {
-        let me = &self.me;
+    /// Forgets the workers silent for [`WORKER_SILENCE`] at `now` (logged: their partitions
+    /// move).
+    fn forget_silent(&mut self, now: Instant) {
+        let (me, observer) = (&self.me, self.observer);
         self.heard.retain(|worker, seen| {
             let live = now.duration_since(*seen) < WORKER_SILENCE;
-            if !live && worker != me {
+            if !live && worker != me && !observer {
                 tracing::info!(worker = %me, peer = %worker, silent_for = ?WORKER_SILENCE, "worker silent; its partitions move");
             }
             live
         });
+    }
+
+    /// The partitions this worker owns at `now`: workers silent for [`WORKER_SILENCE`] are
+    /// forgotten, and this worker is always live.
+    fn owned(&mut self, now: Instant) -> Vec<u32> {
+        self.forget_silent(now);
         self.heard.insert(self.me.clone(), now);
         (0..subjects::PARTITIONS)
             .filter(|partition| owner(*partition, self.heard.keys().map(String::as_str)) == Some(self.me.as_str()))
             .collect()
+    }
+
+    /// The live workers at `now` and the owner of each partition among them (an observer's
+    /// view: it counts only the workers it hears).
+    pub(super) fn view(&mut self, now: Instant) -> WorkersView {
+        self.forget_silent(now);
+        let mut live: Vec<String> = self.heard.keys().cloned().collect();
+        live.sort_unstable();
+        let owners = (0..subjects::PARTITIONS)
+            .map(|partition| owner(partition, live.iter().map(String::as_str)).map(str::to_owned))
+            .collect();
+        WorkersView { live, owners }
+    }
+}
+
+/// Which workers a process hears, and which of them owns each partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct WorkersView {
+    /// The live workers, sorted.
+    pub live: Vec<String>,
+    /// The owner of each partition, by partition number (`None` without live workers).
+    pub owners: Vec<Option<String>>,
+}
+
+impl WorkersView {
+    /// Whether `worker` is live.
+    pub fn is_live(&self, worker: &str) -> bool {
+        self.live.binary_search_by(|w| w.as_str().cmp(worker)).is_ok()
+    }
+
+    /// The owner of `partition`, if any worker is live.
+    pub fn owner_of(&self, partition: u32) -> Option<&str> {
+        self.owners.get(partition as usize).and_then(Option::as_deref)
     }
 }
 
@@ -133,6 +183,8 @@ impl NatsBus {
             let mut membership = Membership::new(bus.config.name.clone());
             let mut pullers: HashMap<u32, tokio::task::JoinHandle<()>> = HashMap::new();
             let mut tick = tokio::time::interval(WORKER_HEARTBEAT);
+            let mut check = tokio::time::interval(SILENCE_CHECK);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
@@ -140,6 +192,7 @@ impl NatsBus {
                             let _ = bus.client.publish(subjects::WORKERS, bus.config.name.clone().into()).await;
                         }
                     }
+                    _ = check.tick() => {}
                     announced = heard.next() => match announced {
                         Some(message) => {
                             if let Ok(name) = std::str::from_utf8(&message.payload) {
@@ -208,6 +261,59 @@ impl NatsBus {
         *self.membership.lock().await = Some(membership);
         settled.await.map_err(|_| BusError::unavailable("the workers' membership ended before this worker joined"))?;
         Ok(())
+    }
+
+    /// Follows the fanout workers from a gateway: who is live and who owns each partition, so a
+    /// send whose worker is gone is published again for the next owner ([`submit`]). Only
+    /// heartbeats and departures are read; the view is recomputed every [`SILENCE_CHECK`].
+    ///
+    /// [`submit`]: crate::GatewayBus::submit
+    pub async fn follow_workers(self: &Arc<Self>) -> Result<(), BusError> {
+        let mut heard =
+            self.client.subscribe(subjects::WORKERS).await.map_err(|e| unavailable("subscribe to workers", e))?;
+        let mut left = self
+            .client
+            .subscribe(subjects::WORKERS_LEFT)
+            .await
+            .map_err(|e| unavailable("subscribe to departing workers", e))?;
+        let bus = self.clone();
+        tokio::spawn(async move {
+            let mut membership = Membership::observer(bus.config.name.clone());
+            let mut check = tokio::time::interval(SILENCE_CHECK);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = check.tick() => {}
+                    announced = heard.next() => match announced {
+                        Some(message) => {
+                            if let Ok(name) = std::str::from_utf8(&message.payload) {
+                                membership.heard(name, Instant::now());
+                            }
+                        }
+                        None => break,
+                    },
+                    Some(message) = left.next() => {
+                        if let Ok(name) = std::str::from_utf8(&message.payload) {
+                            membership.left(name);
+                        }
+                    }
+                }
+                let view = membership.view(Instant::now());
+                bus.workers.send_if_modified(|current| {
+                    let changed = **current != view;
+                    if changed {
+                        *current = Arc::new(view);
+                    }
+                    changed
+                });
+            }
+        });
+        Ok(())
+    }
+
+    /// The workers this gateway hears, as they change ([`follow_workers`](Self::follow_workers)).
+    pub(super) fn workers_view(&self) -> tokio::sync::watch::Receiver<Arc<WorkersView>> {
+        self.workers.subscribe()
     }
 
     /// Stops this worker taking sends and hands back those it pulled but did not take, so the

@@ -459,3 +459,55 @@ async fn a_worker_stopped_with_sends_queued_hands_them_to_the_next_owner_in_time
         assert_eq!(ids.len(), 2, "{room}: each send stored once: {ids:?}");
     }
 }
+
+/// A worker killed (kill -9) with sends in hand cannot hand them back: JetStream would offer
+/// them again only after its 8 s ack wait, past their 5 s deadline, and they would be refused
+/// after the gateway's margin (about 11 s). The gateway follows the workers too: once the
+/// worker that owned a pending send's partition has been silent for 3 s, it publishes a copy
+/// for the partition's new owner, which stores it within the deadline. Each send is stored once.
+#[tokio::test]
+async fn sends_held_by_a_worker_killed_with_kill_9_are_stored_by_the_next_owner_in_time() {
+    const TOKEN: &str = "copy-admin-token-0123";
+    let mut cluster = Cluster::builder(binary()).gateways(1).workers(2).admin_token(TOKEN).start().await;
+    // Worker 0 holds its first room batch far past the deadline; what it pulls meanwhile queues
+    // behind it. Both are lost with the process.
+    let fault = json!({"hop": "fanout.sequence", "action": "stall", "probability": 1, "seed": 7, "delay_ms": 30000, "count": 1});
+    arm_fault(&cluster.worker_url(0), TOKEN, &fault).await;
+    let mut alice = Client::login(&cluster.gateway_ws(0), "alice").await;
+    // Sixteen rooms: some in partitions of each worker.
+    let rooms: Vec<String> = (0..16).map(|i| format!("copy-{i}")).collect();
+    for room in &rooms {
+        alice.join(room).await;
+    }
+    let started = Instant::now();
+    for room in &rooms {
+        alice.send(json!({"type": "send", "room": room, "client_msg_id": "c0", "body": "x"})).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.kill_worker(0).await;
+    let mut acked = HashMap::new();
+    while acked.len() < rooms.len() {
+        let frame = alice.next_within(Duration::from_secs(20)).await;
+        if frame["type"] == "message" || frame["type"] == "presence" {
+            continue;
+        }
+        assert_eq!(frame["type"], "ack", "every send is stored after {:?}: {frame}", started.elapsed());
+        acked.insert(frame["room"].as_str().unwrap().to_owned(), started.elapsed());
+    }
+    // An ack means the copy was taken before the deadline (a worker stores no send past it);
+    // without the copy these sends would get `unavailable` after about 11 s.
+    let slowest = acked.values().max().copied().unwrap_or_default();
+    eprintln!("slowest ack after {slowest:?}");
+    assert!(slowest < Duration::from_secs(8), "every send answered before the ack wait: {acked:?}");
+    for room in &rooms {
+        let stored = whole_history(&cluster.gateway_url(0), room).await;
+        assert_eq!(stored.len(), 1, "{room}: stored once: {stored:?}");
+    }
+    let (_, metrics) = get(&format!("{}/metrics", cluster.gateway_url(0))).await;
+    let copies: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("chat_send_copies_total "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(copies >= 1.0, "the gateway published copies for the new owner: {copies}");
+}
