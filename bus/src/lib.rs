@@ -70,6 +70,12 @@ impl BusError {
     /// The send expired before its worker tried to store it: unavailable, and
     /// [`untried`](Self::untried).
     pub fn expired(message: impl Into<String>) -> Self {
+        Self::unwritten(message)
+    }
+
+    /// The worker refused the send having written nothing of it (a store read failed before
+    /// any write): unavailable, and [`untried`](Self::untried).
+    pub fn unwritten(message: impl Into<String>) -> Self {
         Self { untried: true, ..Self::unavailable(message) }
     }
 

@@ -220,7 +220,7 @@ impl Fanout {
                 None => match self.read_head(room, &sends).await {
                     Ok(head) => head,
                     Err(e) => {
-                        self.fail_all(room, sends, BusError::unavailable(e.to_string())).await;
+                        self.fail_all(room, sends, read_failed(e, appended_before)).await;
                         return None;
                     }
                 },
@@ -229,7 +229,7 @@ impl Fanout {
             let decisions = match self.decide(room, &head, &sends).await {
                 Ok(decisions) => decisions,
                 Err(e) => {
-                    self.fail_all(room, sends, BusError::unavailable(e.to_string())).await;
+                    self.fail_all(room, sends, read_failed(e, appended_before)).await;
                     return None;
                 }
             };
@@ -690,6 +690,19 @@ fn invalid(command: &SendCommand) -> Option<String> {
         return Some("invalid client_msg_id".into());
     }
     None
+}
+
+/// The refusal of sends whose store read failed (the room's head, or the dedupe lookup). Before
+/// any append of them (`appended_before` false) nothing of them was written, so the refusal is
+/// [`untried`](BusError::untried): the gateway may pass it on at once when no other copy can be
+/// stored (a store outage then answers within the read's timeout, not after the deadline and
+/// its margin). After a failed append, a write may still land.
+fn read_failed(error: StoreError, appended_before: bool) -> BusError {
+    if appended_before {
+        BusError::unavailable(error.to_string())
+    } else {
+        BusError::unwritten(error.to_string())
+    }
 }
 
 async fn answer_all(sends: Vec<PendingSend>, error: BusError) {

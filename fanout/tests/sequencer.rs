@@ -375,6 +375,23 @@ async fn sends_past_their_deadline_are_answered_without_a_store_read() {
     worker.stop().await;
 }
 
+/// A store whose reads fail (down, or timing out) is refused before anything is written: the
+/// refusal is `untried`, so the gateway can pass it on at once instead of waiting out the
+/// deadline and its margin.
+#[tokio::test]
+async fn a_send_refused_because_the_store_reads_failed_is_refused_as_untried() {
+    let worker = worker();
+    worker.store.reads_down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let outcome = worker.send(command("r", "a", soon())).await;
+    let refused = outcome.expect_err("the store cannot be read");
+    assert_eq!(refused.kind(), BusErrorKind::Unavailable);
+    assert!(refused.untried(), "nothing of it was written: {refused}");
+    worker.store.reads_down.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(worker.stored("r").await.is_empty());
+    assert_eq!(seq(&worker.send(command("r", "a", soon())).await), 1, "the retry is stored");
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn an_append_that_landed_without_an_answer_is_acked_once() {
     let worker = worker();

@@ -17,9 +17,10 @@ use protocol::subjects;
 use tokio::sync::mpsc;
 
 use super::ids::Named;
-use super::workers::WorkersView;
+use super::workers::{WorkersView, WORKER_HEARTBEAT};
 use super::{unavailable, NatsBus, TRACEPARENT};
 use crate::{BusError, BusErrorKind, PendingSend, Replier};
+use tokio::time::Instant;
 
 /// Header naming where a worker sends its answer.
 const REPLY_HEADER: &str = "Chat-Reply";
@@ -135,22 +136,25 @@ const MAX_COPIES: u32 = 2;
 const COPY_MARGIN_MS: i64 = 250;
 
 /// The worker a new copy of a send should go to, if one should be published now: the worker
-/// `holder` that owned the send's `partition` when it was last published is gone from `view`
-/// (silent or left), another worker owns the partition, fewer than [`MAX_COPIES`] copies were
-/// made, and the deadline is not close. The first copy would otherwise come back only after
-/// JetStream's ack wait, past the deadline.
+/// `holder` that owned the send's `partition` when it was published (at `published_at`) has gone
+/// silent in `view`, having been heard at most two heartbeats before that publish (later, it was
+/// already dead and never pulled the send, which JetStream then offers the new owner anyway),
+/// another worker owns the partition, fewer than [`MAX_COPIES`] copies were made, and the
+/// deadline is not close. A worker that said it left handed back what it held: no copy.
 fn copy_for(
     holder: Option<&str>,
+    published_at: Instant,
     view: &WorkersView,
     partition: u32,
     copies: u32,
     now_ms: i64,
     deadline_ms: i64,
 ) -> Option<String> {
-    let gone = holder?;
+    let last_heard = view.silent_since(holder?)?;
+    let could_have_pulled = published_at <= last_heard + 2 * WORKER_HEARTBEAT;
     let next = view.owner_of(partition)?;
     let time_left = deadline_ms == 0 || now_ms + COPY_MARGIN_MS < deadline_ms;
-    (!view.is_live(gone) && copies < MAX_COPIES && time_left).then(|| next.to_owned())
+    (could_have_pulled && copies < MAX_COPIES && time_left).then(|| next.to_owned())
 }
 
 /// What a worker answers for an outcome, and how it acks the JetStream message: a stored send
@@ -192,6 +196,8 @@ struct Published {
     payload: bytes::Bytes,
     /// The first copy's `Nats-Msg-Id`.
     token: String,
+    /// When the latest copy's publish began.
+    at: Instant,
 }
 
 impl Published {
@@ -199,6 +205,7 @@ impl Published {
     /// JetStream's duplicate window does not drop it; same reply subject and payload.
     fn copy(&mut self, n: u32) {
         self.headers.insert("Nats-Msg-Id", format!("{}.copy{n}", self.token).as_str());
+        self.at = Instant::now();
     }
 }
 
@@ -309,10 +316,11 @@ impl NatsBus {
             }
         };
         let started = std::time::Instant::now();
+        let published_at = Instant::now();
         tracing::Instrument::instrument(stored, span).await?;
         self.metrics.bus_latency.with_label_values(&["jetstream_publish"]).observe(started.elapsed().as_secs_f64());
         let replied = std::time::Instant::now();
-        let first = Published { subject, headers, payload, token };
+        let first = Published { subject, headers, payload, token, at: published_at };
         let reply = self.final_answer(&mut rx, &command, first).await;
         self.metrics.bus_latency.with_label_values(&["worker_reply"]).observe(replied.elapsed().as_secs_f64());
         reply
@@ -357,8 +365,9 @@ impl NatsBus {
                         holder = view.owner_of(partition).map(str::to_owned);
                         continue;
                     };
+                    let now_ms = protocol::now_ms();
                     let Some(next) =
-                        copy_for(Some(&holder_now), &view, partition, copies, protocol::now_ms(), command.deadline_ms)
+                        copy_for(Some(&holder_now), published.at, &view, partition, copies, now_ms, command.deadline_ms)
                     else {
                         continue;
                     };
@@ -658,9 +667,14 @@ mod tests {
         assert_eq!(error.message(), "reply channel closed");
     }
 
-    fn view(live: &[&str]) -> WorkersView {
+    /// The view after `live` were heard at `start` and `gone` went silent (heard at `start`,
+    /// then not for 3 s).
+    fn view(start: Instant, live: &[&str], gone: &[&str]) -> WorkersView {
         let mut membership = super::super::workers::Membership::observer("gw-1".into());
-        let now = tokio::time::Instant::now();
+        for worker in gone {
+            membership.heard(worker, start);
+        }
+        let now = start + std::time::Duration::from_secs(4);
         for worker in live {
             membership.heard(worker, now);
         }
@@ -668,20 +682,35 @@ mod tests {
     }
 
     #[test]
-    fn a_copy_goes_to_the_new_owner_only_when_the_holder_is_gone() {
-        let both = view(&["fanout-1", "fanout-2"]);
+    fn a_copy_is_made_only_for_a_send_a_silent_worker_could_have_pulled() {
+        let start = Instant::now();
+        let both = view(start, &["fanout-1", "fanout-2"], &[]);
         let partition = (0..subjects::PARTITIONS).find(|p| both.owner_of(*p) == Some("fanout-1")).unwrap();
-        let after = view(&["fanout-2"]);
-        let deadline = 10_000;
-        assert_eq!(copy_for(Some("fanout-1"), &after, partition, 0, 5_000, deadline).as_deref(), Some("fanout-2"));
+        let after = view(start, &["fanout-2"], &["fanout-1"]);
+        let (now, deadline) = (5_000, 10_000);
+        let copy = |holder, published_at, view: &WorkersView, copies, now| {
+            copy_for(holder, published_at, view, partition, copies, now, deadline)
+        };
+        assert_eq!(copy(Some("fanout-1"), start, &after, 0, now).as_deref(), Some("fanout-2"));
+        let sec = std::time::Duration::from_secs(1);
+        assert_eq!(copy(Some("fanout-1"), start + 2 * sec, &after, 0, now).as_deref(), Some("fanout-2"));
+        // Published more than two heartbeats after it was last heard: it was dead, never pulled
+        // the send, and JetStream gives the new owner the send itself.
+        assert_eq!(copy(Some("fanout-1"), start + 3 * sec, &after, 0, now), None);
         // The holder is still live (it only lost the partition to a newcomer): it answers.
-        let joined = view(&["fanout-1", "fanout-2", "fanout-3"]);
-        assert_eq!(copy_for(Some("fanout-1"), &joined, partition, 0, 5_000, deadline), None);
+        let joined = view(start, &["fanout-1", "fanout-2", "fanout-3"], &[]);
+        assert_eq!(copy(Some("fanout-1"), start, &joined, 0, now), None);
+        // A worker that said it left handed back what it held.
+        let mut membership = super::super::workers::Membership::observer("gw-1".into());
+        membership.heard("fanout-1", start);
+        membership.heard("fanout-2", start);
+        membership.left("fanout-1");
+        assert_eq!(copy(Some("fanout-1"), start, &membership.view(start), 0, now), None);
         // Nobody to take it, no known holder, too many copies, or too close to the deadline.
-        assert_eq!(copy_for(Some("fanout-1"), &view(&[]), partition, 0, 5_000, deadline), None);
-        assert_eq!(copy_for(None, &after, partition, 0, 5_000, deadline), None);
-        assert_eq!(copy_for(Some("fanout-1"), &after, partition, MAX_COPIES, 5_000, deadline), None);
-        assert_eq!(copy_for(Some("fanout-1"), &after, partition, 0, deadline - COPY_MARGIN_MS, deadline), None);
+        assert_eq!(copy(Some("fanout-1"), start, &view(start, &[], &["fanout-1"]), 0, now), None);
+        assert_eq!(copy(None, start, &after, 0, now), None);
+        assert_eq!(copy(Some("fanout-1"), start, &after, MAX_COPIES, now), None);
+        assert_eq!(copy(Some("fanout-1"), start, &after, 0, deadline - COPY_MARGIN_MS), None);
     }
 
     #[test]

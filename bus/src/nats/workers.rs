@@ -24,7 +24,9 @@ const LEGACY_CONSUMER: &str = "fanout";
 /// A worker not heard from for this long is presumed gone; its partitions move.
 const WORKER_SILENCE: Duration = Duration::from_secs(3);
 /// How often a worker announces itself.
-const WORKER_HEARTBEAT: Duration = Duration::from_secs(1);
+pub(super) const WORKER_HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long a process remembers a worker gone silent.
+const SILENT_REMEMBERED: Duration = Duration::from_secs(60);
 /// How often a process looks for workers gone silent: a dead worker's partitions move within
 /// [`WORKER_SILENCE`] and this of its last heartbeat.
 pub(super) const SILENCE_CHECK: Duration = Duration::from_millis(250);
@@ -60,22 +62,26 @@ pub(super) struct Membership {
     /// A gateway's view: it is never a worker itself and logs nothing (its workers do).
     observer: bool,
     heard: HashMap<String, Instant>,
+    /// Workers forgotten for their silence in the last [`SILENT_REMEMBERED`], with when each
+    /// was last heard.
+    silent: HashMap<String, Instant>,
 }
 
 impl Membership {
     /// Worker `me`'s membership: only `me` so far.
     fn new(me: String) -> Self {
-        Self { me, observer: false, heard: HashMap::new() }
+        Self { me, observer: false, heard: HashMap::new(), silent: HashMap::new() }
     }
 
     /// The view of process `me`, which follows the workers without being one.
     pub(super) fn observer(me: String) -> Self {
-        Self { me, observer: true, heard: HashMap::new() }
+        Self { me, observer: true, heard: HashMap::new(), silent: HashMap::new() }
     }
 
     /// `worker` announced itself at `at` (logged when it was not live before: partitions move
     /// to it).
     pub(super) fn heard(&mut self, worker: &str, at: Instant) {
+        self.silent.remove(worker);
         if self.heard.insert(worker.to_owned(), at).is_none() && worker != self.me && !self.observer {
             tracing::info!(worker = %self.me, peer = %worker, "worker heard; partitions move to it");
         }
@@ -83,6 +89,7 @@ impl Membership {
 
     /// `worker` said it is leaving: its partitions move now (logged).
     pub(super) fn left(&mut self, worker: &str) {
+        self.silent.remove(worker);
         if worker != self.me && self.heard.remove(worker).is_some() && !self.observer {
             tracing::info!(worker = %self.me, peer = %worker, "worker left; its partitions move");
         }
@@ -96,14 +103,18 @@ impl Membership {
     /// Forgets the workers silent for [`WORKER_SILENCE`] at `now` (logged: their partitions
     /// move).
     fn forget_silent(&mut self, now: Instant) {
-        let (me, observer) = (&self.me, self.observer);
+        let (me, observer, silent) = (&self.me, self.observer, &mut self.silent);
         self.heard.retain(|worker, seen| {
             let live = now.duration_since(*seen) < WORKER_SILENCE;
-            if !live && worker != me && !observer {
-                tracing::info!(worker = %me, peer = %worker, silent_for = ?WORKER_SILENCE, "worker silent; its partitions move");
+            if !live {
+                silent.insert(worker.clone(), *seen);
+                if worker != me && !observer {
+                    tracing::info!(worker = %me, peer = %worker, silent_for = ?WORKER_SILENCE, "worker silent; its partitions move");
+                }
             }
             live
         });
+        silent.retain(|_, seen| now.duration_since(*seen) < SILENT_REMEMBERED);
     }
 
     /// The partitions this worker owns at `now`: workers silent for [`WORKER_SILENCE`] are
@@ -125,7 +136,8 @@ impl Membership {
         let owners = (0..subjects::PARTITIONS)
             .map(|partition| owner(partition, live.iter().map(String::as_str)).map(str::to_owned))
             .collect();
-        WorkersView { live, owners }
+        let silent = self.silent.iter().map(|(worker, seen)| (worker.clone(), *seen)).collect();
+        WorkersView { live, owners, silent }
     }
 }
 
@@ -136,12 +148,15 @@ pub(super) struct WorkersView {
     pub live: Vec<String>,
     /// The owner of each partition, by partition number (`None` without live workers).
     pub owners: Vec<Option<String>>,
+    /// Workers that went silent lately (not those that said they left), with when each was
+    /// last heard.
+    pub silent: HashMap<String, Instant>,
 }
 
 impl WorkersView {
-    /// Whether `worker` is live.
-    pub fn is_live(&self, worker: &str) -> bool {
-        self.live.binary_search_by(|w| w.as_str().cmp(worker)).is_ok()
+    /// When `worker` was last heard, if it went silent lately.
+    pub fn silent_since(&self, worker: &str) -> Option<Instant> {
+        self.silent.get(worker).copied()
     }
 
     /// The owner of `partition`, if any worker is live.
