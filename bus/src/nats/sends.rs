@@ -15,12 +15,12 @@ use futures_util::StreamExt;
 use protocol::bus::{SendCommand, SendOutcome, SendReply};
 use protocol::subjects;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::ids::Named;
 use super::workers::{WorkersView, WORKER_HEARTBEAT};
 use super::{unavailable, NatsBus, TRACEPARENT};
 use crate::{BusError, BusErrorKind, PendingSend, Replier};
-use tokio::time::Instant;
 
 /// Header naming where a worker sends its answer.
 const REPLY_HEADER: &str = "Chat-Reply";
@@ -315,10 +315,12 @@ impl NatsBus {
                 }
             }
         };
-        let started = std::time::Instant::now();
         let published_at = Instant::now();
         tracing::Instrument::instrument(stored, span).await?;
-        self.metrics.bus_latency.with_label_values(&["jetstream_publish"]).observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .bus_latency
+            .with_label_values(&["jetstream_publish"])
+            .observe(published_at.elapsed().as_secs_f64());
         let replied = std::time::Instant::now();
         let first = Published { subject, headers, payload, token, at: published_at };
         let reply = self.final_answer(&mut rx, &command, first).await;
@@ -327,9 +329,9 @@ impl NatsBus {
     }
 
     /// Waits for the final answer to a published send ([`Answers`]). When the worker that owned
-    /// the send's partition at publish time goes silent or leaves before answering, the send is
-    /// published again under a new JetStream message id ([`copy_for`]), so the partition's new
-    /// owner takes it before the deadline. Which copies get stored does not matter: the
+    /// the send's partition at publish time goes silent before answering, having possibly pulled
+    /// it, the send is published again under a new JetStream message id ([`copy_for`]), so the
+    /// partition's new owner takes it before the deadline. Which copies get stored does not matter: the
     /// sequencer's dedupe by `client_msg_id`, under the partition's fence, keeps one message.
     async fn final_answer(
         &self,

@@ -127,25 +127,20 @@ impl Membership {
             .collect()
     }
 
-    /// The live workers at `now` and the owner of each partition among them (an observer's
-    /// view: it counts only the workers it hears).
+    /// The owner of each partition among the live workers at `now`, and the workers gone
+    /// silent lately (an observer's view: it counts only the workers it hears).
     pub(super) fn view(&mut self, now: Instant) -> WorkersView {
         self.forget_silent(now);
-        let mut live: Vec<String> = self.heard.keys().cloned().collect();
-        live.sort_unstable();
         let owners = (0..subjects::PARTITIONS)
-            .map(|partition| owner(partition, live.iter().map(String::as_str)).map(str::to_owned))
+            .map(|partition| owner(partition, self.heard.keys().map(String::as_str)).map(str::to_owned))
             .collect();
-        let silent = self.silent.iter().map(|(worker, seen)| (worker.clone(), *seen)).collect();
-        WorkersView { live, owners, silent }
+        WorkersView { owners, silent: self.silent.clone() }
     }
 }
 
-/// Which workers a process hears, and which of them owns each partition.
+/// Which worker owns each partition, as one process hears them, and which went silent.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) struct WorkersView {
-    /// The live workers, sorted.
-    pub live: Vec<String>,
     /// The owner of each partition, by partition number (`None` without live workers).
     pub owners: Vec<Option<String>>,
     /// Workers that went silent lately (not those that said they left), with when each was
