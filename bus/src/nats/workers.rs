@@ -160,6 +160,45 @@ impl WorkersView {
     }
 }
 
+/// The workers' heartbeats (`chat.workers`) and departures (`chat.workers.left`), as one
+/// process reads them into its [`Membership`].
+struct Announcements {
+    heard: async_nats::Subscriber,
+    left: async_nats::Subscriber,
+}
+
+impl Announcements {
+    /// Subscribes to both subjects.
+    async fn subscribe(client: &async_nats::Client) -> Result<Self, BusError> {
+        let heard = client.subscribe(subjects::WORKERS).await.map_err(|e| unavailable("subscribe to workers", e))?;
+        let left = client
+            .subscribe(subjects::WORKERS_LEFT)
+            .await
+            .map_err(|e| unavailable("subscribe to departing workers", e))?;
+        Ok(Self { heard, left })
+    }
+
+    /// Waits for the next announcement and records it in `membership`; `false` once the
+    /// heartbeats' subscription has ended. Cancel-safe: nothing is lost when another branch of
+    /// a `select!` wins.
+    async fn record_next(&mut self, membership: &mut Membership) -> bool {
+        tokio::select! {
+            announced = self.heard.next() => {
+                let Some(message) = announced else { return false };
+                if let Ok(name) = std::str::from_utf8(&message.payload) {
+                    membership.heard(name, Instant::now());
+                }
+            }
+            Some(message) = self.left.next() => {
+                if let Ok(name) = std::str::from_utf8(&message.payload) {
+                    membership.left(name);
+                }
+            }
+        }
+        true
+    }
+}
+
 impl NatsBus {
     /// Starts this process as a fanout worker: it announces itself, follows the other
     /// workers, and pulls the partitions it owns. Ownership is rendezvous hashing over the
@@ -178,13 +217,7 @@ impl NatsBus {
         if let Ok(stream) = self.ensure_stream().await {
             let _ = stream.delete_consumer(LEGACY_CONSUMER).await;
         }
-        let mut heard =
-            self.client.subscribe(subjects::WORKERS).await.map_err(|e| unavailable("subscribe to workers", e))?;
-        let mut left = self
-            .client
-            .subscribe(subjects::WORKERS_LEFT)
-            .await
-            .map_err(|e| unavailable("subscribe to departing workers", e))?;
+        let mut announcements = Announcements::subscribe(&self.client).await?;
         let bus = self.clone();
         let (settled_tx, settled) = tokio::sync::oneshot::channel();
         let mut settled_tx = Some(settled_tx);
@@ -203,19 +236,7 @@ impl NatsBus {
                         }
                     }
                     _ = check.tick() => {}
-                    announced = heard.next() => match announced {
-                        Some(message) => {
-                            if let Ok(name) = std::str::from_utf8(&message.payload) {
-                                membership.heard(name, Instant::now());
-                            }
-                        }
-                        None => break,
-                    },
-                    Some(message) = left.next() => {
-                        if let Ok(name) = std::str::from_utf8(&message.payload) {
-                            membership.left(name);
-                        }
-                    }
+                    open = announcements.record_next(&mut membership) => if !open { break },
                     () = tokio::time::sleep_until(listening_until), if settled_tx.is_some() => {}
                     () = tx.closed() => {
                         // Leaving (see `leave`): the pulls stop first, so what the stream
@@ -279,13 +300,7 @@ impl NatsBus {
     ///
     /// [`submit`]: crate::GatewayBus::submit
     pub async fn follow_workers(self: &Arc<Self>) -> Result<(), BusError> {
-        let mut heard =
-            self.client.subscribe(subjects::WORKERS).await.map_err(|e| unavailable("subscribe to workers", e))?;
-        let mut left = self
-            .client
-            .subscribe(subjects::WORKERS_LEFT)
-            .await
-            .map_err(|e| unavailable("subscribe to departing workers", e))?;
+        let mut announcements = Announcements::subscribe(&self.client).await?;
         let bus = self.clone();
         tokio::spawn(async move {
             let mut membership = Membership::observer(bus.config.name.clone());
@@ -294,19 +309,7 @@ impl NatsBus {
             loop {
                 tokio::select! {
                     _ = check.tick() => {}
-                    announced = heard.next() => match announced {
-                        Some(message) => {
-                            if let Ok(name) = std::str::from_utf8(&message.payload) {
-                                membership.heard(name, Instant::now());
-                            }
-                        }
-                        None => break,
-                    },
-                    Some(message) = left.next() => {
-                        if let Ok(name) = std::str::from_utf8(&message.payload) {
-                            membership.left(name);
-                        }
-                    }
+                    open = announcements.record_next(&mut membership) => if !open { break },
                 }
                 let view = membership.view(Instant::now());
                 bus.workers.send_if_modified(|current| {
@@ -331,11 +334,11 @@ impl NatsBus {
     /// redelivering them after `ack_wait`, past it. Its peers hear that it left and take its
     /// partitions at once ([`FanoutBus::leave`]).
     ///
-    /// [`FanoutBus::leave`]: crate::FanoutBus::leave
-    ///
     /// Returns once the departure is announced, or after [`LEAVE_ANNOUNCE_TIMEOUT`]: a process
     /// that exits sooner may take its announcement with it, and its peers would then wait out
     /// [`WORKER_SILENCE`] before taking its partitions.
+    ///
+    /// [`FanoutBus::leave`]: crate::FanoutBus::leave
     pub(super) async fn leave_workers(&self) {
         let Some(mut queued) = self.sends.lock().await.take() else { return };
         // Ends the membership task: it announces the departure and stops the pulls.
