@@ -669,18 +669,20 @@ mod tests {
         assert_eq!(error.message(), "reply channel closed");
     }
 
-    /// The view after `live` were heard at `start` and `gone` went silent (heard at `start`,
-    /// then not for 3 s).
+    /// The view 4 s after `start`, `live` having been heard every second since and `gone`
+    /// only at `start`.
     fn view(start: Instant, live: &[&str], gone: &[&str]) -> WorkersView {
         let mut membership = super::super::workers::Membership::observer("gw-1".into());
         for worker in gone {
             membership.heard(worker, start);
         }
-        let now = start + std::time::Duration::from_secs(4);
-        for worker in live {
-            membership.heard(worker, now);
+        let second = std::time::Duration::from_secs(1);
+        for beat in 0..=4 {
+            for worker in live {
+                membership.heard(worker, start + second * beat);
+            }
         }
-        membership.view(now)
+        membership.view(start + second * 4)
     }
 
     #[test]

@@ -27,6 +27,10 @@ const WORKER_SILENCE: Duration = Duration::from_secs(3);
 pub(super) const WORKER_HEARTBEAT: Duration = Duration::from_secs(1);
 /// How long a process remembers a worker gone silent.
 const SILENT_REMEMBERED: Duration = Duration::from_secs(60);
+/// How long a gateway may hear no worker at all before it counts the quiet as its own (its NATS
+/// connection stalled, or NATS did) rather than the workers': with any worker live, a heartbeat
+/// comes every [`WORKER_HEARTBEAT`]; the half heartbeat more is for jitter.
+const HEARING_GRACE: Duration = Duration::from_millis(1500);
 /// How often a process looks for workers gone silent: a dead worker's partitions move within
 /// [`WORKER_SILENCE`] and this of its last heartbeat.
 pub(super) const SILENCE_CHECK: Duration = Duration::from_millis(250);
@@ -62,6 +66,9 @@ pub(super) struct Membership {
     /// A gateway's view: it is never a worker itself and logs nothing (its workers do).
     observer: bool,
     heard: HashMap<String, Instant>,
+    /// When an observer last heard any worker: its silences are measured on a clock that stops
+    /// [`HEARING_GRACE`] after that ([`Membership::hearing_time`]).
+    last_heard_any: Option<Instant>,
     /// Workers forgotten for their silence in the last [`SILENT_REMEMBERED`], with when each
     /// was last heard.
     silent: HashMap<String, Instant>,
@@ -70,17 +77,36 @@ pub(super) struct Membership {
 impl Membership {
     /// Worker `me`'s membership: only `me` so far.
     fn new(me: String) -> Self {
-        Self { me, observer: false, heard: HashMap::new(), silent: HashMap::new() }
+        Self { me, observer: false, heard: HashMap::new(), last_heard_any: None, silent: HashMap::new() }
     }
 
     /// The view of process `me`, which follows the workers without being one.
     pub(super) fn observer(me: String) -> Self {
-        Self { me, observer: true, heard: HashMap::new(), silent: HashMap::new() }
+        Self { me, observer: true, heard: HashMap::new(), last_heard_any: None, silent: HashMap::new() }
     }
 
     /// `worker` announced itself at `at` (logged when it was not live before: partitions move
-    /// to it).
+    /// to it). An observer that heard no worker for longer than [`HEARING_GRACE`] before `at`
+    /// was the deaf one: every worker it still counts live is taken as heard one heartbeat
+    /// before `at`, so each has two heartbeats' time to be heard again and none looks silent
+    /// merely for heartbeats this observer missed (a gateway would otherwise copy the sends of
+    /// workers that never stopped). A dead worker's silence is noticed at most a heartbeat
+    /// later for it.
     pub(super) fn heard(&mut self, worker: &str, at: Instant) {
+        if self.observer {
+            if let Some(before) = self.last_heard_any.filter(|before| at > *before + HEARING_GRACE) {
+                tracing::info!(
+                    gateway = %self.me,
+                    heard_nothing_for = ?at.duration_since(before),
+                    "heard the fanout workers again; their silence meanwhile is not counted against them"
+                );
+                let credited = at.checked_sub(WORKER_HEARTBEAT).unwrap_or(at);
+                for seen in self.heard.values_mut() {
+                    *seen = (*seen).max(credited);
+                }
+            }
+            self.last_heard_any = Some(self.last_heard_any.map_or(at, |before| before.max(at)));
+        }
         self.silent.remove(worker);
         if self.heard.insert(worker.to_owned(), at).is_none() && worker != self.me && !self.observer {
             tracing::info!(worker = %self.me, peer = %worker, "worker heard; partitions move to it");
@@ -100,9 +126,20 @@ impl Membership {
         self.heard.len()
     }
 
+    /// The time silences are measured at, at `now`: for an observer, no later than
+    /// [`HEARING_GRACE`] after it last heard any worker, so while it hears nobody (its own
+    /// connection stalled, or every worker stopped) no worker goes silent in its view.
+    fn hearing_time(&self, now: Instant) -> Instant {
+        match self.last_heard_any {
+            Some(last) if self.observer => now.min(last + HEARING_GRACE),
+            _ => now,
+        }
+    }
+
     /// Forgets the workers silent for [`WORKER_SILENCE`] at `now` (logged: their partitions
     /// move).
     fn forget_silent(&mut self, now: Instant) {
+        let now = self.hearing_time(now);
         let (me, observer, silent) = (&self.me, self.observer, &mut self.silent);
         self.heard.retain(|worker, seen| {
             let live = now.duration_since(*seen) < WORKER_SILENCE;
@@ -655,5 +692,44 @@ mod tests {
         // Long after anything was heard, fanout-a still owns everything rather than nothing.
         let later = start + WORKER_SILENCE * 10;
         assert_eq!(membership.owned(later).len(), subjects::PARTITIONS as usize);
+    }
+
+    #[test]
+    fn a_gateway_that_hears_no_worker_counts_the_quiet_as_its_own() {
+        let start = Instant::now();
+        let mut gateway = Membership::observer("gateway-1".into());
+        gateway.heard("fanout-a", start);
+        gateway.heard("fanout-b", start + WORKER_HEARTBEAT / 2);
+        let both = gateway.view(start + WORKER_HEARTBEAT / 2);
+
+        // Nothing heard for ten seconds: its own connection, not the workers, went quiet.
+        let deaf = start + WORKER_SILENCE * 3;
+        assert_eq!(gateway.view(deaf), both, "workers went silent while the gateway heard nobody");
+
+        // Heard again: fanout-b's next heartbeat is still to come, and it is not silent meanwhile.
+        gateway.heard("fanout-a", deaf);
+        assert_eq!(gateway.view(deaf + WORKER_HEARTBEAT + WORKER_HEARTBEAT / 2), both);
+
+        // But a worker that stays silent after that is found out.
+        gateway.heard("fanout-a", deaf + WORKER_HEARTBEAT);
+        gateway.heard("fanout-a", deaf + WORKER_HEARTBEAT * 2);
+        let view = gateway.view(deaf + WORKER_HEARTBEAT * 2);
+        assert_eq!(view.silent_since("fanout-b"), Some(deaf - WORKER_HEARTBEAT));
+        assert!(view.owners.iter().all(|owner| owner.as_deref() == Some("fanout-a")));
+    }
+
+    #[test]
+    fn a_gateway_that_keeps_hearing_one_worker_finds_the_other_silent_in_time() {
+        let start = Instant::now();
+        let mut gateway = Membership::observer("gateway-1".into());
+        gateway.heard("fanout-a", start);
+        gateway.heard("fanout-b", start);
+        for beat in 1..=3 {
+            gateway.heard("fanout-a", start + WORKER_HEARTBEAT * beat);
+        }
+        let almost = gateway.view(start + WORKER_SILENCE - Duration::from_millis(1));
+        assert_eq!(almost.silent_since("fanout-b"), None, "silent too early");
+        let view = gateway.view(start + WORKER_SILENCE);
+        assert_eq!(view.silent_since("fanout-b"), Some(start));
     }
 }
