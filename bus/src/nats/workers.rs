@@ -27,9 +27,10 @@ const WORKER_SILENCE: Duration = Duration::from_secs(3);
 pub(super) const WORKER_HEARTBEAT: Duration = Duration::from_secs(1);
 /// How long a process remembers a worker gone silent.
 const SILENT_REMEMBERED: Duration = Duration::from_secs(60);
-/// How long a gateway may hear no worker at all before it counts the quiet as its own (its NATS
+/// How long a process may hear no worker at all before it counts the quiet as its own (its NATS
 /// connection stalled, or NATS did) rather than the workers': with any worker live, a heartbeat
-/// comes every [`WORKER_HEARTBEAT`]; the half heartbeat more is for jitter.
+/// comes every [`WORKER_HEARTBEAT`] (a worker hears its own too); the half heartbeat more is for
+/// jitter.
 const HEARING_GRACE: Duration = Duration::from_millis(1500);
 /// How often a process looks for workers gone silent: a dead worker's partitions move within
 /// [`WORKER_SILENCE`] and this of its last heartbeat.
@@ -66,8 +67,8 @@ pub(super) struct Membership {
     /// A gateway's view: it is never a worker itself and logs nothing (its workers do).
     observer: bool,
     heard: HashMap<String, Instant>,
-    /// When an observer last heard any worker: its silences are measured on a clock that stops
-    /// [`HEARING_GRACE`] after that ([`Membership::hearing_time`]).
+    /// When this process last heard any worker (a worker, itself included): silences are
+    /// measured on a clock that stops [`HEARING_GRACE`] after that ([`Membership::hearing_time`]).
     last_heard_any: Option<Instant>,
     /// Workers forgotten for their silence in the last [`SILENT_REMEMBERED`], with when each
     /// was last heard.
@@ -86,27 +87,26 @@ impl Membership {
     }
 
     /// `worker` announced itself at `at` (logged when it was not live before: partitions move
-    /// to it). An observer that heard no worker for longer than [`HEARING_GRACE`] before `at`
-    /// was the deaf one: every worker it still counts live is taken as heard one heartbeat
-    /// before `at`, so each has two heartbeats' time to be heard again and none looks silent
-    /// merely for heartbeats this observer missed (a gateway would otherwise copy the sends of
-    /// workers that never stopped). A dead worker's silence is noticed at most a heartbeat
-    /// later for it.
+    /// to it). A process that heard no worker for longer than [`HEARING_GRACE`] before `at`
+    /// (a worker not even itself) was the deaf one: every worker it still counts live is taken
+    /// as heard one heartbeat before `at`, so each has two heartbeats' time to be heard again
+    /// and none looks silent merely for heartbeats this process missed. Otherwise a worker
+    /// would take every partition while NATS is frozen and fight its peers for their fences
+    /// after, and a gateway would copy the sends of workers that never stopped. A dead worker's
+    /// silence is noticed at most a heartbeat later for it.
     pub(super) fn heard(&mut self, worker: &str, at: Instant) {
-        if self.observer {
-            if let Some(before) = self.last_heard_any.filter(|before| at > *before + HEARING_GRACE) {
-                tracing::info!(
-                    gateway = %self.me,
-                    heard_nothing_for = ?at.duration_since(before),
-                    "heard the fanout workers again; their silence meanwhile is not counted against them"
-                );
-                let credited = at.checked_sub(WORKER_HEARTBEAT).unwrap_or(at);
-                for seen in self.heard.values_mut() {
-                    *seen = (*seen).max(credited);
-                }
+        if let Some(before) = self.last_heard_any.filter(|before| at > *before + HEARING_GRACE) {
+            tracing::info!(
+                process = %self.me,
+                heard_nothing_for = ?at.duration_since(before),
+                "heard the fanout workers again; their silence meanwhile is not counted against them"
+            );
+            let credited = at.checked_sub(WORKER_HEARTBEAT).unwrap_or(at);
+            for seen in self.heard.values_mut() {
+                *seen = (*seen).max(credited);
             }
-            self.last_heard_any = Some(self.last_heard_any.map_or(at, |before| before.max(at)));
         }
+        self.last_heard_any = Some(self.last_heard_any.map_or(at, |before| before.max(at)));
         self.silent.remove(worker);
         if self.heard.insert(worker.to_owned(), at).is_none() && worker != self.me && !self.observer {
             tracing::info!(worker = %self.me, peer = %worker, "worker heard; partitions move to it");
@@ -126,14 +126,11 @@ impl Membership {
         self.heard.len()
     }
 
-    /// The time silences are measured at, at `now`: for an observer, no later than
-    /// [`HEARING_GRACE`] after it last heard any worker, so while it hears nobody (its own
-    /// connection stalled, or every worker stopped) no worker goes silent in its view.
+    /// The time silences are measured at, at `now`: no later than [`HEARING_GRACE`] after this
+    /// process last heard any worker, so while it hears nobody (its own connection stalled,
+    /// NATS did, or every worker stopped) no worker goes silent in its view.
     fn hearing_time(&self, now: Instant) -> Instant {
-        match self.last_heard_any {
-            Some(last) if self.observer => now.min(last + HEARING_GRACE),
-            _ => now,
-        }
+        self.last_heard_any.map_or(now, |last| now.min(last + HEARING_GRACE))
     }
 
     /// Forgets the workers silent for [`WORKER_SILENCE`] at `now` (logged: their partitions
@@ -655,6 +652,10 @@ mod tests {
         let shared: BTreeSet<u32> = membership.owned(start).into_iter().collect();
         assert!(shared.len() < all.len(), "fanout-b owns none of {shared:?}");
 
+        // fanout-a hears its own heartbeat each second, fanout-b's no more.
+        for beat in 1..=3 {
+            membership.heard("fanout-a", start + WORKER_HEARTBEAT * beat);
+        }
         let almost = start + WORKER_SILENCE - Duration::from_millis(1);
         assert_eq!(membership.owned(almost).into_iter().collect::<BTreeSet<_>>(), shared, "forgotten too early");
 
@@ -688,10 +689,35 @@ mod tests {
     fn this_worker_counts_itself_live_without_hearing_its_own_heartbeat() {
         let start = Instant::now();
         let mut membership = Membership::new("fanout-a".into());
+        assert_eq!(membership.owned(start).len(), subjects::PARTITIONS as usize);
         membership.heard("fanout-b", start);
-        // Long after anything was heard, fanout-a still owns everything rather than nothing.
-        let later = start + WORKER_SILENCE * 10;
-        assert_eq!(membership.owned(later).len(), subjects::PARTITIONS as usize);
+        for beat in 1..=3 {
+            membership.heard("fanout-c", start + WORKER_HEARTBEAT * beat);
+        }
+        // fanout-b went silent; fanout-a owns its share with fanout-c, never nothing.
+        let owned = membership.owned(start + WORKER_SILENCE);
+        assert!(!owned.is_empty() && owned.len() < subjects::PARTITIONS as usize);
+        membership.left("fanout-c");
+        assert_eq!(membership.owned(start + WORKER_SILENCE).len(), subjects::PARTITIONS as usize);
+    }
+
+    #[test]
+    fn a_worker_that_hears_nobody_not_even_itself_keeps_its_share() {
+        let start = Instant::now();
+        let mut membership = Membership::new("fanout-a".into());
+        membership.heard("fanout-a", start);
+        membership.heard("fanout-b", start);
+        let share = membership.owned(start);
+        assert!(share.len() < subjects::PARTITIONS as usize);
+
+        // NATS frozen for ten seconds: taking fanout-b's partitions would only fight it for them.
+        let thawed = start + WORKER_SILENCE * 3;
+        assert_eq!(membership.owned(thawed), share, "took partitions while hearing nobody");
+        membership.heard("fanout-a", thawed);
+        assert_eq!(membership.owned(thawed + WORKER_HEARTBEAT + WORKER_HEARTBEAT / 2), share);
+        membership.heard("fanout-a", thawed + WORKER_HEARTBEAT);
+        membership.heard("fanout-a", thawed + WORKER_HEARTBEAT * 2);
+        assert_eq!(membership.owned(thawed + WORKER_HEARTBEAT * 2).len(), subjects::PARTITIONS as usize);
     }
 
     #[test]
