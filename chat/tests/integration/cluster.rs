@@ -522,3 +522,55 @@ async fn sends_held_by_a_worker_killed_with_kill_9_are_stored_by_the_next_owner_
         .unwrap_or(0.0);
     assert!(copies >= 1.0, "the gateway published copies for the new owner: {copies}");
 }
+
+/// NATS frozen for longer than a worker's silence (3 s): every process hears nobody, a worker
+/// not even itself, and counts the quiet as its own, so no partition moves and no worker
+/// raises another's fence. Before, each worker took every partition during the freeze (the
+/// store still answered) and the two fought over the fences after the thaw, their appends
+/// fenced off.
+#[tokio::test]
+async fn nats_frozen_longer_than_a_worker_silence_moves_no_partition() {
+    let cluster = Cluster::builder(binary()).gateways(1).workers(2).start().await;
+    let shares = || async {
+        let mut shares = Vec::new();
+        for worker in 0..2 {
+            let (_, metrics) = get(&format!("{}/metrics", cluster.worker_url(worker))).await;
+            shares.push(metric(&metrics, "chat_partitions_owned"));
+        }
+        shares
+    };
+    let settled = Instant::now();
+    let mut before = shares().await;
+    while before.iter().sum::<f64>() != 16.0 && settled.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        before = shares().await;
+    }
+    assert_eq!(before.iter().sum::<f64>(), 16.0, "the workers share the 16 partitions: {before:?}");
+
+    cluster.nats().signal("-STOP");
+    let frozen = Instant::now();
+    let mut seen = Vec::new();
+    while frozen.elapsed() < Duration::from_secs(5) {
+        seen.push(shares().await);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    cluster.nats().signal("-CONT");
+    let thawed = Instant::now();
+    while thawed.elapsed() < Duration::from_secs(4) {
+        seen.push(shares().await);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(seen.iter().all(|shares| *shares == before), "a partition moved: {before:?}, then {seen:?}");
+
+    // Both workers carry on with their shares, and nobody's append was fenced off.
+    let mut alice = Client::login(&cluster.gateway_ws(0), "alice").await;
+    for i in 0..16 {
+        let room = format!("thawed-{i}");
+        alice.join(&room).await;
+        send_until_acked(&mut alice, &room, "t0").await;
+    }
+    for worker in 0..2 {
+        let (_, metrics) = get(&format!("{}/metrics", cluster.worker_url(worker))).await;
+        assert_eq!(metric_or_zero(&metrics, "chat_seq_conflicts_total"), 0.0, "worker {worker} was fenced off");
+    }
+}
