@@ -528,6 +528,13 @@ mod tests {
         (0..n).map(|i| worker(set, i)).collect()
     }
 
+    /// `membership` hears `worker`'s heartbeat at `start` plus each of `beats` heartbeats.
+    fn heard_at_beats(membership: &mut Membership, worker: &str, start: Instant, beats: std::ops::RangeInclusive<u32>) {
+        for beat in beats {
+            membership.heard(worker, start + WORKER_HEARTBEAT * beat);
+        }
+    }
+
     fn owners(workers: &[String]) -> Vec<Option<&str>> {
         (0..subjects::PARTITIONS).map(|p| owner(p, workers.iter().map(String::as_str))).collect()
     }
@@ -653,9 +660,7 @@ mod tests {
         assert!(shared.len() < all.len(), "fanout-b owns none of {shared:?}");
 
         // fanout-a hears its own heartbeat each second, fanout-b's no more.
-        for beat in 1..=3 {
-            membership.heard("fanout-a", start + WORKER_HEARTBEAT * beat);
-        }
+        heard_at_beats(&mut membership, "fanout-a", start, 1..=3);
         let almost = start + WORKER_SILENCE - Duration::from_millis(1);
         assert_eq!(membership.owned(almost).into_iter().collect::<BTreeSet<_>>(), shared, "forgotten too early");
 
@@ -691,9 +696,7 @@ mod tests {
         let mut membership = Membership::new("fanout-a".into());
         assert_eq!(membership.owned(start).len(), subjects::PARTITIONS as usize);
         membership.heard("fanout-b", start);
-        for beat in 1..=3 {
-            membership.heard("fanout-c", start + WORKER_HEARTBEAT * beat);
-        }
+        heard_at_beats(&mut membership, "fanout-c", start, 1..=3);
         // fanout-b went silent; fanout-a owns its share with fanout-c, never nothing.
         let owned = membership.owned(start + WORKER_SILENCE);
         assert!(!owned.is_empty() && owned.len() < subjects::PARTITIONS as usize);
@@ -715,8 +718,7 @@ mod tests {
         assert_eq!(membership.owned(thawed), share, "took partitions while hearing nobody");
         membership.heard("fanout-a", thawed);
         assert_eq!(membership.owned(thawed + WORKER_HEARTBEAT + WORKER_HEARTBEAT / 2), share);
-        membership.heard("fanout-a", thawed + WORKER_HEARTBEAT);
-        membership.heard("fanout-a", thawed + WORKER_HEARTBEAT * 2);
+        heard_at_beats(&mut membership, "fanout-a", thawed, 1..=2);
         assert_eq!(membership.owned(thawed + WORKER_HEARTBEAT * 2).len(), subjects::PARTITIONS as usize);
     }
 
@@ -737,8 +739,7 @@ mod tests {
         assert_eq!(gateway.view(deaf + WORKER_HEARTBEAT + WORKER_HEARTBEAT / 2), both);
 
         // But a worker that stays silent after that is found out.
-        gateway.heard("fanout-a", deaf + WORKER_HEARTBEAT);
-        gateway.heard("fanout-a", deaf + WORKER_HEARTBEAT * 2);
+        heard_at_beats(&mut gateway, "fanout-a", deaf, 1..=2);
         let view = gateway.view(deaf + WORKER_HEARTBEAT * 2);
         assert_eq!(view.silent_since("fanout-b"), Some(deaf - WORKER_HEARTBEAT));
         assert!(view.owners.iter().all(|owner| owner.as_deref() == Some("fanout-a")));
@@ -750,9 +751,7 @@ mod tests {
         let mut gateway = Membership::observer("gateway-1".into());
         gateway.heard("fanout-a", start);
         gateway.heard("fanout-b", start);
-        for beat in 1..=3 {
-            gateway.heard("fanout-a", start + WORKER_HEARTBEAT * beat);
-        }
+        heard_at_beats(&mut gateway, "fanout-a", start, 1..=3);
         let almost = gateway.view(start + WORKER_SILENCE - Duration::from_millis(1));
         assert_eq!(almost.silent_since("fanout-b"), None, "silent too early");
         let view = gateway.view(start + WORKER_SILENCE);
