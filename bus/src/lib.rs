@@ -232,6 +232,22 @@ pub trait Replier: Send + Sync {
     /// Gives the send back unanswered, for another worker to take (its worker is leaving).
     /// By default it is dropped: a durable bus redelivers it after its ack wait.
     async fn release(self: Box<Self>) {}
+
+    /// A second way to answer, for a send refused while its write's outcome was unknown (a
+    /// refusal the gateway does not take as final): once the write is found stored, the gateway,
+    /// still waiting, is told so at once instead of finding it in the store after its margin.
+    /// `None` (the default) when the bus has no such second answer.
+    fn late_ack(&self) -> Option<Box<dyn LateAck>> {
+        None
+    }
+}
+
+/// Acks a send after its worker refused it without knowing whether its write landed
+/// ([`Replier::late_ack`]).
+#[async_trait]
+pub trait LateAck: Send + Sync {
+    /// Tells the gateway the send was stored after all, as `outcome`.
+    async fn stored(self: Box<Self>, outcome: SendOutcome);
 }
 
 /// The fanout worker's view of the bus.

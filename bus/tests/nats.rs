@@ -108,6 +108,53 @@ async fn a_send_round_trips_through_a_worker_and_the_room_feed_gets_the_delivery
     }
 }
 
+/// A worker that refuses a send without knowing whether its write landed (the store timed the
+/// append out) does not settle it, so the gateway waits on; when the worker later finds the
+/// write landed, its late ack is the send's answer.
+#[tokio::test]
+async fn a_late_ack_after_a_refusal_of_unknown_outcome_is_the_sends_answer() {
+    let nats = testkit::NatsServer::start().await;
+    let gateway = connect(&nats.url(), "gateway-t").await;
+    let worker = connect(&nats.url(), "fanout-t").await;
+    worker.start_worker().await.expect("start worker");
+    let command = SendCommand {
+        room: "general".into(),
+        user: "alice".into(),
+        client_msg_id: "c-late".into(),
+        body: "hello".into(),
+        traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+        gateway: "gateway-t".into(),
+        deadline_ms: protocol::now_ms() + 5_000,
+    };
+    let submitted = tokio::spawn({
+        let (gateway, command) = (gateway.clone(), command.clone());
+        async move { gateway.submit(command).await }
+    });
+    let mut batch = tokio::time::timeout(WAIT, worker.next_batch(10)).await.expect("a batch in time").expect("a batch");
+    let send = batch.pop().unwrap();
+    let late_ack = send.reply.late_ack().expect("a JetStream send can be acked late");
+    send.reply.reply(Err(bus::BusError::unavailable("append timed out (outcome unknown)"))).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!submitted.is_finished(), "a refusal of unknown outcome is not the answer");
+
+    let stored = ChatMessage {
+        room: command.room.clone(),
+        seq: 1,
+        id: uuid::Uuid::now_v7(),
+        user: command.user.clone(),
+        body: command.body.clone(),
+        ts: 1,
+        client_msg_id: command.client_msg_id.clone(),
+        trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+        prev: None,
+        digest: None,
+    };
+    let outcome = SendOutcome { message: stored, duplicate: false };
+    late_ack.stored(outcome.clone()).await;
+    let answered = tokio::time::timeout(WAIT, submitted).await.expect("an answer in time").unwrap();
+    assert_eq!(answered.expect("acked late"), outcome);
+}
+
 /// A gateway follows a room with one subscription to `chat.*.<room>`. For a room called
 /// `query` that wildcard also matches the journey queries every process publishes
 /// (`chat.journal.query`): the feed passes on its room's deliveries and events only.

@@ -395,7 +395,7 @@ pub enum StoreAnswer {
 /// A store error as logged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoggedError {
-    /// `conflict`, `unavailable`, `corrupt` or `config`.
+    /// `conflict`, `unavailable`, `corrupt`, `config`, `fenced` or `not_committed`.
     pub kind: String,
     /// The error as displayed.
     pub message: String,
@@ -408,6 +408,7 @@ impl LoggedError {
             StoreErrorKind::Corrupt => "corrupt",
             StoreErrorKind::Config => "config",
             StoreErrorKind::Fenced => "fenced",
+            StoreErrorKind::NotCommitted => "not_committed",
             _ => "unavailable",
         };
         Self { kind: kind.into(), message: e.to_string() }
@@ -420,6 +421,7 @@ impl LoggedError {
             "corrupt" => StoreErrorKind::Corrupt,
             "config" => StoreErrorKind::Config,
             "fenced" => StoreErrorKind::Fenced,
+            "not_committed" => StoreErrorKind::NotCommitted,
             _ => StoreErrorKind::Unavailable,
         };
         let prefix = format!("{kind}: ");

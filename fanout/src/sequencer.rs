@@ -50,6 +50,16 @@ impl Head {
     }
 }
 
+/// A new message whose append's outcome stayed unknown past its sends' deadline, still to be
+/// settled in the background ([`Fanout::settle_later`]).
+struct Unsettled {
+    message: ChatMessage,
+    /// The send's trace context, for the late publish.
+    traceparent: String,
+    /// How to ack the send late if the message landed ([`bus::Replier::late_ack`]).
+    late_ack: Option<Box<dyn bus::LateAck>>,
+}
+
 /// What became of one send of a room group.
 enum Decision {
     /// A new message with this seq.
@@ -301,6 +311,14 @@ impl Fanout {
                         appended_before = true;
                         continue;
                     }
+                    // The store failed before it sent the commit: nothing of the append is or
+                    // will be stored, so there is nothing to ask, and a send that expires from
+                    // here on is still untried as far as a stored copy goes.
+                    Err(e) if e.kind() == StoreErrorKind::NotCommitted => {
+                        tracing::debug!(room, attempt, error = %e, "append failed before its commit; sequencing again");
+                        self.decided(room, sends.first().map(|p| &p.command), || DecisionKind::FailedRetry { attempt });
+                        continue;
+                    }
                     Err(e) => match self.resolve(&newest, self.latest_deadline(room, &sends)).await {
                         // The write went through after all.
                         Outcome::Applied => {}
@@ -313,13 +331,18 @@ impl Fanout {
                             continue;
                         }
                         Outcome::Unknown => {
-                            // The gateways answer these from the store later (a send found
-                            // there is acked), so what landed must still reach them.
+                            // The gateways wait on after this refusal (it does not settle
+                            // the send), so what is found to have landed is acked to them
+                            // late, and must still reach the room.
                             let unsettled = decisions
                                 .iter()
                                 .zip(&sends)
                                 .filter_map(|(decision, pending)| match decision {
-                                    Decision::New(m) => Some((m.clone(), pending.command.traceparent.clone())),
+                                    Decision::New(m) => Some(Unsettled {
+                                        message: m.clone(),
+                                        traceparent: pending.command.traceparent.clone(),
+                                        late_ack: pending.reply.late_ack(),
+                                    }),
                                     _ => None,
                                 })
                                 .collect();
@@ -531,20 +554,25 @@ impl Fanout {
     }
 
     /// Keeps asking the store, in the background, whether an append whose outcome stayed
-    /// unknown past its sends' deadline landed, and publishes what did. Without this a stored
-    /// message (which the gateway acks once it finds it in the store) would reach members only
-    /// when a later message of the room revealed the gap: in a room that then fell quiet, never.
-    fn settle_later(&self, unsettled: Vec<(ChatMessage, String)>) {
+    /// unknown past its sends' deadline landed. A message that did is acked to its gateway at
+    /// once (which still waits, and would otherwise find it in the store only after its margin)
+    /// and published to the room: without that it would reach members only when a later
+    /// message of the room revealed the gap, in a room that then fell quiet never.
+    fn settle_later(&self, unsettled: Vec<Unsettled>) {
         let (store, bus, journal) = (self.store.clone(), self.bus.clone(), self.journal.clone());
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             let mut landed = Vec::new();
-            for (message, traceparent) in unsettled {
+            for Unsettled { message, traceparent, late_ack } in unsettled {
                 loop {
                     tokio::time::sleep(RESOLVE_PAUSE).await;
                     match store.find_by_client_msg_id(&message.room, &message.user, &message.client_msg_id).await {
                         Ok(Some(stored)) if stored.id == message.id => {
-                            landed.push((message, traceparent));
+                            let acked = late_ack.is_some();
+                            if let Some(late_ack) = late_ack {
+                                late_ack.stored(SendOutcome { message: message.clone(), duplicate: false }).await;
+                            }
+                            landed.push((message, traceparent, acked));
                             break;
                         }
                         Ok(_) => break,
@@ -556,12 +584,12 @@ impl Fanout {
                     }
                 }
             }
-            for (message, traceparent) in landed {
-                tracing::info!(room = %message.room, seq = message.seq, message_id = %message.id, trace_id = %message.trace_id, "an append whose outcome was unknown had landed; published late");
+            for (message, traceparent, acked) in landed {
+                tracing::info!(room = %message.room, seq = message.seq, message_id = %message.id, trace_id = %message.trace_id, acked, "an append whose outcome was unknown had landed; acked and published late");
                 let published = bus.deliver(Arc::new(message.clone()), &traceparent).await;
                 let detail = match &published {
-                    Ok(()) => serde_json::json!({"late": true}),
-                    Err(e) => serde_json::json!({"late": true, "error": e.to_string()}),
+                    Ok(()) => serde_json::json!({"late": true, "acked": acked}),
+                    Err(e) => serde_json::json!({"late": true, "acked": acked, "error": e.to_string()}),
                 };
                 journal.record(message.id, &message.trace_id, "fanout.publish", detail);
             }

@@ -10,7 +10,7 @@
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use bus::{BusError, BusErrorKind, FanoutBus, PendingSend, Replier};
+use bus::{BusError, BusErrorKind, FanoutBus, LateAck, PendingSend, Replier};
 use fanout::decision_log::{DecisionKind, DecisionLog};
 use fanout::{Clock, Fanout, FanoutConfig};
 use protocol::bus::{SendCommand, SendOutcome};
@@ -51,6 +51,32 @@ impl Replier for Answer {
     }
 }
 
+/// An answer that can also be given late ([`Replier::late_ack`]), as the NATS bus's can.
+struct AnswerWithLateAck {
+    answer: oneshot::Sender<Result<SendOutcome, BusError>>,
+    late: mpsc::UnboundedSender<SendOutcome>,
+}
+
+#[async_trait]
+impl Replier for AnswerWithLateAck {
+    async fn reply(self: Box<Self>, outcome: Result<SendOutcome, BusError>) {
+        let _ = self.answer.send(outcome);
+    }
+
+    fn late_ack(&self) -> Option<Box<dyn LateAck>> {
+        Some(Box::new(LateAnswer(self.late.clone())))
+    }
+}
+
+struct LateAnswer(mpsc::UnboundedSender<SendOutcome>);
+
+#[async_trait]
+impl LateAck for LateAnswer {
+    async fn stored(self: Box<Self>, outcome: SendOutcome) {
+        let _ = self.0.send(outcome);
+    }
+}
+
 // === a store that fails on demand ===
 
 /// How the next append fails.
@@ -70,6 +96,9 @@ enum Failure {
     /// Stored, the answer lost, and every read fails from then on until `reads_down` is cleared
     /// (a store that times everything out, as a node that just started does).
     AppliedThenDown,
+    /// Not stored, the store saying its commit was never sent, and every read fails from then
+    /// on until `reads_down` is cleared (a store that froze while the rows were being written).
+    NotCommittedThenDown,
 }
 
 struct FlakyStore {
@@ -109,6 +138,10 @@ impl HistoryStore for FlakyStore {
                 self.inner.append(batch).await?;
                 self.reads_down.store(true, std::sync::atomic::Ordering::SeqCst);
                 Err(StoreError::unavailable("append timed out"))
+            }
+            Some(Failure::NotCommittedThenDown) => {
+                self.reads_down.store(true, std::sync::atomic::Ordering::SeqCst);
+                Err(StoreError::unavailable("rows timed out").before_commit())
             }
             Some(Failure::FirstOnlyApplied) => {
                 let first = RoomAppend { messages: batch.messages[..1].to_vec(), ..batch };
@@ -405,17 +438,31 @@ async fn an_append_that_landed_without_an_answer_is_acked_once() {
 }
 
 /// An append that landed while the store stopped answering until the sends' deadline: the
-/// sends are answered unavailable (their gateway acks them once it finds them in the store),
-/// and once the store answers again the worker publishes what landed, so members get it even
-/// if the room says nothing more.
+/// sends are answered unavailable, a refusal that does not settle them (their gateway waits
+/// on), and once the store answers again the worker acks what landed to the gateway at once
+/// and publishes it, so members get it even if the room says nothing more.
 #[tokio::test]
-async fn an_append_whose_outcome_stayed_unknown_is_published_once_the_store_tells() {
+async fn an_append_whose_outcome_stayed_unknown_is_acked_and_published_once_the_store_tells() {
     let worker = worker();
     *worker.store.next_append.lock().unwrap() = Some(Failure::AppliedThenDown);
-    let outcome = worker.send(command("r", "a", protocol::now_ms() + 600)).await;
-    assert_eq!(outcome.unwrap_err().kind(), BusErrorKind::Unavailable);
+    let (answer, answered) = oneshot::channel();
+    let (late, mut late_acks) = mpsc::unbounded_channel();
+    let reply = Box::new(AnswerWithLateAck { answer, late });
+    worker
+        .batches
+        .send(vec![PendingSend { command: command("r", "a", protocol::now_ms() + 600), delivery: 1, reply }])
+        .unwrap();
+    let refused = answered.await.unwrap().unwrap_err();
+    assert_eq!(refused.kind(), BusErrorKind::Unavailable);
+    assert!(!refused.untried(), "its write may have landed: {refused}");
     assert!(worker.bus.published.lock().unwrap().is_empty(), "nothing published while it is unknown");
+    assert!(late_acks.try_recv().is_err(), "nothing acked while it is unknown");
     worker.store.reads_down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let acked = tokio::time::timeout(std::time::Duration::from_secs(5), late_acks.recv())
+        .await
+        .expect("acked late once the store tells")
+        .unwrap();
+    assert_eq!((acked.message.seq, acked.message.client_msg_id.as_str(), acked.duplicate), (1, "a", false));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while worker.bus.published.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -424,6 +471,25 @@ async fn an_append_whose_outcome_stayed_unknown_is_published_once_the_store_tell
         worker.bus.published.lock().unwrap().iter().map(|m| (m.seq, m.client_msg_id.clone())).collect();
     assert_eq!(published, [(1, "a".to_owned())], "published once it was known to have landed");
     assert_eq!(worker.stored("r").await.len(), 1);
+    worker.stop().await;
+}
+
+/// An append the store failed before its commit stored nothing and cannot store it later, so
+/// the worker does not ask the store whether it landed (asking would hold the room until the
+/// deadline while the store is down): it sequences again, and when that fails too, the refusal
+/// is `untried`, which lets the gateway answer at once instead of after the deadline and margin.
+#[tokio::test]
+async fn an_append_that_failed_before_its_commit_is_sequenced_again_and_refused_as_untried() {
+    let worker = worker();
+    *worker.store.next_append.lock().unwrap() = Some(Failure::NotCommittedThenDown);
+    let outcome = worker.send(command("r", "a", soon())).await;
+    let refused = outcome.expect_err("the store is down");
+    assert_eq!(refused.kind(), BusErrorKind::Unavailable);
+    assert!(refused.untried(), "nothing of it can be stored: {refused}");
+    worker.store.reads_down.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(worker.stored("r").await.is_empty());
+    let retried = worker.send(command("r", "a", soon())).await;
+    assert_eq!(seq(&retried), 1, "the retry is the room's first message");
     worker.stop().await;
 }
 

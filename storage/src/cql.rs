@@ -714,10 +714,12 @@ impl HistoryStore for CqlStore {
         // the room, so what the last one left is the room's last seq.
         let slot = self.fences.room(room);
         let mut known = slot.lock().await;
-        let epoch = self.holding(&fence).await?;
+        // Every failure until the commit is sent leaves nothing committed: `before_commit`
+        // tells the caller so, which spares it asking the store whether the append landed.
+        let epoch = self.holding(&fence).await.map_err(StoreError::before_commit)?;
         let last_seq = match *known {
             Some(Known { epoch: e, last_seq }) if e == epoch => last_seq,
-            _ => self.settled_last_seq(room).await?,
+            _ => self.settled_last_seq(room).await.map_err(StoreError::before_commit)?,
         };
         *known = Some(Known { epoch, last_seq });
         if last_seq != batch.expected_last_seq {
@@ -728,12 +730,15 @@ impl HistoryStore for CqlStore {
         // commit waits for both.
         let (written, confirmed) =
             futures_util::join!(self.write_rows(&batch.messages, epoch), self.confirm(&fence, epoch));
-        written
-            .map_err(|e| StoreError::unavailable(format!("room {room}: seqs after {last_seq} not committed: {e}")))?;
+        written.map_err(|e| {
+            StoreError::unavailable(format!("room {room}: seqs after {last_seq} not committed: {e}")).before_commit()
+        })?;
         // The rows may have taken long (or this process was paused): commit only on a fresh
         // confirmation.
-        let confirmed = match confirmed? {
-            Ok(at) if at.elapsed() > FENCE_FRESH => self.confirm(&fence, epoch).await?,
+        let confirmed = match confirmed.map_err(StoreError::before_commit)? {
+            Ok(at) if at.elapsed() > FENCE_FRESH => {
+                self.confirm(&fence, epoch).await.map_err(StoreError::before_commit)?
+            }
             other => other,
         };
         let checked_at = match confirmed {

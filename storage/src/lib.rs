@@ -40,6 +40,11 @@ pub enum StoreErrorKind {
     /// was committed. Like a conflict, reload the room and sequence again: the next append takes
     /// the partition back, after the store's grace.
     Fenced,
+    /// The backend failed before the append's commit was sent: nothing of the append was
+    /// committed, and nothing of it can be later (rows it may have written stay above the room's
+    /// last seq, and a later append's rows replace them). Unlike [`Unavailable`](Self::Unavailable)
+    /// the outcome is known; sequence again when the store answers.
+    NotCommitted,
 }
 
 impl std::fmt::Display for StoreErrorKind {
@@ -50,6 +55,7 @@ impl std::fmt::Display for StoreErrorKind {
             Self::Corrupt => "corrupt record",
             Self::Config => "bad store configuration",
             Self::Fenced => "fenced off",
+            Self::NotCommitted => "store unavailable before commit",
         })
     }
 }
@@ -109,6 +115,16 @@ impl StoreError {
     /// Another writer holds the room's partition: nothing of the append was committed.
     pub fn fenced(context: impl Into<String>) -> Self {
         Self::new(StoreErrorKind::Fenced, context)
+    }
+
+    /// The same failure, known to have struck an append before its commit was sent: an
+    /// [`Unavailable`](StoreErrorKind::Unavailable) error becomes
+    /// [`NotCommitted`](StoreErrorKind::NotCommitted); other kinds stay as they are.
+    pub fn before_commit(mut self) -> Self {
+        if self.kind == StoreErrorKind::Unavailable {
+            self.kind = StoreErrorKind::NotCommitted;
+        }
+        self
     }
 
     /// Whether another writer moved the room first.
@@ -220,7 +236,8 @@ pub trait HistoryStore: Send + Sync + 'static {
     ///
     /// After a [`StoreErrorKind::Unavailable`] error the outcome is unknown: call
     /// [`last_seq`](Self::last_seq) before appending to the room again. After
-    /// [`StoreErrorKind::Fenced`] nothing was committed, and another writer owns the room.
+    /// [`StoreErrorKind::Fenced`] nothing was committed, and another writer owns the room. After
+    /// [`StoreErrorKind::NotCommitted`] nothing was committed nor can be later.
     async fn append(&self, batch: RoomAppend) -> Result<(), StoreError>;
 
     /// The room's newest seq, 0 for an empty room.

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use super::ids::Named;
 use super::workers::{WorkersView, WORKER_HEARTBEAT};
 use super::{unavailable, NatsBus, TRACEPARENT};
-use crate::{BusError, BusErrorKind, PendingSend, Replier};
+use crate::{BusError, BusErrorKind, LateAck, PendingSend, Replier};
 
 /// Header naming where a worker sends its answer.
 const REPLY_HEADER: &str = "Chat-Reply";
@@ -511,6 +511,34 @@ impl Replier for NatsReplier {
 
     async fn release(self: Box<Self>) {
         super::workers::hand_back(&self.message).await;
+    }
+
+    fn late_ack(&self) -> Option<Box<dyn LateAck>> {
+        let subject = self.reply_subject.clone()?;
+        Some(Box::new(NatsLateAck { client: self.client.clone(), subject }))
+    }
+}
+
+/// Publishes a late `Stored` answer to the gateway's reply subject ([`Replier::late_ack`]). The
+/// gateway still waits after an unsettled refusal, and takes it as the send's answer; past its
+/// wait nobody listens, and the answer is dropped.
+struct NatsLateAck {
+    client: async_nats::Client,
+    subject: String,
+}
+
+#[async_trait]
+impl LateAck for NatsLateAck {
+    async fn stored(self: Box<Self>, outcome: SendOutcome) {
+        let trace_id = outcome.message.trace_id.clone();
+        let reply = SendReply::Stored(outcome);
+        let published = match serde_json::to_vec(&reply) {
+            Ok(payload) => self.client.publish(self.subject, payload.into()).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = published {
+            tracing::warn!(trace_id, error = %e, "late ack not published; the gateway will find the send in the store");
+        }
     }
 }
 
