@@ -561,30 +561,9 @@ impl Fanout {
     fn settle_later(&self, unsettled: Vec<Unsettled>) {
         let (store, bus, journal) = (self.store.clone(), self.bus.clone(), self.journal.clone());
         tokio::spawn(async move {
-            let started = std::time::Instant::now();
-            let mut landed = Vec::new();
-            for Unsettled { message, traceparent, late_ack } in unsettled {
-                loop {
-                    tokio::time::sleep(RESOLVE_PAUSE).await;
-                    match store.find_by_client_msg_id(&message.room, &message.user, &message.client_msg_id).await {
-                        Ok(Some(stored)) if stored.id == message.id => {
-                            let acked = late_ack.is_some();
-                            if let Some(late_ack) = late_ack {
-                                late_ack.stored(SendOutcome { message: message.clone(), duplicate: false }).await;
-                            }
-                            landed.push((message, traceparent, acked));
-                            break;
-                        }
-                        Ok(_) => break,
-                        Err(_) if started.elapsed() < SETTLE_WITHIN => continue,
-                        Err(e) => {
-                            tracing::warn!(room = %message.room, message_id = %message.id, trace_id = %message.trace_id, error = %e, "gave up learning whether an append landed; a later message of the room repairs it if it did");
-                            return;
-                        }
-                    }
-                }
-            }
-            for (message, traceparent, acked) in landed {
+            let checks = unsettled.into_iter().map(|one| settle_one(store.as_ref(), one));
+            let settled = join_all(checks).await;
+            for (message, traceparent, acked) in settled.into_iter().flatten() {
                 tracing::info!(room = %message.room, seq = message.seq, message_id = %message.id, trace_id = %message.trace_id, acked, "an append whose outcome was unknown had landed; acked and published late");
                 let published = bus.deliver(Arc::new(message.clone()), &traceparent).await;
                 let detail = match &published {
@@ -701,10 +680,46 @@ enum Outcome {
     Unknown,
 }
 
+/// Asks the store until it tells whether `one`'s message landed; acks it late when it did, and
+/// returns it (with its traceparent and whether it was acked) to be published.
+///
+/// "Not there" is believed only once the store has answered for [`NOT_LANDED_AFTER`]: a write
+/// sent before the store froze waits in a socket and may apply just after reads sent later.
+async fn settle_one(store: &dyn HistoryStore, one: Unsettled) -> Option<(ChatMessage, String, bool)> {
+    let Unsettled { message, traceparent, late_ack } = one;
+    let started = Instant::now();
+    let mut answering_since: Option<Instant> = None;
+    loop {
+        tokio::time::sleep(RESOLVE_PAUSE).await;
+        match store.find_by_client_msg_id(&message.room, &message.user, &message.client_msg_id).await {
+            Ok(Some(stored)) if stored.id == message.id => {
+                let acked = late_ack.is_some();
+                if let Some(late_ack) = late_ack {
+                    late_ack.stored(SendOutcome { message: message.clone(), duplicate: false }).await;
+                }
+                return Some((message, traceparent, acked));
+            }
+            Ok(_) => {
+                if answering_since.get_or_insert_with(Instant::now).elapsed() >= NOT_LANDED_AFTER {
+                    return None;
+                }
+            }
+            Err(_) if started.elapsed() < SETTLE_WITHIN => {}
+            Err(e) => {
+                tracing::warn!(room = %message.room, message_id = %message.id, trace_id = %message.trace_id, error = %e, "gave up learning whether an append landed; a later message of the room repairs it if it did");
+                return None;
+            }
+        }
+    }
+}
+
 /// Pause between attempts to learn a failed append's fate.
 const RESOLVE_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
 /// How long a worker keeps asking whether an append whose outcome stayed unknown landed.
 const SETTLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
+/// How long the store must have answered "not there" before a worker believes that an append
+/// whose outcome was unknown did not land.
+const NOT_LANDED_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Why a command is not acceptable, re-checked here because the bus may carry anything.
 fn invalid(command: &SendCommand) -> Option<String> {

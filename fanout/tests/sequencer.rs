@@ -96,6 +96,10 @@ enum Failure {
     /// Stored, the answer lost, and every read fails from then on until `reads_down` is cleared
     /// (a store that times everything out, as a node that just started does).
     AppliedThenDown,
+    /// Not stored yet, the answer lost, and every read fails until `reads_down` is cleared; the
+    /// write is kept in `late_write` for the test to apply later (a write waiting in a socket of
+    /// a frozen store, applied only after reads sent later).
+    LandsLate,
     /// Not stored, the store saying its commit was never sent, and every read fails from then
     /// on until `reads_down` is cleared (a store that froze while the rows were being written).
     NotCommittedThenDown,
@@ -105,6 +109,7 @@ struct FlakyStore {
     inner: EmbeddedStore,
     next_append: Mutex<Option<Failure>>,
     reads_down: std::sync::atomic::AtomicBool,
+    late_write: Mutex<Option<RoomAppend>>,
 }
 
 impl FlakyStore {
@@ -138,6 +143,11 @@ impl HistoryStore for FlakyStore {
                 self.inner.append(batch).await?;
                 self.reads_down.store(true, std::sync::atomic::Ordering::SeqCst);
                 Err(StoreError::unavailable("append timed out"))
+            }
+            Some(Failure::LandsLate) => {
+                *self.late_write.lock().unwrap() = Some(batch);
+                self.reads_down.store(true, std::sync::atomic::Ordering::SeqCst);
+                Err(StoreError::unavailable("commit timed out (outcome unknown)"))
             }
             Some(Failure::NotCommittedThenDown) => {
                 self.reads_down.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -198,6 +208,7 @@ fn worker_logged(log: Option<&DecisionLog>) -> Worker {
         inner: EmbeddedStore::open(dir.path()).unwrap(),
         next_append: Mutex::new(None),
         reads_down: Default::default(),
+        late_write: Mutex::new(None),
     });
     worker_over(store, dir, log)
 }
@@ -461,7 +472,7 @@ async fn an_append_whose_outcome_stayed_unknown_is_acked_and_published_once_the_
     let acked = tokio::time::timeout(std::time::Duration::from_secs(5), late_acks.recv())
         .await
         .expect("acked late once the store tells")
-        .unwrap();
+        .expect("acked, not dropped");
     assert_eq!((acked.message.seq, acked.message.client_msg_id.as_str(), acked.duplicate), (1, "a", false));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while worker.bus.published.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
@@ -490,6 +501,34 @@ async fn an_append_that_failed_before_its_commit_is_sequenced_again_and_refused_
     assert!(worker.stored("r").await.is_empty());
     let retried = worker.send(command("r", "a", soon())).await;
     assert_eq!(seq(&retried), 1, "the retry is the room's first message");
+    worker.stop().await;
+}
+
+/// A write of unknown outcome that applies only after the store answers again (it waited in a
+/// socket while reads sent later overtook it): the worker does not take the first "not there"
+/// for the answer, and acks the send once the write shows.
+#[tokio::test]
+async fn a_write_that_lands_after_the_store_answers_again_is_still_acked_late() {
+    let worker = worker();
+    *worker.store.next_append.lock().unwrap() = Some(Failure::LandsLate);
+    let (answer, answered) = oneshot::channel();
+    let (late, mut late_acks) = mpsc::unbounded_channel();
+    let reply = Box::new(AnswerWithLateAck { answer, late });
+    worker
+        .batches
+        .send(vec![PendingSend { command: command("r", "a", protocol::now_ms() + 600), delivery: 1, reply }])
+        .unwrap();
+    assert!(!answered.await.unwrap().unwrap_err().untried());
+    worker.store.reads_down.store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    assert!(late_acks.try_recv().is_err(), "not stored yet");
+    let late_write = worker.store.late_write.lock().unwrap().take().expect("the append was kept");
+    worker.store.inner.append(late_write).await.unwrap();
+    let acked = tokio::time::timeout(std::time::Duration::from_secs(5), late_acks.recv())
+        .await
+        .expect("acked once the write shows")
+        .expect("acked, not dropped");
+    assert_eq!((acked.message.seq, acked.message.client_msg_id.as_str()), (1, "a"));
     worker.stop().await;
 }
 
