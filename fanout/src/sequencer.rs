@@ -224,14 +224,22 @@ impl Fanout {
         // Whether an earlier attempt appended some of these sends and failed: a send that then
         // expires may still have been written by it, so its refusal is not `untried`.
         let mut appended_before = false;
+        // Whether the store failed an append before its commit: the store was down a moment
+        // ago, so a failed read of the room is asked again until the deadline, not refused.
+        let mut failed_before_commit = false;
         for attempt in 0..=self.config.conflict_retries {
             let head = match known.take() {
                 Some(head) => head,
-                None => match self.read_head(room, &sends).await {
-                    Ok(head) => head,
-                    Err(e) => {
-                        self.fail_all(room, sends, read_failed(e, appended_before)).await;
-                        return None;
+                None => loop {
+                    match self.read_head(room, &sends).await {
+                        Ok(head) => break head,
+                        Err(_) if failed_before_commit && self.time_left(room, &sends) > RESOLVE_PAUSE => {
+                            tokio::time::sleep(RESOLVE_PAUSE).await;
+                        }
+                        Err(e) => {
+                            self.fail_all(room, sends, read_failed(e, appended_before)).await;
+                            return None;
+                        }
                     }
                 },
             };
@@ -312,11 +320,13 @@ impl Fanout {
                         continue;
                     }
                     // The store failed before it sent the commit: nothing of the append is or
-                    // will be stored, so there is nothing to ask, and a send that expires from
-                    // here on is still untried as far as a stored copy goes.
+                    // will be stored, so there is nothing to ask, and a send refused from here
+                    // on is still untried as far as a stored copy goes. Sequence again, reading
+                    // the room until it answers or the deadline passes.
                     Err(e) if e.kind() == StoreErrorKind::NotCommitted => {
                         tracing::debug!(room, attempt, error = %e, "append failed before its commit; sequencing again");
                         self.decided(room, sends.first().map(|p| &p.command), || DecisionKind::FailedRetry { attempt });
+                        failed_before_commit = true;
                         continue;
                     }
                     Err(e) => match self.resolve(&newest, self.latest_deadline(room, &sends)).await {
@@ -616,6 +626,12 @@ impl Fanout {
             }
         }
         result
+    }
+
+    /// How long until the latest deadline of a room's sends (zero once it has passed).
+    fn time_left(&self, room: &str, sends: &[PendingSend]) -> std::time::Duration {
+        let left = self.latest_deadline(room, sends) - self.clock.now_ms(room);
+        std::time::Duration::from_millis(u64::try_from(left).unwrap_or(0))
     }
 
     /// The latest deadline of a room's sends (now + 2 s when none has one).

@@ -486,21 +486,32 @@ async fn an_append_whose_outcome_stayed_unknown_is_acked_and_published_once_the_
 }
 
 /// An append the store failed before its commit stored nothing and cannot store it later, so
-/// the worker does not ask the store whether it landed (asking would hold the room until the
-/// deadline while the store is down): it sequences again, and when that fails too, the refusal
-/// is `untried`, which lets the gateway answer at once instead of after the deadline and margin.
+/// the worker does not ask the store whether it landed: it sequences again, reading the room
+/// until the store answers. Back before the deadline, the send is stored; still down at the
+/// deadline, it is refused as `untried`, which lets the gateway answer at once instead of
+/// after the deadline and margin.
 #[tokio::test]
-async fn an_append_that_failed_before_its_commit_is_sequenced_again_and_refused_as_untried() {
+async fn an_append_that_failed_before_its_commit_is_sequenced_again_until_the_deadline() {
     let worker = worker();
     *worker.store.next_append.lock().unwrap() = Some(Failure::NotCommittedThenDown);
-    let outcome = worker.send(command("r", "a", soon())).await;
-    let refused = outcome.expect_err("the store is down");
+    let store = worker.store.clone();
+    let back = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+        store.reads_down.store(false, std::sync::atomic::Ordering::SeqCst);
+    });
+    let stored = worker.send(command("r", "a", soon())).await;
+    assert_eq!(seq(&stored), 1, "stored once the store answered again");
+    back.await.unwrap();
+
+    *worker.store.next_append.lock().unwrap() = Some(Failure::NotCommittedThenDown);
+    let outcome = worker.send(command("r", "b", protocol::now_ms() + 800)).await;
+    let refused = outcome.expect_err("the store is down past the deadline");
     assert_eq!(refused.kind(), BusErrorKind::Unavailable);
     assert!(refused.untried(), "nothing of it can be stored: {refused}");
     worker.store.reads_down.store(false, std::sync::atomic::Ordering::SeqCst);
-    assert!(worker.stored("r").await.is_empty());
-    let retried = worker.send(command("r", "a", soon())).await;
-    assert_eq!(seq(&retried), 1, "the retry is the room's first message");
+    assert_eq!(worker.stored("r").await.len(), 1);
+    let retried = worker.send(command("r", "b", soon())).await;
+    assert_eq!(seq(&retried), 2, "the retry is the room's next message");
     worker.stop().await;
 }
 

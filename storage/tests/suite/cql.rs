@@ -87,6 +87,36 @@ async fn rows_never_committed_are_invisible_and_overwritten() {
     .await;
 }
 
+/// An append whose rows the node refuses fails before its commit is sent, and says so
+/// (`NotCommitted`): the rows it did write (a first chunk of four messages) stay invisible, and
+/// the next append from the same seq replaces them. Cassandra refuses the last message's dedupe
+/// row for its partition key of over 64 KiB (a client id no gateway would pass on).
+#[tokio::test]
+async fn an_append_whose_rows_fail_is_not_committed_and_leaves_nothing_visible() {
+    crate::with_cassandra("not_committed", async |store, other| {
+        fill(store, "r", 0, 2, 2).await;
+        let mut refused = messages("r", 3, 7);
+        refused[4].client_msg_id = "k".repeat(70_000);
+        let append = RoomAppend { room: "r".into(), expected_last_seq: 2, messages: refused.clone() };
+        let error = store.append(append).await.expect_err("the node refuses the last message's rows");
+        assert_eq!(error.kind(), StoreErrorKind::NotCommitted, "{error}");
+        assert_eq!(other.last_seq("r").await.unwrap(), 2);
+        for m in &refused[..4] {
+            assert_eq!(other.find_by_client_msg_id("r", &m.user, &m.client_msg_id).await.unwrap(), None);
+            assert_eq!(other.get_by_id(m.id).await.unwrap(), None);
+        }
+        let mut next = messages("r", 3, 4);
+        for m in &mut next {
+            m.client_msg_id = format!("next-{}", m.seq);
+            m.id = uuid::Uuid::now_v7();
+        }
+        store.append(RoomAppend { room: "r".into(), expected_last_seq: 2, messages: next.clone() }).await.unwrap();
+        assert_eq!(other.page("r", PageQuery::newest(50)).await.unwrap().messages[2..], next[..]);
+        assert_eq!(other.find_by_client_msg_id("r", &refused[0].user, &refused[0].client_msg_id).await.unwrap(), None);
+    })
+    .await;
+}
+
 /// Two writers of one partition: the one that takes the fence later fences the other off. The
 /// fenced-off writer's append is refused as `Fenced` and commits nothing (its rows are invisible
 /// and the new owner's messages win); its next append takes the fence back, and then the other
