@@ -734,8 +734,10 @@ const RESOLVE_PAUSE: std::time::Duration = std::time::Duration::from_millis(250)
 /// How long a worker keeps asking whether an append whose outcome stayed unknown landed.
 const SETTLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
 /// How long the store must have answered "not there" before a worker believes that an append
-/// whose outcome was unknown did not land.
-const NOT_LANDED_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+/// whose outcome was unknown did not land: as long as a gateway waits past a send's deadline
+/// (its margin). A node back from a freeze works through what queued meanwhile, and a commit
+/// sent before the freeze was seen to apply 2-6 s after the first answers.
+const NOT_LANDED_AFTER: std::time::Duration = std::time::Duration::from_secs(6);
 
 /// Why a command is not acceptable, re-checked here because the bus may carry anything.
 fn invalid(command: &SendCommand) -> Option<String> {
