@@ -299,7 +299,8 @@ pub async fn replay(log: &Log) -> Report {
     )
     .with_clock(Arc::new(replay.clone()))
     .with_ids(Arc::new(replay.clone()))
-    .with_hook(Arc::new(replay));
+    .with_hook(Arc::new(replay))
+    .without_settling();
     worker.run(std::future::pending()).await;
 
     let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);

@@ -23,6 +23,10 @@ use crate::room_hook::RoomHook;
 /// A fanout worker.
 pub struct Fanout {
     store: Arc<dyn HistoryStore>,
+    /// The same store, never recorded in a decision log: for settling failed appends in the
+    /// background ([`settle_later`](Self::settle_later)), which decides nothing a replay checks
+    /// and whose reads would interleave with the logged ones. `None` in a replay.
+    settle_store: Option<Arc<dyn HistoryStore>>,
     bus: Arc<dyn FanoutBus>,
     journal: Arc<Journal>,
     metrics: Metrics,
@@ -50,8 +54,8 @@ impl Head {
     }
 }
 
-/// A new message whose append's outcome stayed unknown past its sends' deadline, still to be
-/// settled in the background ([`Fanout::settle_later`]).
+/// A new message of a failed append that may still land, to be settled in the background
+/// ([`Fanout::settle_later`]).
 struct Unsettled {
     message: ChatMessage,
     /// The send's trace context, for the late publish.
@@ -82,6 +86,7 @@ impl Fanout {
         config: FanoutConfig,
     ) -> Self {
         Self {
+            settle_store: Some(store.clone()),
             store,
             bus,
             journal,
@@ -109,6 +114,13 @@ impl Fanout {
     /// The same worker telling `hook` of each batch it takes and each decision it makes.
     pub fn with_hook(mut self, hook: Arc<dyn DecisionHook>) -> Self {
         self.hook = Some(hook);
+        self
+    }
+
+    /// The same worker settling nothing in the background: no late acks or publishes of failed
+    /// appends that landed after all (a replay re-runs decisions, and those are not).
+    pub fn without_settling(mut self) -> Self {
+        self.settle_store = None;
         self
     }
 
@@ -220,6 +232,27 @@ impl Fanout {
         if sends.is_empty() {
             return cached;
         }
+        // Messages of failed appends that may still land: once every send here is answered,
+        // they are settled in the background (a send refused meanwhile is acked late if its
+        // message shows up).
+        let mut maybe_landed = Vec::new();
+        let head = self.sequence_sends(room, cached, sends, &mut maybe_landed).await;
+        if !maybe_landed.is_empty() {
+            self.settle_later(maybe_landed);
+        }
+        head
+    }
+
+    /// The attempts of [`sequence_room`](Self::sequence_room): sequence, append, and on a
+    /// conflict or a failed append sequence again, until every send is answered. Messages of
+    /// appends that failed but may still land are added to `maybe_landed`.
+    async fn sequence_sends(
+        &self,
+        room: &str,
+        cached: Option<Head>,
+        sends: Vec<PendingSend>,
+        maybe_landed: &mut Vec<Unsettled>,
+    ) -> Option<Head> {
         let mut known = cached;
         // Whether an earlier attempt appended some of these sends and failed: a send that then
         // expires may still have been written by it, so its refusal is not `untried`.
@@ -329,38 +362,42 @@ impl Fanout {
                         failed_before_commit = true;
                         continue;
                     }
-                    Err(e) => match self.resolve(&newest, self.latest_deadline(room, &sends)).await {
-                        // The write went through after all.
-                        Outcome::Applied => {}
-                        // It did not: sequence again (repeats now find what others stored).
-                        Outcome::NotApplied => {
-                            self.decided(room, sends.first().map(|p| &p.command), || DecisionKind::FailedRetry {
-                                attempt,
-                            });
-                            appended_before = true;
-                            continue;
-                        }
-                        Outcome::Unknown => {
-                            // The gateways wait on after this refusal (it does not settle
-                            // the send), so what is found to have landed is acked to them
-                            // late, and must still reach the room.
-                            let unsettled = decisions
-                                .iter()
-                                .zip(&sends)
-                                .filter_map(|(decision, pending)| match decision {
+                    Err(e) => {
+                        let outcome = self.resolve(&newest, self.latest_deadline(room, &sends)).await;
+                        if outcome != Outcome::Applied {
+                            // Not there when asked, or no answer: the write may still land
+                            // (a store just back from a freeze applies what waited in its
+                            // sockets after answering reads sent later). The sends' refusals
+                            // will not settle them, so their gateways wait on, and a message
+                            // found landed is acked to them late and still reaches the room.
+                            maybe_landed.extend(decisions.iter().zip(&sends).filter_map(|(decision, pending)| {
+                                match decision {
                                     Decision::New(m) => Some(Unsettled {
                                         message: m.clone(),
                                         traceparent: pending.command.traceparent.clone(),
                                         late_ack: pending.reply.late_ack(),
                                     }),
                                     _ => None,
-                                })
-                                .collect();
-                            self.settle_later(unsettled);
-                            self.fail_all(room, sends, BusError::unavailable(e.to_string())).await;
-                            return None;
+                                }
+                            }));
                         }
-                    },
+                        match outcome {
+                            // The write went through after all.
+                            Outcome::Applied => {}
+                            // It did not: sequence again (repeats now find what others stored).
+                            Outcome::NotApplied => {
+                                self.decided(room, sends.first().map(|p| &p.command), || DecisionKind::FailedRetry {
+                                    attempt,
+                                });
+                                appended_before = true;
+                                continue;
+                            }
+                            Outcome::Unknown => {
+                                self.fail_all(room, sends, BusError::unavailable(e.to_string())).await;
+                                return None;
+                            }
+                        }
+                    }
                 }
             }
             self.finish(sends, decisions, sequence_spans, appended_before).await;
@@ -563,13 +600,14 @@ impl Fanout {
         }
     }
 
-    /// Keeps asking the store, in the background, whether an append whose outcome stayed
-    /// unknown past its sends' deadline landed. A message that did is acked to its gateway at
+    /// Keeps asking the store, in the background, whether appends that failed and may still
+    /// land (their outcome unknown, or "not there" when asked) did. A message that did is acked to its gateway at
     /// once (which still waits, and would otherwise find it in the store only after its margin)
     /// and published to the room: without that it would reach members only when a later
     /// message of the room revealed the gap, in a room that then fell quiet never.
     fn settle_later(&self, unsettled: Vec<Unsettled>) {
-        let (store, bus, journal) = (self.store.clone(), self.bus.clone(), self.journal.clone());
+        let Some(store) = self.settle_store.clone() else { return };
+        let (bus, journal) = (self.bus.clone(), self.journal.clone());
         tokio::spawn(async move {
             let checks = unsettled.into_iter().map(|one| settle_one(store.as_ref(), one));
             let settled = join_all(checks).await;
@@ -690,6 +728,7 @@ impl<'a> Concerning<'a> {
 }
 
 /// Whether a failed append applied after all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
     Applied,
     NotApplied,
@@ -715,7 +754,9 @@ async fn settle_one(store: &dyn HistoryStore, one: Unsettled) -> Option<(ChatMes
                 }
                 return Some((message, traceparent, acked));
             }
-            Ok(_) => {
+            // Another message holds the send's key: a later attempt stored it, and acked it.
+            Ok(Some(_)) => return None,
+            Ok(None) => {
                 if answering_since.get_or_insert_with(Instant::now).elapsed() >= NOT_LANDED_AFTER {
                     return None;
                 }

@@ -100,6 +100,9 @@ enum Failure {
     /// write is kept in `late_write` for the test to apply later (a write waiting in a socket of
     /// a frozen store, applied only after reads sent later).
     LandsLate,
+    /// As `LandsLate`, but the answer (an error) comes after this pause and reads keep working:
+    /// the worker reads "not there" before the write applies.
+    SlowLandsLate(std::time::Duration),
     /// Not stored, the store saying its commit was never sent, and every read fails from then
     /// on until `reads_down` is cleared (a store that froze while the rows were being written).
     NotCommittedThenDown,
@@ -147,6 +150,11 @@ impl HistoryStore for FlakyStore {
             Some(Failure::LandsLate) => {
                 *self.late_write.lock().unwrap() = Some(batch);
                 self.reads_down.store(true, std::sync::atomic::Ordering::SeqCst);
+                Err(StoreError::unavailable("commit timed out (outcome unknown)"))
+            }
+            Some(Failure::SlowLandsLate(pause)) => {
+                *self.late_write.lock().unwrap() = Some(batch);
+                tokio::time::sleep(pause).await;
                 Err(StoreError::unavailable("commit timed out (outcome unknown)"))
             }
             Some(Failure::NotCommittedThenDown) => {
@@ -540,6 +548,39 @@ async fn a_write_that_lands_after_the_store_answers_again_is_still_acked_late() 
         .expect("acked once the write shows")
         .expect("acked, not dropped");
     assert_eq!((acked.message.seq, acked.message.client_msg_id.as_str()), (1, "a"));
+    worker.stop().await;
+}
+
+/// A write of unknown outcome that the store, asked at once, says is not there, and that
+/// applies only after the send's deadline: the send is refused as expired (a refusal that does
+/// not settle it, since the write may still land), and acked late once the write shows.
+#[tokio::test]
+async fn a_send_refused_while_its_write_was_not_there_yet_is_acked_late_when_it_lands() {
+    let worker = worker();
+    *worker.store.next_append.lock().unwrap() = Some(Failure::SlowLandsLate(std::time::Duration::from_millis(400)));
+    let (answer, answered) = oneshot::channel();
+    let (late, mut late_acks) = mpsc::unbounded_channel();
+    let reply = Box::new(AnswerWithLateAck { answer, late });
+    worker
+        .batches
+        .send(vec![PendingSend { command: command("r", "a", protocol::now_ms() + 300), delivery: 1, reply }])
+        .unwrap();
+    let refused = answered.await.unwrap().unwrap_err();
+    assert!(refused.message().contains("expired"), "{refused}");
+    assert!(!refused.untried(), "its write may still land: {refused}");
+    let late_write = worker.store.late_write.lock().unwrap().take().expect("the append was kept");
+    worker.store.inner.append(late_write).await.unwrap();
+    let acked = tokio::time::timeout(std::time::Duration::from_secs(5), late_acks.recv())
+        .await
+        .expect("acked once the write shows")
+        .expect("acked, not dropped");
+    assert_eq!((acked.message.seq, acked.message.client_msg_id.as_str()), (1, "a"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while worker.bus.published.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let published: Vec<u64> = worker.bus.published.lock().unwrap().iter().map(|m| m.seq).collect();
+    assert_eq!(published, [1], "and published to the room");
     worker.stop().await;
 }
 
