@@ -601,10 +601,11 @@ impl Fanout {
     }
 
     /// Keeps asking the store, in the background, whether appends that failed and may still
-    /// land (their outcome unknown, or "not there" when asked) did. A message that did is acked to its gateway at
-    /// once (which still waits, and would otherwise find it in the store only after its margin)
-    /// and published to the room: without that it would reach members only when a later
-    /// message of the room revealed the gap, in a room that then fell quiet never.
+    /// land (their outcome unknown, or "not there" when asked) did. A message that did is
+    /// acked to its gateway at once (which still waits, and would otherwise find it in the
+    /// store only after its margin) and published to the room: without that it would reach
+    /// members only when a later message of the room revealed the gap, in a room that then fell
+    /// quiet never.
     fn settle_later(&self, unsettled: Vec<Unsettled>) {
         let Some(store) = self.settle_store.clone() else { return };
         let (bus, journal) = (self.bus.clone(), self.journal.clone());
