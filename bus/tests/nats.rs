@@ -40,6 +40,35 @@ async fn next_item(feed: &mut RoomFeed) -> FeedItem {
     }
 }
 
+/// alice's send `client_msg_id` to `general` through `gateway-t`, with its deadline.
+fn send_command(client_msg_id: &str, deadline_ms: i64) -> SendCommand {
+    SendCommand {
+        room: "general".into(),
+        user: "alice".into(),
+        client_msg_id: client_msg_id.into(),
+        body: "hello".into(),
+        traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+        gateway: "gateway-t".into(),
+        deadline_ms,
+    }
+}
+
+/// The message a worker stores for `command` as its room's first.
+fn stored_as_first(command: &SendCommand) -> ChatMessage {
+    ChatMessage {
+        room: command.room.clone(),
+        seq: 1,
+        id: uuid::Uuid::now_v7(),
+        user: command.user.clone(),
+        body: command.body.clone(),
+        ts: 1,
+        client_msg_id: command.client_msg_id.clone(),
+        trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+        prev: None,
+        digest: None,
+    }
+}
+
 #[tokio::test]
 async fn a_send_round_trips_through_a_worker_and_the_room_feed_gets_the_delivery_and_events() {
     let nats = testkit::NatsServer::start().await;
@@ -48,15 +77,7 @@ async fn a_send_round_trips_through_a_worker_and_the_room_feed_gets_the_delivery
     worker.start_worker().await.expect("start worker");
     let mut feed = gateway.subscribe("general").await.expect("subscribe");
 
-    let command = SendCommand {
-        room: "general".into(),
-        user: "alice".into(),
-        client_msg_id: "c-1".into(),
-        body: "hello".into(),
-        traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
-        gateway: "gateway-t".into(),
-        deadline_ms: 0,
-    };
+    let command = send_command("c-1", 0);
     let submitted = tokio::spawn({
         let (gateway, command) = (gateway.clone(), command.clone());
         async move { gateway.submit(command).await }
@@ -71,18 +92,7 @@ async fn a_send_round_trips_through_a_worker_and_the_room_feed_gets_the_delivery
     );
     assert_eq!(send.delivery, 1);
 
-    let stored = ChatMessage {
-        room: command.room.clone(),
-        seq: 1,
-        id: uuid::Uuid::now_v7(),
-        user: command.user.clone(),
-        body: command.body.clone(),
-        ts: 1,
-        client_msg_id: command.client_msg_id.clone(),
-        trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
-        prev: None,
-        digest: None,
-    };
+    let stored = stored_as_first(&command);
     let traceparent = send.command.traceparent.clone();
     worker.deliver(Arc::new(stored.clone()), &traceparent).await.expect("deliver");
     let outcome = SendOutcome { message: stored.clone(), duplicate: false };
@@ -117,15 +127,7 @@ async fn a_late_ack_after_a_refusal_of_unknown_outcome_is_the_sends_answer() {
     let gateway = connect(&nats.url(), "gateway-t").await;
     let worker = connect(&nats.url(), "fanout-t").await;
     worker.start_worker().await.expect("start worker");
-    let command = SendCommand {
-        room: "general".into(),
-        user: "alice".into(),
-        client_msg_id: "c-late".into(),
-        body: "hello".into(),
-        traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
-        gateway: "gateway-t".into(),
-        deadline_ms: protocol::now_ms() + 5_000,
-    };
+    let command = send_command("c-late", protocol::now_ms() + 5_000);
     let submitted = tokio::spawn({
         let (gateway, command) = (gateway.clone(), command.clone());
         async move { gateway.submit(command).await }
@@ -137,18 +139,7 @@ async fn a_late_ack_after_a_refusal_of_unknown_outcome_is_the_sends_answer() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!submitted.is_finished(), "a refusal of unknown outcome is not the answer");
 
-    let stored = ChatMessage {
-        room: command.room.clone(),
-        seq: 1,
-        id: uuid::Uuid::now_v7(),
-        user: command.user.clone(),
-        body: command.body.clone(),
-        ts: 1,
-        client_msg_id: command.client_msg_id.clone(),
-        trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
-        prev: None,
-        digest: None,
-    };
+    let stored = stored_as_first(&command);
     let outcome = SendOutcome { message: stored, duplicate: false };
     late_ack.stored(outcome.clone()).await;
     let answered = tokio::time::timeout(WAIT, submitted).await.expect("an answer in time").unwrap();

@@ -276,6 +276,34 @@ impl Worker {
         outcomes
     }
 
+    /// Hands the worker one send whose answer can also come late ([`Replier::late_ack`]);
+    /// returns where its answer and its late ack arrive.
+    fn send_acking_late(
+        &self,
+        command: SendCommand,
+    ) -> (oneshot::Receiver<Result<SendOutcome, BusError>>, mpsc::UnboundedReceiver<SendOutcome>) {
+        let (answer, answered) = oneshot::channel();
+        let (late, late_acks) = mpsc::unbounded_channel();
+        let reply = Box::new(AnswerWithLateAck { answer, late });
+        self.batches.send(vec![PendingSend { command, delivery: 1, reply }]).unwrap();
+        (answered, late_acks)
+    }
+
+    /// Applies the append the store kept back ([`Failure::LandsLate`]): the write lands now.
+    async fn land_late_write(&self) {
+        let late_write = self.store.late_write.lock().unwrap().take().expect("the append was kept");
+        self.store.inner.append(late_write).await.unwrap();
+    }
+
+    /// The seqs the worker published, once it has published any (or after 5 s).
+    async fn published_seqs(&self) -> Vec<(u64, String)> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while self.bus.published.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        self.bus.published.lock().unwrap().iter().map(|m| (m.seq, m.client_msg_id.clone())).collect()
+    }
+
     async fn send(&self, command: SendCommand) -> Result<SendOutcome, BusError> {
         self.batch(vec![command]).await.remove(0)
     }
@@ -295,6 +323,14 @@ impl Worker {
         self.task.await.unwrap();
         worker_over(self.store, self._dir, None)
     }
+}
+
+/// The next late ack, within 5 s.
+async fn late_ack(late_acks: &mut mpsc::UnboundedReceiver<SendOutcome>) -> SendOutcome {
+    tokio::time::timeout(std::time::Duration::from_secs(5), late_acks.recv())
+        .await
+        .expect("acked late within 5 s")
+        .expect("acked, not dropped")
 }
 
 fn seq(outcome: &Result<SendOutcome, BusError>) -> u64 {
@@ -464,30 +500,16 @@ async fn an_append_that_landed_without_an_answer_is_acked_once() {
 async fn an_append_whose_outcome_stayed_unknown_is_acked_and_published_once_the_store_tells() {
     let worker = worker();
     *worker.store.next_append.lock().unwrap() = Some(Failure::AppliedThenDown);
-    let (answer, answered) = oneshot::channel();
-    let (late, mut late_acks) = mpsc::unbounded_channel();
-    let reply = Box::new(AnswerWithLateAck { answer, late });
-    worker
-        .batches
-        .send(vec![PendingSend { command: command("r", "a", protocol::now_ms() + 600), delivery: 1, reply }])
-        .unwrap();
+    let (answered, mut late_acks) = worker.send_acking_late(command("r", "a", protocol::now_ms() + 600));
     let refused = answered.await.unwrap().unwrap_err();
     assert_eq!(refused.kind(), BusErrorKind::Unavailable);
     assert!(!refused.untried(), "its write may have landed: {refused}");
     assert!(worker.bus.published.lock().unwrap().is_empty(), "nothing published while it is unknown");
     assert!(late_acks.try_recv().is_err(), "nothing acked while it is unknown");
     worker.store.reads_down.store(false, std::sync::atomic::Ordering::SeqCst);
-    let acked = tokio::time::timeout(std::time::Duration::from_secs(5), late_acks.recv())
-        .await
-        .expect("acked late once the store tells")
-        .expect("acked, not dropped");
+    let acked = late_ack(&mut late_acks).await;
     assert_eq!((acked.message.seq, acked.message.client_msg_id.as_str(), acked.duplicate), (1, "a", false));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while worker.bus.published.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let published: Vec<(u64, String)> =
-        worker.bus.published.lock().unwrap().iter().map(|m| (m.seq, m.client_msg_id.clone())).collect();
+    let published = worker.published_seqs().await;
     assert_eq!(published, [(1, "a".to_owned())], "published once it was known to have landed");
     assert_eq!(worker.stored("r").await.len(), 1);
     worker.stop().await;
@@ -530,23 +552,13 @@ async fn an_append_that_failed_before_its_commit_is_sequenced_again_until_the_de
 async fn a_write_that_lands_after_the_store_answers_again_is_still_acked_late() {
     let worker = worker();
     *worker.store.next_append.lock().unwrap() = Some(Failure::LandsLate);
-    let (answer, answered) = oneshot::channel();
-    let (late, mut late_acks) = mpsc::unbounded_channel();
-    let reply = Box::new(AnswerWithLateAck { answer, late });
-    worker
-        .batches
-        .send(vec![PendingSend { command: command("r", "a", protocol::now_ms() + 600), delivery: 1, reply }])
-        .unwrap();
+    let (answered, mut late_acks) = worker.send_acking_late(command("r", "a", protocol::now_ms() + 600));
     assert!(!answered.await.unwrap().unwrap_err().untried());
     worker.store.reads_down.store(false, std::sync::atomic::Ordering::SeqCst);
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
     assert!(late_acks.try_recv().is_err(), "not stored yet");
-    let late_write = worker.store.late_write.lock().unwrap().take().expect("the append was kept");
-    worker.store.inner.append(late_write).await.unwrap();
-    let acked = tokio::time::timeout(std::time::Duration::from_secs(5), late_acks.recv())
-        .await
-        .expect("acked once the write shows")
-        .expect("acked, not dropped");
+    worker.land_late_write().await;
+    let acked = late_ack(&mut late_acks).await;
     assert_eq!((acked.message.seq, acked.message.client_msg_id.as_str()), (1, "a"));
     worker.stop().await;
 }
@@ -558,29 +570,14 @@ async fn a_write_that_lands_after_the_store_answers_again_is_still_acked_late() 
 async fn a_send_refused_while_its_write_was_not_there_yet_is_acked_late_when_it_lands() {
     let worker = worker();
     *worker.store.next_append.lock().unwrap() = Some(Failure::SlowLandsLate(std::time::Duration::from_millis(400)));
-    let (answer, answered) = oneshot::channel();
-    let (late, mut late_acks) = mpsc::unbounded_channel();
-    let reply = Box::new(AnswerWithLateAck { answer, late });
-    worker
-        .batches
-        .send(vec![PendingSend { command: command("r", "a", protocol::now_ms() + 300), delivery: 1, reply }])
-        .unwrap();
+    let (answered, mut late_acks) = worker.send_acking_late(command("r", "a", protocol::now_ms() + 300));
     let refused = answered.await.unwrap().unwrap_err();
     assert!(refused.message().contains("expired"), "{refused}");
     assert!(!refused.untried(), "its write may still land: {refused}");
-    let late_write = worker.store.late_write.lock().unwrap().take().expect("the append was kept");
-    worker.store.inner.append(late_write).await.unwrap();
-    let acked = tokio::time::timeout(std::time::Duration::from_secs(5), late_acks.recv())
-        .await
-        .expect("acked once the write shows")
-        .expect("acked, not dropped");
+    worker.land_late_write().await;
+    let acked = late_ack(&mut late_acks).await;
     assert_eq!((acked.message.seq, acked.message.client_msg_id.as_str()), (1, "a"));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while worker.bus.published.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    let published: Vec<u64> = worker.bus.published.lock().unwrap().iter().map(|m| m.seq).collect();
-    assert_eq!(published, [1], "and published to the room");
+    assert_eq!(worker.published_seqs().await, [(1, "a".to_owned())], "and published to the room");
     worker.stop().await;
 }
 
