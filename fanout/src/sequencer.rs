@@ -250,7 +250,7 @@ impl Fanout {
         &self,
         room: &str,
         cached: Option<Head>,
-        sends: Vec<PendingSend>,
+        mut sends: Vec<PendingSend>,
         maybe_landed: &mut Vec<Unsettled>,
     ) -> Option<Head> {
         let mut known = cached;
@@ -267,6 +267,14 @@ impl Fanout {
                     match self.read_head(room, &sends).await {
                         Ok(head) => break head,
                         Err(_) if failed_before_commit && self.time_left(room, &sends) > RESOLVE_PAUSE => {
+                            // Each send that expires meanwhile is answered at its own deadline,
+                            // not at the batch's latest; untried, since nothing was committed.
+                            if !appended_before {
+                                sends = self.answer_expired(room, sends).await;
+                                if sends.is_empty() {
+                                    return None;
+                                }
+                            }
                             tokio::time::sleep(RESOLVE_PAUSE).await;
                         }
                         Err(e) => {

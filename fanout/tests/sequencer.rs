@@ -261,6 +261,15 @@ fn soon() -> i64 {
 impl Worker {
     /// Hands the worker one batch and waits for every answer, in order.
     async fn batch(&self, commands: Vec<SendCommand>) -> Vec<Result<SendOutcome, BusError>> {
+        let mut outcomes = Vec::new();
+        for answer in self.hand(commands) {
+            outcomes.push(answer.await.expect("every send is answered"));
+        }
+        outcomes
+    }
+
+    /// Hands the worker one batch; where each send's answer arrives, in order.
+    fn hand(&self, commands: Vec<SendCommand>) -> Vec<oneshot::Receiver<Result<SendOutcome, BusError>>> {
         let (pending, answers): (Vec<_>, Vec<_>) = commands
             .into_iter()
             .map(|command| {
@@ -269,11 +278,7 @@ impl Worker {
             })
             .unzip();
         self.batches.send(pending).unwrap();
-        let mut outcomes = Vec::new();
-        for answer in answers {
-            outcomes.push(answer.await.expect("every send is answered"));
-        }
-        outcomes
+        answers
     }
 
     /// Hands the worker one send whose answer can also come late ([`Replier::late_ack`]);
@@ -542,6 +547,30 @@ async fn an_append_that_failed_before_its_commit_is_sequenced_again_until_the_de
     assert_eq!(worker.stored("r").await.len(), 1);
     let retried = worker.send(command("r", "b", soon())).await;
     assert_eq!(seq(&retried), 2, "the retry is the room's next message");
+    worker.stop().await;
+}
+
+/// Two sends of one batch while the store stays down after an append failed before its commit:
+/// each is refused (untried) once its own deadline passes, the first long before the second,
+/// not both at the batch's latest deadline.
+#[tokio::test]
+async fn while_the_store_is_down_each_send_is_refused_at_its_own_deadline() {
+    let worker = worker();
+    *worker.store.next_append.lock().unwrap() = Some(Failure::NotCommittedThenDown);
+    let started = std::time::Instant::now();
+    let now = protocol::now_ms();
+    let [early, late]: [_; 2] =
+        worker.hand(vec![command("r", "early", now + 300), command("r", "late", now + 2_500)]).try_into().unwrap();
+    let early = early.await.unwrap().expect_err("the store is down");
+    let early_at = started.elapsed();
+    assert!(early.untried(), "nothing of it was committed: {early}");
+    let late = late.await.unwrap().expect_err("the store is still down");
+    let late_at = started.elapsed();
+    assert!(late.untried(), "nothing of it was committed: {late}");
+    assert!(
+        early_at + std::time::Duration::from_millis(1_000) < late_at,
+        "the early send was answered at {early_at:?}, the late one at {late_at:?}"
+    );
     worker.stop().await;
 }
 
