@@ -642,6 +642,23 @@ impl RecordingStore {
     fn record(&self, room: &str, call: StoreCall, answer: StoreAnswer) {
         self.log.send(Record::Store { batch: self.log.batch(), room: room.to_owned(), call, answer });
     }
+
+    /// An append (bounded by `commit_by`, if given) and its answer, recorded alike: a replay
+    /// gives back the answer, however the bound came out.
+    async fn recorded_append(
+        &self,
+        batch: RoomAppend,
+        commit_by: Option<tokio::time::Instant>,
+    ) -> Result<(), StoreError> {
+        let call = StoreCall::append(&batch);
+        let room = batch.room.clone();
+        let result = match commit_by {
+            Some(at) => self.inner.append_by(batch, at).await,
+            None => self.inner.append(batch).await,
+        };
+        self.record(&room, call, failed_or(&result, |()| StoreAnswer::Appended));
+        result
+    }
 }
 
 fn failed_or<T>(result: &Result<T, StoreError>, ok: impl FnOnce(&T) -> StoreAnswer) -> StoreAnswer {
@@ -654,11 +671,11 @@ fn failed_or<T>(result: &Result<T, StoreError>, ok: impl FnOnce(&T) -> StoreAnsw
 #[async_trait]
 impl HistoryStore for RecordingStore {
     async fn append(&self, batch: RoomAppend) -> Result<(), StoreError> {
-        let call = StoreCall::append(&batch);
-        let room = batch.room.clone();
-        let result = self.inner.append(batch).await;
-        self.record(&room, call, failed_or(&result, |()| StoreAnswer::Appended));
-        result
+        self.recorded_append(batch, None).await
+    }
+
+    async fn append_by(&self, batch: RoomAppend, commit_by: tokio::time::Instant) -> Result<(), StoreError> {
+        self.recorded_append(batch, Some(commit_by)).await
     }
 
     async fn last_seq(&self, room: &str) -> Result<u64, StoreError> {

@@ -264,17 +264,18 @@ impl Fanout {
             let head = match known.take() {
                 Some(head) => head,
                 None => loop {
+                    // After an append that failed before its commit, each send that expires is
+                    // answered at its own deadline, not at the batch's latest; untried, since
+                    // nothing of it was committed.
+                    if failed_before_commit && !appended_before {
+                        sends = self.answer_expired(room, sends).await;
+                        if sends.is_empty() {
+                            return None;
+                        }
+                    }
                     match self.read_head(room, &sends).await {
                         Ok(head) => break head,
                         Err(_) if failed_before_commit && self.time_left(room, &sends) > RESOLVE_PAUSE => {
-                            // Each send that expires meanwhile is answered at its own deadline,
-                            // not at the batch's latest; untried, since nothing was committed.
-                            if !appended_before {
-                                sends = self.answer_expired(room, sends).await;
-                                if sends.is_empty() {
-                                    return None;
-                                }
-                            }
                             tokio::time::sleep(RESOLVE_PAUSE).await;
                         }
                         Err(e) => {
@@ -325,7 +326,10 @@ impl Fanout {
             if let Some(newest) = new.last().cloned() {
                 let concerning = Concerning::messages(room, &decisions, new.len());
                 let append = RoomAppend { room: room.to_owned(), expected_last_seq: last, messages: new };
-                let appended = self.timed("append", concerning, self.store.append(append)).await;
+                let appended = match self.commit_by(room, &decisions, &sends) {
+                    Some(commit_by) => self.timed("append", concerning, self.store.append_by(append, commit_by)).await,
+                    None => self.timed("append", concerning, self.store.append(append)).await,
+                };
                 drop(store_spans);
                 match appended {
                     Ok(()) => {}
@@ -675,6 +679,21 @@ impl Fanout {
         result
     }
 
+    /// The latest an append of `decisions` may commit: the earliest deadline of the sends it
+    /// stores, so a store that hangs gives it up in time to refuse them by their deadline, but
+    /// never sooner than [`APPEND_BUDGET`] from now, so an append of sends close to their
+    /// deadline is not given up while the store answers as usual. `None` when no send has one.
+    fn commit_by(&self, room: &str, decisions: &[Decision], sends: &[PendingSend]) -> Option<tokio::time::Instant> {
+        let earliest = decisions
+            .iter()
+            .zip(sends)
+            .filter(|(decision, pending)| matches!(decision, Decision::New(_)) && pending.command.deadline_ms != 0)
+            .map(|(_, pending)| pending.command.deadline_ms)
+            .min()?;
+        let left = u64::try_from(earliest - self.clock.now_ms(room)).unwrap_or(0);
+        Some(tokio::time::Instant::now() + std::time::Duration::from_millis(left).max(APPEND_BUDGET))
+    }
+
     /// How long until the latest deadline of a room's sends (zero once it has passed).
     fn time_left(&self, room: &str, sends: &[PendingSend]) -> std::time::Duration {
         let left = self.latest_deadline(room, sends) - self.clock.now_ms(room);
@@ -778,6 +797,10 @@ async fn settle_one(store: &dyn HistoryStore, one: Unsettled) -> Option<(ChatMes
         }
     }
 }
+
+/// The least time an append is given before its commit ([`Fanout::commit_by`]): longer than
+/// a healthy store's append under load, so only a store that hangs has an append given up.
+const APPEND_BUDGET: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Pause between attempts to learn a failed append's fate.
 const RESOLVE_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);

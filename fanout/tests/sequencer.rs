@@ -106,6 +106,9 @@ enum Failure {
     /// Not stored, the store saying its commit was never sent, and every read fails from then
     /// on until `reads_down` is cleared (a store that froze while the rows were being written).
     NotCommittedThenDown,
+    /// A store that hangs: the append answers only when its `commit_by` passes (`NotCommitted`),
+    /// or after 10 s when it has none; reads fail until `reads_down` is cleared.
+    HangsThenDown,
 }
 
 struct FlakyStore {
@@ -126,9 +129,24 @@ impl FlakyStore {
 
 #[async_trait]
 impl HistoryStore for FlakyStore {
+    async fn append_by(&self, batch: RoomAppend, commit_by: tokio::time::Instant) -> Result<(), StoreError> {
+        let hangs = matches!(*self.next_append.lock().unwrap(), Some(Failure::HangsThenDown));
+        if !hangs {
+            return self.append(batch).await;
+        }
+        self.next_append.lock().unwrap().take();
+        self.reads_down.store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep_until(commit_by).await;
+        Err(StoreError::unavailable("given up at its commit deadline").before_commit())
+    }
     async fn append(&self, batch: RoomAppend) -> Result<(), StoreError> {
         let failure = self.next_append.lock().unwrap().take();
         match failure {
+            Some(Failure::HangsThenDown) => {
+                self.reads_down.store(true, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+                Err(StoreError::unavailable("append timed out"))
+            }
             None => self.inner.append(batch).await,
             Some(Failure::AppliedButUnanswered) => {
                 self.inner.append(batch).await?;
@@ -571,6 +589,26 @@ async fn while_the_store_is_down_each_send_is_refused_at_its_own_deadline() {
         early_at + std::time::Duration::from_millis(1_000) < late_at,
         "the early send was answered at {early_at:?}, the late one at {late_at:?}"
     );
+    worker.stop().await;
+}
+
+/// A store that hangs in an append: the worker bounds it by the send's deadline (at least
+/// 500 ms away), so the send is refused (untried) soon after its deadline, not when the store
+/// answers at last.
+#[tokio::test]
+async fn a_send_held_by_a_hanging_append_is_refused_by_its_deadline() {
+    let worker = worker();
+    *worker.store.next_append.lock().unwrap() = Some(Failure::HangsThenDown);
+    let started = std::time::Instant::now();
+    let refused = worker.send(command("r", "a", protocol::now_ms() + 300)).await.expect_err("the store hangs");
+    assert!(refused.untried(), "nothing of it was committed: {refused}");
+    let answered_after = started.elapsed();
+    assert!(
+        answered_after >= std::time::Duration::from_millis(450) && answered_after < std::time::Duration::from_secs(2),
+        "answered after {answered_after:?}"
+    );
+    worker.store.reads_down.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(worker.stored("r").await.is_empty());
     worker.stop().await;
 }
 

@@ -696,9 +696,15 @@ impl Statements {
     }
 }
 
-#[async_trait]
-impl HistoryStore for CqlStore {
-    async fn append(&self, batch: RoomAppend) -> Result<(), StoreError> {
+impl CqlStore {
+    /// An append, given up before its commit once `commit_by` (if any) has passed
+    /// ([`HistoryStore::append_by`]). Taking the fence is not bounded: it is rare (once per
+    /// ownership change), and a take cut short would only be taken again.
+    async fn append_within(
+        &self,
+        batch: RoomAppend,
+        commit_by: Option<tokio::time::Instant>,
+    ) -> Result<(), StoreError> {
         if batch.messages.is_empty() {
             let actual = self.settled_last_seq(&batch.room).await?;
             if actual != batch.expected_last_seq {
@@ -713,13 +719,16 @@ impl HistoryStore for CqlStore {
         // This store's appends to one room go one at a time: under one epoch nobody else writes
         // the room, so what the last one left is the room's last seq.
         let slot = self.fences.room(room);
-        let mut known = slot.lock().await;
         // Every failure until the commit is sent leaves nothing committed: `before_commit`
         // tells the caller so, which spares it asking the store whether the append landed.
+        // Each step until then is given up once `commit_by` passes.
+        let mut known = before_deadline(commit_by, room, async { Ok(slot.lock().await) }).await?;
         let epoch = self.holding(&fence).await.map_err(StoreError::before_commit)?;
         let last_seq = match *known {
             Some(Known { epoch: e, last_seq }) if e == epoch => last_seq,
-            _ => self.settled_last_seq(room).await.map_err(StoreError::before_commit)?,
+            _ => before_deadline(commit_by, room, self.settled_last_seq(room))
+                .await
+                .map_err(StoreError::before_commit)?,
         };
         *known = Some(Known { epoch, last_seq });
         if last_seq != batch.expected_last_seq {
@@ -728,17 +737,18 @@ impl HistoryStore for CqlStore {
         let new_last = last_seq + batch.messages.len() as u64;
         // Rows and the epoch check at once: the rows are invisible until the commit, and the
         // commit waits for both.
-        let (written, confirmed) =
-            futures_util::join!(self.write_rows(&batch.messages, epoch), self.confirm(&fence, epoch));
+        let both =
+            async { Ok(futures_util::join!(self.write_rows(&batch.messages, epoch), self.confirm(&fence, epoch))) };
+        let (written, confirmed) = before_deadline(commit_by, room, both).await?;
         written.map_err(|e| {
             StoreError::unavailable(format!("room {room}: seqs after {last_seq} not committed: {e}")).before_commit()
         })?;
         // The rows may have taken long (or this process was paused): commit only on a fresh
         // confirmation.
         let confirmed = match confirmed.map_err(StoreError::before_commit)? {
-            Ok(at) if at.elapsed() > FENCE_FRESH => {
-                self.confirm(&fence, epoch).await.map_err(StoreError::before_commit)?
-            }
+            Ok(at) if at.elapsed() > FENCE_FRESH => before_deadline(commit_by, room, self.confirm(&fence, epoch))
+                .await
+                .map_err(StoreError::before_commit)?,
             other => other,
         };
         let checked_at = match confirmed {
@@ -752,6 +762,9 @@ impl HistoryStore for CqlStore {
                 )));
             }
         };
+        if commit_by.is_some_and(|at| tokio::time::Instant::now() >= at) {
+            return Err(deadline_passed(room));
+        }
         if let Err(e) = self.commit(room, new_last, epoch).await {
             *known = None;
             return Err(e);
@@ -771,6 +784,33 @@ impl HistoryStore for CqlStore {
         }
         *known = Some(Known { epoch, last_seq: new_last });
         Ok(())
+    }
+}
+
+/// `step` of an append before its commit, given up when `commit_by` passes first: nothing of the
+/// append is committed then.
+async fn before_deadline<T>(
+    commit_by: Option<tokio::time::Instant>,
+    room: &str,
+    step: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let Some(at) = commit_by else { return step.await };
+    tokio::time::timeout_at(at, step).await.unwrap_or_else(|_| Err(deadline_passed(room)))
+}
+
+/// The error of an append given up at its sends' deadline, before its commit.
+fn deadline_passed(room: &str) -> StoreError {
+    StoreError::unavailable(format!("room {room}: the sends' deadline passed before the commit")).before_commit()
+}
+
+#[async_trait]
+impl HistoryStore for CqlStore {
+    async fn append(&self, batch: RoomAppend) -> Result<(), StoreError> {
+        self.append_within(batch, None).await
+    }
+
+    async fn append_by(&self, batch: RoomAppend, commit_by: tokio::time::Instant) -> Result<(), StoreError> {
+        self.append_within(batch, Some(commit_by)).await
     }
 
     async fn last_seq(&self, room: &str) -> Result<u64, StoreError> {

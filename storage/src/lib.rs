@@ -240,6 +240,15 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// [`StoreErrorKind::NotCommitted`] nothing was committed nor can be later.
     async fn append(&self, batch: RoomAppend) -> Result<(), StoreError>;
 
+    /// [`append`](Self::append), given up before its commit once `commit_by` has passed: it
+    /// then fails with [`StoreErrorKind::NotCommitted`], so the caller knows by then that nothing
+    /// of it is stored (a commit already sent is waited for). For a store whose append can hang
+    /// (a network store); the default, for one that cannot, ignores the bound.
+    async fn append_by(&self, batch: RoomAppend, commit_by: tokio::time::Instant) -> Result<(), StoreError> {
+        let _ = commit_by;
+        self.append(batch).await
+    }
+
     /// The room's newest seq, 0 for an empty room.
     ///
     /// Contract: once this returns `N`, every message with seq `<= N` is readable (page,

@@ -264,12 +264,29 @@ async fn the_store_briefly_unreachable_sends_fail_cleanly_the_worker_warms_it_ag
         .start()
         .await;
     let base = cluster.gateway_url(0);
+    // A store of the test's own on the same node, for an append bounded by a deadline.
+    let bounded = storage::cql::CqlStore::connect(storage::cql::CqlConfig {
+        nodes: vec![node.addr.clone()],
+        keyspace: testkit::unique_keyspace("bounded"),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
 
     let mut writer = Client::login(&cluster.gateway_ws(0), "writer").await;
     writer.join("o").await;
     send_until_acked(&mut writer, "o", "before").await;
 
     node.freeze();
+    // An append given 300 ms is given up by then (each request's own timeout is 1 s): a worker
+    // holding a batch refuses its sends by their deadline, and the refusal settles them.
+    let started = Instant::now();
+    let append = storage::RoomAppend { room: "b".into(), expected_last_seq: 0, messages: vec![message("b", 1)] };
+    let given_up = storage::HistoryStore::append_by(&bounded, append, (started + Duration::from_millis(300)).into())
+        .await
+        .expect_err("the store is frozen");
+    assert_eq!(given_up.kind(), storage::StoreErrorKind::NotCommitted, "{given_up}");
+    assert!(started.elapsed() < Duration::from_millis(800), "given up after {:?}", started.elapsed());
     let deadline = Instant::now() + Duration::from_secs(15);
     while get(&format!("{base}/readyz")).await.0 != 503 {
         assert!(Instant::now() < deadline, "/readyz stayed 200 with the store frozen");
@@ -326,6 +343,23 @@ async fn the_store_briefly_unreachable_sends_fail_cleanly_the_worker_warms_it_ag
     assert_gapless(&stored);
     let ids: Vec<&str> = stored.iter().map(|m| m["client_msg_id"].as_str().unwrap()).collect();
     assert_eq!(ids, vec!["before", "during", "after"]);
+    assert_eq!(storage::HistoryStore::last_seq(&bounded, "b").await.unwrap(), 0, "the given-up append left nothing");
+}
+
+/// Message `seq` of `room`, as a worker would store it.
+fn message(room: &str, seq: u64) -> protocol::ChatMessage {
+    protocol::ChatMessage {
+        room: room.into(),
+        seq,
+        id: uuid::Uuid::now_v7(),
+        user: "writer".into(),
+        body: format!("message {seq}"),
+        ts: protocol::now_ms(),
+        client_msg_id: format!("m-{seq}"),
+        trace_id: format!("{seq:032x}"),
+        prev: None,
+        digest: None,
+    }
 }
 
 #[tokio::test]

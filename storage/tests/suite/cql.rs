@@ -117,6 +117,29 @@ async fn an_append_whose_rows_fail_is_not_committed_and_leaves_nothing_visible()
     .await;
 }
 
+/// An append whose commit deadline has passed is given up before its commit (`NotCommitted`,
+/// nothing visible), and one with time to spare is committed: the store's part of answering a
+/// send by its deadline when the store hangs (a freeze: chat/tests/integration/cluster.rs).
+#[tokio::test]
+async fn an_append_given_up_at_its_commit_deadline_is_not_committed() {
+    crate::with_cassandra("commit_by", async |store, other| {
+        fill(store, "r", 0, 2, 2).await;
+        let late = RoomAppend { room: "r".into(), expected_last_seq: 2, messages: messages("r", 3, 4) };
+        let error = store.append_by(late, tokio::time::Instant::now()).await.expect_err("its deadline has passed");
+        assert_eq!(error.kind(), StoreErrorKind::NotCommitted, "{error}");
+        assert_eq!(other.last_seq("r").await.unwrap(), 2);
+        let mut next = messages("r", 3, 3);
+        next[0].client_msg_id = "next-3".into();
+        let in_time = tokio::time::Instant::now() + Duration::from_secs(5);
+        store
+            .append_by(RoomAppend { room: "r".into(), expected_last_seq: 2, messages: next.clone() }, in_time)
+            .await
+            .unwrap();
+        assert_eq!(other.page("r", PageQuery::newest(50)).await.unwrap().messages[2..], next[..]);
+    })
+    .await;
+}
+
 /// Two writers of one partition: the one that takes the fence later fences the other off. The
 /// fenced-off writer's append is refused as `Fenced` and commits nothing (its rows are invisible
 /// and the new owner's messages win); its next append takes the fence back, and then the other
