@@ -272,6 +272,9 @@ async fn the_store_briefly_unreachable_sends_fail_cleanly_the_worker_warms_it_ag
     })
     .await
     .unwrap();
+    // Its fence taken (taking one is not bounded), as a worker's is.
+    let first = storage::RoomAppend { room: "b".into(), expected_last_seq: 0, messages: vec![message("b", 1)] };
+    storage::HistoryStore::append(&bounded, first).await.unwrap();
 
     let mut writer = Client::login(&cluster.gateway_ws(0), "writer").await;
     writer.join("o").await;
@@ -281,7 +284,7 @@ async fn the_store_briefly_unreachable_sends_fail_cleanly_the_worker_warms_it_ag
     // An append given 300 ms is given up by then (each request's own timeout is 1 s): a worker
     // holding a batch refuses its sends by their deadline, and the refusal settles them.
     let started = Instant::now();
-    let append = storage::RoomAppend { room: "b".into(), expected_last_seq: 0, messages: vec![message("b", 1)] };
+    let append = storage::RoomAppend { room: "b".into(), expected_last_seq: 1, messages: vec![message("b", 2)] };
     let given_up = storage::HistoryStore::append_by(&bounded, append, (started + Duration::from_millis(300)).into())
         .await
         .expect_err("the store is frozen");
@@ -343,7 +346,7 @@ async fn the_store_briefly_unreachable_sends_fail_cleanly_the_worker_warms_it_ag
     assert_gapless(&stored);
     let ids: Vec<&str> = stored.iter().map(|m| m["client_msg_id"].as_str().unwrap()).collect();
     assert_eq!(ids, vec!["before", "during", "after"]);
-    assert_eq!(storage::HistoryStore::last_seq(&bounded, "b").await.unwrap(), 0, "the given-up append left nothing");
+    assert_eq!(storage::HistoryStore::last_seq(&bounded, "b").await.unwrap(), 1, "the given-up append left nothing");
 }
 
 /// Message `seq` of `room`, as a worker would store it.
