@@ -21,6 +21,8 @@
 //!   process from a service while everything else keeps talking to it.
 //! - [`Jaeger`] (`jaeger`): a real Jaeger on dynamic ports (OTLP over HTTP in, its query API
 //!   out, spans kept in memory), killed on drop.
+//! - [`message()`] (`message`): a chat message as a worker would store it, for tests that write a
+//!   store directly.
 //! - [`metric`] and [`metric_or_zero`] (`metrics`): a sample's value in a `/metrics` text, failing
 //!   loudly (with the similar names present) when it is missing.
 //!
@@ -36,6 +38,7 @@ mod cassandra;
 mod cassandra_ring;
 mod cluster;
 mod jaeger;
+mod message;
 mod metrics;
 mod nats;
 mod nats_cluster;
@@ -48,6 +51,7 @@ pub use cassandra::{cassandra, unique_keyspace, DedicatedCassandra};
 pub use cassandra_ring::{cassandra_ring, kill_ring_node, restart_ring_node};
 pub use cluster::{Cluster, ClusterBuilder};
 pub use jaeger::Jaeger;
+pub use message::message;
 pub use metrics::{metric, metric_or_zero};
 pub use nats::NatsServer;
 pub use nats_cluster::{NatsCluster, NatsNodeAt};

@@ -273,7 +273,11 @@ async fn the_store_briefly_unreachable_sends_fail_cleanly_the_worker_warms_it_ag
     .await
     .unwrap();
     // Its fence taken (taking one is not bounded), as a worker's is.
-    let first = storage::RoomAppend { room: "b".into(), expected_last_seq: 0, messages: vec![message("b", 1)] };
+    let first = storage::RoomAppend {
+        room: "b".into(),
+        expected_last_seq: 0,
+        messages: vec![testkit::message("b", 1, "writer")],
+    };
     storage::HistoryStore::append(&bounded, first).await.unwrap();
 
     let mut writer = Client::login(&cluster.gateway_ws(0), "writer").await;
@@ -284,7 +288,11 @@ async fn the_store_briefly_unreachable_sends_fail_cleanly_the_worker_warms_it_ag
     // An append given 300 ms is given up by then (each request's own timeout is 1 s): a worker
     // holding a batch refuses its sends by their deadline, and the refusal settles them.
     let started = Instant::now();
-    let append = storage::RoomAppend { room: "b".into(), expected_last_seq: 1, messages: vec![message("b", 2)] };
+    let append = storage::RoomAppend {
+        room: "b".into(),
+        expected_last_seq: 1,
+        messages: vec![testkit::message("b", 2, "writer")],
+    };
     let given_up = storage::HistoryStore::append_by(&bounded, append, (started + Duration::from_millis(300)).into())
         .await
         .expect_err("the store is frozen");
@@ -347,22 +355,6 @@ async fn the_store_briefly_unreachable_sends_fail_cleanly_the_worker_warms_it_ag
     let ids: Vec<&str> = stored.iter().map(|m| m["client_msg_id"].as_str().unwrap()).collect();
     assert_eq!(ids, vec!["before", "during", "after"]);
     assert_eq!(storage::HistoryStore::last_seq(&bounded, "b").await.unwrap(), 1, "the given-up append left nothing");
-}
-
-/// Message `seq` of `room`, as a worker would store it.
-fn message(room: &str, seq: u64) -> protocol::ChatMessage {
-    protocol::ChatMessage {
-        room: room.into(),
-        seq,
-        id: uuid::Uuid::now_v7(),
-        user: "writer".into(),
-        body: format!("message {seq}"),
-        ts: protocol::now_ms(),
-        client_msg_id: format!("m-{seq}"),
-        trace_id: format!("{seq:032x}"),
-        prev: None,
-        digest: None,
-    }
 }
 
 #[tokio::test]

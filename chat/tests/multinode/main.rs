@@ -160,7 +160,7 @@ async fn a_cassandra_node_killed_comes_back_with_every_write_it_acknowledged() {
     let rooms: Vec<String> = (0..30).map(|r| format!("crash-{r}")).collect();
     let mut written = Vec::new();
     for room in &rooms {
-        let messages: Vec<ChatMessage> = (1..=3).map(|seq| message(room, seq)).collect();
+        let messages: Vec<ChatMessage> = (1..=3).map(|seq| testkit::message(room, seq, "ann")).collect();
         let append = RoomAppend { room: room.clone(), expected_last_seq: 0, messages: messages.clone() };
         store.append(append).await.expect("append on the whole ring");
         written.push(messages);
@@ -182,22 +182,6 @@ async fn a_cassandra_node_killed_comes_back_with_every_write_it_acknowledged() {
 
 /// `commitlog_sync_period` of the test nodes (deploy/cassandra/start).
 const COMMITLOG_SYNC_PERIOD: Duration = Duration::from_secs(10);
-
-/// Message `seq` of `room`.
-fn message(room: &str, seq: u64) -> ChatMessage {
-    ChatMessage {
-        room: room.into(),
-        seq,
-        id: uuid::Uuid::now_v7(),
-        user: "ann".into(),
-        body: format!("message {seq}"),
-        ts: 1_700_000_000_000 + seq as i64,
-        client_msg_id: format!("ann-{seq}"),
-        trace_id: format!("{seq:032x}"),
-        prev: None,
-        digest: None,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_under_load_loses_no_acked_message() {

@@ -7,18 +7,7 @@ use uuid::Uuid;
 
 /// A message of `room` with `seq`, sent by `user` with a client id derived from both.
 pub fn message(room: &str, seq: u64, user: &str) -> ChatMessage {
-    ChatMessage {
-        room: room.into(),
-        seq,
-        id: Uuid::now_v7(),
-        user: user.into(),
-        body: format!("message {seq} from {user}"),
-        ts: 1_700_000_000_000 + seq as i64,
-        client_msg_id: format!("{user}-{seq}"),
-        trace_id: format!("{seq:032x}"),
-        prev: None,
-        digest: None,
-    }
+    testkit::message(room, seq, user)
 }
 
 /// Messages `first..=last` of a room, alternating between two users.
