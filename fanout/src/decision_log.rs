@@ -659,6 +659,61 @@ impl RecordingStore {
         self.record(&room, call, failed_or(&result, |()| StoreAnswer::Appended));
         result
     }
+
+    // The reads the sequencer makes, each bounded by `by` when given and recorded alike: a read
+    // cut short is recorded as the error it gave, so a replay gives back the same.
+
+    async fn recorded_last_seq(&self, room: &str, by: Option<tokio::time::Instant>) -> Result<u64, StoreError> {
+        let result = match by {
+            Some(by) => self.inner.last_seq_by(room, by).await,
+            None => self.inner.last_seq(room).await,
+        };
+        self.record(room, StoreCall::LastSeq, failed_or(&result, |last| StoreAnswer::LastSeq(*last)));
+        result
+    }
+
+    async fn recorded_find(
+        &self,
+        room: &str,
+        keys: &[(&str, &str)],
+        by: Option<tokio::time::Instant>,
+    ) -> Result<Vec<Option<ChatMessage>>, StoreError> {
+        let result = match by {
+            Some(by) => self.inner.find_by_client_msg_ids_by(room, keys, by).await,
+            None => self.inner.find_by_client_msg_ids(room, keys).await,
+        };
+        let call =
+            StoreCall::FindDedupe { keys: keys.iter().map(|(u, c)| ((*u).to_owned(), (*c).to_owned())).collect() };
+        self.record(
+            room,
+            call,
+            failed_or(&result, |found| {
+                StoreAnswer::Found(found.iter().map(|m| m.as_ref().map(LoggedMessage::of)).collect())
+            }),
+        );
+        result
+    }
+
+    async fn recorded_page(
+        &self,
+        room: &str,
+        query: PageQuery,
+        by: Option<tokio::time::Instant>,
+    ) -> Result<Page, StoreError> {
+        let result = match by {
+            Some(by) => self.inner.page_by(room, query, by).await,
+            None => self.inner.page(room, query).await,
+        };
+        self.record(
+            room,
+            StoreCall::page(&query),
+            failed_or(&result, |page| StoreAnswer::Page {
+                messages: page.messages.iter().map(LoggedMessage::of).collect(),
+                has_more: page.has_more,
+            }),
+        );
+        result
+    }
 }
 
 fn failed_or<T>(result: &Result<T, StoreError>, ok: impl FnOnce(&T) -> StoreAnswer) -> StoreAnswer {
@@ -679,9 +734,11 @@ impl HistoryStore for RecordingStore {
     }
 
     async fn last_seq(&self, room: &str) -> Result<u64, StoreError> {
-        let result = self.inner.last_seq(room).await;
-        self.record(room, StoreCall::LastSeq, failed_or(&result, |last| StoreAnswer::LastSeq(*last)));
-        result
+        self.recorded_last_seq(room, None).await
+    }
+
+    async fn last_seq_by(&self, room: &str, by: tokio::time::Instant) -> Result<u64, StoreError> {
+        self.recorded_last_seq(room, Some(by)).await
     }
 
     async fn find_by_client_msg_id(
@@ -705,30 +762,24 @@ impl HistoryStore for RecordingStore {
         room: &str,
         keys: &[(&str, &str)],
     ) -> Result<Vec<Option<ChatMessage>>, StoreError> {
-        let result = self.inner.find_by_client_msg_ids(room, keys).await;
-        let call =
-            StoreCall::FindDedupe { keys: keys.iter().map(|(u, c)| ((*u).to_owned(), (*c).to_owned())).collect() };
-        self.record(
-            room,
-            call,
-            failed_or(&result, |found| {
-                StoreAnswer::Found(found.iter().map(|m| m.as_ref().map(LoggedMessage::of)).collect())
-            }),
-        );
-        result
+        self.recorded_find(room, keys, None).await
+    }
+
+    async fn find_by_client_msg_ids_by(
+        &self,
+        room: &str,
+        keys: &[(&str, &str)],
+        by: tokio::time::Instant,
+    ) -> Result<Vec<Option<ChatMessage>>, StoreError> {
+        self.recorded_find(room, keys, Some(by)).await
     }
 
     async fn page(&self, room: &str, query: PageQuery) -> Result<Page, StoreError> {
-        let result = self.inner.page(room, query).await;
-        self.record(
-            room,
-            StoreCall::page(&query),
-            failed_or(&result, |page| StoreAnswer::Page {
-                messages: page.messages.iter().map(LoggedMessage::of).collect(),
-                has_more: page.has_more,
-            }),
-        );
-        result
+        self.recorded_page(room, query, None).await
+    }
+
+    async fn page_by(&self, room: &str, query: PageQuery, by: tokio::time::Instant) -> Result<Page, StoreError> {
+        self.recorded_page(room, query, Some(by)).await
     }
 
     // Not used by the sequencer: passed through unrecorded.

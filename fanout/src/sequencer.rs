@@ -228,7 +228,7 @@ impl Fanout {
         };
         // Sends already past their deadline are answered first, without a store read: a worker
         // that is behind then catches up at the cost of a clock reading per send.
-        let sends = self.answer_expired(room, sends).await;
+        let sends = self.answer_expired(room, sends, true).await;
         if sends.is_empty() {
             return cached;
         }
@@ -268,29 +268,43 @@ impl Fanout {
                     // answered at its own deadline, not at the batch's latest; untried, since
                     // nothing of it was committed.
                     if failed_before_commit && !appended_before {
-                        sends = self.answer_expired(room, sends).await;
+                        sends = self.answer_expired(room, sends, true).await;
                         if sends.is_empty() {
                             return None;
                         }
                     }
-                    match self.read_head(room, &sends).await {
+                    let failed = match self.read_head(room, &sends).await {
                         Ok(head) => break head,
-                        Err(_) if failed_before_commit && self.time_left(room, &sends) > RESOLVE_PAUSE => {
-                            tokio::time::sleep(RESOLVE_PAUSE).await;
-                        }
-                        Err(e) => {
-                            self.fail_all(room, sends, read_failed(e, appended_before)).await;
-                            return None;
+                        Err(e) => e,
+                    };
+                    match self.cut_short(room, sends, appended_before).await {
+                        CutShort::AllAnswered => return None,
+                        CutShort::Others(others) => sends = others,
+                        CutShort::No(others) => {
+                            sends = others;
+                            if failed_before_commit && self.time_left(room, &sends) > RESOLVE_PAUSE {
+                                tokio::time::sleep(RESOLVE_PAUSE).await;
+                            } else {
+                                self.fail_all(room, sends, read_failed(failed, appended_before)).await;
+                                return None;
+                            }
                         }
                     }
                 },
             };
             let last = head.seq;
-            let decisions = match self.decide(room, &head, &sends).await {
-                Ok(decisions) => decisions,
-                Err(e) => {
-                    self.fail_all(room, sends, read_failed(e, appended_before)).await;
-                    return None;
+            let decisions = loop {
+                let failed = match self.decide(room, &head, &sends).await {
+                    Ok(decisions) => break decisions,
+                    Err(e) => e,
+                };
+                match self.cut_short(room, sends, appended_before).await {
+                    CutShort::AllAnswered => return None,
+                    CutShort::Others(others) => sends = others,
+                    CutShort::No(others) => {
+                        self.fail_all(room, others, read_failed(failed, appended_before)).await;
+                        return None;
+                    }
                 }
             };
             let new: Vec<ChatMessage> = decisions
@@ -419,9 +433,24 @@ impl Fanout {
         None
     }
 
+    /// After a read of the room failed: whether it was cut short by a send's deadline (bounded
+    /// reads give up at the earliest), answering every send now past its deadline. The others
+    /// then read again (their own deadlines bound that read); when none expired the read truly
+    /// failed. `appended_before` as in [`sequence_sends`](Self::sequence_sends).
+    async fn cut_short(&self, room: &str, sends: Vec<PendingSend>, appended_before: bool) -> CutShort {
+        let waiting = sends.len();
+        let others = self.answer_expired(room, sends, !appended_before).await;
+        match others.len() {
+            0 => CutShort::AllAnswered,
+            left if left < waiting => CutShort::Others(others),
+            _ => CutShort::No(others),
+        }
+    }
+
     /// Answers `unavailable` to every valid send of `sends` past its deadline (by one clock
-    /// reading) and returns the others. Invalid sends stay, to be rejected with their reason.
-    async fn answer_expired(&self, room: &str, sends: Vec<PendingSend>) -> Vec<PendingSend> {
+    /// reading) and returns the others; `untried` when no append of this worker held them.
+    /// Invalid sends stay, to be rejected with their reason.
+    async fn answer_expired(&self, room: &str, sends: Vec<PendingSend>, untried: bool) -> Vec<PendingSend> {
         let now = self.clock.now_ms(room);
         let (expired, live): (Vec<PendingSend>, Vec<PendingSend>) = sends.into_iter().partition(|pending| {
             let command = &pending.command;
@@ -429,7 +458,7 @@ impl Fanout {
         });
         for pending in expired {
             self.decided(room, Some(&pending.command), || DecisionKind::Expired);
-            let outcome = self.expired(&pending.command, true);
+            let outcome = self.expired(&pending.command, untried);
             pending.reply.reply(outcome).await;
         }
         live
@@ -451,12 +480,13 @@ impl Fanout {
     /// with the genesis as `prev` (verifiers skip the unchained message and check from there).
     async fn read_head(&self, room: &str, sends: &[PendingSend]) -> Result<Head, StoreError> {
         let concerning = Concerning::sends(room, sends);
-        let last = self.timed("last_seq", concerning, self.store.last_seq(room)).await?;
+        let by = self.read_by(room, sends);
+        let last = self.timed("last_seq", concerning, self.store.last_seq_by(room, by)).await?;
         if last == 0 {
             return Ok(Head::empty());
         }
-        let page =
-            self.timed("page", concerning, self.store.page(room, PageQuery::between(last - 1, last + 1))).await?;
+        let query = PageQuery::between(last - 1, last + 1);
+        let page = self.timed("page", concerning, self.store.page_by(room, query, by)).await?;
         let Some(newest) = page.messages.into_iter().find(|m| m.seq == last) else {
             return Err(StoreError::corrupt(format!("room {room}: last seq {last} is not readable")));
         };
@@ -476,8 +506,9 @@ impl Fanout {
         let mut prev = head.digest.clone();
         let keys: Vec<(&str, &str)> =
             sends.iter().map(|p| (p.command.user.as_str(), p.command.client_msg_id.as_str())).collect();
+        let by = self.read_by(room, sends);
         let mut stored = self
-            .timed("find_dedupe", Concerning::sends(room, sends), self.store.find_by_client_msg_ids(room, &keys))
+            .timed("find_dedupe", Concerning::sends(room, sends), self.store.find_by_client_msg_ids_by(room, &keys, by))
             .await?;
         for (i, pending) in sends.iter().enumerate() {
             let command = &pending.command;
@@ -694,6 +725,19 @@ impl Fanout {
         Some(tokio::time::Instant::now() + std::time::Duration::from_millis(left).max(APPEND_BUDGET))
     }
 
+    /// When a read for `sends` is given up: just past the earliest deadline among them (a
+    /// millisecond, so the send reads as expired then), so a store that hangs does not hold a
+    /// send's answer past it (a read cut short changes nothing). A minute from now when none has
+    /// one.
+    fn read_by(&self, room: &str, sends: &[PendingSend]) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        let Some(earliest) = sends.iter().map(|p| p.command.deadline_ms).filter(|d| *d > 0).min() else {
+            return now + UNBOUNDED_READ;
+        };
+        let left = u64::try_from(earliest - self.clock.now_ms(room)).unwrap_or(0);
+        now + std::time::Duration::from_millis(left + 1)
+    }
+
     /// How long until the latest deadline of a room's sends (zero once it has passed).
     fn time_left(&self, room: &str, sends: &[PendingSend]) -> std::time::Duration {
         let left = self.latest_deadline(room, sends) - self.clock.now_ms(room);
@@ -796,6 +840,20 @@ async fn settle_one(store: &dyn HistoryStore, one: Unsettled) -> Option<(ChatMes
             }
         }
     }
+}
+
+/// What bounds a read for sends without a deadline: the store's own request timeouts end it
+/// much sooner.
+const UNBOUNDED_READ: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// What [`Fanout::cut_short`] found after a failed read.
+enum CutShort {
+    /// Every send was past its deadline, and is answered.
+    AllAnswered,
+    /// Some were, and are answered; these others are not yet.
+    Others(Vec<PendingSend>),
+    /// None was: the read failed on its own. Every send is still waiting.
+    No(Vec<PendingSend>),
 }
 
 /// The least time an append is given before its commit ([`Fanout::commit_by`]): longer than

@@ -115,11 +115,17 @@ struct FlakyStore {
     inner: EmbeddedStore,
     next_append: Mutex<Option<Failure>>,
     reads_down: std::sync::atomic::AtomicBool,
+    /// Every read waits 10 s, then fails (a frozen node, each read waiting out its timeout).
+    reads_hang: std::sync::atomic::AtomicBool,
     late_write: Mutex<Option<RoomAppend>>,
 }
 
 impl FlakyStore {
-    fn reads(&self) -> Result<(), StoreError> {
+    async fn reads(&self) -> Result<(), StoreError> {
+        if self.reads_hang.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+            return Err(StoreError::unavailable("read timed out after hanging"));
+        }
         match self.reads_down.load(std::sync::atomic::Ordering::SeqCst) {
             true => Err(StoreError::unavailable("read timed out")),
             false => Ok(()),
@@ -187,11 +193,11 @@ impl HistoryStore for FlakyStore {
         }
     }
     async fn last_seq(&self, room: &str) -> Result<u64, StoreError> {
-        self.reads()?;
+        self.reads().await?;
         self.inner.last_seq(room).await
     }
     async fn find_by_client_msg_id(&self, room: &str, user: &str, id: &str) -> Result<Option<ChatMessage>, StoreError> {
-        self.reads()?;
+        self.reads().await?;
         self.inner.find_by_client_msg_id(room, user, id).await
     }
     async fn page(&self, room: &str, query: PageQuery) -> Result<Page, StoreError> {
@@ -234,6 +240,7 @@ fn worker_logged(log: Option<&DecisionLog>) -> Worker {
         inner: EmbeddedStore::open(dir.path()).unwrap(),
         next_append: Mutex::new(None),
         reads_down: Default::default(),
+        reads_hang: Default::default(),
         late_write: Mutex::new(None),
     });
     worker_over(store, dir, log)
@@ -590,6 +597,42 @@ async fn while_the_store_is_down_each_send_is_refused_at_its_own_deadline() {
         "the early send was answered at {early_at:?}, the late one at {late_at:?}"
     );
     worker.stop().await;
+}
+
+/// A store whose reads hang (each waiting out a long timeout): the worker gives its read of the
+/// room up at the earliest deadline of the sends waiting for it, so each send is refused
+/// (untried) at its own deadline, not when the read fails at last; and the decision log of it
+/// replays to the same decisions.
+#[tokio::test]
+async fn while_the_stores_reads_hang_each_send_is_refused_at_its_own_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("decisions.jsonl");
+    let config = FanoutConfig::default();
+    let (log, writer) = DecisionLog::create(&path, "w", &config, fanout::decision_log::DEFAULT_CAPACITY).await.unwrap();
+    let worker = worker_logged(Some(&log));
+    worker.store.reads_hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let now = protocol::now_ms();
+    let [early, late]: [_; 2] =
+        worker.hand(vec![command("r", "early", now + 300), command("r", "late", now + 1_300)]).try_into().unwrap();
+    let early = early.await.unwrap().expect_err("the store's reads hang");
+    let early_at = started.elapsed();
+    let late = late.await.unwrap().expect_err("the store's reads still hang");
+    let late_at = started.elapsed();
+    assert!(early.untried() && late.untried(), "nothing was appended: {early}; {late}");
+    assert!(early_at < std::time::Duration::from_millis(900), "the early send was answered at {early_at:?}");
+    assert!(
+        late_at >= std::time::Duration::from_millis(1_200) && late_at < std::time::Duration::from_secs(2),
+        "the late send was answered at {late_at:?}"
+    );
+    worker.store.reads_hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    let stored = worker.send(command("r", "after", soon())).await;
+    assert_eq!(seq(&stored), 1, "nothing of the refused sends was stored");
+    worker.stop().await;
+    drop(log);
+    writer.close().await.unwrap();
+    let report = fanout::replay::replay(&fanout::replay::Log::read(&path).unwrap()).await;
+    assert!(report.identical(), "{}", report.render(false));
 }
 
 /// A store that hangs in an append: the worker bounds it by the send's deadline (at least

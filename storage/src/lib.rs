@@ -223,6 +223,17 @@ pub struct Page {
     pub has_more: bool,
 }
 
+/// A read of `room`, given up once `by` has passed.
+async fn read_within<T>(
+    by: tokio::time::Instant,
+    room: &str,
+    read: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout_at(by, read).await.unwrap_or_else(|_| {
+        Err(StoreError::unavailable(format!("room {room}: the deadline passed before the store answered")))
+    })
+}
+
 /// Durable message history.
 #[async_trait]
 pub trait HistoryStore: Send + Sync + 'static {
@@ -260,6 +271,13 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// the winner's dedupe entries.
     async fn last_seq(&self, room: &str) -> Result<u64, StoreError>;
 
+    /// [`last_seq`](Self::last_seq), given up once `by` has passed: it then fails with
+    /// [`StoreErrorKind::Unavailable`] ("the deadline passed before the store answered").
+    /// Reads change nothing, so one cut short leaves nothing to settle.
+    async fn last_seq_by(&self, room: &str, by: tokio::time::Instant) -> Result<u64, StoreError> {
+        read_within(by, room, self.last_seq(room)).await
+    }
+
     /// The message stored earlier by `user` in `room` with this client message id.
     async fn find_by_client_msg_id(
         &self,
@@ -283,8 +301,24 @@ pub trait HistoryStore: Send + Sync + 'static {
         Ok(found)
     }
 
+    /// [`find_by_client_msg_ids`](Self::find_by_client_msg_ids), given up once `by` has passed
+    /// (as [`last_seq_by`](Self::last_seq_by)).
+    async fn find_by_client_msg_ids_by(
+        &self,
+        room: &str,
+        keys: &[(&str, &str)],
+        by: tokio::time::Instant,
+    ) -> Result<Vec<Option<ChatMessage>>, StoreError> {
+        read_within(by, room, self.find_by_client_msg_ids(room, keys)).await
+    }
+
     /// A page of a room's history.
     async fn page(&self, room: &str, query: PageQuery) -> Result<Page, StoreError>;
+
+    /// [`page`](Self::page), given up once `by` has passed (as [`last_seq_by`](Self::last_seq_by)).
+    async fn page_by(&self, room: &str, query: PageQuery, by: tokio::time::Instant) -> Result<Page, StoreError> {
+        read_within(by, room, self.page(room, query)).await
+    }
 
     /// A message by id.
     async fn get_by_id(&self, id: Uuid) -> Result<Option<ChatMessage>, StoreError>;
