@@ -41,9 +41,9 @@ pub struct Cli {
     /// Directory of the embedded store.
     #[arg(long, env = "CHAT_DATA_DIR", value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
-    /// How long the embedded store may hold a commit, while sends keep coming, so that more
-    /// of them share its fsync (microseconds; 0 commits each at once: lower latency, more CPU
-    /// per send; at most 100000).
+    /// While sends keep coming, the fanout worker takes them at most once per this window, so
+    /// that more of them share one batch and its fsync'd commit (microseconds; 0 takes and
+    /// commits each at once: lower latency, more CPU per send; at most 100000).
     #[arg(
         long,
         env = "CHAT_COMMIT_WINDOW_US",

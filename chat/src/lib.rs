@@ -54,6 +54,12 @@ pub async fn all_in_one_logged(
     decision_log: Option<&Path>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // One worker feeds the store's one writer, and waits for each commit before its next batch:
+    // the commit window paces the worker's batches, and the writer commits each batch at once.
+    // (Held in the writer, a batch taken just after a commit would wait out the window there,
+    // and a send arriving meanwhile would wait for the batch after it.)
+    let batch_window = store_options.commit_window;
+    let store_options = EmbeddedOptions { commit_window: std::time::Duration::ZERO };
     let store = Arc::new(
         EmbeddedStore::open_with(data_dir, store_options)
             .with_context(|| format!("opening the store in {}", data_dir.display()))?,
@@ -62,7 +68,7 @@ pub async fn all_in_one_logged(
     let metrics = Metrics::new();
     let journal = Arc::new(Journal::new(config.gateway_id.clone(), journal_capacity));
     let faults = FaultLayer::new(config.admin_token.clone(), metrics.clone(), journal.clone());
-    let fanout_config = FanoutConfig::default();
+    let fanout_config = FanoutConfig { batch_window, ..FanoutConfig::default() };
     let decision_log = cluster::start_decision_log(decision_log, &config.gateway_id, &fanout_config).await?;
     let mut worker =
         Fanout::new(store.clone(), faults.fanout_bus(bus.clone()), journal.clone(), metrics.clone(), fanout_config)

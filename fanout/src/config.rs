@@ -9,6 +9,12 @@ pub struct FanoutConfig {
     pub max_cached_rooms: usize,
     /// Attempts to sequence a room after conflicts with another writer.
     pub conflict_retries: usize,
+    /// While sends keep coming, batches are taken at most once per window: the rest of it is
+    /// waited out first when the recent rate says more sends will arrive meanwhile, so that
+    /// they share one batch (and its store commit) instead of waiting for the next one. Zero
+    /// (the default): a batch is taken as soon as the last one is done. The all-in-one sets it
+    /// to its store's commit window ([`storage::pacer`]).
+    pub batch_window: std::time::Duration,
 }
 
 impl FanoutConfig {
@@ -26,6 +32,7 @@ impl Default for FanoutConfig {
             max_batch: Self::DEFAULT_MAX_BATCH,
             max_cached_rooms: Self::DEFAULT_MAX_CACHED_ROOMS,
             conflict_retries: Self::DEFAULT_CONFLICT_RETRIES,
+            batch_window: std::time::Duration::ZERO,
         }
     }
 }

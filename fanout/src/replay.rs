@@ -132,7 +132,8 @@ impl Log {
                     }
                     log.worker = worker;
                     log.version = version;
-                    log.config = FanoutConfig { max_batch, max_cached_rooms, conflict_retries };
+                    log.config =
+                        FanoutConfig { max_batch, max_cached_rooms, conflict_retries, ..FanoutConfig::default() };
                 }
                 Record::Batch { batch, sends } => {
                     if batch != log.batches.len() as u64 + 1 {

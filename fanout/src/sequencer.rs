@@ -8,6 +8,7 @@ use bus::{BusError, FanoutBus, PendingSend};
 use futures_util::future::join_all;
 use protocol::bus::{SendCommand, SendOutcome};
 use protocol::{chain, names, ChatMessage};
+use storage::pacer::Pacer;
 use storage::{HistoryStore, PageQuery, RoomAppend, StoreError, StoreErrorKind};
 use telemetry::journal::Journal;
 use telemetry::logging::HOP_TARGET;
@@ -166,15 +167,24 @@ impl Fanout {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut heads: HashMap<String, Head> = HashMap::new();
+        let mut pacer = Pacer::new(self.config.batch_window);
         loop {
+            let hold = pacer.hold(Instant::now());
+            let next = async {
+                if !hold.is_zero() {
+                    tokio::time::sleep(hold).await;
+                }
+                self.bus.next_batch(self.config.max_batch).await
+            };
             let batch = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                batch = self.bus.next_batch(self.config.max_batch) => match batch {
+                batch = next => match batch {
                     Some(batch) => batch,
                     None => break,
                 },
             };
+            pacer.started(Instant::now(), batch.len());
             self.metrics.fanout_batch.observe(batch.len() as f64);
             if let Some(hook) = &self.hook {
                 hook.batch(&batch);

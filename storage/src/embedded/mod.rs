@@ -4,7 +4,7 @@
 //! Appends go to a single writer thread that commits everything queued in one atomic batch,
 //! so under load many messages share one journal write and one fsync (group commit), while a
 //! lone message is still durable before its caller hears back. While sends keep coming, a
-//! commit may be held up to a short window so that more share it ([`pacer`]). A log-structured store writes
+//! commit may be held up to a short window so that more share it ([`crate::pacer`]). A log-structured store writes
 //! each message once, to the journal; the B-tree store before it (redb) rewrote a 4 KiB page
 //! of each table a message touched, about three times the CPU per message (docs/benchmarks.md).
 //!
@@ -17,13 +17,12 @@
 //! ([`legacy::import`]).
 
 mod legacy;
-mod pacer;
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use pacer::CommitPacer;
+use crate::pacer::Pacer;
 
 use async_trait::async_trait;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -107,7 +106,7 @@ impl EmbeddedStore {
         let writer_tables = tables.clone();
         std::thread::Builder::new()
             .name("history-writer".into())
-            .spawn(move || write_loop(&writer_tables, queue, CommitPacer::new(options.commit_window)))
+            .spawn(move || write_loop(&writer_tables, queue, Pacer::new(options.commit_window)))
             .map_err(|e| StoreError::unavailable(format!("spawn writer thread: {e}")))?;
         Ok(Self { tables, writer })
     }
@@ -182,7 +181,7 @@ fn message_at(messages: &Keyspace, key: &[u8]) -> Result<Option<ChatMessage>, St
 ///
 /// While appends keep coming it waits out the window before it looks at the queue, so the
 /// appends queued meanwhile do not wake it: one wake-up per commit, not two.
-fn write_loop(tables: &Tables, mut queue: mpsc::Receiver<(RoomAppend, AppendReply)>, mut pacer: CommitPacer) {
+fn write_loop(tables: &Tables, mut queue: mpsc::Receiver<(RoomAppend, AppendReply)>, mut pacer: Pacer) {
     use mpsc::error::TryRecvError;
     let mut last_seqs = LastSeqs::default();
     loop {
