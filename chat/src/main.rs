@@ -17,9 +17,25 @@ use storage::embedded::EmbeddedOptions;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> anyhow::Result<()> {
+    runtime().context("start the async runtime")?.block_on(run(Cli::parse()))
+}
+
+/// The async runtime: with one worker thread (`TOKIO_WORKER_THREADS=1`, as the benchmarks pin a
+/// server to one core), tokio's current-thread scheduler, which wakes a task without the
+/// work-stealing scheduler's atomics and queue hand-offs; otherwise the multi-threaded one, one
+/// worker per core (or `TOKIO_WORKER_THREADS`).
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let one_worker = std::env::var("TOKIO_WORKER_THREADS").is_ok_and(|threads| threads.trim() == "1");
+    let mut builder = if one_worker {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder.enable_all().build()
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         None => {
             let _telemetry = init_logging(&cli.common, "chat")?;

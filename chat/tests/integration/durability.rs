@@ -1,5 +1,5 @@
 //! An ack means durable: kill -9 of the process right after acks loses nothing, and the next
-//! start continues the seq.
+//! start continues the seq, on either of the binary's schedulers.
 
 use std::process::Stdio;
 
@@ -9,15 +9,25 @@ use tokio::process::{Child, Command};
 
 use crate::support::*;
 
-async fn start_process(data_dir: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chat"))
+/// How many runtime worker threads the process is started with: the default (one per core, the
+/// work-stealing scheduler), or one (`TOKIO_WORKER_THREADS=1`: the current-thread scheduler).
+#[derive(Clone, Copy)]
+enum Workers {
+    PerCore,
+    One,
+}
+
+async fn start_process(data_dir: &std::path::Path, workers: Workers) -> (Child, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_chat"));
+    command
         .args(["--listen", "127.0.0.1:0", "--send-rate", "100000", "--send-burst", "100000", "--data-dir"])
         .arg(data_dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("chat binary starts");
+        .env("RUST_LOG", "warn");
+    match workers {
+        Workers::PerCore => command.env_remove("TOKIO_WORKER_THREADS"),
+        Workers::One => command.env("TOKIO_WORKER_THREADS", "1"),
+    };
+    let mut child = command.stdout(Stdio::piped()).kill_on_drop(true).spawn().expect("chat binary starts");
     let stdout = child.stdout.take().expect("stdout piped");
     let mut lines = BufReader::new(stdout).lines();
     let line = tokio::time::timeout(WAIT, lines.next_line())
@@ -31,8 +41,17 @@ async fn start_process(data_dir: &std::path::Path) -> (Child, String) {
 
 #[tokio::test]
 async fn kill_9_right_after_acks_loses_nothing_and_seq_continues() {
+    kill_9_right_after_acks_loses_nothing(Workers::PerCore).await;
+}
+
+#[tokio::test]
+async fn on_one_worker_thread_kill_9_right_after_acks_loses_nothing_either() {
+    kill_9_right_after_acks_loses_nothing(Workers::One).await;
+}
+
+async fn kill_9_right_after_acks_loses_nothing(workers: Workers) {
     let data = tempfile::tempdir().unwrap();
-    let (mut child, address) = start_process(data.path()).await;
+    let (mut child, address) = start_process(data.path(), workers).await;
     let mut a = Client::login(&format!("ws://{address}/ws"), "a").await;
     a.join("d").await;
     for i in 1..=200 {
@@ -48,7 +67,7 @@ async fn kill_9_right_after_acks_loses_nothing_and_seq_continues() {
     child.start_kill().expect("SIGKILL");
     child.wait().await.unwrap();
 
-    let (_child, address) = start_process(data.path()).await;
+    let (_child, address) = start_process(data.path(), workers).await;
     let mut stored = Vec::new();
     let mut after = 0;
     loop {
