@@ -21,10 +21,11 @@ use async_trait::async_trait;
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, TryStreamExt};
 use protocol::ChatMessage;
-use scylla::client::execution_profile::ExecutionProfile;
+use scylla::client::execution_profile::{ExecutionProfile, ExecutionProfileHandle};
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::policies::load_balancing::DefaultPolicy;
+use scylla::policies::speculative_execution::SimpleSpeculativeExecutionPolicy;
 use scylla::response::query_result::QueryResult;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
@@ -128,6 +129,12 @@ pub struct CqlConfig {
     pub serial_consistency: SerialConsistency,
     /// Client-side timeout of one request (including the driver's retries).
     pub request_timeout: Duration,
+    /// A read not answered after this long is sent once more, to the next node of its plan
+    /// (the driver's speculative execution), and the first answer wins: a node that stalls (a
+    /// long pause, a node just restarted and still cold) then costs a read this long, not its
+    /// timeout. Reads only: a speculative write would double the writes of a cluster already
+    /// slow. `None`: never.
+    pub speculative_read_after: Option<Duration>,
     /// Timeout of opening one connection.
     pub connect_timeout: Duration,
     /// Datacenter whose nodes coordinate requests (needed for `LOCAL_*` consistency to mean the
@@ -169,13 +176,18 @@ impl CqlConfig {
     /// still apply later: the worker then resolves the outcome before answering (see fanout),
     /// and a client retry gets the original ack.
     pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 1_000;
+    /// Default `speculative_read_after`, in milliseconds (`--cql-speculative-read-ms`): past the
+    /// latency SLO (250 ms for a send) minus a healthy read, so a loaded but healthy cluster's
+    /// reads are rarely sent twice.
+    pub const DEFAULT_SPECULATIVE_READ_MS: u64 = 200;
     /// Default `connect_timeout`, in milliseconds.
     pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
 }
 
 impl Default for CqlConfig {
     /// One local node, keyspace `chat`, RF 1, `LOCAL_QUORUM` / `LOCAL_SERIAL`, 1 s requests,
-    /// 5 s connects, no preferred datacenter, no credentials, no TLS.
+    /// reads sent again after 200 ms, 5 s connects, no preferred datacenter, no credentials, no
+    /// TLS.
     fn default() -> Self {
         Self {
             nodes: vec![Self::DEFAULT_NODE.into()],
@@ -184,6 +196,7 @@ impl Default for CqlConfig {
             consistency: Consistency::LocalQuorum,
             serial_consistency: SerialConsistency::LocalSerial,
             request_timeout: Duration::from_millis(Self::DEFAULT_REQUEST_TIMEOUT_MS),
+            speculative_read_after: Some(Duration::from_millis(Self::DEFAULT_SPECULATIVE_READ_MS)),
             connect_timeout: Duration::from_millis(Self::DEFAULT_CONNECT_TIMEOUT_MS),
             local_datacenter: None,
             credentials: None,
@@ -273,7 +286,9 @@ impl CqlStore {
         if let Some(ca) = &config.tls_ca {
             builder = builder.tls_context(Some(tls_config(ca)?));
         }
-        let builder = builder.default_execution_profile_handle(profile.build().into_handle());
+        let profile = profile.build();
+        let reads = read_profile(&profile, config.speculative_read_after);
+        let builder = builder.default_execution_profile_handle(profile.into_handle());
         let nodes = config.nodes.join(",");
         let session = builder.build().await.map_err(|e| {
             let what = format!("connect to CQL nodes {nodes}");
@@ -304,7 +319,7 @@ impl CqlStore {
                     .map_err(|e| unavailable(format_args!("apply schema/{file}"), e))?;
             }
         }
-        let statements = Statements::prepare(&session).await?;
+        let statements = Statements::prepare(&session, &reads).await?;
         tracing::info!(%nodes, %keyspace, "CQL history store ready");
         let owner = format!("pid{}-{}", std::process::id(), &Uuid::new_v4().simple().to_string()[..8]);
         Ok(Self { session, keyspace, statements, fences: Fences::default(), owner })
@@ -623,7 +638,13 @@ impl CqlStore {
 }
 
 impl Statements {
-    async fn prepare(session: &Session) -> Result<Self, StoreError> {
+    /// Prepares every statement; the reads run with `reads` (see [`read_profile`]).
+    async fn prepare(session: &Session, reads: &ExecutionProfileHandle) -> Result<Self, StoreError> {
+        let read = |cql: String| async move {
+            let mut statement = prepare(session, &cql, true).await?;
+            statement.set_execution_profile_handle(Some(reads.clone()));
+            Ok::<_, StoreError>(statement)
+        };
         let insert_message =
             format!("INSERT INTO messages (room, bucket, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?");
         let read_message = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ? AND bucket = ? AND seq = ?");
@@ -652,15 +673,15 @@ impl Statements {
                 false,
             )
             .await?,
-            read_epoch: prepare(session, "SELECT epoch FROM fence_epochs WHERE fence = ?", true).await?,
+            read_epoch: read("SELECT epoch FROM fence_epochs WHERE fence = ?".into()).await?,
             commit: prepare(
                 session,
                 "UPDATE room_state USING TIMESTAMP ? SET last_seq = ?, pending = null WHERE room = ?",
                 true,
             )
             .await?,
-            read_state: prepare(session, "SELECT last_seq, pending FROM room_state WHERE room = ?", true).await?,
-            read_last_seq: prepare(session, "SELECT last_seq FROM room_state WHERE room = ?", true).await?,
+            read_state: read("SELECT last_seq, pending FROM room_state WHERE room = ?".into()).await?,
+            read_last_seq: read("SELECT last_seq FROM room_state WHERE room = ?".into()).await?,
             insert_rows: (1..=MESSAGES_PER_BATCH)
                 .map(|messages| {
                     let mut rows = Batch::new(BatchType::Unlogged);
@@ -676,21 +697,12 @@ impl Statements {
             insert_message,
             insert_dedupe,
             insert_id,
-            message_exists: prepare(
-                session,
-                "SELECT seq FROM messages WHERE room = ? AND bucket = ? AND seq = ?",
-                true,
-            )
-            .await?,
-            read_message: prepare(session, &read_message, true).await?,
-            read_range: prepare(session, &read_range, true).await?,
-            read_dedupe: prepare(
-                session,
-                "SELECT seq FROM dedupe WHERE room = ? AND user = ? AND client_msg_id = ?",
-                true,
-            )
-            .await?,
-            read_id: prepare(session, "SELECT room, seq FROM message_ids WHERE id = ?", true).await?,
+            message_exists: read("SELECT seq FROM messages WHERE room = ? AND bucket = ? AND seq = ?".into()).await?,
+            read_message: read(read_message).await?,
+            read_range: read(read_range).await?,
+            read_dedupe: read("SELECT seq FROM dedupe WHERE room = ? AND user = ? AND client_msg_id = ?".into())
+                .await?,
+            read_id: read("SELECT room, seq FROM message_ids WHERE id = ?".into()).await?,
             ping: prepare(session, "SELECT release_version FROM system.local", true).await?,
         })
     }
@@ -962,6 +974,17 @@ fn check_consecutive(batch: &RoomAppend) -> Result<(), StoreError> {
 
 fn unavailable(context: impl Display, e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::unavailable(context.to_string()).with_source(e)
+}
+
+/// The execution profile of reads: `profile`, and a read not answered after `speculate_after`
+/// sent once more to the next node of its plan ([`CqlConfig::speculative_read_after`]).
+fn read_profile(profile: &ExecutionProfile, speculate_after: Option<Duration>) -> ExecutionProfileHandle {
+    let mut reads = profile.to_builder();
+    if let Some(after) = speculate_after {
+        let policy = SimpleSpeculativeExecutionPolicy { max_retry_count: 1, retry_interval: after };
+        reads = reads.speculative_execution_policy(Some(std::sync::Arc::new(policy)));
+    }
+    reads.build().into_handle()
 }
 
 async fn prepare(session: &Session, cql: &str, idempotent: bool) -> Result<PreparedStatement, StoreError> {

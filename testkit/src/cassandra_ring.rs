@@ -47,3 +47,25 @@ pub fn kill_ring_node(node: usize) {
 pub fn restart_ring_node(node: usize) {
     ring(&["node", "--node", &node.to_string()]);
 }
+
+/// A ring node frozen by [`freeze_ring_node`]; dropping it lets the node run again.
+#[must_use = "the node is thawed when this is dropped"]
+pub struct FrozenRingNode {
+    pid: String,
+}
+
+/// Freezes ring node `node` (1-based) with SIGSTOP: its connections stay open and nothing is
+/// answered, as a node stalled by a long pause would. Thawed (SIGCONT) when the guard drops,
+/// so a failing test leaves the ring whole for the next.
+pub fn freeze_ring_node(node: usize) -> FrozenRingNode {
+    let pid = std::fs::read_to_string(pid_file(node)).expect("ring node pid file").trim().to_owned();
+    let status = std::process::Command::new("kill").args(["-STOP", &pid]).status().expect("run kill");
+    assert!(status.success(), "kill -STOP of ring node {node}");
+    FrozenRingNode { pid }
+}
+
+impl Drop for FrozenRingNode {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-CONT", &self.pid]).status();
+    }
+}

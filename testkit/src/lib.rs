@@ -48,7 +48,7 @@ mod prometheus;
 mod relay;
 
 pub use cassandra::{cassandra, unique_keyspace, DedicatedCassandra};
-pub use cassandra_ring::{cassandra_ring, kill_ring_node, restart_ring_node};
+pub use cassandra_ring::{cassandra_ring, freeze_ring_node, kill_ring_node, restart_ring_node, FrozenRingNode};
 pub use cluster::{Cluster, ClusterBuilder};
 pub use jaeger::Jaeger;
 pub use message::message;
