@@ -258,15 +258,11 @@ pub struct BackendArgs {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub cql_request_timeout_ms: u64,
-    /// A CQL read not answered after this many milliseconds is sent once more, to another node,
-    /// and the first answer wins: a stalled or still-cold node costs a read this long, not its
-    /// timeout. 0: never.
-    #[arg(
-        long,
-        env = "CHAT_CQL_SPECULATIVE_READ_MS",
-        value_name = "MS",
-        default_value_t = CqlConfig::DEFAULT_SPECULATIVE_READ_MS
-    )]
+    /// A CQL read not answered after this many milliseconds (and after 4 times the median of
+    /// recent reads) is sent once more, to another node, and the first answer wins: a stalled
+    /// node costs a read this long, not its timeout. 0: never (the default: on a cluster short of
+    /// CPU the second copies cost more than they save).
+    #[arg(long, env = "CHAT_CQL_SPECULATIVE_READ_MS", value_name = "MS", default_value_t = 0)]
     pub cql_speculative_read_ms: u64,
     /// Replicas of the JetStream send stream `CHAT_SEND` when it is created (3 on a NATS cluster).
     #[arg(
@@ -762,7 +758,7 @@ mod tests {
             "--cql-request-timeout-ms",
             "2500",
             "--cql-speculative-read-ms",
-            "0",
+            "150",
             "--max-batch",
             "64",
             "--ack-wait-ms",
@@ -775,7 +771,7 @@ mod tests {
         let backends = backends.backends().unwrap();
         assert_eq!(backends.cql_local_datacenter.as_deref(), Some("dc2"));
         assert_eq!(backends.cql_request_timeout, Duration::from_millis(2500));
-        assert_eq!(backends.cql_speculative_read_after, None, "0 turns speculative reads off");
+        assert_eq!(backends.cql_speculative_read_after, Some(Duration::from_millis(150)));
         let worker = worker.config(10);
         assert_eq!((worker.fanout.max_batch, worker.ack_wait), (64, Duration::from_secs(9)));
         assert!(Cli::try_parse_from(["chat", "fanout", "--max-batch", "0"]).is_err());

@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -25,7 +26,6 @@ use scylla::client::execution_profile::{ExecutionProfile, ExecutionProfileHandle
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::policies::load_balancing::DefaultPolicy;
-use scylla::policies::speculative_execution::SimpleSpeculativeExecutionPolicy;
 use scylla::response::query_result::QueryResult;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
@@ -36,6 +36,7 @@ use uuid::Uuid;
 pub use scylla::statement::{Consistency, SerialConsistency};
 
 use crate::fence::{fence_of, Fences, Known};
+use crate::hedge::ReadHedge;
 use crate::rows::{batch_chunks, MessageRows, RowValues, BATCHED_BODY_BYTES, MESSAGES_PER_BATCH};
 use crate::{HistoryStore, Page, PageQuery, RoomAppend, StoreError, StoreErrorKind};
 
@@ -129,11 +130,13 @@ pub struct CqlConfig {
     pub serial_consistency: SerialConsistency,
     /// Client-side timeout of one request (including the driver's retries).
     pub request_timeout: Duration,
-    /// A read not answered after this long is sent once more, to the next node of its plan
-    /// (the driver's speculative execution), and the first answer wins: a node that stalls (a
-    /// long pause, a node just restarted and still cold) then costs a read this long, not its
-    /// timeout. Reads only: a speculative write would double the writes of a cluster already
-    /// slow. `None`: never.
+    /// A read not answered after this long, and after 4 times the median of the latest reads,
+    /// is sent once more, to the next node of its plan (the driver's speculative execution), and
+    /// the first answer wins: a node that stalls (a long pause, a node just restarted and still
+    /// cold) then costs a read this long, not its timeout, while a cluster slow as a whole is not
+    /// sent its reads twice (see `hedge`). Reads only: writes are never sent twice. `None` (the
+    /// default): never, because on a cluster short of CPU the second copies cost more than they
+    /// save (docs/storage.md).
     pub speculative_read_after: Option<Duration>,
     /// Timeout of opening one connection.
     pub connect_timeout: Duration,
@@ -176,18 +179,13 @@ impl CqlConfig {
     /// still apply later: the worker then resolves the outcome before answering (see fanout),
     /// and a client retry gets the original ack.
     pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 1_000;
-    /// Default `speculative_read_after`, in milliseconds (`--cql-speculative-read-ms`): past the
-    /// latency SLO (250 ms for a send) minus a healthy read, so a loaded but healthy cluster's
-    /// reads are rarely sent twice.
-    pub const DEFAULT_SPECULATIVE_READ_MS: u64 = 200;
     /// Default `connect_timeout`, in milliseconds.
     pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
 }
 
 impl Default for CqlConfig {
     /// One local node, keyspace `chat`, RF 1, `LOCAL_QUORUM` / `LOCAL_SERIAL`, 1 s requests,
-    /// reads sent again after 200 ms, 5 s connects, no preferred datacenter, no credentials, no
-    /// TLS.
+    /// no read sent twice, 5 s connects, no preferred datacenter, no credentials, no TLS.
     fn default() -> Self {
         Self {
             nodes: vec![Self::DEFAULT_NODE.into()],
@@ -196,7 +194,7 @@ impl Default for CqlConfig {
             consistency: Consistency::LocalQuorum,
             serial_consistency: SerialConsistency::LocalSerial,
             request_timeout: Duration::from_millis(Self::DEFAULT_REQUEST_TIMEOUT_MS),
-            speculative_read_after: Some(Duration::from_millis(Self::DEFAULT_SPECULATIVE_READ_MS)),
+            speculative_read_after: None,
             connect_timeout: Duration::from_millis(Self::DEFAULT_CONNECT_TIMEOUT_MS),
             local_datacenter: None,
             credentials: None,
@@ -238,6 +236,8 @@ pub struct CqlStore {
     fences: Fences,
     /// Who takes fences (kept in `fence_epochs.owner`, for operators): process id and a nonce.
     owner: String,
+    /// When a read is sent to a second node; `None`: never.
+    hedge: Option<Arc<ReadHedge>>,
 }
 
 // === impl CqlStore ===
@@ -287,7 +287,8 @@ impl CqlStore {
             builder = builder.tls_context(Some(tls_config(ca)?));
         }
         let profile = profile.build();
-        let reads = read_profile(&profile, config.speculative_read_after);
+        let hedge = config.speculative_read_after.map(ReadHedge::new);
+        let reads = read_profile(&profile, hedge.as_ref());
         let builder = builder.default_execution_profile_handle(profile.into_handle());
         let nodes = config.nodes.join(",");
         let session = builder.build().await.map_err(|e| {
@@ -322,7 +323,7 @@ impl CqlStore {
         let statements = Statements::prepare(&session, &reads).await?;
         tracing::info!(%nodes, %keyspace, "CQL history store ready");
         let owner = format!("pid{}-{}", std::process::id(), &Uuid::new_v4().simple().to_string()[..8]);
-        Ok(Self { session, keyspace, statements, fences: Fences::default(), owner })
+        Ok(Self { session, keyspace, statements, fences: Fences::default(), owner, hedge })
     }
 
     /// The keyspace the store uses.
@@ -439,12 +440,25 @@ impl CqlStore {
         self.read_counter(&self.statements.read_epoch, fence, "epoch").await
     }
 
+    /// Runs a read, noting how long it took for the hedge of later reads.
+    async fn read_unpaged(
+        &self,
+        statement: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+    ) -> Result<QueryResult, scylla::errors::ExecutionError> {
+        let started = Instant::now();
+        let result = self.session.execute_unpaged(statement, values).await;
+        if let Some(hedge) = &self.hedge {
+            hedge.record(started.elapsed());
+        }
+        result
+    }
+
     /// The one bigint column `statement` selects for `key` (0 when there is no row or value):
     /// a room's last seq, a fence's epoch.
     async fn read_counter(&self, statement: &PreparedStatement, key: &str, what: &str) -> Result<u64, StoreError> {
         let result = self
-            .session
-            .execute_unpaged(statement, (key,))
+            .read_unpaged(statement, (key,))
             .await
             .map_err(|e| unavailable(format_args!("{key}: read {what}"), e))?;
         let row = rows(result, key)?
@@ -506,8 +520,7 @@ impl CqlStore {
     /// The room's last seq and its pending record (decoded), as stored.
     async fn read_state(&self, room: &str) -> Result<(u64, Vec<ChatMessage>), StoreError> {
         let result = self
-            .session
-            .execute_unpaged(&self.statements.read_state, (room,))
+            .read_unpaged(&self.statements.read_state, (room,))
             .await
             .map_err(|e| unavailable(format_args!("room {room}: read state"), e))?;
         let row = rows(result, room)?
@@ -548,8 +561,7 @@ impl CqlStore {
     async fn message_exists(&self, room: &str, seq: u64) -> Result<bool, StoreError> {
         let values = (room, bucket_of(seq)?, to_cql_seq(seq)?);
         let result = self
-            .session
-            .execute_unpaged(&self.statements.message_exists, values)
+            .read_unpaged(&self.statements.message_exists, values)
             .await
             .map_err(|e| unavailable(format_args!("room {room}: check seq {seq}"), e))?;
         Ok(rows(result, room)?.rows_num() > 0)
@@ -558,8 +570,7 @@ impl CqlStore {
     async fn read_message(&self, room: &str, seq: u64) -> Result<Option<ChatMessage>, StoreError> {
         let values = (room, bucket_of(seq)?, to_cql_seq(seq)?);
         let result = self
-            .session
-            .execute_unpaged(&self.statements.read_message, values)
+            .read_unpaged(&self.statements.read_message, values)
             .await
             .map_err(|e| unavailable(format_args!("room {room}: read seq {seq}"), e))?;
         let row = rows(result, room)?
@@ -597,8 +608,7 @@ impl CqlStore {
         last_seq: &tokio::sync::OnceCell<u64>,
     ) -> Result<Option<ChatMessage>, StoreError> {
         let result = self
-            .session
-            .execute_unpaged(&self.statements.read_dedupe, (room, user, client_msg_id))
+            .read_unpaged(&self.statements.read_dedupe, (room, user, client_msg_id))
             .await
             .map_err(|e| unavailable(format_args!("room {room}: read dedupe entry"), e))?;
         let row = rows(result, room)?
@@ -617,8 +627,7 @@ impl CqlStore {
             let to = last.min(bucket * BUCKET_SIZE + BUCKET_SIZE - 1);
             let values = (room, to_cql_seq(bucket)?, to_cql_seq(from)?, to_cql_seq(to)?);
             let result = self
-                .session
-                .execute_unpaged(&self.statements.read_range, values)
+                .read_unpaged(&self.statements.read_range, values)
                 .await
                 .map_err(|e| unavailable(format_args!("room {room}: read seqs {from}..={to}"), e))?;
             let rows = rows(result, room)?;
@@ -877,8 +886,7 @@ impl HistoryStore for CqlStore {
 
     async fn get_by_id(&self, id: Uuid) -> Result<Option<ChatMessage>, StoreError> {
         let result = self
-            .session
-            .execute_unpaged(&self.statements.read_id, (id,))
+            .read_unpaged(&self.statements.read_id, (id,))
             .await
             .map_err(|e| unavailable(format_args!("read id {id}"), e))?;
         let row = rows(result, "-")?
@@ -976,15 +984,10 @@ fn unavailable(context: impl Display, e: impl std::error::Error + Send + Sync + 
     StoreError::unavailable(context.to_string()).with_source(e)
 }
 
-/// The execution profile of reads: `profile`, and a read not answered after `speculate_after`
-/// sent once more to the next node of its plan ([`CqlConfig::speculative_read_after`]).
-fn read_profile(profile: &ExecutionProfile, speculate_after: Option<Duration>) -> ExecutionProfileHandle {
-    let mut reads = profile.to_builder();
-    if let Some(after) = speculate_after {
-        let policy = SimpleSpeculativeExecutionPolicy { max_retry_count: 1, retry_interval: after };
-        reads = reads.speculative_execution_policy(Some(std::sync::Arc::new(policy)));
-    }
-    reads.build().into_handle()
+/// The execution profile of reads: `profile`, and a read that `hedge` finds slow sent once more
+/// to the next node of its plan ([`CqlConfig::speculative_read_after`]).
+fn read_profile(profile: &ExecutionProfile, hedge: Option<&Arc<ReadHedge>>) -> ExecutionProfileHandle {
+    profile.to_builder().speculative_execution_policy(hedge.map(ReadHedge::policy)).build().into_handle()
 }
 
 async fn prepare(session: &Session, cql: &str, idempotent: bool) -> Result<PreparedStatement, StoreError> {

@@ -11,6 +11,7 @@
 pub mod cql;
 pub mod embedded;
 mod fence;
+mod hedge;
 pub mod pacer;
 mod rows;
 pub mod warm;

@@ -1,0 +1,135 @@
+//! When a CQL read is sent a second time: only when it is an outlier.
+//!
+//! A read still unanswered after [`ReadHedge::delay`] is sent once more, to the next node of its
+//! load-balancing plan, and the first answer wins (the driver's speculative execution). That
+//! saves the reads a stalled node coordinates: a node paused with its connections open, or one
+//! just restarted and still cold, otherwise fails each of them after the full request timeout.
+//!
+//! The delay is the larger of a floor and [`FACTOR`] times the median of the last [`WINDOW`]
+//! reads. A slow node coordinates a minority of reads, so the median stays the healthy nodes'
+//! and its reads are hedged after the floor. When the whole cluster is slow (overload), the
+//! median rises with it and the delay passes the request timeout: nothing is sent twice, where a
+//! fixed delay would double the reads of a cluster that has no capacity to spare. It is off unless
+//! [`crate::cql::CqlConfig::speculative_read_after`] sets the floor: on a cluster already short of
+//! CPU even outliers' second copies cost more than they save (docs/storage.md).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use scylla::policies::speculative_execution::{Context, SpeculativeExecutionPolicy};
+
+/// How many times slower than the median read a read must be to be hedged.
+pub const FACTOR: u32 = 4;
+/// How many recent reads the median is taken over.
+pub const WINDOW: usize = 64;
+
+/// The latest reads' durations and the delay after which a read is hedged.
+#[derive(Debug)]
+pub struct ReadHedge {
+    floor: Duration,
+    recent: Mutex<Recent>,
+    /// The median of `recent`, in microseconds (0 before the first read).
+    median_us: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Recent {
+    micros: [u32; WINDOW],
+    next: usize,
+    filled: usize,
+}
+
+impl ReadHedge {
+    /// A hedge that never waits less than `floor`.
+    pub fn new(floor: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            floor,
+            recent: Mutex::new(Recent { micros: [0; WINDOW], next: 0, filled: 0 }),
+            median_us: AtomicU64::new(0),
+        })
+    }
+
+    /// Notes how long a read took (answered, failed or timed out alike).
+    pub fn record(&self, took: Duration) {
+        let micros = u32::try_from(took.as_micros()).unwrap_or(u32::MAX);
+        let mut recent = self.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let slot = recent.next;
+        recent.micros[slot] = micros;
+        recent.next = (slot + 1) % WINDOW;
+        recent.filled = (recent.filled + 1).min(WINDOW);
+        let mut sorted = recent.micros;
+        let filled = &mut sorted[..recent.filled];
+        let middle = filled.len() / 2;
+        let (_, median, _) = filled.select_nth_unstable(middle);
+        self.median_us.store(u64::from(*median), Ordering::Relaxed);
+    }
+
+    /// How long a read waits for its first node before it is sent to the next.
+    pub fn delay(&self) -> Duration {
+        let median = Duration::from_micros(self.median_us.load(Ordering::Relaxed));
+        self.floor.max(median * FACTOR)
+    }
+
+    /// The driver policy that asks this hedge (one extra attempt at most).
+    pub fn policy(self: &Arc<Self>) -> Arc<dyn SpeculativeExecutionPolicy> {
+        Arc::new(HedgePolicy(self.clone()))
+    }
+}
+
+#[derive(Debug)]
+struct HedgePolicy(Arc<ReadHedge>);
+
+impl SpeculativeExecutionPolicy for HedgePolicy {
+    fn max_retry_count(&self, _: &Context) -> usize {
+        1
+    }
+
+    fn retry_interval(&self, _: &Context) -> Duration {
+        self.0.delay()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FLOOR: Duration = Duration::from_millis(200);
+
+    fn hedge_after(reads: impl IntoIterator<Item = u64>) -> Arc<ReadHedge> {
+        let hedge = ReadHedge::new(FLOOR);
+        for millis in reads {
+            hedge.record(Duration::from_millis(millis));
+        }
+        hedge
+    }
+
+    #[test]
+    fn healthy_reads_are_hedged_after_the_floor() {
+        assert_eq!(ReadHedge::new(FLOOR).delay(), FLOOR, "before any read");
+        assert_eq!(hedge_after([2, 3, 5, 4, 2, 40]).delay(), FLOOR);
+    }
+
+    #[test]
+    fn a_stalled_node_among_three_does_not_move_the_delay() {
+        // One read in three waits out the hedge, the other two are quick.
+        let hedge = hedge_after((0..WINDOW as u64 * 2).map(|i| if i % 3 == 0 { 1_000 } else { 5 }));
+        assert_eq!(hedge.delay(), FLOOR);
+    }
+
+    #[test]
+    fn a_slow_cluster_is_not_sent_its_reads_twice() {
+        let hedge = hedge_after((0..WINDOW as u64).map(|i| 300 + i % 50));
+        assert!(hedge.delay() >= Duration::from_millis(1_200), "{:?}", hedge.delay());
+    }
+
+    #[test]
+    fn the_median_follows_the_latest_reads_only() {
+        let hedge = hedge_after((0..WINDOW).map(|_| 900));
+        assert!(hedge.delay() > Duration::from_secs(3));
+        for _ in 0..WINDOW / 2 + 1 {
+            hedge.record(Duration::from_millis(3));
+        }
+        assert_eq!(hedge.delay(), FLOOR, "the cluster is quick again");
+    }
+}
