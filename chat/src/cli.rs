@@ -258,12 +258,13 @@ pub struct BackendArgs {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub cql_request_timeout_ms: u64,
-    /// A CQL read not answered after this many milliseconds (and after 4 times the median of
-    /// recent reads) is sent once more, to another node, and the first answer wins: a stalled
-    /// node costs a read this long, not its timeout. 0: never (the default: on a cluster short of
-    /// CPU the second copies cost more than they save).
-    #[arg(long, env = "CHAT_CQL_SPECULATIVE_READ_MS", value_name = "MS", default_value_t = 0)]
-    pub cql_speculative_read_ms: u64,
+    /// A CQL request (a read, or an append's idempotent writes) not answered after this many
+    /// milliseconds, and after 4 times the median of recent requests, is sent once more, to
+    /// another node, and the first answer wins: a stalled node costs a request this long, not its
+    /// timeout. 0: never (the default: on a cluster short of CPU the second copies cost more than
+    /// they save).
+    #[arg(long, env = "CHAT_CQL_HEDGE_MS", value_name = "MS", default_value_t = 0)]
+    pub cql_hedge_ms: u64,
     /// Replicas of the JetStream send stream `CHAT_SEND` when it is created (3 on a NATS cluster).
     #[arg(
         long,
@@ -302,8 +303,7 @@ impl BackendArgs {
             stream_replicas: usize::from(self.stream_replicas),
             cql_local_datacenter: self.cql_local_dc.clone().filter(|dc| !dc.is_empty()),
             cql_request_timeout: Duration::from_millis(self.cql_request_timeout_ms),
-            cql_speculative_read_after: (self.cql_speculative_read_ms > 0)
-                .then(|| Duration::from_millis(self.cql_speculative_read_ms)),
+            cql_hedge_after: (self.cql_hedge_ms > 0).then(|| Duration::from_millis(self.cql_hedge_ms)),
         })
     }
 }
@@ -744,7 +744,7 @@ mod tests {
         assert_eq!(backends.keyspace, cql.keyspace);
         assert_eq!(backends.replication, cql.replication);
         assert_eq!(backends.cql_request_timeout, cql.request_timeout);
-        assert_eq!(backends.cql_speculative_read_after, cql.speculative_read_after);
+        assert_eq!(backends.cql_hedge_after, cql.hedge_after);
         assert_eq!(backends.cql_local_datacenter, cql.local_datacenter);
     }
 
@@ -757,7 +757,7 @@ mod tests {
             "dc2",
             "--cql-request-timeout-ms",
             "2500",
-            "--cql-speculative-read-ms",
+            "--cql-hedge-ms",
             "150",
             "--max-batch",
             "64",
@@ -771,7 +771,7 @@ mod tests {
         let backends = backends.backends().unwrap();
         assert_eq!(backends.cql_local_datacenter.as_deref(), Some("dc2"));
         assert_eq!(backends.cql_request_timeout, Duration::from_millis(2500));
-        assert_eq!(backends.cql_speculative_read_after, Some(Duration::from_millis(150)));
+        assert_eq!(backends.cql_hedge_after, Some(Duration::from_millis(150)));
         let worker = worker.config(10);
         assert_eq!((worker.fanout.max_batch, worker.ack_wait), (64, Duration::from_secs(9)));
         assert!(Cli::try_parse_from(["chat", "fanout", "--max-batch", "0"]).is_err());

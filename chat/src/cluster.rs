@@ -42,8 +42,9 @@ pub struct Backends {
     pub cql_local_datacenter: Option<String>,
     /// Client-side timeout of one CQL request.
     pub cql_request_timeout: Duration,
-    /// A CQL read not answered after this long is sent once more, to another node; `None`: never.
-    pub cql_speculative_read_after: Option<Duration>,
+    /// A CQL request slower than this (and than 4 times the median) is sent once more, to
+    /// another node; `None`: never.
+    pub cql_hedge_after: Option<Duration>,
 }
 
 impl Backends {
@@ -61,7 +62,7 @@ impl Backends {
             keyspace: self.keyspace.clone(),
             replication: self.replication.clone(),
             request_timeout: self.cql_request_timeout,
-            speculative_read_after: self.cql_speculative_read_after,
+            hedge_after: self.cql_hedge_after,
             local_datacenter: self.cql_local_datacenter.clone(),
             credentials: self.cql_credentials.clone(),
             tls_ca: self.cql_tls_ca.clone(),
@@ -302,7 +303,7 @@ mod tests {
             stream_replicas: 1,
             cql_local_datacenter: None,
             cql_request_timeout: Duration::from_secs(1),
-            cql_speculative_read_after: None,
+            cql_hedge_after: None,
         };
         let failed = tokio::time::timeout(Duration::from_secs(10), connect_store(&backends))
             .await

@@ -36,7 +36,7 @@ use uuid::Uuid;
 pub use scylla::statement::{Consistency, SerialConsistency};
 
 use crate::fence::{fence_of, Fences, Known};
-use crate::hedge::ReadHedge;
+use crate::hedge::Hedge;
 use crate::rows::{batch_chunks, MessageRows, RowValues, BATCHED_BODY_BYTES, MESSAGES_PER_BATCH};
 use crate::{HistoryStore, Page, PageQuery, RoomAppend, StoreError, StoreErrorKind};
 
@@ -130,14 +130,14 @@ pub struct CqlConfig {
     pub serial_consistency: SerialConsistency,
     /// Client-side timeout of one request (including the driver's retries).
     pub request_timeout: Duration,
-    /// A read not answered after this long, and after 4 times the median of the latest reads,
-    /// is sent once more, to the next node of its plan (the driver's speculative execution), and
-    /// the first answer wins: a node that stalls (a long pause, a node just restarted and still
-    /// cold) then costs a read this long, not its timeout, while a cluster slow as a whole is not
-    /// sent its reads twice (see `hedge`). Reads only: writes are never sent twice. `None` (the
-    /// default): never, because on a cluster short of CPU the second copies cost more than they
-    /// save (docs/storage.md).
-    pub speculative_read_after: Option<Duration>,
+    /// A request (a read, or an append's idempotent writes; never a fence transaction) not
+    /// answered after this long, and after 4 times the median of the latest requests, is sent
+    /// once more, to the next node of its plan (the driver's speculative execution), and the
+    /// first answer wins: a node that stalls (a long pause) then costs a request this long, not
+    /// its timeout, while a cluster slow as a whole is not sent its requests twice (see `hedge`).
+    /// `None` (the default): never, because on a cluster short of CPU the second copies cost
+    /// more than they save (docs/storage.md).
+    pub hedge_after: Option<Duration>,
     /// Timeout of opening one connection.
     pub connect_timeout: Duration,
     /// Datacenter whose nodes coordinate requests (needed for `LOCAL_*` consistency to mean the
@@ -185,7 +185,7 @@ impl CqlConfig {
 
 impl Default for CqlConfig {
     /// One local node, keyspace `chat`, RF 1, `LOCAL_QUORUM` / `LOCAL_SERIAL`, 1 s requests,
-    /// no read sent twice, 5 s connects, no preferred datacenter, no credentials, no TLS.
+    /// no request sent twice, 5 s connects, no preferred datacenter, no credentials, no TLS.
     fn default() -> Self {
         Self {
             nodes: vec![Self::DEFAULT_NODE.into()],
@@ -194,7 +194,7 @@ impl Default for CqlConfig {
             consistency: Consistency::LocalQuorum,
             serial_consistency: SerialConsistency::LocalSerial,
             request_timeout: Duration::from_millis(Self::DEFAULT_REQUEST_TIMEOUT_MS),
-            speculative_read_after: None,
+            hedge_after: None,
             connect_timeout: Duration::from_millis(Self::DEFAULT_CONNECT_TIMEOUT_MS),
             local_datacenter: None,
             credentials: None,
@@ -236,8 +236,8 @@ pub struct CqlStore {
     fences: Fences,
     /// Who takes fences (kept in `fence_epochs.owner`, for operators): process id and a nonce.
     owner: String,
-    /// When a read is sent to a second node; `None`: never.
-    hedge: Option<Arc<ReadHedge>>,
+    /// When a request is sent to a second node; `None`: never.
+    hedge: Option<Arc<Hedge>>,
 }
 
 // === impl CqlStore ===
@@ -287,8 +287,8 @@ impl CqlStore {
             builder = builder.tls_context(Some(tls_config(ca)?));
         }
         let profile = profile.build();
-        let hedge = config.speculative_read_after.map(ReadHedge::new);
-        let reads = read_profile(&profile, hedge.as_ref());
+        let hedge = config.hedge_after.map(Hedge::new);
+        let hedged = hedged_profile(&profile, hedge.as_ref());
         let builder = builder.default_execution_profile_handle(profile.into_handle());
         let nodes = config.nodes.join(",");
         let session = builder.build().await.map_err(|e| {
@@ -320,7 +320,7 @@ impl CqlStore {
                     .map_err(|e| unavailable(format_args!("apply schema/{file}"), e))?;
             }
         }
-        let statements = Statements::prepare(&session, &reads).await?;
+        let statements = Statements::prepare(&session, &hedged).await?;
         tracing::info!(%nodes, %keyspace, "CQL history store ready");
         let owner = format!("pid{}-{}", std::process::id(), &Uuid::new_v4().simple().to_string()[..8]);
         Ok(Self { session, keyspace, statements, fences: Fences::default(), owner, hedge })
@@ -440,14 +440,10 @@ impl CqlStore {
         self.read_counter(&self.statements.read_epoch, fence, "epoch").await
     }
 
-    /// Runs a read, noting how long it took for the hedge of later reads.
-    async fn read_unpaged(
-        &self,
-        statement: &PreparedStatement,
-        values: impl scylla::serialize::row::SerializeRow,
-    ) -> Result<QueryResult, scylla::errors::ExecutionError> {
+    /// Runs a hedged request, noting how long it took for the hedge of later ones.
+    async fn timed<T>(&self, request: impl std::future::Future<Output = T>) -> T {
         let started = Instant::now();
-        let result = self.session.execute_unpaged(statement, values).await;
+        let result = request.await;
         if let Some(hedge) = &self.hedge {
             hedge.record(started.elapsed());
         }
@@ -458,7 +454,7 @@ impl CqlStore {
     /// a room's last seq, a fence's epoch.
     async fn read_counter(&self, statement: &PreparedStatement, key: &str, what: &str) -> Result<u64, StoreError> {
         let result = self
-            .read_unpaged(statement, (key,))
+            .timed(self.session.execute_unpaged(statement, (key,)))
             .await
             .map_err(|e| unavailable(format_args!("{key}: read {what}"), e))?;
         let row = rows(result, key)?
@@ -493,15 +489,15 @@ impl CqlStore {
         let s = &self.statements;
         let written = match rows.as_slice() {
             [one] if one.body_len() > BATCHED_BODY_BYTES => futures_util::try_join!(
-                self.session.execute_unpaged(&s.insert_message, one.message),
-                self.session.execute_unpaged(&s.insert_dedupe, one.dedupe),
-                self.session.execute_unpaged(&s.insert_id, one.id),
+                self.timed(self.session.execute_unpaged(&s.insert_message, one.message)),
+                self.timed(self.session.execute_unpaged(&s.insert_dedupe, one.dedupe)),
+                self.timed(self.session.execute_unpaged(&s.insert_id, one.id)),
             )
             .map(|_| ()),
             _ => {
                 let batch = &s.insert_rows[rows.len() - 1];
                 let values: Vec<RowValues<'_>> = rows.iter().flat_map(MessageRows::values).collect();
-                self.session.batch(batch, values).await.map(|_| ())
+                self.timed(self.session.batch(batch, values)).await.map(|_| ())
             }
         };
         written.map_err(|e| unavailable(format_args!("room {room}: write the rows of seqs {}..={}", seqs.0, seqs.1), e))
@@ -510,8 +506,7 @@ impl CqlStore {
     /// The commit of an append: the room's last seq, stamped for `epoch`.
     async fn commit(&self, room: &str, last_seq: u64, epoch: u64) -> Result<(), StoreError> {
         let values = (self.fences.stamp(epoch)?, to_cql_seq(last_seq)?, room);
-        self.session
-            .execute_unpaged(&self.statements.commit, values)
+        self.timed(self.session.execute_unpaged(&self.statements.commit, values))
             .await
             .map(|_| ())
             .map_err(|e| unavailable(format_args!("room {room}: commit last seq {last_seq} (outcome unknown)"), e))
@@ -520,7 +515,7 @@ impl CqlStore {
     /// The room's last seq and its pending record (decoded), as stored.
     async fn read_state(&self, room: &str) -> Result<(u64, Vec<ChatMessage>), StoreError> {
         let result = self
-            .read_unpaged(&self.statements.read_state, (room,))
+            .timed(self.session.execute_unpaged(&self.statements.read_state, (room,)))
             .await
             .map_err(|e| unavailable(format_args!("room {room}: read state"), e))?;
         let row = rows(result, room)?
@@ -561,7 +556,7 @@ impl CqlStore {
     async fn message_exists(&self, room: &str, seq: u64) -> Result<bool, StoreError> {
         let values = (room, bucket_of(seq)?, to_cql_seq(seq)?);
         let result = self
-            .read_unpaged(&self.statements.message_exists, values)
+            .timed(self.session.execute_unpaged(&self.statements.message_exists, values))
             .await
             .map_err(|e| unavailable(format_args!("room {room}: check seq {seq}"), e))?;
         Ok(rows(result, room)?.rows_num() > 0)
@@ -570,7 +565,7 @@ impl CqlStore {
     async fn read_message(&self, room: &str, seq: u64) -> Result<Option<ChatMessage>, StoreError> {
         let values = (room, bucket_of(seq)?, to_cql_seq(seq)?);
         let result = self
-            .read_unpaged(&self.statements.read_message, values)
+            .timed(self.session.execute_unpaged(&self.statements.read_message, values))
             .await
             .map_err(|e| unavailable(format_args!("room {room}: read seq {seq}"), e))?;
         let row = rows(result, room)?
@@ -608,7 +603,7 @@ impl CqlStore {
         last_seq: &tokio::sync::OnceCell<u64>,
     ) -> Result<Option<ChatMessage>, StoreError> {
         let result = self
-            .read_unpaged(&self.statements.read_dedupe, (room, user, client_msg_id))
+            .timed(self.session.execute_unpaged(&self.statements.read_dedupe, (room, user, client_msg_id)))
             .await
             .map_err(|e| unavailable(format_args!("room {room}: read dedupe entry"), e))?;
         let row = rows(result, room)?
@@ -627,7 +622,7 @@ impl CqlStore {
             let to = last.min(bucket * BUCKET_SIZE + BUCKET_SIZE - 1);
             let values = (room, to_cql_seq(bucket)?, to_cql_seq(from)?, to_cql_seq(to)?);
             let result = self
-                .read_unpaged(&self.statements.read_range, values)
+                .timed(self.session.execute_unpaged(&self.statements.read_range, values))
                 .await
                 .map_err(|e| unavailable(format_args!("room {room}: read seqs {from}..={to}"), e))?;
             let rows = rows(result, room)?;
@@ -647,11 +642,12 @@ impl CqlStore {
 }
 
 impl Statements {
-    /// Prepares every statement; the reads run with `reads` (see [`read_profile`]).
-    async fn prepare(session: &Session, reads: &ExecutionProfileHandle) -> Result<Self, StoreError> {
-        let read = |cql: String| async move {
+    /// Prepares every statement; the reads, the ping and the append's idempotent writes run with
+    /// `hedged` (see [`hedged_profile`]), the fence transactions with the session's profile.
+    async fn prepare(session: &Session, hedged: &ExecutionProfileHandle) -> Result<Self, StoreError> {
+        let hedged_statement = |cql: String| async move {
             let mut statement = prepare(session, &cql, true).await?;
-            statement.set_execution_profile_handle(Some(reads.clone()));
+            statement.set_execution_profile_handle(Some(hedged.clone()));
             Ok::<_, StoreError>(statement)
         };
         let insert_message =
@@ -659,15 +655,13 @@ impl Statements {
         let read_message = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ? AND bucket = ? AND seq = ?");
         let read_range =
             format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ? AND bucket = ? AND seq >= ? AND seq <= ?");
-        let insert_message = prepare(session, &insert_message, true).await?;
-        let insert_dedupe = prepare(
-            session,
-            "INSERT INTO dedupe (room, user, client_msg_id, seq) VALUES (?, ?, ?, ?) USING TIMESTAMP ?",
-            true,
+        let insert_message = hedged_statement(insert_message).await?;
+        let insert_dedupe = hedged_statement(
+            "INSERT INTO dedupe (room, user, client_msg_id, seq) VALUES (?, ?, ?, ?) USING TIMESTAMP ?".into(),
         )
         .await?;
         let insert_id =
-            prepare(session, "INSERT INTO message_ids (id, room, seq) VALUES (?, ?, ?) USING TIMESTAMP ?", true)
+            hedged_statement("INSERT INTO message_ids (id, room, seq) VALUES (?, ?, ?) USING TIMESTAMP ?".into())
                 .await?;
         Ok(Self {
             take_first: prepare(
@@ -682,15 +676,13 @@ impl Statements {
                 false,
             )
             .await?,
-            read_epoch: read("SELECT epoch FROM fence_epochs WHERE fence = ?".into()).await?,
-            commit: prepare(
-                session,
-                "UPDATE room_state USING TIMESTAMP ? SET last_seq = ?, pending = null WHERE room = ?",
-                true,
+            read_epoch: hedged_statement("SELECT epoch FROM fence_epochs WHERE fence = ?".into()).await?,
+            commit: hedged_statement(
+                "UPDATE room_state USING TIMESTAMP ? SET last_seq = ?, pending = null WHERE room = ?".into(),
             )
             .await?,
-            read_state: read("SELECT last_seq, pending FROM room_state WHERE room = ?".into()).await?,
-            read_last_seq: read("SELECT last_seq FROM room_state WHERE room = ?".into()).await?,
+            read_state: hedged_statement("SELECT last_seq, pending FROM room_state WHERE room = ?".into()).await?,
+            read_last_seq: hedged_statement("SELECT last_seq FROM room_state WHERE room = ?".into()).await?,
             insert_rows: (1..=MESSAGES_PER_BATCH)
                 .map(|messages| {
                     let mut rows = Batch::new(BatchType::Unlogged);
@@ -700,19 +692,27 @@ impl Statements {
                         }
                     }
                     rows.set_is_idempotent(true);
+                    rows.set_execution_profile_handle(Some(hedged.clone()));
                     rows
                 })
                 .collect(),
             insert_message,
             insert_dedupe,
             insert_id,
-            message_exists: read("SELECT seq FROM messages WHERE room = ? AND bucket = ? AND seq = ?".into()).await?,
-            read_message: read(read_message).await?,
-            read_range: read(read_range).await?,
-            read_dedupe: read("SELECT seq FROM dedupe WHERE room = ? AND user = ? AND client_msg_id = ?".into())
-                .await?,
-            read_id: read("SELECT room, seq FROM message_ids WHERE id = ?".into()).await?,
-            ping: prepare(session, "SELECT release_version FROM system.local", true).await?,
+            message_exists: hedged_statement(
+                "SELECT seq FROM messages WHERE room = ? AND bucket = ? AND seq = ?".into(),
+            )
+            .await?,
+            read_message: hedged_statement(read_message).await?,
+            read_range: hedged_statement(read_range).await?,
+            read_dedupe: hedged_statement(
+                "SELECT seq FROM dedupe WHERE room = ? AND user = ? AND client_msg_id = ?".into(),
+            )
+            .await?,
+            read_id: hedged_statement("SELECT room, seq FROM message_ids WHERE id = ?".into()).await?,
+            // A process asks this to know whether the store is up: one stalled node of several is
+            // not the store down.
+            ping: hedged_statement("SELECT release_version FROM system.local".into()).await?,
         })
     }
 }
@@ -886,7 +886,7 @@ impl HistoryStore for CqlStore {
 
     async fn get_by_id(&self, id: Uuid) -> Result<Option<ChatMessage>, StoreError> {
         let result = self
-            .read_unpaged(&self.statements.read_id, (id,))
+            .timed(self.session.execute_unpaged(&self.statements.read_id, (id,)))
             .await
             .map_err(|e| unavailable(format_args!("read id {id}"), e))?;
         let row = rows(result, "-")?
@@ -899,7 +899,10 @@ impl HistoryStore for CqlStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.session.execute_unpaged(&self.statements.ping, ()).await.map(|_| ()).map_err(|e| unavailable("ping", e))
+        self.timed(self.session.execute_unpaged(&self.statements.ping, ()))
+            .await
+            .map(|_| ())
+            .map_err(|e| unavailable("ping", e))
     }
 }
 
@@ -984,10 +987,10 @@ fn unavailable(context: impl Display, e: impl std::error::Error + Send + Sync + 
     StoreError::unavailable(context.to_string()).with_source(e)
 }
 
-/// The execution profile of reads: `profile`, and a read that `hedge` finds slow sent once more
-/// to the next node of its plan ([`CqlConfig::speculative_read_after`]).
-fn read_profile(profile: &ExecutionProfile, hedge: Option<&Arc<ReadHedge>>) -> ExecutionProfileHandle {
-    profile.to_builder().speculative_execution_policy(hedge.map(ReadHedge::policy)).build().into_handle()
+/// The execution profile of reads and of an append's idempotent writes: `profile`, and a request
+/// that `hedge` finds slow sent once more to the next node of its plan ([`CqlConfig::hedge_after`]).
+fn hedged_profile(profile: &ExecutionProfile, hedge: Option<&Arc<Hedge>>) -> ExecutionProfileHandle {
+    profile.to_builder().speculative_execution_policy(hedge.map(Hedge::policy)).build().into_handle()
 }
 
 async fn prepare(session: &Session, cql: &str, idempotent: bool) -> Result<PreparedStatement, StoreError> {

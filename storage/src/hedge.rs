@@ -1,17 +1,18 @@
-//! When a CQL read is sent a second time: only when it is an outlier.
+//! When a CQL request is sent a second time: only when it is an outlier.
 //!
-//! A read still unanswered after [`ReadHedge::delay`] is sent once more, to the next node of its
-//! load-balancing plan, and the first answer wins (the driver's speculative execution). That
-//! saves the reads a stalled node coordinates: a node paused with its connections open, or one
-//! just restarted and still cold, otherwise fails each of them after the full request timeout.
+//! A request (a read, or one of an append's idempotent writes) still unanswered after
+//! [`Hedge::delay`] is sent once more, to the next node of its load-balancing plan, and the first
+//! answer wins (the driver's speculative execution). That saves the requests a stalled node
+//! coordinates: a node paused with its connections open otherwise fails each of them after the
+//! full request timeout.
 //!
 //! The delay is the larger of a floor and [`FACTOR`] times the median of the last [`WINDOW`]
-//! reads. A slow node coordinates a minority of reads, so the median stays the healthy nodes'
-//! and its reads are hedged after the floor. When the whole cluster is slow (overload), the
-//! median rises with it and the delay passes the request timeout: nothing is sent twice, where a
-//! fixed delay would double the reads of a cluster that has no capacity to spare. It is off unless
-//! [`crate::cql::CqlConfig::speculative_read_after`] sets the floor: on a cluster already short of
-//! CPU even outliers' second copies cost more than they save (docs/storage.md).
+//! requests. A stalled node coordinates a minority of them, so the median stays the healthy
+//! nodes' and its requests are hedged after the floor. When the whole cluster is slow (overload),
+//! the median rises with it and the delay passes the request timeout: nothing is sent twice, where
+//! a fixed delay would double the requests of a cluster that has no capacity to spare. It is off
+//! unless [`crate::cql::CqlConfig::hedge_after`] sets the floor: on a cluster already short of CPU
+//! even outliers' second copies cost more than they save (docs/storage.md).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,14 +20,14 @@ use std::time::Duration;
 
 use scylla::policies::speculative_execution::{Context, SpeculativeExecutionPolicy};
 
-/// How many times slower than the median read a read must be to be hedged.
+/// How many times slower than the median request a request must be to be hedged.
 pub const FACTOR: u32 = 4;
-/// How many recent reads the median is taken over.
+/// How many recent requests the median is taken over.
 pub const WINDOW: usize = 64;
 
-/// The latest reads' durations and the delay after which a read is hedged.
+/// The latest requests' durations and the delay after which a request is hedged.
 #[derive(Debug)]
-pub struct ReadHedge {
+pub struct Hedge {
     floor: Duration,
     recent: Mutex<Recent>,
     /// The median of `recent`, in microseconds (0 before the first read).
@@ -40,7 +41,7 @@ struct Recent {
     filled: usize,
 }
 
-impl ReadHedge {
+impl Hedge {
     /// A hedge that never waits less than `floor`.
     pub fn new(floor: Duration) -> Arc<Self> {
         Arc::new(Self {
@@ -50,7 +51,7 @@ impl ReadHedge {
         })
     }
 
-    /// Notes how long a read took (answered, failed or timed out alike).
+    /// Notes how long a request took (answered, failed or timed out alike).
     pub fn record(&self, took: Duration) {
         let micros = u32::try_from(took.as_micros()).unwrap_or(u32::MAX);
         let mut recent = self.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -65,7 +66,7 @@ impl ReadHedge {
         self.median_us.store(u64::from(*median), Ordering::Relaxed);
     }
 
-    /// How long a read waits for its first node before it is sent to the next.
+    /// How long a request waits for its first node before it is sent to the next.
     pub fn delay(&self) -> Duration {
         let median = Duration::from_micros(self.median_us.load(Ordering::Relaxed));
         self.floor.max(median * FACTOR)
@@ -78,7 +79,7 @@ impl ReadHedge {
 }
 
 #[derive(Debug)]
-struct HedgePolicy(Arc<ReadHedge>);
+struct HedgePolicy(Arc<Hedge>);
 
 impl SpeculativeExecutionPolicy for HedgePolicy {
     fn max_retry_count(&self, _: &Context) -> usize {
@@ -96,8 +97,8 @@ mod tests {
 
     const FLOOR: Duration = Duration::from_millis(200);
 
-    fn hedge_after(reads: impl IntoIterator<Item = u64>) -> Arc<ReadHedge> {
-        let hedge = ReadHedge::new(FLOOR);
+    fn hedge_after(reads: impl IntoIterator<Item = u64>) -> Arc<Hedge> {
+        let hedge = Hedge::new(FLOOR);
         for millis in reads {
             hedge.record(Duration::from_millis(millis));
         }
@@ -105,26 +106,26 @@ mod tests {
     }
 
     #[test]
-    fn healthy_reads_are_hedged_after_the_floor() {
-        assert_eq!(ReadHedge::new(FLOOR).delay(), FLOOR, "before any read");
+    fn healthy_requests_are_hedged_after_the_floor() {
+        assert_eq!(Hedge::new(FLOOR).delay(), FLOOR, "before any request");
         assert_eq!(hedge_after([2, 3, 5, 4, 2, 40]).delay(), FLOOR);
     }
 
     #[test]
     fn a_stalled_node_among_three_does_not_move_the_delay() {
-        // One read in three waits out the hedge, the other two are quick.
+        // One request in three waits out the hedge, the other two are quick.
         let hedge = hedge_after((0..WINDOW as u64 * 2).map(|i| if i % 3 == 0 { 1_000 } else { 5 }));
         assert_eq!(hedge.delay(), FLOOR);
     }
 
     #[test]
-    fn a_slow_cluster_is_not_sent_its_reads_twice() {
+    fn a_slow_cluster_is_not_sent_its_requests_twice() {
         let hedge = hedge_after((0..WINDOW as u64).map(|i| 300 + i % 50));
         assert!(hedge.delay() >= Duration::from_millis(1_200), "{:?}", hedge.delay());
     }
 
     #[test]
-    fn the_median_follows_the_latest_reads_only() {
+    fn the_median_follows_the_latest_requests_only() {
         let hedge = hedge_after((0..WINDOW).map(|_| 900));
         assert!(hedge.delay() > Duration::from_secs(3));
         for _ in 0..WINDOW / 2 + 1 {

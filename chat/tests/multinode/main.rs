@@ -140,6 +140,40 @@ async fn a_cassandra_node_killed_under_load_loses_no_acked_message() {
     assert_clean(&report, Duration::from_secs(10));
 }
 
+/// A ring node frozen (SIGSTOP) for 8 s under load, with hedged requests on: the requests it
+/// coordinates are sent to another node after 200 ms, so the flow never stops and no send is
+/// refused (without hedging, each request it coordinates waits out the 1 s timeout, and about a
+/// third of the sends in the freeze were refused); nothing acked is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cassandra_node_frozen_under_load_with_hedged_requests_refuses_nothing() {
+    let _turn = TURN.lock().await;
+    let ring = tokio::task::spawn_blocking(testkit::cassandra_ring).await.unwrap();
+    // A ring just started is slow everywhere (its JIT is cold), and a request is hedged only when
+    // it is slow against the others: warm the nodes first, as the other tests before this one do.
+    let config = ring_config(&ring, "freezewarm", 3);
+    let store = CqlStore::connect(config).await.expect("connect to the ring");
+    let until = storage::warm::WarmUp { budget: Duration::from_secs(60), ..Default::default() };
+    let warmed = storage::warm::warm_up(&store, &storage::warm::room_of("freeze-test"), until).await;
+    eprintln!("ring warmed: {warmed:?}");
+    drop(store);
+    let mut builder = Cluster::builder(binary()).cql(ring).gateways(2).workers(2);
+    for arg in ["--replication", "3", "--cql-hedge-ms", "200"] {
+        builder = builder.gateway_arg(arg).worker_arg(arg);
+    }
+    let cluster = builder.start().await;
+    let config = load(gateway_urls(&cluster, 2), "cfreeze");
+    let report = audited(config, async {
+        tokio::time::sleep(FAULT_AT).await;
+        let frozen = testkit::freeze_ring_node(3);
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        drop(frozen);
+    })
+    .await;
+    assert_clean(&report, Duration::from_secs(3));
+    let refused: u64 = report.errors.values().sum();
+    assert_eq!(refused, 0, "sends refused with a ring node frozen: {:?}", report.errors);
+}
+
 /// A ring node killed -9 comes back with every write it acknowledged before its last commit log
 /// sync, in tables whose schema changed just before (`ALTER TABLE ... ADD`, as the schema's own
 /// steps do). The keyspace has RF 1, so no other replica hides what the killed node lost. A node
@@ -149,12 +183,7 @@ async fn a_cassandra_node_killed_under_load_loses_no_acked_message() {
 async fn a_cassandra_node_killed_comes_back_with_every_write_it_acknowledged() {
     let _turn = TURN.lock().await;
     let ring = tokio::task::spawn_blocking(testkit::cassandra_ring).await.unwrap();
-    let config = CqlConfig {
-        nodes: ring.split(',').map(str::to_owned).collect(),
-        keyspace: testkit::unique_keyspace("crash"),
-        replication: Replication::SimpleStrategy { rf: 1 },
-        ..CqlConfig::default()
-    };
+    let config = ring_config(&ring, "crash", 1);
     let store = CqlStore::connect(config.clone()).await.expect("connect to the ring");
     // 30 rooms: each of the three nodes owns some (all on two nodes: one chance in 10^5).
     let rooms: Vec<String> = (0..30).map(|r| format!("crash-{r}")).collect();
@@ -180,7 +209,7 @@ async fn a_cassandra_node_killed_comes_back_with_every_write_it_acknowledged() {
     }
 }
 
-/// With speculative reads on (`--cql-speculative-read-ms`), a ring node frozen (SIGSTOP: its
+/// With hedged requests on (`--cql-hedge-ms`), a ring node frozen (SIGSTOP: its
 /// connections stay open, nothing is answered) does not fail the store's reads: a read the frozen
 /// node coordinates is sent to another node after a short wait, well inside the request timeout.
 /// Without it (the default), about one read in three (those the frozen node coordinates) fails
@@ -189,13 +218,7 @@ async fn a_cassandra_node_killed_comes_back_with_every_write_it_acknowledged() {
 async fn reads_through_a_frozen_ring_node_are_answered_by_another_node() {
     let _turn = TURN.lock().await;
     let ring = tokio::task::spawn_blocking(testkit::cassandra_ring).await.unwrap();
-    let config = CqlConfig {
-        nodes: ring.split(',').map(str::to_owned).collect(),
-        keyspace: testkit::unique_keyspace("frozen"),
-        replication: Replication::SimpleStrategy { rf: 3 },
-        speculative_read_after: Some(Duration::from_millis(200)),
-        ..CqlConfig::default()
-    };
+    let config = CqlConfig { hedge_after: Some(Duration::from_millis(200)), ..ring_config(&ring, "frozen", 3) };
     let timeout = config.request_timeout;
     let store = CqlStore::connect(config).await.expect("connect to the ring");
     let rooms: Vec<String> = (0..12).map(|r| format!("frozen-{r}")).collect();
@@ -248,6 +271,16 @@ async fn reads_through_a_frozen_ring_node_are_answered_by_another_node() {
     drop(frozen);
     eprintln!("slowest operation with ring node 3 frozen: {slowest:?}");
     assert!(slowest < timeout, "an operation took {slowest:?}, past one request timeout ({timeout:?})");
+}
+
+/// A store on the shared ring, in a keyspace of its own with replication factor `rf`.
+fn ring_config(ring: &str, keyspace_prefix: &str, rf: u32) -> CqlConfig {
+    CqlConfig {
+        nodes: ring.split(',').map(str::to_owned).collect(),
+        keyspace: testkit::unique_keyspace(keyspace_prefix),
+        replication: Replication::SimpleStrategy { rf },
+        ..CqlConfig::default()
+    }
 }
 
 /// `commitlog_sync_period` of the test nodes (deploy/cassandra/start).
