@@ -201,6 +201,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 - name: CHAT_CQL_REQUEST_TIMEOUT_MS
   value: {{ $v.cql.requestTimeoutMs | quote }}
+- name: CHAT_CQL_HEDGE_MS
+  value: {{ $v.cql.hedgeMs | quote }}
 {{- if $v.cql.auth.existingSecret }}
 {{ include "chat.secretEnv" (dict "name" "CHAT_CQL_USER" "secret" $v.cql.auth.existingSecret "key" $v.cql.auth.userKey) }}
 {{ include "chat.secretEnv" (dict "name" "CHAT_CQL_PASSWORD" "secret" $v.cql.auth.existingSecret "key" $v.cql.auth.passwordKey) }}
