@@ -148,13 +148,8 @@ async fn a_cassandra_node_killed_under_load_loses_no_acked_message() {
 async fn a_cassandra_node_frozen_under_load_with_hedged_requests_refuses_nothing() {
     let _turn = TURN.lock().await;
     let ring = tokio::task::spawn_blocking(testkit::cassandra_ring).await.unwrap();
-    // A ring just started is slow everywhere (its JIT is cold), and a request is hedged only when
-    // it is slow against the others: warm the nodes first, as the other tests before this one do.
-    let config = ring_config(&ring, "freezewarm", 3);
-    let store = CqlStore::connect(config).await.expect("connect to the ring");
-    let until = storage::warm::WarmUp { budget: Duration::from_secs(60), ..Default::default() };
-    let warmed = storage::warm::warm_up(&store, &storage::warm::room_of("freeze-test"), until).await;
-    eprintln!("ring warmed: {warmed:?}");
+    let store = CqlStore::connect(ring_config(&ring, "freezewarm", 3)).await.expect("connect to the ring");
+    warm_ring(&store).await;
     drop(store);
     let mut builder = Cluster::builder(binary()).cql(ring).gateways(2).workers(2);
     for arg in ["--replication", "3", "--cql-hedge-ms", "200"] {
@@ -186,14 +181,7 @@ async fn a_cassandra_node_killed_comes_back_with_every_write_it_acknowledged() {
     let config = ring_config(&ring, "crash", 1);
     let store = CqlStore::connect(config.clone()).await.expect("connect to the ring");
     // 30 rooms: each of the three nodes owns some (all on two nodes: one chance in 10^5).
-    let rooms: Vec<String> = (0..30).map(|r| format!("crash-{r}")).collect();
-    let mut written = Vec::new();
-    for room in &rooms {
-        let messages: Vec<ChatMessage> = (1..=3).map(|seq| testkit::message(room, seq, "ann")).collect();
-        let append = RoomAppend { room: room.clone(), expected_last_seq: 0, messages: messages.clone() };
-        store.append(append).await.expect("append on the whole ring");
-        written.push(messages);
-    }
+    let (rooms, written) = write_rooms(&store, "crash", 30, 3).await;
     drop(store);
     // Periodic sync: what a node acknowledged in its last period is in its commit log, but not yet
     // behind a sync marker, and a crash loses it on that node (RF 3 keeps it on the others).
@@ -221,24 +209,13 @@ async fn reads_through_a_frozen_ring_node_are_answered_by_another_node() {
     let config = CqlConfig { hedge_after: Some(Duration::from_millis(200)), ..ring_config(&ring, "frozen", 3) };
     let timeout = config.request_timeout;
     let store = CqlStore::connect(config).await.expect("connect to the ring");
-    let rooms: Vec<String> = (0..12).map(|r| format!("frozen-{r}")).collect();
-    let mut written = Vec::new();
-    for room in &rooms {
-        let messages: Vec<ChatMessage> = (1..=2).map(|seq| testkit::message(room, seq, "ann")).collect();
-        let append = RoomAppend { room: room.clone(), expected_last_seq: 0, messages: messages.clone() };
-        store.append(append).await.expect("append on the whole ring");
-        written.push(messages);
-    }
+    let (rooms, written) = write_rooms(&store, "frozen", 12, 2).await;
 
     // Each coordinator also sends a read to a second replica once the first is slower than the
     // table's 99th percentile; a new table's threshold starts at half the read timeout (2.5 s),
     // and Cassandra sets it from the latencies it has seen once per read timeout (5 s). So the
-    // tables see some reads first, as any table in use has.
-    for (room, messages) in rooms.iter().zip(&written) {
-        let keys = [(messages[1].user.as_str(), messages[1].client_msg_id.as_str())];
-        store.find_by_client_msg_ids(room, &keys).await.expect("dedupe read on the whole ring");
-        store.page(room, PageQuery::newest(10)).await.expect("page read on the whole ring");
-    }
+    // tables see some reads first (the warm-up's, in this keyspace), as any table in use has.
+    warm_ring(&store).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
 
     let frozen = testkit::freeze_ring_node(3);
@@ -281,6 +258,34 @@ fn ring_config(ring: &str, keyspace_prefix: &str, rf: u32) -> CqlConfig {
         replication: Replication::SimpleStrategy { rf },
         ..CqlConfig::default()
     }
+}
+
+/// Runs a send's store operations on the ring through `store` until they are quick or settled
+/// (at most a minute). A ring just started, or with a node just restarted, is slow everywhere (its
+/// JIT is cold), and a request is hedged only when it is slow against the others.
+async fn warm_ring(store: &CqlStore) {
+    let until = storage::warm::WarmUp { budget: Duration::from_secs(60), ..Default::default() };
+    let warmed = storage::warm::warm_up(store, &storage::warm::room_of("multinode-test"), until).await;
+    eprintln!("ring warmed: {warmed:?}");
+}
+
+/// Appends `per_room` messages (seqs 1..) to each of `rooms` rooms named `{prefix}-N`; returns
+/// the rooms and, in the same order, the messages each holds.
+async fn write_rooms(
+    store: &CqlStore,
+    prefix: &str,
+    rooms: usize,
+    per_room: u64,
+) -> (Vec<String>, Vec<Vec<ChatMessage>>) {
+    let rooms: Vec<String> = (0..rooms).map(|r| format!("{prefix}-{r}")).collect();
+    let mut written = Vec::new();
+    for room in &rooms {
+        let messages: Vec<ChatMessage> = (1..=per_room).map(|seq| testkit::message(room, seq, "ann")).collect();
+        let append = RoomAppend { room: room.clone(), expected_last_seq: 0, messages: messages.clone() };
+        store.append(append).await.expect("append on the whole ring");
+        written.push(messages);
+    }
+    (rooms, written)
 }
 
 /// `commitlog_sync_period` of the test nodes (deploy/cassandra/start).
