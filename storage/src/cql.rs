@@ -287,7 +287,8 @@ impl CqlStore {
             builder = builder.tls_context(Some(tls_config(ca)?));
         }
         let profile = profile.build();
-        let hedge = config.hedge_after.map(Hedge::new);
+        // Half the timeout at most: a second copy sent later has too little time to be answered.
+        let hedge = config.hedge_after.map(|floor| Hedge::new(floor, config.request_timeout / 2));
         let hedged = hedged_profile(&profile, hedge.as_ref());
         let builder = builder.default_execution_profile_handle(profile.into_handle());
         let nodes = config.nodes.join(",");

@@ -6,13 +6,15 @@
 //! coordinates: a node paused with its connections open otherwise fails each of them after the
 //! full request timeout.
 //!
-//! The delay is the larger of a floor and [`FACTOR`] times the median of the last [`WINDOW`]
-//! requests. A stalled node coordinates a minority of them, so the median stays the healthy
+//! The delay is [`FACTOR`] times the median of the last [`WINDOW`] requests, kept between a floor
+//! and a ceiling. A stalled node coordinates a minority of them, so the median stays the healthy
 //! nodes' and its requests are hedged after the floor. When the whole cluster is slow (overload),
-//! the median rises with it and the delay passes the request timeout: nothing is sent twice, where
-//! a fixed delay would double the requests of a cluster that has no capacity to spare. It is off
-//! unless [`crate::cql::CqlConfig::hedge_after`] sets the floor: on a cluster already short of CPU
-//! even outliers' second copies cost more than they save (docs/storage.md).
+//! the median rises with it and only requests slower than the ceiling are sent twice, where a
+//! fixed delay would double the requests of a cluster that has no capacity to spare. The ceiling
+//! (half the request timeout) leaves a second copy time to be answered: on a machine where even
+//! a healthy median is a fifth of the timeout, a delay of four medians would send it too late to
+//! help. It is off unless [`crate::cql::CqlConfig::hedge_after`] sets the floor: on a cluster
+//! already short of CPU even outliers' second copies cost more than they save (docs/storage.md).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,6 +31,7 @@ pub const WINDOW: usize = 64;
 #[derive(Debug)]
 pub struct Hedge {
     floor: Duration,
+    ceiling: Duration,
     recent: Mutex<Recent>,
     /// The median of `recent`, in microseconds (0 before the first read).
     median_us: AtomicU64,
@@ -42,10 +45,12 @@ struct Recent {
 }
 
 impl Hedge {
-    /// A hedge that never waits less than `floor`.
-    pub fn new(floor: Duration) -> Arc<Self> {
+    /// A hedge that never waits less than `floor`, nor more than `ceiling` (raised to `floor`
+    /// when lower).
+    pub fn new(floor: Duration, ceiling: Duration) -> Arc<Self> {
         Arc::new(Self {
             floor,
+            ceiling: ceiling.max(floor),
             recent: Mutex::new(Recent { micros: [0; WINDOW], next: 0, filled: 0 }),
             median_us: AtomicU64::new(0),
         })
@@ -69,7 +74,7 @@ impl Hedge {
     /// How long a request waits for its first node before it is sent to the next.
     pub fn delay(&self) -> Duration {
         let median = Duration::from_micros(self.median_us.load(Ordering::Relaxed));
-        self.floor.max(median * FACTOR)
+        (median * FACTOR).clamp(self.floor, self.ceiling)
     }
 
     /// The driver policy that asks this hedge (one extra attempt at most).
@@ -96,9 +101,10 @@ mod tests {
     use super::*;
 
     const FLOOR: Duration = Duration::from_millis(200);
+    const CEILING: Duration = Duration::from_millis(500);
 
     fn hedge_after(reads: impl IntoIterator<Item = u64>) -> Arc<Hedge> {
-        let hedge = Hedge::new(FLOOR);
+        let hedge = Hedge::new(FLOOR, CEILING);
         for millis in reads {
             hedge.record(Duration::from_millis(millis));
         }
@@ -107,7 +113,7 @@ mod tests {
 
     #[test]
     fn healthy_requests_are_hedged_after_the_floor() {
-        assert_eq!(Hedge::new(FLOOR).delay(), FLOOR, "before any request");
+        assert_eq!(Hedge::new(FLOOR, CEILING).delay(), FLOOR, "before any request");
         assert_eq!(hedge_after([2, 3, 5, 4, 2, 40]).delay(), FLOOR);
     }
 
@@ -119,15 +125,22 @@ mod tests {
     }
 
     #[test]
-    fn a_slow_cluster_is_not_sent_its_requests_twice() {
-        let hedge = hedge_after((0..WINDOW as u64).map(|i| 300 + i % 50));
-        assert!(hedge.delay() >= Duration::from_millis(1_200), "{:?}", hedge.delay());
+    fn a_slower_cluster_waits_longer_but_never_past_the_ceiling() {
+        assert_eq!(hedge_after((0..WINDOW).map(|_| 90)).delay(), Duration::from_millis(360));
+        assert_eq!(hedge_after((0..WINDOW as u64).map(|i| 300 + i % 50)).delay(), CEILING);
+    }
+
+    #[test]
+    fn a_ceiling_below_the_floor_is_the_floor() {
+        let hedge = Hedge::new(FLOOR, FLOOR / 2);
+        hedge.record(Duration::from_secs(1));
+        assert_eq!(hedge.delay(), FLOOR);
     }
 
     #[test]
     fn the_median_follows_the_latest_requests_only() {
-        let hedge = hedge_after((0..WINDOW).map(|_| 900));
-        assert!(hedge.delay() > Duration::from_secs(3));
+        let hedge = hedge_after((0..WINDOW).map(|_| 300));
+        assert_eq!(hedge.delay(), CEILING);
         for _ in 0..WINDOW / 2 + 1 {
             hedge.record(Duration::from_millis(3));
         }

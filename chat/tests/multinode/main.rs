@@ -199,7 +199,7 @@ async fn a_cassandra_node_killed_comes_back_with_every_write_it_acknowledged() {
 
 /// With hedged requests on (`--cql-hedge-ms`), a ring node frozen (SIGSTOP: its
 /// connections stay open, nothing is answered) does not fail the store's reads: a read the frozen
-/// node coordinates is sent to another node after a short wait, well inside the request timeout.
+/// node coordinates is sent to another node after a short wait (at most half the request timeout).
 /// Without it (the default), about one read in three (those the frozen node coordinates) fails
 /// after the timeout, and each failed read is a send refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,7 +247,10 @@ async fn reads_through_a_frozen_ring_node_are_answered_by_another_node() {
     }
     drop(frozen);
     eprintln!("slowest operation with ring node 3 frozen: {slowest:?}");
-    assert!(slowest < timeout, "an operation took {slowest:?}, past one request timeout ({timeout:?})");
+    // Every operation above was answered: without hedging, each request the frozen node
+    // coordinates fails at the timeout. A page is two requests in turn (its last seq, then its
+    // rows), and each may wait up to half the timeout before its second copy is sent.
+    assert!(slowest < 2 * timeout, "an operation took {slowest:?}, past two request timeouts ({timeout:?} each)");
 }
 
 /// A store on the shared ring, in a keyspace of its own with replication factor `rf`.
