@@ -30,13 +30,15 @@ fn lab(dir: &Path, args: &[&str]) -> (i32, String) {
 }
 
 /// The loadgen binary beside chat, brought up to date once per test run (`cargo test -p chat`
-/// builds only loadgen's library, and a stale binary would audit by older rules).
+/// builds only loadgen's library, and a stale binary would audit by older rules). Built as
+/// `cargo test --workspace` builds it (for loadgen's own tests), so under that command this is a
+/// no-op: `cargo build -p loadgen` alone resolves other features and rebuilt a hundred crates.
 fn loadgen_binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
             let status = Command::new(env!("CARGO"))
-                .args(["build", "-p", "loadgen", "--bin", "loadgen"])
+                .args(["build", "--workspace", "--tests"])
                 .current_dir(testkit::workspace_root())
                 .status()
                 .expect("cargo build -p loadgen");
@@ -62,9 +64,6 @@ fn seed_for(challenge: &str, mechanism: Mechanism) -> u64 {
     let challenge = catalog::challenge(challenge).unwrap();
     (0..1000).find(|&seed| challenge.draw(seed).variant == mechanism.name()).unwrap()
 }
-
-/// One lab test at a time: their solvers measure timings, and a cluster round takes fixed ports.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The `NAME http://...` lines `chat lab start` printed, as process id → base URL (the
 /// cluster's `bus` monitoring line left out: it is not a chat process).
@@ -267,12 +266,11 @@ async fn solve_missing_message(round: &Round) -> (Vec<(&'static str, String)>, V
     (vec![("--hop", hop.to_owned()), ("--kind", "drop".to_owned()), ("--room", room)], ids)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lab_missing_message_every_mechanism_is_found_from_evidence() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let jaeger = testkit::Jaeger::start().await;
+/// missing-message: each mechanism's round solved from journeys and scored; usage errors and partly right answers are told apart.
+pub(crate) async fn missing_message_every_mechanism_is_found_from_evidence() {
+    let jaeger = &testkit::Jaeger::start().await;
     for mechanism in [Mechanism::DeliverDrop, Mechanism::PublishDropUnrepaired] {
-        let round = Round::start("missing-message", seed_for("missing-message", mechanism), &jaeger);
+        let round = Round::start("missing-message", seed_for("missing-message", mechanism), jaeger);
         let (answer, ids) = solve_missing_message(&round).await;
         round.assert_unmarked(&ids).await;
         // A missing field is a usage error and is not scored; a wrong room is partly right.
@@ -347,12 +345,10 @@ fn solve_performance_regression(round: &Round) -> Vec<(&'static str, String)> {
 
 /// Each round is solved twice, each way from its own evidence: by comparing loadgen runs against
 /// the releases (their reports' journey samples), and from the traces in Jaeger alone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lab_performance_regression_every_mechanism_is_found_by_comparison_and_from_traces() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let jaeger = testkit::Jaeger::start().await;
+pub(crate) async fn performance_regression_every_mechanism_is_found_by_comparison_and_from_traces() {
+    let jaeger = &testkit::Jaeger::start().await;
     for mechanism in [Mechanism::SequenceDelay, Mechanism::PublishDelay, Mechanism::DeliverDelay] {
-        let round = Round::start("performance-regression", seed_for("performance-regression", mechanism), &jaeger);
+        let round = Round::start("performance-regression", seed_for("performance-regression", mechanism), jaeger);
         assert_eq!(round.urls.len(), 3, "three releases: {:?}", round.urls);
         let answer = solve_performance_regression(&round);
         round.assert_unmarked(&[]).await;
@@ -536,12 +532,11 @@ fn solve_stuck_sends(round: &Round) -> Vec<(&'static str, String)> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lab_stuck_sends_only_the_deadlock_shows_a_cycle() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let jaeger = testkit::Jaeger::start().await;
+/// stuck-sends: each mechanism's round solved from the waits the processes report.
+pub(crate) async fn stuck_sends_only_the_deadlock_shows_a_cycle() {
+    let jaeger = &testkit::Jaeger::start().await;
     for mechanism in [Mechanism::LockInversion, Mechanism::SequenceStall, Mechanism::PublishStall] {
-        let round = start_cluster_round("stuck-sends", seed_for("stuck-sends", mechanism), &jaeger);
+        let round = start_cluster_round("stuck-sends", seed_for("stuck-sends", mechanism), jaeger);
         let answer = solve_stuck_sends(&round);
         round.assert_unmarked(&[]).await;
         let (code, out) = round.answer(&[("--hop", "gateway.deliver"), ("--kind", "drop")]);
@@ -820,13 +815,12 @@ async fn solve_lost_after_maintenance(round: &Round) -> Vec<(&'static str, Strin
     vec![("--process", gateway), ("--hop", hop.into())]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lab_lost_after_maintenance_every_mechanism_is_found_from_evidence() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let jaeger = testkit::Jaeger::start().await;
+/// lost-after-maintenance: each mechanism's round solved from loadgen, metrics and NATS connz.
+pub(crate) async fn lost_after_maintenance_every_mechanism_is_found_from_evidence() {
+    let jaeger = &testkit::Jaeger::start().await;
     let challenge = "lost-after-maintenance";
     for mechanism in [Mechanism::ResubscribeLost, Mechanism::SlowConsumerDrop, Mechanism::DeliverDrop] {
-        let round = start_cluster_round(challenge, seed_for(challenge, mechanism), &jaeger);
+        let round = start_cluster_round(challenge, seed_for(challenge, mechanism), jaeger);
         let answer = solve_lost_after_maintenance(&round).await;
         round.assert_unmarked(&[]).await;
         let (code, out) = round.answer(&[("--process", "fanout-1"), ("--hop", "fanout.publish")]);
@@ -882,13 +876,12 @@ async fn solve_refused_sends(round: &Round) -> Vec<(&'static str, String)> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lab_refused_sends_every_mechanism_is_found_from_evidence() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let jaeger = testkit::Jaeger::start().await;
+/// refused-sends: each mechanism's round solved from the workers' views and logs.
+pub(crate) async fn refused_sends_every_mechanism_is_found_from_evidence() {
+    let jaeger = &testkit::Jaeger::start().await;
     let challenge = "refused-sends";
     for mechanism in [Mechanism::OwnershipFlap, Mechanism::WorkerStall] {
-        let round = start_cluster_round(challenge, seed_for(challenge, mechanism), &jaeger);
+        let round = start_cluster_round(challenge, seed_for(challenge, mechanism), jaeger);
         let answer = solve_refused_sends(&round).await;
         round.assert_unmarked(&[]).await;
         let (code, out) = round.answer(&[("--process", "gw-1"), ("--hop", "fanout.heartbeat"), ("--kind", "drop")]);
@@ -899,10 +892,9 @@ async fn lab_refused_sends_every_mechanism_is_found_from_evidence() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lab_cluster_challenges_every_mechanism_is_found_from_evidence() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let jaeger = testkit::Jaeger::start().await;
+/// partitioned-gateway, duplicate-after-stall and byzantine: every mechanism's round solved.
+pub(crate) async fn cluster_challenges_every_mechanism_is_found_from_evidence() {
+    let jaeger = &testkit::Jaeger::start().await;
     let rounds = [
         ("partitioned-gateway", Mechanism::NatsCut),
         ("partitioned-gateway", Mechanism::FeedDelay),
@@ -914,7 +906,7 @@ async fn lab_cluster_challenges_every_mechanism_is_found_from_evidence() {
         ("byzantine", Mechanism::SeqForge),
     ];
     for (challenge, mechanism) in rounds {
-        let round = start_cluster_round(challenge, seed_for(challenge, mechanism), &jaeger);
+        let round = start_cluster_round(challenge, seed_for(challenge, mechanism), jaeger);
         assert_eq!(round.urls.len(), 4, "{:?}", round.urls);
         let answer = match challenge {
             "partitioned-gateway" => solve_partitioned_gateway(&round).await,
