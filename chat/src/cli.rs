@@ -260,9 +260,9 @@ pub struct BackendArgs {
     pub cql_request_timeout_ms: u64,
     /// A CQL request (a read, or an append's idempotent writes) not answered after this many
     /// milliseconds, and after 4 times the median of recent requests (at most half the request
-    /// timeout), is sent once more, to another node, and the first answer wins: a stalled node costs a request this long, not its
-    /// timeout. 0: never (the default: on a cluster short of CPU the second copies cost more than
-    /// they save).
+    /// timeout), is sent once more, to another node, and the first answer wins: a stalled node
+    /// costs a request this long, not its timeout. 0: never (the default: on a cluster short of
+    /// CPU the second copies cost more than they save).
     #[arg(long, env = "CHAT_CQL_HEDGE_MS", value_name = "MS", default_value_t = 0)]
     pub cql_hedge_ms: u64,
     /// Replicas of the JetStream send stream `CHAT_SEND` when it is created (3 on a NATS cluster).

@@ -41,8 +41,8 @@ fn loadgen_binary() -> PathBuf {
                 .args(["build", "--workspace", "--tests"])
                 .current_dir(testkit::workspace_root())
                 .status()
-                .expect("cargo build -p loadgen");
-            assert!(status.success(), "building loadgen");
+                .expect("cargo build --workspace --tests");
+            assert!(status.success(), "building loadgen (cargo build --workspace --tests)");
             Path::new(env!("CARGO_BIN_EXE_chat")).with_file_name("loadgen")
         })
         .clone()
@@ -266,7 +266,8 @@ async fn solve_missing_message(round: &Round) -> (Vec<(&'static str, String)>, V
     (vec![("--hop", hop.to_owned()), ("--kind", "drop".to_owned()), ("--room", room)], ids)
 }
 
-/// missing-message: each mechanism's round solved from journeys and scored; usage errors and partly right answers are told apart.
+/// missing-message: each mechanism's round solved from journeys and scored; usage errors and
+/// partly right answers are told apart.
 pub(crate) async fn missing_message_every_mechanism_is_found_from_evidence() {
     let jaeger = &testkit::Jaeger::start().await;
     for mechanism in [Mechanism::DeliverDrop, Mechanism::PublishDropUnrepaired] {
