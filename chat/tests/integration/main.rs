@@ -31,7 +31,7 @@ mod tracing;
 /// both. Its name sorts first, so libtest starts it first: it is this binary's longest chain
 /// (about ten minutes here), and every other test runs beside it. performance-regression comes
 /// last: its solver compares 40 ms delays between releases, which the other tests' load on two
-/// cores upset once (CI, 2026-12-05); by then they have finished (after about 7 minutes here).
+/// cores upset once (CI, 2026-12-05); by then they have finished (at 515 s of 710 here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lab_round_of_every_challenge_is_solved_from_evidence() {
     lab::missing_message_every_mechanism_is_found_from_evidence().await;
