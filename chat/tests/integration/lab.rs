@@ -371,7 +371,9 @@ type TraceSpans = BTreeMap<String, Vec<(String, u64, u64)>>;
 /// spans by operation. Panics if any span or process carries a tag about faults.
 async fn traces_from_jaeger(api: &str, service: &str, since_us: u128) -> Vec<TraceSpans> {
     let url = format!("{api}/traces?service={service}&start={since_us}&limit=2000");
-    let (status, body) = get_json(&url).await;
+    // Jaeger builds the whole answer (up to 2,000 traces) before sending it: over 10 s once in CI
+    // while the other tests ran beside it.
+    let (status, body) = get_json_within(std::time::Duration::from_secs(60), &url).await;
     assert_eq!(status, 200, "{body}");
     let mut traces = Vec::new();
     for trace in body["data"].as_array().unwrap() {

@@ -154,9 +154,26 @@ pub async fn get(url: &str) -> (u16, String) {
 }
 
 pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    request_within(WAIT, method, url, headers, body).await
+}
+
+/// A GET answered as JSON within `wait`, for queries slower than [`WAIT`] (a Jaeger search over
+/// thousands of traces on a busy machine).
+pub async fn get_json_within(wait: Duration, url: &str) -> (u16, Value) {
+    let (status, body) = request_within(wait, "GET", url, &[], "").await;
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+async fn request_within(
+    wait: Duration,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
     let client = reqwest::Client::new();
     let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-    let mut builder = client.request(method, url).timeout(WAIT).body(body.to_owned());
+    let mut builder = client.request(method, url).timeout(wait).body(body.to_owned());
     for (name, value) in headers {
         builder = builder.header(*name, *value);
     }
