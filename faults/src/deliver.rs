@@ -86,6 +86,13 @@ impl ConnectionWrites for FaultyWrites {
         }
     }
 
+    /// With no fault in force anywhere and nothing held, [`writes`](Self::writes) gives back
+    /// the delivery it is given: the connection can skip it (a gateway that offers faults pays
+    /// nothing for them until one is added).
+    fn passes_through(&self) -> bool {
+        self.held.is_empty() && !self.injector.faults.is_active()
+    }
+
     fn queue_policy(&self, configured: QueuePolicy) -> QueuePolicy {
         match self.drops_when_full {
             true => QueuePolicy { capacity: 1, catch_up: false },
@@ -135,6 +142,18 @@ mod tests {
         let (mut writes, _, _) = setup(spec);
         assert_eq!(written(&mut writes, delivery("r", 1)).await, vec![]);
         assert_eq!(written(&mut writes, delivery("r", 2)).await, vec![(2, "m2".into()), (1, "m1".into())]);
+    }
+
+    #[tokio::test]
+    async fn writes_pass_through_only_with_no_fault_in_force_and_nothing_held() {
+        let spec = FaultSpec { count: Some(1), ..FaultSpec::new(Hop::GatewayDeliver, FaultAction::Reorder) };
+        let (mut writes, hook, _) = setup(spec);
+        assert!(!writes.passes_through(), "a fault is in force");
+        assert_eq!(written(&mut writes, delivery("r", 1)).await, vec![]);
+        hook.injector.faults.clear(true);
+        assert!(!writes.passes_through(), "message 1 is still held");
+        assert_eq!(written(&mut writes, delivery("r", 2)).await, vec![(2, "m2".into()), (1, "m1".into())]);
+        assert!(writes.passes_through());
     }
 
     #[tokio::test]

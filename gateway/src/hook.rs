@@ -24,6 +24,13 @@ pub trait ConnectionWrites: Send {
     /// What to write in place of `delivery`, in order (nothing, it, it twice, an earlier one...).
     async fn writes(&mut self, delivery: Arc<Delivery>) -> Vec<Arc<Delivery>>;
 
+    /// Whether the next delivery would be written exactly as given, at once (nothing armed,
+    /// nothing held back): the connection then writes it itself, and may write an ack and the
+    /// sender's own copy together, as without a hook.
+    fn passes_through(&self) -> bool {
+        false
+    }
+
     /// The slow-consumer policy of this connection, given the configured one.
     fn queue_policy(&self, configured: QueuePolicy) -> QueuePolicy {
         configured

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::FuturesUnordered;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use protocol::bus::SendOutcome;
 use protocol::{ErrorCode, Req, ServerFrame};
@@ -208,6 +208,8 @@ impl Connection {
         let mut last_heard = Instant::now();
         let outbox = self.outbox.clone();
         loop {
+            // Whether an ack and the message it announces may share a write (below).
+            let coalesce = self.hooked_writes.as_ref().is_none_or(|hooked| hooked.passes_through());
             let step = tokio::select! {
                 () = &mut drain => Box::pin(self.say_draining()).await,
                 frame = self.socket.next(), if in_flight.len() < limits.max_in_flight_sends => {
@@ -222,9 +224,8 @@ impl Connection {
                     let answered = Box::pin(self.on_submitted(done)).await;
                     // The message an ack announces usually reaches this connection's queue a
                     // moment after the ack (the room's hub forwards it): let the hub run first,
-                    // so that one write to the socket carries both. Not through a delivery
-                    // hook, which may hold deliveries: an ack never waits behind one.
-                    let coalesce = self.hooked_writes.is_none();
+                    // so that one write to the socket carries both. Not while a delivery hook
+                    // may hold deliveries: an ack never waits behind one.
                     if coalesce && outbox.is_empty() {
                         tokio::task::yield_now().await;
                     }
@@ -237,7 +238,15 @@ impl Connection {
                 }
                 () = outbox.ready() => match outbox.is_kicked() {
                     true => Err(End::Close(CLOSE_SLOW_CONSUMER, "slow consumer: outbound queue stayed full")),
-                    false => Box::pin(self.on_outbound()).await,
+                    false => match Box::pin(self.on_outbound()).await {
+                        // When the message came first, an ack already answered joins it in
+                        // the same write.
+                        Ok(()) if coalesce => match in_flight.next().now_or_never() {
+                            Some(Some(done)) => Box::pin(self.on_submitted(done)).await,
+                            _ => Ok(()),
+                        },
+                        written => written,
+                    },
                 },
                 () = &mut deadline, if deadline_armed => Box::pin(self.on_deadline()).await,
                 _ = ping.tick() => {

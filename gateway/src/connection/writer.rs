@@ -74,8 +74,9 @@ impl Connection {
         if let Some(joined) = self.rooms.get_mut(&delivery.message.room) {
             joined.cursor = delivery.message.seq;
         }
-        let Some(hooked) = self.hooked_writes.as_mut() else {
-            return self.write_message(&delivery).await;
+        let hooked = match self.hooked_writes.as_mut() {
+            Some(hooked) if !hooked.passes_through() => hooked,
+            _ => return self.write_message(&delivery).await,
         };
         let given = delivery.clone();
         for write in hooked.writes(delivery).await {
