@@ -145,8 +145,7 @@ impl Client {
 }
 
 pub async fn get_json(url: &str) -> (u16, Value) {
-    let (status, body) = get(url).await;
-    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+    get_json_within(WAIT, url).await
 }
 
 pub async fn get(url: &str) -> (u16, String) {
