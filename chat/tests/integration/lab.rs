@@ -33,11 +33,26 @@ fn lab(dir: &Path, args: &[&str]) -> (i32, String) {
 /// builds only loadgen's library, and a stale binary would audit by older rules). Built as
 /// `cargo test --workspace` builds it (for loadgen's own tests), so under that command this is a
 /// no-op: `cargo build -p loadgen` alone resolves other features and rebuilt a hundred crates.
+/// It runs without the variables cargo sets for a test (`CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`,
+/// ...): build scripts watch some of them (ring's does), and inherited they made this build
+/// recompile a hundred crates in the middle of the suite (CI, 2026-12-05).
 fn loadgen_binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let status = Command::new(env!("CARGO"))
+            let mut cargo = Command::new(env!("CARGO"));
+            for (name, _) in std::env::vars_os() {
+                let name = name.to_string_lossy();
+                let set_for_tests =
+                    ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_BIN_EXE_", "CARGO_CRATE_", "CARGO_TARGET_TMPDIR"]
+                        .iter()
+                        .any(|prefix| name.starts_with(prefix))
+                        || ["CARGO_PRIMARY_PACKAGE", "OUT_DIR"].contains(&name.as_ref());
+                if set_for_tests {
+                    cargo.env_remove(name.as_ref());
+                }
+            }
+            let status = cargo
                 .args(["build", "--workspace", "--tests"])
                 .current_dir(testkit::workspace_root())
                 .status()
