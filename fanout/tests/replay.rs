@@ -264,3 +264,92 @@ async fn a_full_channel_drops_and_counts_records_and_the_log_says_so() {
     assert!(text.contains(r#"{"event":"lost","records":4}"#), "{text}");
     assert!(matches!(Log::parse(&text), Err(LogError::Incomplete(_))));
 }
+
+/// A store whose appends of room `slow` take `pause` longer.
+struct SlowRoomStore {
+    inner: EmbeddedStore,
+    pause: std::time::Duration,
+}
+
+#[async_trait]
+impl HistoryStore for SlowRoomStore {
+    async fn append(&self, batch: storage::RoomAppend) -> Result<(), storage::StoreError> {
+        if batch.room == "slow" {
+            tokio::time::sleep(self.pause).await;
+        }
+        self.inner.append(batch).await
+    }
+    async fn last_seq(&self, room: &str) -> Result<u64, storage::StoreError> {
+        self.inner.last_seq(room).await
+    }
+    async fn find_by_client_msg_id(
+        &self,
+        room: &str,
+        user: &str,
+        id: &str,
+    ) -> Result<Option<ChatMessage>, storage::StoreError> {
+        self.inner.find_by_client_msg_id(room, user, id).await
+    }
+    async fn page(&self, room: &str, query: storage::PageQuery) -> Result<storage::Page, storage::StoreError> {
+        self.inner.page(room, query).await
+    }
+    async fn get_by_id(&self, id: uuid::Uuid) -> Result<Option<ChatMessage>, storage::StoreError> {
+        self.inner.get_by_id(id).await
+    }
+    async fn ping(&self) -> Result<(), storage::StoreError> {
+        self.inner.ping().await
+    }
+}
+
+/// Batches overlap (a slow room is still being appended while later batches are taken and
+/// sequenced): each store call and decision is logged under the batch it belongs to, and the
+/// log replays to identical decisions.
+#[tokio::test]
+async fn a_log_of_overlapping_batches_replays_to_identical_decisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SlowRoomStore {
+        inner: EmbeddedStore::open(&dir.path().join("store")).unwrap(),
+        pause: std::time::Duration::from_millis(400),
+    };
+    let path = dir.path().join("decisions.jsonl");
+    let (log, writer) = DecisionLog::create(&path, "fanout-a", &FanoutConfig::default(), 1024).await.unwrap();
+    let a = worker(Arc::new(store), Some(&log));
+    let hand = |sends: Vec<SendCommand>| {
+        let (pending, answers): (Vec<_>, Vec<_>) = sends
+            .into_iter()
+            .map(|command| {
+                let (tx, rx) = oneshot::channel();
+                (PendingSend { command, delivery: 1, reply: Box::new(Answer(tx)) }, rx)
+            })
+            .unzip();
+        a.batches.send(pending).unwrap();
+        answers
+    };
+    let first = hand(vec![send("slow", "alice", "s1", soon()), send("quick", "bob", "q1", soon())]);
+    let second = hand(vec![send("quick", "bob", "q2", soon()), send("slow", "alice", "s2", soon())]);
+    let third = hand(vec![send("quick", "bob", "q3", soon())]);
+    let mut seqs = Vec::new();
+    for answer in third.into_iter().chain(first).chain(second) {
+        seqs.push(answer.await.unwrap().unwrap().message.seq);
+    }
+    assert_eq!(seqs, [3, 1, 1, 2, 2], "q3; s1, q1; q2, s2");
+    a.stop().await;
+    assert_eq!(writer.close().await.unwrap().lost, 0);
+    let text = std::fs::read_to_string(&path).unwrap();
+
+    // The quick room's third batch was decided before the slow room's first append answered,
+    // and each is logged under its own batch.
+    let records: Vec<Record> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let position = |want: &dyn Fn(&Record) -> bool| records.iter().position(want).expect("logged");
+    let q3_decided =
+        position(&|r| matches!(r, Record::Decision { batch: 3, decided } if decided.client_msg_id == "q3"));
+    let s1_appended = position(
+        &|r| matches!(r, Record::Store { batch: 1, room, call: StoreCall::Append { .. }, .. } if room == "slow"),
+    );
+    assert!(q3_decided < s1_appended, "batch 3 was decided while batch 1's slow append was in flight");
+
+    let report = replay(&Log::parse(&text).unwrap()).await;
+    let rendered = report.render(true);
+    assert!(report.identical(), "{rendered}");
+    assert!(rendered.contains("identical: 5 decisions replayed as logged"), "{rendered}");
+}
