@@ -54,10 +54,10 @@ pub async fn all_in_one_logged(
     decision_log: Option<&Path>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    // One worker feeds the store's one writer: the commit window paces the worker's batches,
-    // and the writer commits each batch at once (the next one right after, when it was taken
-    // while a commit was in flight). Held in the writer, a batch taken just after a commit
-    // would wait out the window there.
+    // One worker feeds the store's one writer, and waits for each commit before its next batch:
+    // the commit window paces the worker's batches, and the writer commits each batch at once.
+    // (Held in the writer, a batch taken just after a commit would wait out the window there,
+    // and a send arriving meanwhile would wait for the batch after it.)
     let batch_window = store_options.commit_window;
     let store_options = EmbeddedOptions { commit_window: std::time::Duration::ZERO };
     let store = Arc::new(

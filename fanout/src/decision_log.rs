@@ -508,10 +508,8 @@ impl DecisionLog {
         self.shared.lost.load(Ordering::Relaxed)
     }
 
-    /// The batch a record belongs to: the one the calling room is sequencing, or else the
-    /// last one taken.
     fn batch(&self) -> u64 {
-        crate::sequencer::sequencing_batch().unwrap_or_else(|| self.shared.batch.load(Ordering::Relaxed))
+        self.shared.batch.load(Ordering::Relaxed)
     }
 
     fn send(&self, record: Record) {

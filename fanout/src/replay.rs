@@ -26,7 +26,6 @@ use crate::config::FanoutConfig;
 use crate::decision_log::{
     Decided, DecisionHook, LoggedMessage, LoggedSend, Reading, Record, StoreAnswer, StoreCall, LOG_VERSION,
 };
-use crate::sequencer::sequencing_batch;
 use crate::Fanout;
 
 /// Why a log cannot be replayed.
@@ -473,7 +472,7 @@ impl Replay {
     /// decision it leads to can be shown; other calls the log does not hold fail.
     fn answer(&self, room: &str, call: StoreCall) -> Result<StoreAnswer, StoreError> {
         let mut state = self.state();
-        let batch = sequencing_batch().unwrap_or(state.batch);
+        let batch = state.batch;
         let queue = state.store.entry((batch, room.to_owned())).or_default();
         let Some((logged_call, answer)) = queue.pop_front() else {
             let text = format!("batch {batch} room {room}: {} was not logged", describe_call(&call));
@@ -508,7 +507,7 @@ impl Replay {
 
     fn mismatch(&self, room: &str, text: String) {
         let mut state = self.state();
-        let batch = sequencing_batch().unwrap_or(state.batch);
+        let batch = state.batch;
         state.mismatches.push(format!("batch {batch} room {room}: {text}"));
     }
 }
@@ -571,10 +570,7 @@ impl HistoryStore for Replay {
         // shown. In a strayed replay it is a mismatch; the logged call stays next.
         let (chainless, logged) = {
             let state = self.state();
-            let next = state
-                .store
-                .get(&(sequencing_batch().unwrap_or(state.batch), room.to_owned()))
-                .and_then(VecDeque::front);
+            let next = state.store.get(&(state.batch, room.to_owned())).and_then(VecDeque::front);
             (state.chainless, next.is_some_and(|(call, _)| matches!(call, StoreCall::Page { .. })))
         };
         if chainless || !logged {
@@ -609,7 +605,7 @@ impl Replay {
     fn reading(&self, room: &str, reading: Reading) -> i64 {
         let logged = {
             let mut state = self.state();
-            let batch = sequencing_batch().unwrap_or(state.batch);
+            let batch = state.batch;
             let logged = state.clock.get_mut(&(batch, room.to_owned())).and_then(VecDeque::pop_front);
             if let Some((_, ms)) = logged {
                 state.detail(format!("  clock {room}: {reading:?} {ms}"));
@@ -647,7 +643,7 @@ impl IdSource for Replay {
     fn next_id(&self, room: &str) -> Uuid {
         let id = {
             let mut state = self.state();
-            let batch = sequencing_batch().unwrap_or(state.batch);
+            let batch = state.batch;
             state.ids.get_mut(&(batch, room.to_owned())).and_then(VecDeque::pop_front)
         };
         id.unwrap_or_else(|| {
@@ -662,7 +658,7 @@ impl DecisionHook for Replay {
 
     fn decided(&self, decided: Decided) {
         let mut state = self.state();
-        let batch = sequencing_batch().unwrap_or(state.batch);
+        let batch = state.batch;
         state.lines.push(Line { detail: false, text: format!("  {decided}") });
         state.replayed.push((batch, decided));
     }

@@ -1,7 +1,4 @@
-//! Sequencing: sends taken off the bus in batches, each room's sends sequenced, stored, delivered
-//! and answered, rooms concurrently.
-
-use std::collections::VecDeque;
+//! Batch-at-a-time sequencing.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,7 +6,6 @@ use std::time::Instant;
 
 use bus::{BusError, FanoutBus, PendingSend};
 use futures_util::future::join_all;
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use protocol::bus::{SendCommand, SendOutcome};
 use protocol::{chain, names, ChatMessage};
 use storage::pacer::Pacer;
@@ -56,89 +52,6 @@ impl Head {
     /// An empty room: seq 0, chained from the genesis.
     fn empty() -> Self {
         Self { seq: 0, digest: chain::GENESIS.to_owned() }
-    }
-}
-
-tokio::task_local! {
-    /// The number (from 1) of the batch whose sends of a room are being sequenced, set around
-    /// each room's sequencing: batches overlap, so "the last batch taken" may not be it.
-    static SEQUENCING_BATCH: u64;
-}
-
-/// The batch the calling room's sequencing belongs to, when called from one: what a decision
-/// log files a store call, reading or decision under, and what a replay looks them up by.
-pub(crate) fn sequencing_batch() -> Option<u64> {
-    SEQUENCING_BATCH.try_with(|batch| *batch).ok()
-}
-
-/// One room's sends of one batch, to sequence from `cached` (the room's head, when known).
-struct RoomStart<T> {
-    room: String,
-    batch: u64,
-    cached: Option<Head>,
-    sends: Vec<T>,
-}
-
-/// The rooms a worker is sequencing and the sends waiting for them: a room is sequenced by one
-/// batch at a time, its batches in the order they were taken, each from the head the one
-/// before left.
-struct RoomQueues<T> {
-    /// The last known head of each room not being sequenced.
-    heads: HashMap<String, Head>,
-    /// Rooms being sequenced, each with the later batches' sends that wait for it.
-    busy: HashMap<String, VecDeque<(u64, Vec<T>)>>,
-    /// Sends taken and not yet answered, sequenced or waiting.
-    held: usize,
-}
-
-impl<T> Default for RoomQueues<T> {
-    fn default() -> Self {
-        Self { heads: HashMap::new(), busy: HashMap::new(), held: 0 }
-    }
-}
-
-impl<T> RoomQueues<T> {
-    /// Sends taken and not yet answered.
-    fn held(&self) -> usize {
-        self.held
-    }
-
-    /// `sends` of `room` taken in batch `batch`: to sequence now (`Some`), or, while the room
-    /// is being sequenced, kept until it is done (`None`).
-    fn take(&mut self, room: String, batch: u64, sends: Vec<T>) -> Option<RoomStart<T>> {
-        self.held += sends.len();
-        if let Some(waiting) = self.busy.get_mut(&room) {
-            waiting.push_back((batch, sends));
-            return None;
-        }
-        let cached = self.heads.remove(&room);
-        self.busy.insert(room.clone(), VecDeque::new());
-        Some(RoomStart { room, batch, cached, sends })
-    }
-
-    /// `room` answered `answered` sends and left `head` (`None`: unknown): the sends of its
-    /// next batch, to sequence now, if any wait.
-    fn done(&mut self, room: String, answered: usize, head: Option<Head>) -> Option<RoomStart<T>> {
-        self.held = self.held.saturating_sub(answered);
-        let next = self.busy.get_mut(&room).and_then(VecDeque::pop_front);
-        match next {
-            Some((batch, sends)) => Some(RoomStart { room, batch, cached: head, sends }),
-            None => {
-                self.busy.remove(&room);
-                if let Some(head) = head {
-                    self.heads.insert(room, head);
-                }
-                None
-            }
-        }
-    }
-
-    /// Forgets every remembered head once more than `most` are remembered (their rooms read
-    /// theirs again when next sequenced).
-    fn forget_heads_past(&mut self, most: usize) {
-        if self.heads.len() > most {
-            self.heads.clear();
-        }
     }
 }
 
@@ -249,95 +162,71 @@ impl Fanout {
         answer_all(sends, error).await;
     }
 
-    /// Sequences sends until the bus closes or `shutdown` resolves. Sends taken before then
-    /// are all answered before returning.
-    ///
-    /// Rooms are sequenced concurrently, and the next batch is taken while the last one's rooms
-    /// are still at it: a send waits for its own room only, not for the slowest room of the
-    /// batch before it. A room is sequenced by one batch at a time, its batches in the order
-    /// they were taken. Once `max_batch` sends are held, no more are taken until some are
-    /// answered.
+    /// Sequences sends until the bus closes or `shutdown` resolves. A batch in progress is
+    /// finished before returning.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let mut rooms: RoomQueues<PendingSend> = RoomQueues::default();
-        let mut sequencing = FuturesUnordered::new();
+        let mut heads: HashMap<String, Head> = HashMap::new();
         let mut pacer = Pacer::new(self.config.batch_window);
-        let mut taken: u64 = 0;
-        let mut next = Box::pin(self.next_batch(pacer.hold(Instant::now())));
-        let mut taking = true;
         loop {
-            tokio::select! {
+            let hold = pacer.hold(Instant::now());
+            let next = async {
+                if !hold.is_zero() {
+                    tokio::time::sleep(hold).await;
+                }
+                self.bus.next_batch(self.config.max_batch).await
+            };
+            let batch = tokio::select! {
                 biased;
-                () = &mut shutdown, if taking => taking = false,
-                Some((room, answered, head)) = sequencing.next() => {
-                    if let Some(start) = rooms.done(room, answered, head) {
-                        sequencing.push(self.sequence_batch_of_room(start));
-                    }
+                () = &mut shutdown => break,
+                batch = next => match batch {
+                    Some(batch) => batch,
+                    None => break,
+                },
+            };
+            pacer.started(Instant::now(), batch.len());
+            self.metrics.fanout_batch.observe(batch.len() as f64);
+            if let Some(hook) = &self.hook {
+                hook.batch(&batch);
+            }
+            if heads.len() > self.config.max_cached_rooms {
+                heads.clear();
+            }
+            let mut rooms: Vec<(String, Vec<PendingSend>)> = Vec::new();
+            let mut index: HashMap<String, usize> = HashMap::new();
+            for pending in batch {
+                if pending.delivery > 1 {
+                    self.journal.record_send(
+                        &pending.command.dedupe_key(),
+                        pending.command.trace_id(),
+                        "fanout.redelivered",
+                        serde_json::json!({"delivery": pending.delivery, "worker": self.journal.process()}),
+                    );
                 }
-                batch = &mut next, if taking && rooms.held() < self.config.max_batch => {
-                    let Some(batch) = batch else {
-                        taking = false;
-                        continue;
-                    };
-                    taken += 1;
-                    pacer.started(Instant::now(), batch.len());
-                    self.metrics.fanout_batch.observe(batch.len() as f64);
-                    if let Some(hook) = &self.hook {
-                        hook.batch(&batch);
-                    }
-                    rooms.forget_heads_past(self.config.max_cached_rooms);
-                    for (room, sends) in self.by_room(batch) {
-                        if let Some(start) = rooms.take(room, taken, sends) {
-                            sequencing.push(self.sequence_batch_of_room(start));
-                        }
-                    }
-                    next = Box::pin(self.next_batch(pacer.hold(Instant::now())));
+                let room = pending.command.room.clone();
+                let slot = *index.entry(room.clone()).or_insert_with(|| {
+                    rooms.push((room, Vec::new()));
+                    rooms.len() - 1
+                });
+                rooms[slot].1.push(pending);
+            }
+            let this = &self;
+            let results = join_all(rooms.into_iter().map(|(room, sends)| {
+                let cached = heads.get(&room).cloned();
+                async move {
+                    let head = this.sequence_room(&room, cached, sends).await;
+                    (room, head)
                 }
-                else => break,
+            }))
+            .await;
+            for (room, head) in results {
+                match head {
+                    Some(head) => heads.insert(room, head),
+                    None => heads.remove(&room),
+                };
             }
         }
         tracing::info!("fanout worker stopped");
-    }
-
-    /// The next batch off the bus, after waiting `hold` (the pacer's).
-    async fn next_batch(&self, hold: std::time::Duration) -> Option<Vec<PendingSend>> {
-        if !hold.is_zero() {
-            tokio::time::sleep(hold).await;
-        }
-        self.bus.next_batch(self.config.max_batch).await
-    }
-
-    /// A batch's sends grouped by room, rooms in the order of their first send.
-    fn by_room(&self, batch: Vec<PendingSend>) -> Vec<(String, Vec<PendingSend>)> {
-        let mut rooms: Vec<(String, Vec<PendingSend>)> = Vec::new();
-        let mut index: HashMap<String, usize> = HashMap::new();
-        for pending in batch {
-            if pending.delivery > 1 {
-                self.journal.record_send(
-                    &pending.command.dedupe_key(),
-                    pending.command.trace_id(),
-                    "fanout.redelivered",
-                    serde_json::json!({"delivery": pending.delivery, "worker": self.journal.process()}),
-                );
-            }
-            let room = pending.command.room.clone();
-            let slot = *index.entry(room.clone()).or_insert_with(|| {
-                rooms.push((room, Vec::new()));
-                rooms.len() - 1
-            });
-            rooms[slot].1.push(pending);
-        }
-        rooms
-    }
-
-    /// Sequences one batch's sends of one room (the batch's number is what its store calls,
-    /// readings and decisions are logged under); returns the room, how many sends it answered
-    /// and its head after them.
-    async fn sequence_batch_of_room(&self, start: RoomStart<PendingSend>) -> (String, usize, Option<Head>) {
-        let count = start.sends.len();
-        let head =
-            SEQUENCING_BATCH.scope(start.batch, self.sequence_room(&start.room, start.cached, start.sends)).await;
-        (start.room, count, head)
     }
 
     /// Sequences, stores, delivers and answers one room's sends. Returns the room's head (last
@@ -1021,59 +910,5 @@ fn read_failed(error: StoreError, appended_before: bool) -> BusError {
 async fn answer_all(sends: Vec<PendingSend>, error: BusError) {
     for pending in sends {
         pending.reply.reply(Err(error.clone())).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{Head, RoomQueues};
-
-    fn head(seq: u64) -> Head {
-        Head { seq, digest: format!("d{seq}") }
-    }
-
-    #[test]
-    fn a_room_being_sequenced_keeps_later_batches_until_done_in_the_order_taken() {
-        let mut rooms: RoomQueues<u32> = RoomQueues::default();
-        let first = rooms.take("r".into(), 1, vec![1, 2]).expect("an idle room starts at once");
-        assert_eq!((first.batch, first.cached, first.sends), (1, None, vec![1, 2]));
-        assert!(rooms.take("r".into(), 2, vec![3]).is_none(), "batch 2 waits for batch 1");
-        assert!(rooms.take("r".into(), 3, vec![4, 5]).is_none(), "batch 3 too");
-        let other = rooms.take("s".into(), 2, vec![9]).expect("another room does not wait");
-        assert_eq!(other.batch, 2);
-        assert_eq!(rooms.held(), 6);
-
-        let second = rooms.done("r".into(), 2, Some(head(2))).expect("batch 2 follows");
-        assert_eq!((second.batch, second.cached, second.sends), (2, Some(head(2)), vec![3]));
-        assert_eq!(rooms.held(), 4);
-        let third = rooms.done("r".into(), 1, Some(head(3))).expect("then batch 3");
-        assert_eq!((third.batch, third.cached, third.sends), (3, Some(head(3)), vec![4, 5]));
-        assert!(rooms.done("r".into(), 2, Some(head(5))).is_none(), "nothing waits any more");
-        assert!(rooms.done("s".into(), 1, Some(head(1))).is_none());
-        assert_eq!(rooms.held(), 0);
-
-        let again = rooms.take("r".into(), 4, vec![6]).expect("idle again");
-        assert_eq!(again.cached, Some(head(5)), "from the head its last batch left");
-    }
-
-    #[test]
-    fn an_unknown_head_is_not_remembered_and_too_many_heads_are_forgotten() {
-        let mut rooms: RoomQueues<u32> = RoomQueues::default();
-        let _ = rooms.take("r".into(), 1, vec![1]);
-        assert!(rooms.take("r".into(), 2, vec![2]).is_none());
-        let next = rooms.done("r".into(), 1, None).expect("batch 2 follows");
-        assert_eq!(next.cached, None, "the store failed: the next batch reads the head again");
-        assert!(rooms.done("r".into(), 1, None).is_none());
-        assert_eq!(rooms.take("r".into(), 3, vec![3]).map(|s| s.cached), Some(None));
-        assert!(rooms.done("r".into(), 1, Some(head(1))).is_none());
-        for room in ["a", "b"] {
-            let _ = rooms.take(room.into(), 4, vec![4]);
-            let _ = rooms.done(room.into(), 1, Some(head(1)));
-        }
-        rooms.forget_heads_past(3);
-        assert_eq!(rooms.take("a".into(), 5, vec![5]).map(|s| s.cached), Some(Some(head(1))), "three are kept");
-        let _ = rooms.done("a".into(), 1, Some(head(2)));
-        rooms.forget_heads_past(2);
-        assert_eq!(rooms.take("a".into(), 6, vec![6]).map(|s| s.cached), Some(None), "past the bound all go");
     }
 }

@@ -106,8 +106,6 @@ enum Failure {
     /// Not stored, the store saying its commit was never sent, and every read fails from then
     /// on until `reads_down` is cleared (a store that froze while the rows were being written).
     NotCommittedThenDown,
-    /// Stored, and answered after this pause (a slow commit).
-    SlowApplied(std::time::Duration),
     /// A store that hangs: the append answers only when its `commit_by` passes (`NotCommitted`),
     /// or after 10 s when it has none; reads fail until `reads_down` is cleared.
     HangsThenDown,
@@ -161,10 +159,6 @@ impl HistoryStore for FlakyStore {
                 Err(StoreError::unavailable("append timed out"))
             }
             Some(Failure::NotApplied) => Err(StoreError::unavailable("append timed out")),
-            Some(Failure::SlowApplied(pause)) => {
-                tokio::time::sleep(pause).await;
-                self.inner.append(batch).await
-            }
             Some(Failure::SlowNotApplied(pause)) => {
                 tokio::time::sleep(pause).await;
                 Err(StoreError::unavailable("append timed out"))
@@ -644,32 +638,6 @@ async fn while_the_stores_reads_hang_each_send_is_refused_at_its_own_deadline() 
 /// A store that hangs in an append: the worker bounds it by the send's deadline (at least
 /// 500 ms away), so the send is refused (untried) soon after its deadline, not when the store
 /// answers at last.
-/// Batches overlap: a slow room holds up neither the other rooms of the batches after it nor
-/// the batch taken next; only its own later sends wait for it, and keep their order.
-#[tokio::test]
-async fn a_slow_room_holds_up_only_its_own_later_sends() {
-    let worker = worker();
-    let pause = std::time::Duration::from_millis(1500);
-    *worker.store.next_append.lock().unwrap() = Some(Failure::SlowApplied(pause));
-    let started = std::time::Instant::now();
-    let mut slow_first = worker.hand(vec![command("slow", "s1", soon())]);
-    while worker.store.next_append.lock().unwrap().is_some() {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    let mut next = worker.hand(vec![command("slow", "s2", soon()), command("quick", "q1", soon())]);
-    let mut after = worker.hand(vec![command("quick", "q2", soon())]);
-    let (q1, q2) = (next.remove(1).await.unwrap(), after.remove(0).await.unwrap());
-    let quick_answered = started.elapsed();
-    assert_eq!((seq(&q1), seq(&q2)), (1, 2));
-    assert!(quick_answered < pause * 2 / 3, "the quick room waited {quick_answered:?} for the slow one");
-    let (s1, s2) = (slow_first.remove(0).await.unwrap(), next.remove(0).await.unwrap());
-    assert_eq!((seq(&s1), seq(&s2)), (1, 2), "the slow room's sends in the order taken");
-    assert!(started.elapsed() >= pause, "s2 waited for s1's append");
-    let stored: Vec<String> = worker.stored("slow").await.iter().map(|m| m.client_msg_id.clone()).collect();
-    assert_eq!(stored, ["s1", "s2"]);
-    worker.stop().await;
-}
-
 #[tokio::test]
 async fn a_send_held_by_a_hanging_append_is_refused_by_its_deadline() {
     let worker = worker();

@@ -474,11 +474,10 @@ impl Mechanism {
                      worker sequencing {room} (`sequence {room}`) holds room-lock:{room} and waits for \
                      room-lock:{other_room}, which the other worker's `sequence {other_room}` holds while \
                      it waits for room-lock:{room}. The room locks are shared by the workers (a lock \
-                     bucket on NATS). A room is sequenced one batch at a time, so every later send \
-                     of {room} and {other_room} waits behind the stuck ones: their journeys end at \
-                     gateway.receive, and the gateways' sends wait for room-sequencer:R. Other rooms \
-                     flow until a worker holds its max batch of waiting sends; then it takes no \
-                     more, and chat_sequenced_total stops."
+                     bucket on NATS), and each worker waits for its whole batch, so neither sequences \
+                     anything else either. Every send's journey ends at gateway.receive, \
+                     chat_sequenced_total stops on both workers, and the gateways' sends wait for \
+                     room-sequencer:R."
                 ),
             ),
             Mechanism::SequenceStall => (
