@@ -35,7 +35,7 @@ fn lab(dir: &Path, args: &[&str]) -> (i32, String) {
 /// no-op: `cargo build -p loadgen` alone resolves other features and rebuilt a hundred crates.
 /// It runs without the variables cargo sets for a test (`CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`,
 /// ...): build scripts watch some of them (ring's does), and inherited they made this build
-/// recompile a hundred crates in the middle of the suite (CI, 2026-12-05).
+/// recompile ring and everything above it in the middle of the suite (CI, 2026-12-05).
 fn loadgen_binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
