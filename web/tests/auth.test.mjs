@@ -2,7 +2,7 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  ChatServer, launchBrowser, openPage, signInWithToken, joinRoom, send, item, connected, makeJwt,
+  ChatServer, launchBrowser, openPage, signInWithToken, joinRoom, send, item, deliveryStatus, connected, makeJwt,
 } from './lib/harness.mjs';
 
 const SECRET = 'e2e-test-secret-0123456789abcdef';
@@ -44,7 +44,7 @@ describe('auth mode', () => {
     await joinRoom(page, 'general');
     await send(page, 'signed in with a token');
     const li = item(page, 'signed in with a token');
-    await li.getByText('stored').waitFor();
+    await deliveryStatus(page, 'signed in with a token', 'stored').waitFor();
     assert.equal(await li.locator('.sender').textContent(), 'erin');
 
     await page.getByLabel('Room', { exact: true }).fill('secret');

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import {
-  ChatServer, launchBrowser, openPage, signIn, joinRoom, send, messageList, item, seqs, bodies,
+  ChatServer, launchBrowser, openPage, signIn, joinRoom, send, messageList, item, deliveryStatus, seqs, bodies,
   assertContiguous, eventually, screenshot, connected, SCREENSHOT_DIR,
 } from './lib/harness.mjs';
 
@@ -37,7 +37,7 @@ describe('two people chatting', () => {
 
     // Sender and delivery state on own messages.
     const mine = item(alice, 'hi bob, are you there?');
-    await mine.getByText('stored').waitFor();
+    await deliveryStatus(alice, 'hi bob, are you there?', 'stored').waitFor();
     assert.match(await mine.locator('.sender').textContent(), /^alice$/);
     assert.equal(await item(bob, 'hi bob, are you there?').locator('.status').isVisible(), false, 'no delivery state on others\' messages');
     assert.match(await item(bob, 'hi bob, are you there?').locator('time').textContent(), /\d/);
@@ -198,7 +198,7 @@ describe('two people chatting', () => {
     await eventually(async () => (await messageList(phone).count()) > 5, { message: 'history on the phone' });
     await send(phone, 'hello from a phone');
     await item(alice, 'hello from a phone').waitFor();
-    await item(phone, 'hello from a phone').getByText('stored').waitFor();
+    await deliveryStatus(phone, 'hello from a phone', 'stored').waitFor();
     const overflow = await phone.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
     assert.ok(overflow <= 0, `no horizontal overflow (got ${overflow}px)`);
     for (const name of ['Send']) {

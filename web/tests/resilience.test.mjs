@@ -4,23 +4,25 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  ChatServer, launchBrowser, openPage, signIn, joinRoom, send, item, seqs, bodies,
-  assertContiguous, eventually, screenshot, connected, sleep,
+  ChatServer, launchBrowser, openPage, signIn, joinRoom, send, item, deliveryStatus, seqs, bodies,
+  assertContiguous, screenshot, connected, sleep,
 } from './lib/harness.mjs';
 
 describe('server killed and restarted mid-conversation', () => {
-  let server, browser, alice, bob;
+  let server, browser, alice, bob, carol;
 
   before(async () => {
     server = await new ChatServer({ name: 'resilience' }).start();
     browser = await launchBrowser();
-    // A short give-up time for sends, so that the "failed" state can be reached in a test.
-    alice = await openPage(browser, server, { query: '?sendGiveUpMs=4000' });
+    alice = await openPage(browser, server);
     bob = await openPage(browser, server);
-    await signIn(alice, 'alice');
-    await joinRoom(alice, 'ops');
-    await signIn(bob, 'bob');
-    await joinRoom(bob, 'ops');
+    // Carol gives up on a send after 4 s, so that the "failed" state can be reached in a test.
+    // Alice and Bob keep the default (60 s): their sends must outlive a restart on a slow machine.
+    carol = await openPage(browser, server, { query: '?sendGiveUpMs=4000' });
+    for (const [page, name] of [[alice, 'alice'], [bob, 'bob'], [carol, 'carol']]) {
+      await signIn(page, name);
+      await joinRoom(page, 'ops');
+    }
   });
 
   after(async () => {
@@ -54,7 +56,7 @@ describe('server killed and restarted mid-conversation', () => {
     const bobJoinsBefore = bob.wsSent.filter((f) => f.type === 'join').length;
     // While the server is down: Bob writes too; his message waits in "sending".
     await say(bob, 'written while the server was down');
-    await item(bob, 'written while the server was down').getByText('sending').waitFor();
+    await deliveryStatus(bob, 'written while the server was down', 'sending').waitFor();
     await screenshot(alice, 'reconnecting');
     await sleep(1500);
 
@@ -63,8 +65,8 @@ describe('server killed and restarted mid-conversation', () => {
     await connected(bob);
 
     // Everything sent gets stored (retried with the same client_msg_id) and shown on both pages.
-    await item(bob, 'written while the server was down').getByText('stored').waitFor({ timeout: 30000 });
-    for (let i = 1; i <= 8; i++) await item(alice, `burst ${i}`).getByText('stored').waitFor({ timeout: 30000 });
+    await deliveryStatus(bob, 'written while the server was down', 'stored').waitFor({ timeout: 30000 });
+    for (let i = 1; i <= 8; i++) await deliveryStatus(alice, `burst ${i}`, 'stored').waitFor({ timeout: 30000 });
     await say(alice, 'after the restart');
     await say(bob, 'after the restart, too');
     for (const page of [alice, bob]) {
@@ -97,18 +99,19 @@ describe('server killed and restarted mid-conversation', () => {
 
   it('a send that cannot be stored fails, and Retry resends the same client_msg_id', async () => {
     await server.kill('SIGKILL');
-    await alice.getByRole('status').getByText('reconnecting…').waitFor({ timeout: 10000 });
-    await send(alice, 'this one will fail first');
-    const li = item(alice, 'this one will fail first');
-    await li.getByText('sending').waitFor();
-    await li.getByText('failed').waitFor({ timeout: 15000 });
+    await carol.getByRole('status').getByText('reconnecting…').waitFor({ timeout: 10000 });
+    await send(carol, 'this one will fail first');
+    const li = item(carol, 'this one will fail first');
+    await deliveryStatus(carol, 'this one will fail first', 'sending').waitFor();
+    await deliveryStatus(carol, 'this one will fail first', 'failed').waitFor({ timeout: 15000 });
+    await li.getByText('Not sent: not stored after 4 s').waitFor();
     const retry = li.getByRole('button', { name: 'Retry' });
     await retry.waitFor();
-    await screenshot(alice, 'failed-send');
+    await screenshot(carol, 'failed-send');
 
     const cmidOf = async () => {
       await li.getByRole('button', { name: 'Message info' }).click();
-      const dialog = alice.getByRole('dialog', { name: 'Message info' });
+      const dialog = carol.getByRole('dialog', { name: 'Message info' });
       const cmid = (await dialog.locator('dt:text-is("Client message ID") + dd').textContent()).trim();
       await dialog.getByRole('button', { name: 'Close' }).click();
       return cmid;
@@ -117,14 +120,14 @@ describe('server killed and restarted mid-conversation', () => {
     assert.match(cmidBefore, /^c-/);
 
     await server.start();
-    await connected(alice);
+    await connected(carol);
     await retry.click();
-    await li.getByText('stored').waitFor({ timeout: 20000 });
+    await deliveryStatus(carol, 'this one will fail first', 'stored').waitFor({ timeout: 20000 });
     assert.equal(await retry.isVisible(), false);
     assert.equal(await cmidOf(), cmidBefore, 'the retry used the same client_msg_id');
     await item(bob, 'this one will fail first').waitFor({ timeout: 20000 });
     await sleep(300);
-    for (const page of [alice, bob]) {
+    for (const page of [carol, bob]) {
       assert.equal(await item(page, 'this one will fail first').count(), 1);
       assertContiguous(await seqs(page), { from: 1 });
     }
@@ -143,7 +146,7 @@ describe('server killed and restarted mid-conversation', () => {
     await server.start();
     await connected(alice);
     await connected(bob);
-    await item(bob, 'sent during the drain').getByText('stored').waitFor({ timeout: 20000 });
+    await deliveryStatus(bob, 'sent during the drain', 'stored').waitFor({ timeout: 20000 });
     await item(alice, 'sent during the drain').waitFor({ timeout: 20000 });
     for (const page of [alice, bob]) assertContiguous(await seqs(page), { from: 1 });
     assert.deepEqual(await bodies(alice), await bodies(bob));

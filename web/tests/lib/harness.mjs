@@ -217,6 +217,14 @@ export function item(page, body, { exact = true } = {}) {
   return messageList(page).filter({ has: page.locator('p.body').getByText(body, { exact }) });
 }
 
+/**
+ * The delivery status ("sending", "stored" or "failed") shown on one of your own messages, matched
+ * whole: a failed send's error text ("Not sent: not stored after 4 s") must not pass for "stored".
+ */
+export function deliveryStatus(page, body, state) {
+  return item(page, body).locator('.meta .status', { hasText: new RegExp(`^${state}$`) });
+}
+
 /** Seqs of the listed messages, in DOM order (null for not-yet-stored ones). */
 export async function seqs(page) {
   return messageList(page).evaluateAll((lis) => lis.map((li) => (li.dataset.seq ? Number(li.dataset.seq) : null)));
