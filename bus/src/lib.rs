@@ -28,6 +28,9 @@ pub enum BusErrorKind {
     Rejected,
     /// A value could not be encoded for the bus or decoded from it: a defect, not the client's.
     Encoding,
+    /// Nobody can tell yet whether the send was stored (no answer came, and the store did not
+    /// answer either): not "unavailable", which promises "not stored".
+    Indeterminate,
 }
 
 impl std::fmt::Display for BusErrorKind {
@@ -36,6 +39,7 @@ impl std::fmt::Display for BusErrorKind {
             Self::Unavailable => "bus unavailable",
             Self::Rejected => "rejected",
             Self::Encoding => "bus encoding failed",
+            Self::Indeterminate => "outcome unknown",
         })
     }
 }
@@ -77,6 +81,11 @@ impl BusError {
     /// any write): unavailable, and [`untried`](Self::untried).
     pub fn unwritten(message: impl Into<String>) -> Self {
         Self { untried: true, ..Self::unavailable(message) }
+    }
+
+    /// Whether the send was stored is not known: `message` says why.
+    pub fn indeterminate(message: impl Into<String>) -> Self {
+        Self::new(BusErrorKind::Indeterminate, message)
     }
 
     /// The sequencer refused the send; `reason` is shown to the client.

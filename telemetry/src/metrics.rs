@@ -220,7 +220,7 @@ const FRAME_TYPES: &[&str] =
     &["hello", "join", "leave", "send", "history", "typing", "ping", "invalid", "binary", "too_large"];
 const ERROR_CODES: &[&str] =
     &["bad_request", "unauthorized", "forbidden", "not_joined", "too_large", "rate_limited", "unavailable", "internal"];
-const SEND_OUTCOMES: &[&str] = &["acked", "duplicate", "unavailable", "rejected", "internal"];
+const SEND_OUTCOMES: &[&str] = &["acked", "duplicate", "unavailable", "indeterminate", "rejected", "internal"];
 const DROP_REASONS: &[&str] = &[
     "queue_full",
     "resynced_from_store",

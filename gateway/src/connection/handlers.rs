@@ -1,6 +1,7 @@
 //! What each client frame does: `hello`, `join`, `leave`, `send` (and its ack), `history`,
 //! `typing`, `ping`.
 
+use std::future::Future;
 use std::time::Instant;
 
 use axum::extract::ws::Message;
@@ -293,10 +294,10 @@ impl Connection {
             // Listed in `/debug/waits` while the worker has not answered.
             let _waiting =
                 waits.begin(format!("send {room} {client_msg_id}"), Vec::new(), format!("room-sequencer:{room}"));
-            let submitted = tracing::Instrument::instrument(bus.submit(command), span);
-            let outcome = match tokio::time::timeout(wait, submitted).await {
+            let mut submitted = Box::pin(tracing::Instrument::instrument(bus.submit(command), span));
+            let outcome = match tokio::time::timeout(wait, &mut submitted).await {
                 Ok(outcome) => outcome,
-                Err(_) => outcome_from_store(&history, &room, &user, &client_msg_id).await,
+                Err(_) => settle_unanswered(submitted, &history, &room, &user, &client_msg_id).await,
             };
             drop(admitted);
             Box::new((req, room, client_msg_id, submitted_trace, started, outcome))
@@ -326,6 +327,17 @@ impl Connection {
             Err(e) if e.kind() == bus::BusErrorKind::Rejected => {
                 metrics.sends.with_label_values(&["rejected"]).inc();
                 self.error(ErrorCode::BadRequest, e.message(), req).await
+            }
+            Err(e) if e.kind() == bus::BusErrorKind::Indeterminate => {
+                metrics.sends.with_label_values(&["indeterminate"]).inc();
+                tracing::warn!(room, client_msg_id, trace_id = %trace_id, error = %e, "send outcome unknown");
+                self.error(
+                    ErrorCode::Internal,
+                    "whether the message was stored is not known (no answer from the sequencer or the store in time); \
+                     retry with the same client_msg_id: it is stored at most once",
+                    req,
+                )
+                .await
             }
             Err(e) if e.kind() == bus::BusErrorKind::Encoding => {
                 metrics.sends.with_label_values(&["internal"]).inc();
@@ -393,35 +405,64 @@ impl Connection {
     }
 }
 
-/// How often the gateway asks the store about a send whose answer never came before it gives
-/// up, and the pause after a failed ask: an overloaded store times a read out now and then, and
-/// `unavailable` promises "not stored", so one failed read is not enough to say it.
-const STORE_ASKS: u32 = 3;
-const STORE_ASK_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
+/// How long the gateway keeps asking the store about a send whose answer never came before it
+/// says the outcome is unknown, and the pauses between asks (doubling from the first to the
+/// last): an overloaded store times reads out for a while, and `unavailable` promises "not
+/// stored", so a failed read never says it.
+const STORE_ASK_BUDGET: std::time::Duration = std::time::Duration::from_secs(30);
+const STORE_ASK_FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
+const STORE_ASK_LAST_PAUSE: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// The outcome of a send whose worker has not answered by the deadline and the margin: the
+/// store's answer, or the worker's late ack (an indeterminate write found landed) if that comes
+/// first. A late refusal is not waited for: it speaks only for the copy its worker held.
+async fn settle_unanswered(
+    answer: impl Future<Output = Result<SendOutcome, bus::BusError>>,
+    history: &crate::history::HistoryReader,
+    room: &str,
+    user: &str,
+    client_msg_id: &str,
+) -> Result<SendOutcome, bus::BusError> {
+    let late_ack = async move {
+        match answer.await {
+            Ok(outcome) => Ok(outcome),
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        outcome = late_ack => outcome,
+        outcome = outcome_from_store(history, room, user, client_msg_id) => outcome,
+    }
+}
 
 /// The outcome of a send whose answer never came (a worker stored it and its answer was lost on
 /// the bus, or nobody stored it): the store says which. Past the send's deadline and the margin
 /// no worker will store it any more, so "not found" means not stored. A store that fails is
-/// asked again, up to [`STORE_ASKS`] times.
+/// asked again, with growing pauses, for up to [`STORE_ASK_BUDGET`]; if it never answers, the
+/// outcome is [`Indeterminate`](bus::BusErrorKind::Indeterminate), never `unavailable`.
 async fn outcome_from_store(
     history: &crate::history::HistoryReader,
     room: &str,
     user: &str,
     client_msg_id: &str,
 ) -> Result<SendOutcome, bus::BusError> {
+    let give_up = tokio::time::Instant::now() + STORE_ASK_BUDGET;
+    let mut pause = STORE_ASK_FIRST_PAUSE;
     let mut asked = 1;
     let found = loop {
         match history.find_send(room, user, client_msg_id).await {
             Ok(found) => break found,
-            Err(e) if asked >= STORE_ASKS => {
-                return Err(
-                    bus::BusError::unavailable("no answer from fanout in time; the store cannot tell").with_source(e)
-                )
+            Err(e) if tokio::time::Instant::now() + pause >= give_up => {
+                return Err(bus::BusError::indeterminate(format!(
+                    "no answer from fanout in time, and the store could not tell in {asked} asks"
+                ))
+                .with_source(e))
             }
             Err(e) => {
                 tracing::debug!(room, client_msg_id, asked, error = %e, "the store cannot tell yet; asking again");
                 asked += 1;
-                tokio::time::sleep(STORE_ASK_PAUSE).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(STORE_ASK_LAST_PAUSE);
             }
         }
     };
@@ -514,19 +555,54 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_stored_send_is_acked_though_the_store_timed_out_the_first_asks() {
         let stored = message();
+        let started = tokio::time::Instant::now();
         let (outcome, asked) =
-            ask(Overloaded { failures: STORE_ASKS - 1, asked: AtomicU32::new(0), stored: Some(stored.clone()) }).await;
-        assert_eq!((outcome.unwrap().message.id, asked), (stored.id, STORE_ASKS));
+            ask(Overloaded { failures: 5, asked: AtomicU32::new(0), stored: Some(stored.clone()) }).await;
+        assert_eq!((outcome.unwrap().message.id, asked), (stored.id, 6));
+        // Pauses of 0.5, 1, 2, 4 and 4 s between the asks.
+        assert_eq!(started.elapsed(), std::time::Duration::from_millis(11_500));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn unavailable_only_when_the_store_says_not_stored_or_cannot_tell_after_every_ask() {
+    async fn a_late_ack_settles_a_send_the_store_cannot_tell_about() {
+        let stored = message();
+        let store = Arc::new(Overloaded { failures: u32::MAX, asked: AtomicU32::new(0), stored: None });
+        let history = HistoryReader::new(store.clone(), Metrics::new());
+        let late = {
+            let stored = stored.clone();
+            async move {
+                tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+                Ok(SendOutcome { message: stored, duplicate: false })
+            }
+        };
+        let started = tokio::time::Instant::now();
+        let outcome = settle_unanswered(late, &history, "r", "alice", "c-1").await;
+        assert_eq!(outcome.unwrap().message.id, stored.id);
+        assert_eq!(started.elapsed(), std::time::Duration::from_secs(3));
+        // A late refusal is not an answer: the store's (here: none in time) decides.
+        let refused = async { Err::<SendOutcome, _>(bus::BusError::unavailable("worker: store failed")) };
+        let outcome = settle_unanswered(refused, &history, "r", "alice", "c-1").await;
+        assert_eq!(outcome.unwrap_err().kind(), bus::BusErrorKind::Indeterminate);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unavailable_only_when_the_store_says_not_stored() {
         let (outcome, asked) = ask(Overloaded { failures: 0, asked: AtomicU32::new(0), stored: None }).await;
         assert_eq!(asked, 1);
-        assert!(outcome.unwrap_err().message().contains("not stored"));
+        let refusal = outcome.unwrap_err();
+        assert_eq!(refusal.kind(), bus::BusErrorKind::Unavailable);
+        assert!(refusal.message().contains("not stored"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_that_never_answers_leaves_the_outcome_unknown_not_unavailable() {
+        let started = tokio::time::Instant::now();
         let (outcome, asked) =
             ask(Overloaded { failures: u32::MAX, asked: AtomicU32::new(0), stored: Some(message()) }).await;
-        assert_eq!(asked, STORE_ASKS);
-        assert!(outcome.unwrap_err().message().contains("cannot tell"));
+        let unknown = outcome.unwrap_err();
+        assert_eq!(unknown.kind(), bus::BusErrorKind::Indeterminate, "{unknown}");
+        // Asked at 0, 0.5, 1.5, 3.5, 7.5, 11.5, ... 27.5 s; the next pause would pass 30 s.
+        assert_eq!(asked, 10);
+        assert!(started.elapsed() <= STORE_ASK_BUDGET);
     }
 }

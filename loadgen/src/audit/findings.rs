@@ -24,6 +24,9 @@ pub enum FindingKind {
     RefusedButDelivered,
     /// A send was answered with an error and never delivered (not a failure).
     Rejected,
+    /// A send was answered `internal` (which promises nothing about storage: the server could
+    /// not tell), and the message was delivered: stored once (not a failure).
+    UnknownThenStored,
     /// A message whose chain digest does not match its fields: altered after sequencing.
     ChainAltered,
     /// Two different messages claimed one seq (the next message chains to another version, or
@@ -34,7 +37,7 @@ pub enum FindingKind {
 impl FindingKind {
     /// Whether this kind fails the audit.
     pub fn fails(self) -> bool {
-        !matches!(self, Self::Rejected)
+        !matches!(self, Self::Rejected | Self::UnknownThenStored)
     }
 
     /// The kind's name in reports (as in the JSON).
@@ -48,6 +51,7 @@ impl FindingKind {
             Self::StoredTwice => "stored_twice",
             Self::RefusedButDelivered => "refused_but_delivered",
             Self::Rejected => "rejected",
+            Self::UnknownThenStored => "unknown_then_stored",
             Self::ChainAltered => "chain_altered",
             Self::Equivocation => "equivocation",
         }
@@ -103,6 +107,8 @@ pub struct FindingCounts {
     pub refused_but_delivered: u64,
     /// Sends answered with an error and never delivered.
     pub rejected: u64,
+    /// Sends answered `internal` (outcome unknown) and then delivered.
+    pub unknown_then_stored: u64,
     /// Deliveries of a message whose digest does not match its fields.
     pub chain_altered: u64,
     /// Deliveries that revealed two versions of one seq.
@@ -152,7 +158,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kind_names_are_the_json_names_and_only_rejected_passes() {
+    fn kind_names_are_the_json_names_and_only_rejected_and_unknown_pass() {
         let all = [
             FindingKind::Missing,
             FindingKind::Duplicate,
@@ -162,12 +168,13 @@ mod tests {
             FindingKind::StoredTwice,
             FindingKind::RefusedButDelivered,
             FindingKind::Rejected,
+            FindingKind::UnknownThenStored,
             FindingKind::ChainAltered,
             FindingKind::Equivocation,
         ];
         for k in all {
             assert_eq!(serde_json::to_value(k).ok(), Some(serde_json::Value::from(k.name())));
-            assert_eq!(k.fails(), k != FindingKind::Rejected);
+            assert_eq!(k.fails(), !matches!(k, FindingKind::Rejected | FindingKind::UnknownThenStored));
         }
     }
 }

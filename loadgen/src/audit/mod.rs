@@ -32,6 +32,8 @@
 //! - **stored_twice**: one `client_msg_id` got two different ids/seqs (idempotency broken).
 //! - **refused_but_delivered**: the server answered a send with an `error` frame (which says it
 //!   was not stored), yet the message was delivered.
+//! - **unknown_then_stored** (listed, not a failure): the server answered a send `internal`,
+//!   which promises nothing about storage (docs/protocol.md), and the message was delivered.
 //! - **rejected** (listed, not a failure): the server answered a send with an `error` frame and
 //!   the message never arrived.
 //! - **chain_altered**: a member got a message whose chain digest does not match its fields.

@@ -17,6 +17,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use protocol::ErrorCode;
+
 use super::findings::{AuditResult, Finding, FindingCounts, FindingKind};
 use super::ids::{fmt_id, fmt_trace};
 use super::records::{MsgRecord, Records};
@@ -167,7 +169,8 @@ impl SendTally {
 
 /// Step 2: written sends without an ack: `rejected` when the server answered with an error (not
 /// a failure), `refused_but_delivered` when it did and the message was delivered all the same
-/// (an error promises "not stored", docs/protocol.md), `unacked` when it did not answer at all.
+/// (an error promises "not stored", docs/protocol.md), `unknown_then_stored` when that error was
+/// `internal`, which promises nothing (not a failure), `unacked` when it did not answer at all.
 fn unanswered_sends(records: &Records, names: &Names<'_>, counts: &mut FindingCounts) -> Vec<Finding> {
     let mut findings = Vec::new();
     for (i, r) in records.recs.iter().enumerate() {
@@ -176,9 +179,23 @@ fn unanswered_sends(records: &Records, names: &Names<'_>, counts: &mut FindingCo
         }
         let i = i as u32;
         if let (Some(code), Some(seen)) = (r.rejected(), r.seen()) {
-            counts.refused_but_delivered += 1;
+            // `internal` promises nothing about storage; every other error says "not stored".
+            let delivered = format!("delivered as seq {} (id {})", seen.seq, fmt_id(&seen.id));
+            let (kind, detail) = if code == ErrorCode::Internal {
+                counts.unknown_then_stored += 1;
+                (
+                    FindingKind::UnknownThenStored,
+                    format!("send answered `internal` (outcome unknown), then {delivered}"),
+                )
+            } else {
+                counts.refused_but_delivered += 1;
+                (
+                    FindingKind::RefusedButDelivered,
+                    format!("send answered with error `{}`, yet {delivered}", code.as_str()),
+                )
+            };
             findings.push(Finding {
-                kind: FindingKind::RefusedButDelivered,
+                kind,
                 room: names.room(r.room),
                 seq: Some(seen.seq),
                 id: Some(fmt_id(&seen.id)),
@@ -186,12 +203,7 @@ fn unanswered_sends(records: &Records, names: &Names<'_>, counts: &mut FindingCo
                 client_msg_id: Some(names.client_msg_id(i)),
                 count: 1,
                 recipients: vec![names.user(r.sender)],
-                detail: format!(
-                    "send answered with error `{}`, yet delivered as seq {} (id {})",
-                    code.as_str(),
-                    seen.seq,
-                    fmt_id(&seen.id)
-                ),
+                detail,
             });
         } else if let Some(code) = r.rejected() {
             counts.rejected += 1;
@@ -513,8 +525,6 @@ fn verdict_line(
 
 #[cfg(test)]
 mod tests {
-    use protocol::ErrorCode;
-
     use super::*;
     use crate::audit::sim::{id_of, only, trace_of, Log, Sim};
     use crate::audit::{parse_id, AckOutcome, Delivery};
@@ -665,10 +675,9 @@ mod tests {
         assert!(only(&r, FindingKind::Rejected)[0].detail.contains("rate_limited"));
     }
 
-    /// An error promises the send was not stored (docs/protocol.md: "`unavailable` means not
-    /// stored"): one that was delivered all the same fails the audit, naming the delivery.
-    #[test]
-    fn a_refused_send_that_was_delivered_fails_naming_the_delivery() {
+    /// Three sends by one client to three members: the first two acked, the third answered
+    /// `error` `code`, yet members get it as seq 3.
+    fn third_send_answered_then_delivered(code: ErrorCode) -> AuditResult {
         let mut sim = Sim::new(3, 3);
         let plan_sends = vec![PlannedSend { at_us: 0, client: 0, room: 0 }; 3];
         sim.records = Records::new(&plan_sends, 1);
@@ -676,12 +685,29 @@ mod tests {
             sim.records.mark_sent(i, 10);
             sim.records.ack(i, parse_id(&id_of(u64::from(i) + 1)), u64::from(i) + 1, 20);
         }
-        // Send 2 is answered `unavailable`, yet members get it as seq 3.
         sim.records.mark_sent(2, 10);
-        sim.records.reject(2, ErrorCode::Unavailable);
+        sim.records.reject(2, code);
         let log = sim.clean_log(3);
         sim.run(&log);
-        let r = sim.audit();
+        sim.audit()
+    }
+
+    /// `internal` promises nothing about storage (the server could not tell): a send so
+    /// answered and then delivered is listed, and passes.
+    #[test]
+    fn an_unknown_outcome_then_delivered_is_listed_and_passes() {
+        let r = third_send_answered_then_delivered(ErrorCode::Internal);
+        assert!(r.passed, "{}", r.verdict);
+        assert_eq!((r.counts.unknown_then_stored, r.counts.refused_but_delivered, r.counts.rejected), (1, 0, 0));
+        let found = only(&r, FindingKind::UnknownThenStored);
+        assert_eq!((found[0].seq, found[0].client_msg_id.as_deref()), (Some(3), Some("t.2")));
+    }
+
+    /// An error promises the send was not stored (docs/protocol.md: "`unavailable` means not
+    /// stored"): one that was delivered all the same fails the audit, naming the delivery.
+    #[test]
+    fn a_refused_send_that_was_delivered_fails_naming_the_delivery() {
+        let r = third_send_answered_then_delivered(ErrorCode::Unavailable);
         assert!(!r.passed, "{}", r.verdict);
         assert_eq!(r.verdict, "FAILED: 1 send(s) refused but delivered");
         assert_eq!((r.counts.refused_but_delivered, r.counts.rejected), (1, 0));
@@ -940,6 +966,7 @@ mod tests {
             stored_twice: 6,
             refused_but_delivered: 8,
             rejected: 7,
+            unknown_then_stored: 11,
             chain_altered: 9,
             equivocations: 10,
         };

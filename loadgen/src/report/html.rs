@@ -168,11 +168,11 @@ impl Report {
         let _ = writeln!(
             o,
             "<h3>Audit</h3>\n<p>{} members audited ({} excluded); {} expected deliveries of {} acked messages, {} delivered.</p>\n\
-             <table><tr><th>missing messages</th><th>missing deliveries</th><th>duplicate</th><th>reordered</th><th>gap</th><th>unacked</th><th>stored twice</th><th>refused but delivered</th><th>rejected</th></tr>\
-             <tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr></table>",
+             <table><tr><th>missing messages</th><th>missing deliveries</th><th>duplicate</th><th>reordered</th><th>gap</th><th>unacked</th><th>stored twice</th><th>refused but delivered</th><th>rejected</th><th>unknown then stored</th></tr>\
+             <tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr></table>",
             a.members_audited, a.members_excluded, a.expected_deliveries, a.acked, a.delivered,
             c.missing_messages, c.missing_deliveries, c.duplicate_deliveries, c.reordered_deliveries,
-            c.gap_seqs, c.unacked, c.stored_twice, c.refused_but_delivered, c.rejected
+            c.gap_seqs, c.unacked, c.stored_twice, c.refused_but_delivered, c.rejected, c.unknown_then_stored
         );
         if a.findings.is_empty() {
             return;

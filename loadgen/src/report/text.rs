@@ -150,7 +150,7 @@ impl Report {
         let c = &a.counts;
         let _ = writeln!(
             o,
-            "  missing {} ({} deliveries) | duplicate {} | reordered {} | gap {} | unacked {} | stored twice {} | refused but delivered {} | rejected {} | stray {}",
+            "  missing {} ({} deliveries) | duplicate {} | reordered {} | gap {} | unacked {} | stored twice {} | refused but delivered {} | rejected {} | unknown then stored {} | stray {}",
             c.missing_messages,
             c.missing_deliveries,
             c.duplicate_deliveries,
@@ -160,6 +160,7 @@ impl Report {
             c.stored_twice,
             c.refused_but_delivered,
             c.rejected,
+            c.unknown_then_stored,
             a.stray_deliveries
         );
         if a.scheduled > 0 && a.members_expecting_none > 0 {
