@@ -430,6 +430,8 @@ async fn settle_unanswered(
         }
     };
     tokio::select! {
+        // A late ack ready with the store's "not found" wins: it is the surer word.
+        biased;
         outcome = late_ack => outcome,
         outcome = outcome_from_store(history, room, user, client_msg_id) => outcome,
     }

@@ -3,7 +3,8 @@
 //! [`finalize`] reads top-down as the steps it takes:
 //! 1. [`SendTally`]: which sends were written and acked, and which (room, seq) is which send;
 //! 2. [`unanswered_sends`]: sends that got an `error` (rejected, or refused but delivered when
-//!    the message arrived all the same) or nothing (unacked);
+//!    the message arrived all the same, or unknown then stored when that error was `internal`)
+//!    or nothing (unacked);
 //! 3. [`AuditedMembers`]: the memberships joined at the end and which acked sends each expects;
 //! 4. [`Losses`]: per audited member, the holes it never filled (gaps) and the expected seqs it
 //!    never got (missing), then [`missing_findings`] and [`gap_findings`];
