@@ -120,6 +120,9 @@ pub struct Metrics {
     /// Time from sequencing to the gateway handing the message to its connections (exemplars:
     /// trace ids).
     pub sequence_to_gateway: TracedHistogram,
+    /// Time from sequencing to the gateway taking in the worker's ack for it (cluster only;
+    /// exemplars: trace ids). Beside `sequence_to_gateway` it shows whether answers lag deliveries.
+    pub sequence_to_answer: TracedHistogram,
     /// Messages sequenced by fanout.
     pub sequenced: IntCounter,
     /// Store operation latency, by operation.
@@ -294,6 +297,10 @@ impl Metrics {
             send_to_ack: r.traced("chat_send_ack_seconds", "Gateway receive of a send to its ack, in seconds."),
             sequence_to_gateway: r
                 .traced("chat_sequence_to_gateway_seconds", "Sequencing to gateway fan-out, in seconds."),
+            sequence_to_answer: r.traced(
+                "chat_sequence_to_answer_seconds",
+                "Sequencing to the gateway taking in the worker's ack, in seconds.",
+            ),
             sequenced: r.counter("chat_sequenced", "Messages sequenced and stored."),
             store_latency: r.histogram_vec(
                 "chat_store_seconds",

@@ -230,7 +230,13 @@ impl NatsBus {
             .await
             .map_err(|e| unavailable("subscribe to replies", e))?;
         let waiters = self.waiters.clone();
-        tokio::spawn(async move {
+        let metrics = self.metrics.clone();
+        // One task takes in every worker answer for this gateway, while each room's deliveries
+        // have a task of their own. Under tokio's cooperative budget the task would hand back
+        // its turn after 128 answers, so an overloaded runtime (a turn every 50 ms, say) caps
+        // answers at a few thousand a second and they fall behind deliveries without bound.
+        // Unconstrained, each turn takes in every answer waiting; each costs a microsecond or two.
+        tokio::spawn(tokio::task::coop::unconstrained(async move {
             while let Some(message) = replies.next().await {
                 let Ok(reply) = serde_json::from_slice::<SendReply>(&message.payload) else {
                     let named = Named::read(&message.payload, None);
@@ -242,12 +248,16 @@ impl NatsBus {
                     );
                     continue;
                 };
+                if let SendReply::Stored(SendOutcome { message, duplicate: false }) = &reply {
+                    let lag = (protocol::now_ms() - message.ts).max(0) as f64 / 1000.0;
+                    metrics.sequence_to_answer.observe(lag, &message.trace_id);
+                }
                 let waiter = waiters.lock().unwrap_or_else(|p| p.into_inner()).get(message.subject.as_str()).cloned();
                 if let Some(waiter) = waiter {
                     let _ = waiter.try_send(reply);
                 }
             }
-        });
+        }));
         Ok(())
     }
 

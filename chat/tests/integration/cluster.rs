@@ -89,6 +89,13 @@ async fn clients_on_two_gateways_see_one_gapless_order_and_each_other() {
         assert_eq!(order, &orders[0]);
     }
     assert_gapless(&whole_history(&cluster.gateway_url(0), "shared").await);
+    // Each new message's ack came back to its gateway from a worker, and was timed once.
+    let mut answers = 0.0;
+    for gateway in 0..2 {
+        let (_, metrics) = get(&format!("{}/metrics", cluster.gateway_url(gateway))).await;
+        answers += metric(&metrics, "chat_sequence_to_answer_seconds_count");
+    }
+    assert_eq!(answers, total as f64);
 }
 
 #[tokio::test]
