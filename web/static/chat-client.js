@@ -38,6 +38,12 @@ const DEFAULTS = {
   joinCheckMs: 2000,
 };
 
+/** Error codes after which a send is tried again with the same `client_msg_id`. */
+const RETRYABLE_SEND_ERRORS = new Set(['unavailable', 'rate_limited', 'internal']);
+
+/** How many recent send attempts' `req`s are remembered, to match late error answers. */
+const SEND_REQS_KEPT = 4096;
+
 /** An error from the server (`error` frame) or from the client itself. */
 export class ChatError extends Error {
   constructor(code, message, frame) {
@@ -172,6 +178,7 @@ export class ChatClient extends Emitter {
       duplicatesDropped: 0, // message frames whose seq was already delivered
       reconnects: 0, // successful reconnections after a drop
       sendRetries: 0, // resends of a not-yet-acked message
+      staleSendErrors: 0, // retryable errors for an attempt a later attempt or an ack overtook
       integrityFailures: 0, // messages that failed a message-chain check
     };
     /** Every message-chain failure seen: { room, seq, id, kind, expected, got, previousId?, source }. */
@@ -182,6 +189,7 @@ export class ChatClient extends Emitter {
     this._attempt = 0;
     this._reqSeq = 0;
     this._pending = new Map(); // req -> { frame, resolve, reject, timer, kind }
+    this._sendReqs = new Map(); // req -> client_msg_id of every recent send attempt (bounded)
     this._rooms = new Map(); // room -> RoomState
     this._outbox = new Map(); // client_msg_id -> send entry
     this._welcome = null; // deferred for connect()
@@ -429,8 +437,8 @@ export class ChatClient extends Emitter {
     }
     const req = f.req;
     if (req !== undefined && req !== null) {
-      const sendEntry = [...this._outbox.values()].find((e) => e.req === req);
-      if (sendEntry) return this._onSendError(sendEntry, err);
+      const clientMsgId = this._sendReqs.get(req);
+      if (clientMsgId !== undefined) return this._onSendAttemptError(clientMsgId, req, err);
       const p = this._pending.get(req);
       if (p) {
         this._pending.delete(req);
@@ -767,6 +775,8 @@ export class ChatClient extends Emitter {
     const r = this._rooms.get(e.room);
     if (!this.isOpen || !r || !r.joined) { e.inFlight = false; return; } // resumes on joined
     e.req = ++this._reqSeq;
+    this._sendReqs.set(e.req, e.clientMsgId);
+    if (this._sendReqs.size > SEND_REQS_KEPT) this._sendReqs.delete(this._sendReqs.keys().next().value);
     if (e.attempts > 0) this.stats.sendRetries++;
     e.attempts++;
     const ok = this._sendRaw({ type: 'send', room: e.room, client_msg_id: e.clientMsgId, body: e.body, req: e.req });
@@ -776,13 +786,27 @@ export class ChatClient extends Emitter {
     e.attemptTimer = setTimeout(() => { e.inFlight = false; this._trySend(e); }, this.opts.sendAttemptTimeoutMs);
   }
 
+  /**
+   * An error answering attempt `req` of send `clientMsgId`. The server answers each attempt,
+   * so the answer to an earlier one can arrive after a resend (say `internal`, "whether the
+   * message was stored is not known", some 40 s late) or after the ack: a retryable error is
+   * then overtaken and dropped, not shown; a permanent one still fails a send not yet acked.
+   */
+  _onSendAttemptError(clientMsgId, req, err) {
+    const e = this._outbox.get(clientMsgId);
+    if (e && e.req === req) return this._onSendError(e, err);
+    if (RETRYABLE_SEND_ERRORS.has(err.code)) { this.stats.staleSendErrors++; return; }
+    if (e) return this._onSendError(e, err);
+    this.emit('error', err);
+  }
+
   _onSendError(e, err) {
     clearTimeout(e.attemptTimer);
     e.inFlight = false;
     switch (err.code) {
       case 'unavailable':
       case 'rate_limited':
-      case 'internal': {
+      case 'internal': { // RETRYABLE_SEND_ERRORS
         const delay = backoffDelay(e.attempts - 1, this.opts.backoff);
         this.emit('delivery', { room: e.room, clientMsgId: e.clientMsgId, body: e.body, state: 'sending', retryInMs: delay, error: err });
         e.attemptTimer = setTimeout(() => this._trySend(e), delay);
