@@ -1,6 +1,6 @@
 // How the client takes the server's answers to a send that it tried more than once. The
 // server answers every attempt, so an answer to an earlier attempt can arrive after a resend or
-// after the ack (a gateway answers `internal` up to ~40 s late when the store cannot tell
+// after the ack (a gateway answers `internal` up to ~14 s late when the store cannot tell
 // whether a send was stored: docs/protocol.md). Runs in Node against a scripted socket, no
 // browser and no server: the timing is the test's to choose.
 import { describe, it } from 'node:test';
