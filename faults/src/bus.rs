@@ -1,4 +1,4 @@
-//! Decorators over the bus: a gateway's side (`gateway.nats`, `gateway.feed`) and a worker's
+//! Decorators over the bus: a gateway's side (`gateway.nats`, `gateway.answer`, `gateway.feed`) and a worker's
 //! side (`fanout.sequence`, `fanout.publish`).
 
 use std::collections::HashMap;
@@ -17,9 +17,9 @@ use crate::{FaultAction, Hop};
 
 // === the gateway's side ===
 
-/// A gateway's bus under `gateway.nats` (cut: sends refused, feeds lose messages, not ready)
-/// and `gateway.feed` (drop or delay a room's messages on arrival). Other processes' journeys
-/// pass untouched.
+/// A gateway's bus under `gateway.nats` (cut: sends refused, feeds lose messages, not ready),
+/// `gateway.answer` (a worker's ack held or lost on arrival) and `gateway.feed` (drop or delay
+/// a room's messages on arrival). Other processes' journeys pass untouched.
 pub fn faulty_gateway_bus(inner: GatewayBus, injector: &Injector) -> GatewayBus {
     GatewayBus {
         sends: Arc::new(FaultySends { inner: inner.sends, injector: injector.clone() }),
@@ -29,7 +29,9 @@ pub fn faulty_gateway_bus(inner: GatewayBus, injector: &Injector) -> GatewayBus 
     }
 }
 
-/// Sends under a `gateway.nats` cut: refused as if NATS were unreachable.
+/// Sends under a `gateway.nats` cut (refused as if NATS were unreachable) and `gateway.answer`
+/// (the worker's ack held for the fault's delay, or lost: never returned, so the gateway's wait
+/// for it runs out and it asks the store, as when NATS loses an answer). Refusals pass.
 struct FaultySends {
     inner: Arc<dyn SendBus>,
     injector: Injector,
@@ -43,7 +45,22 @@ impl SendBus for FaultySends {
             self.injector.mark_send(&fired, &command.dedupe_key(), command.trace_id(), serde_json::json!({}));
             return Err(BusError::unavailable("not connected to NATS"));
         }
-        self.inner.submit(command).await
+        let outcome = self.inner.submit(command).await?;
+        let Some(fired) = self.injector.decide(Hop::GatewayAnswer, &outcome.message.room) else { return Ok(outcome) };
+        let message = &outcome.message;
+        self.injector.mark_message(
+            &fired,
+            message.id,
+            &message.trace_id,
+            serde_json::json!({"gateway": self.injector.process()}),
+        );
+        match fired.action {
+            FaultAction::Delay => {
+                tokio::time::sleep(fired.wait()).await;
+                Ok(outcome)
+            }
+            _ => std::future::pending().await,
+        }
     }
 }
 
@@ -495,6 +512,65 @@ mod tests {
         let caught = protocol::chain::check(&published).unwrap_err();
         assert_eq!(caught.kind(), protocol::chain::ViolationKind::Altered);
         assert_eq!(metrics.faults_injected.with_label_values(&["fanout.publish", "forge_seq"]).get(), 0, "sealed");
+    }
+
+    /// Answers every send `Stored`, at once.
+    struct StoresAll;
+    #[async_trait]
+    impl SendBus for StoresAll {
+        async fn submit(&self, command: SendCommand) -> Result<SendOutcome, BusError> {
+            let message = ChatMessage {
+                room: command.room,
+                seq: 1,
+                id: uuid::Uuid::now_v7(),
+                user: command.user,
+                body: command.body,
+                ts: 0,
+                client_msg_id: command.client_msg_id,
+                trace_id: "t".into(),
+                prev: None,
+                digest: None,
+            };
+            Ok(SendOutcome { message, duplicate: false })
+        }
+    }
+
+    /// Refuses every send.
+    struct RefusesAll;
+    #[async_trait]
+    impl SendBus for RefusesAll {
+        async fn submit(&self, _command: SendCommand) -> Result<SendOutcome, BusError> {
+            Err(BusError::unavailable("worker: store failed"))
+        }
+    }
+
+    fn gateway_bus_over(sends: Arc<dyn SendBus>, injector: &Injector) -> GatewayBus {
+        let inner = GatewayBus { sends, ..GatewayBus::of(Arc::new(LocalBus::new())) };
+        faulty_gateway_bus(inner, injector)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_delay_holds_only_acks_of_its_room_and_a_drop_loses_them() {
+        let delay = FaultSpec {
+            room: Some("r".into()),
+            delay_ms: Some(3000),
+            ..FaultSpec::new(Hop::GatewayAnswer, FaultAction::Delay)
+        };
+        let (injector, metrics) = injector(delay);
+        let bus = gateway_bus_over(Arc::new(StoresAll), &injector);
+        let started = Instant::now();
+        bus.sends.submit(command("other", "a")).await.unwrap();
+        assert_eq!(started.elapsed(), Duration::ZERO, "another room's ack is not held");
+        let acked = bus.sends.submit(command("r", "b")).await.unwrap();
+        assert_eq!((acked.message.client_msg_id.as_str(), started.elapsed()), ("b", Duration::from_secs(3)));
+        assert_eq!(metrics.faults_injected.with_label_values(&["gateway.answer", "delay"]).get(), 1);
+        let refused = gateway_bus_over(Arc::new(RefusesAll), &injector).sends.submit(command("r", "c")).await;
+        assert_eq!(refused.unwrap_err().kind(), BusErrorKind::Unavailable, "a refusal passes at once");
+
+        let (dropping, _) = self::injector(FaultSpec::new(Hop::GatewayAnswer, FaultAction::Drop));
+        let bus = gateway_bus_over(Arc::new(StoresAll), &dropping);
+        let lost = tokio::time::timeout(Duration::from_secs(60), bus.sends.submit(command("r", "d"))).await;
+        assert!(lost.is_err(), "a lost answer never comes");
     }
 
     #[tokio::test]

@@ -70,6 +70,7 @@ impl FaultAction {
 /// | `gateway.resubscribe` | drop | a gateway restoring a room's subscription after a bus reconnect: not restored |
 /// | `gateway.outbox` | drop | connections opened while armed: a queue of one frame, and what a full queue skips is dropped, never caught up from the store (a slow-consumer policy set to drop) |
 /// | `gateway.nats` | cut | a gateway's whole bus connection: sends `unavailable`, feeds dropped, not ready |
+/// | `gateway.answer` | delay, drop | a gateway taking in a worker's `Stored` answer to a send: held, or lost (the gateway then waits out the deadline and the margin and asks the store) |
 /// | `fanout.publish` | drop, duplicate, delay, equivocate, forge_seq | a worker publishing a stored message to gateways |
 /// | `fanout.sequence` | stall, delay | a worker before sequencing a room's sends (the rest of its batch waits too) |
 /// | `fanout.clock` | skew | a worker stamping `ts` (`delay_ms` ahead; negative: behind) |
@@ -95,6 +96,9 @@ pub enum Hop {
     /// A gateway's whole bus connection.
     #[serde(rename = "gateway.nats")]
     GatewayNats,
+    /// A gateway taking in a worker's answer to a send.
+    #[serde(rename = "gateway.answer")]
+    GatewayAnswer,
     /// A worker publishing a stored message.
     #[serde(rename = "fanout.publish")]
     FanoutPublish,
@@ -114,13 +118,14 @@ pub enum Hop {
 
 impl Hop {
     /// Every hop.
-    pub const ALL: [Hop; 11] = [
+    pub const ALL: [Hop; 12] = [
         Hop::GatewayDeliver,
         Hop::GatewayFeed,
         Hop::GatewayGapRepair,
         Hop::GatewayResubscribe,
         Hop::GatewayOutbox,
         Hop::GatewayNats,
+        Hop::GatewayAnswer,
         Hop::FanoutPublish,
         Hop::FanoutSequence,
         Hop::FanoutClock,
@@ -137,6 +142,7 @@ impl Hop {
             Hop::GatewayResubscribe => "gateway.resubscribe",
             Hop::GatewayOutbox => "gateway.outbox",
             Hop::GatewayNats => "gateway.nats",
+            Hop::GatewayAnswer => "gateway.answer",
             Hop::FanoutPublish => "fanout.publish",
             Hop::FanoutSequence => "fanout.sequence",
             Hop::FanoutClock => "fanout.clock",
@@ -154,6 +160,7 @@ impl Hop {
             Hop::GatewayGapRepair => &[Disable],
             Hop::GatewayResubscribe | Hop::GatewayOutbox => &[Drop],
             Hop::GatewayNats => &[Cut],
+            Hop::GatewayAnswer => &[Delay, Drop],
             Hop::FanoutPublish => &[Drop, Duplicate, Delay, Equivocate, ForgeSeq],
             Hop::FanoutSequence => &[Stall, Delay],
             Hop::FanoutClock => &[Skew],

@@ -131,6 +131,8 @@ pub enum Mechanism {
     NatsCut,
     /// One gateway receives rooms' messages from the bus seconds late.
     FeedDelay,
+    /// One gateway takes in workers' answers to its sends seconds late.
+    AnswerDelay,
     /// Now and then one worker holds a batch past the bus's redelivery timeout.
     WorkerStall,
     /// Now and then one worker publishes a stored message past the redelivery timeout.
@@ -256,14 +258,14 @@ pub const CHALLENGES: &[Challenge] = &[
     Challenge {
         name: "partitioned-gateway",
         page: "docs/exercises/06-the-partitioned-gateway.md",
-        symptom: "on the cluster, some users cannot send or get messages late; the others are fine",
+        symptom: "on the cluster, some users cannot send, wait for acks or get messages late; the others are fine",
         story: "The cluster runs two gateways behind a load balancer. About half of the users complain: \
-                some cannot send (their sends fail with `unavailable`), or get everyone's messages \
-                seconds late. The other half see nothing wrong. Find the process at fault, the hop and \
-                what happens there.",
+                some cannot send (their sends fail with `unavailable`) or wait seconds for each send to \
+                be acked, or get everyone's messages seconds late. The other half see nothing wrong. \
+                Find the process at fault, the hop and what happens there.",
         topology: Topology::Cluster,
         asks: &[Field::Process, Field::Hop, Field::Kind],
-        variants: &[Mechanism::NatsCut, Mechanism::FeedDelay],
+        variants: &[Mechanism::NatsCut, Mechanism::FeedDelay, Mechanism::AnswerDelay],
         restarts_bus: false,
     },
     Challenge {
@@ -354,6 +356,7 @@ impl Mechanism {
             Mechanism::PublishStall => "publish-stall",
             Mechanism::NatsCut => "nats-cut",
             Mechanism::FeedDelay => "feed-delay",
+            Mechanism::AnswerDelay => "answer-delay",
             Mechanism::WorkerStall => "worker-stall",
             Mechanism::WorkerPublishDelay => "worker-publish-delay",
             Mechanism::GatewayRewrite => "gateway-rewrite",
@@ -373,6 +376,7 @@ impl Mechanism {
             | Mechanism::DeliverDelay
             | Mechanism::NatsCut
             | Mechanism::FeedDelay
+            | Mechanism::AnswerDelay
             | Mechanism::GatewayRewrite
             | Mechanism::ResubscribeLost
             | Mechanism::SlowConsumerDrop => Role::Gateway,
@@ -515,6 +519,19 @@ impl Mechanism {
                      own sends are acked at once. Journeys: fanout.publish on time, then {process}'s \
                      gateway.fanout 3 s later while the other gateway's follows within milliseconds; \
                      chat_sequence_to_gateway_seconds on {process} sits at 3 s."
+                ),
+            ),
+            Mechanism::AnswerDelay => (
+                cause("gateway.answer", "delay", None),
+                vec![at(sealed("gateway.answer", "delay", json!({"delay_ms": 3000})))],
+                format!(
+                    "Users on {process} see their own sends hang about 3 s before the ack, though the \
+                     message itself reaches them and everyone else at once; nothing fails. Journeys: \
+                     store.append and fanout.publish on time, {process}'s gateway.fanout within \
+                     milliseconds, gateway.ack 3 s later. On {process} chat_send_ack_seconds sits above \
+                     3 s while chat_sequence_to_answer_seconds (the worker's ack reaching the gateway) \
+                     and chat_sequence_to_gateway_seconds stay low: the ack arrived on time and was held \
+                     inside the gateway."
                 ),
             ),
             Mechanism::WorkerStall => (

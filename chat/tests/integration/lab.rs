@@ -602,8 +602,9 @@ async fn metric_sum(url: &str, name: &str) -> f64 {
 }
 
 /// partitioned-gateway: a gateway that is not ready names itself (and why); otherwise the
-/// gateway whose messages arrive from the bus seconds after they were sequenced (watched until
-/// its traffic shows it: a late feed is seen only once messages have come through it).
+/// gateway whose messages arrive from the bus seconds after they were sequenced, or whose sends
+/// are acked seconds after the workers' answers reached it (watched until its traffic shows it:
+/// a late feed or ack is seen only once messages have come through it).
 async fn solve_partitioned_gateway(round: &Round) -> Vec<(&'static str, String)> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
@@ -626,7 +627,31 @@ async fn solve_partitioned_gateway(round: &Round) -> Vec<(&'static str, String)>
         if lag[0].0 > 1.0 && lag[1].0 < 0.5 {
             return vec![("--process", lag[0].1.into()), ("--hop", "gateway.feed".into()), ("--kind", "delay".into())];
         }
-        assert!(std::time::Instant::now() < deadline, "no gateway is cut or late: {lag:?}");
+        // Acks: slow on one gateway while the workers' answers reach it on time means the
+        // gateway holds them after they arrived.
+        let mut acks = Vec::new();
+        for gateway in ["gw-1", "gw-2"] {
+            let url = &round.urls[gateway];
+            let mean = |name: &str| {
+                let name = name.to_owned();
+                async move {
+                    metric_sum(url, &format!("{name}_sum")).await
+                        / metric_sum(url, &format!("{name}_count")).await.max(1.0)
+                }
+            };
+            let ack = mean("chat_send_ack_seconds").await;
+            let answer = mean("chat_sequence_to_answer_seconds").await;
+            acks.push((ack, answer, gateway));
+        }
+        acks.sort_by(|a, b| b.0.total_cmp(&a.0));
+        if acks[0].0 > 2.0 && acks[0].1 < 0.5 && acks[1].0 < 1.0 {
+            return vec![
+                ("--process", acks[0].2.into()),
+                ("--hop", "gateway.answer".into()),
+                ("--kind", "delay".into()),
+            ];
+        }
+        assert!(std::time::Instant::now() < deadline, "no gateway is cut or late: {lag:?}, acks {acks:?}");
     }
 }
 
@@ -916,6 +941,7 @@ pub(crate) async fn cluster_challenges_every_mechanism_is_found_from_evidence() 
     let rounds = [
         ("partitioned-gateway", Mechanism::NatsCut),
         ("partitioned-gateway", Mechanism::FeedDelay),
+        ("partitioned-gateway", Mechanism::AnswerDelay),
         ("duplicate-after-stall", Mechanism::WorkerStall),
         ("duplicate-after-stall", Mechanism::WorkerPublishDelay),
         ("byzantine", Mechanism::GatewayRewrite),
