@@ -265,6 +265,12 @@ pub struct BackendArgs {
     /// CPU the second copies cost more than they save).
     #[arg(long, env = "CHAT_CQL_HEDGE_MS", value_name = "MS", default_value_t = 0)]
     pub cql_hedge_ms: u64,
+    /// Route CQL requests around a node whose recent mean latency is over twice the fastest
+    /// node's (the driver's latency awareness; the node is tried again after 10 s). Helps while
+    /// one node of a ring is cold or slow, as right after it restarts; off by default
+    /// (docs/storage.md).
+    #[arg(long, env = "CHAT_CQL_LATENCY_AWARE")]
+    pub cql_latency_aware: bool,
     /// Replicas of the JetStream send stream `CHAT_SEND` when it is created (3 on a NATS cluster).
     #[arg(
         long,
@@ -304,6 +310,7 @@ impl BackendArgs {
             cql_local_datacenter: self.cql_local_dc.clone().filter(|dc| !dc.is_empty()),
             cql_request_timeout: Duration::from_millis(self.cql_request_timeout_ms),
             cql_hedge_after: (self.cql_hedge_ms > 0).then(|| Duration::from_millis(self.cql_hedge_ms)),
+            cql_latency_aware: self.cql_latency_aware,
         })
     }
 }
@@ -745,6 +752,7 @@ mod tests {
         assert_eq!(backends.replication, cql.replication);
         assert_eq!(backends.cql_request_timeout, cql.request_timeout);
         assert_eq!(backends.cql_hedge_after, cql.hedge_after);
+        assert_eq!(backends.cql_latency_aware, cql.latency_aware);
         assert_eq!(backends.cql_local_datacenter, cql.local_datacenter);
     }
 
@@ -759,6 +767,7 @@ mod tests {
             "2500",
             "--cql-hedge-ms",
             "150",
+            "--cql-latency-aware",
             "--max-batch",
             "64",
             "--ack-wait-ms",
@@ -772,6 +781,7 @@ mod tests {
         assert_eq!(backends.cql_local_datacenter.as_deref(), Some("dc2"));
         assert_eq!(backends.cql_request_timeout, Duration::from_millis(2500));
         assert_eq!(backends.cql_hedge_after, Some(Duration::from_millis(150)));
+        assert!(backends.cql_latency_aware);
         let worker = worker.config(10);
         assert_eq!((worker.fanout.max_batch, worker.ack_wait), (64, Duration::from_secs(9)));
         assert!(Cli::try_parse_from(["chat", "fanout", "--max-batch", "0"]).is_err());

@@ -45,6 +45,9 @@ pub struct Backends {
     /// A CQL request slower than this (and than 4 times the median) is sent once more, to
     /// another node; `None`: never.
     pub cql_hedge_after: Option<Duration>,
+    /// Route CQL requests around nodes much slower than the fastest (the driver's latency
+    /// awareness).
+    pub cql_latency_aware: bool,
 }
 
 impl Backends {
@@ -63,6 +66,7 @@ impl Backends {
             replication: self.replication.clone(),
             request_timeout: self.cql_request_timeout,
             hedge_after: self.cql_hedge_after,
+            latency_aware: self.cql_latency_aware,
             local_datacenter: self.cql_local_datacenter.clone(),
             credentials: self.cql_credentials.clone(),
             tls_ca: self.cql_tls_ca.clone(),
@@ -304,6 +308,7 @@ mod tests {
             cql_local_datacenter: None,
             cql_request_timeout: Duration::from_secs(1),
             cql_hedge_after: None,
+            cql_latency_aware: false,
         };
         let failed = tokio::time::timeout(Duration::from_secs(10), connect_store(&backends))
             .await

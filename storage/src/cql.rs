@@ -25,7 +25,7 @@ use protocol::ChatMessage;
 use scylla::client::execution_profile::{ExecutionProfile, ExecutionProfileHandle};
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
-use scylla::policies::load_balancing::DefaultPolicy;
+use scylla::policies::load_balancing::{DefaultPolicy, LatencyAwarenessBuilder};
 use scylla::response::query_result::QueryResult;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
@@ -138,6 +138,12 @@ pub struct CqlConfig {
     /// `None` (the default): never, because on a cluster short of CPU the second copies cost
     /// more than they save (docs/storage.md).
     pub hedge_after: Option<Duration>,
+    /// Route around slow nodes: the driver's latency awareness puts a node whose recent mean
+    /// latency is over twice the fastest node's at the end of each request's plan (for 10 s,
+    /// then tries it again). It helps while one node of a ring is cold (just started or
+    /// restarted: its JIT unwarmed) or otherwise slow; off by default, as the driver advises,
+    /// since on a balanced cluster it only moves requests off their replicas (docs/storage.md).
+    pub latency_aware: bool,
     /// Timeout of opening one connection.
     pub connect_timeout: Duration,
     /// Datacenter whose nodes coordinate requests (needed for `LOCAL_*` consistency to mean the
@@ -195,6 +201,7 @@ impl Default for CqlConfig {
             serial_consistency: SerialConsistency::LocalSerial,
             request_timeout: Duration::from_millis(Self::DEFAULT_REQUEST_TIMEOUT_MS),
             hedge_after: None,
+            latency_aware: false,
             connect_timeout: Duration::from_millis(Self::DEFAULT_CONNECT_TIMEOUT_MS),
             local_datacenter: None,
             credentials: None,
@@ -272,13 +279,19 @@ impl CqlStore {
             .known_nodes(&config.nodes)
             .connection_timeout(config.connect_timeout)
             .keyspaces_to_fetch([config.keyspace.clone()]);
-        if let Some(dc) = &config.local_datacenter {
-            // The policy prefers the datacenter (token-aware, no failover to a remote one, so
-            // `LOCAL_*` always means this one); the session-level preference says the same to
-            // whatever the driver routes without this profile.
-            let policy = DefaultPolicy::builder().prefer_datacenter(dc.clone()).permit_dc_failover(false).build();
-            profile = profile.load_balancing_policy(policy);
-            builder = builder.prefer_datacenter(dc.clone());
+        if config.local_datacenter.is_some() || config.latency_aware {
+            // With a datacenter, the policy prefers it (token-aware, no failover to a remote
+            // one, so `LOCAL_*` always means this one); the session-level preference says the
+            // same to whatever the driver routes without this profile.
+            let mut policy = DefaultPolicy::builder();
+            if let Some(dc) = &config.local_datacenter {
+                policy = policy.prefer_datacenter(dc.clone()).permit_dc_failover(false);
+                builder = builder.prefer_datacenter(dc.clone());
+            }
+            if config.latency_aware {
+                policy = policy.latency_awareness(LatencyAwarenessBuilder::new());
+            }
+            profile = profile.load_balancing_policy(policy.build());
         }
         if let Some(CqlCredentials { user, password }) = &config.credentials {
             builder = builder.user(user, password);

@@ -379,3 +379,18 @@ async fn a_warm_up_works_in_its_own_rooms_until_the_store_is_quick() {
     })
     .await;
 }
+
+/// A store routing by latency (`--cql-latency-aware`) connects, stores and reads as any other,
+/// alone or with a preferred datacenter.
+#[tokio::test]
+async fn a_latency_aware_store_stores_and_reads() {
+    for local_datacenter in [None, Some("datacenter1".to_owned())] {
+        let config = CqlConfig { latency_aware: true, local_datacenter, ..crate::fresh_config("latency_aware") };
+        let store = crate::connect(config).await;
+        fill(&store, "la", 0, 120, 40).await;
+        assert_eq!(store.last_seq("la").await.unwrap(), 120);
+        let page = store.page("la", PageQuery::between(0, 121)).await.unwrap();
+        assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=120).collect::<Vec<_>>());
+        store.drop_keyspace().await.unwrap();
+    }
+}
