@@ -601,6 +601,11 @@ async fn metric_sum(url: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// The mean of histogram `name` on `url` (its `_sum` over its `_count`; 0 with no observation).
+async fn histogram_mean(url: &str, name: &str) -> f64 {
+    metric_sum(url, &format!("{name}_sum")).await / metric_sum(url, &format!("{name}_count")).await.max(1.0)
+}
+
 /// partitioned-gateway: a gateway that is not ready names itself (and why); otherwise the
 /// gateway whose messages arrive from the bus seconds after they were sequenced, or whose sends
 /// are acked seconds after the workers' answers reached it (watched until its traffic shows it:
@@ -618,10 +623,7 @@ async fn solve_partitioned_gateway(round: &Round) -> Vec<(&'static str, String)>
         }
         let mut lag = Vec::new();
         for gateway in ["gw-1", "gw-2"] {
-            let url = &round.urls[gateway];
-            let sum = metric_sum(url, "chat_sequence_to_gateway_seconds_sum").await;
-            let count = metric_sum(url, "chat_sequence_to_gateway_seconds_count").await;
-            lag.push((sum / count.max(1.0), gateway));
+            lag.push((histogram_mean(&round.urls[gateway], "chat_sequence_to_gateway_seconds").await, gateway));
         }
         lag.sort_by(|a, b| b.0.total_cmp(&a.0));
         if lag[0].0 > 1.0 && lag[1].0 < 0.5 {
@@ -632,15 +634,8 @@ async fn solve_partitioned_gateway(round: &Round) -> Vec<(&'static str, String)>
         let mut acks = Vec::new();
         for gateway in ["gw-1", "gw-2"] {
             let url = &round.urls[gateway];
-            let mean = |name: &str| {
-                let name = name.to_owned();
-                async move {
-                    metric_sum(url, &format!("{name}_sum")).await
-                        / metric_sum(url, &format!("{name}_count")).await.max(1.0)
-                }
-            };
-            let ack = mean("chat_send_ack_seconds").await;
-            let answer = mean("chat_sequence_to_answer_seconds").await;
+            let ack = histogram_mean(url, "chat_send_ack_seconds").await;
+            let answer = histogram_mean(url, "chat_sequence_to_answer_seconds").await;
             acks.push((ack, answer, gateway));
         }
         acks.sort_by(|a, b| b.0.total_cmp(&a.0));
