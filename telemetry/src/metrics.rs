@@ -23,6 +23,10 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 const LATENCY_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
+/// Buckets in seconds for the time to a send's answer, finer around its 5 s deadline: the
+/// share at or below `5` is the share answered within it.
+const ANSWER_BUCKETS: &[f64] = &[0.01, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 11.0, 15.0];
+
 /// An integer counter.
 pub type IntCounter = Counter<u64, AtomicU64>;
 
@@ -117,6 +121,9 @@ pub struct Metrics {
     pub gap_repaired_messages: IntCounter,
     /// Time from a gateway receiving a `send` to sending its `ack` (exemplars: trace ids).
     pub send_to_ack: TracedHistogram,
+    /// Time from a gateway receiving an admitted `send` to having its answer, whatever it is
+    /// (`ack` or `error`): the share within the send's deadline.
+    pub send_answer: Histogram,
     /// Time from sequencing to the gateway handing the message to its connections (exemplars:
     /// trace ids).
     pub sequence_to_gateway: TracedHistogram,
@@ -295,6 +302,11 @@ impl Metrics {
             gap_repairs: r.counter("chat_gap_repairs", "Gaps in a room feed filled from the store."),
             gap_repaired_messages: r.counter("chat_gap_repaired_messages", "Messages recovered by gap repair."),
             send_to_ack: r.traced("chat_send_ack_seconds", "Gateway receive of a send to its ack, in seconds."),
+            send_answer: r.histogram(
+                "chat_send_answer_seconds",
+                "Gateway receive of an admitted send to its answer (ack or error), in seconds.",
+                ANSWER_BUCKETS,
+            ),
             sequence_to_gateway: r
                 .traced("chat_sequence_to_gateway_seconds", "Sequencing to gateway fan-out, in seconds."),
             sequence_to_answer: r.traced(

@@ -32,6 +32,9 @@ async fn health_ready_metrics_and_the_web_app() {
     assert_eq!(metric(&text, "chat_sends_total{outcome=\"duplicate\"}"), 1.0, "{text}");
     assert_eq!(metric(&text, "chat_deliveries_total"), 1.0, "{text}");
     assert!(text.contains("chat_send_ack_seconds_bucket"), "{text}");
+    // Both answers (the ack and the duplicate's) were timed, within the send's deadline.
+    assert_eq!(metric(&text, "chat_send_answer_seconds_count"), 2.0, "{text}");
+    assert_eq!(metric(&text, "chat_send_answer_seconds_bucket{le=\"5.0\"}"), 2.0, "{text}");
     let (status, html) = get(&format!("{}/", server.http_url)).await;
     assert_eq!(status, 200);
     assert!(html.to_lowercase().contains("<!doctype html"), "{html}");

@@ -79,6 +79,8 @@ async fn prometheus_scrapes_metrics_and_promql_returns_the_counts() {
     wait_for(&prometheus, "sum(chat_deliveries_total)", 2.0 * sent).await;
     wait_for(&prometheus, "sum(chat_sequenced_total)", sent).await;
     wait_for(&prometheus, "sum(chat_send_ack_seconds_count)", sent).await;
+    // Every send answered within its deadline, by the bound the alert ChatSendsAnsweredLate reads.
+    wait_for(&prometheus, r#"sum(chat_send_answer_seconds_bucket{le=~"5(\\.0)?"})"#, sent).await;
     wait_for(&prometheus, "sum(chat_sequence_to_gateway_seconds_count)", sent).await;
     wait_for(&prometheus, r#"sum(chat_frames_received_total{type="send"})"#, sent).await;
     wait_for(&prometheus, "sum(chat_joins_total)", 2.0).await;

@@ -308,6 +308,7 @@ impl Connection {
     pub(super) async fn on_submitted(&mut self, submitted: Box<SubmitResult>) -> Result<(), End> {
         let (req, room, client_msg_id, trace_id, started, outcome) = *submitted;
         let metrics = &self.app.metrics;
+        metrics.send_answer.observe(started.elapsed().as_secs_f64());
         match outcome {
             Ok(SendOutcome { message, duplicate }) => {
                 metrics.sends.with_label_values(&[if duplicate { "duplicate" } else { "acked" }]).inc();
