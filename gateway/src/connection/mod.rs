@@ -221,12 +221,15 @@ impl Connection {
                     }
                 }
                 Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                    let message_to_come = self.announces_unwritten_message(&done);
                     let answered = Box::pin(self.on_submitted(done)).await;
-                    // The message an ack announces usually reaches this connection's queue a
-                    // moment after the ack (the room's hub forwards it): let the hub run first,
-                    // so that one write to the socket carries both. Not while a delivery hook
-                    // may hold deliveries: an ack never waits behind one.
-                    if coalesce && outbox.is_empty() {
+                    // In one process the message an ack announces usually reaches this
+                    // connection's queue a moment after the ack (the room's hub forwards it):
+                    // let the hub run first, so that one write to the socket carries both. Not
+                    // when the message was written already (in a cluster it usually comes
+                    // first): on a busy runtime the yield would hold the ack for a whole turn.
+                    // Nor while a delivery hook may hold deliveries: an ack never waits behind one.
+                    if coalesce && message_to_come && outbox.is_empty() {
                         tokio::task::yield_now().await;
                     }
                     match answered {
@@ -275,6 +278,16 @@ impl Connection {
 }
 
 impl Connection {
+    /// Whether `done` is an ack of a message this connection will still write: its room is
+    /// joined and its seq is past the room's cursor.
+    fn announces_unwritten_message(&self, done: &SubmitResult) -> bool {
+        let (_, room, _, _, _, outcome) = done;
+        match outcome {
+            Ok(SendOutcome { message, .. }) => self.rooms.get(room).is_some_and(|joined| message.seq > joined.cursor),
+            Err(_) => false,
+        }
+    }
+
     /// Tells the client the gateway drains, and ends the connection.
     async fn say_draining(&mut self) -> Result<(), End> {
         let frame = ServerFrame::Reconnect { reason: "draining".into() };
