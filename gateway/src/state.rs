@@ -63,7 +63,12 @@ impl AppState {
     ) -> Self {
         let verifier = config.jwt_secret.as_deref().map(Verifier::new);
         let connection_permits = Arc::new(Semaphore::new(config.limits.max_connections));
-        let sends = SendAdmission::new(config.limits.max_sends_in_flight, metrics.sends_in_flight.clone());
+        let sends = SendAdmission::new(
+            config.limits.max_sends_in_flight,
+            config.submit_timeout / 2,
+            metrics.sends_in_flight.clone(),
+            metrics.send_admission_limit.clone(),
+        );
         Self {
             config,
             bus,

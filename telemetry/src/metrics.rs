@@ -111,6 +111,9 @@ pub struct Metrics {
     pub sends: CounterVec,
     /// Sends this gateway has handed on and not yet answered (capped by `--max-sends-in-flight`).
     pub sends_in_flight: IntGauge,
+    /// The limit on `sends_in_flight` in force: the cap, or what the gateway's recent answer
+    /// rate clears in half a send's deadline if lower (gateway/src/admission.rs).
+    pub send_admission_limit: IntGauge,
     /// `message` frames written to connections.
     pub deliveries: IntCounter,
     /// Deliveries or frames not delivered, by reason.
@@ -295,6 +298,11 @@ impl Metrics {
             sends_in_flight: r.add(
                 "chat_sends_in_flight",
                 "Sends this gateway has handed on and not yet answered.",
+                IntGauge::default(),
+            ),
+            send_admission_limit: r.add(
+                "chat_send_admission_limit",
+                "The limit on sends in flight in force: --max-sends-in-flight, or what the recent answer rate clears in half a send's deadline if lower.",
                 IntGauge::default(),
             ),
             deliveries: r.counter("chat_deliveries", "Message frames written to connections."),

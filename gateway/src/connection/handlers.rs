@@ -259,8 +259,9 @@ impl Connection {
             "gateway.receive",
             serde_json::json!({"gateway": self.app.config.gateway_id, "session": self.session}),
         );
-        // Over the process's cap of sends awaiting an answer: refused now, unpublished, so
-        // surely not stored, rather than queued behind the others past its deadline.
+        // Over the process's limit of sends awaiting an answer (the cap, or what the answers
+        // clear in half the deadline): refused now, unpublished, so surely not stored, rather
+        // than queued behind the others past its deadline.
         let Some(admitted) = self.app.sends.try_admit() else {
             self.app.metrics.drops.with_label_values(&["overloaded"]).inc();
             self.app.metrics.sends.with_label_values(&["unavailable"]).inc();
@@ -268,9 +269,9 @@ impl Connection {
                 &command.dedupe_key(),
                 &trace_id,
                 "gateway.shed",
-                serde_json::json!({"gateway": self.app.config.gateway_id, "max_sends_in_flight": self.app.config.limits.max_sends_in_flight}),
+                serde_json::json!({"gateway": self.app.config.gateway_id, "limit": self.app.metrics.send_admission_limit.get()}),
             );
-            tracing::debug!(room = %command.room, client_msg_id = %command.client_msg_id, trace_id = %trace_id, "send shed: too many sends in flight");
+            tracing::debug!(room = %command.room, client_msg_id = %command.client_msg_id, trace_id = %trace_id, "send shed: as many sends in flight as the limit");
             return self
                 .error(
                     ErrorCode::Unavailable,
