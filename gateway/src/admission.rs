@@ -30,7 +30,8 @@ const RATE_WINDOW: Duration = Duration::from_millis(250);
 pub struct SendAdmission {
     permits: Arc<Semaphore>,
     cap: usize,
-    /// Whether the answer rate may lower the limit (not when there is no cap at all).
+    /// Whether the answer rate may lower the limit: not when there is no cap at all, nor when
+    /// the cap is at or below the floor.
     follows_answers: bool,
     target_wait: Duration,
     answers: Arc<AtomicU64>,
@@ -97,7 +98,7 @@ impl SendAdmission {
         if elapsed >= RATE_WINDOW {
             let answers = self.answers.load(Ordering::Relaxed);
             let window_rate = (answers - rate.answers_at_start) as f64 / elapsed.as_secs_f64();
-            // A window long past (a quiet spell) says nothing about the last one: start afresh.
+            // A long window (a quiet spell with no sends offered) is no trend to smooth: take it alone.
             rate.per_sec = if elapsed > 4 * RATE_WINDOW { window_rate } else { (rate.per_sec + window_rate) / 2.0 };
             rate.window_start = now;
             rate.answers_at_start = answers;
