@@ -10,9 +10,12 @@
 //! slower one (a ring of replicas, a store warming up) queue sends past their deadline. So the
 //! limit is the lower of the cap (`--max-sends-in-flight`) and what this gateway was answered
 //! lately times a target wait (half the deadline), and never below a floor, so a burst after a
-//! quiet spell is admitted while the answer rate catches up.
+//! quiet spell is admitted while the answer rate catches up. The cap counts every send awaiting
+//! its answer; the limit counts only those within their deadline, the workers' queue: a send past
+//! it waits only for a late answer or the store's, and after a NATS outage thousands of those
+//! would otherwise hold the limit at its floor until they are answered.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +38,8 @@ pub struct SendAdmission {
     follows_answers: bool,
     target_wait: Duration,
     answers: Arc<AtomicU64>,
+    /// Admitted sends still within their deadline: the ones the limit counts.
+    waiting: Arc<AtomicUsize>,
     rate: Mutex<AnswerRate>,
     in_flight: IntGauge,
     limit: IntGauge,
@@ -53,7 +58,20 @@ struct AnswerRate {
 pub struct Admitted {
     _permit: OwnedSemaphorePermit,
     answers: Arc<AtomicU64>,
+    /// `Some` while the send is within its deadline and counted in [`SendAdmission`]'s limit.
+    waiting: Option<Arc<AtomicUsize>>,
     in_flight: IntGauge,
+}
+
+impl Admitted {
+    /// The send's deadline has passed: no worker stores it now (it only waits for a late answer
+    /// or the store's), so it no longer counts against the limit, which is about the workers'
+    /// queue. It still holds its place under the cap.
+    pub fn past_deadline(&mut self) {
+        if let Some(waiting) = self.waiting.take() {
+            waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl SendAdmission {
@@ -70,21 +88,28 @@ impl SendAdmission {
             follows_answers,
             target_wait,
             answers: Arc::new(AtomicU64::new(0)),
+            waiting: Arc::new(AtomicUsize::new(0)),
             rate: Mutex::new(AnswerRate { window_start: Instant::now(), answers_at_start: 0, per_sec: 0.0 }),
             in_flight,
             limit,
         }
     }
 
-    /// A place for one more send, or `None` when the limit is reached.
+    /// A place for one more send, or `None` when the limit is reached: the cap counts every send
+    /// awaiting its answer, the limit those still within their deadline.
     pub fn try_admit(&self) -> Option<Admitted> {
-        let in_flight = self.cap - self.permits.available_permits();
-        if in_flight >= self.limit_now(Instant::now()) {
+        if self.waiting.load(Ordering::Relaxed) >= self.limit_now(Instant::now()) {
             return None;
         }
         let permit = self.permits.clone().try_acquire_owned().ok()?;
+        self.waiting.fetch_add(1, Ordering::Relaxed);
         self.in_flight.inc();
-        Some(Admitted { _permit: permit, answers: self.answers.clone(), in_flight: self.in_flight.clone() })
+        Some(Admitted {
+            _permit: permit,
+            answers: self.answers.clone(),
+            waiting: Some(self.waiting.clone()),
+            in_flight: self.in_flight.clone(),
+        })
     }
 
     /// The limit in force at `now`: the cap, or the answer rate times the target wait if lower,
@@ -118,6 +143,7 @@ fn limit_for(answers_per_sec: f64, target_wait: Duration, cap: usize) -> usize {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
+        self.past_deadline();
         self.answers.fetch_add(1, Ordering::Relaxed);
         self.in_flight.dec();
     }
@@ -176,6 +202,14 @@ mod tests {
         assert!((1_950..=2_000).contains(&slow), "{slow}");
         assert_eq!(limit.get(), slow as i64);
         assert!(admission.try_admit().is_some(), "624 in flight, under the limit");
+        // Sends past their deadline hold their place under the cap but not under the limit.
+        let mut held: Vec<Admitted> = held.into_iter().chain((0..5_000).map_while(|_| admission.try_admit())).collect();
+        assert_eq!(held.len(), slow);
+        for send in held.iter_mut().take(1_000) {
+            send.past_deadline();
+        }
+        held.extend((0..5_000).map_while(|_| admission.try_admit()));
+        assert_eq!(held.len(), slow + 1_000, "the limit counts only sends within their deadline");
         // Answers as fast as the cap clears: the cap is the limit again.
         held.clear();
         admission.answers.fetch_add(100_000, Ordering::Relaxed);

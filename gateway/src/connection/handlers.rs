@@ -262,7 +262,7 @@ impl Connection {
         // Over the process's limit of sends awaiting an answer (the cap, or what the answers
         // clear in half the deadline): refused now, unpublished, so surely not stored, rather
         // than queued behind the others past its deadline.
-        let Some(admitted) = self.app.sends.try_admit() else {
+        let Some(mut admitted) = self.app.sends.try_admit() else {
             self.app.metrics.drops.with_label_values(&["overloaded"]).inc();
             self.app.metrics.sends.with_label_values(&["unavailable"]).inc();
             self.app.journal.record_send(
@@ -285,7 +285,7 @@ impl Connection {
         let started = Instant::now();
         // Workers refuse a send past its deadline; waiting a little longer than that means a
         // send this gateway calls `unavailable` was really not stored.
-        let wait = self.app.config.submit_timeout + SUBMIT_MARGIN;
+        let deadline = self.app.config.submit_timeout;
         let submitted_trace = trace_id.clone();
         let waits = self.app.journal.waits().clone();
         in_flight.push(Box::pin(async move {
@@ -296,9 +296,16 @@ impl Connection {
             let _waiting =
                 waits.begin(format!("send {room} {client_msg_id}"), Vec::new(), format!("room-sequencer:{room}"));
             let mut submitted = Box::pin(tracing::Instrument::instrument(bus.submit(command), span));
-            let outcome = match tokio::time::timeout(wait, &mut submitted).await {
+            let outcome = match tokio::time::timeout(deadline, &mut submitted).await {
                 Ok(outcome) => outcome,
-                Err(_) => settle_unanswered(submitted, &history, &room, &user, &client_msg_id).await,
+                Err(_) => {
+                    // No worker stores it now: it no longer counts as queued work.
+                    admitted.past_deadline();
+                    match tokio::time::timeout(SUBMIT_MARGIN, &mut submitted).await {
+                        Ok(outcome) => outcome,
+                        Err(_) => settle_unanswered(submitted, &history, &room, &user, &client_msg_id).await,
+                    }
+                }
             };
             drop(admitted);
             Box::new((req, room, client_msg_id, submitted_trace, started, outcome))
