@@ -129,6 +129,7 @@ impl SendAdmission {
             rate.answers_at_start = answers;
             let limit = limit_for(rate.per_sec, self.target_wait, self.cap);
             self.limit.set(i64::try_from(limit).unwrap_or(i64::MAX));
+            return limit;
         }
         limit_for(rate.per_sec, self.target_wait, self.cap)
     }
