@@ -303,7 +303,7 @@ impl Metrics {
             ),
             send_admission_limit: r.add(
                 "chat_send_admission_limit",
-                "The limit on sends in flight in force: --max-sends-in-flight, or what the recent answer rate clears in half a send's deadline if lower.",
+                "The limit in force on admitted sends still within their deadline: --max-sends-in-flight, or what the recent answer rate clears in half a send's deadline if lower.",
                 IntGauge::default(),
             ),
             deliveries: r.counter("chat_deliveries", "Message frames written to connections."),
