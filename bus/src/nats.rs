@@ -174,7 +174,8 @@ pub struct NatsBus {
     /// The worker's membership task (fanout side): it ends once it has announced that this
     /// worker leaves and stopped the pulls, which [`leave`](crate::FanoutBus::leave) awaits.
     membership: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// Counts the connection's (re)connects; room feeds turn a change into [`FeedItem::Resumed`].
+    /// Counts the connection's (re)connects; room feeds turn a change into [`FeedItem::Resumed`],
+    /// and sends awaiting an answer publish a copy.
     ///
     /// [`FeedItem::Resumed`]: crate::FeedItem::Resumed
     connects: Arc<tokio::sync::watch::Sender<u64>>,

@@ -153,8 +153,13 @@ fn copy_for(
     let last_heard = view.silent_since(holder?)?;
     let could_have_pulled = published_at <= last_heard + 2 * WORKER_HEARTBEAT;
     let next = view.owner_of(partition)?;
-    let time_left = deadline_ms == 0 || now_ms + COPY_MARGIN_MS < deadline_ms;
-    (could_have_pulled && copies < MAX_COPIES && time_left).then(|| next.to_owned())
+    (could_have_pulled && may_copy(copies, now_ms, deadline_ms)).then(|| next.to_owned())
+}
+
+/// Whether one more copy of a send may be published now: fewer than [`MAX_COPIES`] were, and
+/// the deadline (0 for none) is at least [`COPY_MARGIN_MS`] away.
+fn may_copy(copies: u32, now_ms: i64, deadline_ms: i64) -> bool {
+    copies < MAX_COPIES && (deadline_ms == 0 || now_ms + COPY_MARGIN_MS < deadline_ms)
 }
 
 /// What a worker answers for an outcome, and how it acks the JetStream message: a stored send
@@ -271,6 +276,8 @@ impl NatsBus {
         if !self.stream_ready.load(Ordering::Acquire) {
             self.ensure_stream().await?;
         }
+        // Reconnects from here on may have lost the send's first delivery ([`final_answer`]).
+        let reconnects = self.connects.subscribe();
         let token = uuid::Uuid::new_v4().simple().to_string();
         let reply_subject = format!("{}.{token}", self.reply_prefix);
         let (tx, mut rx) = mpsc::channel(REPLIES_PER_SEND);
@@ -295,11 +302,20 @@ impl NatsBus {
             // again with the same Nats-Msg-Id (JetStream keeps one) until the deadline, and then
             // the worker's answer is awaited: the caller's wait past the deadline bounds it, and
             // a worker never stores a send past its deadline.
+            // The same goes for a reconnect while the answer is awaited: an answer sent to the
+            // connection that broke is lost, so the send is published again at once.
             let mut maybe_stored = false;
+            let mut during_publish = reconnects.clone();
             loop {
                 let published = self.js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await;
                 let answer = match published {
-                    Ok(ack) => ack.await,
+                    Ok(ack) => tokio::select! {
+                        answer = ack => answer,
+                        Ok(()) = during_publish.changed() => {
+                            maybe_stored = true;
+                            continue;
+                        }
+                    },
                     Err(e) if !maybe_stored => return Err(unavailable("publish send", e)),
                     Err(e) => Err(e),
                 };
@@ -333,7 +349,7 @@ impl NatsBus {
             .observe(published_at.elapsed().as_secs_f64());
         let replied = std::time::Instant::now();
         let first = Published { subject, headers, payload, token, at: published_at };
-        let reply = self.final_answer(&mut rx, &command, first).await;
+        let reply = self.final_answer(&mut rx, &command, first, reconnects).await;
         self.metrics.bus_latency.with_label_values(&["worker_reply"]).observe(replied.elapsed().as_secs_f64());
         reply
     }
@@ -341,13 +357,18 @@ impl NatsBus {
     /// Waits for the final answer to a published send ([`Answers`]). When the worker that owned
     /// the send's partition at publish time goes silent before answering, having possibly pulled
     /// it, the send is published again under a new JetStream message id ([`copy_for`]), so the
-    /// partition's new owner takes it before the deadline. Which copies get stored does not matter: the
+    /// partition's new owner takes it before the deadline. Likewise when this process's NATS
+    /// connection came back (`reconnects` changed) after the first publish began: an outage long
+    /// enough to break connections (a frozen or restarted server) breaks the workers' too, and
+    /// JetStream may have handed the send to a pull on a connection that is gone, offering it
+    /// again only after `ack_wait`, past the deadline. Which copies get stored does not matter: the
     /// sequencer's dedupe by `client_msg_id`, under the partition's fence, keeps one message.
     async fn final_answer(
         &self,
         replies: &mut mpsc::Receiver<SendReply>,
         command: &SendCommand,
         mut published: Published,
+        mut reconnects: tokio::sync::watch::Receiver<u64>,
     ) -> Result<SendOutcome, BusError> {
         let mut answers = Answers::default();
         let mut workers = self.workers_view();
@@ -355,7 +376,32 @@ impl NatsBus {
         let mut holder = workers.borrow_and_update().owner_of(partition).map(str::to_owned);
         let mut copies = 0;
         let mut following = true;
+        let mut watching_connection = true;
+        // A reconnect while the first copy was being published counts: that copy may be lost too.
+        let mut reconnected = reconnects.has_changed().unwrap_or(false);
+        reconnects.borrow_and_update();
         loop {
+            if std::mem::take(&mut reconnected) && may_copy(copies, protocol::now_ms(), command.deadline_ms) {
+                copies += 1;
+                answers.copied = true;
+                self.metrics.send_copies.inc();
+                tracing::info!(
+                    room = %command.room,
+                    trace_id = %command.trace_id(),
+                    client_msg_id = command.client_msg_id.as_str(),
+                    copy = copies,
+                    "NATS connection came back; published a copy in case the first was handed to a pull that died with the outage"
+                );
+                published.copy(copies);
+                if let Err(e) = self.publish_once(&published).await {
+                    tracing::warn!(
+                        room = %command.room,
+                        trace_id = %command.trace_id(),
+                        error = %e,
+                        "copy of the send not published; awaiting the first copy's answer"
+                    );
+                }
+            }
             tokio::select! {
                 reply = replies.recv() => match reply {
                     Some(reply) => {
@@ -365,6 +411,13 @@ impl NatsBus {
                     }
                     None => return answers.ended(),
                 },
+                changed = reconnects.changed(), if watching_connection => {
+                    reconnects.borrow_and_update();
+                    match changed {
+                        Ok(()) => reconnected = true,
+                        Err(_) => watching_connection = false,
+                    }
+                }
                 changed = workers.changed(), if following => {
                     if changed.is_err() {
                         following = false;
@@ -753,6 +806,18 @@ mod tests {
         assert_eq!(copy(None, start, &after, 0, now), None);
         assert_eq!(copy(Some("fanout-1"), start, &after, MAX_COPIES, now), None);
         assert_eq!(copy(Some("fanout-1"), start, &after, 0, deadline - COPY_MARGIN_MS), None);
+    }
+
+    #[test]
+    fn copies_are_bounded_in_number_and_stop_near_the_deadline() {
+        let deadline = 10_000;
+        assert!(may_copy(0, 5_000, deadline));
+        assert!(may_copy(MAX_COPIES - 1, deadline - COPY_MARGIN_MS - 1, deadline));
+        assert!(!may_copy(MAX_COPIES, 5_000, deadline));
+        assert!(!may_copy(0, deadline - COPY_MARGIN_MS, deadline));
+        assert!(!may_copy(0, deadline + 1, deadline));
+        // A send without a deadline can always be copied, up to the bound.
+        assert!(may_copy(1, i64::MAX / 2, 0));
     }
 
     #[test]

@@ -559,6 +559,52 @@ async fn sends_held_by_a_worker_killed_with_kill_9_are_stored_by_the_next_owner_
     assert!(copies >= 1.0, "the gateway published copies for the new owner: {copies}");
 }
 
+/// NATS frozen for 8 s: long enough that every process drops its connection (three unanswered
+/// pings, about 6 s in) and connects again at the thaw. Sends made 4.5 s into the freeze still
+/// have 1.5 s of their 5 s deadline left at the thaw. Before, JetStream handed each of them at the
+/// thaw to the worker's pull from before the freeze, on a connection that was gone, and offered
+/// it again only after the 8 s ack wait: every one was refused 11 s after it was sent. Now the
+/// gateway publishes a copy of each send in flight when its connection comes back, and the
+/// worker stores it in time.
+#[tokio::test]
+async fn sends_caught_in_a_nats_freeze_that_breaks_connections_are_stored_within_their_deadline() {
+    let cluster = Cluster::builder(binary()).gateways(1).workers(1).start().await;
+    let base = cluster.gateway_url(0);
+    let mut alice = Client::login(&cluster.gateway_ws(0), "alice").await;
+    let rooms: Vec<String> = (0..8).map(|i| format!("frozen-{i}")).collect();
+    for room in &rooms {
+        alice.join(room).await;
+        send_until_acked(&mut alice, room, "before").await;
+    }
+
+    cluster.nats().signal("-STOP");
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let sent = Instant::now();
+    for (i, room) in rooms.iter().enumerate() {
+        let send = json!({"type": "send", "room": room, "client_msg_id": format!("during-{i}"), "body": "x", "req": i});
+        alice.send(send).await;
+    }
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    cluster.nats().signal("-CONT");
+
+    let mut answers = HashMap::new();
+    while answers.len() < rooms.len() {
+        let frame = alice.next_within(Duration::from_secs(20)).await;
+        if matches!(frame["type"].as_str(), Some("ack" | "error")) {
+            let req = frame["req"].as_u64().unwrap_or_else(|| panic!("an answer to a send carries its req: {frame}"));
+            answers.entry(req).or_insert((frame, sent.elapsed()));
+        }
+    }
+    for (req, (frame, after)) in &answers {
+        assert_eq!(frame["type"], "ack", "send {req}, answered after {after:?}: {frame}");
+        assert!(*after < Duration::from_millis(5_500), "send {req} acked after {after:?}, past its 5 s deadline");
+    }
+    for (i, room) in rooms.iter().enumerate() {
+        let ids: Vec<Value> = whole_history(&base, room).await.iter().map(|m| m["client_msg_id"].clone()).collect();
+        assert_eq!(ids, vec![json!("before"), json!(format!("during-{i}"))], "room {room}: each send stored once");
+    }
+}
+
 /// NATS frozen for longer than a worker's silence (3 s): every process hears nobody, a worker
 /// not even itself, and counts the quiet as its own, so no partition moves and no worker
 /// raises another's fence. Before, each worker took every partition during the freeze (the
