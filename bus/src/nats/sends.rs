@@ -183,6 +183,13 @@ fn delivery_number(delivered: Option<i64>) -> u64 {
     delivered.map_or(1, |delivered| u64::try_from(delivered).unwrap_or(1).max(1))
 }
 
+/// How much of a send's deadline must be left to publish it once a lost NATS connection is back
+/// ([`NatsBus::await_connection`]): enough for JetStream to take it and a worker to store it.
+const PUBLISH_AFTER_RECONNECT_MS: i64 = 1_000;
+
+/// How often a send waiting for the NATS connection looks at it between connection events.
+const CONNECTION_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Pause before publishing a send again whose JetStream answer was lost.
 const REPUBLISH_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -270,9 +277,7 @@ impl NatsBus {
     ///
     /// [`GatewayBus::submit`]: crate::GatewayBus::submit
     pub(super) async fn submit_send(&self, command: SendCommand) -> Result<SendOutcome, BusError> {
-        if !self.connected() {
-            return Err(BusError::unavailable("not connected to NATS"));
-        }
+        self.await_connection(command.deadline_ms).await?;
         if !self.stream_ready.load(Ordering::Acquire) {
             self.ensure_stream().await?;
         }
@@ -352,6 +357,24 @@ impl NatsBus {
         let reply = self.final_answer(&mut rx, &command, first, reconnects).await;
         self.metrics.bus_latency.with_label_values(&["worker_reply"]).observe(replied.elapsed().as_secs_f64());
         reply
+    }
+
+    /// Returns once the NATS connection is up, waiting for it while at least
+    /// [`PUBLISH_AFTER_RECONNECT_MS`] of the send's deadline (0 for none: no wait) would be left:
+    /// a connection that comes back within a few seconds (a server restarted or frozen briefly)
+    /// costs no send. Otherwise the send is refused unpublished, so surely not stored.
+    async fn await_connection(&self, deadline_ms: i64) -> Result<(), BusError> {
+        let mut connects = self.connects.subscribe();
+        loop {
+            if self.connected() {
+                return Ok(());
+            }
+            if deadline_ms == 0 || protocol::now_ms() + PUBLISH_AFTER_RECONNECT_MS >= deadline_ms {
+                return Err(BusError::unavailable("not connected to NATS"));
+            }
+            // The connection's state may change just after its event: look again now and then.
+            let _ = tokio::time::timeout(CONNECTION_POLL, connects.changed()).await;
+        }
     }
 
     /// Waits for the final answer to a published send ([`Answers`]). When the worker that owned
