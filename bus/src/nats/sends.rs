@@ -407,7 +407,6 @@ impl NatsBus {
             if std::mem::take(&mut reconnected) && may_copy(copies, protocol::now_ms(), command.deadline_ms) {
                 copies += 1;
                 answers.copied = true;
-                self.metrics.send_copies.inc();
                 tracing::info!(
                     room = %command.room,
                     trace_id = %command.trace_id(),
@@ -415,15 +414,7 @@ impl NatsBus {
                     copy = copies,
                     "NATS connection came back; published a copy in case the first was handed to a pull that died with the outage"
                 );
-                published.copy(copies);
-                if let Err(e) = self.publish_once(&published).await {
-                    tracing::warn!(
-                        room = %command.room,
-                        trace_id = %command.trace_id(),
-                        error = %e,
-                        "copy of the send not published; awaiting the first copy's answer"
-                    );
-                }
+                self.publish_copy(&mut published, copies, command).await;
             }
             tokio::select! {
                 reply = replies.recv() => match reply {
@@ -461,7 +452,6 @@ impl NatsBus {
                     };
                     copies += 1;
                     answers.copied = true;
-                    self.metrics.send_copies.inc();
                     tracing::info!(
                         room = %command.room,
                         trace_id = %command.trace_id(),
@@ -471,18 +461,26 @@ impl NatsBus {
                         copy = copies,
                         "the worker holding the send is gone; published a copy for the partition's new owner"
                     );
-                    published.copy(copies);
-                    if let Err(e) = self.publish_once(&published).await {
-                        tracing::warn!(
-                            room = %command.room,
-                            trace_id = %command.trace_id(),
-                            error = %e,
-                            "copy of the send not published; awaiting the first copy's answer"
-                        );
-                    }
+                    self.publish_copy(&mut published, copies, command).await;
                     holder = Some(next);
                 }
             }
+        }
+    }
+
+    /// Publishes copy number `n` of a send ([`Published::copy`]), counted in
+    /// `chat_send_copies_total`; when it cannot be published, the first copy's answer is still
+    /// awaited.
+    async fn publish_copy(&self, published: &mut Published, n: u32, command: &SendCommand) {
+        self.metrics.send_copies.inc();
+        published.copy(n);
+        if let Err(e) = self.publish_once(published).await {
+            tracing::warn!(
+                room = %command.room,
+                trace_id = %command.trace_id(),
+                error = %e,
+                "copy of the send not published; awaiting the first copy's answer"
+            );
         }
     }
 
