@@ -364,6 +364,9 @@ impl NatsBus {
     /// a connection that comes back within a few seconds (a server restarted or frozen briefly)
     /// costs no send. Otherwise the send is refused unpublished, so surely not stored.
     async fn await_connection(&self, deadline_ms: i64) -> Result<(), BusError> {
+        if self.connected() {
+            return Ok(());
+        }
         let mut connects = self.connects.subscribe();
         loop {
             if self.connected() {
