@@ -14,6 +14,22 @@
 //! its answer; the limit counts only those within their deadline, the workers' queue: a send past
 //! it waits only for a late answer or the store's, and after a NATS outage thousands of those
 //! would otherwise hold the limit at its floor until they are answered.
+//!
+//! A falling answer rate is not always overload. When a worker dies, or NATS or the store stops
+//! for a few seconds, answers stop while nothing is queued behind a slow worker; the sends wait
+//! for the stall to end, and most are served once it does. The answer rate alone reads that as
+//! overload and sheds hundreds of sends at once (docs/benchmarks.md). So the limit follows the
+//! answer rate only while the queue stands, as CoDel tells a standing queue from a burst
+//! (Nichols and Jacobson, "Controlling Queue Delay", 2012) by how long what leaves it waited:
+//! while half the sends stored in the last window waited at least a tenth of the target wait
+//! (250 ms, the send→ack SLO), the limit is the answers' pace; while most are stored sooner, the
+//! limit is the cap. Only stored sends went through the workers' queue: refusals (a publish that
+//! timed out in a NATS freeze, a store that failed) leave the verdict as it was. While none are answered but sends wait (a stall), the rate and the
+//! verdict of the windows before it hold: a stall says nothing of how fast the workers answer
+//! once it ends, and the burst of answers at its end would otherwise be measured against a rate
+//! it dragged to zero. After a quiet spell (no answers, nothing waiting) the queue is taken to
+//! stand again until answers say otherwise, so a burst onto a cluster that may have slowed
+//! meanwhile gets the floor, not the cap.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,6 +45,10 @@ pub const ADMISSION_FLOOR: usize = 1_024;
 /// How often the answer rate is measured.
 const RATE_WINDOW: Duration = Duration::from_millis(250);
 
+/// The queue stands while half the sends answered in a window waited at least the target wait
+/// divided by this.
+const STANDING_SHARE_OF_TARGET: u32 = 10;
+
 /// The sends of one gateway process awaiting their answer, up to a limit.
 pub struct SendAdmission {
     permits: Arc<Semaphore>,
@@ -37,7 +57,7 @@ pub struct SendAdmission {
     /// the cap is at or below the floor.
     follows_answers: bool,
     target_wait: Duration,
-    answers: Arc<AtomicU64>,
+    answers: Arc<Answers>,
     /// Admitted sends still within their deadline: the ones the limit counts.
     waiting: Arc<AtomicUsize>,
     rate: Mutex<AnswerRate>,
@@ -45,25 +65,50 @@ pub struct SendAdmission {
     limit: IntGauge,
 }
 
-/// The answer rate measured over the last windows.
+/// The answers given so far, how many of them said the send was stored, and how many of those
+/// came slowly.
+struct Answers {
+    total: AtomicU64,
+    stored: AtomicU64,
+    /// Stored answers that came at least `slow_after` after their send was admitted.
+    stored_slowly: AtomicU64,
+    slow_after: Duration,
+}
+
+/// The answer rate measured over the last windows, and whether the queue stands.
 struct AnswerRate {
     window_start: Instant,
     answers_at_start: u64,
+    stored_at_start: u64,
+    stored_slowly_at_start: u64,
     /// Answers per second, smoothed over windows.
     per_sec: f64,
+    /// Whether the last window with sends stored found most of them stored slowly: the limit
+    /// follows the answer rate only then.
+    standing: bool,
 }
 
 /// One admitted send's place; given back (counted as answered, and the in-flight gauge lowered)
 /// on drop.
 pub struct Admitted {
     _permit: OwnedSemaphorePermit,
-    answers: Arc<AtomicU64>,
+    admitted_at: Instant,
+    answers: Arc<Answers>,
+    /// Whether the answer said the send was stored.
+    stored: bool,
     /// `Some` while the send is within its deadline and counted in [`SendAdmission`]'s limit.
     waiting: Option<Arc<AtomicUsize>>,
     in_flight: IntGauge,
 }
 
 impl Admitted {
+    /// The answer says the send is stored (acked, or a duplicate of a stored one): it came
+    /// through the workers' queue, so how long it waited tells whether that queue stands.
+    /// Refusals do not: a send refused at its deadline in a stall waited as long as one queued.
+    pub fn stored(&mut self) {
+        self.stored = true;
+    }
+
     /// The send's deadline has passed: no worker stores it now (it only waits for a late answer
     /// or the store's), so it no longer counts against the limit, which is about the workers'
     /// queue. It still holds its place under the cap.
@@ -75,9 +120,9 @@ impl Admitted {
 }
 
 impl SendAdmission {
-    /// At most `cap` sends in flight (0: no limit at all), and no more than the answers of the
-    /// last moments times `target_wait`, but at least [`ADMISSION_FLOOR`]; counted in
-    /// `in_flight`, the limit in force shown in `limit`.
+    /// At most `cap` sends in flight (0: no limit at all), and, while the queue stands, no more
+    /// than the answers of the last moments times `target_wait`, but at least
+    /// [`ADMISSION_FLOOR`]; counted in `in_flight`, the limit in force shown in `limit`.
     pub fn new(cap: usize, target_wait: Duration, in_flight: IntGauge, limit: IntGauge) -> Self {
         let follows_answers = cap > ADMISSION_FLOOR;
         let cap = if cap == 0 { Semaphore::MAX_PERMITS } else { cap };
@@ -87,9 +132,21 @@ impl SendAdmission {
             cap,
             follows_answers,
             target_wait,
-            answers: Arc::new(AtomicU64::new(0)),
+            answers: Arc::new(Answers {
+                total: AtomicU64::new(0),
+                stored: AtomicU64::new(0),
+                stored_slowly: AtomicU64::new(0),
+                slow_after: target_wait / STANDING_SHARE_OF_TARGET,
+            }),
             waiting: Arc::new(AtomicUsize::new(0)),
-            rate: Mutex::new(AnswerRate { window_start: Instant::now(), answers_at_start: 0, per_sec: 0.0 }),
+            rate: Mutex::new(AnswerRate {
+                window_start: Instant::now(),
+                answers_at_start: 0,
+                stored_at_start: 0,
+                stored_slowly_at_start: 0,
+                per_sec: 0.0,
+                standing: true,
+            }),
             in_flight,
             limit,
         }
@@ -106,14 +163,17 @@ impl SendAdmission {
         self.in_flight.inc();
         Some(Admitted {
             _permit: permit,
+            admitted_at: Instant::now(),
             answers: self.answers.clone(),
+            stored: false,
             waiting: Some(self.waiting.clone()),
             in_flight: self.in_flight.clone(),
         })
     }
 
-    /// The limit in force at `now`: the cap, or the answer rate times the target wait if lower,
-    /// but not below the floor. Measures the rate again once a window has passed.
+    /// The limit in force at `now`: while the queue stands, the answer rate times the target
+    /// wait, between the floor and the cap; otherwise the cap. Measures the rate, and whether
+    /// the queue stands, again once a window has passed.
     fn limit_now(&self, now: Instant) -> usize {
         if !self.follows_answers {
             return self.cap;
@@ -121,17 +181,44 @@ impl SendAdmission {
         let mut rate = self.rate.lock().unwrap_or_else(|p| p.into_inner());
         let elapsed = now.saturating_duration_since(rate.window_start);
         if elapsed >= RATE_WINDOW {
-            let answers = self.answers.load(Ordering::Relaxed);
-            let window_rate = (answers - rate.answers_at_start) as f64 / elapsed.as_secs_f64();
-            // A long window (a quiet spell with no sends offered) is no trend to smooth: take it alone.
-            rate.per_sec = if elapsed > 4 * RATE_WINDOW { window_rate } else { (rate.per_sec + window_rate) / 2.0 };
+            let answers = self.answers.total.load(Ordering::Relaxed);
+            let stored = self.answers.stored.load(Ordering::Relaxed);
+            let stored_slowly = self.answers.stored_slowly.load(Ordering::Relaxed);
+            let answered = answers - rate.answers_at_start;
+            let (stored_now, slowly_now) = (stored - rate.stored_at_start, stored_slowly - rate.stored_slowly_at_start);
+            let stalled = answered == 0 && self.waiting.load(Ordering::Relaxed) > 0;
+            // A stall says nothing of the pace the workers answer at once it ends: rate and
+            // verdict hold.
+            if !stalled {
+                let window_rate = answered as f64 / elapsed.as_secs_f64();
+                // A long window (a quiet spell with no sends offered) is no trend to smooth: take it alone.
+                rate.per_sec = if elapsed > 4 * RATE_WINDOW { window_rate } else { (rate.per_sec + window_rate) / 2.0 };
+                if stored_now > 0 {
+                    rate.standing = 2 * slowly_now >= stored_now;
+                } else if answered == 0 {
+                    // Quiet: nothing is known about the queue a burst would meet; it is taken
+                    // to stand. (Refusals alone leave the verdict as it was.)
+                    rate.standing = true;
+                }
+            }
             rate.window_start = now;
             rate.answers_at_start = answers;
-            let limit = limit_for(rate.per_sec, self.target_wait, self.cap);
+            rate.stored_at_start = stored;
+            rate.stored_slowly_at_start = stored_slowly;
+            let limit = self.limit_given(&rate);
             self.limit.set(i64::try_from(limit).unwrap_or(i64::MAX));
             return limit;
         }
-        limit_for(rate.per_sec, self.target_wait, self.cap)
+        self.limit_given(&rate)
+    }
+
+    /// The limit `rate` calls for: the cap unless the queue stands.
+    fn limit_given(&self, rate: &AnswerRate) -> usize {
+        if rate.standing {
+            limit_for(rate.per_sec, self.target_wait, self.cap)
+        } else {
+            self.cap
+        }
     }
 }
 
@@ -145,7 +232,13 @@ fn limit_for(answers_per_sec: f64, target_wait: Duration, cap: usize) -> usize {
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.past_deadline();
-        self.answers.fetch_add(1, Ordering::Relaxed);
+        if self.stored {
+            if self.admitted_at.elapsed() >= self.answers.slow_after {
+                self.answers.stored_slowly.fetch_add(1, Ordering::Relaxed);
+            }
+            self.answers.stored.fetch_add(1, Ordering::Relaxed);
+        }
+        self.answers.total.fetch_add(1, Ordering::Relaxed);
         self.in_flight.dec();
     }
 }
@@ -156,6 +249,27 @@ mod tests {
 
     fn admission(cap: usize) -> SendAdmission {
         SendAdmission::new(cap, Duration::from_millis(2_500), IntGauge::default(), IntGauge::default())
+    }
+
+    /// Answers `sends` stored, each as if admitted `waited` ago.
+    fn answer_after(sends: impl IntoIterator<Item = Admitted>, waited: Duration) {
+        for mut send in sends {
+            send.stored();
+            send.admitted_at = Instant::now().checked_sub(waited).expect("the clock is past the wait");
+            drop(send);
+        }
+    }
+
+    /// Admits `count` sends and answers them stored, each after `waited`.
+    fn store_after(admission: &SendAdmission, count: usize, waited: Duration) {
+        let sends: Vec<Admitted> = (0..count).map_while(|_| admission.try_admit()).collect();
+        assert_eq!(sends.len(), count);
+        answer_after(sends, waited);
+    }
+
+    /// The limit once the window that began at the last measure has passed.
+    fn next_window(admission: &SendAdmission, window: u32) -> usize {
+        admission.limit_now(Instant::now() + window * RATE_WINDOW)
     }
 
     #[test]
@@ -195,9 +309,9 @@ mod tests {
         // A burst from quiet: the floor is admitted, then no more while nothing is answered.
         let mut held: Vec<Admitted> = (0..5_000).map_while(|_| admission.try_admit()).collect();
         assert_eq!(held.len(), ADMISSION_FLOOR);
-        // 400 answers over one window (1,600/s measured, halved by smoothing from 0: 800/s):
-        // 2,000 sends clear in 2.5 s.
-        held.truncate(held.len() - 400);
+        // 400 slow answers over one window (1,600/s measured, halved by smoothing from 0:
+        // 800/s): 2,000 sends clear in 2.5 s.
+        answer_after(held.split_off(held.len() - 400), Duration::from_millis(300));
         let later = Instant::now() + RATE_WINDOW;
         let slow = admission.limit_now(later);
         assert!((1_950..=2_000).contains(&slow), "{slow}");
@@ -211,9 +325,82 @@ mod tests {
         }
         held.extend((0..5_000).map_while(|_| admission.try_admit()));
         assert_eq!(held.len(), slow + 1_000, "the limit counts only sends within their deadline");
-        // Answers as fast as the cap clears: the cap is the limit again.
-        held.clear();
-        admission.answers.fetch_add(100_000, Ordering::Relaxed);
+        // Slow answers, but as many as clear the cap: the cap is the limit again.
+        answer_after(held.drain(..), Duration::from_millis(300));
+        admission.answers.total.fetch_add(100_000, Ordering::Relaxed);
+        admission.answers.stored.fetch_add(100_000, Ordering::Relaxed);
+        admission.answers.stored_slowly.fetch_add(100_000, Ordering::Relaxed);
         assert_eq!(admission.limit_now(later + RATE_WINDOW), 4_096);
+    }
+
+    #[test]
+    fn a_stall_after_quick_answers_keeps_the_cap() {
+        let admission = admission(4_096);
+        // Quick answers: the queue does not stand, the cap is the limit.
+        store_after(&admission, 100, Duration::from_millis(20));
+        assert_eq!(next_window(&admission, 1), 4_096);
+        // Then nothing is answered for windows on end while sends wait (a dead worker, NATS
+        // stopped): the sends are admitted up to the cap, not shed at the floor.
+        let mut held: Vec<Admitted> = (0..2_000).map_while(|_| admission.try_admit()).collect();
+        assert_eq!(next_window(&admission, 2), 4_096, "no answers but sends waiting: a stall");
+        assert_eq!(next_window(&admission, 3), 4_096);
+        held.extend((0..5_000).map_while(|_| admission.try_admit()));
+        assert_eq!(held.len(), 4_096);
+        // The first of them are refused at their deadline (a publish timed out): slow answers,
+        // but of sends that never went through the workers' queue. The cap holds.
+        drop(held.drain(..500));
+        assert_eq!(next_window(&admission, 4), 4_096, "slow refusals are no standing queue");
+    }
+
+    #[test]
+    fn a_partial_stall_keeps_the_cap_while_the_answers_that_come_are_quick() {
+        let admission = admission(4_096);
+        store_after(&admission, 500, Duration::from_millis(20));
+        assert_eq!(next_window(&admission, 1), 4_096);
+        // Then half the workers answer quickly and the other half's sends wait: the answer
+        // rate falls to a few a second, but what is answered did not queue.
+        let waiting: Vec<Admitted> = (0..1_500).map_while(|_| admission.try_admit()).collect();
+        assert_eq!(waiting.len(), 1_500);
+        store_after(&admission, 10, Duration::from_millis(30));
+        assert_eq!(next_window(&admission, 2), 4_096, "the rate's limit would be the floor");
+        let more: Vec<Admitted> = (0..5_000).map_while(|_| admission.try_admit()).collect();
+        assert_eq!(waiting.len() + more.len(), 4_096);
+    }
+
+    #[test]
+    fn a_stall_while_the_queue_stands_keeps_the_pace_measured_before_it() {
+        let admission = admission(4_096);
+        // 400 slow answers in each of two windows: 1,600/s, smoothed from 0 to 800/s, then
+        // 1,200/s, which clears 3,000 sends in 2.5 s.
+        for window in 1..=2 {
+            store_after(&admission, 400, Duration::from_millis(400));
+            next_window(&admission, window);
+        }
+        let paced = admission.limit_now(Instant::now());
+        assert!((2_900..=3_000).contains(&paced), "{paced}");
+        // Then nothing is answered while sends wait: the limit keeps that pace rather than
+        // falling to the floor, ready for the answers at the stall's end.
+        let held: Vec<Admitted> = (0..1_500).map_while(|_| admission.try_admit()).collect();
+        assert_eq!(held.len(), 1_500);
+        assert_eq!(next_window(&admission, 3), paced);
+        assert_eq!(next_window(&admission, 4), paced);
+    }
+
+    #[test]
+    fn slow_answers_bring_the_limit_down_and_a_quiet_spell_the_floor_back() {
+        let admission = admission(4_096);
+        store_after(&admission, 100, Duration::from_millis(20));
+        assert_eq!(next_window(&admission, 1), 4_096);
+        // Most answers of the next window waited past a tenth of the target wait: the queue
+        // stands, and the limit is the (low) answer rate's, here the floor.
+        let mut sends: Vec<Admitted> = (0..100).map_while(|_| admission.try_admit()).collect();
+        answer_after(sends.drain(..60), Duration::from_millis(400));
+        answer_after(sends.drain(..), Duration::from_millis(10));
+        assert_eq!(next_window(&admission, 2), ADMISSION_FLOOR, "60 of 100 answers slow");
+        // A quiet spell (nothing answered, nothing waiting) forgets the last verdict either way:
+        // a burst gets the floor until its answers are measured.
+        store_after(&admission, 100, Duration::from_millis(20));
+        assert_eq!(next_window(&admission, 3), 4_096);
+        assert_eq!(next_window(&admission, 8), ADMISSION_FLOOR, "quiet: taken to stand again");
     }
 }

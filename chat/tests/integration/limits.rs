@@ -195,8 +195,12 @@ async fn one_user_holds_at_most_its_share_of_connections() {
 /// A server admitting `max_sends_in_flight` sends at once, with `stall` (a `fanout.sequence`
 /// fault) armed.
 async fn stalled_server(max_sends_in_flight: usize, stall: serde_json::Value) -> chat::testing::RunningServer {
+    stalled_server_with(options(|l| l.max_sends_in_flight = max_sends_in_flight), stall).await
+}
+
+/// A server started with `options`, with `stall` (a `fanout.sequence` fault) armed.
+async fn stalled_server_with(mut options: TestServerOptions, stall: serde_json::Value) -> chat::testing::RunningServer {
     const TOKEN: &str = "shed-test-admin-token";
-    let mut options = options(|l| l.max_sends_in_flight = max_sends_in_flight);
     options.gateway.admin_token = Some(TOKEN.into());
     let server = server_with(options).await;
     let bearer = format!("Bearer {TOKEN}");
@@ -242,6 +246,74 @@ async fn sends_past_the_in_flight_cap_are_shed_at_once_and_taken_again_after() {
     let (_, metrics) = get(&format!("{base}/metrics")).await;
     assert!(metrics.contains(r#"chat_drops_total{reason="overloaded"} 1"#), "{metrics}");
     assert!(metrics.contains("chat_sends_in_flight 0"), "{metrics}");
+    server.shutdown().await.unwrap();
+}
+
+/// A stall is not overload: after quick answers, a room's worker holds its sends for 2 s while
+/// 1,200 of them wait, more than the admission floor (1,024). No answers come meanwhile, which
+/// the answer rate alone read as a collapse (it shed the sends past the floor); the answers
+/// before the stall were quick, so the limit stays the cap, every send is admitted and stored.
+#[tokio::test]
+async fn sends_held_by_a_stall_after_quick_answers_are_admitted_up_to_the_cap() {
+    const CLIENTS: usize = 12;
+    const SENDS_EACH: usize = 100;
+    let stall = json!({"hop": "fanout.sequence", "action": "stall", "room": "held", "delay_ms": 2_000, "count": 1});
+    let mut options = options(|l| {
+        l.send_rate_per_sec = 10_000;
+        l.send_burst = 10_000;
+        l.max_in_flight_sends = SENDS_EACH;
+        l.outbound_queue = 4 * CLIENTS * SENDS_EACH;
+    });
+    // Time for 1,200 sends in one room after the stall, on a debug build.
+    options.gateway.submit_timeout = Duration::from_secs(12);
+    let server = stalled_server_with(options, stall).await;
+    let base = server.http_url.clone();
+
+    // Quick answers first, measured over a window of the answer rate (250 ms).
+    let mut warm = Client::login(&server.ws_url, "warm").await;
+    warm.join("quick").await;
+    for i in 0..20 {
+        warm.say("quick", &format!("w-{i}"), "x").await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let mut client = Client::login(&server.ws_url, &format!("u{c}")).await;
+        client.join("held").await;
+        clients.push(client);
+    }
+    for (c, client) in clients.iter_mut().enumerate() {
+        for i in 0..SENDS_EACH {
+            let id = format!("c{c}-{i}");
+            client.send(json!({"type": "send", "room": "held", "client_msg_id": id, "body": "x", "req": i})).await;
+        }
+    }
+    let answers = clients.into_iter().map(|mut client| {
+        tokio::spawn(async move {
+            let (mut acked, mut refused) = (0, Vec::new());
+            while acked + refused.len() < SENDS_EACH {
+                let frame = client.next_within(Duration::from_secs(20)).await;
+                match frame["type"].as_str() {
+                    Some("ack") => acked += 1,
+                    Some("error") => refused.push(frame),
+                    _ => {}
+                }
+            }
+            (acked, refused)
+        })
+    });
+    let mut acked = 0;
+    for answer in answers {
+        let (client_acked, refused) = answer.await.expect("client task");
+        assert!(refused.is_empty(), "sends refused during the stall: {refused:?}");
+        acked += client_acked;
+    }
+    assert_eq!(acked, CLIENTS * SENDS_EACH);
+    assert_eq!(whole_history(&base, "held").await.len(), CLIENTS * SENDS_EACH);
+    let (_, metrics) = get(&format!("{base}/metrics")).await;
+    let shed = metrics.lines().find_map(|line| line.strip_prefix(r#"chat_drops_total{reason="overloaded"} "#));
+    assert!(matches!(shed, None | Some("0")), "{metrics}");
     server.shutdown().await.unwrap();
 }
 

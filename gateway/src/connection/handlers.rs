@@ -307,6 +307,9 @@ impl Connection {
                     }
                 }
             };
+            if outcome.is_ok() {
+                admitted.stored();
+            }
             drop(admitted);
             Box::new((req, room, client_msg_id, submitted_trace, started, outcome))
         }));
