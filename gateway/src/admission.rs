@@ -21,9 +21,10 @@
 //! overload and sheds hundreds of sends at once (docs/benchmarks.md). So the limit follows the
 //! answer rate only while the queue stands, as CoDel tells a standing queue from a burst
 //! (Nichols and Jacobson, "Controlling Queue Delay", 2012) by how long what leaves it waited:
-//! while half the sends stored in the last window waited at least a tenth of the target wait
-//! (250 ms, the send→ack SLO), the limit is the answers' pace; while most are stored sooner, the
-//! limit is the cap. Only stored sends went through the workers' queue: refusals (a publish that
+//! while half the sends stored in each of the last two windows waited at least a tenth of the
+//! target wait (250 ms, the send→ack SLO), the limit is the answers' pace; once most in a window
+//! are stored sooner, the limit is the cap. (Two windows, because the first answers after a stall
+//! all waited it out.) Only stored sends went through the workers' queue: refusals (a publish that
 //! timed out in a NATS freeze, a store that failed) leave the verdict as it was. While none are answered but sends wait (a stall), the rate and the
 //! verdict of the windows before it hold: a stall says nothing of how fast the workers answer
 //! once it ends, and the burst of answers at its end would otherwise be measured against a rate
@@ -45,9 +46,13 @@ pub const ADMISSION_FLOOR: usize = 1_024;
 /// How often the answer rate is measured.
 const RATE_WINDOW: Duration = Duration::from_millis(250);
 
-/// The queue stands while half the sends answered in a window waited at least the target wait
-/// divided by this.
+/// A window is slow when half the sends stored in it waited at least the target wait divided by
+/// this.
 const STANDING_SHARE_OF_TARGET: u32 = 10;
+
+/// The queue stands after this many slow windows in a row: the first answers after a stall all
+/// waited out the stall, and one window of them is no standing queue.
+const STANDING_WINDOWS: u32 = 2;
 
 /// The sends of one gateway process awaiting their answer, up to a limit.
 pub struct SendAdmission {
@@ -83,8 +88,10 @@ struct AnswerRate {
     stored_slowly_at_start: u64,
     /// Answers per second, smoothed over windows.
     per_sec: f64,
-    /// Whether the last window with sends stored found most of them stored slowly: the limit
-    /// follows the answer rate only then.
+    /// Slow windows in a row, up to [`STANDING_WINDOWS`] (windows with nothing stored do not
+    /// count, nor break the run).
+    slow_windows: u32,
+    /// Whether the queue stands: the limit follows the answer rate only then.
     standing: bool,
 }
 
@@ -145,6 +152,7 @@ impl SendAdmission {
                 stored_at_start: 0,
                 stored_slowly_at_start: 0,
                 per_sec: 0.0,
+                slow_windows: STANDING_WINDOWS,
                 standing: true,
             }),
             in_flight,
@@ -194,12 +202,14 @@ impl SendAdmission {
                 // A long window (a quiet spell with no sends offered) is no trend to smooth: take it alone.
                 rate.per_sec = if elapsed > 4 * RATE_WINDOW { window_rate } else { (rate.per_sec + window_rate) / 2.0 };
                 if stored_now > 0 {
-                    rate.standing = 2 * slowly_now >= stored_now;
+                    let slow = 2 * slowly_now >= stored_now;
+                    rate.slow_windows = if slow { (rate.slow_windows + 1).min(STANDING_WINDOWS) } else { 0 };
                 } else if answered == 0 {
                     // Quiet: nothing is known about the queue a burst would meet; it is taken
                     // to stand. (Refusals alone leave the verdict as it was.)
-                    rate.standing = true;
+                    rate.slow_windows = STANDING_WINDOWS;
                 }
+                rate.standing = rate.slow_windows >= STANDING_WINDOWS;
             }
             rate.window_start = now;
             rate.answers_at_start = answers;
@@ -267,9 +277,10 @@ mod tests {
         answer_after(sends, waited);
     }
 
-    /// The limit once the window that began at the last measure has passed.
-    fn next_window(admission: &SendAdmission, window: u32) -> usize {
-        admission.limit_now(Instant::now() + window * RATE_WINDOW)
+    /// The limit once `windows` windows have passed since the last measure.
+    fn next_window(admission: &SendAdmission, windows: u32) -> usize {
+        let window_start = admission.rate.lock().expect("not poisoned").window_start;
+        admission.limit_now(window_start + windows * RATE_WINDOW)
     }
 
     #[test]
@@ -312,8 +323,7 @@ mod tests {
         // 400 slow answers over one window (1,600/s measured, halved by smoothing from 0:
         // 800/s): 2,000 sends clear in 2.5 s.
         answer_after(held.split_off(held.len() - 400), Duration::from_millis(300));
-        let later = Instant::now() + RATE_WINDOW;
-        let slow = admission.limit_now(later);
+        let slow = next_window(&admission, 1);
         assert!((1_950..=2_000).contains(&slow), "{slow}");
         assert_eq!(limit.get(), slow as i64);
         assert!(admission.try_admit().is_some(), "624 in flight, under the limit");
@@ -330,7 +340,7 @@ mod tests {
         admission.answers.total.fetch_add(100_000, Ordering::Relaxed);
         admission.answers.stored.fetch_add(100_000, Ordering::Relaxed);
         admission.answers.stored_slowly.fetch_add(100_000, Ordering::Relaxed);
-        assert_eq!(admission.limit_now(later + RATE_WINDOW), 4_096);
+        assert_eq!(next_window(&admission, 1), 4_096);
     }
 
     #[test]
@@ -342,14 +352,18 @@ mod tests {
         // Then nothing is answered for windows on end while sends wait (a dead worker, NATS
         // stopped): the sends are admitted up to the cap, not shed at the floor.
         let mut held: Vec<Admitted> = (0..2_000).map_while(|_| admission.try_admit()).collect();
-        assert_eq!(next_window(&admission, 2), 4_096, "no answers but sends waiting: a stall");
-        assert_eq!(next_window(&admission, 3), 4_096);
+        assert_eq!(next_window(&admission, 1), 4_096, "no answers but sends waiting: a stall");
+        assert_eq!(next_window(&admission, 1), 4_096);
         held.extend((0..5_000).map_while(|_| admission.try_admit()));
         assert_eq!(held.len(), 4_096);
         // The first of them are refused at their deadline (a publish timed out): slow answers,
         // but of sends that never went through the workers' queue. The cap holds.
         drop(held.drain(..500));
-        assert_eq!(next_window(&admission, 4), 4_096, "slow refusals are no standing queue");
+        assert_eq!(next_window(&admission, 1), 4_096, "slow refusals are no standing queue");
+        // The stall ends: the first window of stored sends all waited it out; slow as they
+        // are, one window of them is no standing queue, and the cap holds.
+        answer_after(held.drain(..1_000), Duration::from_millis(600));
+        assert_eq!(next_window(&admission, 1), 4_096, "one slow window after a stall");
     }
 
     #[test]
@@ -362,7 +376,7 @@ mod tests {
         let waiting: Vec<Admitted> = (0..1_500).map_while(|_| admission.try_admit()).collect();
         assert_eq!(waiting.len(), 1_500);
         store_after(&admission, 10, Duration::from_millis(30));
-        assert_eq!(next_window(&admission, 2), 4_096, "the rate's limit would be the floor");
+        assert_eq!(next_window(&admission, 1), 4_096, "the rate's limit would be the floor");
         let more: Vec<Admitted> = (0..5_000).map_while(|_| admission.try_admit()).collect();
         assert_eq!(waiting.len() + more.len(), 4_096);
     }
@@ -372,9 +386,9 @@ mod tests {
         let admission = admission(4_096);
         // 400 slow answers in each of two windows: 1,600/s, smoothed from 0 to 800/s, then
         // 1,200/s, which clears 3,000 sends in 2.5 s.
-        for window in 1..=2 {
+        for _ in 0..2 {
             store_after(&admission, 400, Duration::from_millis(400));
-            next_window(&admission, window);
+            next_window(&admission, 1);
         }
         let paced = admission.limit_now(Instant::now());
         assert!((2_900..=3_000).contains(&paced), "{paced}");
@@ -382,8 +396,8 @@ mod tests {
         // falling to the floor, ready for the answers at the stall's end.
         let held: Vec<Admitted> = (0..1_500).map_while(|_| admission.try_admit()).collect();
         assert_eq!(held.len(), 1_500);
-        assert_eq!(next_window(&admission, 3), paced);
-        assert_eq!(next_window(&admission, 4), paced);
+        assert_eq!(next_window(&admission, 1), paced);
+        assert_eq!(next_window(&admission, 1), paced);
     }
 
     #[test]
@@ -391,16 +405,20 @@ mod tests {
         let admission = admission(4_096);
         store_after(&admission, 100, Duration::from_millis(20));
         assert_eq!(next_window(&admission, 1), 4_096);
-        // Most answers of the next window waited past a tenth of the target wait: the queue
-        // stands, and the limit is the (low) answer rate's, here the floor.
-        let mut sends: Vec<Admitted> = (0..100).map_while(|_| admission.try_admit()).collect();
-        answer_after(sends.drain(..60), Duration::from_millis(400));
-        answer_after(sends.drain(..), Duration::from_millis(10));
-        assert_eq!(next_window(&admission, 2), ADMISSION_FLOOR, "60 of 100 answers slow");
+        // Most answers of the next two windows waited past a tenth of the target wait: after
+        // the first the cap holds (the answers that end a stall all waited it out); after the
+        // second the queue stands, and the limit is the (low) answer rate's, here the floor.
+        for window in 2..=3 {
+            let mut sends: Vec<Admitted> = (0..100).map_while(|_| admission.try_admit()).collect();
+            answer_after(sends.drain(..60), Duration::from_millis(400));
+            answer_after(sends.drain(..), Duration::from_millis(10));
+            let expected = if window == 2 { 4_096 } else { ADMISSION_FLOOR };
+            assert_eq!(next_window(&admission, 1), expected, "60 of 100 answers slow, window {window}");
+        }
         // A quiet spell (nothing answered, nothing waiting) forgets the last verdict either way:
         // a burst gets the floor until its answers are measured.
         store_after(&admission, 100, Duration::from_millis(20));
-        assert_eq!(next_window(&admission, 3), 4_096);
-        assert_eq!(next_window(&admission, 8), ADMISSION_FLOOR, "quiet: taken to stand again");
+        assert_eq!(next_window(&admission, 1), 4_096);
+        assert_eq!(next_window(&admission, 5), ADMISSION_FLOOR, "quiet: taken to stand again");
     }
 }
