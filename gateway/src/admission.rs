@@ -91,8 +91,13 @@ struct AnswerRate {
     /// Slow windows in a row, up to [`STANDING_WINDOWS`] (windows with nothing stored do not
     /// count, nor break the run).
     slow_windows: u32,
+}
+
+impl AnswerRate {
     /// Whether the queue stands: the limit follows the answer rate only then.
-    standing: bool,
+    fn standing(&self) -> bool {
+        self.slow_windows >= STANDING_WINDOWS
+    }
 }
 
 /// One admitted send's place; given back (counted as answered, and the in-flight gauge lowered)
@@ -153,7 +158,6 @@ impl SendAdmission {
                 stored_slowly_at_start: 0,
                 per_sec: 0.0,
                 slow_windows: STANDING_WINDOWS,
-                standing: true,
             }),
             in_flight,
             limit,
@@ -209,7 +213,6 @@ impl SendAdmission {
                     // to stand. (Refusals alone leave the verdict as it was.)
                     rate.slow_windows = STANDING_WINDOWS;
                 }
-                rate.standing = rate.slow_windows >= STANDING_WINDOWS;
             }
             rate.window_start = now;
             rate.answers_at_start = answers;
@@ -224,7 +227,7 @@ impl SendAdmission {
 
     /// The limit `rate` calls for: the cap unless the queue stands.
     fn limit_given(&self, rate: &AnswerRate) -> usize {
-        if rate.standing {
+        if rate.standing() {
             limit_for(rate.per_sec, self.target_wait, self.cap)
         } else {
             self.cap
