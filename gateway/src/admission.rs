@@ -24,13 +24,13 @@
 //! while half the sends stored in each of the last two windows waited at least a tenth of the
 //! target wait (250 ms, the send→ack SLO), the limit is the answers' pace; once most in a window
 //! are stored sooner, the limit is the cap. (Two windows, because the first answers after a stall
-//! all waited it out.) Only stored sends went through the workers' queue: refusals (a publish that
-//! timed out in a NATS freeze, a store that failed) leave the verdict as it was. While none are answered but sends wait (a stall), the rate and the
-//! verdict of the windows before it hold: a stall says nothing of how fast the workers answer
-//! once it ends, and the burst of answers at its end would otherwise be measured against a rate
-//! it dragged to zero. After a quiet spell (no answers, nothing waiting) the queue is taken to
-//! stand again until answers say otherwise, so a burst onto a cluster that may have slowed
-//! meanwhile gets the floor, not the cap.
+//! all waited it out.) Only stored sends went through the workers' queue: refusals (a publish
+//! that timed out in a NATS freeze, a store that failed) leave the verdict as it was. While none
+//! are answered but sends wait (a stall), the rate and the verdict of the windows before it hold:
+//! a stall says nothing of how fast the workers answer once it ends, and the burst of answers at
+//! its end would otherwise be measured against a rate it dragged to zero. After a quiet spell
+//! (no answers, nothing waiting) the queue is taken to stand again until answers say otherwise,
+//! so a burst onto a cluster that may have slowed meanwhile gets the floor, not the cap.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -167,7 +167,8 @@ impl SendAdmission {
     /// A place for one more send, or `None` when the limit is reached: the cap counts every send
     /// awaiting its answer, the limit those still within their deadline.
     pub fn try_admit(&self) -> Option<Admitted> {
-        if self.waiting.load(Ordering::Relaxed) >= self.limit_now(Instant::now()) {
+        let now = Instant::now();
+        if self.waiting.load(Ordering::Relaxed) >= self.limit_now(now) {
             return None;
         }
         let permit = self.permits.clone().try_acquire_owned().ok()?;
@@ -175,7 +176,7 @@ impl SendAdmission {
         self.in_flight.inc();
         Some(Admitted {
             _permit: permit,
-            admitted_at: Instant::now(),
+            admitted_at: now,
             answers: self.answers.clone(),
             stored: false,
             waiting: Some(self.waiting.clone()),
