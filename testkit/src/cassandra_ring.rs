@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::workspace_root;
 
@@ -11,10 +13,22 @@ const RING_DIR: &str = "target/test-cassandra-ring";
 const RING_CQL_PORT: &str = "9242";
 const RING_STORAGE_PORT: &str = "7242";
 
+/// When a ring node was last thawed (see [`FrozenRingNode`]).
+static LAST_THAW: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// How long after a thaw the ring is left to settle before the next test uses it. A peer may
+/// mark the thawed node down just after the thaw, before its first heartbeat arrives, and up
+/// again about 1.5 s later (measured here); `deploy/cassandra/ring start` then waits for that up.
+const SETTLE_AFTER_THAW: Duration = Duration::from_secs(2);
+
 /// The shared ring's contact points (`127.0.1.1:9242,127.0.1.2:9242,127.0.1.3:9242`), starting
-/// it on first use (idempotently: running nodes are kept, a killed one is started again).
-/// `deploy/test-all` stops it at the end of the run.
+/// it on first use (idempotently: running nodes are kept, a killed one is started again) and
+/// returning once every node sees every other up. `deploy/test-all` stops it at the end of the run.
 pub fn cassandra_ring() -> String {
+    let last_thaw = *LAST_THAW.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(thawed) = last_thaw {
+        std::thread::sleep(SETTLE_AFTER_THAW.saturating_sub(thawed.elapsed()));
+    }
     ring(&["start", "--nodes", "3", "--cql-port", RING_CQL_PORT, "--storage-port", RING_STORAGE_PORT])
 }
 
@@ -43,7 +57,8 @@ pub fn kill_ring_node(node: usize) {
     assert!(status.success(), "kill -9 of ring node {node}");
 }
 
-/// Starts ring node `node` again (after [`kill_ring_node`]) and waits until it answers CQL.
+/// Starts ring node `node` again (after [`kill_ring_node`]) and waits until it answers CQL and
+/// it and its peers see each other up.
 pub fn restart_ring_node(node: usize) {
     ring(&["node", "--node", &node.to_string()]);
 }
@@ -67,5 +82,6 @@ pub fn freeze_ring_node(node: usize) -> FrozenRingNode {
 impl Drop for FrozenRingNode {
     fn drop(&mut self) {
         let _ = std::process::Command::new("kill").args(["-CONT", &self.pid]).status();
+        *LAST_THAW.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Instant::now());
     }
 }
