@@ -8,29 +8,32 @@
 //! (docs/benchmarks.md). A fixed cap bounds that queue, but an admitted send waits about
 //! `in flight / answers per second` (Little's law), so a cap that suits a fast cluster lets a
 //! slower one (a ring of replicas, a store warming up) queue sends past their deadline. So the
-//! limit is the lower of the cap (`--max-sends-in-flight`) and what this gateway was answered
-//! lately times a target wait (half the deadline), and never below a floor, so a burst after a
-//! quiet spell is admitted while the answer rate catches up. The cap counts every send awaiting
-//! its answer; the limit counts only those within their deadline, the workers' queue: a send past
-//! it waits only for a late answer or the store's, and after a NATS outage thousands of those
-//! would otherwise hold the limit at its floor until they are answered.
+//! limit is the lower of the cap (`--max-sends-in-flight`) and what the workers lately stored for
+//! this gateway times a target wait (half the deadline). The cap counts every send awaiting its
+//! answer; the limit counts only those within their deadline, the workers' queue: a send past it
+//! waits only for a late answer or the store's, and after a NATS outage thousands of those would
+//! otherwise hold the limit down until they are answered.
 //!
 //! A falling answer rate is not always overload. When a worker dies, or NATS or the store stops
 //! for a few seconds, answers stop while nothing is queued behind a slow worker; the sends wait
 //! for the stall to end, and most are served once it does. The answer rate alone reads that as
 //! overload and sheds hundreds of sends at once (docs/benchmarks.md). So the limit follows the
-//! answer rate only while the queue stands, as CoDel tells a standing queue from a burst
+//! stored rate only while the queue stands, as CoDel tells a standing queue from a burst
 //! (Nichols and Jacobson, "Controlling Queue Delay", 2012) by how long what leaves it waited:
 //! while half the sends stored in each of the last two windows waited at least a tenth of the
-//! target wait (250 ms, the send→ack SLO), the limit is the answers' pace; once most in a window
+//! target wait (250 ms, the send→ack SLO), the limit is the stored pace; once most in a window
 //! are stored sooner, the limit is the cap. (Two windows, because the first answers after a stall
-//! all waited it out.) Only stored sends went through the workers' queue: refusals (a publish
-//! that timed out in a NATS freeze, a store that failed) leave the verdict as it was. While none
-//! are answered but sends wait (a stall), the rate and the verdict of the windows before it hold:
-//! a stall says nothing of how fast the workers answer once it ends, and the burst of answers at
-//! its end would otherwise be measured against a rate it dragged to zero. After a quiet spell
-//! (no answers, nothing waiting) the queue is taken to stand again until answers say otherwise,
-//! so a burst onto a cluster that may have slowed meanwhile gets the floor, not the cap.
+//! all waited it out.)
+//!
+//! Only stored sends went through the workers' queue, so only they measure its pace and whether
+//! it stands. While none are stored but sends wait (a stall, even if some are refused: publishes
+//! that time out in a NATS freeze), the pace and the verdict of the windows before it hold: a
+//! stall says nothing of how fast the workers store once it ends. After a quiet spell (nothing
+//! answered, nothing waiting) nothing is known of the queue a burst would meet: it is taken to
+//! stand, with a floor of [`ADMISSION_FLOOR`] so the burst is admitted while its pace is
+//! measured. Once the pace is measured from stored sends the floor is [`MEASURED_FLOOR`]: a ring
+//! of replicas may store only a few hundred sends a second for a gateway, and 1,024 sends in
+//! flight there wait past their deadline (docs/benchmarks.md).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,9 +42,13 @@ use std::time::{Duration, Instant};
 use telemetry::metrics::IntGauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Sends in flight that are always admitted (under the cap), whatever the answer rate: a burst
-/// after a quiet spell, when the measured rate is near zero.
+/// Sends in flight that are always admitted (under the cap) after a quiet spell, before the
+/// workers' pace is measured: a burst onto an idle gateway.
 pub const ADMISSION_FLOOR: usize = 1_024;
+
+/// Sends in flight that are always admitted (under the cap) once the pace of a standing queue is
+/// measured from stored sends.
+pub const MEASURED_FLOOR: usize = 128;
 
 /// How often the answer rate is measured.
 const RATE_WINDOW: Duration = Duration::from_millis(250);
@@ -80,21 +87,23 @@ struct Answers {
     slow_after: Duration,
 }
 
-/// The answer rate measured over the last windows, and whether the queue stands.
+/// The stored rate measured over the last windows, and whether the queue stands.
 struct AnswerRate {
     window_start: Instant,
     answers_at_start: u64,
     stored_at_start: u64,
     stored_slowly_at_start: u64,
-    /// Answers per second, smoothed over windows.
-    per_sec: f64,
+    /// Sends stored per second, smoothed over windows.
+    stored_per_sec: f64,
     /// Slow windows in a row, up to [`STANDING_WINDOWS`] (windows with nothing stored do not
     /// count, nor break the run).
     slow_windows: u32,
+    /// Whether the pace was measured from stored sends since the last quiet spell.
+    measured: bool,
 }
 
 impl AnswerRate {
-    /// Whether the queue stands: the limit follows the answer rate only then.
+    /// Whether the queue stands: the limit follows the stored rate only then.
     fn standing(&self) -> bool {
         self.slow_windows >= STANDING_WINDOWS
     }
@@ -133,8 +142,9 @@ impl Admitted {
 
 impl SendAdmission {
     /// At most `cap` sends in flight (0: no limit at all), and, while the queue stands, no more
-    /// than the answers of the last moments times `target_wait`, but at least
-    /// [`ADMISSION_FLOOR`]; counted in `in_flight`, the limit in force shown in `limit`.
+    /// than the sends stored in the last moments times `target_wait`, but at least a floor
+    /// ([`ADMISSION_FLOOR`], or [`MEASURED_FLOOR`] once the pace is measured); counted in
+    /// `in_flight`, the limit in force shown in `limit`.
     pub fn new(cap: usize, target_wait: Duration, in_flight: IntGauge, limit: IntGauge) -> Self {
         let follows_answers = cap > ADMISSION_FLOOR;
         let cap = if cap == 0 { Semaphore::MAX_PERMITS } else { cap };
@@ -156,8 +166,9 @@ impl SendAdmission {
                 answers_at_start: 0,
                 stored_at_start: 0,
                 stored_slowly_at_start: 0,
-                per_sec: 0.0,
+                stored_per_sec: 0.0,
                 slow_windows: STANDING_WINDOWS,
+                measured: false,
             }),
             in_flight,
             limit,
@@ -199,20 +210,23 @@ impl SendAdmission {
             let stored_slowly = self.answers.stored_slowly.load(Ordering::Relaxed);
             let answered = answers - rate.answers_at_start;
             let (stored_now, slowly_now) = (stored - rate.stored_at_start, stored_slowly - rate.stored_slowly_at_start);
-            let stalled = answered == 0 && self.waiting.load(Ordering::Relaxed) > 0;
-            // A stall says nothing of the pace the workers answer at once it ends: rate and
+            let stalled = stored_now == 0 && self.waiting.load(Ordering::Relaxed) > 0;
+            // A stall says nothing of the pace the workers store at once it ends: pace and
             // verdict hold.
             if !stalled {
-                let window_rate = answered as f64 / elapsed.as_secs_f64();
+                let window_rate = stored_now as f64 / elapsed.as_secs_f64();
                 // A long window (a quiet spell with no sends offered) is no trend to smooth: take it alone.
-                rate.per_sec = if elapsed > 4 * RATE_WINDOW { window_rate } else { (rate.per_sec + window_rate) / 2.0 };
+                rate.stored_per_sec =
+                    if elapsed > 4 * RATE_WINDOW { window_rate } else { (rate.stored_per_sec + window_rate) / 2.0 };
                 if stored_now > 0 {
                     let slow = 2 * slowly_now >= stored_now;
                     rate.slow_windows = if slow { (rate.slow_windows + 1).min(STANDING_WINDOWS) } else { 0 };
+                    rate.measured = true;
                 } else if answered == 0 {
                     // Quiet: nothing is known about the queue a burst would meet; it is taken
-                    // to stand. (Refusals alone leave the verdict as it was.)
+                    // to stand, its pace unmeasured. (Refusals alone leave the verdict as it was.)
                     rate.slow_windows = STANDING_WINDOWS;
+                    rate.measured = false;
                 }
             }
             rate.window_start = now;
@@ -228,19 +242,19 @@ impl SendAdmission {
 
     /// The limit `rate` calls for: the cap unless the queue stands.
     fn limit_given(&self, rate: &AnswerRate) -> usize {
-        if rate.standing() {
-            limit_for(rate.per_sec, self.target_wait, self.cap)
-        } else {
-            self.cap
+        if !rate.standing() {
+            return self.cap;
         }
+        let floor = if rate.measured { MEASURED_FLOOR } else { ADMISSION_FLOOR };
+        limit_for(rate.stored_per_sec, self.target_wait, floor, self.cap)
     }
 }
 
-/// The sends in flight that `answers_per_sec` clears within `target_wait`, between the floor and
+/// The sends in flight that `stored_per_sec` clears within `target_wait`, between `floor` and
 /// `cap`.
-fn limit_for(answers_per_sec: f64, target_wait: Duration, cap: usize) -> usize {
-    let cleared = (answers_per_sec * target_wait.as_secs_f64()) as usize;
-    cleared.clamp(ADMISSION_FLOOR.min(cap), cap)
+fn limit_for(stored_per_sec: f64, target_wait: Duration, floor: usize, cap: usize) -> usize {
+    let cleared = (stored_per_sec * target_wait.as_secs_f64()) as usize;
+    cleared.clamp(floor.min(cap), cap)
 }
 
 impl Drop for Admitted {
@@ -308,12 +322,21 @@ mod tests {
     }
 
     #[test]
-    fn the_limit_is_what_the_answer_rate_clears_in_the_target_wait_between_floor_and_cap() {
+    fn the_limit_is_what_the_stored_rate_clears_in_the_target_wait_between_floor_and_cap() {
         let wait = Duration::from_millis(2_500);
-        assert_eq!(limit_for(0.0, wait, 4_096), ADMISSION_FLOOR, "a quiet gateway still admits a burst");
-        assert_eq!(limit_for(1_000.0, wait, 4_096), 2_500, "1,000 answers/s clear 2,500 sends in 2.5 s");
-        assert_eq!(limit_for(100_000.0, wait, 4_096), 4_096, "never above the cap");
-        assert_eq!(limit_for(0.0, wait, 100), 100, "a cap below the floor is the limit");
+        assert_eq!(
+            limit_for(0.0, wait, ADMISSION_FLOOR, 4_096),
+            ADMISSION_FLOOR,
+            "a quiet gateway still admits a burst"
+        );
+        assert_eq!(
+            limit_for(1_000.0, wait, ADMISSION_FLOOR, 4_096),
+            2_500,
+            "1,000 stored/s clear 2,500 sends in 2.5 s"
+        );
+        assert_eq!(limit_for(100_000.0, wait, ADMISSION_FLOOR, 4_096), 4_096, "never above the cap");
+        assert_eq!(limit_for(0.0, wait, ADMISSION_FLOOR, 100), 100, "a cap below the floor is the limit");
+        assert_eq!(limit_for(200.0, wait, MEASURED_FLOOR, 4_096), 500, "a measured slow pace is below the first floor");
     }
 
     #[test]
@@ -405,20 +428,45 @@ mod tests {
     }
 
     #[test]
+    fn refusals_while_nothing_is_stored_keep_the_pace_measured_before() {
+        let admission = admission(4_096);
+        for _ in 0..2 {
+            store_after(&admission, 400, Duration::from_millis(400));
+            next_window(&admission, 1);
+        }
+        let paced = admission.limit_now(Instant::now());
+        // NATS stops: nothing is stored, and the sends that were in flight are refused as their
+        // publish times out, while new ones wait. The refusals say nothing of the workers' pace.
+        let mut held: Vec<Admitted> = (0..5_000).map_while(|_| admission.try_admit()).collect();
+        assert_eq!(held.len(), paced);
+        for _ in 0..4 {
+            drop(held.drain(..200));
+            assert_eq!(next_window(&admission, 1), paced, "refused while others wait");
+        }
+    }
+
+    #[test]
     fn slow_answers_bring_the_limit_down_and_a_quiet_spell_the_floor_back() {
         let admission = admission(4_096);
         store_after(&admission, 100, Duration::from_millis(20));
         assert_eq!(next_window(&admission, 1), 4_096);
         // Most answers of the next two windows waited past a tenth of the target wait: after
         // the first the cap holds (the answers that end a stall all waited it out); after the
-        // second the queue stands, and the limit is the (low) answer rate's, here the floor.
+        // second the queue stands, and the limit is the stored pace's: 400/s, smoothed from
+        // 200/s to 350/s, clears 875 sends in 2.5 s, under the floor of an unmeasured pace.
         for window in 2..=3 {
             let mut sends: Vec<Admitted> = (0..100).map_while(|_| admission.try_admit()).collect();
             answer_after(sends.drain(..60), Duration::from_millis(400));
             answer_after(sends.drain(..), Duration::from_millis(10));
-            let expected = if window == 2 { 4_096 } else { ADMISSION_FLOOR };
+            let expected = if window == 2 { 4_096 } else { 875 };
             assert_eq!(next_window(&admission, 1), expected, "60 of 100 answers slow, window {window}");
         }
+        // The pace falls further: the limit follows it down to the measured floor.
+        for _ in 0..6 {
+            store_after(&admission, 5, Duration::from_millis(400));
+            next_window(&admission, 1);
+        }
+        assert_eq!(next_window(&admission, 0), MEASURED_FLOOR);
         // A quiet spell (nothing answered, nothing waiting) forgets the last verdict either way:
         // a burst gets the floor until its answers are measured.
         store_after(&admission, 100, Duration::from_millis(20));

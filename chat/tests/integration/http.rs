@@ -35,10 +35,10 @@ async fn health_ready_metrics_and_the_web_app() {
     // Both answers (the ack and the duplicate's) were timed, within the send's deadline.
     assert_eq!(metric(&text, "chat_send_answer_seconds_count"), 2.0, "{text}");
     assert_eq!(metric(&text, "chat_send_answer_seconds_bucket{le=\"5.0\"}"), 2.0, "{text}");
-    // The limit on sends within their deadline: the cap (4,096), or the floor (1,024) once a quiet spell's
-    // answer rate is measured.
+    // The limit on sends within their deadline: the cap (4,096), the floor after a quiet spell
+    // (1,024), or, if a debug build stored these sends slowly, the pace's (at least 128).
     let limit = metric(&text, "chat_send_admission_limit");
-    assert!((1_024.0..=4_096.0).contains(&limit), "{text}");
+    assert!((128.0..=4_096.0).contains(&limit), "{text}");
     let (status, html) = get(&format!("{}/", server.http_url)).await;
     assert_eq!(status, 200);
     assert!(html.to_lowercase().contains("<!doctype html"), "{html}");
