@@ -512,9 +512,9 @@ pub struct GatewayArgs {
     /// `unavailable` at once, unpublished, so a client may retry them at once (load shedding:
     /// an overload refuses the excess quickly instead of queueing every send past its deadline).
     /// Above 1,024 the limit in force is lower while the queue stands (most sends stored 250 ms
-    /// or more after they came, two windows running) and answers come slower than it clears in
-    /// half a send's deadline (`chat_send_admission_limit`); a stall (a dead worker, NATS
-    /// stopped) keeps the cap; 0 is no limit.
+    /// or more after they came, two windows running) and sends are stored slower than it clears
+    /// in half a send's deadline, down to 128 (`chat_send_admission_limit`); a stall (a dead
+    /// worker, NATS stopped) keeps the limit it had; 0 is no limit.
     #[arg(
         long,
         env = "CHAT_MAX_SENDS_IN_FLIGHT",
