@@ -513,7 +513,7 @@ pub struct GatewayArgs {
     /// an overload refuses the excess quickly instead of queueing every send past its deadline).
     /// Above 1,024 the limit in force is lower while the queue stands (most sends stored 250 ms
     /// or more after they came, two windows running) and sends are stored slower than it clears
-    /// in half a send's deadline, down to 128 (`chat_send_admission_limit`); a stall (a dead
+    /// in a third of a send's deadline, down to 128 (`chat_send_admission_limit`); a stall (a dead
     /// worker, NATS stopped) keeps the limit it had; 0 is no limit.
     #[arg(
         long,

@@ -65,7 +65,7 @@ impl AppState {
         let connection_permits = Arc::new(Semaphore::new(config.limits.max_connections));
         let sends = SendAdmission::new(
             config.limits.max_sends_in_flight,
-            config.submit_timeout / 2,
+            config.submit_timeout,
             metrics.sends_in_flight.clone(),
             metrics.send_admission_limit.clone(),
         );
