@@ -9,13 +9,12 @@
 //! `in flight / answers per second` (Little's law), so a cap that suits a fast cluster lets a
 //! slower one (a ring of replicas, a store warming up) queue sends past their deadline. So the
 //! limit is the lower of the cap (`--max-sends-in-flight`) and what the workers lately stored for
-//! this gateway times a target wait, a third of the deadline: the pace swings within a run (a
-//! ring's by half from one second to the next), and a wait of half the deadline left no room for
-//! a pace that halves, so admitted sends were answered past their deadline (docs/benchmarks.md).
-//! The cap counts every send awaiting its
-//! answer; the limit counts only those within their deadline, the workers' queue: a send past it
-//! waits only for a late answer or the store's, and after a NATS outage thousands of those would
-//! otherwise hold the limit down until they are answered.
+//! this gateway times a target wait, a third of the deadline: the pace swings (a ring's with its
+//! compactions and pauses), and a wait of half the deadline left no room for a pace that halves,
+//! so admitted sends were answered past their deadline (docs/benchmarks.md). The cap counts every
+//! send awaiting its answer; the limit counts only those within their deadline, the workers'
+//! queue: a send past it waits only for a late answer or the store's, and after a NATS outage
+//! thousands of those would otherwise hold the limit down until they are answered.
 //!
 //! A falling answer rate is not always overload. When a worker dies, or NATS or the store stops
 //! for a few seconds, answers stop while nothing is queued behind a slow worker; the sends wait
@@ -53,7 +52,7 @@ pub const ADMISSION_FLOOR: usize = 1_024;
 /// measured from stored sends.
 pub const MEASURED_FLOOR: usize = 128;
 
-/// How often the answer rate is measured.
+/// How often the stored rate is measured.
 const RATE_WINDOW: Duration = Duration::from_millis(250);
 
 /// The target wait of an admitted send in a standing queue is the deadline divided by this.
