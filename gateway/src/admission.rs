@@ -70,8 +70,8 @@ const STANDING_WINDOWS: u32 = 2;
 pub struct SendAdmission {
     permits: Arc<Semaphore>,
     cap: usize,
-    /// Whether the answer rate may lower the limit: not when there is no cap at all, nor when
-    /// the cap is at or below the floor.
+    /// Whether the stored rate may lower the limit: not when there is no cap at all, nor when
+    /// the cap is at or below [`ADMISSION_FLOOR`].
     follows_answers: bool,
     target_wait: Duration,
     answers: Arc<Answers>,
@@ -148,9 +148,8 @@ impl Admitted {
 impl SendAdmission {
     /// At most `cap` sends in flight (0: no limit at all), and, while the queue stands, no more
     /// than the sends stored in the last moments clear in a third of a send's `deadline`, but at
-    /// least a floor
-    /// ([`ADMISSION_FLOOR`], or [`MEASURED_FLOOR`] once the pace is measured); counted in
-    /// `in_flight`, the limit in force shown in `limit`.
+    /// least a floor ([`ADMISSION_FLOOR`], or [`MEASURED_FLOOR`] once the pace is measured);
+    /// counted in `in_flight`, the limit in force shown in `limit`.
     pub fn new(cap: usize, deadline: Duration, in_flight: IntGauge, limit: IntGauge) -> Self {
         let follows_answers = cap > ADMISSION_FLOOR;
         let cap = if cap == 0 { Semaphore::MAX_PERMITS } else { cap };
@@ -304,6 +303,17 @@ mod tests {
         answer_after(sends, waited);
     }
 
+    /// A standing queue paced at 1,200 stored sends/s: 400 slow answers in each of two windows
+    /// (1,600/s, smoothed from 0 to 800/s, then 1,200/s), which clear 2,000 sends in a third of
+    /// the deadline. Returns the limit that pace sets.
+    fn pace_a_standing_queue(admission: &SendAdmission) -> usize {
+        for _ in 0..2 {
+            store_after(admission, 400, Duration::from_millis(400));
+            next_window(admission, 1);
+        }
+        admission.limit_now(Instant::now())
+    }
+
     /// The limit once `windows` windows have passed since the last measure.
     fn next_window(admission: &SendAdmission, windows: u32) -> usize {
         let window_start = admission.rate.lock().expect("not poisoned").window_start;
@@ -420,13 +430,7 @@ mod tests {
     #[test]
     fn a_stall_while_the_queue_stands_keeps_the_pace_measured_before_it() {
         let admission = admission(4_096);
-        // 400 slow answers in each of two windows: 1,600/s, smoothed from 0 to 800/s, then
-        // 1,200/s, which clears 2,000 sends in a third of the deadline.
-        for _ in 0..2 {
-            store_after(&admission, 400, Duration::from_millis(400));
-            next_window(&admission, 1);
-        }
-        let paced = admission.limit_now(Instant::now());
+        let paced = pace_a_standing_queue(&admission);
         assert!((1_950..=2_000).contains(&paced), "{paced}");
         // Then nothing is answered while sends wait: the limit keeps that pace rather than
         // falling to the floor, ready for the answers at the stall's end.
@@ -439,11 +443,7 @@ mod tests {
     #[test]
     fn refusals_while_nothing_is_stored_keep_the_pace_measured_before() {
         let admission = admission(4_096);
-        for _ in 0..2 {
-            store_after(&admission, 400, Duration::from_millis(400));
-            next_window(&admission, 1);
-        }
-        let paced = admission.limit_now(Instant::now());
+        let paced = pace_a_standing_queue(&admission);
         // NATS stops: nothing is stored, and the sends that were in flight are refused as their
         // publish times out, while new ones wait. The refusals say nothing of the workers' pace.
         let mut held: Vec<Admitted> = (0..5_000).map_while(|_| admission.try_admit()).collect();
