@@ -125,9 +125,10 @@ pub struct Metrics {
     pub gap_repaired_messages: IntCounter,
     /// Time from a gateway receiving a `send` to sending its `ack` (exemplars: trace ids).
     pub send_to_ack: TracedHistogram,
-    /// Time from a gateway receiving an admitted `send` to having its answer, whatever it is
-    /// (`ack` or `error`): the share within the send's deadline.
-    pub send_answer: Histogram,
+    /// Time from a gateway receiving an admitted `send` to having its answer, by outcome (as
+    /// `chat_sends_total`: an ack, a duplicate's ack, or an error): the share within the send's
+    /// deadline, and whether the late ones are acks or refusals.
+    pub send_answer: HistogramVec,
     /// Time from sequencing to the gateway handing the message to its connections (exemplars:
     /// trace ids).
     pub sequence_to_gateway: TracedHistogram,
@@ -274,6 +275,9 @@ impl Metrics {
                 family.with_label_values(&[value]);
             }
         }
+        for outcome in SEND_OUTCOMES {
+            metrics.send_answer.with_label_values(&[outcome]);
+        }
         for kind in CHAIN_KINDS {
             for source in CHAIN_SOURCES {
                 metrics.chain_violations.with_label_values(&[kind, source]);
@@ -303,7 +307,7 @@ impl Metrics {
             ),
             send_admission_limit: r.add(
                 "chat_send_admission_limit",
-                "The limit in force on admitted sends still within their deadline: --max-sends-in-flight, or what the recent answer rate clears in half a send's deadline if lower.",
+                "The limit in force on admitted sends still within their deadline: --max-sends-in-flight, or what the workers' recent stored rate clears in a third of a send's deadline if lower (never below 128).",
                 IntGauge::default(),
             ),
             deliveries: r.counter("chat_deliveries", "Message frames written to connections."),
@@ -311,9 +315,10 @@ impl Metrics {
             gap_repairs: r.counter("chat_gap_repairs", "Gaps in a room feed filled from the store."),
             gap_repaired_messages: r.counter("chat_gap_repaired_messages", "Messages recovered by gap repair."),
             send_to_ack: r.traced("chat_send_ack_seconds", "Gateway receive of a send to its ack, in seconds."),
-            send_answer: r.histogram(
+            send_answer: r.histogram_vec(
                 "chat_send_answer_seconds",
-                "Gateway receive of an admitted send to its answer (ack or error), in seconds.",
+                "Gateway receive of an admitted send to its answer, by outcome (acked, duplicate, or an error), in seconds.",
+                &["outcome"],
                 ANSWER_BUCKETS,
             ),
             sequence_to_gateway: r

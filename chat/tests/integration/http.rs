@@ -32,9 +32,13 @@ async fn health_ready_metrics_and_the_web_app() {
     assert_eq!(metric(&text, "chat_sends_total{outcome=\"duplicate\"}"), 1.0, "{text}");
     assert_eq!(metric(&text, "chat_deliveries_total"), 1.0, "{text}");
     assert!(text.contains("chat_send_ack_seconds_bucket"), "{text}");
-    // Both answers (the ack and the duplicate's) were timed, within the send's deadline.
-    assert_eq!(metric(&text, "chat_send_answer_seconds_count"), 2.0, "{text}");
-    assert_eq!(metric(&text, "chat_send_answer_seconds_bucket{le=\"5.0\"}"), 2.0, "{text}");
+    // Both answers (the ack and the duplicate's) were timed by outcome, within the deadline.
+    for outcome in ["acked", "duplicate"] {
+        assert_eq!(metric(&text, &format!("chat_send_answer_seconds_count{{outcome=\"{outcome}\"}}")), 1.0, "{text}");
+        let within = format!("chat_send_answer_seconds_bucket{{outcome=\"{outcome}\",le=\"5.0\"}}");
+        assert_eq!(metric(&text, &within), 1.0, "{text}");
+    }
+    assert_eq!(metric(&text, "chat_send_answer_seconds_count{outcome=\"unavailable\"}"), 0.0, "{text}");
     // The limit on sends within their deadline: the cap (4,096), the floor after a quiet spell
     // (1,024), or, if a debug build stored these sends slowly, the pace's (at least 128).
     let limit = metric(&text, "chat_send_admission_limit");

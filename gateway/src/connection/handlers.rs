@@ -319,10 +319,11 @@ impl Connection {
     pub(super) async fn on_submitted(&mut self, submitted: Box<SubmitResult>) -> Result<(), End> {
         let (req, room, client_msg_id, trace_id, started, outcome) = *submitted;
         let metrics = &self.app.metrics;
-        metrics.send_answer.observe(started.elapsed().as_secs_f64());
+        let label = outcome_label(&outcome);
+        metrics.send_answer.with_label_values(&[label]).observe(started.elapsed().as_secs_f64());
+        metrics.sends.with_label_values(&[label]).inc();
         match outcome {
             Ok(SendOutcome { message, duplicate }) => {
-                metrics.sends.with_label_values(&[if duplicate { "duplicate" } else { "acked" }]).inc();
                 metrics.send_to_ack.observe(started.elapsed().as_secs_f64(), &message.trace_id);
                 let key = protocol::bus::dedupe_key(&room, &message.user, &client_msg_id);
                 self.app.journal.link(&key, message.id);
@@ -337,11 +338,9 @@ impl Connection {
                 self.write_frame(ack).await
             }
             Err(e) if e.kind() == bus::BusErrorKind::Rejected => {
-                metrics.sends.with_label_values(&["rejected"]).inc();
                 self.error(ErrorCode::BadRequest, e.message(), req).await
             }
             Err(e) if e.kind() == bus::BusErrorKind::Indeterminate => {
-                metrics.sends.with_label_values(&["indeterminate"]).inc();
                 tracing::warn!(room, client_msg_id, trace_id = %trace_id, error = %e, "send outcome unknown");
                 self.error(
                     ErrorCode::Internal,
@@ -352,7 +351,6 @@ impl Connection {
                 .await
             }
             Err(e) if e.kind() == bus::BusErrorKind::Encoding => {
-                metrics.sends.with_label_values(&["internal"]).inc();
                 tracing::error!(room, client_msg_id, trace_id = %trace_id, error = %e, "send not encodable for the bus");
                 self.error(
                     ErrorCode::Internal,
@@ -362,7 +360,6 @@ impl Connection {
                 .await
             }
             Err(e) => {
-                metrics.sends.with_label_values(&["unavailable"]).inc();
                 tracing::warn!(room, client_msg_id, trace_id = %trace_id, error = %e, "send not accepted");
                 self.error(
                     ErrorCode::Unavailable,
@@ -414,6 +411,21 @@ impl Connection {
             self.app.metrics.drops.with_label_values(&["typing_unpublished"]).inc();
         }
         Ok(())
+    }
+}
+
+/// How a send's outcome is counted (`chat_sends_total`, `chat_send_answer_seconds`).
+fn outcome_label(outcome: &Result<SendOutcome, bus::BusError>) -> &'static str {
+    match outcome {
+        Ok(SendOutcome { duplicate: true, .. }) => "duplicate",
+        Ok(_) => "acked",
+        Err(e) => match e.kind() {
+            bus::BusErrorKind::Rejected => "rejected",
+            bus::BusErrorKind::Indeterminate => "indeterminate",
+            bus::BusErrorKind::Encoding => "internal",
+            // Unavailable, and any kind the bus adds later.
+            _ => "unavailable",
+        },
     }
 }
 
