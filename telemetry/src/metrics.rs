@@ -112,7 +112,7 @@ pub struct Metrics {
     /// Sends this gateway has handed on and not yet answered (capped by `--max-sends-in-flight`).
     pub sends_in_flight: IntGauge,
     /// The limit in force on admitted sends still within their deadline: the cap, or what the
-    /// gateway's recent answer rate clears in half a send's deadline if lower
+    /// workers' recent stored rate clears in a third of a send's deadline if lower
     /// (gateway/src/admission.rs).
     pub send_admission_limit: IntGauge,
     /// `message` frames written to connections.
