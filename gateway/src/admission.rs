@@ -72,7 +72,7 @@ pub struct SendAdmission {
     cap: usize,
     /// Whether the stored rate may lower the limit: not when there is no cap at all, nor when
     /// the cap is at or below [`ADMISSION_FLOOR`].
-    follows_answers: bool,
+    follows_stored_rate: bool,
     target_wait: Duration,
     answers: Arc<Answers>,
     /// Admitted sends still within their deadline: the ones the limit counts.
@@ -151,13 +151,13 @@ impl SendAdmission {
     /// least a floor ([`ADMISSION_FLOOR`], or [`MEASURED_FLOOR`] once the pace is measured);
     /// counted in `in_flight`, the limit in force shown in `limit`.
     pub fn new(cap: usize, deadline: Duration, in_flight: IntGauge, limit: IntGauge) -> Self {
-        let follows_answers = cap > ADMISSION_FLOOR;
+        let follows_stored_rate = cap > ADMISSION_FLOOR;
         let cap = if cap == 0 { Semaphore::MAX_PERMITS } else { cap };
         limit.set(i64::try_from(cap).unwrap_or(i64::MAX));
         Self {
             permits: Arc::new(Semaphore::new(cap)),
             cap,
-            follows_answers,
+            follows_stored_rate,
             target_wait: deadline / TARGET_SHARE_OF_DEADLINE,
             answers: Arc::new(Answers {
                 total: AtomicU64::new(0),
@@ -204,7 +204,7 @@ impl SendAdmission {
     /// wait, between the floor and the cap; otherwise the cap. Measures the rate, and whether
     /// the queue stands, again once a window has passed.
     fn limit_now(&self, now: Instant) -> usize {
-        if !self.follows_answers {
+        if !self.follows_stored_rate {
             return self.cap;
         }
         let mut rate = self.rate.lock().unwrap_or_else(|p| p.into_inner());

@@ -260,8 +260,8 @@ impl Connection {
             serde_json::json!({"gateway": self.app.config.gateway_id, "session": self.session}),
         );
         // Over the process's limit of sends awaiting an answer (the cap, or what the workers'
-        // stored rate clears in a third of the deadline): refused now, unpublished, so surely not stored, rather
-        // than queued behind the others past its deadline.
+        // stored rate clears in a third of the deadline): refused now, unpublished, so surely
+        // not stored, rather than queued behind the others past its deadline.
         let Some(mut admitted) = self.app.sends.try_admit() else {
             self.app.metrics.drops.with_label_values(&["overloaded"]).inc();
             self.app.metrics.sends.with_label_values(&["unavailable"]).inc();
