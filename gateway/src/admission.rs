@@ -3,9 +3,10 @@
 //! published, so it is surely not stored and the client may retry it at once.
 //!
 //! Without a limit, sends offered faster than the workers sequence them queue in the bus until
-//! their deadline: under a 4× overload every send then waited its full deadline and margin (11 s)
-//! and the gateways asked the store about tens of thousands of them at once
-//! (docs/benchmarks.md). A fixed cap bounds that queue, but an admitted send waits about
+//! their deadline: under a 4× overload every send waited its full deadline and the gateway's
+//! margin of the time (11 s), and the gateways asked the store about tens of thousands of them at
+//! once (docs/benchmarks.md); today each would be answered `internal` (not known yet) at its
+//! deadline. A fixed cap bounds that queue, but an admitted send waits about
 //! `in flight / answers per second` (Little's law), so a cap that suits a fast cluster lets a
 //! slower one (a ring of replicas, a store warming up) queue sends past their deadline. So the
 //! limit is the lower of the cap (`--max-sends-in-flight`) and what the workers lately stored for
@@ -13,8 +14,8 @@
 //! compactions and pauses), and a wait of half the deadline left no room for a pace that halves,
 //! so admitted sends were answered past their deadline (docs/benchmarks.md). The cap counts every
 //! send awaiting its answer; the limit counts only those within their deadline, the workers'
-//! queue: a send past it waits only for a late answer or the store's, and after a NATS outage
-//! thousands of those would otherwise hold the limit down until they are answered.
+//! queue: a send past it, answered `internal`, waits only for the workers' late word, and after
+//! a NATS outage thousands of those would otherwise hold the limit down until their word came.
 //!
 //! A falling answer rate is not always overload. When a worker dies, or NATS or the store stops
 //! for a few seconds, answers stop while nothing is queued behind a slow worker; the sends wait
@@ -135,9 +136,9 @@ impl Admitted {
         self.stored = true;
     }
 
-    /// The send's deadline has passed: no worker stores it now (it only waits for a late answer
-    /// or the store's), so it no longer counts against the limit, which is about the workers'
-    /// queue. It still holds its place under the cap.
+    /// The send's deadline has passed: no worker stores it now (answered `internal`, it only
+    /// waits for the workers' late word), so it no longer counts against the limit, which is
+    /// about the workers' queue. It still holds its place under the cap.
     pub fn past_deadline(&mut self) {
         if let Some(waiting) = self.waiting.take() {
             waiting.fetch_sub(1, Ordering::Relaxed);

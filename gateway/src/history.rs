@@ -97,16 +97,6 @@ impl HistoryReader {
         self.timed("get_by_id", self.store.get_by_id(id)).await
     }
 
-    /// The message a send was stored as, if it was: by room, user and `client_msg_id`.
-    pub async fn find_send(
-        &self,
-        room: &str,
-        user: &str,
-        client_msg_id: &str,
-    ) -> Result<Option<protocol::ChatMessage>, StoreError> {
-        self.timed("find_send", self.store.find_by_client_msg_id(room, user, client_msg_id)).await
-    }
-
     /// The store it reads (for readiness checks).
     pub fn store(&self) -> Arc<dyn HistoryStore> {
         self.store.clone()

@@ -1,7 +1,8 @@
 //! Per-hop timings of a run: after the run, the journeys (`GET /debug/messages/{id}`) of up to
-//! `--journeys` acked messages, spread evenly over the run, are read from the first gateway, and
-//! the time between each two consecutive hops of each journey is kept as a sample of that hop
-//! pair (`store.append→fanout.publish`), for `loadgen compare`.
+//! `--journeys` stored messages (acked, or delivered after an `internal` answer), spread evenly
+//! over the run, are read from the first gateway, and the time between each two consecutive hops
+//! of each journey is kept as a sample of that hop pair (`store.append→fanout.publish`), for
+//! `loadgen compare`.
 //!
 //! Hops are ordered by their `at_us` (each process's wall clock: pairs that cross machines
 //! include their clock offset, which is the same in both runs of a comparison), `fault.*` marks
@@ -100,15 +101,22 @@ pub fn group(journeys: &[Vec<(String, u64, usize)>]) -> Vec<HopPair> {
     pairs.into_iter().map(|(_, p)| p).collect()
 }
 
-/// Up to `n` message ids spread evenly over the run's acked sends.
+/// Up to `n` message ids spread evenly over the run's stored sends: acked, or seen delivered
+/// after an answer that did not say (`internal` at the deadline: often the slowest, the ones a
+/// trace is wanted for).
 fn pick_ids(shared: &Shared, n: usize) -> Vec<String> {
     let records = &shared.records;
-    let acked: Vec<[u8; 16]> = (0..records.len() as u32).filter_map(|i| records.get(i)?.ack().map(|a| a.id)).collect();
-    if acked.is_empty() || n == 0 {
+    let stored: Vec<[u8; 16]> = (0..records.len() as u32)
+        .filter_map(|i| {
+            let record = records.get(i)?;
+            record.ack().map(|a| a.id).or_else(|| record.seen().map(|s| s.id))
+        })
+        .collect();
+    if stored.is_empty() || n == 0 {
         return Vec::new();
     }
-    let n = n.min(acked.len());
-    (0..n).map(|k| fmt_id(&acked[k * acked.len() / n])).collect()
+    let n = n.min(stored.len());
+    (0..n).map(|k| fmt_id(&stored[k * stored.len() / n])).collect()
 }
 
 /// Reads up to `n` journeys of the run's messages from its first gateway and groups their hop

@@ -129,6 +129,9 @@ pub struct Metrics {
     /// `chat_sends_total`: an ack, a duplicate's ack, or an error): the share within the send's
     /// deadline, and whether the late ones are acks or refusals.
     pub send_answer: HistogramVec,
+    /// What the workers said about sends answered `internal` at their deadline, by `outcome`:
+    /// `stored` (after all), `refused`, or `silent` (no word within 6 s).
+    pub send_late_words: CounterVec,
     /// Time from sequencing to the gateway handing the message to its connections (exemplars:
     /// trace ids).
     pub sequence_to_gateway: TracedHistogram,
@@ -246,7 +249,8 @@ const DROP_REASONS: &[&str] = &[
     "unverified_seq",
     "overloaded",
 ];
-const STORE_OPS: &[&str] = &["append", "last_seq", "find_dedupe", "page", "get_by_id", "find_send"];
+const STORE_OPS: &[&str] = &["append", "last_seq", "find_dedupe", "page", "get_by_id"];
+const LATE_WORDS: &[&str] = &["stored", "refused", "silent"];
 /// Kinds and sources of chain violations (every pair is exported as 0).
 pub const CHAIN_KINDS: &[&str] = &["altered", "fork"];
 /// Where a gateway found a chain violation.
@@ -269,6 +273,7 @@ impl Metrics {
             (&metrics.sends, SEND_OUTCOMES),
             (&metrics.drops, DROP_REASONS),
             (&metrics.store_errors, STORE_OPS),
+            (&metrics.send_late_words, LATE_WORDS),
         ];
         for (family, values) in known {
             for value in values {
@@ -320,6 +325,11 @@ impl Metrics {
                 "Gateway receive of an admitted send to its answer, by outcome (acked, duplicate, or an error), in seconds.",
                 &["outcome"],
                 ANSWER_BUCKETS,
+            ),
+            send_late_words: r.counter_vec(
+                "chat_send_late_words",
+                "What the workers said about sends answered `internal` (not known) at their deadline: stored, refused or silent.",
+                &["outcome"],
             ),
             sequence_to_gateway: r
                 .traced("chat_sequence_to_gateway_seconds", "Sequencing to gateway fan-out, in seconds."),

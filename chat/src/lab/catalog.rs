@@ -231,11 +231,11 @@ pub const CHALLENGES: &[Challenge] = &[
     Challenge {
         name: "stuck-sends",
         page: "docs/exercises/02-find-the-distributed-deadlock.md",
-        symptom: "on the cluster, every send in every room hangs, then fails with unavailable",
-        story: "Since a few seconds after start, sends in every room of the cluster hang and end in \
-                `unavailable`. Every process is up, /readyz says ready everywhere, the CPUs are idle. Is \
-                it a deadlock? Find the hop where sends get stuck and the kind of stop (`deadlock`, \
-                `stall` or `delay`).",
+        symptom: "on the cluster, every send in every room hangs, then fails with internal (not known yet)",
+        story: "Since a few seconds after start, sends in every room of the cluster hang for five seconds \
+                and end in `internal` (\"not known yet\"). Every process is up, /readyz says ready \
+                everywhere, the CPUs are idle. Is it a deadlock? Find the hop where sends get stuck and \
+                the kind of stop (`deadlock`, `stall` or `delay`).",
         topology: Topology::Cluster,
         asks: &[Field::Hop, Field::Kind],
         variants: &[Mechanism::LockInversion, Mechanism::SequenceStall, Mechanism::PublishStall],
@@ -298,12 +298,12 @@ pub const CHALLENGES: &[Challenge] = &[
     Challenge {
         name: "refused-sends",
         page: "docs/exercises/09-refused-sends.md",
-        symptom: "on the cluster, sends hang for seconds in waves, and some fail with unavailable",
+        symptom: "on the cluster, sends hang for seconds in waves, and some fail with internal (not known yet)",
         story: "Users of the cluster say their messages go missing now and then: a message hangs on \
-                'sending' for seconds, then fails with `unavailable`, or gets through late. It comes in \
-                waves, in any room; between waves all is well. No process restarted, /readyz says ready \
-                everywhere, NATS and the store are healthy. Find the process at fault, the hop where \
-                it goes wrong and what happens there.",
+                'sending' for seconds, then fails with `internal` (\"not known yet\"), or gets through \
+                late. It comes in waves, in any room; between waves all is well. No process restarted, \
+                /readyz says ready everywhere, NATS and the store are healthy. Find the process at \
+                fault, the hop where it goes wrong and what happens there.",
         topology: Topology::Cluster,
         asks: &[Field::Process, Field::Hop, Field::Kind],
         variants: &[Mechanism::OwnershipFlap, Mechanism::WorkerStall],
@@ -496,9 +496,10 @@ impl Mechanism {
             Mechanism::PublishStall => (
                 cause("fanout.publish", "delay", None),
                 at_every_worker(sealed("fanout.publish", "delay", json!({"delay_ms": 2500}))),
-                "The first sends are acked, seconds late; then they time out. Their journeys show \
-                 store.append followed by fanout.publish 2.5 s later. chat debug waits lists `sequence R` \
-                 holding room-sequencer:R and waiting for bus.deliver: a chain, no cycle."
+                "The first sends are acked, seconds late; then they are answered `internal` (not known \
+                 yet) at their deadline. Their journeys show store.append followed by fanout.publish \
+                 2.5 s later. chat debug waits lists `sequence R` holding room-sequencer:R and waiting \
+                 for bus.deliver: a chain, no cycle."
                     .to_owned(),
             ),
             Mechanism::NatsCut => (
@@ -536,10 +537,10 @@ impl Mechanism {
             ),
             Mechanism::WorkerStall => (
                 cause("fanout.sequence", "stall", None),
-                vec![at(sealed("fanout.sequence", "stall", json!({"delay_ms": 4500, "probability": 0.05, "seed": 3})))],
+                vec![at(sealed("fanout.sequence", "stall", json!({"delay_ms": 4200, "probability": 0.05, "seed": 3})))],
                 format!(
                     "Slow sends' journeys show fanout.redelivered (the bus redelivered after its 4 s \
-                     ack wait), then fanout.sequence about 4.5 s after gateway.receive, on {process}; \
+                     ack wait), then fanout.sequence about 4.2 s after gateway.receive, on {process}; \
                      chat_send_redeliveries_total grows on {process} only. Nothing is stored twice: one \
                      store.append per message, and the redelivered copy is found by its client message id \
                      (fanout.duplicate) or taken as one send."
@@ -547,9 +548,9 @@ impl Mechanism {
             ),
             Mechanism::WorkerPublishDelay => (
                 cause("fanout.publish", "delay", None),
-                vec![at(sealed("fanout.publish", "delay", json!({"delay_ms": 4500, "probability": 0.05, "seed": 3})))],
+                vec![at(sealed("fanout.publish", "delay", json!({"delay_ms": 4200, "probability": 0.05, "seed": 3})))],
                 format!(
-                    "Slow sends' journeys show store.append on time and fanout.publish about 4.5 s later \
+                    "Slow sends' journeys show store.append on time and fanout.publish about 4.2 s later \
                      on {process}: the message was stored, but the worker acks the bus only after \
                      publishing, so the bus redelivered the send (chat_send_redeliveries_total on \
                      {process}); the redelivery found the stored message (fanout.duplicate): stored once."
@@ -647,7 +648,8 @@ impl Mechanism {
                      batch stuck behind a fence's 1 s grace holds every room in it. {process} is the \
                      one whose heartbeats do not reach the others (it never logs a peer silent); \
                      {other_worker} only reacts to the silence. No seq was assigned twice and nothing acked was lost: the \
-                     fences held; what users lost are the sends refused while the workers fought."
+                     fences held; what users lost are the sends not stored by their deadline while the \
+                     workers fought, answered `internal` (not known yet)."
                 ),
             ),
         };

@@ -532,8 +532,9 @@ fn solve_stuck_sends(round: &Round) -> Vec<(&'static str, String)> {
     assert!(table.contains("no cycle"), "{table}");
     let gateways = [round.urls["gw-1"].as_str(), round.urls["gw-2"].as_str()];
     let report = player_run(&gateways, Run { seconds: 3, rate: 40, journeys: 150 }, &round.dir.join("run.json"));
-    let unanswered =
-        report["errors"]["unavailable"].as_u64().unwrap_or(0) + report["audit"]["unacked"].as_u64().unwrap_or(0);
+    // Refused, not known by their deadline (`internal`), or never answered.
+    let unanswered = ["unavailable", "internal"].iter().map(|c| report["errors"][c].as_u64().unwrap_or(0)).sum::<u64>()
+        + report["audit"]["unacked"].as_u64().unwrap_or(0);
     assert!(
         unanswered > 0 || report["throughput"]["acked"].as_u64() < report["throughput"]["sent"].as_u64(),
         "sends fail: {:#}",
@@ -891,7 +892,8 @@ async fn solve_refused_sends(round: &Round) -> Vec<(&'static str, String)> {
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
     let report = run.await.unwrap();
-    let refused = report["errors"]["unavailable"].as_u64().unwrap_or(0);
+    // Refused, or not known by their deadline (`internal`).
+    let refused = ["unavailable", "internal"].iter().map(|c| report["errors"][c].as_u64().unwrap_or(0)).sum::<u64>();
     let slowest_ack = report["latency_ms"]["send_to_ack"]["max"].as_f64().unwrap();
     assert!(refused > 0 || slowest_ack > 2000.0, "the symptom: {refused} refused, slowest ack {slowest_ack} ms");
     assert!(lowest.values().all(|live| *live >= 1.0), "each worker counts itself: {lowest:?}");

@@ -1,7 +1,6 @@
 //! What each client frame does: `hello`, `join`, `leave`, `send` (and its ack), `history`,
 //! `typing`, `ping`.
 
-use std::future::Future;
 use std::time::Instant;
 
 use axum::extract::ws::Message;
@@ -10,7 +9,7 @@ use protocol::frames::{check_body, parse_client_frame, ClientFrame};
 use protocol::{names, ErrorCode, Req, ServerFrame};
 use storage::PageQuery;
 
-use super::{Connection, End, InFlight, JoinedRoom, SubmitResult, CLOSE_POLICY, SUBMIT_MARGIN};
+use super::{deadline, Connection, End, InFlight, JoinedRoom, SubmitResult, CLOSE_POLICY};
 use crate::auth::Identity;
 
 impl Connection {
@@ -250,7 +249,8 @@ impl Connection {
             body,
             traceparent,
             gateway: self.app.config.gateway_id.clone(),
-            deadline_ms: protocol::now_ms() + self.app.config.submit_timeout.as_millis() as i64,
+            // The workers' deadline: the client's, less the time their answer takes to arrive.
+            deadline_ms: protocol::now_ms() + deadline::store_within(self.app.config.submit_timeout).as_millis() as i64,
         };
         let trace_id = command.trace_id().to_owned();
         self.app.journal.record_send(
@@ -281,32 +281,49 @@ impl Connection {
                 .await;
         };
         let bus = self.app.bus.sends.clone();
-        let history = self.app.history.clone();
+        let app = self.app.clone();
         let started = Instant::now();
-        // Workers refuse a send past its deadline; waiting a little longer than that means a
-        // send this gateway calls `unavailable` was really not stored.
-        let deadline = self.app.config.submit_timeout;
+        let answer_within = deadline::answer_within(self.app.config.submit_timeout);
         let submitted_trace = trace_id.clone();
-        let waits = self.app.journal.waits().clone();
         in_flight.push(Box::pin(async move {
             let room = command.room.clone();
             let client_msg_id = command.client_msg_id.clone();
-            let user = command.user.clone();
+            let key = command.dedupe_key();
             // Listed in `/debug/waits` while the worker has not answered.
-            let _waiting =
-                waits.begin(format!("send {room} {client_msg_id}"), Vec::new(), format!("room-sequencer:{room}"));
-            let mut submitted = Box::pin(tracing::Instrument::instrument(bus.submit(command), span));
-            let outcome = match tokio::time::timeout(deadline, &mut submitted).await {
+            let waiting = app.journal.waits().begin(
+                format!("send {room} {client_msg_id}"),
+                Vec::new(),
+                format!("room-sequencer:{room}"),
+            );
+            let pending: deadline::Pending =
+                Box::pin(tracing::Instrument::instrument(async move { bus.submit(command).await }, span));
+            let outcome = match deadline::answer_in_time(pending, answer_within).await {
                 Ok(outcome) => outcome,
-                Err(_) => {
-                    // No worker stores it now: it no longer counts as queued work.
+                Err(pending) => {
+                    // No worker stores it now: it no longer counts as queued work. Its place
+                    // under the cap is held until the workers' word comes, or the window ends.
                     admitted.past_deadline();
-                    match tokio::time::timeout(SUBMIT_MARGIN, &mut submitted).await {
-                        Ok(outcome) => outcome,
-                        Err(_) => settle_unanswered(submitted, &history, &room, &user, &client_msg_id).await,
-                    }
+                    let trace_id = submitted_trace.clone();
+                    tokio::spawn(async move {
+                        let _waiting = waiting;
+                        let word = deadline::late_word(pending, deadline::LATE_WORD_WINDOW).await;
+                        if matches!(word, deadline::LateWord::Stored(_)) {
+                            admitted.stored();
+                        }
+                        drop(admitted);
+                        record_late_word(&app, &key, &trace_id, &word);
+                    });
+                    return Box::new((
+                        req,
+                        room,
+                        client_msg_id,
+                        submitted_trace,
+                        started,
+                        Err(deadline::not_known_yet()),
+                    ));
                 }
             };
+            drop(waiting);
             if outcome.is_ok() {
                 admitted.stored();
             }
@@ -344,8 +361,9 @@ impl Connection {
                 tracing::warn!(room, client_msg_id, trace_id = %trace_id, error = %e, "send outcome unknown");
                 self.error(
                     ErrorCode::Internal,
-                    "whether the message was stored is not known (no answer from the sequencer or the store in time); \
-                     retry with the same client_msg_id: it is stored at most once",
+                    "whether the message was stored is not known yet (no answer from the sequencer by the send's \
+                     deadline); retry with the same client_msg_id: it is stored at most once, and the retry answers \
+                     with its ack",
                     req,
                 )
                 .await
@@ -429,207 +447,47 @@ fn outcome_label(outcome: &Result<SendOutcome, bus::BusError>) -> &'static str {
     }
 }
 
-/// How long the gateway keeps asking the store about a send whose answer never came before it
-/// says the outcome is unknown, and the first pause between asks (the pauses double). `unavailable` promises "not stored", so a failed read never says it; but the answer
-/// must come in bounded time, and "unknown" is a true one: the client retries with the same
-/// `client_msg_id` and the dedupe settles it (the web client has resent by then anyway). Two
-/// or three asks ride out a blip; an overloaded store that times reads out for longer would
-/// only hold the send (and its admission slot) without an answer.
-const STORE_ASK_BUDGET: std::time::Duration = std::time::Duration::from_secs(3);
-const STORE_ASK_FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// The outcome of a send whose worker has not answered by the deadline and the margin: the
-/// store's answer, or the worker's late ack (an indeterminate write found landed) if that comes
-/// first. A late refusal is not waited for: it speaks only for the copy its worker held.
-async fn settle_unanswered(
-    answer: impl Future<Output = Result<SendOutcome, bus::BusError>>,
-    history: &crate::history::HistoryReader,
-    room: &str,
-    user: &str,
-    client_msg_id: &str,
-) -> Result<SendOutcome, bus::BusError> {
-    let late_ack = async move {
-        match answer.await {
-            Ok(outcome) => Ok(outcome),
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        // A late ack ready with the store's "not found" wins: it is the surer word.
-        biased;
-        outcome = late_ack => outcome,
-        outcome = outcome_from_store(history, room, user, client_msg_id) => outcome,
-    }
-}
-
-/// The outcome of a send whose answer never came (a worker stored it and its answer was lost on
-/// the bus, or nobody stored it): the store says which. Past the send's deadline and the margin
-/// no worker will store it any more, so "not found" means not stored. A store that fails is
-/// asked again, with growing pauses, for up to [`STORE_ASK_BUDGET`]; if it never answers, the
-/// outcome is [`Indeterminate`](bus::BusErrorKind::Indeterminate), never `unavailable`.
-async fn outcome_from_store(
-    history: &crate::history::HistoryReader,
-    room: &str,
-    user: &str,
-    client_msg_id: &str,
-) -> Result<SendOutcome, bus::BusError> {
-    let give_up = tokio::time::Instant::now() + STORE_ASK_BUDGET;
-    let mut pause = STORE_ASK_FIRST_PAUSE;
-    let mut asked = 1;
-    let found = loop {
-        match history.find_send(room, user, client_msg_id).await {
-            Ok(found) => break found,
-            Err(e) if tokio::time::Instant::now() + pause >= give_up => {
-                return Err(bus::BusError::indeterminate(format!(
-                    "no answer from fanout in time, and the store could not tell in {asked} asks"
-                ))
-                .with_source(e))
-            }
-            Err(e) => {
-                tracing::debug!(room, client_msg_id, asked, error = %e, "the store cannot tell yet; asking again");
-                asked += 1;
-                tokio::time::sleep(pause).await;
-                pause *= 2;
-            }
-        }
-    };
-    match found {
-        Some(message) => {
+/// Records what the workers said about a send after it was answered `internal` at its deadline:
+/// a metric (`chat_send_late_words_total`), a hop in its journey and a log line, so "where did my
+/// message go" has an answer after the client's.
+fn record_late_word(app: &crate::state::AppState, key: &str, trace_id: &str, word: &deadline::LateWord) {
+    app.metrics.send_late_words.with_label_values(&[word.label()]).inc();
+    let gateway = &app.config.gateway_id;
+    match word {
+        deadline::LateWord::Stored(SendOutcome { message, duplicate }) => {
+            app.journal.link(key, message.id);
+            app.journal.record(
+                message.id,
+                &message.trace_id,
+                "gateway.late_word",
+                serde_json::json!({"gateway": gateway, "word": "stored", "seq": message.seq, "duplicate": duplicate}),
+            );
             tracing::info!(
-                room,
-                client_msg_id,
+                room = %message.room,
+                client_msg_id = %message.client_msg_id,
                 seq = message.seq,
                 message_id = %message.id,
                 trace_id = %message.trace_id,
-                "send answered from the store: its answer was lost"
+                "send stored after its deadline; the client was told `internal` (not known) and its retry gets the ack"
             );
-            Ok(SendOutcome { message, duplicate: false })
         }
-        None => Err(bus::BusError::unavailable("no answer from fanout in time; not stored")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-
-    use std::sync::atomic::{AtomicU32, Ordering};
-    use std::sync::Arc;
-
-    use async_trait::async_trait;
-    use protocol::ChatMessage;
-    use storage::{HistoryStore, Page, PageQuery, RoomAppend, StoreError};
-    use telemetry::metrics::Metrics;
-    use uuid::Uuid;
-
-    use super::*;
-    use crate::history::HistoryReader;
-
-    /// A store whose dedupe lookups time out `failures` times, then find `stored` (if any).
-    struct Overloaded {
-        failures: u32,
-        asked: AtomicU32,
-        stored: Option<ChatMessage>,
-    }
-
-    #[async_trait]
-    impl HistoryStore for Overloaded {
-        async fn append(&self, _: RoomAppend) -> Result<(), StoreError> {
-            unreachable!("a gateway never appends")
+        deadline::LateWord::Refused(refusal) => {
+            app.journal.record_send(
+                key,
+                trace_id,
+                "gateway.late_word",
+                serde_json::json!({"gateway": gateway, "word": "refused", "error": refusal.to_string()}),
+            );
+            tracing::info!(key, trace_id, error = %refusal, "send refused after its deadline; the client was told `internal` (not known)");
         }
-        async fn last_seq(&self, _: &str) -> Result<u64, StoreError> {
-            Ok(0)
+        deadline::LateWord::Silent => {
+            app.journal.record_send(
+                key,
+                trace_id,
+                "gateway.late_word",
+                serde_json::json!({"gateway": gateway, "word": "silent"}),
+            );
+            tracing::warn!(key, trace_id, "no word from the workers on a send within 6 s of its deadline");
         }
-        async fn find_by_client_msg_id(&self, _: &str, _: &str, _: &str) -> Result<Option<ChatMessage>, StoreError> {
-            if self.asked.fetch_add(1, Ordering::SeqCst) < self.failures {
-                return Err(StoreError::unavailable("read dedupe entry: timed out"));
-            }
-            Ok(self.stored.clone())
-        }
-        async fn page(&self, _: &str, _: PageQuery) -> Result<Page, StoreError> {
-            Ok(Page { messages: Vec::new(), has_more: false })
-        }
-        async fn get_by_id(&self, _: Uuid) -> Result<Option<ChatMessage>, StoreError> {
-            Ok(None)
-        }
-        async fn ping(&self) -> Result<(), StoreError> {
-            Ok(())
-        }
-    }
-
-    fn message() -> ChatMessage {
-        ChatMessage {
-            room: "r".into(),
-            seq: 2,
-            id: Uuid::now_v7(),
-            user: "alice".into(),
-            body: "hi".into(),
-            ts: 1,
-            client_msg_id: "c-1".into(),
-            trace_id: String::new(),
-            prev: None,
-            digest: None,
-        }
-    }
-
-    async fn ask(store: Overloaded) -> (Result<SendOutcome, bus::BusError>, u32) {
-        let store = Arc::new(store);
-        let history = HistoryReader::new(store.clone(), Metrics::new());
-        let outcome = outcome_from_store(&history, "r", "alice", "c-1").await;
-        (outcome, store.asked.load(Ordering::SeqCst))
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_stored_send_is_acked_though_the_store_timed_out_the_first_asks() {
-        let stored = message();
-        let started = tokio::time::Instant::now();
-        let (outcome, asked) =
-            ask(Overloaded { failures: 2, asked: AtomicU32::new(0), stored: Some(stored.clone()) }).await;
-        assert_eq!((outcome.unwrap().message.id, asked), (stored.id, 3));
-        // Pauses of 0.5 and 1 s between the asks.
-        assert_eq!(started.elapsed(), std::time::Duration::from_millis(1_500));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_late_ack_settles_a_send_the_store_cannot_tell_about() {
-        let stored = message();
-        let store = Arc::new(Overloaded { failures: u32::MAX, asked: AtomicU32::new(0), stored: None });
-        let history = HistoryReader::new(store.clone(), Metrics::new());
-        let late = {
-            let stored = stored.clone();
-            async move {
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                Ok(SendOutcome { message: stored, duplicate: false })
-            }
-        };
-        let started = tokio::time::Instant::now();
-        let outcome = settle_unanswered(late, &history, "r", "alice", "c-1").await;
-        assert_eq!(outcome.unwrap().message.id, stored.id);
-        assert_eq!(started.elapsed(), std::time::Duration::from_secs(1));
-        // A late refusal is not an answer: the store's (here: none in time) decides.
-        let refused = async { Err::<SendOutcome, _>(bus::BusError::unavailable("worker: store failed")) };
-        let outcome = settle_unanswered(refused, &history, "r", "alice", "c-1").await;
-        assert_eq!(outcome.unwrap_err().kind(), bus::BusErrorKind::Indeterminate);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn unavailable_only_when_the_store_says_not_stored() {
-        let (outcome, asked) = ask(Overloaded { failures: 0, asked: AtomicU32::new(0), stored: None }).await;
-        assert_eq!(asked, 1);
-        let refusal = outcome.unwrap_err();
-        assert_eq!(refusal.kind(), bus::BusErrorKind::Unavailable);
-        assert!(refusal.message().contains("not stored"));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_store_that_never_answers_leaves_the_outcome_unknown_not_unavailable() {
-        let started = tokio::time::Instant::now();
-        let (outcome, asked) =
-            ask(Overloaded { failures: u32::MAX, asked: AtomicU32::new(0), stored: Some(message()) }).await;
-        let unknown = outcome.unwrap_err();
-        assert_eq!(unknown.kind(), bus::BusErrorKind::Indeterminate, "{unknown}");
-        // Asked at 0, 0.5 and 1.5 s; the next pause (2 s) would pass the 3 s budget.
-        assert_eq!(asked, 3);
-        assert!(started.elapsed() <= STORE_ASK_BUDGET);
     }
 }

@@ -10,6 +10,7 @@
 //!
 //! - this file: the connection's state and its loop (reading, acks, outbound, timers);
 //! - `handlers`: what each client frame does;
+//! - `deadline`: a send answered by its deadline, and what became of it after;
 //! - `writer`: writing frames, live messages and replays to the socket.
 
 use std::collections::HashMap;
@@ -26,6 +27,7 @@ use protocol::bus::SendOutcome;
 use protocol::{ErrorCode, Req, ServerFrame};
 use uuid::Uuid;
 
+mod deadline;
 mod handlers;
 mod writer;
 
@@ -47,9 +49,6 @@ const CLOSE_PROTOCOL: u16 = 1002;
 /// RFC 6455 §7.4.1 and §8.1: a text frame whose payload is not valid UTF-8.
 const CLOSE_INVALID_PAYLOAD: u16 = 1007;
 
-/// How much longer than a send's deadline the gateway waits for its outcome: more than any
-/// store write a worker may still finish after checking the deadline.
-const SUBMIT_MARGIN: std::time::Duration = std::time::Duration::from_secs(6);
 /// How long a closing handshake may take before the socket is simply dropped.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Frames written per batch before a flush.
