@@ -28,8 +28,8 @@ pub enum BusErrorKind {
     Rejected,
     /// A value could not be encoded for the bus or decoded from it: a defect, not the client's.
     Encoding,
-    /// Nobody can tell yet whether the send was stored (no answer came, and the store did not
-    /// answer either): not "unavailable", which promises "not stored".
+    /// Nobody can tell yet whether the send was stored (no final answer came from the workers by
+    /// the send's deadline): not "unavailable", which promises "not stored".
     Indeterminate,
 }
 
@@ -243,8 +243,9 @@ pub trait Replier: Send + Sync {
     async fn release(self: Box<Self>) {}
 
     /// A second way to answer, for a send refused while its write's outcome was unknown (a
-    /// refusal the gateway does not take as final): once the write is found stored, the gateway,
-    /// still waiting, is told so at once instead of finding it in the store after its margin.
+    /// refusal the gateway does not take as final): once the write is found stored, the gateway
+    /// is told so at once: as the send's answer by its deadline, or after it as the send's late
+    /// word.
     /// `None` (the default) when the bus has no such second answer.
     fn late_ack(&self) -> Option<Box<dyn LateAck>> {
         None

@@ -343,8 +343,10 @@ pub struct WorkerArgs {
     pub max_batch: usize,
     /// Milliseconds a worker may hold a send unacked before JetStream redelivers it to another
     /// worker; applies when a partition's durable consumer is created (an existing one keeps
-    /// its setting). Above a send's 5 s deadline (plus 1 s for clocks), a worker's refusal of
-    /// an expired send it never tried to store is answered at once, not after the margin.
+    /// its setting). At 5.5 s or more (the workers' 4.5 s deadline plus 1 s for clocks), a
+    /// worker's refusal of an expired send it never tried to store settles it: `unavailable` (not
+    /// stored) when it reaches the gateway in time; below, such sends are always answered
+    /// `internal` (not known yet) at their deadline.
     #[arg(
         long,
         env = "CHAT_ACK_WAIT_MS",

@@ -73,7 +73,8 @@ enum Decision {
     Duplicate(ChatMessage),
     /// Refused for a reason the client sees.
     Rejected(String),
-    /// Past its deadline: the gateway has told the client `unavailable`, so it is not stored.
+    /// Past the workers' deadline: its ack could no longer reach the gateway by the send's own
+    /// deadline, so it is not stored (refused as expired).
     Expired,
 }
 
@@ -655,8 +656,8 @@ impl Fanout {
 
     /// Keeps asking the store, in the background, whether appends that failed and may still
     /// land (their outcome unknown, or "not there" when asked) did. A message that did is
-    /// acked to its gateway at once (which still waits, and would otherwise find it in the
-    /// store only after its margin) and published to the room: without that it would reach
+    /// acked to its gateway at once (the send's answer if its deadline has not passed, else its
+    /// late word, `stored`) and published to the room: without that it would reach
     /// members only when a later message of the room revealed the gap, in a room that then fell
     /// quiet never.
     fn settle_later(&self, unsettled: Vec<Unsettled>) {
@@ -875,9 +876,9 @@ const RESOLVE_PAUSE: std::time::Duration = std::time::Duration::from_millis(250)
 /// How long a worker keeps asking whether an append whose outcome stayed unknown landed.
 const SETTLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
 /// How long the store must have answered "not there" before a worker believes that an append
-/// whose outcome was unknown did not land: as long as a gateway waits past a send's deadline
-/// (its margin). A node back from a freeze works through what queued meanwhile, and a commit
-/// sent before the freeze was seen to apply 2-6 s after the first answers.
+/// whose outcome was unknown did not land: as long as a gateway listens for a send's late word
+/// after its deadline. A node back from a freeze works through what queued meanwhile, and a
+/// commit sent before the freeze was seen to apply 2-6 s after the first answers.
 const NOT_LANDED_AFTER: std::time::Duration = std::time::Duration::from_secs(6);
 
 /// Why a command is not acceptable, re-checked here because the bus may carry anything.
@@ -897,8 +898,8 @@ fn invalid(command: &SendCommand) -> Option<String> {
 /// The refusal of sends whose store read failed (the room's head, or the dedupe lookup). Before
 /// any append of them (`appended_before` false) nothing of them was written, so the refusal is
 /// [`untried`](BusError::untried): the gateway may pass it on at once when no other copy can be
-/// stored (a store outage then answers within the read's timeout, not after the deadline and
-/// its margin). After a failed append, a write may still land.
+/// stored (a store outage then answers `unavailable` within the read's timeout, not `internal`
+/// at the deadline). After a failed append, a write may still land.
 fn read_failed(error: StoreError, appended_before: bool) -> BusError {
     if appended_before {
         BusError::unavailable(error.to_string())

@@ -494,8 +494,8 @@ async fn sends_past_their_deadline_are_answered_without_a_store_read() {
 }
 
 /// A store whose reads fail (down, or timing out) is refused before anything is written: the
-/// refusal is `untried`, so the gateway can pass it on at once instead of waiting out the
-/// deadline and its margin.
+/// refusal is `untried`, so the gateway can pass it on as `unavailable` (not stored) instead of
+/// answering `internal` (not known yet) at the deadline.
 #[tokio::test]
 async fn a_send_refused_because_the_store_reads_failed_is_refused_as_untried() {
     let worker = worker();
@@ -524,8 +524,9 @@ async fn an_append_that_landed_without_an_answer_is_acked_once() {
 
 /// An append that landed while the store stopped answering until the sends' deadline: the
 /// sends are answered unavailable, a refusal that does not settle them (their gateway waits
-/// on), and once the store answers again the worker acks what landed to the gateway at once
-/// and publishes it, so members get it even if the room says nothing more.
+/// on, then answers `internal` at the send's deadline), and once the store answers again the
+/// worker acks what landed to the gateway at once (its answer, or its late word) and publishes
+/// it, so members get it even if the room says nothing more.
 #[tokio::test]
 async fn an_append_whose_outcome_stayed_unknown_is_acked_and_published_once_the_store_tells() {
     let worker = worker();
@@ -548,8 +549,8 @@ async fn an_append_whose_outcome_stayed_unknown_is_acked_and_published_once_the_
 /// An append the store failed before its commit stored nothing and cannot store it later, so
 /// the worker does not ask the store whether it landed: it sequences again, reading the room
 /// until the store answers. Back before the deadline, the send is stored; still down at the
-/// deadline, it is refused as `untried`, which lets the gateway answer at once instead of
-/// after the deadline and margin.
+/// deadline, it is refused as `untried`, which lets the gateway answer `unavailable` (not
+/// stored) instead of `internal` (not known yet) at the deadline.
 #[tokio::test]
 async fn an_append_that_failed_before_its_commit_is_sequenced_again_until_the_deadline() {
     let worker = worker();
@@ -692,7 +693,8 @@ async fn a_send_refused_while_its_write_was_not_there_yet_is_acked_late_when_it_
 }
 
 /// A send that expires while its append fails was in a write that might still land (as far as
-/// the worker can tell): its refusal is not `untried`, so the gateway will ask the store.
+/// the worker can tell): its refusal is not `untried`, so the gateway answers `internal` (not
+/// known yet) at the send's deadline.
 #[tokio::test]
 async fn a_send_that_expired_after_a_failed_append_is_not_refused_as_untried() {
     let worker = worker();

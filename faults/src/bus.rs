@@ -31,7 +31,8 @@ pub fn faulty_gateway_bus(inner: GatewayBus, injector: &Injector) -> GatewayBus 
 
 /// Sends under a `gateway.nats` cut (refused as if NATS were unreachable) and `gateway.answer`
 /// (the worker's ack held for the fault's delay, or lost: never returned, so the gateway's wait
-/// for it runs out and it asks the store, as when NATS loses an answer). Refusals pass.
+/// for it runs out at the send's deadline and it answers `internal`, not known yet, as when NATS
+/// loses an answer). Refusals pass.
 struct FaultySends {
     inner: Arc<dyn SendBus>,
     injector: Injector,

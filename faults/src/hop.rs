@@ -70,7 +70,7 @@ impl FaultAction {
 /// | `gateway.resubscribe` | drop | a gateway restoring a room's subscription after a bus reconnect: not restored |
 /// | `gateway.outbox` | drop | connections opened while armed: a queue of one frame, and what a full queue skips is dropped, never caught up from the store (a slow-consumer policy set to drop) |
 /// | `gateway.nats` | cut | a gateway's whole bus connection: sends `unavailable`, feeds dropped, not ready |
-/// | `gateway.answer` | delay, drop | a gateway taking in a worker's `Stored` answer to a send: held, or lost (the gateway then waits out the deadline and the margin and asks the store) |
+/// | `gateway.answer` | delay, drop | a gateway taking in a worker's `Stored` answer to a send: held, or lost (the gateway then answers `internal`, not known yet, at the send's deadline) |
 /// | `fanout.publish` | drop, duplicate, delay, equivocate, forge_seq | a worker publishing a stored message to gateways |
 /// | `fanout.sequence` | stall, delay | a worker before sequencing a room's sends (the rest of its batch waits too) |
 /// | `fanout.clock` | skew | a worker stamping `ts` (`delay_ms` ahead; negative: behind) |

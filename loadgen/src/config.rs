@@ -558,8 +558,8 @@ pub struct Cli {
 
     /// Wait up to this long after the last scheduled send for acks and deliveries (the drain
     /// ends as soon as everything is answered and delivered). The default covers the server's
-    /// answer bound (a refused send is answered within about 12 s, docs/protocol.md), so a send
-    /// still being answered is not reported as unacked.
+    /// answer bound (every send is answered by its 5 s deadline, docs/protocol.md) with room for
+    /// a slow client or gateway, so a send still being answered is not reported as unacked.
     /// Example: --drain 10s [default: 15s]
     #[arg(long, env = "LOADGEN_DRAIN", value_parser = parse_duration)]
     pub drain: Option<Duration>,

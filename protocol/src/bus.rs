@@ -19,8 +19,11 @@ pub struct SendCommand {
     pub traceparent: String,
     /// Id of the gateway that accepted it.
     pub gateway: String,
-    /// Milliseconds since the epoch after which the gateway has told the client `unavailable`:
-    /// a worker must not store the send any more (0: no deadline).
+    /// The workers' deadline, in milliseconds since the epoch: after it a worker must not store
+    /// the send any more (0: no deadline). It is earlier than the client's (the send's 5 s
+    /// deadline less the time an answer takes to reach the gateway), so an ack or refusal a
+    /// worker decides by then arrives in time; the gateway answers the client by the send's own
+    /// deadline either way.
     #[serde(default)]
     pub deadline_ms: i64,
 }
@@ -89,7 +92,9 @@ pub enum SendReply {
         reason: String,
         /// True when no copy of the send can be stored any more: the worker wrote nothing of
         /// it, and the bus cannot hand it to another worker before its deadline. The gateway
-        /// then answers at once instead of waiting out the deadline's margin. Absent (false)
+        /// then passes it on as `unavailable` (not stored) when it comes in time; an unsettled
+        /// refusal leaves the send not known, answered `internal` at its deadline if no other
+        /// answer comes. Absent (false)
         /// from workers that predate it.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         settled: bool,

@@ -181,7 +181,8 @@ impl CqlConfig {
     pub const DEFAULT_REPLICATION_FACTOR: u32 = 1;
     /// Default `request_timeout`, in milliseconds (`--cql-request-timeout-ms`). An append is up
     /// to three round trips; with 1 s each, a worker that checked a send's deadline finishes (or
-    /// gives up on) its append well within the gateway's margin. A write that timed out may
+    /// gives up on) its append well within the 6 s its gateway listens for the send's late word
+    /// after the deadline. A write that timed out may
     /// still apply later: the worker then resolves the outcome before answering (see fanout),
     /// and a client retry gets the original ack.
     pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 1_000;

@@ -789,8 +789,9 @@ export class ChatClient extends Emitter {
   /**
    * An error answering attempt `req` of send `clientMsgId`. The server answers each attempt,
    * so the answer to an earlier one can arrive after a resend (say `internal`, "whether the
-   * message was stored is not known", up to ~14 s late) or after the ack: a retryable error is
-   * then overtaken and dropped, not shown; a permanent one still fails a send not yet acked.
+   * message was stored is not known yet", given by the send's 5 s deadline but held up in a
+   * socket or a busy gateway) or after the ack: a retryable error is then overtaken and dropped,
+   * not shown; a permanent one still fails a send not yet acked.
    */
   _onSendAttemptError(clientMsgId, req, err) {
     const e = this._outbox.get(clientMsgId);

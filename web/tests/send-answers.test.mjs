@@ -1,8 +1,8 @@
 // How the client takes the server's answers to a send that it tried more than once. The
 // server answers every attempt, so an answer to an earlier attempt can arrive after a resend or
-// after the ack (a gateway answers `internal` up to ~14 s late when the store cannot tell
-// whether a send was stored: docs/protocol.md). Runs in Node against a scripted socket, no
-// browser and no server: the timing is the test's to choose.
+// after the ack (a gateway answers `internal`, "not known yet", at the send's 5 s deadline,
+// later still for a client behind a slow socket: docs/protocol.md). Runs in Node against a
+// scripted socket, no browser and no server: the timing is the test's to choose.
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { ChatClient } from '../static/chat-client.js';

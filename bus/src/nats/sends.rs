@@ -60,7 +60,8 @@ struct Settles {
     published_ms: i64,
     /// The consumer's ack wait.
     ack_wait_ms: i64,
-    /// The send's deadline (the gateway's clock; 0 for none).
+    /// The workers' deadline for the send (`SendCommand::deadline_ms`, the gateway's clock; 0
+    /// for none).
     deadline_ms: i64,
 }
 
@@ -68,9 +69,9 @@ impl Settles {
     /// Whether a refusal settles the send: no copy of it can be stored any more. That holds when
     /// the worker never tried to store its copy (`untried`), its copy was the first delivery, and
     /// JetStream cannot deliver the send again before its deadline: a redelivery comes `ack_wait`
-    /// after a delivery, which is after the publish, and a worker stores nothing past a send's
-    /// deadline. Redeliveries before the deadline need `ack_wait` shorter than the time from
-    /// publish to deadline (with [`CLOCK_ALLOWANCE_MS`] for clocks that disagree).
+    /// after a delivery, which is after the publish, and a worker stores nothing past the
+    /// workers' deadline. Redeliveries before the deadline need `ack_wait` shorter than the time
+    /// from publish to deadline (with [`CLOCK_ALLOWANCE_MS`] for clocks that disagree).
     fn refusal(&self, untried: bool) -> bool {
         untried
             && self.delivery == 1
@@ -92,7 +93,8 @@ fn outcome_of(reply: SendReply) -> Result<SendOutcome, BusError> {
 /// `Unavailable` are final. An unsettled `Unavailable` speaks only for the copy that worker held:
 /// JetStream may have redelivered the send to another worker (after `ack_wait`) that stores it
 /// before the deadline, or the worker's failed write may still land. So the wait goes on after
-/// it; the caller's wait past the deadline ends it, and the gateway then asks the store. Once
+/// it; the caller's wait ends it at the send's deadline, and the gateway then answers `internal`
+/// ("not known yet") and listens on for the workers' late word. Once
 /// the gateway has published a second copy of the send ([`copy_for`]), no refusal settles it:
 /// the other copy may still be stored.
 #[derive(Debug, Default)]
@@ -131,7 +133,7 @@ impl Answers {
 /// At most this many copies of one send are published after the first.
 const MAX_COPIES: u32 = 2;
 
-/// A copy is published only while at least this long is left before the send's deadline: the
+/// A copy is published only while at least this long is left before the workers' deadline: the
 /// new owner needs time to pull it and store it.
 const COPY_MARGIN_MS: i64 = 250;
 
@@ -183,8 +185,9 @@ fn delivery_number(delivered: Option<i64>) -> u64 {
     delivered.map_or(1, |delivered| u64::try_from(delivered).unwrap_or(1).max(1))
 }
 
-/// How much of a send's deadline must be left to publish it once a lost NATS connection is back
-/// ([`NatsBus::await_connection`]): enough for JetStream to take it and a worker to store it.
+/// How much of the workers' deadline must be left to publish a send once a lost NATS connection
+/// is back ([`NatsBus::await_connection`]): enough for JetStream to take it and a worker to
+/// store it.
 const PUBLISH_AFTER_RECONNECT_MS: i64 = 1_000;
 
 /// How often a send waiting for the NATS connection looks at it between connection events.
@@ -305,8 +308,8 @@ impl NatsBus {
             // The send is refused at once only when JetStream surely did not store it. When the
             // answer is lost (a timeout, a broken connection) it may be stored, so it is published
             // again with the same Nats-Msg-Id (JetStream keeps one) until the deadline, and then
-            // the worker's answer is awaited: the caller's wait past the deadline bounds it, and
-            // a worker never stores a send past its deadline.
+            // the worker's answer is awaited: the caller's wait, which ends at the send's deadline,
+            // bounds it, and a worker never stores a send past the workers' deadline.
             // The same goes for a reconnect while the answer is awaited: an answer sent to the
             // connection that broke is lost, so the send is published again at once.
             let mut maybe_stored = false;
@@ -360,7 +363,7 @@ impl NatsBus {
     }
 
     /// Returns once the NATS connection is up, waiting for it while at least
-    /// [`PUBLISH_AFTER_RECONNECT_MS`] of the send's deadline (0 for none: no wait) would be left:
+    /// [`PUBLISH_AFTER_RECONNECT_MS`] of the workers' deadline (0 for none: no wait) would be left:
     /// a connection that comes back within a few seconds (a server restarted or frozen briefly)
     /// costs no send. Otherwise the send is refused unpublished, so surely not stored.
     async fn await_connection(&self, deadline_ms: i64) -> Result<(), BusError> {
@@ -607,8 +610,9 @@ impl Replier for NatsReplier {
 }
 
 /// Publishes a late `Stored` answer to the gateway's reply subject ([`Replier::late_ack`]). The
-/// gateway still waits after an unsettled refusal, and takes it as the send's answer; past its
-/// wait nobody listens, and the answer is dropped.
+/// gateway still waits after an unsettled refusal: by the send's deadline it takes it as the
+/// send's answer, after it (while it listens for the late word) records it as the send's fate;
+/// past that nobody listens, and the answer is dropped.
 struct NatsLateAck {
     client: async_nats::Client,
     subject: String,
@@ -624,7 +628,7 @@ impl LateAck for NatsLateAck {
             Err(e) => Err(e.to_string()),
         };
         if let Err(e) = published {
-            tracing::warn!(trace_id, error = %e, "late ack not published; the gateway will find the send in the store");
+            tracing::warn!(trace_id, error = %e, "late ack not published; a retry finds the send in the store");
         }
     }
 }
