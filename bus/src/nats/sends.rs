@@ -124,9 +124,13 @@ impl Answers {
         }
     }
 
-    /// What the send gets when the answers end without a final one.
+    /// What the send gets when the answers end without a final one: it was published, so a
+    /// worker may still store it; only "not known" is true, never "unavailable" ("not stored").
     fn ended(self) -> Result<SendOutcome, BusError> {
-        Err(BusError::unavailable(self.refused.unwrap_or_else(|| "reply channel closed".into())))
+        Err(BusError::indeterminate(match self.refused {
+            Some(refused) => format!("answers ended without a final one; a copy was refused: {refused}"),
+            None => "answers ended without a final one".into(),
+        }))
     }
 }
 
@@ -771,7 +775,8 @@ mod tests {
         let settled = SendReply::Unavailable { reason: "expired in the queue".into(), settled: true };
         assert!(answers.judge(settled, &command()).is_none(), "the other copy may still be stored");
         let error = answers.ended().unwrap_err();
-        assert_eq!((error.kind(), error.message()), (BusErrorKind::Unavailable, "expired in the queue"));
+        assert_eq!(error.kind(), BusErrorKind::Indeterminate, "published, so perhaps stored: never unavailable");
+        assert!(error.message().ends_with("expired in the queue"), "{}", error.message());
     }
 
     #[test]
@@ -782,10 +787,10 @@ mod tests {
     }
 
     #[test]
-    fn no_answer_at_all_is_unavailable() {
+    fn answers_ended_without_any_is_not_known() {
         let error = Answers::default().ended().unwrap_err();
-        assert_eq!(error.kind(), BusErrorKind::Unavailable);
-        assert_eq!(error.message(), "reply channel closed");
+        assert_eq!(error.kind(), BusErrorKind::Indeterminate);
+        assert_eq!(error.message(), "answers ended without a final one");
     }
 
     /// The view 4 s after `start`, `live` having been heard every second since and `gone`
