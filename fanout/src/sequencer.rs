@@ -304,17 +304,21 @@ impl Fanout {
                 },
             };
             let last = head.seq;
+            // A failed dedupe read changes nothing: unless an append of these sends failed
+            // (its write may still land), the head stays known, and the room's next sends need
+            // not read it again. On a slow store that read is two more round trips per batch.
+            let head_after_failed_read = |head: &Head| (!appended_before).then(|| head.clone());
             let decisions = loop {
                 let failed = match self.decide(room, &head, &sends).await {
                     Ok(decisions) => break decisions,
                     Err(e) => e,
                 };
                 match self.cut_short(room, sends, appended_before).await {
-                    CutShort::AllAnswered => return None,
+                    CutShort::AllAnswered => return head_after_failed_read(&head),
                     CutShort::Others(others) => sends = others,
                     CutShort::No(others) => {
                         self.fail_all(room, others, read_failed(failed, appended_before)).await;
-                        return None;
+                        return head_after_failed_read(&head);
                     }
                 }
             };
