@@ -143,7 +143,9 @@ async fn a_cassandra_node_killed_under_load_loses_no_acked_message() {
 /// A ring node frozen (SIGSTOP) for 8 s under load, with hedged requests on: the requests it
 /// coordinates are sent to another node after 200 ms, so the flow never stops and no send is
 /// refused (without hedging, each request it coordinates waits out the 1 s timeout, and about a
-/// third of the sends in the freeze were refused); nothing acked is lost.
+/// third of the sends in the freeze were refused); nothing acked is lost. A send whose write the
+/// frozen node held past the gateway's 4.95 s is answered `internal` (not known yet), which is
+/// no refusal; it must then have been stored (one in 640 was, in one CI run).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cassandra_node_frozen_under_load_with_hedged_requests_refuses_nothing() {
     let _turn = TURN.lock().await;
@@ -165,8 +167,15 @@ async fn a_cassandra_node_frozen_under_load_with_hedged_requests_refuses_nothing
     })
     .await;
     assert_clean(&report, Duration::from_secs(3));
-    let refused: u64 = report.errors.values().sum();
+    let not_known = report.errors.get("internal").copied().unwrap_or(0);
+    let refused: u64 = report.errors.values().sum::<u64>() - not_known;
     assert_eq!(refused, 0, "sends refused with a ring node frozen: {:?}", report.errors);
+    assert_eq!(
+        report.audit.counts.unknown_then_stored,
+        not_known,
+        "every send answered `internal` was stored after all: {}",
+        report.summary()
+    );
 }
 
 /// A ring node killed -9 comes back with every write it acknowledged before its last commit log
