@@ -521,14 +521,14 @@ async fn a_send_refused_because_the_store_reads_failed_is_refused_as_untried() {
 async fn a_failed_dedupe_read_keeps_the_rooms_head() {
     let worker = worker();
     assert_eq!(seq(&worker.send(command("r", "a", soon())).await), 1);
-    let reads = std::sync::atomic::Ordering::SeqCst;
-    let head_reads = worker.store.head_reads.load(reads);
-    worker.store.reads_down.store(true, reads);
+    let order = std::sync::atomic::Ordering::SeqCst;
+    let head_reads = worker.store.head_reads.load(order);
+    worker.store.reads_down.store(true, order);
     let refused = worker.send(command("r", "b", soon())).await.expect_err("the dedupe read fails");
     assert!(refused.untried(), "nothing of it was written: {refused}");
-    worker.store.reads_down.store(false, reads);
+    worker.store.reads_down.store(false, order);
     assert_eq!(seq(&worker.send(command("r", "c", soon())).await), 2, "the next send follows the stored one");
-    assert_eq!(worker.store.head_reads.load(reads), head_reads, "the head was not read again");
+    assert_eq!(worker.store.head_reads.load(order), head_reads, "the head was not read again");
     let stored: Vec<(u64, String)> = worker.stored("r").await.into_iter().map(|m| (m.seq, m.client_msg_id)).collect();
     assert_eq!(stored, vec![(1, "a".to_owned()), (2, "c".to_owned())]);
     worker.stop().await;
