@@ -120,6 +120,15 @@ impl Drop for Round {
     }
 }
 
+/// Says on the test's output which round starts, and when (seconds into the lab test): libtest
+/// shows it only when the test fails, and then it tells which round failed and what ran beside.
+fn announce(challenge: &str, seed: u64) {
+    static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let since = STARTED.get_or_init(std::time::Instant::now).elapsed().as_secs_f64();
+    let drawn = catalog::challenge(challenge).map(|c| c.draw(seed).variant).unwrap_or_default();
+    eprintln!("lab test: at {since:.0} s, round {challenge} ({drawn}) starts");
+}
+
 /// Now, in µs since the epoch (Jaeger's time).
 fn now_us() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros()
@@ -129,6 +138,7 @@ impl Round {
     /// A round of `challenge` with `seed` (on 127.0.0.1 from free ports), its spans exported to
     /// `jaeger`.
     fn start(challenge: &str, seed: u64, jaeger: &testkit::Jaeger) -> Round {
+        announce(challenge, seed);
         let since = now_us();
         let dir = tempfile::tempdir().unwrap().keep();
         let loadgen = loadgen_binary();
@@ -570,6 +580,7 @@ pub(crate) async fn stuck_sends_only_the_deadlock_shows_a_cycle() {
 
 /// A cluster round on the shared test CQL node (no Cassandra of its own).
 fn start_cluster_round(challenge: &str, seed: u64, jaeger: &testkit::Jaeger) -> Round {
+    announce(challenge, seed);
     let since = now_us();
     let cql = testkit::cassandra();
     let dir = tempfile::tempdir().unwrap().keep();
@@ -805,41 +816,57 @@ async fn solve_byzantine(round: &Round) -> Vec<(&'static str, String)> {
 /// the slow-consumer policy wrong; otherwise the receivers who miss messages are on one gateway:
 /// if the bus shows that gateway without the room's subscription, it was not restored after the
 /// reconnect, else the messages were lost writing to the sockets.
+///
+/// The cause misses messages run after run, in one room and on one gateway; two cores starved
+/// by the tests beside it (a Cassandra node booting) can make a few others late too. So, as a
+/// player would, it reads where most of the missing messages are, and runs again when a run
+/// does not say clearly.
 async fn solve_lost_after_maintenance(round: &Round) -> Vec<(&'static str, String)> {
     let gateways = [round.urls["gw-1"].as_str(), round.urls["gw-2"].as_str()];
-    let report = player_run(&gateways, Run { seconds: 8, rate: 80, journeys: 0 }, &round.dir.join("run.json"));
-    // A message some members never got: `missing` when it was one of this run's acked sends, a
-    // `gap` when it was someone else's (the room's earlier traffic) and later seqs came.
-    let missing: Vec<Value> = report["audit"]["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|f| f["kind"] == "missing" || f["kind"] == "gap")
-        .cloned()
-        .collect();
-    assert!(!missing.is_empty(), "the symptom: messages missing: {:#}", report["audit"]);
-    for gateway in ["gw-1", "gw-2"] {
-        let url = &round.urls[gateway];
-        let skipped = metric_value(url, "chat_drops_total{reason=\"queue_full\"}").await;
-        let caught_up = metric_value(url, "chat_drops_total{reason=\"resynced_from_store\"}").await;
-        if skipped > 0.0 && caught_up == 0.0 {
-            return vec![("--process", gateway.into()), ("--hop", "gateway.outbox".into())];
+    let mut runs = Vec::new();
+    let (gateway, room) = loop {
+        let report = player_run(&gateways, Run { seconds: 8, rate: 80, journeys: 0 }, &round.dir.join("run.json"));
+        // A message some members never got: `missing` when it was one of this run's acked sends, a
+        // `gap` when it was someone else's (the room's earlier traffic) and later seqs came.
+        let missing: Vec<Value> = report["audit"]["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["kind"] == "missing" || f["kind"] == "gap")
+            .cloned()
+            .collect();
+        assert!(!missing.is_empty(), "the symptom: messages missing: {:#}", report["audit"]);
+        for gateway in ["gw-1", "gw-2"] {
+            let url = &round.urls[gateway];
+            let skipped = metric_value(url, "chat_drops_total{reason=\"queue_full\"}").await;
+            let caught_up = metric_value(url, "chat_drops_total{reason=\"resynced_from_store\"}").await;
+            if skipped > 0.0 && caught_up == 0.0 {
+                return vec![("--process", gateway.into()), ("--hop", "gateway.outbox".into())];
+            }
         }
-    }
-    // The gateways of the receivers who miss messages (the player's client i is on gw-(i mod 2 + 1)).
-    let on: std::collections::BTreeSet<String> = missing
-        .iter()
-        .flat_map(|f| f["recipients"].as_array().unwrap().clone())
-        .map(|user| {
-            let client: u32 = user.as_str().unwrap().rsplit('u').next().unwrap().parse().unwrap();
-            format!("gw-{}", client % 2 + 1)
-        })
-        .collect();
-    assert_eq!(on.len(), 1, "receivers on one gateway miss messages: {on:?} {missing:#?}");
-    let gateway = on.into_iter().next().unwrap();
-    let rooms: std::collections::BTreeSet<&str> = missing.iter().map(|f| f["room"].as_str().unwrap()).collect();
-    assert_eq!(rooms.len(), 1, "in one room: {rooms:?}");
-    let room = rooms.into_iter().next().unwrap();
+        // Each missed delivery by the receiver's gateway (the player's client i is on
+        // gw-(i mod 2 + 1)) and room.
+        let mut by_gateway: BTreeMap<String, usize> = BTreeMap::new();
+        let mut by_room: BTreeMap<String, usize> = BTreeMap::new();
+        for finding in &missing {
+            for user in finding["recipients"].as_array().unwrap() {
+                let client: u32 = user.as_str().unwrap().rsplit('u').next().unwrap().parse().unwrap();
+                *by_gateway.entry(format!("gw-{}", client % 2 + 1)).or_default() += 1;
+                *by_room.entry(finding["room"].as_str().unwrap().to_owned()).or_default() += 1;
+            }
+        }
+        let most = |counts: &BTreeMap<String, usize>| {
+            let total: usize = counts.values().sum();
+            let (name, n) = counts.iter().max_by_key(|(_, n)| **n).unwrap();
+            (10 * n >= 9 * total).then(|| name.clone())
+        };
+        eprintln!("lab test: missed deliveries by gateway {by_gateway:?}, by room {by_room:?}");
+        runs.push((by_gateway.clone(), by_room.clone()));
+        if let (Some(gateway), Some(room)) = (most(&by_gateway), most(&by_room)) {
+            break (gateway, room);
+        }
+        assert!(runs.len() < 3, "missed deliveries are not in one room on one gateway, run after run: {runs:?}");
+    };
     let (_, connz) = get_json("http://127.0.0.1:8222/connz?subs=1").await;
     let connection = connz["connections"]
         .as_array()
@@ -849,7 +876,7 @@ async fn solve_lost_after_maintenance(round: &Round) -> Vec<(&'static str, Strin
         .unwrap_or_else(|| panic!("{gateway} is connected to the bus: {connz:#}"));
     let subscribed = connection["subscriptions_list"]
         .as_array()
-        .is_some_and(|subs| subs.iter().any(|s| s.as_str() == Some(&protocol::subjects::room_feed(room))));
+        .is_some_and(|subs| subs.iter().any(|s| s.as_str() == Some(&protocol::subjects::room_feed(&room))));
     let hop = if subscribed { "gateway.deliver" } else { "gateway.resubscribe" };
     vec![("--process", gateway), ("--hop", hop.into())]
 }
