@@ -861,8 +861,9 @@ async fn solve_lost_after_maintenance(round: &Round) -> Vec<(&'static str, Strin
             (10 * n >= 9 * total).then(|| name.clone())
         };
         eprintln!("lab test: missed deliveries by gateway {by_gateway:?}, by room {by_room:?}");
-        runs.push((by_gateway.clone(), by_room.clone()));
-        if let (Some(gateway), Some(room)) = (most(&by_gateway), most(&by_room)) {
+        let found = (most(&by_gateway), most(&by_room));
+        runs.push((by_gateway, by_room));
+        if let (Some(gateway), Some(room)) = found {
             break (gateway, room);
         }
         assert!(runs.len() < 3, "missed deliveries are not in one room on one gateway, run after run: {runs:?}");
