@@ -680,33 +680,37 @@ async fn solve_duplicate_after_stall(round: &Round) -> Vec<(&'static str, String
         assert!(std::time::Instant::now() < deadline, "no redelivery within 40 s");
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     };
-    // Every journey of a player's run, to find the slow ones.
+    // Every journey of a player's run, to find the slow ones. The fault strikes one send in
+    // twenty of one worker's: a run may happen to hold no late publish, so a player who sees
+    // none looks again before calling it a stall (three runs without one: a stall).
     let gateways = [round.urls["gw-1"].as_str(), round.urls["gw-2"].as_str()];
-    let report = player_run(&gateways, Run { seconds: 12, rate: 20, journeys: 1000 }, &round.dir.join("run.json"));
-    let slowest = |pair: &str| -> u64 {
-        let pairs = report["samples"]["hops"]["pairs"].as_array().unwrap();
-        pairs
-            .iter()
-            .filter(|p| p["hop"] == pair)
-            .flat_map(|p| p["us"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()))
-            .max()
-            .unwrap_or(0)
-    };
-    // A publish seconds after the store: the gateway may have repaired the message from the
-    // store, or the bus redelivered it, before the publish; so look at every hop pair that ends
-    // in the publish or starts at the store (nothing else waits seconds after the store).
-    let late_publish = report["samples"]["hops"]["pairs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| {
-            let pair = p["hop"].as_str().unwrap();
-            pair.ends_with("→fanout.publish") || pair.starts_with("store.append→")
-        })
-        .any(|p| p["us"].as_array().unwrap().iter().any(|v| v.as_u64().unwrap() > 1_500_000));
+    let mut report = Value::Null;
+    let mut late_publish = false;
+    for run in 0..3 {
+        report = player_run(
+            &gateways,
+            Run { seconds: 12, rate: 20, journeys: 1000 },
+            &round.dir.join(format!("run{run}.json")),
+        );
+        // Nothing was stored twice: the audit passed (no stored_twice finding).
+        assert_eq!(report["audit"]["counts"]["stored_twice"].as_u64().unwrap_or(0), 0, "{:#}", report["audit"]);
+        late_publish = publish_seconds_after_store(&report);
+        if late_publish {
+            break;
+        }
+    }
     let hop = if late_publish { "fanout.publish" } else { "fanout.sequence" };
     let kind = if hop == "fanout.publish" { "delay" } else { "stall" };
     if hop == "fanout.sequence" {
+        let slowest = |pair: &str| -> u64 {
+            let pairs = report["samples"]["hops"]["pairs"].as_array().unwrap();
+            pairs
+                .iter()
+                .filter(|p| p["hop"] == pair)
+                .flat_map(|p| p["us"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()))
+                .max()
+                .unwrap_or(0)
+        };
         let held = [
             "gateway.receive→fanout.sequence",
             "gateway.receive→fanout.redelivered",
@@ -718,9 +722,23 @@ async fn solve_duplicate_after_stall(round: &Round) -> Vec<(&'static str, String
         .unwrap_or(0);
         assert!(held > 3_000_000, "a send held before sequencing: {:#}", report["samples"]["hops"]);
     }
-    // Nothing was stored twice: the audit passed (no stored_twice finding).
-    assert_eq!(report["audit"]["counts"]["stored_twice"].as_u64().unwrap_or(0), 0, "{:#}", report["audit"]);
     vec![("--process", worker.into()), ("--hop", hop.into()), ("--kind", kind.into())]
+}
+
+/// Whether a run's journeys hold a publish seconds after its store. The gateway may have
+/// repaired the message from the store, or the bus redelivered it, before the publish; so every
+/// hop pair that ends in the publish or starts at the store counts (nothing else waits seconds
+/// after the store).
+fn publish_seconds_after_store(report: &Value) -> bool {
+    report["samples"]["hops"]["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| {
+            let pair = p["hop"].as_str().unwrap();
+            pair.ends_with("→fanout.publish") || pair.starts_with("store.append→")
+        })
+        .any(|p| p["us"].as_array().unwrap().iter().any(|v| v.as_u64().unwrap() > 1_500_000))
 }
 
 /// The value of the metric line `series` (name and labels exactly as exposed) of `url`.
