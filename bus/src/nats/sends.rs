@@ -197,6 +197,11 @@ const PUBLISH_AFTER_RECONNECT_MS: i64 = 1_000;
 /// How often a send waiting for the NATS connection looks at it between connection events.
 const CONNECTION_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// How long after the NATS connection came back a send still unanswered is copied once more
+/// ([`NatsBus::final_answer`]): time for the server to drop the workers' dead connections and
+/// for their new pulls to begin.
+const RECONNECT_SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Pause before publishing a send again whose JetStream answer was lost.
 const REPUBLISH_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -284,7 +289,7 @@ impl NatsBus {
     ///
     /// [`GatewayBus::submit`]: crate::GatewayBus::submit
     pub(super) async fn submit_send(&self, command: SendCommand) -> Result<SendOutcome, BusError> {
-        self.await_connection(command.deadline_ms).await?;
+        let waited_for_connection = self.await_connection(command.deadline_ms).await?;
         if !self.stream_ready.load(Ordering::Acquire) {
             self.ensure_stream().await?;
         }
@@ -361,7 +366,7 @@ impl NatsBus {
             .observe(published_at.elapsed().as_secs_f64());
         let replied = std::time::Instant::now();
         let first = Published { subject, headers, payload, token, at: published_at };
-        let reply = self.final_answer(&mut rx, &command, first, reconnects).await;
+        let reply = self.final_answer(&mut rx, &command, first, reconnects, waited_for_connection).await;
         self.metrics.bus_latency.with_label_values(&["worker_reply"]).observe(replied.elapsed().as_secs_f64());
         reply
     }
@@ -369,15 +374,16 @@ impl NatsBus {
     /// Returns once the NATS connection is up, waiting for it while at least
     /// [`PUBLISH_AFTER_RECONNECT_MS`] of the workers' deadline (0 for none: no wait) would be left:
     /// a connection that comes back within a few seconds (a server restarted or frozen briefly)
-    /// costs no send. Otherwise the send is refused unpublished, so surely not stored.
-    async fn await_connection(&self, deadline_ms: i64) -> Result<(), BusError> {
+    /// costs no send. Otherwise the send is refused unpublished, so surely not stored. Says
+    /// whether it waited: such a send is published the moment the connection comes back.
+    async fn await_connection(&self, deadline_ms: i64) -> Result<bool, BusError> {
         if self.connected() {
-            return Ok(());
+            return Ok(false);
         }
         let mut connects = self.connects.subscribe();
         loop {
             if self.connected() {
-                return Ok(());
+                return Ok(true);
             }
             if deadline_ms == 0 || protocol::now_ms() + PUBLISH_AFTER_RECONNECT_MS >= deadline_ms {
                 return Err(BusError::unavailable("not connected to NATS"));
@@ -394,14 +400,19 @@ impl NatsBus {
     /// connection came back (`reconnects` changed) after the first publish began: an outage long
     /// enough to break connections (a frozen or restarted server) breaks the workers' too, and
     /// JetStream may have handed the send to a pull on a connection that is gone, offering it
-    /// again only after `ack_wait`, past the deadline. Which copies get stored does not matter: the
-    /// sequencer's dedupe by `client_msg_id`, under the partition's fence, keeps one message.
+    /// again only after `ack_wait`, past the deadline. A copy published at the reconnect, like a
+    /// send that waited for the connection (`waited_for_connection`), may race the server's
+    /// cleanup of the workers' dead connections just as the first did, so one more copy follows
+    /// [`RECONNECT_SETTLE`] later if no answer came meanwhile. Which copies get stored does not
+    /// matter: the sequencer's dedupe by `client_msg_id`, under the partition's fence, keeps one
+    /// message.
     async fn final_answer(
         &self,
         replies: &mut mpsc::Receiver<SendReply>,
         command: &SendCommand,
         mut published: Published,
         mut reconnects: tokio::sync::watch::Receiver<u64>,
+        waited_for_connection: bool,
     ) -> Result<SendOutcome, BusError> {
         let mut answers = Answers::default();
         let mut workers = self.workers_view();
@@ -413,6 +424,7 @@ impl NatsBus {
         // A reconnect while the first copy was being published counts: that copy may be lost too.
         let mut reconnected = reconnects.has_changed().unwrap_or(false);
         reconnects.borrow_and_update();
+        let mut settled_copy_at = waited_for_connection.then(|| tokio::time::Instant::now() + RECONNECT_SETTLE);
         loop {
             if std::mem::take(&mut reconnected) && may_copy(copies, protocol::now_ms(), command.deadline_ms) {
                 copies += 1;
@@ -425,8 +437,31 @@ impl NatsBus {
                     "NATS connection came back; published a copy in case the first was handed to a pull that died with the outage"
                 );
                 self.publish_copy(&mut published, copies, command).await;
+                settled_copy_at = Some(tokio::time::Instant::now() + RECONNECT_SETTLE);
             }
+            let settle = async move {
+                match settled_copy_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                () = settle => {
+                    settled_copy_at = None;
+                    if may_copy(copies, protocol::now_ms(), command.deadline_ms) {
+                        copies += 1;
+                        answers.copied = true;
+                        tracing::info!(
+                            room = %command.room,
+                            trace_id = %command.trace_id(),
+                            client_msg_id = command.client_msg_id.as_str(),
+                            copy = copies,
+                            "no answer a moment after the NATS connection came back; published a copy in case the last \
+                             was handed to a worker's pull that had not yet been found dead"
+                        );
+                        self.publish_copy(&mut published, copies, command).await;
+                    }
+                }
                 reply = replies.recv() => match reply {
                     Some(reply) => {
                         if let Some(answer) = answers.judge(reply, command) {
