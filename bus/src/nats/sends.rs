@@ -429,14 +429,9 @@ impl NatsBus {
             if std::mem::take(&mut reconnected) && may_copy(copies, protocol::now_ms(), command.deadline_ms) {
                 copies += 1;
                 answers.copied = true;
-                tracing::info!(
-                    room = %command.room,
-                    trace_id = %command.trace_id(),
-                    client_msg_id = command.client_msg_id.as_str(),
-                    copy = copies,
-                    "NATS connection came back; published a copy in case the first was handed to a pull that died with the outage"
-                );
-                self.publish_copy(&mut published, copies, command).await;
+                let why =
+                    "the NATS connection came back: the first may have been handed to a pull that died with the outage";
+                self.publish_copy(&mut published, copies, command, why).await;
                 settled_copy_at = Some(tokio::time::Instant::now() + RECONNECT_SETTLE);
             }
             let settle = async move {
@@ -451,15 +446,9 @@ impl NatsBus {
                     if may_copy(copies, protocol::now_ms(), command.deadline_ms) {
                         copies += 1;
                         answers.copied = true;
-                        tracing::info!(
-                            room = %command.room,
-                            trace_id = %command.trace_id(),
-                            client_msg_id = command.client_msg_id.as_str(),
-                            copy = copies,
-                            "no answer a moment after the NATS connection came back; published a copy in case the last \
-                             was handed to a worker's pull that had not yet been found dead"
-                        );
-                        self.publish_copy(&mut published, copies, command).await;
+                        let why = "no answer a moment after the NATS connection came back: the last may have been \
+                                   handed to a worker's pull not yet found dead";
+                        self.publish_copy(&mut published, copies, command, why).await;
                     }
                 }
                 reply = replies.recv() => match reply {
@@ -497,26 +486,26 @@ impl NatsBus {
                     };
                     copies += 1;
                     answers.copied = true;
-                    tracing::info!(
-                        room = %command.room,
-                        trace_id = %command.trace_id(),
-                        client_msg_id = command.client_msg_id.as_str(),
-                        gone = holder_now.as_str(),
-                        next = next.as_str(),
-                        copy = copies,
-                        "the worker holding the send is gone; published a copy for the partition's new owner"
-                    );
-                    self.publish_copy(&mut published, copies, command).await;
+                    let why = format!("the worker holding the send ({holder_now}) is gone; for the partition's new owner, {next}");
+                    self.publish_copy(&mut published, copies, command, &why).await;
                     holder = Some(next);
                 }
             }
         }
     }
 
-    /// Publishes copy number `n` of a send ([`Published::copy`]), counted in
-    /// `chat_send_copies_total`; when it cannot be published, the first copy's answer is still
-    /// awaited.
-    async fn publish_copy(&self, published: &mut Published, n: u32, command: &SendCommand) {
+    /// Publishes copy number `n` of a send ([`Published::copy`]) for the reason `why`, logged
+    /// and counted in `chat_send_copies_total`; when it cannot be published, the first copy's
+    /// answer is still awaited.
+    async fn publish_copy(&self, published: &mut Published, n: u32, command: &SendCommand, why: &str) {
+        tracing::info!(
+            room = %command.room,
+            trace_id = %command.trace_id(),
+            client_msg_id = command.client_msg_id.as_str(),
+            copy = n,
+            why,
+            "published a copy of the send"
+        );
         self.metrics.send_copies.inc();
         published.copy(n);
         if let Err(e) = self.publish_once(published).await {
