@@ -324,10 +324,6 @@ impl CqlStore {
         )
         .await
         .map_err(|e| unavailable(format_args!("create keyspace {keyspace}"), e))?;
-        session
-            .use_keyspace(keyspace.as_str(), false)
-            .await
-            .map_err(|e| unavailable(format_args!("use keyspace {keyspace}"), e))?;
         for (file, text) in MIGRATIONS {
             for statement in schema_statements(text) {
                 apply_schema(&session, &keyspace, &statement)
@@ -335,7 +331,7 @@ impl CqlStore {
                     .map_err(|e| unavailable(format_args!("apply schema/{file}"), e))?;
             }
         }
-        let statements = Statements::prepare(&session, &hedged).await?;
+        let statements = Statements::prepare(&session, &hedged, &keyspace).await?;
         tracing::info!(%nodes, %keyspace, "CQL history store ready");
         let owner = format!("pid{}-{}", std::process::id(), &Uuid::new_v4().simple().to_string()[..8]);
         Ok(Self { session, keyspace, statements, fences: Fences::default(), owner, hedge })
@@ -659,45 +655,52 @@ impl CqlStore {
 impl Statements {
     /// Prepares every statement; the reads, the ping and the append's idempotent writes run with
     /// `hedged` (see [`hedged_profile`]), the fence transactions with the session's profile.
-    async fn prepare(session: &Session, hedged: &ExecutionProfileHandle) -> Result<Self, StoreError> {
+    /// Every table is named with its keyspace: the session has none set (`USE` with prepared
+    /// statements is ambiguous, and Cassandra 5 warns of it on every prepare).
+    async fn prepare(session: &Session, hedged: &ExecutionProfileHandle, keyspace: &str) -> Result<Self, StoreError> {
+        let ks = keyspace;
         let hedged_statement = |cql: String| async move {
             let mut statement = prepare(session, &cql, true).await?;
             statement.set_execution_profile_handle(Some(hedged.clone()));
             Ok::<_, StoreError>(statement)
         };
         let insert_message =
-            format!("INSERT INTO messages (room, bucket, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?");
-        let read_message = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ? AND bucket = ? AND seq = ?");
-        let read_range =
-            format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE room = ? AND bucket = ? AND seq >= ? AND seq <= ?");
+            format!("INSERT INTO {ks}.messages (room, bucket, {MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?");
+        let read_message =
+            format!("SELECT {MESSAGE_COLUMNS} FROM {ks}.messages WHERE room = ? AND bucket = ? AND seq = ?");
+        let read_range = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM {ks}.messages WHERE room = ? AND bucket = ? AND seq >= ? AND seq <= ?"
+        );
         let insert_message = hedged_statement(insert_message).await?;
-        let insert_dedupe = hedged_statement(
-            "INSERT INTO dedupe (room, user, client_msg_id, seq) VALUES (?, ?, ?, ?) USING TIMESTAMP ?".into(),
-        )
+        let insert_dedupe = hedged_statement(format!(
+            "INSERT INTO {ks}.dedupe (room, user, client_msg_id, seq) VALUES (?, ?, ?, ?) USING TIMESTAMP ?"
+        ))
         .await?;
-        let insert_id =
-            hedged_statement("INSERT INTO message_ids (id, room, seq) VALUES (?, ?, ?) USING TIMESTAMP ?".into())
-                .await?;
+        let insert_id = hedged_statement(format!(
+            "INSERT INTO {ks}.message_ids (id, room, seq) VALUES (?, ?, ?) USING TIMESTAMP ?"
+        ))
+        .await?;
         Ok(Self {
             take_first: prepare(
                 session,
-                "INSERT INTO fence_epochs (fence, epoch, owner) VALUES (?, 1, ?) IF NOT EXISTS",
+                &format!("INSERT INTO {ks}.fence_epochs (fence, epoch, owner) VALUES (?, 1, ?) IF NOT EXISTS"),
                 false,
             )
             .await?,
             take_next: prepare(
                 session,
-                "UPDATE fence_epochs SET epoch = ?, owner = ? WHERE fence = ? IF epoch = ?",
+                &format!("UPDATE {ks}.fence_epochs SET epoch = ?, owner = ? WHERE fence = ? IF epoch = ?"),
                 false,
             )
             .await?,
-            read_epoch: hedged_statement("SELECT epoch FROM fence_epochs WHERE fence = ?".into()).await?,
-            commit: hedged_statement(
-                "UPDATE room_state USING TIMESTAMP ? SET last_seq = ?, pending = null WHERE room = ?".into(),
-            )
+            read_epoch: hedged_statement(format!("SELECT epoch FROM {ks}.fence_epochs WHERE fence = ?")).await?,
+            commit: hedged_statement(format!(
+                "UPDATE {ks}.room_state USING TIMESTAMP ? SET last_seq = ?, pending = null WHERE room = ?"
+            ))
             .await?,
-            read_state: hedged_statement("SELECT last_seq, pending FROM room_state WHERE room = ?".into()).await?,
-            read_last_seq: hedged_statement("SELECT last_seq FROM room_state WHERE room = ?".into()).await?,
+            read_state: hedged_statement(format!("SELECT last_seq, pending FROM {ks}.room_state WHERE room = ?"))
+                .await?,
+            read_last_seq: hedged_statement(format!("SELECT last_seq FROM {ks}.room_state WHERE room = ?")).await?,
             insert_rows: (1..=MESSAGES_PER_BATCH)
                 .map(|messages| {
                     let mut rows = Batch::new(BatchType::Unlogged);
@@ -714,17 +717,17 @@ impl Statements {
             insert_message,
             insert_dedupe,
             insert_id,
-            message_exists: hedged_statement(
-                "SELECT seq FROM messages WHERE room = ? AND bucket = ? AND seq = ?".into(),
-            )
+            message_exists: hedged_statement(format!(
+                "SELECT seq FROM {ks}.messages WHERE room = ? AND bucket = ? AND seq = ?"
+            ))
             .await?,
             read_message: hedged_statement(read_message).await?,
             read_range: hedged_statement(read_range).await?,
-            read_dedupe: hedged_statement(
-                "SELECT seq FROM dedupe WHERE room = ? AND user = ? AND client_msg_id = ?".into(),
-            )
+            read_dedupe: hedged_statement(format!(
+                "SELECT seq FROM {ks}.dedupe WHERE room = ? AND user = ? AND client_msg_id = ?"
+            ))
             .await?,
-            read_id: hedged_statement("SELECT room, seq FROM message_ids WHERE id = ?".into()).await?,
+            read_id: hedged_statement(format!("SELECT room, seq FROM {ks}.message_ids WHERE id = ?")).await?,
             // A process asks this to know whether the store is up: one stalled node of several is
             // not the store down.
             ping: hedged_statement("SELECT release_version FROM system.local".into()).await?,
@@ -1027,18 +1030,40 @@ async fn run_schema(session: &Session, cql: &str) -> Result<(), scylla::errors::
 /// `system_schema.columns` does not list the column, and when it fails (another process added
 /// the column meanwhile) it is accepted if the column is there now. No error text is read.
 async fn apply_schema(session: &Session, keyspace: &str, cql: &str) -> Result<(), scylla::errors::ExecutionError> {
+    let qualified = in_keyspace(cql, keyspace);
     let Some((table, column)) = added_column(cql) else {
-        return run_schema(session, cql).await;
+        return run_schema(session, &qualified).await;
     };
     if column_exists(session, keyspace, table, column).await? {
         return Ok(());
     }
-    match run_schema(session, cql).await {
+    match run_schema(session, &qualified).await {
         Ok(()) => Ok(()),
         Err(e) => match column_exists(session, keyspace, table, column).await {
             Ok(true) => Ok(()),
             _ => Err(e),
         },
+    }
+}
+
+/// A schema statement of the schema files (`CREATE TABLE [IF NOT EXISTS] <table>`, `ALTER TABLE
+/// <table> ...`, written without a keyspace so an operator can run them with `cqlsh -k`) with its
+/// table named in `keyspace`. Other statements are returned as they are.
+fn in_keyspace(cql: &str, keyspace: &str) -> String {
+    // Each word with its offset in `cql`, so the rest of the text is kept as it is.
+    let words: Vec<(usize, &str)> =
+        cql.split_whitespace().map(|word| (word.as_ptr() as usize - cql.as_ptr() as usize, word)).collect();
+    let is = |i: usize, word: &str| words.get(i).is_some_and(|(_, w)| w.eq_ignore_ascii_case(word));
+    let table_at = if is(0, "CREATE") && is(1, "TABLE") && is(2, "IF") && is(3, "NOT") && is(4, "EXISTS") {
+        5
+    } else if (is(0, "CREATE") || is(0, "ALTER")) && is(1, "TABLE") {
+        2
+    } else {
+        return cql.to_owned();
+    };
+    match words.get(table_at) {
+        Some(&(at, table)) if !table.contains('.') => format!("{}{keyspace}.{}", &cql[..at], &cql[at..]),
+        _ => cql.to_owned(),
     }
 }
 
@@ -1159,6 +1184,25 @@ mod tests {
         files.sort();
         let listed: Vec<&str> = MIGRATIONS.iter().map(|(name, _)| *name).collect();
         assert_eq!(files, listed, "list every storage/schema/*.cql file in MIGRATIONS, in order");
+    }
+
+    #[test]
+    fn schema_statements_name_their_table_in_the_keyspace() {
+        let create = "CREATE TABLE IF NOT EXISTS room_state (\n    room text PRIMARY KEY,\n    last_seq bigint\n)";
+        assert_eq!(
+            in_keyspace(create, "chat"),
+            "CREATE TABLE IF NOT EXISTS chat.room_state (\n    room text PRIMARY KEY,\n    last_seq bigint\n)"
+        );
+        assert_eq!(in_keyspace("create table t (a int PRIMARY KEY)", "ks"), "create table ks.t (a int PRIMARY KEY)");
+        assert_eq!(in_keyspace("ALTER TABLE messages ADD prev text", "ks"), "ALTER TABLE ks.messages ADD prev text");
+        // Already named, or not a table statement: as it is.
+        assert_eq!(in_keyspace("ALTER TABLE other.messages ADD x int", "ks"), "ALTER TABLE other.messages ADD x int");
+        assert_eq!(in_keyspace("CREATE INDEX i ON t (a)", "ks"), "CREATE INDEX i ON t (a)");
+        for (file, text) in MIGRATIONS {
+            for statement in schema_statements(text) {
+                assert!(in_keyspace(&statement, "ks").contains(" ks."), "{file}: table not named: {statement}");
+            }
+        }
     }
 
     #[test]

@@ -13,7 +13,9 @@ use crate::cases::{fill, messages};
 async fn leave_legacy_claim(store: &CqlStore, room: &str, last_seq: u64, pending: &[protocol::ChatMessage]) {
     let json = serde_json::to_vec(pending).unwrap();
     let hex: String = json.iter().map(|b| format!("{b:02x}")).collect();
-    let cql = format!("INSERT INTO room_state (room, last_seq, pending) VALUES ('{room}', {last_seq}, 0x{hex})");
+    let keyspace = store.keyspace();
+    let cql =
+        format!("INSERT INTO {keyspace}.room_state (room, last_seq, pending) VALUES ('{room}', {last_seq}, 0x{hex})");
     store.run_schema_statement(&cql).await.unwrap();
 }
 
@@ -191,8 +193,9 @@ async fn reconnect_keeps_history() {
 async fn a_keyspace_from_before_the_chain_is_migrated() {
     crate::with_cassandra("prechain", async |store, _| {
         let old = fill(store, "old", 0, 2, 2).await;
-        store.run_schema_statement("ALTER TABLE messages DROP prev").await.unwrap();
-        store.run_schema_statement("ALTER TABLE messages DROP digest").await.unwrap();
+        let keyspace = store.keyspace();
+        store.run_schema_statement(&format!("ALTER TABLE {keyspace}.messages DROP prev")).await.unwrap();
+        store.run_schema_statement(&format!("ALTER TABLE {keyspace}.messages DROP digest")).await.unwrap();
         let config =
             CqlConfig { nodes: vec![crate::cql_node()], keyspace: store.keyspace().into(), ..CqlConfig::default() };
         let migrated = crate::connect(config.clone()).await;
