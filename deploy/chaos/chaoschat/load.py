@@ -77,7 +77,7 @@ def load_audit_passed() -> bool:
     report = _finished_report()
     counts = report["audit"]["counts"]
     print(f"audit: passed={report['passed']} acked={report['audit']['acked']} of {report['audit']['scheduled']} "
-          f"counts={counts}")
+          f"errors by code={report.get('errors', {})} counts={counts}")
     return bool(report["passed"])
 
 
