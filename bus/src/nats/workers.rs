@@ -44,6 +44,12 @@ const LEAVE_ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(2);
 /// margin, so it knows the live workers. Taking at once would mean taking every partition
 /// and handing most back a moment later, two workers pulling each meanwhile.
 const JOIN_LISTEN: Duration = Duration::from_millis(1500);
+/// The header a joining worker's heartbeats carry while it listens ([`JOINING`]): its peers
+/// keep its share until it says it is ready, so no partition goes unpulled meanwhile.
+/// Processes that predate it ignore headers and count the worker live at once, as before.
+const WORKER_STATE_HEADER: &str = "Chat-Worker-State";
+/// [`WORKER_STATE_HEADER`]'s value while the worker listens before taking partitions.
+const JOINING: &str = "joining";
 
 /// Durable consumer of a partition: `fanout-p<N>`.
 fn consumer_name(partition: u32) -> String {
@@ -73,17 +79,33 @@ pub(super) struct Membership {
     /// Workers forgotten for their silence in the last [`SILENT_REMEMBERED`], with when each
     /// was last heard.
     silent: HashMap<String, Instant>,
+    /// Each partition's owner in the last [`view`](Self::view), and when it last moved from
+    /// one worker to another.
+    owners: Vec<Option<String>>,
+    moved_at: Vec<Option<Instant>>,
+    /// Workers counted live while still joining: they began joining when no other worker was
+    /// ready (a cluster starting), so they take their shares together, as founders.
+    founders: std::collections::HashSet<String>,
 }
 
 impl Membership {
     /// Worker `me`'s membership: only `me` so far.
     fn new(me: String) -> Self {
-        Self { me, observer: false, heard: HashMap::new(), last_heard_any: None, silent: HashMap::new() }
+        Self { observer: false, ..Self::observer(me) }
     }
 
     /// The view of process `me`, which follows the workers without being one.
     pub(super) fn observer(me: String) -> Self {
-        Self { me, observer: true, heard: HashMap::new(), last_heard_any: None, silent: HashMap::new() }
+        Self {
+            me,
+            observer: true,
+            heard: HashMap::new(),
+            last_heard_any: None,
+            silent: HashMap::new(),
+            owners: vec![None; subjects::PARTITIONS as usize],
+            moved_at: vec![None; subjects::PARTITIONS as usize],
+            founders: std::collections::HashSet::new(),
+        }
     }
 
     /// `worker` announced itself at `at` (logged when it was not live before: partitions move
@@ -95,6 +117,48 @@ impl Membership {
     /// after, and a gateway would copy the sends of workers that never stopped. A dead worker's
     /// silence is noticed at most a heartbeat later for it.
     pub(super) fn heard(&mut self, worker: &str, at: Instant) {
+        self.heard_anyone(at);
+        self.founders.remove(worker);
+        self.silent.remove(worker);
+        if self.heard.insert(worker.to_owned(), at).is_none() && worker != self.me && !self.observer {
+            tracing::info!(worker = %self.me, peer = %worker, "worker heard; partitions move to it");
+        }
+    }
+
+    /// `worker` announced at `at` that it is joining: it listens before it takes partitions,
+    /// so it owns none yet and its peers keep pulling its share. But when no other worker is
+    /// ready (this process included), the cluster is starting: the joiners count as live at
+    /// once ([founders](Self::founders)), so each takes only its share and nothing moves when
+    /// the others are ready. Heard joining while counted live (and not a founder), it was
+    /// started again under the same name: the process before is gone, so it counts as gone
+    /// silent at its last heartbeat (its partitions move now, and gateways copy the sends it
+    /// may have pulled), not after [`WORKER_SILENCE`].
+    pub(super) fn heard_joining(&mut self, worker: &str, at: Instant) {
+        self.heard_anyone(at);
+        if worker == self.me {
+            return;
+        }
+        let none_ready = self.heard.keys().all(|live| live == worker || self.founders.contains(live));
+        let founder = self.founders.contains(worker) || none_ready;
+        if founder {
+            self.founders.insert(worker.to_owned());
+            self.silent.remove(worker);
+            if self.heard.insert(worker.to_owned(), at).is_none() && !self.observer {
+                tracing::info!(worker = %self.me, peer = %worker, "worker heard joining a starting cluster; partitions move to it");
+            }
+            return;
+        }
+        if let Some(last) = self.heard.remove(worker) {
+            self.silent.insert(worker.to_owned(), last);
+            if !self.observer {
+                tracing::info!(worker = %self.me, peer = %worker, "worker started again; its partitions move until it is ready");
+            }
+        }
+    }
+
+    /// This process heard some worker at `at`: the clock of its hearing runs on (see
+    /// [`heard`](Self::heard) on the deaf process).
+    fn heard_anyone(&mut self, at: Instant) {
         if let Some(before) = self.last_heard_any.filter(|before| at > *before + HEARING_GRACE) {
             tracing::info!(
                 process = %self.me,
@@ -107,14 +171,11 @@ impl Membership {
             }
         }
         self.last_heard_any = Some(self.last_heard_any.map_or(at, |before| before.max(at)));
-        self.silent.remove(worker);
-        if self.heard.insert(worker.to_owned(), at).is_none() && worker != self.me && !self.observer {
-            tracing::info!(worker = %self.me, peer = %worker, "worker heard; partitions move to it");
-        }
     }
 
     /// `worker` said it is leaving: its partitions move now (logged).
     pub(super) fn left(&mut self, worker: &str) {
+        self.founders.remove(worker);
         self.silent.remove(worker);
         if worker != self.me && self.heard.remove(worker).is_some() && !self.observer {
             tracing::info!(worker = %self.me, peer = %worker, "worker left; its partitions move");
@@ -149,6 +210,8 @@ impl Membership {
             live
         });
         silent.retain(|_, seen| now.duration_since(*seen) < SILENT_REMEMBERED);
+        let heard = &self.heard;
+        self.founders.retain(|worker| heard.contains_key(worker));
     }
 
     /// The partitions this worker owns at `now`: workers silent for [`WORKER_SILENCE`] are
@@ -161,14 +224,21 @@ impl Membership {
             .collect()
     }
 
-    /// The owner of each partition among the live workers at `now`, and the workers gone
-    /// silent lately (an observer's view: it counts only the workers it hears).
+    /// The owner of each partition among the live workers at `now`, when each last moved from
+    /// one worker to another, and the workers gone silent lately (an observer's view: it
+    /// counts only the workers it hears).
     pub(super) fn view(&mut self, now: Instant) -> WorkersView {
         self.forget_silent(now);
-        let owners = (0..subjects::PARTITIONS)
+        let owners: Vec<Option<String>> = (0..subjects::PARTITIONS)
             .map(|partition| owner(partition, self.heard.keys().map(String::as_str)).map(str::to_owned))
             .collect();
-        WorkersView { owners, silent: self.silent.clone() }
+        for (partition, (before, after)) in self.owners.iter().zip(&owners).enumerate() {
+            if before.is_some() && after.is_some() && before != after {
+                self.moved_at[partition] = Some(now);
+            }
+        }
+        self.owners.clone_from(&owners);
+        WorkersView { owners, silent: self.silent.clone(), moved_at: self.moved_at.clone() }
     }
 }
 
@@ -180,6 +250,8 @@ pub(super) struct WorkersView {
     /// Workers that went silent lately (not those that said they left), with when each was
     /// last heard.
     pub silent: HashMap<String, Instant>,
+    /// When each partition last moved from one worker to another, by partition number.
+    pub moved_at: Vec<Option<Instant>>,
 }
 
 impl WorkersView {
@@ -191,6 +263,11 @@ impl WorkersView {
     /// The owner of `partition`, if any worker is live.
     pub fn owner_of(&self, partition: u32) -> Option<&str> {
         self.owners.get(partition as usize).and_then(Option::as_deref)
+    }
+
+    /// When `partition` last moved from one worker to another, as this process heard it.
+    pub fn moved_at(&self, partition: u32) -> Option<Instant> {
+        self.moved_at.get(partition as usize).copied().flatten()
     }
 }
 
@@ -219,8 +296,17 @@ impl Announcements {
         tokio::select! {
             announced = self.heard.next() => {
                 let Some(message) = announced else { return false };
+                let joining = message
+                    .headers
+                    .as_ref()
+                    .and_then(|headers| headers.get(WORKER_STATE_HEADER))
+                    .is_some_and(|state| state.as_str() == JOINING);
                 if let Ok(name) = std::str::from_utf8(&message.payload) {
-                    membership.heard(name, Instant::now());
+                    if joining {
+                        membership.heard_joining(name, Instant::now());
+                    } else {
+                        membership.heard(name, Instant::now());
+                    }
                 }
             }
             Some(message) = self.left.next() => {
@@ -264,11 +350,7 @@ impl NatsBus {
             check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = tick.tick() => {
-                        if bus.heartbeat_gate.get().is_none_or(|pass| pass()) {
-                            let _ = bus.client.publish(subjects::WORKERS, bus.config.name.clone().into()).await;
-                        }
-                    }
+                    _ = tick.tick() => bus.announce(Instant::now() < listening_until).await,
                     _ = check.tick() => {}
                     open = announcements.record_next(&mut membership) => if !open { break },
                     () = tokio::time::sleep_until(listening_until), if settled_tx.is_some() => {}
@@ -287,6 +369,11 @@ impl NatsBus {
                 }
                 if Instant::now() < listening_until {
                     continue;
+                }
+                if settled_tx.is_some() {
+                    // Ready: said at once, so the peers hand over this worker's share as it
+                    // takes it, not up to a heartbeat later.
+                    bus.announce(false).await;
                 }
                 let owned = membership.owned(Instant::now());
                 bus.metrics.workers_live.set(membership.live() as i64);
@@ -408,6 +495,27 @@ impl NatsBus {
     /// [`start_worker`](Self::start_worker) took some, and on a gateway).
     pub fn owned_partitions(&self) -> tokio::sync::watch::Receiver<Vec<u32>> {
         self.owned.subscribe()
+    }
+
+    /// Publishes this worker's heartbeat on `chat.workers`, marked [`JOINING`] while it still
+    /// listens before taking partitions, unless the fault layer's heartbeat gate drops it.
+    async fn announce(&self, joining: bool) {
+        if !self.heartbeat_gate.get().is_none_or(|pass| pass()) {
+            return;
+        }
+        let name = self.config.name.clone().into();
+        let _ = if joining {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(WORKER_STATE_HEADER, JOINING);
+            self.client.publish_with_headers(subjects::WORKERS, headers, name).await
+        } else {
+            self.client.publish(subjects::WORKERS, name).await
+        };
+    }
+
+    /// Whether this worker pulls `partition` now.
+    pub(super) fn pulls_partition(&self, partition: u32) -> bool {
+        self.owned.borrow().contains(&partition)
     }
 
     /// Pulls one partition's sends into the worker's queue until aborted, reopening the pull
@@ -756,5 +864,118 @@ mod tests {
         assert_eq!(almost.silent_since("fanout-b"), None, "silent too early");
         let view = gateway.view(start + WORKER_SILENCE);
         assert_eq!(view.silent_since("fanout-b"), Some(start));
+    }
+
+    #[test]
+    fn a_joining_worker_owns_nothing_in_its_peers_views_until_it_says_it_is_ready() {
+        let start = Instant::now();
+        let mut worker = Membership::new("fanout-a".into());
+        let mut gateway = Membership::observer("gateway-1".into());
+        for process in [&mut worker, &mut gateway] {
+            process.heard("fanout-a", start);
+            process.heard_joining("fanout-b", start);
+            process.heard_joining("fanout-b", start + WORKER_HEARTBEAT);
+        }
+        let listening = start + WORKER_HEARTBEAT + WORKER_HEARTBEAT / 2;
+        assert_eq!(worker.owned(listening).len(), subjects::PARTITIONS as usize, "handed partitions to a listener");
+        let view = gateway.view(listening);
+        assert!(view.owners.iter().all(|owner| owner.as_deref() == Some("fanout-a")));
+        assert_eq!(view.silent_since("fanout-b"), None, "a joining worker is not a silent one");
+
+        // Ready: its share moves to it, as a new worker's always did.
+        worker.heard("fanout-b", listening);
+        gateway.heard("fanout-b", listening);
+        let share = worker.owned(listening);
+        assert!(!share.is_empty() && share.len() < subjects::PARTITIONS as usize);
+        let owners = gateway.view(listening).owners;
+        let taken = owners.iter().filter(|owner| owner.as_deref() == Some("fanout-b")).count();
+        assert_eq!(taken, subjects::PARTITIONS as usize - share.len());
+    }
+
+    #[test]
+    fn a_worker_started_again_under_its_name_is_gone_at_once_and_back_when_ready() {
+        let start = Instant::now();
+        let mut worker = Membership::new("fanout-a".into());
+        let mut gateway = Membership::observer("gateway-1".into());
+        for process in [&mut worker, &mut gateway] {
+            process.heard("fanout-a", start);
+            process.heard("fanout-b", start);
+        }
+        let share = worker.owned(start);
+        assert!(share.len() < subjects::PARTITIONS as usize);
+
+        // fanout-b was killed and started again within the silence: its first heartbeat says so.
+        let restarted = start + WORKER_HEARTBEAT;
+        worker.heard_joining("fanout-b", restarted);
+        gateway.heard_joining("fanout-b", restarted);
+        assert_eq!(worker.owned(restarted).len(), subjects::PARTITIONS as usize, "kept waiting out the silence");
+        let view = gateway.view(restarted);
+        assert_eq!(view.silent_since("fanout-b"), Some(start), "its sends get no copy for the new owner");
+
+        worker.heard("fanout-b", restarted + JOIN_LISTEN);
+        assert_eq!(worker.owned(restarted + JOIN_LISTEN), share);
+    }
+
+    #[test]
+    fn a_gateway_notes_when_each_partition_moved_from_one_worker_to_another() {
+        let start = Instant::now();
+        let mut gateway = Membership::observer("gateway-1".into());
+        gateway.heard("fanout-a", start);
+        let first = gateway.view(start);
+        assert!(first.moved_at.iter().all(Option::is_none), "a first owner is not a move");
+        let joined = start + WORKER_HEARTBEAT;
+        gateway.heard("fanout-b", joined);
+        let view = gateway.view(joined);
+        for partition in 0..subjects::PARTITIONS {
+            let moved = view.owner_of(partition) == Some("fanout-b");
+            assert_eq!(view.moved_at(partition), moved.then_some(joined), "partition {partition}");
+        }
+        // Later views keep when each moved.
+        gateway.heard("fanout-a", joined + WORKER_HEARTBEAT);
+        gateway.heard("fanout-b", joined + WORKER_HEARTBEAT);
+        assert_eq!(gateway.view(joined + WORKER_HEARTBEAT).moved_at, view.moved_at);
+    }
+
+    #[test]
+    fn workers_starting_together_take_their_shares_at_once_and_nothing_moves_when_they_are_ready() {
+        let start = Instant::now();
+        let mut a = Membership::new("fanout-a".into());
+        let mut b = Membership::new("fanout-b".into());
+        let mut gateway = Membership::observer("gateway-1".into());
+        // Both listening; each hears the other (and the gateway both) joining, no one ready.
+        for beat in 0..=1 {
+            let at = start + WORKER_HEARTBEAT * beat;
+            a.heard_joining("fanout-b", at);
+            b.heard_joining("fanout-a", at);
+            gateway.heard_joining("fanout-a", at);
+            gateway.heard_joining("fanout-b", at);
+        }
+        let ready = start + JOIN_LISTEN;
+        let (share_a, share_b) = (a.owned(ready), b.owned(ready));
+        assert_eq!(share_a.len() + share_b.len(), subjects::PARTITIONS as usize, "{share_a:?} {share_b:?}");
+        assert!(share_a.iter().all(|p| !share_b.contains(p)));
+        let before = gateway.view(ready);
+        // Their first plain heartbeats (after a's, b's joining heartbeat still counts b live).
+        a.heard_joining("fanout-b", ready);
+        assert_eq!(a.owned(ready), share_a, "a founder's joining heartbeat is not a restart");
+        for process in [&mut a, &mut b, &mut gateway] {
+            process.heard("fanout-a", ready);
+            process.heard("fanout-b", ready);
+        }
+        assert_eq!(a.owned(ready), share_a);
+        assert_eq!(b.owned(ready), share_b);
+        let after = gateway.view(ready);
+        assert_eq!(after.owners, before.owners);
+        assert!(after.moved_at.iter().all(Option::is_none), "a partition moved at start");
+    }
+
+    #[test]
+    fn a_worker_hearing_its_own_joining_heartbeat_still_takes_its_share_when_ready() {
+        let start = Instant::now();
+        let mut worker = Membership::new("fanout-b".into());
+        worker.heard("fanout-a", start);
+        worker.heard_joining("fanout-b", start);
+        let share = worker.owned(start + JOIN_LISTEN);
+        assert!(!share.is_empty() && share.len() < subjects::PARTITIONS as usize);
     }
 }
