@@ -275,4 +275,12 @@ pub trait FanoutBus: Send + Sync + 'static {
     /// batch, so another worker takes them at once (a worker leaving on shutdown, once its last
     /// batch is answered). By default nothing is held back.
     async fn leave(&self) {}
+
+    /// Whether this worker still pulls `room`'s partition. A worker whose partition moved to
+    /// another while it held some of the room's sends hands them back rather than take the
+    /// room's fence back from the new owner (each take costs the other a fenced append and the
+    /// store's grace). By default the worker pulls every room.
+    fn pulls(&self, _room: &str) -> bool {
+        true
+    }
 }

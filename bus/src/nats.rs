@@ -368,6 +368,10 @@ impl FanoutBus for NatsBus {
     async fn leave(&self) {
         self.leave_workers().await
     }
+
+    fn pulls(&self, room: &str) -> bool {
+        self.pulls_partition(subjects::partition(room))
+    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bus::PendingSend;
+use bus::{BusError, FanoutBus, PendingSend};
 use protocol::ChatMessage;
 use serde::{Deserialize, Serialize};
 use storage::{HistoryStore, Page, PageQuery, RoomAppend, StoreError, StoreErrorKind};
@@ -87,6 +87,9 @@ pub enum DecisionKind {
         /// What the sender is told.
         reason: String,
     },
+    /// Given back to the bus unanswered: the room's partition moved to another worker, which
+    /// sequences the send.
+    HandedBack,
 }
 
 /// A decision about a send of a room.
@@ -115,6 +118,7 @@ impl std::fmt::Display for Decided {
                 write!(f, "append failed and did not apply on attempt {attempt}; sequencing again")
             }
             DecisionKind::Unavailable { reason } => write!(f, "unavailable: {reason}"),
+            DecisionKind::HandedBack => write!(f, "handed back: the room's partition moved to another worker"),
         }
     }
 }
@@ -437,6 +441,11 @@ pub enum Reading {
     Stamp,
     /// [`Clock::now_ms`]: checking deadlines.
     Now,
+    /// [`FanoutBus::pulls`]: whether the worker still pulls the room's partition, logged as 1
+    /// (it does) or 0 (the partition moved to another worker).
+    ///
+    /// [`FanoutBus::pulls`]: bus::FanoutBus::pulls
+    Pulls,
 }
 
 // === the log and its writer ===
@@ -543,6 +552,11 @@ impl DecisionLog {
     /// `ids`, recording every id drawn.
     pub fn ids(&self, ids: Arc<dyn IdSource>) -> Arc<dyn IdSource> {
         Arc::new(RecordingIds { inner: ids, log: self.clone() })
+    }
+
+    /// `bus`, recording every answer to [`FanoutBus::pulls`].
+    pub fn bus(&self, bus: Arc<dyn FanoutBus>) -> Arc<dyn FanoutBus> {
+        Arc::new(RecordingBus { inner: bus, log: self.clone() })
     }
 }
 
@@ -811,6 +825,33 @@ impl Clock for RecordingClock {
 
     fn now_ms(&self, room: &str) -> i64 {
         self.record(room, Reading::Now, self.inner.now_ms(room))
+    }
+}
+
+struct RecordingBus {
+    inner: Arc<dyn FanoutBus>,
+    log: DecisionLog,
+}
+
+#[async_trait]
+impl FanoutBus for RecordingBus {
+    async fn next_batch(&self, max: usize) -> Option<Vec<PendingSend>> {
+        self.inner.next_batch(max).await
+    }
+
+    async fn deliver(&self, message: Arc<ChatMessage>, traceparent: &str) -> Result<(), BusError> {
+        self.inner.deliver(message, traceparent).await
+    }
+
+    async fn leave(&self) {
+        self.inner.leave().await;
+    }
+
+    fn pulls(&self, room: &str) -> bool {
+        let pulls = self.inner.pulls(room);
+        let ms = i64::from(pulls);
+        self.log.send(Record::Clock { batch: self.log.batch(), room: room.to_owned(), reading: Reading::Pulls, ms });
+        pulls
     }
 }
 

@@ -455,6 +455,10 @@ impl FanoutBus for ReplayBus {
     async fn deliver(&self, _message: Arc<ChatMessage>, _traceparent: &str) -> Result<(), BusError> {
         Ok(())
     }
+
+    fn pulls(&self, room: &str) -> bool {
+        Replay(Arc::clone(&self.state)).reading(room, Reading::Pulls) != 0
+    }
 }
 
 /// The store, clock, id source and hook of a replay, over one state.
@@ -623,6 +627,7 @@ impl Replay {
                 match reading {
                     Reading::Stamp => 0,
                     Reading::Now => PAST_THE_LOG_MS,
+                    Reading::Pulls => 1,
                 }
             }
         }

@@ -136,6 +136,7 @@ impl Fanout {
     /// after [`with_clock`](Self::with_clock) and [`with_ids`](Self::with_ids): it wraps them).
     pub fn with_decision_log(mut self, log: &DecisionLog) -> Self {
         self.store = log.store(self.store);
+        self.bus = log.bus(self.bus);
         self.clock = log.clock(self.clock);
         self.ids = log.ids(self.ids);
         self.hook = Some(Arc::new(log.clone()));
@@ -365,6 +366,18 @@ impl Fanout {
                     // Fenced off: another worker took the room's partition, and nothing of the
                     // append was committed. Sequencing again takes the partition back (after the
                     // store's grace), or finds what the other worker stored.
+                    // Fenced off because the room's partition moved from this worker: the new
+                    // owner sequences these sends. Taking the fence back would fence off its
+                    // appends in turn, each side waiting out the store's grace, until the
+                    // sends' deadlines.
+                    Err(fenced) if fenced.kind() == StoreErrorKind::Fenced && !self.bus.pulls(room) => {
+                        tracing::info!(room, sends = sends.len(), error = %fenced, "room's partition moved; sends handed back to its new owner");
+                        for pending in sends {
+                            self.decided(room, Some(&pending.command), || DecisionKind::HandedBack);
+                            pending.reply.release().await;
+                        }
+                        return None;
+                    }
                     Err(conflict) if conflict.is_conflict() || conflict.kind() == StoreErrorKind::Fenced => {
                         self.metrics.seq_conflicts.inc();
                         // The messages' ids are drawn again on the retry: their sends' trace ids

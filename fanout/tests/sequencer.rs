@@ -28,6 +28,8 @@ use uuid::Uuid;
 struct ScriptedBus {
     batches: tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<PendingSend>>>,
     published: Mutex<Vec<Arc<ChatMessage>>>,
+    /// The rooms whose partition moved to another worker ([`FanoutBus::pulls`]).
+    moved: Mutex<Vec<String>>,
 }
 
 #[async_trait]
@@ -40,9 +42,33 @@ impl FanoutBus for ScriptedBus {
         self.published.lock().unwrap().push(message);
         Ok(())
     }
+
+    fn pulls(&self, room: &str) -> bool {
+        !self.moved.lock().unwrap().iter().any(|moved| moved == room)
+    }
 }
 
 struct Answer(oneshot::Sender<Result<SendOutcome, BusError>>);
+
+/// An answer, or word that the send was given back to the bus unanswered.
+#[derive(Debug)]
+enum Settled {
+    Answered(Box<Result<SendOutcome, BusError>>),
+    HandedBack,
+}
+
+struct AnswerOrHandBack(oneshot::Sender<Settled>);
+
+#[async_trait]
+impl Replier for AnswerOrHandBack {
+    async fn reply(self: Box<Self>, outcome: Result<SendOutcome, BusError>) {
+        let _ = self.0.send(Settled::Answered(Box::new(outcome)));
+    }
+
+    async fn release(self: Box<Self>) {
+        let _ = self.0.send(Settled::HandedBack);
+    }
+}
 
 #[async_trait]
 impl Replier for Answer {
@@ -90,6 +116,8 @@ enum Failure {
     SlowNotApplied(std::time::Duration),
     /// Not stored: the store says another writer holds the seqs (whether or not one does).
     Conflict,
+    /// Not stored: the store says another writer took the room's fence.
+    Fenced,
     /// Only the first message stored (a store appending in chunks that failed after the first),
     /// and the answer is an error.
     FirstOnlyApplied,
@@ -168,6 +196,7 @@ impl HistoryStore for FlakyStore {
             Some(Failure::Conflict) => {
                 Err(StoreError::conflict(&batch.room, batch.expected_last_seq, batch.expected_last_seq + 1))
             }
+            Some(Failure::Fenced) => Err(StoreError::fenced(format!("another writer took {}'s fence", batch.room))),
             Some(Failure::AppliedThenDown) => {
                 self.inner.append(batch).await?;
                 self.reads_down.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -253,7 +282,11 @@ fn worker_logged(log: Option<&DecisionLog>) -> Worker {
 /// A worker over an existing store (kept in `dir`).
 fn worker_over(store: Arc<FlakyStore>, dir: tempfile::TempDir, log: Option<&DecisionLog>) -> Worker {
     let (batches, receiver) = mpsc::unbounded_channel();
-    let bus = Arc::new(ScriptedBus { batches: tokio::sync::Mutex::new(receiver), published: Mutex::default() });
+    let bus = Arc::new(ScriptedBus {
+        batches: tokio::sync::Mutex::new(receiver),
+        published: Mutex::default(),
+        moved: Mutex::default(),
+    });
     let metrics = Metrics::new();
     let fanout = Fanout::new(
         store.clone(),
@@ -658,6 +691,47 @@ async fn while_the_stores_reads_hang_each_send_is_refused_at_its_own_deadline() 
     writer.close().await.unwrap();
     let report = fanout::replay::replay(&fanout::replay::Log::read(&path).unwrap()).await;
     assert!(report.identical(), "{}", report.render(false));
+}
+
+/// Fenced off after the room's partition moved to another worker: the sends are handed back
+/// unanswered for the new owner, not sequenced again (which would take the fence back from it);
+/// fenced off while the worker still pulls the room, they are sequenced again and stored. The
+/// decision log replays to the same decisions.
+#[tokio::test]
+async fn sends_fenced_off_after_their_partition_moved_are_handed_back_not_fought_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("decisions.jsonl");
+    let config = FanoutConfig::default();
+    let (log, writer) = DecisionLog::create(&path, "w", &config, fanout::decision_log::DEFAULT_CAPACITY).await.unwrap();
+    let worker = worker_logged(Some(&log));
+    let hand = |client_msg_id: &str| {
+        let (tx, rx) = oneshot::channel();
+        let reply = Box::new(AnswerOrHandBack(tx));
+        worker
+            .batches
+            .send(vec![PendingSend { command: command("r", client_msg_id, soon()), delivery: 1, reply }])
+            .unwrap();
+        rx
+    };
+
+    *worker.store.next_append.lock().unwrap() = Some(Failure::Fenced);
+    let Settled::Answered(outcome) = hand("still-mine").await.unwrap() else {
+        panic!("handed back a send it still pulls")
+    };
+    assert_eq!(seq(&outcome), 1, "fenced off while still pulling the room: sequenced again");
+
+    worker.bus.moved.lock().unwrap().push("r".into());
+    *worker.store.next_append.lock().unwrap() = Some(Failure::Fenced);
+    let settled = hand("moved").await.unwrap();
+    assert!(matches!(settled, Settled::HandedBack), "expected the send handed back, got {settled:?}");
+    assert_eq!(worker.stored("r").await.len(), 1, "nothing of the handed-back send was stored");
+    worker.stop().await;
+    drop(log);
+    writer.close().await.unwrap();
+    let log = fanout::replay::Log::read(&path).unwrap();
+    let report = fanout::replay::replay(&log).await;
+    assert!(report.identical(), "{}", report.render(false));
+    assert!(report.render(true).contains("handed back"), "{}", report.render(true));
 }
 
 /// A store that hangs in an append: the worker bounds it by the send's deadline (at least

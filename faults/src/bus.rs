@@ -305,6 +305,10 @@ impl FanoutBus for FaultyFanoutBus {
     }
 
     /// The sends a stall holds go back too: the worker never started on them.
+    fn pulls(&self, room: &str) -> bool {
+        self.inner.pulls(room)
+    }
+
     async fn leave(&self) {
         if let Some((held, _)) = self.stalled.lock().await.take() {
             for pending in held {
