@@ -162,6 +162,37 @@ fn copy_for(
     (could_have_pulled && may_copy(copies, now_ms, deadline_ms)).then(|| next.to_owned())
 }
 
+/// The worker a send's partition moved to, if it moved from `holder` while `holder` is not
+/// silent: it left, or a joining worker took the partition. `holder` gave back what it held
+/// unanswered, but its pull was cut and a send JetStream handed it at that moment is offered
+/// again only after `ack_wait`, past the deadline; so a send still unanswered
+/// [`HANDOVER_SETTLE`] later gets one copy for the new owner. (A silent holder is
+/// [`copy_for`]'s.)
+fn moved_from(holder: Option<&str>, view: &WorkersView, partition: u32) -> Option<String> {
+    let holder = holder?;
+    let next = view.owner_of(partition)?;
+    (next != holder && view.silent_since(holder).is_none()).then(|| next.to_owned())
+}
+
+/// How long after a send's partition moved from a worker that did not go silent the send, if
+/// still unanswered, is copied once for the new owner ([`moved_from`]): past the new owner's
+/// taking of the room's fence and the store's grace (1 s), by which it has answered what was
+/// handed back.
+const HANDOVER_SETTLE: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// A send published this soon after its partition moved may still have gone to the worker it
+/// moved from, which hears of the move a moment after the gateway does: it counts as caught in
+/// the move ([`HANDOVER_SETTLE`]).
+const HANDOVER_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Sleeps until `at`, or for ever when it is not set.
+async fn sleep_until_set(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Whether one more copy of a send may be published now: fewer than [`MAX_COPIES`] were, and
 /// the deadline (0 for none) is at least [`COPY_MARGIN_MS`] away.
 fn may_copy(copies: u32, now_ms: i64, deadline_ms: i64) -> bool {
@@ -425,6 +456,14 @@ impl NatsBus {
         let mut reconnected = reconnects.has_changed().unwrap_or(false);
         reconnects.borrow_and_update();
         let mut settled_copy_at = waited_for_connection.then(|| tokio::time::Instant::now() + RECONNECT_SETTLE);
+        // Set when the send's partition moved from a worker that did not go silent: while this
+        // send waits, or just before it was published (the worker it moved from may have heard
+        // of the move a moment after this gateway, still pulling).
+        let moved_just_before = workers
+            .borrow()
+            .moved_at(partition)
+            .is_some_and(|at| published.at.saturating_duration_since(at) < HANDOVER_WINDOW);
+        let mut handover_copy_at = moved_just_before.then(|| tokio::time::Instant::now() + HANDOVER_SETTLE);
         loop {
             if std::mem::take(&mut reconnected) && may_copy(copies, protocol::now_ms(), command.deadline_ms) {
                 copies += 1;
@@ -434,14 +473,18 @@ impl NatsBus {
                 self.publish_copy(&mut published, copies, command, why).await;
                 settled_copy_at = Some(tokio::time::Instant::now() + RECONNECT_SETTLE);
             }
-            let settle = async move {
-                match settled_copy_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
-                () = settle => {
+                () = sleep_until_set(handover_copy_at) => {
+                    handover_copy_at = None;
+                    if may_copy(copies, protocol::now_ms(), command.deadline_ms) {
+                        copies += 1;
+                        answers.copied = true;
+                        let why = "no answer a moment after the send's partition moved: the worker that held it \
+                                   may have had it in flight on a pull it cut";
+                        self.publish_copy(&mut published, copies, command, why).await;
+                    }
+                }
+                () = sleep_until_set(settled_copy_at) => {
                     settled_copy_at = None;
                     if may_copy(copies, protocol::now_ms(), command.deadline_ms) {
                         copies += 1;
@@ -482,6 +525,10 @@ impl NatsBus {
                     let Some(next) =
                         copy_for(Some(&holder_now), published.at, &view, partition, copies, now_ms, command.deadline_ms)
                     else {
+                        if let Some(next) = moved_from(Some(&holder_now), &view, partition) {
+                            holder = Some(next);
+                            handover_copy_at.get_or_insert(tokio::time::Instant::now() + HANDOVER_SETTLE);
+                        }
                         continue;
                     };
                     copies += 1;
@@ -863,6 +910,33 @@ mod tests {
         assert_eq!(copy(None, start, &after, 0, now), None);
         assert_eq!(copy(Some("fanout-1"), start, &after, MAX_COPIES, now), None);
         assert_eq!(copy(Some("fanout-1"), start, &after, 0, deadline - COPY_MARGIN_MS), None);
+    }
+
+    #[test]
+    fn a_send_whose_partition_moved_from_a_worker_that_did_not_go_silent_is_marked_for_a_later_copy() {
+        let start = Instant::now();
+        let both = view(start, &["fanout-1", "fanout-2"], &[]);
+        let partition = (0..subjects::PARTITIONS).find(|p| both.owner_of(*p) == Some("fanout-1")).unwrap();
+        // Still the owner: nothing moved.
+        assert_eq!(moved_from(Some("fanout-1"), &both, partition), None);
+        // It left (handing back what it held, but perhaps not what was in flight on its pull).
+        let mut membership = super::super::workers::Membership::observer("gw-1".into());
+        membership.heard("fanout-1", start);
+        membership.heard("fanout-2", start);
+        membership.left("fanout-1");
+        assert_eq!(moved_from(Some("fanout-1"), &membership.view(start), partition).as_deref(), Some("fanout-2"));
+        // A joining worker took the partition from it, live.
+        let joiner = (3..100)
+            .map(|i| format!("fanout-{i}"))
+            .find(|w| view(start, &["fanout-1", "fanout-2", w], &[]).owner_of(partition) == Some(w.as_str()))
+            .unwrap();
+        let joined = view(start, &["fanout-1", "fanout-2", &joiner], &[]);
+        assert_eq!(moved_from(Some("fanout-1"), &joined, partition), Some(joiner));
+        // A silent holder's sends are copied at once instead (copy_for); no holder, no owner: nothing.
+        let after = view(start, &["fanout-2"], &["fanout-1"]);
+        assert_eq!(moved_from(Some("fanout-1"), &after, partition), None);
+        assert_eq!(moved_from(None, &joined, partition), None);
+        assert_eq!(moved_from(Some("fanout-1"), &view(start, &[], &[]), partition), None);
     }
 
     #[test]
