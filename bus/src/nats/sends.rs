@@ -527,7 +527,11 @@ impl NatsBus {
                     else {
                         if let Some(next) = moved_from(Some(&holder_now), &view, partition) {
                             holder = Some(next);
-                            handover_copy_at.get_or_insert(tokio::time::Instant::now() + HANDOVER_SETTLE);
+                            // A gateway that has just started hears the workers one by one:
+                            // the owner it had is a guess, not a worker that held the send.
+                            if view.settled {
+                                handover_copy_at.get_or_insert(tokio::time::Instant::now() + HANDOVER_SETTLE);
+                            }
                         }
                         continue;
                     };

@@ -79,6 +79,9 @@ pub(super) struct Membership {
     /// Workers forgotten for their silence in the last [`SILENT_REMEMBERED`], with when each
     /// was last heard.
     silent: HashMap<String, Instant>,
+    /// When this process first heard any worker: until [`JOIN_LISTEN`] after it, owners change
+    /// as it hears the workers one by one, which are not moves.
+    first_heard_any: Option<Instant>,
     /// Each partition's owner in the last [`view`](Self::view), and when it last moved from
     /// one worker to another.
     owners: Vec<Option<String>>,
@@ -102,6 +105,7 @@ impl Membership {
             heard: HashMap::new(),
             last_heard_any: None,
             silent: HashMap::new(),
+            first_heard_any: None,
             owners: vec![None; subjects::PARTITIONS as usize],
             moved_at: vec![None; subjects::PARTITIONS as usize],
             founders: std::collections::HashSet::new(),
@@ -159,6 +163,7 @@ impl Membership {
     /// This process heard some worker at `at`: the clock of its hearing runs on (see
     /// [`heard`](Self::heard) on the deaf process).
     fn heard_anyone(&mut self, at: Instant) {
+        self.first_heard_any.get_or_insert(at);
         if let Some(before) = self.last_heard_any.filter(|before| at > *before + HEARING_GRACE) {
             tracing::info!(
                 process = %self.me,
@@ -232,13 +237,14 @@ impl Membership {
         let owners: Vec<Option<String>> = (0..subjects::PARTITIONS)
             .map(|partition| owner(partition, self.heard.keys().map(String::as_str)).map(str::to_owned))
             .collect();
+        let settled = self.first_heard_any.is_some_and(|first| now >= first + JOIN_LISTEN);
         for (partition, (before, after)) in self.owners.iter().zip(&owners).enumerate() {
-            if before.is_some() && after.is_some() && before != after {
+            if settled && before.is_some() && after.is_some() && before != after {
                 self.moved_at[partition] = Some(now);
             }
         }
         self.owners.clone_from(&owners);
-        WorkersView { owners, silent: self.silent.clone(), moved_at: self.moved_at.clone() }
+        WorkersView { owners, silent: self.silent.clone(), moved_at: self.moved_at.clone(), settled }
     }
 }
 
@@ -252,6 +258,9 @@ pub(super) struct WorkersView {
     pub silent: HashMap<String, Instant>,
     /// When each partition last moved from one worker to another, by partition number.
     pub moved_at: Vec<Option<Instant>>,
+    /// Whether this process has heard the workers long enough ([`JOIN_LISTEN`]) for a change of
+    /// owner to be a move, not the next worker heard.
+    pub settled: bool,
 }
 
 impl WorkersView {
@@ -837,14 +846,15 @@ mod tests {
         gateway.heard("fanout-a", start);
         gateway.heard("fanout-b", start + WORKER_HEARTBEAT / 2);
         let both = gateway.view(start + WORKER_HEARTBEAT / 2);
+        let same = |view: WorkersView| (view.owners, view.silent) == (both.owners.clone(), both.silent.clone());
 
         // Nothing heard for ten seconds: its own connection, not the workers, went quiet.
         let deaf = start + WORKER_SILENCE * 3;
-        assert_eq!(gateway.view(deaf), both, "workers went silent while the gateway heard nobody");
+        assert!(same(gateway.view(deaf)), "workers went silent while the gateway heard nobody");
 
         // Heard again: fanout-b's next heartbeat is still to come, and it is not silent meanwhile.
         gateway.heard("fanout-a", deaf);
-        assert_eq!(gateway.view(deaf + WORKER_HEARTBEAT + WORKER_HEARTBEAT / 2), both);
+        assert!(same(gateway.view(deaf + WORKER_HEARTBEAT + WORKER_HEARTBEAT / 2)));
 
         // But a worker that stays silent after that is found out.
         heard_at_beats(&mut gateway, "fanout-a", deaf, 1..=2);
@@ -923,9 +933,16 @@ mod tests {
         gateway.heard("fanout-a", start);
         let first = gateway.view(start);
         assert!(first.moved_at.iter().all(Option::is_none), "a first owner is not a move");
-        let joined = start + WORKER_HEARTBEAT;
+        assert!(!first.settled);
+        // Hearing the workers one by one in its first moments, as it starts, moves nothing.
+        gateway.heard("fanout-c", start + WORKER_HEARTBEAT / 2);
+        assert!(gateway.view(start + WORKER_HEARTBEAT / 2).moved_at.iter().all(Option::is_none));
+        gateway.left("fanout-c");
+        assert!(gateway.view(start + WORKER_HEARTBEAT / 2).moved_at.iter().all(Option::is_none));
+        let joined = start + JOIN_LISTEN;
         gateway.heard("fanout-b", joined);
         let view = gateway.view(joined);
+        assert!(view.settled);
         for partition in 0..subjects::PARTITIONS {
             let moved = view.owner_of(partition) == Some("fanout-b");
             assert_eq!(view.moved_at(partition), moved.then_some(joined), "partition {partition}");
