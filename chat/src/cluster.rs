@@ -149,17 +149,28 @@ pub async fn gateway(
 /// their previous owners are alive and may still be finishing the sends they pulled.
 const OWNERSHIP_SETTLE: Duration = Duration::from_secs(3);
 
-/// Takes the store fences of the partitions this worker owns, so the first send of a partition
-/// that moved here does not wait out the store's grace. At join, once ownership has settled;
-/// after that at once, for every partition gained: a running worker gains partitions only
-/// from a worker that left or went silent, which finishes nothing, and the copies of its
-/// pending sends that gateways publish are due within their deadline. The fences are taken
-/// together, so their graces overlap. Ends when the bus is dropped.
-fn hold_owned_fences(store: Arc<CqlStore>, mut owned: tokio::sync::watch::Receiver<Vec<u32>>) {
+/// Keeps the store fences in step with the partitions this worker owns. It takes the fence of
+/// every partition it owns, so the first send of a partition that moved here does not wait out
+/// the store's grace: at join, once ownership has settled; after that at once, for every
+/// partition gained (the fences are taken together, so their graces overlap). It lets go the
+/// fence of every partition that moved away, once its appends there have ended, so the new
+/// owner's grace ends early (docs/architecture.md, "Sequencing on the cluster"). Ends when the
+/// bus is dropped.
+fn keep_fences_with_ownership(store: Arc<CqlStore>, mut owned: tokio::sync::watch::Receiver<Vec<u32>>) {
     tokio::spawn(async move {
         tokio::time::sleep(OWNERSHIP_SETTLE).await;
+        let mut held: Vec<u32> = Vec::new();
         loop {
             let partitions = owned.borrow_and_update().clone();
+            for partition in held.iter().copied().filter(|p| !partitions.contains(p)) {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = store.release_partition(partition).await {
+                        tracing::warn!(partition, error = %e, "could not say the partition's fence was let go");
+                    }
+                });
+            }
+            held.clone_from(&partitions);
             let mut taking = tokio::task::JoinSet::new();
             for partition in partitions {
                 let store = store.clone();
@@ -200,7 +211,7 @@ pub async fn fanout(
     // ... and again after every outage, before /readyz says ready again.
     let store_watch = crate::store_watch::StoreWatch::spawn(store.clone(), &worker_id, watching, metrics.clone());
     bus.start_worker().await.context("joining the fanout workers")?;
-    hold_owned_fences(store.clone(), bus.owned_partitions());
+    keep_fences_with_ownership(store.clone(), bus.owned_partitions());
     let journal = Arc::new(Journal::new(worker_id.clone(), journal_capacity));
     bus.serve_journal(journal.clone()).await.context("serving journeys")?;
     let faults = FaultLayer::new(admin_token, metrics.clone(), journal.clone());
@@ -226,13 +237,17 @@ pub async fn fanout(
         });
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let ops =
-        crate::ops::serve(listener, crate::ops::Ops { bus, store, metrics, journal, store_watch }, faults.routes(), {
+    let ops = crate::ops::serve(
+        listener,
+        crate::ops::Ops { bus, store: store.clone(), metrics, journal, store_watch },
+        faults.routes(),
+        {
             let mut stop = stop_rx.clone();
             async move {
                 let _ = stop.wait_for(|s| *s).await;
             }
-        });
+        },
+    );
     let ops = tokio::spawn(ops);
     let mut stop = stop_rx;
     tracing::info!(worker = %worker_id, "fanout worker running");
@@ -247,8 +262,10 @@ pub async fn fanout(
             run.await;
         }
     }
-    // The batch in hand is answered; what is queued behind it goes to the next owner.
-    fanout_bus.leave().await;
+    // The batch in hand is answered; what is queued behind it goes to the next owner, which
+    // need not wait out the fences' grace: this worker lets them go as it leaves.
+    let (_, let_go) = tokio::join!(fanout_bus.leave(), store.release_all());
+    tracing::info!(worker = %worker_id, fences = let_go, "fences let go");
     let _ = stop_tx.send(true);
     close_decision_log(decision_log).await?;
     ops.await.context("ops server task")?.context("ops server")

@@ -35,7 +35,7 @@ use uuid::Uuid;
 
 pub use scylla::statement::{Consistency, SerialConsistency};
 
-use crate::fence::{fence_of, Fences, Known};
+use crate::fence::{fence_of, Appending, Entry, Fences, Known, LeaseSlot};
 use crate::hedge::Hedge;
 use crate::rows::{batch_chunks, MessageRows, RowValues, BATCHED_BODY_BYTES, MESSAGES_PER_BATCH};
 use crate::{HistoryStore, Page, PageQuery, RoomAppend, StoreError, StoreErrorKind};
@@ -48,6 +48,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_history.cql", include_str!("../schema/0001_history.cql")),
     ("0002_chain.cql", include_str!("../schema/0002_chain.cql")),
     ("0003_fence.cql", include_str!("../schema/0003_fence.cql")),
+    ("0004_fence_release.cql", include_str!("../schema/0004_fence_release.cql")),
 ];
 
 /// Requests in flight at once for one append, or for one batch of dedupe lookups.
@@ -63,6 +64,12 @@ const FENCE_FRESH: Duration = Duration::from_millis(100);
 /// How long a writer waits after taking a fence from another before it writes: longer than
 /// [`FENCE_WINDOW`], so every commit the writer before it could still call a success has landed.
 const FENCE_GRACE: Duration = Duration::from_millis(1000);
+/// While it waits out the grace, a writer that took a fence reads this often whether the writer
+/// before it let the fence go ([`CqlStore::release_partition`]), which ends the wait.
+const RELEASE_POLL: Duration = Duration::from_millis(25);
+/// How long a writer letting a fence go waits for its appends under it to end; past it, it says
+/// nothing and the next writer waits out the whole grace.
+const RELEASE_DRAIN: Duration = Duration::from_secs(3);
 
 /// Transactions tried to take a fence before giving up (each loses only to another taker).
 const TAKE_ATTEMPTS: usize = 5;
@@ -218,6 +225,10 @@ struct Statements {
     /// Taking it from the epoch before: `UPDATE ... IF epoch = ?`.
     take_next: PreparedStatement,
     read_epoch: PreparedStatement,
+    /// Saying a fence was let go: its epoch, stamped with it.
+    write_release: PreparedStatement,
+    /// The epoch a fence was last let go at.
+    read_release: PreparedStatement,
     /// The commit of an append: the room's `last_seq`, stamped.
     commit: PreparedStatement,
     read_state: PreparedStatement,
@@ -234,6 +245,25 @@ struct Statements {
     read_dedupe: PreparedStatement,
     read_id: PreparedStatement,
     ping: PreparedStatement,
+}
+
+/// A partition's fence as [`CqlStore::hold_partition`] left it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holding {
+    /// The epoch held.
+    pub epoch: u64,
+    /// How it was taken, if this call took it (`None`: it was held already).
+    pub taken: Option<Taken>,
+}
+
+/// How a writer took a fence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    /// The epoch it was taken from (`None`: nobody held it before).
+    pub from: Option<u64>,
+    /// Whether the writer of that epoch had said it let the fence go, which ended the grace
+    /// early; otherwise the whole grace was waited out.
+    pub let_go: bool,
 }
 
 /// History in a CQL keyspace.
@@ -344,9 +374,62 @@ impl CqlStore {
 
     /// Takes the fence of a partition of the send stream now, if this store does not hold it
     /// (a worker that was just given the partition calls it, so its first send does not wait out
-    /// the grace); returns the epoch held.
-    pub async fn hold_partition(&self, partition: u32) -> Result<u64, StoreError> {
-        self.holding(&format!("p{partition}")).await
+    /// the grace), also when this store let it go before.
+    pub async fn hold_partition(&self, partition: u32) -> Result<Holding, StoreError> {
+        let fence = format!("p{partition}");
+        self.fences.lease(&fence).reclaim();
+        let (appending, taken) = self.holding_taken(&fence).await?;
+        Ok(Holding { epoch: appending.epoch, taken })
+    }
+
+    /// Lets the fence of a partition that moved away from this worker go: appends to its rooms
+    /// are refused from now on (`Fenced`), and once those in progress have ended, the store is
+    /// told the epoch was let go, so the partition's next owner need not wait out the grace
+    /// (docs/architecture.md, "Sequencing on the cluster"). Whether that was said: not when
+    /// this store did not hold the fence, when its appends did not end within
+    /// [`RELEASE_DRAIN`], or when a commit under the epoch has an unknown outcome (it may still
+    /// land); the next owner then waits out the whole grace. [`Self::hold_partition`] takes it
+    /// again.
+    pub async fn release_partition(&self, partition: u32) -> Result<bool, StoreError> {
+        self.release(&format!("p{partition}")).await
+    }
+
+    /// Lets every fence this store holds go ([`Self::release_partition`]), as a worker that
+    /// leaves does (its private rooms' fences too: the same worker started again takes them
+    /// without the grace); how many were said to be let go.
+    pub async fn release_all(&self) -> usize {
+        let fences = self.fences.held();
+        let releases = fences.iter().map(|fence| async move {
+            match self.release(fence).await {
+                Ok(said) => said,
+                Err(e) => {
+                    tracing::warn!(fence, error = %e, "could not say the fence was let go");
+                    false
+                }
+            }
+        });
+        futures_util::future::join_all(releases).await.into_iter().filter(|said| *said).count()
+    }
+
+    /// [`Self::release_partition`] for any fence.
+    async fn release(&self, fence: &str) -> Result<bool, StoreError> {
+        let slot = self.fences.lease(fence);
+        let Some(epoch) = slot.release() else { return Ok(false) };
+        if tokio::time::timeout(RELEASE_DRAIN, slot.drained()).await.is_err() {
+            tracing::warn!(fence, epoch, "appends under the fence still in progress; not saying it was let go");
+            return Ok(false);
+        }
+        if !slot.settled(epoch) {
+            tracing::info!(fence, epoch, "a commit under the fence has an unknown outcome; not saying it was let go");
+            return Ok(false);
+        }
+        let values = (fence, to_cql_seq(epoch)?, self.owner.as_str(), self.fences.stamp(epoch)?);
+        self.session
+            .execute_unpaged(&self.statements.write_release, values)
+            .await
+            .map_err(|e| unavailable(format_args!("{fence}: say epoch {epoch} was let go"), e))?;
+        tracing::info!(fence, epoch, owner = %self.owner, "fence let go");
+        Ok(true)
     }
 
     /// Test hook: writes a batch's rows as a writer of an older epoch would and stops before
@@ -372,25 +455,65 @@ impl CqlStore {
             .map_err(|e| unavailable(format_args!("drop keyspace {}", self.keyspace), e))
     }
 
-    /// The epoch this store holds on `fence`, taking the fence first when it holds none: one
-    /// transaction raises the epoch, then the store waits out the grace (when a writer held the
-    /// fence before it) so every commit that writer could still answer as a success has landed.
-    async fn holding(&self, fence: &str) -> Result<u64, StoreError> {
+    /// An append under the epoch this store holds on `fence`, taking the fence first when it
+    /// holds none: one transaction raises the epoch, then the store waits out the grace (when a
+    /// writer held the fence before it) so every commit that writer could still answer as a
+    /// success has landed. `Fenced` when this store let the fence go.
+    async fn holding(&self, fence: &str) -> Result<Appending, StoreError> {
+        Ok(self.holding_taken(fence).await?.0)
+    }
+
+    /// [`Self::holding`], and how the fence was taken if this call took it.
+    async fn holding_taken(&self, fence: &str) -> Result<(Appending, Option<Taken>), StoreError> {
         let slot = self.fences.lease(fence);
-        if let Some(epoch) = slot.epoch() {
-            return Ok(epoch);
+        let entered = |slot: &Arc<LeaseSlot>| match slot.enter() {
+            Entry::Held(appending) => Some(Ok((appending, None))),
+            Entry::Released => {
+                Some(Err(StoreError::fenced(format!("{fence}: let go, its partition moved to another writer"))))
+            }
+            Entry::Vacant => None,
+        };
+        if let Some(entered) = entered(&slot) {
+            return entered;
         }
         let _taking = slot.taking.lock().await;
-        if let Some(epoch) = slot.epoch() {
-            return Ok(epoch);
+        if let Some(entered) = entered(&slot) {
+            return entered;
         }
         let epoch = self.take(fence).await?;
-        if epoch > 1 {
-            tokio::time::sleep(FENCE_GRACE).await;
-        }
-        tracing::info!(fence, epoch, owner = %self.owner, "fence taken");
+        let taken = match epoch {
+            1 => Taken { from: None, let_go: false },
+            _ => Taken { from: Some(epoch - 1), let_go: self.grace(fence, epoch - 1).await },
+        };
+        tracing::info!(fence, epoch, owner = %self.owner, let_go = taken.let_go, "fence taken");
         slot.hold(epoch);
-        Ok(epoch)
+        match entered(&slot) {
+            Some(Ok((appending, _))) => Ok((appending, Some(taken))),
+            Some(Err(e)) => Err(e),
+            None => Err(StoreError::fenced(format!("{fence}: taken from it while it took it"))),
+        }
+    }
+
+    /// Waits out the grace after taking `fence` from `previous`, or less when the writer that held
+    /// `previous` says it let it go (every commit it answered as a success completed before it
+    /// said so); whether it did.
+    async fn grace(&self, fence: &str, previous: u64) -> bool {
+        let until = tokio::time::Instant::now() + FENCE_GRACE;
+        loop {
+            let read = self.read_counter(&self.statements.read_release, fence, "release");
+            match tokio::time::timeout_at(until, read).await {
+                Ok(Ok(released)) if released == previous => return true,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::debug!(fence, error = %e, "could not read whether the fence was let go"),
+                Err(_) => return false,
+            }
+            let next = tokio::time::Instant::now() + RELEASE_POLL;
+            if next >= until {
+                tokio::time::sleep_until(until).await;
+                return false;
+            }
+            tokio::time::sleep_until(next).await;
+        }
     }
 
     /// Raises `fence`'s epoch by one with a lightweight transaction; the new epoch.
@@ -694,6 +817,11 @@ impl Statements {
             )
             .await?,
             read_epoch: hedged_statement(format!("SELECT epoch FROM {ks}.fence_epochs WHERE fence = ?")).await?,
+            write_release: hedged_statement(format!(
+                "INSERT INTO {ks}.fence_releases (fence, epoch, owner) VALUES (?, ?, ?) USING TIMESTAMP ?"
+            ))
+            .await?,
+            read_release: hedged_statement(format!("SELECT epoch FROM {ks}.fence_releases WHERE fence = ?")).await?,
             commit: hedged_statement(format!(
                 "UPDATE {ks}.room_state USING TIMESTAMP ? SET last_seq = ?, pending = null WHERE room = ?"
             ))
@@ -762,7 +890,9 @@ impl CqlStore {
         // tells the caller so, which spares it asking the store whether the append landed.
         // Each step until then is given up once `commit_by` passes.
         let mut known = before_deadline(commit_by, room, async { Ok(slot.lock().await) }).await?;
-        let epoch = self.holding(&fence).await.map_err(StoreError::before_commit)?;
+        // Counted until the append ends: a fence is said to be let go only after that.
+        let appending = self.holding(&fence).await.map_err(StoreError::before_commit)?;
+        let epoch = appending.epoch;
         let last_seq = match *known {
             Some(Known { epoch: e, last_seq }) if e == epoch => last_seq,
             _ => before_deadline(commit_by, room, self.settled_last_seq(room))
@@ -806,6 +936,7 @@ impl CqlStore {
         }
         if let Err(e) = self.commit(room, new_last, epoch).await {
             *known = None;
+            appending.unsettled();
             return Err(e);
         }
         let took = checked_at.elapsed();
@@ -813,7 +944,8 @@ impl CqlStore {
             // The commit may have landed after a writer that took the fence meanwhile read the
             // room; only a still current epoch says it did not.
             *known = None;
-            if self.current_epoch(&fence).await? != epoch {
+            let current = self.current_epoch(&fence).await.inspect_err(|_| appending.unsettled())?;
+            if current != epoch {
                 self.fences.lease(&fence).fenced_off(epoch);
                 return Err(StoreError::unavailable(format!(
                     "room {room}: commit of seqs up to {new_last} took {took:?}, and {fence} moved meanwhile \

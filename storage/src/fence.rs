@@ -33,11 +33,13 @@ pub fn fence_of(room: &str) -> String {
     }
 }
 
-/// One fence's lease (the epoch this writer holds, if any) and the lock that makes taking it
-/// single-flight.
+/// One fence's lease (the epoch this writer holds, if any, and whether it let it go), the appends
+/// writing under it, and the locks that make taking and confirming it single-flight.
 #[derive(Default)]
 pub struct LeaseSlot {
-    epoch: Mutex<Option<u64>>,
+    lease: Mutex<Lease>,
+    /// Woken whenever an append under the lease ends (see [`LeaseSlot::drained`]).
+    append_ended: tokio::sync::Notify,
     /// The latest read that found the held epoch current: the epoch, and when the read started.
     confirmed: Mutex<Option<(u64, Instant)>>,
     /// Held while the epoch is being read, so one read confirms it for all rooms.
@@ -46,15 +48,118 @@ pub struct LeaseSlot {
     pub taking: tokio::sync::Mutex<()>,
 }
 
-impl LeaseSlot {
+#[derive(Default)]
+struct Lease {
     /// The epoch held, if any.
+    epoch: Option<u64>,
+    /// Let go on purpose ([`LeaseSlot::release`]): appends are refused until it is taken again.
+    released: bool,
+    /// Appends under the held epoch that have not ended yet.
+    appending: usize,
+    /// An epoch under which an append sent its commit and could not tell whether it landed:
+    /// that epoch cannot be marked released (its commit may still land).
+    unsettled: Option<u64>,
+}
+
+/// What an append finds when it asks to write under a fence ([`LeaseSlot::enter`]).
+pub enum Entry {
+    /// Held: the append writes under this epoch while it keeps the guard.
+    Held(Appending),
+    /// Let go on purpose: the fence's partition moved to another writer.
+    Released,
+    /// Not held: the append must take the fence first.
+    Vacant,
+}
+
+/// An append in progress under a lease: [`LeaseSlot::drained`] waits until every one is dropped.
+pub struct Appending {
+    slot: Arc<LeaseSlot>,
+    /// The epoch the append writes under.
+    pub epoch: u64,
+}
+
+impl Appending {
+    /// This append sent its commit and does not know whether it landed.
+    pub fn unsettled(&self) {
+        self.slot.unsettled(self.epoch);
+    }
+}
+
+impl Drop for Appending {
+    fn drop(&mut self) {
+        lock(&self.slot.lease).appending -= 1;
+        self.slot.append_ended.notify_waiters();
+    }
+}
+
+impl LeaseSlot {
+    /// The epoch held, if any and not let go.
     pub fn epoch(&self) -> Option<u64> {
-        *lock(&self.epoch)
+        let lease = lock(&self.lease);
+        lease.epoch.filter(|_| !lease.released)
     }
 
-    /// Now holding `epoch`.
+    /// Starts an append under the held epoch, if there is one: counted until the guard drops.
+    pub fn enter(self: &Arc<Self>) -> Entry {
+        let mut lease = lock(&self.lease);
+        match (lease.epoch, lease.released) {
+            (_, true) => Entry::Released,
+            (None, false) => Entry::Vacant,
+            (Some(epoch), false) => {
+                lease.appending += 1;
+                Entry::Held(Appending { slot: self.clone(), epoch })
+            }
+        }
+    }
+
+    /// Now holding `epoch`. A lease let go while it was being taken stays let go: only
+    /// [`LeaseSlot::reclaim`] wants it back.
     pub fn hold(&self, epoch: u64) {
-        *lock(&self.epoch) = Some(epoch);
+        lock(&self.lease).epoch = Some(epoch);
+    }
+
+    /// The writer wants the fence again after letting it go: appends take it anew from here.
+    pub fn reclaim(&self) {
+        let mut lease = lock(&self.lease);
+        if lease.released {
+            lease.released = false;
+            lease.epoch = None;
+        }
+    }
+
+    /// Lets the held epoch go: appends that have not started are refused from now on. The epoch
+    /// let go, if one was held.
+    pub fn release(&self) -> Option<u64> {
+        let mut lease = lock(&self.lease);
+        if lease.released {
+            return None;
+        }
+        lease.released = true;
+        lease.epoch
+    }
+
+    /// Waits until no append is in progress under the lease.
+    pub async fn drained(&self) {
+        loop {
+            let ended = self.append_ended.notified();
+            tokio::pin!(ended);
+            // Registered before the count is read, so an append ending in between still wakes it.
+            ended.as_mut().enable();
+            if lock(&self.lease).appending == 0 {
+                return;
+            }
+            ended.await;
+        }
+    }
+
+    /// An append under `epoch` sent its commit and does not know whether it landed.
+    pub fn unsettled(&self, epoch: u64) {
+        lock(&self.lease).unsettled = Some(epoch);
+    }
+
+    /// Whether every commit sent under `epoch` is known to have landed or not.
+    pub fn settled(&self, epoch: u64) -> bool {
+        lock(&self.lease).unsettled != Some(epoch)
     }
 
     /// When the latest read that found `epoch` current started, if it did.
@@ -73,9 +178,9 @@ impl LeaseSlot {
     /// Another writer took the fence from `epoch`: drop it, unless it was already dropped or
     /// taken again.
     pub fn fenced_off(&self, epoch: u64) {
-        let mut held = lock(&self.epoch);
-        if *held == Some(epoch) {
-            *held = None;
+        let mut lease = lock(&self.lease);
+        if lease.epoch == Some(epoch) {
+            lease.epoch = None;
         }
     }
 }
@@ -105,6 +210,11 @@ impl Fences {
     /// The slot of `fence`.
     pub fn lease(&self, fence: &str) -> Arc<LeaseSlot> {
         lock(&self.leases).entry(fence.to_owned()).or_default().clone()
+    }
+
+    /// The fences this writer holds (and has not let go).
+    pub fn held(&self) -> Vec<String> {
+        lock(&self.leases).iter().filter(|(_, slot)| slot.epoch().is_some()).map(|(fence, _)| fence.clone()).collect()
     }
 
     /// The slot of `room`. Past [`MAX_ROOMS`], rooms nobody is appending to are forgotten.
@@ -170,6 +280,41 @@ mod tests {
         assert_eq!(slot.epoch(), None);
         slot.hold(5);
         assert_eq!(slot.epoch(), Some(5));
+    }
+
+    #[tokio::test]
+    async fn a_released_lease_refuses_new_appends_and_drains_those_in_progress() {
+        let slot = Arc::new(LeaseSlot::default());
+        assert!(matches!(slot.enter(), Entry::Vacant));
+        slot.hold(4);
+        let Entry::Held(appending) = slot.enter() else { panic!("held") };
+        assert_eq!(appending.epoch, 4);
+        assert_eq!(slot.release(), Some(4));
+        assert_eq!(slot.release(), None, "let go once");
+        assert!(matches!(slot.enter(), Entry::Released));
+        assert_eq!(slot.epoch(), None);
+        let drained = tokio::spawn({
+            let slot = slot.clone();
+            async move { slot.drained().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!drained.is_finished(), "an append is still in progress");
+        drop(appending);
+        tokio::time::timeout(std::time::Duration::from_secs(5), drained).await.unwrap().unwrap();
+        // Wanted again: appends must take it anew.
+        slot.reclaim();
+        assert!(matches!(slot.enter(), Entry::Vacant));
+        slot.hold(6);
+        assert_eq!(slot.epoch(), Some(6));
+    }
+
+    #[test]
+    fn an_epoch_with_a_commit_of_unknown_outcome_is_not_settled() {
+        let slot = LeaseSlot::default();
+        assert!(slot.settled(3));
+        slot.unsettled(3);
+        assert!(!slot.settled(3));
+        assert!(slot.settled(4));
     }
 
     #[test]

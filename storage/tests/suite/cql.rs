@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use storage::cql::{CqlConfig, CqlCredentials, CqlStore};
+use storage::cql::{CqlConfig, CqlCredentials, CqlStore, Holding, Taken};
 use storage::{HistoryStore, PageQuery, RoomAppend, StoreErrorKind};
 
 use crate::cases::{fill, messages};
@@ -169,6 +169,56 @@ async fn a_writer_fenced_off_commits_nothing_and_takes_the_fence_back_to_go_on()
         assert_eq!(late.err().map(|e| e.kind()), Some(StoreErrorKind::Fenced));
         let page = new.page("r", PageQuery::newest(50)).await.unwrap();
         assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
+    })
+    .await;
+}
+
+/// A writer whose partition moved lets its fence go: its appends there are refused from then on,
+/// and the next owner, taking the fence, ends its grace early and goes on from what was
+/// committed. A fence not let go is taken only after the whole grace; a writer let go of takes
+/// the fence back the same way, and its old holder's appends are then fenced off.
+#[tokio::test]
+async fn a_fence_let_go_ends_the_next_owners_grace_and_refuses_the_old_owners_appends() {
+    crate::with_cassandra("let_go", async |old, new| {
+        let partition = protocol::subjects::partition("r");
+        // Let go before it ever held it: nothing to say, and its appends there are refused too.
+        assert!(!new.release_partition(partition).await.unwrap(), "nothing held, nothing to let go");
+        fill(old, "r", 0, 3, 3).await;
+        assert!(old.release_partition(partition).await.unwrap());
+        assert!(!old.release_partition(partition).await.unwrap(), "let go once");
+        let refused = old.append(RoomAppend { room: "r".into(), expected_last_seq: 3, messages: messages("r", 4, 4) });
+        let refused = refused.await;
+        assert_eq!(refused.as_ref().err().map(|e| e.kind()), Some(StoreErrorKind::Fenced), "{refused:?}");
+
+        let held = new.hold_partition(partition).await.unwrap();
+        assert_eq!(held, Holding { epoch: 2, taken: Some(Taken { from: Some(1), let_go: true }) });
+        assert_eq!(new.hold_partition(partition).await.unwrap(), Holding { epoch: 2, taken: None });
+        fill(new, "r", 3, 2, 2).await;
+
+        // `new` did not let it go: `old` waits out the whole grace.
+        let started = std::time::Instant::now();
+        let held = old.hold_partition(partition).await.unwrap();
+        assert_eq!(held, Holding { epoch: 3, taken: Some(Taken { from: Some(2), let_go: false }) });
+        assert!(started.elapsed() >= Duration::from_secs(1), "{:?}", started.elapsed());
+        fill(old, "r", 5, 1, 1).await;
+        let late =
+            new.append(RoomAppend { room: "r".into(), expected_last_seq: 5, messages: messages("r", 6, 6) }).await;
+        assert_eq!(late.err().map(|e| e.kind()), Some(StoreErrorKind::Fenced));
+
+        // Let go and wanted back by the same writer: taken anew, without the grace.
+        assert!(old.release_partition(partition).await.unwrap());
+        let held = old.hold_partition(partition).await.unwrap();
+        assert_eq!(held, Holding { epoch: 4, taken: Some(Taken { from: Some(3), let_go: true }) });
+        fill(old, "r", 6, 1, 1).await;
+        let page = new.page("r", PageQuery::newest(50)).await.unwrap();
+        assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6, 7]);
+
+        // A writer leaving lets every fence it holds go, its private rooms' too.
+        fill(old, ".private", 0, 1, 1).await;
+        assert_eq!(old.release_all().await, 2);
+        assert_eq!(old.release_all().await, 0);
+        let held = new.hold_partition(partition).await.unwrap();
+        assert_eq!(held, Holding { epoch: 5, taken: Some(Taken { from: Some(4), let_go: true }) });
     })
     .await;
 }
