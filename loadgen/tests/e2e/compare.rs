@@ -84,10 +84,12 @@ async fn compare_passes_the_same_build_and_names_a_delayed_hop() {
     eprintln!("{slow}");
     assert_eq!(code, 1, "a 2 ms delay at fanout.publish:\n{slow}");
     // The hop pair ending at the publish holds the delay; an end-to-end regression, when the
-    // 2-4 ms it adds to a median of 4-7 ms passes the gate, names it as where it happened.
+    // 2-4 ms it adds to a median of 4-7 ms passes the gate, names it among the hops where it
+    // happened (on a busy machine another hop pair can regress by more, and is named first).
     assert!(slow.contains("REGRESSION store.append→fanout.publish p50"), "{slow}");
     for line in slow.lines().filter(|l| l.starts_with("REGRESSION send_to_")) {
-        assert!(line.contains("at hop store.append→fanout.publish"), "{slow}");
+        let (_, hops) = line.split_once("; at hop ").unwrap_or_else(|| panic!("no hop named: {line}"));
+        assert!(hops.contains("store.append→fanout.publish ("), "{slow}");
     }
     let page = std::fs::read_to_string(&html).unwrap();
     assert!(page.starts_with("<!doctype html>") && page.contains("<svg") && !page.contains("<script"));
