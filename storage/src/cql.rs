@@ -2,7 +2,8 @@
 //!
 //! Appends are plain writes, fenced by owner epochs (docs/architecture.md, "Sequencing on the
 //! cluster"): a writer takes the fence of a room's partition once, with a lightweight
-//! transaction that raises the fence's epoch, and waits out the grace of the writer before it;
+//! transaction that raises the fence's epoch, and waits out the grace of the writer before it
+//! (less when that writer let the fence go on purpose and said so in `fence_releases`);
 //! every write it makes then carries a timestamp derived from its epoch, so a write of an older
 //! epoch always loses. An append writes the message, dedupe and id rows, reads that the epoch is
 //! still its own, and commits by writing the room's `last_seq`; it answers success only when the
