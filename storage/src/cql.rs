@@ -388,7 +388,7 @@ impl CqlStore {
     /// told the epoch was let go, so the partition's next owner need not wait out the grace
     /// (docs/architecture.md, "Sequencing on the cluster"). Whether that was said: not when
     /// this store did not hold the fence, when its appends did not end within
-    /// [`RELEASE_DRAIN`], or when a commit under the epoch has an unknown outcome (it may still
+    /// `RELEASE_DRAIN` (3 s), or when a commit under the epoch has an unknown outcome (it may still
     /// land); the next owner then waits out the whole grace. [`Self::hold_partition`] takes it
     /// again.
     pub async fn release_partition(&self, partition: u32) -> Result<bool, StoreError> {
