@@ -38,7 +38,7 @@ pub fn fence_of(room: &str) -> String {
 #[derive(Default)]
 pub struct LeaseSlot {
     lease: Mutex<Lease>,
-    /// Woken whenever an append under the lease ends (see [`LeaseSlot::drained`]).
+    /// Woken when the last append in progress under the lease ends (see [`LeaseSlot::drained`]).
     append_ended: tokio::sync::Notify,
     /// The latest read that found the held epoch current: the epoch, and when the read started.
     confirmed: Mutex<Option<(u64, Instant)>>,
@@ -87,8 +87,15 @@ impl Appending {
 
 impl Drop for Appending {
     fn drop(&mut self) {
-        lock(&self.slot.lease).appending -= 1;
-        self.slot.append_ended.notify_waiters();
+        let idle = {
+            let mut lease = lock(&self.slot.lease);
+            lease.appending -= 1;
+            lease.appending == 0
+        };
+        // Only the last append's end can finish a drain: the others spare the wake-up.
+        if idle {
+            self.slot.append_ended.notify_waiters();
+        }
     }
 }
 
@@ -288,6 +295,7 @@ mod tests {
         assert!(matches!(slot.enter(), Entry::Vacant));
         slot.hold(4);
         let Entry::Held(appending) = slot.enter() else { panic!("held") };
+        let Entry::Held(other) = slot.enter() else { panic!("held") };
         assert_eq!(appending.epoch, 4);
         assert_eq!(slot.release(), Some(4));
         assert_eq!(slot.release(), None, "let go once");
@@ -297,6 +305,9 @@ mod tests {
             let slot = slot.clone();
             async move { slot.drained().await }
         });
+        tokio::task::yield_now().await;
+        assert!(!drained.is_finished(), "two appends are still in progress");
+        drop(other);
         tokio::task::yield_now().await;
         assert!(!drained.is_finished(), "an append is still in progress");
         drop(appending);
