@@ -332,3 +332,74 @@ async fn a_shared_lock_is_held_by_one_process_at_a_time_and_freed_when_dropped()
     assert!(one.try_lock("room-lock.a").await.expect("NATS").is_none(), "now the other process holds it");
     drop(taken);
 }
+
+/// Announces `name` as a fanout worker on `chat.workers` each second until aborted, as a worker
+/// process does.
+fn heartbeat(client: async_nats::Client, name: &'static str) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            client.publish(protocol::subjects::WORKERS, name.into()).await.expect("publish a heartbeat");
+            client.flush().await.expect("flush");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
+}
+
+/// The partitions `worker` owns among `workers`.
+fn share(worker: &str, workers: &[&str]) -> Vec<u32> {
+    (0..protocol::subjects::PARTITIONS)
+        .filter(|p| bus::nats::partition_owner(*p, workers.iter().copied()) == Some(worker))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_worker_whose_connection_is_gone_loses_its_partitions_before_one_merely_silent() {
+    let nats = testkit::NatsServer::start().await;
+    let worker = connect(&nats.url(), "fanout-a").await;
+    // Two peers fall silent at the same moment: `ghost` as a dead process does (nothing of it
+    // is left on the server to answer a probe), `quiet` as a frozen one, or one whose
+    // heartbeats are lost (its connection still answers probes).
+    let ghost = async_nats::connect(nats.url()).await.expect("connect ghost");
+    let quiet = async_nats::connect(nats.url()).await.expect("connect quiet");
+    let mut probes = quiet.subscribe(protocol::subjects::worker_probe("quiet").unwrap()).await.expect("subscribe");
+    let answering = {
+        let quiet = quiet.clone();
+        tokio::spawn(async move {
+            while let Some(probe) = probes.next().await {
+                quiet.publish(probe.reply.expect("a probe is a request"), "".into()).await.expect("answer");
+            }
+        })
+    };
+    let beats = [heartbeat(ghost, "ghost"), heartbeat(quiet, "quiet")];
+    worker.start_worker().await.expect("start worker");
+    let mut owned = worker.owned_partitions();
+    let all = ["fanout-a", "ghost", "quiet"];
+    let (mine, ghosts, quiets) = (share("fanout-a", &all), share("ghost", &all), share("quiet", &all));
+    assert!(!ghosts.is_empty() && !quiets.is_empty(), "every worker owns some partitions: {ghosts:?} {quiets:?}");
+    assert_eq!(*owned.borrow(), mine, "fanout-a took its share of three");
+
+    // Past PROBE_TRUSTED_AFTER of fanout-a's connection, both fall silent.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(*owned.borrow(), mine, "nothing moved while all three were heard");
+    for beat in &beats {
+        beat.abort();
+    }
+    let silent_at = tokio::time::Instant::now();
+
+    // Rendezvous hashing: each of ghost's partitions goes to whichever of the other two scores
+    // higher for it.
+    let with_ghosts = share("fanout-a", &["fanout-a", "quiet"]);
+    assert_ne!(with_ghosts, mine, "fanout-a takes some of ghost's partitions");
+    tokio::time::timeout(WAIT, owned.wait_for(|now| *now != mine)).await.expect("partitions move").expect("watch");
+    assert_eq!(
+        *owned.borrow(),
+        with_ghosts,
+        "ghost's partitions moved first, {:?} after the silence began, quiet's later",
+        silent_at.elapsed()
+    );
+    tokio::time::timeout(WAIT, owned.wait_for(|now| now.len() == protocol::subjects::PARTITIONS as usize))
+        .await
+        .expect("quiet's partitions move once its silence runs out")
+        .expect("watch");
+    answering.abort();
+}

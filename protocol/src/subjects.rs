@@ -32,6 +32,14 @@ pub const WORKERS: &str = "chat.workers";
 /// others take its partitions at once instead of after its heartbeats fall silent.
 pub const WORKERS_LEFT: &str = "chat.workers.left";
 
+/// Core NATS subject on which fanout worker `worker` answers probes while it runs, so its peers
+/// and the gateways can tell a worker that died (NATS answers "no responders") from one merely
+/// quiet; `None` when the name is not a plain subject token (letters, digits, `-`, `_`).
+pub fn worker_probe(worker: &str) -> Option<String> {
+    let plain = !worker.is_empty() && worker.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    plain.then(|| format!("chat.workers.probe.{worker}"))
+}
+
 /// Wildcard matching every room's sends.
 pub const SEND_ALL: &str = "chat.send.>";
 
@@ -60,4 +68,18 @@ pub const JOURNAL_QUERY: &str = "chat.journal.query";
 /// Core NATS subject for a room's presence and typing events between gateways.
 pub fn events(room: &str) -> String {
     format!("chat.{EVENTS_KIND}.{room}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_is_probed_on_a_subject_of_its_own_only_when_its_name_is_a_plain_token() {
+        assert_eq!(worker_probe("fanout-1").as_deref(), Some("chat.workers.probe.fanout-1"));
+        assert_eq!(worker_probe("fanout_0a1b").as_deref(), Some("chat.workers.probe.fanout_0a1b"));
+        for odd in ["", "a.b", "a b", "*", ">", "fanout-*"] {
+            assert_eq!(worker_probe(odd), None, "{odd:?}");
+        }
+    }
 }

@@ -27,6 +27,20 @@ const WORKER_SILENCE: Duration = Duration::from_secs(3);
 pub(super) const WORKER_HEARTBEAT: Duration = Duration::from_secs(1);
 /// How long a process remembers a worker gone silent.
 const SILENT_REMEMBERED: Duration = Duration::from_secs(60);
+/// A worker not heard from for this long (a heartbeat missed) is asked whether its NATS
+/// connection is still there ([`Prober`]): a process that died has none, and NATS answers the
+/// probe "no responders" at once, so its partitions move now rather than after
+/// [`WORKER_SILENCE`].
+const PROBE_AFTER: Duration = Duration::from_millis(1250);
+/// How often a silent worker is probed again.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// How long a probe waits. A worker whose connection is there but which does not answer
+/// (frozen, or stalled) is not found gone: only its silence counts, as before.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long this process's own NATS connection must have been up before it trusts a probe's
+/// "no responders": right after NATS restarts, processes reconnect one by one, and a worker not
+/// back yet is not gone.
+const PROBE_TRUSTED_AFTER: Duration = WORKER_SILENCE;
 /// How long a process may hear no worker at all before it counts the quiet as its own (its NATS
 /// connection stalled, or NATS did) rather than the workers': with any worker live, a heartbeat
 /// comes every [`WORKER_HEARTBEAT`] (a worker hears its own too); the half heartbeat more is for
@@ -89,6 +103,8 @@ pub(super) struct Membership {
     /// Workers counted live while still joining: they began joining when no other worker was
     /// ready (a cluster starting), so they take their shares together, as founders.
     founders: std::collections::HashSet<String>,
+    /// When each silent worker was last probed ([`due_for_probe`](Self::due_for_probe)).
+    probed_at: HashMap<String, Instant>,
 }
 
 impl Membership {
@@ -109,6 +125,7 @@ impl Membership {
             owners: vec![None; subjects::PARTITIONS as usize],
             moved_at: vec![None; subjects::PARTITIONS as usize],
             founders: std::collections::HashSet::new(),
+            probed_at: HashMap::new(),
         }
     }
 
@@ -184,6 +201,47 @@ impl Membership {
         self.silent.remove(worker);
         if worker != self.me && self.heard.remove(worker).is_some() && !self.observer {
             tracing::info!(worker = %self.me, peer = %worker, "worker left; its partitions move");
+        }
+    }
+
+    /// The live workers (not this one) to probe at `now`: each silent for [`PROBE_AFTER`] on
+    /// this process's hearing clock and not probed in the last [`PROBE_EVERY`]. Noted as probed.
+    fn due_for_probe(&mut self, now: Instant) -> Vec<String> {
+        let hearing = self.hearing_time(now);
+        let due: Vec<String> = self
+            .heard
+            .iter()
+            .filter(|(worker, seen)| **worker != self.me && hearing.duration_since(**seen) >= PROBE_AFTER)
+            .filter(|(worker, _)| self.probed_at.get(*worker).is_none_or(|at| now.duration_since(*at) >= PROBE_EVERY))
+            .map(|(worker, _)| worker.clone())
+            .collect();
+        for worker in &due {
+            self.probed_at.insert(worker.clone(), now);
+        }
+        let heard = &self.heard;
+        self.probed_at.retain(|worker, _| heard.contains_key(worker));
+        due
+    }
+
+    /// A probe sent at `probed_at` found that `worker` has no NATS connection: unless it was
+    /// heard since, it is gone, and counts as gone silent at its last heartbeat (its partitions
+    /// move now, and gateways copy the sends it may have pulled). Logged.
+    fn gone(&mut self, worker: &str, probed_at: Instant) {
+        if worker == self.me || self.heard.get(worker).is_none_or(|seen| *seen > probed_at) {
+            return;
+        }
+        if let Some(seen) = self.heard.remove(worker) {
+            self.founders.remove(worker);
+            self.probed_at.remove(worker);
+            self.silent.insert(worker.to_owned(), seen);
+            if !self.observer {
+                tracing::info!(
+                    worker = %self.me,
+                    peer = %worker,
+                    silent_for = ?probed_at.saturating_duration_since(seen),
+                    "worker's NATS connection is gone; its partitions move"
+                );
+            }
         }
     }
 
@@ -328,6 +386,70 @@ impl Announcements {
     }
 }
 
+/// Asks NATS whether workers gone quiet still have a connection: a request to the worker's
+/// probe subject ([`subjects::worker_probe`]), which each worker answers while it runs, gets
+/// "no responders" from the server once the worker's connection is gone (its process died: the
+/// kernel closed its socket). A frozen worker, or one whose heartbeats are lost, still has its
+/// connection and is left to its silence.
+struct Prober {
+    client: async_nats::Client,
+    found_gone: mpsc::Sender<(String, Instant)>,
+    gone: mpsc::Receiver<(String, Instant)>,
+    /// This process's NATS (re)connects ([`NatsBus::connects`]), and when the last came.
+    connects: tokio::sync::watch::Receiver<u64>,
+    connected_since: Instant,
+}
+
+impl Prober {
+    /// A prober on `bus`'s connection.
+    fn new(bus: &NatsBus) -> Self {
+        let (found_gone, gone) = mpsc::channel(64);
+        Self {
+            client: bus.client.clone(),
+            found_gone,
+            gone,
+            connects: bus.connects.subscribe(),
+            connected_since: Instant::now(),
+        }
+    }
+
+    /// Probes the workers of `membership` due for it ([`Membership::due_for_probe`]), unless
+    /// this process's own connection is down or came up less than [`PROBE_TRUSTED_AFTER`] ago.
+    /// Each found gone comes out of [`next_gone`](Self::next_gone).
+    fn probe(&mut self, membership: &mut Membership) {
+        let now = Instant::now();
+        if self.connects.has_changed().unwrap_or(false) {
+            self.connects.borrow_and_update();
+            self.connected_since = now;
+        }
+        let connected = self.client.connection_state() == async_nats::connection::State::Connected;
+        if !connected || now < self.connected_since + PROBE_TRUSTED_AFTER {
+            return;
+        }
+        for worker in membership.due_for_probe(now) {
+            let Some(subject) = subjects::worker_probe(&worker) else { continue };
+            let (client, found_gone) = (self.client.clone(), self.found_gone.clone());
+            tokio::spawn(async move {
+                let request = async_nats::Request::new().timeout(Some(PROBE_TIMEOUT));
+                if let Err(e) = client.send_request(subject, request).await {
+                    if e.kind() == async_nats::RequestErrorKind::NoResponders {
+                        let _ = found_gone.send((worker, now)).await;
+                    }
+                }
+            });
+        }
+    }
+
+    /// The next worker found gone, with when its probe was sent.
+    async fn next_gone(&mut self) -> (String, Instant) {
+        match self.gone.recv().await {
+            Some(gone) => gone,
+            // This prober holds a sender: the channel never closes.
+            None => std::future::pending().await,
+        }
+    }
+}
+
 impl NatsBus {
     /// Starts this process as a fanout worker: it announces itself, follows the other
     /// workers, and pulls the partitions it owns. Ownership is rendezvous hashing over the
@@ -347,6 +469,21 @@ impl NatsBus {
             let _ = stream.delete_consumer(LEGACY_CONSUMER).await;
         }
         let mut announcements = Announcements::subscribe(&self.client).await?;
+        // Answered while this worker runs, so peers probing it find its connection ([`Prober`]).
+        let mut probes = match subjects::worker_probe(&self.config.name) {
+            Some(subject) => {
+                Some(self.client.subscribe(subject).await.map_err(|e| unavailable("subscribe to probes", e))?)
+            }
+            None => {
+                tracing::warn!(
+                    worker = %self.config.name,
+                    "this worker's name is not a NATS subject token: peers cannot probe it, and find it gone \
+                     only when it has been silent for 3 s"
+                );
+                None
+            }
+        };
+        let mut prober = Prober::new(self);
         let bus = self.clone();
         let (settled_tx, settled) = tokio::sync::oneshot::channel();
         let mut settled_tx = Some(settled_tx);
@@ -360,7 +497,14 @@ impl NatsBus {
             loop {
                 tokio::select! {
                     _ = tick.tick() => bus.announce(Instant::now() < listening_until).await,
-                    _ = check.tick() => {}
+                    _ = check.tick() => prober.probe(&mut membership),
+                    (worker, probed_at) = prober.next_gone() => membership.gone(&worker, probed_at),
+                    Some(probe) = next_probe(&mut probes) => {
+                        if let Some(reply) = probe.reply {
+                            let _ = bus.client.publish(reply, bytes::Bytes::new()).await;
+                        }
+                        continue;
+                    }
                     open = announcements.record_next(&mut membership) => if !open { break },
                     () = tokio::time::sleep_until(listening_until), if settled_tx.is_some() => {}
                     () = tx.closed() => {
@@ -431,6 +575,7 @@ impl NatsBus {
     /// [`submit`]: crate::GatewayBus::submit
     pub async fn follow_workers(self: &Arc<Self>) -> Result<(), BusError> {
         let mut announcements = Announcements::subscribe(&self.client).await?;
+        let mut prober = Prober::new(self);
         let bus = self.clone();
         tokio::spawn(async move {
             let mut membership = Membership::observer(bus.config.name.clone());
@@ -438,7 +583,8 @@ impl NatsBus {
             check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = check.tick() => {}
+                    _ = check.tick() => prober.probe(&mut membership),
+                    (worker, probed_at) = prober.next_gone() => membership.gone(&worker, probed_at),
                     open = announcements.record_next(&mut membership) => if !open { break },
                 }
                 let view = membership.view(Instant::now());
@@ -622,6 +768,14 @@ impl NatsBus {
     }
 }
 
+/// The next probe of this worker ([`Prober`]); never, without a probe subscription.
+async fn next_probe(probes: &mut Option<async_nats::Subscriber>) -> Option<async_nats::Message> {
+    match probes {
+        Some(probes) => probes.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Gives a pulled send back to JetStream, to be offered again after [`HAND_BACK_DELAY`] (best
 /// effort: failing that, JetStream redelivers it after `ack_wait`).
 pub(super) async fn hand_back(message: &jetstream::Message) {
@@ -795,6 +949,57 @@ mod tests {
         membership.left("fanout-b");
         assert_eq!(membership.owned(start), (0..subjects::PARTITIONS).collect::<Vec<_>>(), "fanout-b's moved at once");
         assert_eq!(membership.live(), 1);
+    }
+
+    #[test]
+    fn a_worker_is_probed_once_a_heartbeat_is_missed_and_again_only_after_a_while() {
+        let start = Instant::now();
+        let mut membership = Membership::new("fanout-a".into());
+        membership.heard("fanout-a", start);
+        membership.heard("fanout-b", start);
+        assert!(
+            membership.due_for_probe(start + PROBE_AFTER - Duration::from_millis(1)).is_empty(),
+            "probed too early"
+        );
+        membership.heard("fanout-a", start + WORKER_HEARTBEAT);
+        assert_eq!(membership.due_for_probe(start + PROBE_AFTER), ["fanout-b"], "only the silent peer, never itself");
+        assert!(membership.due_for_probe(start + PROBE_AFTER + PROBE_EVERY / 2).is_empty(), "probed again at once");
+        assert_eq!(membership.due_for_probe(start + PROBE_AFTER + PROBE_EVERY), ["fanout-b"]);
+        membership.heard("fanout-b", start + PROBE_AFTER + PROBE_EVERY);
+        assert!(
+            membership.due_for_probe(start + PROBE_AFTER + PROBE_EVERY * 2).is_empty(),
+            "heard again, still probed"
+        );
+    }
+
+    #[test]
+    fn a_worker_found_gone_loses_its_partitions_at_once_and_counts_as_silent() {
+        let start = Instant::now();
+        let mut membership = Membership::new("fanout-a".into());
+        membership.heard("fanout-b", start);
+        let shared = membership.owned(start);
+        assert!(shared.len() < subjects::PARTITIONS as usize);
+        let probed = start + PROBE_AFTER;
+        membership.gone("fanout-b", probed);
+        assert_eq!(membership.owned(probed).len(), subjects::PARTITIONS as usize, "fanout-b's partitions did not move");
+        let view = membership.view(probed);
+        assert_eq!(view.silent_since("fanout-b"), Some(start), "gateways must copy the sends it may have pulled");
+        membership.gone("fanout-a", probed);
+        assert_eq!(membership.live(), 1, "a worker never finds itself gone");
+    }
+
+    #[test]
+    fn a_probe_that_a_heartbeat_overtook_finds_nobody_gone() {
+        let start = Instant::now();
+        let mut membership = Membership::new("fanout-a".into());
+        membership.heard("fanout-b", start);
+        let shared = membership.owned(start);
+        let probed = start + PROBE_AFTER;
+        // The worker was started again, or its connection came back, after the probe was sent.
+        membership.heard("fanout-b", probed + Duration::from_millis(10));
+        membership.gone("fanout-b", probed);
+        assert_eq!(membership.owned(probed + Duration::from_millis(10)), shared);
+        assert_eq!(membership.view(probed).silent_since("fanout-b"), None);
     }
 
     #[test]
