@@ -708,7 +708,9 @@ impl Fanout {
     }
 
     /// Runs a store operation for the messages `concerning` names, timing it and logging its
-    /// failure with them.
+    /// failure with them. Neither a sequencing conflict nor an append fenced off because the
+    /// room's partition moved from this worker (its sends are handed back to the new owner, an
+    /// expected step of every handover) is a store error.
     async fn timed<T>(
         &self,
         op: &str,
@@ -721,7 +723,8 @@ impl Fanout {
         drop(waiting);
         self.metrics.store_latency.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());
         if let Err(e) = &result {
-            if !e.is_conflict() {
+            let handed_over = e.kind() == StoreErrorKind::Fenced && !self.bus.pulls(concerning.room);
+            if !e.is_conflict() && !handed_over {
                 self.metrics.store_errors.with_label_values(&[op]).inc();
                 tracing::warn!(
                     op,

@@ -695,8 +695,8 @@ async fn while_the_stores_reads_hang_each_send_is_refused_at_its_own_deadline() 
 
 /// Fenced off after the room's partition moved to another worker: the sends are handed back
 /// unanswered for the new owner, not sequenced again (which would take the fence back from it);
-/// fenced off while the worker still pulls the room, they are sequenced again and stored. The
-/// decision log replays to the same decisions.
+/// fenced off while the worker still pulls the room, they are sequenced again and stored. Only the
+/// latter counts as a store error. The decision log replays to the same decisions.
 #[tokio::test]
 async fn sends_fenced_off_after_their_partition_moved_are_handed_back_not_fought_for() {
     let dir = tempfile::tempdir().unwrap();
@@ -719,12 +719,15 @@ async fn sends_fenced_off_after_their_partition_moved_are_handed_back_not_fought
         panic!("handed back a send it still pulls")
     };
     assert_eq!(seq(&outcome), 1, "fenced off while still pulling the room: sequenced again");
+    let append_errors = || worker.metrics.store_errors.with_label_values(&["append"]).get();
+    assert_eq!(append_errors(), 1, "a fence taken from a worker that still pulls the room is a store error");
 
     worker.bus.moved.lock().unwrap().push("r".into());
     *worker.store.next_append.lock().unwrap() = Some(Failure::Fenced);
     let settled = hand("moved").await.unwrap();
     assert!(matches!(settled, Settled::HandedBack), "expected the send handed back, got {settled:?}");
     assert_eq!(worker.stored("r").await.len(), 1, "nothing of the handed-back send was stored");
+    assert_eq!(append_errors(), 1, "a handover is no store error (it would raise ChatStoreErrors each rolling deploy)");
     worker.stop().await;
     drop(log);
     writer.close().await.unwrap();
