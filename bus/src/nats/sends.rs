@@ -175,10 +175,12 @@ fn moved_from(holder: Option<&str>, view: &WorkersView, partition: u32) -> Optio
 }
 
 /// How long after a send's partition moved from a worker that did not go silent the send, if
-/// still unanswered, is copied once for the new owner ([`moved_from`]): past the new owner's
-/// taking of the room's fence and the store's grace (1 s), by which it has answered what was
-/// handed back.
-const HANDOVER_SETTLE: std::time::Duration = std::time::Duration::from_millis(1500);
+/// still unanswered, is copied once for the new owner ([`moved_from`]): past the hand-back's
+/// 250 ms and the new owner's taking of the room's fence, which the worker it moved from let
+/// go, by which it has answered what was handed back (about 0.4 s after a leave, measured).
+/// When the fence was not let go, the copy waits out the store's 1 s grace at the new owner
+/// with the first, and its dedupe keeps one.
+const HANDOVER_SETTLE: std::time::Duration = std::time::Duration::from_millis(750);
 
 /// A send published this soon after its partition moved may still have gone to the worker it
 /// moved from, which hears of the move a moment after the gateway does: it counts as caught in
