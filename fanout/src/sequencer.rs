@@ -370,7 +370,7 @@ impl Fanout {
                     // owner sequences these sends. Taking the fence back would fence off its
                     // appends in turn, each side waiting out the store's grace, until the
                     // sends' deadlines.
-                    Err(fenced) if fenced.kind() == StoreErrorKind::Fenced && !self.bus.pulls(room) => {
+                    Err(fenced) if self.moved_away(room, &fenced) => {
                         tracing::info!(room, sends = sends.len(), error = %fenced, "room's partition moved; sends handed back to its new owner");
                         for pending in sends {
                             self.decided(room, Some(&pending.command), || DecisionKind::HandedBack);
@@ -707,6 +707,12 @@ impl Fanout {
         self.journal.waits().begin(format!("sequence {room}"), vec![format!("room-sequencer:{room}")], what)
     }
 
+    /// Whether `error` fenced this worker off from `room` because the room's partition moved
+    /// to another worker: its sends go back to the new owner, and it is no store error.
+    fn moved_away(&self, room: &str, error: &StoreError) -> bool {
+        error.kind() == StoreErrorKind::Fenced && !self.bus.pulls(room)
+    }
+
     /// Runs a store operation for the messages `concerning` names, timing it and logging its
     /// failure with them. Neither a sequencing conflict nor an append fenced off because the
     /// room's partition moved from this worker (its sends are handed back to the new owner, an
@@ -723,8 +729,7 @@ impl Fanout {
         drop(waiting);
         self.metrics.store_latency.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());
         if let Err(e) = &result {
-            let handed_over = e.kind() == StoreErrorKind::Fenced && !self.bus.pulls(concerning.room);
-            if !e.is_conflict() && !handed_over {
+            if !e.is_conflict() && !self.moved_away(concerning.room, e) {
                 self.metrics.store_errors.with_label_values(&[op]).inc();
                 tracing::warn!(
                     op,
