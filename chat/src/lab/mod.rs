@@ -179,9 +179,11 @@ async fn start(
     match prepared.await {
         Ok(traffic) if challenge.restarts_bus => {
             processes.extend(traffic);
-            // The story's maintenance: once the traffic flows, NATS restarts.
-            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            // The story's maintenance: once the traffic flows, NATS restarts. The gateways must
+            // follow the rooms by then, or a planted `gateway.resubscribe` finds nothing to drop.
             let restarted = async {
+                topology::wait_traffic(&urls).await?;
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
                 let dir = cluster_dir.as_deref().context("only a cluster has a bus to restart")?;
                 let cluster = topology::restart_bus(dir).await?;
                 topology::wait_ready(&urls, &cluster).await?;

@@ -294,6 +294,43 @@ pub async fn wait_ready(urls: &[(String, String)], processes: &[Started]) -> any
     Ok(())
 }
 
+/// How long the background traffic may take to flow through every gateway: its clients connect
+/// and join all their rooms before the first send, so on a starved machine this takes a while.
+const TRAFFIC_WITHIN: Duration = Duration::from_secs(60);
+
+/// Waits until every gateway among `urls` has written a message frame to a connection
+/// (`chat_deliveries_total` above 0). The background loadgen sends only once each of its clients
+/// has joined every room, so by then each gateway follows the rooms its members joined.
+pub async fn wait_traffic(urls: &[(String, String)]) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + TRAFFIC_WITHIN;
+    for (name, url) in urls.iter().filter(|(name, _)| name.starts_with("gw-")) {
+        loop {
+            let metrics = match client.get(format!("{url}/metrics")).send().await {
+                Ok(response) => response.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            if deliveries(&metrics) > 0.0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{name} ({url}) delivered no traffic within {TRAFFIC_WITHIN:?}; see the loadgen log in the lab directory");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+/// `chat_deliveries_total` in a Prometheus text exposition, 0 when absent.
+fn deliveries(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("chat_deliveries_total "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Plants each fault in its process through `POST /admin/faults`.
 pub async fn plant(plants: &[Plant], urls: &[(String, String)], admin_token: &str) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
@@ -362,4 +399,20 @@ pub async fn stop(processes: &[Started]) -> Vec<String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     killed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::deliveries;
+
+    #[test]
+    fn deliveries_are_read_from_the_exposition_and_absent_is_none() {
+        let text = "# HELP chat_deliveries_total Message frames written to connections.\n\
+                    # TYPE chat_deliveries_total counter\n\
+                    chat_deliveries_total 42\n\
+                    chat_deliveries_totalx 7\n";
+        assert_eq!(deliveries(text), 42.0);
+        assert_eq!(deliveries("chat_connections 3\n"), 0.0);
+        assert_eq!(deliveries(""), 0.0);
+    }
 }
